@@ -1,0 +1,390 @@
+//! From the queue to the provider: the in-session attempt and the retry scheduler.
+//!
+//! DESIGN rule 2: after DATA the relay tries the upstream at once, bounded by
+//! `in_session_timeout`. Upstream 2xx: the device gets 250. Upstream 5xx for every recipient:
+//! the device gets that 5xx and the message is dropped (the person at the panel knows).
+//! Anything else (unreachable, 4xx, no token, timeout, rate limit): the message stays queued,
+//! the device gets 250, and the scheduler retries with exponential backoff until
+//! `queue_lifetime`, then bounces it (RFC 3464) to `bounce_to` or the original sender.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use crate::metrics;
+use crate::oauth::tokens::{TokenError, TokenManager};
+use crate::queue::bounce::{self, FailedRecipient};
+use crate::queue::{now_ms, MessageId, Queue, QueueRecord};
+use crate::smtp::reply::Reply;
+use crate::upstream::{Envelope, SendError, SendOutcome, Upstream, UpstreamReply};
+
+/// Retry policy and identity of the relay.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub hostname: String,
+    pub retry_first: Duration,
+    pub retry_max: Duration,
+    pub queue_lifetime: Duration,
+    pub bounce_to: Option<String>,
+    pub in_session_timeout: Duration,
+}
+
+/// What became of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every recipient accepted upstream.
+    Delivered(UpstreamReply),
+    /// Some or all recipients are still queued (or were bounced); the device gets 250.
+    Queued(String),
+    /// Every recipient refused permanently; the device gets this reply.
+    Refused(Reply),
+    /// The message is no longer queued (dropped by the admin).
+    Gone,
+}
+
+/// Sends queued messages.
+pub struct Delivery {
+    pub policy: Policy,
+    queue: Arc<Queue>,
+    tokens: Arc<TokenManager>,
+    upstream: Arc<Upstream>,
+    shaper: crate::upstream::shaper::Shaper,
+}
+
+/// Exponential backoff: `first`, doubling per attempt, at most `max`, with 10% jitter.
+pub fn backoff(attempts: u32, first: Duration, max: Duration) -> Duration {
+    use rand::Rng;
+    let exp = first.saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
+    let base = exp.min(max);
+    let jitter = rand::thread_rng().gen_range(0.9..=1.1);
+    base.mul_f64(jitter)
+}
+
+impl Delivery {
+    pub fn new(policy: Policy, queue: Arc<Queue>, tokens: Arc<TokenManager>, upstream: Arc<Upstream>) -> Delivery {
+        Delivery { policy, queue, tokens, upstream, shaper: Default::default() }
+    }
+
+    /// Attempts a just-accepted message while the device waits, for at most
+    /// `in_session_timeout`; after that the attempt goes on in the background and the device
+    /// is told the message is queued.
+    pub async fn attempt_in_session(self: &Arc<Self>, id: MessageId) -> Outcome {
+        let me = self.clone();
+        let task = tokio::spawn(async move { me.attempt(id, true).await });
+        match tokio::time::timeout(self.policy.in_session_timeout, task).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(join)) => {
+                tracing::error!(queue_id = %id, "delivery task failed: {join}");
+                self.queue.release(id, Some(now_ms()));
+                Outcome::Queued("delivery will be retried".into())
+            }
+            Err(_) => Outcome::Queued("upstream is slow; delivery goes on in the background".into()),
+        }
+    }
+
+    /// One delivery attempt of a message that the caller has marked in flight.
+    pub async fn attempt(&self, id: MessageId, in_session: bool) -> Outcome {
+        let mut rec = match self.queue.get(id) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                self.queue.release(id, None);
+                return Outcome::Gone;
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %id, "cannot read queue record: {e}");
+                self.queue.release(id, Some(now_ms() + 60_000));
+                return Outcome::Queued("queue read error".into());
+            }
+        };
+        let age = chrono::Utc::now().timestamp() - rec.received;
+        if !in_session && age > self.policy.queue_lifetime.as_secs() as i64 {
+            let why = rec.last_error.clone().unwrap_or_else(|| "delivery kept failing".into());
+            let failed: Vec<_> = rec
+                .rcpts
+                .iter()
+                .map(|r| FailedRecipient {
+                    address: r.clone(),
+                    status: "4.4.7".into(),
+                    diagnostic: format!("gave up after {} attempts over {}h: {why}", rec.attempts, age / 3600),
+                })
+                .collect();
+            tracing::warn!(queue_id = %id, identity = %rec.identity, attempts = rec.attempts, "queue lifetime exceeded; bouncing: {why}");
+            self.bounce(&rec, &failed).await;
+            self.finish(id);
+            return Outcome::Queued("expired".into());
+        }
+        let Ok(slot) = self.tokens.slot(&rec.identity) else {
+            tracing::error!(queue_id = %id, identity = %rec.identity, "identity no longer configured; message kept");
+            return self.defer(rec, "identity not configured", None, "config");
+        };
+        let slot = slot.clone();
+        let limit = slot.messages_per_minute;
+        if let Err(at) = self.shaper.try_acquire(&rec.identity, limit, now_ms()) {
+            metrics::MESSAGES_DEFERRED.with_label_values(&[&rec.identity, "rate_limit"]).inc();
+            rec.next_attempt = at;
+            let _ = self.queue.defer(&rec);
+            return Outcome::Queued(format!("sending limit of {} messages a minute reached", limit.unwrap_or(0)));
+        }
+        let token = match self.tokens.access_token(&rec.identity).await {
+            Ok(t) => t,
+            Err(TokenError::NeedsLogin(why)) => {
+                return self.defer(
+                    rec,
+                    &format!("identity needs a new sign-in: {why}"),
+                    Some(Duration::from_secs(300)),
+                    "needs_login",
+                )
+            }
+            Err(e) => return self.defer(rec, &e.to_string(), None, "token"),
+        };
+        let path = self.queue.spool().path(id);
+        let env = Envelope { from: &rec.from, rcpts: &rec.rcpts, size: rec.size, eight_bit: rec.eight_bit };
+        let started = Instant::now();
+        let mut result = self.upstream.send(&rec.identity, &slot.provider.name, &slot.email, &token, &env, &path).await;
+        if let Err(SendError::Auth { reply, detail }) = &result {
+            // DESIGN: a refused token forces one refresh and one retry.
+            tracing::warn!(queue_id = %id, identity = %rec.identity, detail = detail.as_deref().unwrap_or(""), "upstream refused the token ({}); refreshing once", reply.describe());
+            self.upstream.flush_pool(&rec.identity);
+            match self.tokens.refresh_after_rejection(&rec.identity, &token).await {
+                Ok(t2) => {
+                    result = self.upstream.send(&rec.identity, &slot.provider.name, &slot.email, &t2, &env, &path).await
+                }
+                Err(e) => tracing::warn!(identity = %rec.identity, "refresh after rejection failed: {e}"),
+            }
+        }
+        metrics::UPSTREAM_LATENCY.with_label_values(&[&rec.identity]).observe(started.elapsed().as_secs_f64());
+
+        match result {
+            Ok(outcome) => self.settle(rec, outcome, in_session).await,
+            Err(SendError::Auth { reply, detail }) => {
+                let why = format!(
+                    "upstream refused the token: {}{}",
+                    reply.describe(),
+                    detail.map(|d| format!(" {d}")).unwrap_or_default()
+                );
+                tracing::error!(queue_id = %id, identity = %rec.identity, "{why}");
+                self.defer(rec, &why, None, "auth")
+            }
+            Err(SendError::Network(e)) => self.defer(rec, &e, None, "network"),
+            Err(SendError::Rejected(r)) if !r.is_permanent() => self.defer(rec, &r.describe(), None, "upstream_4xx"),
+            Err(SendError::Rejected(r)) => {
+                let all: Vec<_> = rec.rcpts.iter().map(|a| (a.clone(), r.clone())).collect();
+                self.settle(rec, SendOutcome { accepted: vec![], refused: all, reply: None }, in_session).await
+            }
+        }
+    }
+
+    /// Applies the per-recipient result of a transaction.
+    async fn settle(&self, mut rec: QueueRecord, out: SendOutcome, in_session: bool) -> Outcome {
+        let id = rec.id;
+        // The reply to the final dot applies to every accepted recipient.
+        let (delivered, data_refused): (Vec<String>, Vec<(String, UpstreamReply)>) = match &out.reply {
+            Some(r) if r.code < 400 => (out.accepted.clone(), vec![]),
+            Some(r) => (vec![], out.accepted.iter().map(|a| (a.clone(), r.clone())).collect()),
+            None => (vec![], vec![]),
+        };
+        let refused: Vec<_> = out.refused.into_iter().chain(data_refused).collect();
+        let (permanent, transient): (Vec<_>, Vec<_>) = refused.into_iter().partition(|(_, r)| r.is_permanent());
+        let path = if in_session { "session" } else { "queue" };
+        if !delivered.is_empty() {
+            metrics::MESSAGES_DELIVERED.with_label_values(&[&rec.identity, path]).inc();
+            tracing::info!(
+                queue_id = %id, device = %rec.device, identity = %rec.identity, size = rec.size,
+                rcpts = delivered.len(), upstream = %out.reply.as_ref().map(|r| r.describe()).unwrap_or_default(),
+                "delivered"
+            );
+        }
+        for (rcpt, r) in &permanent {
+            tracing::warn!(queue_id = %id, identity = %rec.identity, rcpt = %rcpt, "refused upstream: {}", r.describe());
+        }
+
+        // Everything refused for good and the device still waiting: it gets the refusal.
+        if in_session && delivered.is_empty() && transient.is_empty() && !permanent.is_empty() {
+            metrics::MESSAGES_FAILED.with_label_values(&[&rec.identity, "reply"]).inc();
+            let reply = permanent[0].1.to_device_reply();
+            self.finish(id);
+            return Outcome::Refused(reply);
+        }
+        if !permanent.is_empty() {
+            metrics::MESSAGES_FAILED.with_label_values(&[&rec.identity, "bounce"]).inc();
+            let failed: Vec<_> = permanent
+                .iter()
+                .map(|(a, r)| FailedRecipient {
+                    address: a.clone(),
+                    status: r.status().map(|s| s.to_string()).unwrap_or_else(|| "5.0.0".into()),
+                    diagnostic: r.describe(),
+                })
+                .collect();
+            self.bounce(&rec, &failed).await;
+        }
+        if transient.is_empty() {
+            self.finish(id);
+            return match out.reply {
+                Some(r) if !delivered.is_empty() && permanent.is_empty() => Outcome::Delivered(r),
+                _ => Outcome::Queued("partly refused; a bounce reports the rest".into()),
+            };
+        }
+        rec.rcpts = transient.iter().map(|(a, _)| a.clone()).collect();
+        let why = transient[0].1.describe();
+        self.defer(rec, &why, None, "upstream_4xx")
+    }
+
+    /// Keeps a message queued for a later attempt.
+    fn defer(&self, mut rec: QueueRecord, why: &str, cap: Option<Duration>, class: &str) -> Outcome {
+        rec.attempts += 1;
+        let mut wait = backoff(rec.attempts, self.policy.retry_first, self.policy.retry_max);
+        if let Some(c) = cap {
+            wait = wait.min(c);
+        }
+        rec.next_attempt = now_ms() + wait.as_millis() as i64;
+        rec.last_error = Some(why.to_string());
+        metrics::MESSAGES_DEFERRED.with_label_values(&[&rec.identity, class]).inc();
+        tracing::warn!(queue_id = %rec.id, identity = %rec.identity, attempts = rec.attempts, retry_in = wait.as_secs(), "deferred: {why}");
+        if let Err(e) = self.queue.defer(&rec) {
+            tracing::error!(queue_id = %rec.id, "cannot update queue record: {e}");
+            self.queue.release(rec.id, Some(rec.next_attempt));
+        }
+        Outcome::Queued(why.to_string())
+    }
+
+    fn finish(&self, id: MessageId) {
+        if let Err(e) = self.queue.complete(id) {
+            tracing::error!(queue_id = %id, "cannot remove delivered message from the queue: {e}");
+        }
+    }
+
+    /// Queues a DSN for failed recipients (never for a bounce).
+    async fn bounce(&self, rec: &QueueRecord, failed: &[FailedRecipient]) {
+        if rec.is_bounce {
+            tracing::error!(queue_id = %rec.id, "a bounce could not be delivered; dropped");
+            return;
+        }
+        let to = match (&self.policy.bounce_to, rec.original_from.is_empty()) {
+            (Some(admin), _) => admin.clone(),
+            (None, false) => rec.original_from.clone(),
+            (None, true) => {
+                tracing::error!(queue_id = %rec.id, "undeliverable message with a null sender and no bounce_to; dropped");
+                return;
+            }
+        };
+        let Ok(slot) = self.tokens.slot(&rec.identity) else { return };
+        let header = read_header(&self.queue.spool().path(rec.id));
+        let arrival = chrono::DateTime::from_timestamp(rec.received, 0).unwrap_or_default().to_rfc2822();
+        let qid = rec.id.to_string();
+        let body = bounce::build(&bounce::Bounce {
+            reporting_host: &self.policy.hostname,
+            from: &slot.email,
+            to: &to,
+            queue_id: &qid,
+            device: &rec.device,
+            arrival: &arrival,
+            failed,
+            original_headers: &header,
+            now: chrono::Utc::now(),
+        });
+        let id = self.queue.new_id();
+        let mut w = self.queue.spool().writer(id);
+        let written = async {
+            w.write(&body).await?;
+            w.finish().await
+        }
+        .await;
+        if let Err(e) = written {
+            tracing::error!(queue_id = %rec.id, "cannot write bounce: {e}");
+            return;
+        }
+        let b = QueueRecord {
+            id,
+            received: chrono::Utc::now().timestamp(),
+            device: rec.device.clone(),
+            identity: rec.identity.clone(),
+            client: "mfd-relay".into(),
+            from: slot.email.clone(),
+            original_from: String::new(),
+            rcpts: vec![to.clone()],
+            size: body.len() as u64,
+            eight_bit: false,
+            attempts: 0,
+            next_attempt: now_ms(),
+            last_error: None,
+            is_bounce: true,
+        };
+        match self.queue.enqueue(&b).await {
+            Ok(()) => tracing::info!(queue_id = %rec.id, bounce_id = %id, to = %to, "bounce queued"),
+            Err(e) => tracing::error!(queue_id = %rec.id, "cannot queue bounce: {e}"),
+        }
+    }
+
+    /// Retries queued messages until `shutdown` fires.
+    pub async fn run(self: Arc<Self>, max_parallel: usize, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let permits = Arc::new(Semaphore::new(max_parallel.max(1)));
+        let mut ready = self.tokens.subscribe_ready();
+        loop {
+            let now = now_ms();
+            let free = permits.available_permits();
+            for id in self.queue.take_due(now, free) {
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.attempt(id, false).await;
+                    drop(permit);
+                });
+            }
+            self.upstream.close_idle();
+            update_queue_metrics(&self.queue);
+            let wait = match self.queue.next_due() {
+                Some(at) if permits.available_permits() > 0 => {
+                    Duration::from_millis((at - now_ms()).clamp(0, 1000) as u64)
+                }
+                _ => Duration::from_secs(1),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.queue.wake.notified() => {}
+                Ok(identity) = ready.recv() => {
+                    match self.queue.retry_now(None, Some(&identity)) {
+                        Ok(n) if n > 0 => tracing::info!(identity = %identity, messages = n, "identity ready again; retrying its queued mail"),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!("queue: {e}"),
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Queue depth and oldest age for /metrics.
+pub fn update_queue_metrics(queue: &Queue) {
+    metrics::QUEUE_DEPTH.set(queue.depth() as i64);
+    let oldest = queue.oldest_received().map(|t| (chrono::Utc::now().timestamp() - t).max(0)).unwrap_or(0);
+    metrics::QUEUE_OLDEST_AGE.set(oldest);
+}
+
+/// The header section of a spooled message, for a bounce.
+fn read_header(path: &std::path::Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = vec![0u8; bounce::MAX_QUOTED_HEADERS];
+    let n = std::fs::File::open(path).and_then(|mut f| f.read(&mut buf)).unwrap_or(0);
+    buf.truncate(n);
+    bounce::header_section(&buf).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let first = Duration::from_secs(30);
+        let max = Duration::from_secs(1800);
+        let b1 = backoff(1, first, max).as_secs_f64();
+        let b3 = backoff(3, first, max).as_secs_f64();
+        let b20 = backoff(20, first, max).as_secs_f64();
+        assert!((27.0..=33.0).contains(&b1), "{b1}");
+        assert!((108.0..=132.0).contains(&b3), "{b3}");
+        assert!((1620.0..=1980.0).contains(&b20), "{b20}");
+        assert!(backoff(u32::MAX, first, max) <= Duration::from_secs(1980));
+    }
+}

@@ -1,0 +1,22 @@
+//! mfd-relay: a LAN SMTP relay that lets office printers and scanners send mail through
+//! Office 365 and Gmail with OAuth 2.0 (SASL XOAUTH2).
+//!
+//! The data path, one module each:
+//! `smtp` (listener → session) → `devices` (who is this, which identity) → `queue` (spool +
+//! durable record) → `delivery` (in-session first, then retries) → `upstream` (XOAUTH2 to the
+//! provider). Beside it: `oauth` (token manager, sign-in flows, encrypted store), `imap`
+//! (mobile print), `admin` (HTTP: metrics, health, control), `store` (the only user of sled),
+//! `config` and `metrics` (everything the admin configures and watches, each in one place).
+
+pub mod admin;
+pub mod config;
+pub mod delivery;
+pub mod devices;
+pub mod message;
+pub mod metrics;
+pub mod oauth;
+pub mod queue;
+pub mod relay;
+pub mod smtp;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,334 @@
+//! The `mfd-relay` command: the daemon and the admin's tools (DESIGN "The admin's interface").
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use mfd_relay::config::{Config, ConfigError};
+use mfd_relay::queue::{MessageId, QueueRecord};
+
+#[derive(Parser)]
+#[command(
+    name = "mfd-relay",
+    version,
+    about = "SMTP relay for printers and scanners: plain SMTP in, OAuth 2.0 (XOAUTH2) out to Office 365 and Gmail"
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(short, long, global = true, default_value = "config.toml", env = "MFD_RELAY_CONFIG")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay.
+    Run {
+        /// Log lines as text or as JSON objects.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Validate the configuration; print every problem with file:line.
+    Check,
+    /// Read a PIN on standard input and print its argon2 hash for `pin_hash`.
+    HashPin,
+    /// Sign-in of identities.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCmd,
+    },
+    /// The delivery queue.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCmd {
+    /// Each identity: state, account, access token expiry, last refresh, last error.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Queued messages, oldest first.
+    List,
+    /// Try a message (or `all`) again now.
+    Retry { id: String },
+    /// Remove a message without delivering it.
+    Drop { id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mfd-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::Check => check(&cli.config),
+        Cmd::HashPin => hash_pin(),
+        Cmd::Run { log_format } => {
+            let config = load(&cli.config)?;
+            init_logs(log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Queue { command } => {
+            let config = load(&cli.config)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(queue(&config, command))
+        }
+        Cmd::Auth { command } => {
+            let config = load(&cli.config)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(auth(&config, command))
+        }
+    }
+}
+
+/// Loads and validates; on problems, lists them all.
+fn load(path: &Path) -> anyhow::Result<Config> {
+    match Config::load(path) {
+        Ok(c) => Ok(c),
+        Err(ConfigError::Invalid(problems)) => {
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            bail!("{}: {} problem(s); nothing was started", path.display(), problems.len())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn check(path: &Path) -> anyhow::Result<ExitCode> {
+    match Config::load(path) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} listener(s), {} provider(s), {} identit(ies), {} device(s), {} mailbox(es))",
+                path.display(),
+                c.listeners.len(),
+                c.providers.len(),
+                c.identities.len(),
+                c.devices.len(),
+                c.mailboxes.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ConfigError::Invalid(problems)) => {
+            for p in &problems {
+                println!("{p}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            println!("{e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn hash_pin() -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        eprint!("PIN: ");
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let pin = line.trim_end_matches(['\r', '\n']);
+    if pin.is_empty() {
+        bail!("no PIN given on standard input");
+    }
+    let hash = mfd_relay::devices::hash_pin(pin).map_err(|e| anyhow!(e))?;
+    println!("{hash}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MFD_RELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing sessions in flight");
+        let _ = tx.send(true);
+    });
+    mfd_relay::relay::run(config, rx).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Talks to the running daemon's admin listener; `None` when no daemon answers.
+async fn admin_call(config: &Config, method: &str, path: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    let url = format!("http://{}{}", config.admin.listen.get_ref(), path);
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
+    let mut req = if method == "POST" { client.post(&url) } else { client.get(&url) };
+    if let Some(t) = &config.admin.token {
+        req = req.bearer_auth(t);
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            let text = resp.text().await?;
+            if !status.is_success() {
+                bail!("{}", text.trim());
+            }
+            Ok(Some(serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))?))
+        }
+        Err(e) if e.is_connect() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn queue(config: &Config, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
+    let (path, method) = match &cmd {
+        QueueCmd::List => ("/api/queue".to_string(), "GET"),
+        QueueCmd::Retry { id } => (format!("/api/queue/retry/{id}"), "POST"),
+        QueueCmd::Drop { id } => (format!("/api/queue/drop/{id}"), "POST"),
+    };
+    let answer = match admin_call(config, method, &path).await? {
+        Some(v) => v,
+        None => {
+            // The daemon is not running: open the database directly.
+            let (_store, queue) = mfd_relay::queue::open_data_dir(&config.data_dir())?;
+            match &cmd {
+                QueueCmd::List => serde_json::to_value(queue.list()?)?,
+                QueueCmd::Retry { id } => {
+                    let which = if id == "all" { None } else { Some(parse_id(id)?) };
+                    serde_json::json!({ "retried": queue.retry_now(which, None)? })
+                }
+                QueueCmd::Drop { id } => {
+                    let id = parse_id(id)?;
+                    queue.drop_message(id)?;
+                    serde_json::json!({ "dropped": id.to_string() })
+                }
+            }
+        }
+    };
+    match cmd {
+        QueueCmd::List => {
+            let records: Vec<QueueRecord> = serde_json::from_value(answer)?;
+            print_queue(&records);
+        }
+        QueueCmd::Retry { .. } => println!("{} message(s) will be retried now", answer["retried"]),
+        QueueCmd::Drop { .. } => println!("dropped {}", answer["dropped"].as_str().unwrap_or("")),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_id(s: &str) -> anyhow::Result<MessageId> {
+    s.parse().map_err(|_| anyhow!("\"{s}\" is not a queue id (16 hex digits, see `mfd-relay queue list`)"))
+}
+
+fn print_queue(records: &[QueueRecord]) {
+    if records.is_empty() {
+        println!("queue is empty");
+        return;
+    }
+    let now = chrono::Utc::now();
+    println!(
+        "{:<16}  {:>9}  {:>8}  {:<14}  {:<14}  {:>3}  {:>9}  recipients / last error",
+        "id", "size", "age", "device", "identity", "try", "next in"
+    );
+    for r in records {
+        let age = (now.timestamp() - r.received).max(0);
+        let next = ((r.next_attempt - now.timestamp_millis()) / 1000).max(0);
+        println!(
+            "{:<16}  {:>9}  {:>8}  {:<14}  {:<14}  {:>3}  {:>9}  {}",
+            r.id,
+            r.size,
+            human_secs(age),
+            r.device,
+            r.identity,
+            r.attempts,
+            human_secs(next),
+            r.rcpts.join(", ")
+        );
+        if let Some(e) = &r.last_error {
+            println!("{:>16}  last error: {e}", "");
+        }
+    }
+}
+
+fn human_secs(s: i64) -> String {
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+async fn auth(config: &Config, cmd: AuthCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuthCmd::Status => {
+            let answer = match admin_call(config, "GET", "/api/auth/status").await? {
+                Some(v) => v,
+                None => {
+                    let parts = mfd_relay::relay::build(config.clone())?;
+                    serde_json::to_value(parts.tokens.status())?
+                }
+            };
+            let list: Vec<mfd_relay::oauth::tokens::IdentityStatus> = serde_json::from_value(answer)?;
+            let now = chrono::Utc::now().timestamp();
+            println!(
+                "{:<14}  {:<12}  {:<28}  {:<11}  {:>10}  {:>12}  last error",
+                "identity", "provider", "account", "state", "expires in", "refreshed"
+            );
+            for s in list {
+                println!(
+                    "{:<14}  {:<12}  {:<28}  {:<11}  {:>10}  {:>12}  {}",
+                    s.name,
+                    s.provider,
+                    s.account,
+                    s.state,
+                    s.expires_at.map(|e| human_secs(e - now)).unwrap_or_else(|| "-".into()),
+                    s.last_refresh.map(|t| format!("{} ago", human_secs(now - t))).unwrap_or_else(|| "never".into()),
+                    s.last_error.unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

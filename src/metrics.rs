@@ -1,0 +1,220 @@
+//! Every Prometheus metric of the relay, named in one place.
+//!
+//! Label values come from the configuration (listener addresses, device, identity and
+//! mailbox names) or from small fixed sets (reason classes), never from network input, so
+//! the number of series is bounded by the config. Nothing here ever holds a secret.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The registry served on `/metrics`.
+pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    REGISTRY.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    REGISTRY.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+fn gauge1(name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    REGISTRY.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+pub static BUILD_INFO: LazyLock<IntGaugeVec> =
+    LazyLock::new(|| gauge("mfd_relay_build_info", "Build information (always 1).", &["version"]));
+
+pub static SMTP_CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter("mfd_relay_smtp_connections_total", "Device connections accepted, by listener.", &["listener"])
+});
+pub static SMTP_REFUSED_CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_smtp_connections_refused_total",
+        "Device connections refused by connection limits, by listener.",
+        &["listener"],
+    )
+});
+pub static SMTP_SESSIONS_ACTIVE: LazyLock<IntGaugeVec> =
+    LazyLock::new(|| gauge("mfd_relay_smtp_sessions_active", "Open device sessions, by listener.", &["listener"]));
+pub static AUTH_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter("mfd_relay_auth_failures_total", "Failed device logins (AUTH), by listener.", &["listener"])
+});
+
+pub static MESSAGES_ACCEPTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_messages_accepted_total",
+        "Messages accepted from devices and made durable, by device and identity.",
+        &["device", "identity"],
+    )
+});
+pub static MESSAGES_REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_messages_rejected_total",
+        "Messages or recipients refused to devices, by device (\"unknown\" when unmapped) and reason class.",
+        &["device", "reason"],
+    )
+});
+pub static MESSAGES_DELIVERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_messages_delivered_total",
+        "Messages delivered upstream, by identity and whether in session or from the queue.",
+        &["identity", "path"],
+    )
+});
+pub static MESSAGES_DEFERRED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_messages_deferred_total",
+        "Delivery attempts that left the message queued, by identity and reason class.",
+        &["identity", "reason"],
+    )
+});
+pub static MESSAGES_FAILED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_messages_failed_total",
+        "Messages refused permanently by the upstream, by identity and how the sender learnt it (reply or bounce).",
+        &["identity", "via"],
+    )
+});
+pub static UPSTREAM_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
+    let h = HistogramVec::new(
+        HistogramOpts::new("mfd_relay_upstream_latency_seconds", "Time of one upstream delivery attempt, by identity.")
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+        &["identity"],
+    )
+    .expect("valid metric");
+    REGISTRY.register(Box::new(h.clone())).expect("metric registered once");
+    h
+});
+pub static MESSAGE_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
+    let h = Histogram::with_opts(
+        HistogramOpts::new("mfd_relay_message_size_bytes", "Size of accepted messages.")
+            .buckets(vec![4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6, 64e6]),
+    )
+    .expect("valid metric");
+    REGISTRY.register(Box::new(h.clone())).expect("metric registered once");
+    h
+});
+pub static QUEUE_DEPTH: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge1("mfd_relay_queue_depth", "Messages waiting in the queue."));
+pub static QUEUE_OLDEST_AGE: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge1("mfd_relay_queue_oldest_age_seconds", "Age of the oldest queued message (0 when empty)."));
+
+pub static TOKEN_REFRESHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_token_refreshes_total",
+        "Token requests to the provider, by identity and result (ok or error).",
+        &["identity", "result"],
+    )
+});
+pub static TOKEN_EXPIRY: LazyLock<prometheus::GaugeVec> = LazyLock::new(|| {
+    let g = prometheus::GaugeVec::new(
+        Opts::new(
+            "mfd_relay_token_expiry_timestamp_seconds",
+            "When the current access token expires (unix time), by identity.",
+        ),
+        &["identity"],
+    )
+    .expect("valid metric");
+    REGISTRY.register(Box::new(g.clone())).expect("metric registered once");
+    g
+});
+pub static TOKEN_EXPIRES_IN: LazyLock<prometheus::GaugeVec> = LazyLock::new(|| {
+    let g = prometheus::GaugeVec::new(
+        Opts::new("mfd_relay_token_expires_in_seconds", "Seconds until the current access token expires, by identity."),
+        &["identity"],
+    )
+    .expect("valid metric");
+    REGISTRY.register(Box::new(g.clone())).expect("metric registered once");
+    g
+});
+pub static IDENTITY_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "mfd_relay_identity_state",
+        "Identity state: 1 ready, 0 needs login (a person must sign in again), 2 last refresh failed.",
+        &["identity"],
+    )
+});
+pub static CERT_EXPIRY: LazyLock<prometheus::GaugeVec> = LazyLock::new(|| {
+    let g = prometheus::GaugeVec::new(
+        Opts::new(
+            "mfd_relay_client_certificate_expiry_timestamp_seconds",
+            "When a provider's client certificate expires (unix time).",
+        ),
+        &["provider"],
+    )
+    .expect("valid metric");
+    REGISTRY.register(Box::new(g.clone())).expect("metric registered once");
+    g
+});
+
+pub static IMAP_JOBS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_imap_jobs_total",
+        "Mobile-print mails handled, by mailbox and result (spooled or refused).",
+        &["mailbox", "result"],
+    )
+});
+pub static IMAP_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter("mfd_relay_imap_errors_total", "IMAP connection, login, poll or IDLE errors, by mailbox.", &["mailbox"])
+});
+pub static IMAP_LAST_SUCCESS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "mfd_relay_imap_last_success_timestamp_seconds",
+        "When a mailbox was last checked successfully (unix time).",
+        &["mailbox"],
+    )
+});
+
+/// Touches every metric so that all of them appear on /metrics from the start.
+pub fn init() {
+    BUILD_INFO.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    LazyLock::force(&SMTP_CONNECTIONS);
+    LazyLock::force(&SMTP_REFUSED_CONNECTIONS);
+    LazyLock::force(&SMTP_SESSIONS_ACTIVE);
+    LazyLock::force(&AUTH_FAILURES);
+    LazyLock::force(&MESSAGES_ACCEPTED);
+    LazyLock::force(&MESSAGES_REJECTED);
+    LazyLock::force(&MESSAGES_DELIVERED);
+    LazyLock::force(&MESSAGES_DEFERRED);
+    LazyLock::force(&MESSAGES_FAILED);
+    LazyLock::force(&UPSTREAM_LATENCY);
+    LazyLock::force(&MESSAGE_SIZE);
+    LazyLock::force(&QUEUE_DEPTH);
+    LazyLock::force(&QUEUE_OLDEST_AGE);
+    LazyLock::force(&TOKEN_REFRESHES);
+    LazyLock::force(&TOKEN_EXPIRY);
+    LazyLock::force(&TOKEN_EXPIRES_IN);
+    LazyLock::force(&IDENTITY_STATE);
+    LazyLock::force(&CERT_EXPIRY);
+    LazyLock::force(&IMAP_JOBS);
+    LazyLock::force(&IMAP_ERRORS);
+    LazyLock::force(&IMAP_LAST_SUCCESS);
+}
+
+/// The text exposition of every metric.
+pub fn render() -> String {
+    let now = chrono::Utc::now().timestamp() as f64;
+    for m in TOKEN_EXPIRY.collect() {
+        for s in m.get_metric() {
+            if let Some(label) = s.get_label().first() {
+                let exp = s.get_gauge().get_value();
+                TOKEN_EXPIRES_IN.with_label_values(&[label.value()]).set((exp - now).max(0.0));
+            }
+        }
+    }
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&REGISTRY.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+use prometheus::core::Collector;

@@ -1,0 +1,213 @@
+//! Where each provider's endpoints and mail servers are, and which scopes to ask for.
+//! Defaults follow DESIGN.md ("Provider facts"); every host can be overridden in config.
+
+use std::path::PathBuf;
+
+use crate::config::{Cloud, Config, Flow, Provider, ProviderKind, UpstreamTls};
+
+/// A mail server address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    pub tls: UpstreamTls,
+}
+
+/// A provider with every endpoint resolved.
+#[derive(Debug, Clone)]
+pub struct ProviderInfo {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub cloud: Cloud,
+    pub client_id: String,
+    pub token_url: String,
+    pub device_url: Option<String>,
+    pub authorize_url: Option<String>,
+    pub smtp: Option<Server>,
+    pub imap: Option<Server>,
+    pub ca_file: Option<PathBuf>,
+    pub client_secret: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub service_account_file: Option<PathBuf>,
+    pub scopes: Option<Vec<String>>,
+    /// Messages per minute per identity; `None` is unlimited.
+    pub messages_per_minute: Option<u32>,
+    pub max_message_size: Option<u64>,
+}
+
+/// Login host of a Microsoft cloud.
+fn microsoft_login(cloud: Cloud) -> &'static str {
+    match cloud {
+        Cloud::Global => "login.microsoftonline.com",
+        Cloud::Usgov | Cloud::UsgovDod => "login.microsoftonline.us",
+        Cloud::China => "login.partner.microsoftonline.cn",
+    }
+}
+
+/// (SMTP host, IMAP host, resource for scopes) of a Microsoft cloud.
+fn microsoft_hosts(cloud: Cloud) -> (&'static str, &'static str, &'static str) {
+    match cloud {
+        Cloud::Global => ("smtp.office365.com", "outlook.office365.com", "https://outlook.office.com"),
+        Cloud::Usgov | Cloud::UsgovDod => ("smtp.office365.us", "outlook.office365.us", "https://outlook.office365.us"),
+        Cloud::China => ("partner.outlook.cn", "partner.outlook.cn", "https://partner.outlook.cn"),
+    }
+}
+
+fn server(spec: Option<&str>, tls: Option<UpstreamTls>, default: Option<(&str, u16, UpstreamTls)>) -> Option<Server> {
+    match spec.and_then(crate::upstream::split_host_port) {
+        Some((host, port)) => Some(Server {
+            host,
+            port,
+            tls: tls.unwrap_or(if port == 465 || port == 993 { UpstreamTls::Implicit } else { UpstreamTls::Starttls }),
+        }),
+        None => default.map(|(h, p, t)| Server { host: h.into(), port: p, tls: tls.unwrap_or(t) }),
+    }
+}
+
+impl ProviderInfo {
+    /// Resolves a provider section of a validated configuration.
+    pub fn from_config(config: &Config, p: &Provider) -> ProviderInfo {
+        let tenant = p.tenant.clone().unwrap_or_else(|| "organizations".into());
+        let (token, device, authorize, smtp_default, imap_default) = match p.kind {
+            ProviderKind::Microsoft => {
+                let base = format!("https://{}/{}/oauth2/v2.0", microsoft_login(p.cloud), tenant);
+                let (smtp, imap, _) = microsoft_hosts(p.cloud);
+                (
+                    Some(format!("{base}/token")),
+                    Some(format!("{base}/devicecode")),
+                    Some(format!("{base}/authorize")),
+                    Some((smtp, 587, UpstreamTls::Starttls)),
+                    Some((imap, 993, UpstreamTls::Implicit)),
+                )
+            }
+            ProviderKind::Google => (
+                Some("https://oauth2.googleapis.com/token".to_string()),
+                Some("https://oauth2.googleapis.com/device/code".to_string()),
+                Some("https://accounts.google.com/o/oauth2/v2/auth".to_string()),
+                Some(("smtp.gmail.com", 587, UpstreamTls::Starttls)),
+                Some(("imap.gmail.com", 993, UpstreamTls::Implicit)),
+            ),
+            ProviderKind::Generic => (None, None, None, None, None),
+        };
+        let (messages_per_minute, max_message_size) = match p.kind {
+            // Exchange Online: 30 messages a minute per mailbox, 35 MB by default.
+            ProviderKind::Microsoft => (Some(30), Some(35 * 1024 * 1024)),
+            // Gmail: 25 MB per message.
+            ProviderKind::Google => (None, Some(25 * 1024 * 1024)),
+            ProviderKind::Generic => (None, None),
+        };
+        let path = |f: &Option<toml::Spanned<PathBuf>>| f.as_ref().map(|f| config.resolve(f.get_ref()));
+        ProviderInfo {
+            name: p.name.get_ref().clone(),
+            kind: p.kind,
+            cloud: p.cloud,
+            client_id: p.client_id.clone(),
+            token_url: p.token_url.clone().or(token).unwrap_or_default(),
+            device_url: p.device_authorization_url.clone().or(device),
+            authorize_url: p.authorization_url.clone().or(authorize),
+            smtp: server(p.smtp.as_ref().map(|s| s.get_ref().as_str()), p.smtp_tls, smtp_default),
+            imap: server(p.imap.as_ref().map(|s| s.get_ref().as_str()), p.imap_tls, imap_default),
+            ca_file: path(&p.ca_file),
+            client_secret: p.client_secret.clone(),
+            client_secret_file: path(&p.client_secret_file),
+            client_certificate: path(&p.client_certificate),
+            client_key: path(&p.client_key),
+            service_account_file: path(&p.service_account_file),
+            scopes: p.scopes.clone(),
+            messages_per_minute: p.messages_per_minute.or(messages_per_minute).filter(|n| *n > 0),
+            max_message_size: p.max_message_size.map(|s| s.0).or(max_message_size),
+        }
+    }
+
+    /// The scopes an identity with this flow asks for (`imap`: a mailbox uses it too).
+    pub fn scopes(&self, flow: Flow, imap: bool) -> Vec<String> {
+        if let Some(s) = &self.scopes {
+            return s.clone();
+        }
+        match self.kind {
+            ProviderKind::Microsoft => {
+                let (_, _, resource) = microsoft_hosts(self.cloud);
+                if flow == Flow::ClientCredentials {
+                    // App-only: the .default scope of Exchange Online; the app's rights
+                    // (SMTP.SendAsApp, IMAP.AccessAsApp) come from the app registration.
+                    let app_resource =
+                        if self.cloud == Cloud::Global { "https://outlook.office365.com" } else { resource };
+                    vec![format!("{app_resource}/.default")]
+                } else {
+                    let mut v = vec![format!("{resource}/SMTP.Send")];
+                    if imap {
+                        v.push(format!("{resource}/IMAP.AccessAsUser.All"));
+                    }
+                    v.push("offline_access".into());
+                    v
+                }
+            }
+            ProviderKind::Google => vec!["https://mail.google.com/".into()],
+            ProviderKind::Generic => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn info(provider: &str) -> ProviderInfo {
+        let c = Config::parse(Path::new("/etc/mfd/c.toml"), provider.to_string()).unwrap();
+        ProviderInfo::from_config(&c, c.providers[0].get_ref())
+    }
+
+    #[test]
+    fn microsoft_global_defaults() {
+        let p = info("[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\n");
+        assert_eq!(p.token_url, "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token");
+        assert_eq!(
+            p.device_url.as_deref(),
+            Some("https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/devicecode")
+        );
+        assert_eq!(p.smtp, Some(Server { host: "smtp.office365.com".into(), port: 587, tls: UpstreamTls::Starttls }));
+        assert_eq!(
+            p.imap,
+            Some(Server { host: "outlook.office365.com".into(), port: 993, tls: UpstreamTls::Implicit })
+        );
+        assert_eq!(p.messages_per_minute, Some(30));
+        assert_eq!(
+            p.scopes(Flow::DeviceCode, true),
+            vec![
+                "https://outlook.office.com/SMTP.Send",
+                "https://outlook.office.com/IMAP.AccessAsUser.All",
+                "offline_access"
+            ]
+        );
+        assert_eq!(p.scopes(Flow::ClientCredentials, false), vec!["https://outlook.office365.com/.default"]);
+    }
+
+    #[test]
+    fn microsoft_national_clouds_and_overrides() {
+        let p = info("[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\ncloud = \"usgov-dod\"\nclient_id = \"x\"\nsmtp = \"smtp-dod.example:587\"\n");
+        assert!(p.token_url.starts_with("https://login.microsoftonline.us/t/"));
+        assert_eq!(p.smtp.unwrap().host, "smtp-dod.example");
+        assert_eq!(p.imap.unwrap().host, "outlook.office365.us");
+        let p = info(
+            "[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\ncloud = \"china\"\nclient_id = \"x\"\n",
+        );
+        assert!(p.token_url.starts_with("https://login.partner.microsoftonline.cn/t/"));
+        assert_eq!(p.smtp.unwrap().host, "partner.outlook.cn");
+    }
+
+    #[test]
+    fn google_and_generic() {
+        let p = info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\n");
+        assert_eq!(p.token_url, "https://oauth2.googleapis.com/token");
+        assert_eq!(p.smtp.as_ref().unwrap().host, "smtp.gmail.com");
+        assert_eq!(p.scopes(Flow::AuthCode, true), vec!["https://mail.google.com/"]);
+        assert_eq!(p.max_message_size, Some(25 * 1024 * 1024));
+        let p = info("[[provider]]\nname = \"t\"\nkind = \"generic\"\nclient_id = \"x\"\ntoken_url = \"http://127.0.0.1:9/token\"\nsmtp = \"127.0.0.1:2526\"\nsmtp_tls = \"none\"\nca_file = \"ca.pem\"\n");
+        assert_eq!(p.smtp, Some(Server { host: "127.0.0.1".into(), port: 2526, tls: UpstreamTls::None }));
+        assert_eq!(p.ca_file, Some(PathBuf::from("/etc/mfd/ca.pem")));
+        assert_eq!(p.messages_per_minute, None);
+    }
+}

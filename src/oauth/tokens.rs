@@ -1,0 +1,653 @@
+//! The token manager: a valid access token per identity, on demand and ahead of time.
+//!
+//! - One refresh in flight per identity: callers queue on the identity's lock, and whoever
+//!   gets it after a refresh finds the new token in memory.
+//! - Tokens are refreshed before they expire: at `expires_in` minus 10 minutes (or half the
+//!   lifetime when it is shorter), and at least daily for idle identities, so that a refresh
+//!   token never dies of disuse (Microsoft: 90 days).
+//! - `invalid_grant` and other "a person must act" answers put the identity in `needs_login`
+//!   (DESIGN rule 5): loud in logs, metrics and `auth status`; its mail stays queued.
+//! - Every record is stored encrypted ([`super::vault`]) and flushed before it is used.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use oauth2::basic::{BasicErrorResponse, BasicTokenResponse};
+use oauth2::{AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl};
+use serde::{Deserialize, Serialize};
+
+use super::provider::ProviderInfo;
+use super::vault::Vault;
+use crate::config::{Config, Flow};
+use crate::metrics;
+use crate::store::{Store, Tree};
+
+/// Refresh this long before expiry (DESIGN: at least 10 minutes early).
+const REFRESH_EARLY: i64 = 10 * 60;
+/// Idle identities are refreshed at least this often.
+const REFRESH_IDLE: i64 = 24 * 3600;
+/// A token this close to expiry is not handed out.
+const MIN_VALIDITY: i64 = 60;
+/// Timeout of one token request.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An access token. Its Debug form never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken {
+    pub secret: String,
+    pub account: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("account", &self.account)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why no token could be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// A person must act: sign in again, fix the app registration or the secret.
+    #[error("needs login: {0}")]
+    NeedsLogin(String),
+    /// Network trouble, provider down or slow: try again later.
+    #[error("token endpoint unavailable: {0}")]
+    Transient(String),
+    #[error("unknown identity \"{0}\"")]
+    UnknownIdentity(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The state of an identity, for `auth status`, metrics and /readyz.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityState {
+    /// Has (or can get) tokens.
+    Ready,
+    /// Never signed in, or the provider refused the stored grant.
+    #[default]
+    NeedsLogin,
+    /// The last refresh failed for a passing reason; the last token may still be valid.
+    Error,
+}
+
+impl IdentityState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            IdentityState::Ready => "ready",
+            IdentityState::NeedsLogin => "needs_login",
+            IdentityState::Error => "error",
+        }
+    }
+}
+
+/// What is stored per identity (encrypted as a whole).
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub state: IdentityState,
+    pub account: Option<String>,
+    pub refresh_token: Option<String>,
+    pub access_token: Option<String>,
+    /// Unix seconds.
+    pub expires_at: Option<i64>,
+    /// When to refresh (unix seconds).
+    pub refresh_at: Option<i64>,
+    pub scopes: Vec<String>,
+    pub last_refresh: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// A token endpoint's answer, whatever the grant.
+#[derive(Clone)]
+pub struct TokenSet {
+    pub access_token: String,
+    pub refresh_token: Option<String>,
+    pub expires_in: Option<Duration>,
+    pub scopes: Vec<String>,
+    pub account: Option<String>,
+}
+
+impl From<&BasicTokenResponse> for TokenSet {
+    fn from(r: &BasicTokenResponse) -> Self {
+        TokenSet {
+            access_token: r.access_token().secret().clone(),
+            refresh_token: r.refresh_token().map(|t| t.secret().clone()),
+            expires_in: r.expires_in(),
+            scopes: r.scopes().map(|s| s.iter().map(|s| s.to_string()).collect()).unwrap_or_default(),
+            account: None,
+        }
+    }
+}
+
+/// One identity's live data.
+pub struct Slot {
+    pub name: String,
+    pub email: String,
+    pub flow: Flow,
+    pub provider: Arc<ProviderInfo>,
+    pub scopes: Vec<String>,
+    /// Sends per minute allowed to this identity (None: unlimited).
+    pub messages_per_minute: Option<u32>,
+    /// Held while refreshing: one refresh in flight.
+    flight: tokio::sync::Mutex<()>,
+    record: Mutex<TokenRecord>,
+    /// Unix seconds before which the background refresher leaves a failing identity alone.
+    retry_after: Mutex<(i64, u32)>,
+}
+
+impl Slot {
+    fn record(&self) -> TokenRecord {
+        self.record.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A token from memory that is valid long enough and not due for refresh.
+    fn fresh(&self, now: i64) -> Option<AccessToken> {
+        let r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        match (&r.access_token, r.expires_at) {
+            (Some(t), Some(exp)) if now < r.refresh_at.unwrap_or(exp) && now + MIN_VALIDITY < exp => {
+                Some(AccessToken {
+                    secret: t.clone(),
+                    account: r.account.clone().unwrap_or_else(|| self.email.clone()),
+                    expires_at: exp,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// A token that is still valid, even if due for refresh (used when a refresh fails).
+    fn still_valid(&self, now: i64) -> Option<AccessToken> {
+        let r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        match (&r.access_token, r.expires_at) {
+            (Some(t), Some(exp)) if now + MIN_VALIDITY < exp => Some(AccessToken {
+                secret: t.clone(),
+                account: r.account.clone().unwrap_or_else(|| self.email.clone()),
+                expires_at: exp,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// One identity's status line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdentityStatus {
+    pub name: String,
+    pub provider: String,
+    pub flow: String,
+    pub account: String,
+    pub state: String,
+    pub expires_at: Option<i64>,
+    pub last_refresh: Option<i64>,
+    pub last_error: Option<String>,
+    pub has_refresh_token: bool,
+}
+
+/// The token manager.
+pub struct TokenManager {
+    store: Arc<Store>,
+    vault: Arc<Vault>,
+    http: reqwest::Client,
+    slots: HashMap<String, Arc<Slot>>,
+    ready: tokio::sync::broadcast::Sender<String>,
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// The HTTP client for token requests: rustls, no redirects (RFC 6749 10.6 / oauth2 docs).
+pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+    let mut b = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(HTTP_TIMEOUT)
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("mfd-relay/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))? {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+impl TokenManager {
+    /// Builds the manager from a validated configuration and loads stored records.
+    pub fn new(config: &Config, store: Arc<Store>, vault: Arc<Vault>) -> Result<TokenManager, TokenError> {
+        let mut slots = HashMap::new();
+        let mut providers: HashMap<String, Arc<ProviderInfo>> = HashMap::new();
+        let mut ca_files = Vec::new();
+        for p in &config.providers {
+            let info = ProviderInfo::from_config(config, p.get_ref());
+            if let Some(ca) = &info.ca_file {
+                ca_files.push(ca.clone());
+            }
+            providers.insert(info.name.clone(), Arc::new(info));
+        }
+        for id in &config.identities {
+            let id = id.get_ref();
+            let name = id.name.get_ref().clone();
+            let Some(provider) = providers.get(id.provider.get_ref()).cloned() else {
+                return Err(TokenError::Config(format!("identity \"{name}\": unknown provider")));
+            };
+            let imap = config.mailboxes.iter().any(|m| m.get_ref().identity.get_ref() == &name);
+            let scopes = provider.scopes(id.flow, imap);
+            let messages_per_minute = id.messages_per_minute.or(provider.messages_per_minute).filter(|n| *n > 0);
+            let record = match store.get(Tree::Tokens, name.as_bytes()) {
+                Ok(Some(sealed)) => match vault.unseal(&name, &sealed) {
+                    Ok(plain) => serde_json::from_slice(&plain).unwrap_or_default(),
+                    Err(e) => {
+                        tracing::error!(identity = %name, "{e}");
+                        TokenRecord { last_error: Some(e.to_string()), ..Default::default() }
+                    }
+                },
+                _ => TokenRecord::default(),
+            };
+            let mut record = record;
+            if id.flow == Flow::ClientCredentials || id.flow == Flow::ServiceAccount {
+                // App-only identities need no sign-in: they are ready unless a request fails.
+                if record.state == IdentityState::NeedsLogin && record.last_error.is_none() {
+                    record.state = IdentityState::Ready;
+                }
+            }
+            metrics::IDENTITY_STATE.with_label_values(&[&name]).set(state_value(record.state));
+            slots.insert(
+                name.clone(),
+                Arc::new(Slot {
+                    name: name.clone(),
+                    email: id.email.get_ref().clone(),
+                    flow: id.flow,
+                    provider,
+                    scopes,
+                    messages_per_minute,
+                    flight: tokio::sync::Mutex::new(()),
+                    record: Mutex::new(record),
+                    retry_after: Mutex::new((0, 0)),
+                }),
+            );
+        }
+        // One client for all providers; extra CAs (tests, private clouds) are added to it.
+        let ca = ca_files.first().map(|p| p.as_path());
+        let http = http_client(ca).map_err(TokenError::Config)?;
+        let (ready, _) = tokio::sync::broadcast::channel(64);
+        Ok(TokenManager { store, vault, http, slots, ready })
+    }
+
+    pub fn slot(&self, name: &str) -> Result<&Arc<Slot>, TokenError> {
+        self.slots.get(name).ok_or_else(|| TokenError::UnknownIdentity(name.into()))
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Identity names that became ready (after a sign-in or a recovered refresh).
+    pub fn subscribe_ready(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.ready.subscribe()
+    }
+
+    /// The state of an identity now.
+    pub fn state(&self, name: &str) -> Option<IdentityState> {
+        self.slots.get(name).map(|s| s.record.lock().unwrap_or_else(|e| e.into_inner()).state)
+    }
+
+    /// A valid access token for `name`, refreshing if needed.
+    pub async fn access_token(&self, name: &str) -> Result<AccessToken, TokenError> {
+        let slot = self.slot(name)?;
+        if let Some(t) = slot.fresh(now()) {
+            return Ok(t);
+        }
+        let _flight = slot.flight.lock().await;
+        if let Some(t) = slot.fresh(now()) {
+            return Ok(t);
+        }
+        match self.refresh_locked(slot).await {
+            Ok(t) => Ok(t),
+            // A passing failure with a still-valid token in hand: use it.
+            Err(TokenError::Transient(e)) => slot.still_valid(now()).ok_or(TokenError::Transient(e)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The upstream refused `rejected`: get a new token unless someone already did.
+    pub async fn refresh_after_rejection(&self, name: &str, rejected: &AccessToken) -> Result<AccessToken, TokenError> {
+        let slot = self.slot(name)?;
+        let _flight = slot.flight.lock().await;
+        if let Some(t) = slot.still_valid(now()) {
+            if t.secret != rejected.secret {
+                return Ok(t);
+            }
+        }
+        self.refresh_locked(slot).await
+    }
+
+    /// Gets a new access token from the provider; the caller holds the flight lock.
+    async fn refresh_locked(&self, slot: &Slot) -> Result<AccessToken, TokenError> {
+        let record = slot.record();
+        let result = match slot.flow {
+            Flow::ClientCredentials => super::flows::client_credentials(&self.http, slot).await,
+            Flow::ServiceAccount => super::flows::service_account(&self.http, slot).await,
+            Flow::DeviceCode | Flow::AuthCode => match &record.refresh_token {
+                Some(rt) => self.refresh_grant(slot, rt).await,
+                None => {
+                    Err(TokenError::NeedsLogin(format!("not signed in yet: run `mfd-relay auth login {}`", slot.name)))
+                }
+            },
+        };
+        metrics::TOKEN_REFRESHES
+            .with_label_values(&[slot.name.as_str(), if result.is_ok() { "ok" } else { "error" }])
+            .inc();
+        match result {
+            Ok(set) => self.save(slot, set).await,
+            Err(e) => {
+                self.record_failure(slot, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn refresh_grant(&self, slot: &Slot, refresh_token: &str) -> Result<TokenSet, TokenError> {
+        let client = oauth2::basic::BasicClient::new(ClientId::new(slot.provider.client_id.clone()))
+            .set_auth_type(AuthType::RequestBody)
+            .set_token_uri(
+                TokenUrl::new(slot.provider.token_url.clone()).map_err(|e| TokenError::Config(e.to_string()))?,
+            );
+        let client = match super::flows::client_secret(&slot.provider)? {
+            Some(secret) => client.set_client_secret(ClientSecret::new(secret)),
+            None => client,
+        };
+        let rt = RefreshToken::new(refresh_token.to_string());
+        let req = client.exchange_refresh_token(&rt).add_scopes(slot.scopes.iter().cloned().map(Scope::new));
+        let resp = req.request_async(&self.http).await.map_err(classify_error)?;
+        let mut set = TokenSet::from(&resp);
+        // No new refresh token in the answer: keep the old one (RFC 6749 6).
+        if set.refresh_token.is_none() {
+            set.refresh_token = Some(refresh_token.to_string());
+        }
+        Ok(set)
+    }
+
+    /// Stores a new token set (from a refresh or a sign-in) and makes it current.
+    pub async fn save(&self, slot: &Slot, set: TokenSet) -> Result<AccessToken, TokenError> {
+        let t = now();
+        let lifetime = set.expires_in.map(|d| d.as_secs() as i64).unwrap_or(3600).max(1);
+        let expires_at = t + lifetime;
+        let jitter = {
+            use rand::Rng;
+            rand::thread_rng().gen_range(0..=(lifetime / 10).min(300))
+        };
+        let refresh_at = t + (lifetime - REFRESH_EARLY - jitter).max(lifetime / 2);
+        let was = slot.record().state;
+        let account = set.account.clone().or_else(|| slot.record().account).unwrap_or_else(|| slot.email.clone());
+        let rec = {
+            let mut r = slot.record.lock().unwrap_or_else(|e| e.into_inner());
+            r.state = IdentityState::Ready;
+            r.account = Some(account.clone());
+            if set.refresh_token.is_some() {
+                r.refresh_token = set.refresh_token.clone();
+            }
+            r.access_token = Some(set.access_token.clone());
+            r.expires_at = Some(expires_at);
+            r.refresh_at = Some(refresh_at);
+            if !set.scopes.is_empty() {
+                r.scopes = set.scopes.clone();
+            }
+            r.last_refresh = Some(t);
+            r.last_error = None;
+            r.clone()
+        };
+        *slot.retry_after.lock().unwrap_or_else(|e| e.into_inner()) = (0, 0);
+        self.persist(&slot.name, &rec).await?;
+        metrics::IDENTITY_STATE.with_label_values(&[&slot.name]).set(state_value(IdentityState::Ready));
+        metrics::TOKEN_EXPIRY.with_label_values(&[&slot.name]).set(expires_at as f64);
+        if was != IdentityState::Ready {
+            tracing::info!(identity = %slot.name, account = %account, "identity ready");
+            let _ = self.ready.send(slot.name.clone());
+        }
+        Ok(AccessToken { secret: set.access_token, account, expires_at })
+    }
+
+    async fn record_failure(&self, slot: &Slot, e: &TokenError) {
+        let rec = {
+            let mut r = slot.record.lock().unwrap_or_else(|e| e.into_inner());
+            r.last_error = Some(e.to_string());
+            match e {
+                TokenError::NeedsLogin(_) => {
+                    r.state = IdentityState::NeedsLogin;
+                    // The provider refused the grant: the tokens are worthless now.
+                    if slot.flow == Flow::DeviceCode || slot.flow == Flow::AuthCode {
+                        r.access_token = None;
+                    }
+                }
+                _ if r.state == IdentityState::Ready => r.state = IdentityState::Error,
+                _ => {}
+            }
+            r.clone()
+        };
+        {
+            let mut ra = slot.retry_after.lock().unwrap_or_else(|e| e.into_inner());
+            ra.1 = ra.1.saturating_add(1);
+            ra.0 = now() + (30i64 << ra.1.min(6)).min(1800);
+        }
+        match e {
+            TokenError::NeedsLogin(why) => {
+                tracing::error!(identity = %slot.name, "identity needs a new sign-in: {why}")
+            }
+            other => tracing::warn!(identity = %slot.name, "token refresh failed: {other}"),
+        }
+        metrics::IDENTITY_STATE.with_label_values(&[&slot.name]).set(state_value(rec.state));
+        if let Err(e) = self.persist(&slot.name, &rec).await {
+            tracing::error!(identity = %slot.name, "cannot store token state: {e}");
+        }
+    }
+
+    async fn persist(&self, name: &str, rec: &TokenRecord) -> Result<(), TokenError> {
+        let plain = serde_json::to_vec(rec).map_err(|e| TokenError::Config(e.to_string()))?;
+        let sealed = self.vault.seal(name, &plain);
+        self.store.put(Tree::Tokens, name.as_bytes(), &sealed).map_err(|e| TokenError::Config(e.to_string()))?;
+        self.store.commit().await.map_err(|e| TokenError::Config(e.to_string()))
+    }
+
+    /// Stores a refresh token obtained elsewhere (migration from another tool) and tries it.
+    pub async fn import_refresh_token(&self, name: &str, refresh_token: &str) -> Result<AccessToken, TokenError> {
+        let slot = self.slot(name)?;
+        let _flight = slot.flight.lock().await;
+        let set = self.refresh_grant(slot, refresh_token).await;
+        match set {
+            Ok(set) => self.save(slot, set).await,
+            Err(e) => {
+                self.record_failure(slot, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets the stored tokens of an identity.
+    pub async fn logout(&self, name: &str) -> Result<(), TokenError> {
+        let slot = self.slot(name)?;
+        let _flight = slot.flight.lock().await;
+        *slot.record.lock().unwrap_or_else(|e| e.into_inner()) = TokenRecord::default();
+        self.store.remove(Tree::Tokens, name.as_bytes()).map_err(|e| TokenError::Config(e.to_string()))?;
+        self.store.commit().await.map_err(|e| TokenError::Config(e.to_string()))?;
+        metrics::IDENTITY_STATE.with_label_values(&[name]).set(state_value(IdentityState::NeedsLogin));
+        Ok(())
+    }
+
+    /// Status of every identity, in name order.
+    pub fn status(&self) -> Vec<IdentityStatus> {
+        let mut v: Vec<IdentityStatus> = self
+            .slots
+            .values()
+            .map(|s| {
+                let r = s.record();
+                IdentityStatus {
+                    name: s.name.clone(),
+                    provider: s.provider.name.clone(),
+                    flow: s.flow.to_string(),
+                    account: r.account.clone().unwrap_or_else(|| s.email.clone()),
+                    state: r.state.as_str().into(),
+                    expires_at: r.expires_at.filter(|_| r.access_token.is_some()),
+                    last_refresh: r.last_refresh,
+                    last_error: r.last_error.clone(),
+                    has_refresh_token: r.refresh_token.is_some(),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Keeps every identity's token fresh until `shutdown` fires: refreshes ahead of expiry
+    /// (with jitter, chosen when the token was stored), refreshes idle identities daily, and
+    /// backs off after failures.
+    pub async fn run_refresher(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let t = now();
+            for slot in self.slots.values() {
+                let r = slot.record();
+                if r.state == IdentityState::NeedsLogin {
+                    continue;
+                }
+                let (retry_after, _) = *slot.retry_after.lock().unwrap_or_else(|e| e.into_inner());
+                if t < retry_after {
+                    continue;
+                }
+                let due = match (r.refresh_at, r.last_refresh) {
+                    (Some(at), _) if t >= at => true,
+                    (_, Some(last)) => t >= last + REFRESH_IDLE,
+                    // App-only identities fetch their first token at startup.
+                    (None, None) => matches!(slot.flow, Flow::ClientCredentials | Flow::ServiceAccount),
+                    _ => false,
+                };
+                let has_grant =
+                    r.refresh_token.is_some() || matches!(slot.flow, Flow::ClientCredentials | Flow::ServiceAccount);
+                if due && has_grant {
+                    let _flight = slot.flight.lock().await;
+                    if let Err(e) = self.refresh_locked(slot).await {
+                        tracing::debug!(identity = %slot.name, "background refresh: {e}");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Numeric form of the state for the identity-state gauge: 1 ready, 0 needs login, 2 error.
+pub fn state_value(s: IdentityState) -> i64 {
+    match s {
+        IdentityState::Ready => 1,
+        IdentityState::NeedsLogin => 0,
+        IdentityState::Error => 2,
+    }
+}
+
+/// Sorts a token endpoint failure into "a person must act" or "try again".
+pub fn classify_error<RE: std::error::Error + 'static>(e: RequestTokenError<RE, BasicErrorResponse>) -> TokenError {
+    match e {
+        RequestTokenError::ServerResponse(r) => {
+            let code = r.error().as_ref().to_string();
+            let desc = r.error_description().cloned().unwrap_or_default();
+            classify_response(&code, &desc)
+        }
+        RequestTokenError::Request(e) => {
+            let mut msg = e.to_string();
+            let mut src = e.source();
+            while let Some(s) = src {
+                msg = format!("{msg}: {s}");
+                src = s.source();
+            }
+            TokenError::Transient(msg)
+        }
+        RequestTokenError::Parse(e, body) => TokenError::Transient(format!(
+            "unexpected answer from the token endpoint ({e}): {}",
+            crate::smtp::reply::sanitize_text(&String::from_utf8_lossy(&body), 200)
+        )),
+        RequestTokenError::Other(s) => TokenError::Transient(s),
+    }
+}
+
+/// Classifies an OAuth error code and description (RFC 6749 5.2).
+pub fn classify_response(code: &str, description: &str) -> TokenError {
+    let first_line = description.lines().next().unwrap_or("").trim();
+    let text = match explain(description) {
+        Some(why) => format!("{code}: {why} ({first_line})"),
+        None if first_line.is_empty() => code.to_string(),
+        None => format!("{code}: {first_line}"),
+    };
+    match code {
+        // RFC 6749 5.2, plus OpenID Connect's interaction/consent errors: a person must act.
+        "invalid_grant"
+        | "invalid_client"
+        | "unauthorized_client"
+        | "invalid_scope"
+        | "interaction_required"
+        | "consent_required"
+        | "invalid_request" => TokenError::NeedsLogin(text),
+        _ => TokenError::Transient(text),
+    }
+}
+
+/// What well-known Microsoft errors mean for the admin (DESIGN "Provider facts").
+pub fn explain(description: &str) -> Option<&'static str> {
+    const KNOWN: &[(&str, &str)] = &[
+        ("AADSTS700082", "the refresh token expired after 90 days without use; sign in again"),
+        ("AADSTS50173", "the password was changed or the sessions were revoked; sign in again"),
+        ("AADSTS7000222", "the app's client secret has expired; create a new one in Entra ID and update the config"),
+        ("AADSTS7000215", "the client secret is wrong; copy the secret's value (not its id) from Entra ID"),
+        ("AADSTS50076", "multi-factor authentication is required; sign in again interactively"),
+        ("AADSTS50079", "the user must enrol in multi-factor authentication; sign in again interactively"),
+        ("AADSTS53003", "blocked by Conditional Access; ask the Entra ID admin to exclude this sign-in"),
+        ("AADSTS65001", "the app has no consent for these permissions; grant admin consent in Entra ID"),
+        ("AADSTS700016", "the app (client_id) is not found in this tenant; check client_id and tenant"),
+        ("AADSTS70011", "the requested scope is not valid for this app"),
+        ("AADSTS50126", "wrong username or password"),
+    ];
+    KNOWN.iter().find(|(code, _)| description.contains(code)).map(|(_, why)| *why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_grant_needs_login_and_is_explained() {
+        let e = classify_response(
+            "invalid_grant",
+            "AADSTS50173: The provided grant has expired due to it being revoked.\r\nTrace ID: x",
+        );
+        match e {
+            TokenError::NeedsLogin(t) => {
+                assert!(t.contains("password was changed"), "{t}");
+                assert!(t.contains("AADSTS50173"), "{t}");
+                assert!(!t.contains("Trace ID"), "{t}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(classify_response("invalid_client", "AADSTS7000222: expired"), TokenError::NeedsLogin(t) if t.contains("client secret has expired"))
+        );
+        assert!(matches!(classify_response("temporarily_unavailable", ""), TokenError::Transient(_)));
+        assert!(
+            matches!(classify_response("interaction_required", "AADSTS50076: MFA"), TokenError::NeedsLogin(t) if t.contains("multi-factor"))
+        );
+    }
+
+    #[test]
+    fn access_token_debug_hides_secret() {
+        let t = AccessToken { secret: "eyJ0eXAi-secret".into(), account: "a@b".into(), expires_at: 1 };
+        assert!(!format!("{t:?}").contains("secret\""));
+        assert!(!format!("{t:?}").contains("eyJ0"));
+    }
+}

@@ -1,0 +1,177 @@
+//! Message bodies on disk: one file per queued message.
+//!
+//! A body is written to `spool/tmp/<id>` as it arrives, fsynced, then renamed to
+//! `spool/msg/<id>`; the rename is made durable by the store's commit, which fsyncs
+//! `spool/msg` before it flushes the queue record (see [`crate::store`]). So `spool/msg` only
+//! ever holds complete bodies, and a body without a record (a crash before the commit) is an
+//! orphan that startup removes: the device got no 250 for it and sends again.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::MessageId;
+
+/// The spool directories.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    msg_dir: PathBuf,
+    tmp_dir: PathBuf,
+}
+
+/// Bytes buffered before a write to the file; small messages are written in one go at the end.
+const WRITE_BUFFER: usize = 256 * 1024;
+
+impl Spool {
+    /// Creates `data_dir/spool/{msg,tmp}` as needed and empties `tmp`.
+    pub fn open(data_dir: &Path) -> std::io::Result<Spool> {
+        let msg_dir = data_dir.join("spool").join("msg");
+        let tmp_dir = data_dir.join("spool").join("tmp");
+        std::fs::create_dir_all(&msg_dir)?;
+        std::fs::create_dir_all(&tmp_dir)?;
+        for entry in std::fs::read_dir(&tmp_dir)? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        Ok(Spool { msg_dir, tmp_dir })
+    }
+
+    /// The directory whose entries must be durable with the queue records.
+    pub fn msg_dir(&self) -> &Path {
+        &self.msg_dir
+    }
+
+    pub fn path(&self, id: MessageId) -> PathBuf {
+        self.msg_dir.join(id.to_string())
+    }
+
+    /// Starts a new body.
+    pub fn writer(&self, id: MessageId) -> SpoolWriter {
+        SpoolWriter {
+            tmp: self.tmp_dir.join(id.to_string()),
+            dest: self.path(id),
+            file: None,
+            buf: Vec::with_capacity(8 * 1024),
+            len: 0,
+        }
+    }
+
+    /// Removes a body (delivered, bounced or dropped).
+    pub fn remove(&self, id: MessageId) {
+        let _ = std::fs::remove_file(self.path(id));
+    }
+
+    /// Ids of every complete body on disk.
+    pub fn ids(&self) -> std::io::Result<Vec<MessageId>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.msg_dir)? {
+            if let Some(id) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A body being written. Writes are buffered and done on the blocking pool, never on the
+/// async workers; nothing touches the disk until the buffer fills or the body is finished.
+pub struct SpoolWriter {
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: Option<std::fs::File>,
+    buf: Vec<u8>,
+    len: u64,
+}
+
+impl SpoolWriter {
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends bytes.
+    pub async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.buf.extend_from_slice(data);
+        self.len += data.len() as u64;
+        if self.buf.len() >= WRITE_BUFFER {
+            self.write_out(false).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the buffer to the file on the blocking pool; with `finish`, also fsyncs and
+    /// renames the file into `msg/`.
+    async fn write_out(&mut self, finish: bool) -> std::io::Result<()> {
+        let file = self.file.take();
+        let buf = std::mem::take(&mut self.buf);
+        let tmp = self.tmp.clone();
+        let dest = self.dest.clone();
+        let (file, mut buf, res) = tokio::task::spawn_blocking(move || {
+            let mut file = match file {
+                Some(f) => f,
+                None => match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+                    Ok(f) => f,
+                    Err(e) => return (None, buf, Err(e)),
+                },
+            };
+            let res = file.write_all(&buf).and_then(|_| {
+                if finish {
+                    file.sync_data()?;
+                    std::fs::rename(&tmp, &dest)?;
+                }
+                Ok(())
+            });
+            (Some(file), buf, res)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        buf.clear();
+        self.buf = buf;
+        self.file = file;
+        res
+    }
+
+    /// Makes the body complete: written, fsynced and renamed into the spool.
+    pub async fn finish(mut self) -> std::io::Result<()> {
+        let res = self.write_out(true).await;
+        if res.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        res
+    }
+
+    /// Throws the partial body away.
+    pub fn abort(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn write_finish_and_clean_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = MessageId(42);
+        let mut w = spool.writer(id);
+        w.write(b"hello ").await.unwrap();
+        let big = vec![b'x'; WRITE_BUFFER + 10];
+        w.write(&big).await.unwrap();
+        assert!(!spool.path(id).exists(), "not visible before finish");
+        w.finish().await.unwrap();
+        let body = std::fs::read(spool.path(id)).unwrap();
+        assert_eq!(body.len(), 6 + WRITE_BUFFER + 10);
+        assert_eq!(spool.ids().unwrap(), vec![id]);
+
+        let mut w = spool.writer(MessageId(43));
+        w.write(&big).await.unwrap();
+        w.abort();
+        assert_eq!(std::fs::read_dir(dir.path().join("spool/tmp")).unwrap().count(), 0);
+        spool.remove(id);
+        assert!(spool.ids().unwrap().is_empty());
+    }
+}

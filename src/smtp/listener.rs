@@ -1,0 +1,219 @@
+//! The accept loop of one `[[listener]]`: TLS (STARTTLS or implicit), connection limits,
+//! graceful shutdown. Modelled on mini-redis's `Listener`: a semaphore bounds the number of
+//! connections, accept errors back off, and each connection runs its own session task.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use super::connection::{Connection, ReadError};
+use super::reply::Reply;
+use super::session::{Next, Session};
+use super::Context;
+use crate::config::TlsMode;
+use crate::metrics;
+
+/// Time allowed for a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A listener's settings, shared by its sessions.
+pub struct ListenerSettings {
+    /// Used as the metrics label and in logs: the configured address.
+    pub name: String,
+    pub tls: TlsMode,
+    pub acceptor: Option<TlsAcceptor>,
+    pub require_auth: bool,
+    pub max_message_size: u64,
+    pub command_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
+}
+
+/// Builds a TLS acceptor from PEM files (TLS 1.2 and 1.3 only).
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in the file", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: no private key ({e})", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Counts connections per source address.
+#[derive(Default)]
+struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
+
+impl PerAddress {
+    fn try_add(&self, ip: IpAddr, max: usize) -> bool {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn remove(&self, ip: IpAddr) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` fires, then waits (up to `grace`) for sessions in
+/// flight to finish.
+pub async fn serve(
+    listener: TcpListener,
+    settings: Arc<ListenerSettings>,
+    ctx: Arc<Context>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let per_address = Arc::new(PerAddress::default());
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(10);
+                x
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait and try again.
+                tracing::warn!(listener = %settings.name, "accept failed: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                refuse(tcp, &settings, &ctx.hostname);
+                continue;
+            }
+        };
+        if !per_address.try_add(peer.ip(), settings.max_connections_per_address) {
+            drop(permit);
+            refuse(tcp, &settings, &ctx.hostname);
+            continue;
+        }
+        metrics::SMTP_CONNECTIONS.with_label_values(&[&settings.name]).inc();
+        let (settings, ctx, per_address, shutdown) =
+            (settings.clone(), ctx.clone(), per_address.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let active = metrics::SMTP_SESSIONS_ACTIVE.with_label_values(&[&settings.name]);
+            active.inc();
+            handle(tcp, peer, settings, ctx, shutdown).await;
+            active.dec();
+            per_address.remove(peer.ip());
+            drop(permit);
+        });
+    }
+    // Stop accepting; let sessions in flight finish (they see the shutdown between commands).
+    drop(listener);
+    let all = settings.max_connections as u32;
+    let _ = tokio::time::timeout(grace, limit.acquire_many(all)).await;
+}
+
+/// Answers 421 and closes, without waiting for the client.
+fn refuse(mut tcp: TcpStream, settings: &ListenerSettings, host: &str) {
+    metrics::SMTP_REFUSED_CONNECTIONS.with_label_values(&[&settings.name]).inc();
+    let bytes = Reply::too_many_connections().to_bytes();
+    let _ = host;
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&bytes)).await;
+    });
+}
+
+/// Runs one connection: greeting, session, STARTTLS upgrade, session again.
+async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    settings: Arc<ListenerSettings>,
+    ctx: Arc<Context>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let started = std::time::Instant::now();
+    let mut session = Session::new(ctx.clone(), settings.clone(), peer, settings.tls == TlsMode::Implicit, shutdown);
+    let result = match (settings.tls, &settings.acceptor) {
+        (TlsMode::Implicit, Some(acceptor)) => {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let mut conn = Connection::new(tls);
+                    conn.send(&Reply::greeting(&ctx.hostname));
+                    session.run(&mut conn).await.map(|_| ())
+                }
+                Ok(Err(e)) => Err(ReadError::Io(e)),
+                Err(_) => Err(ReadError::Timeout),
+            }
+        }
+        _ => {
+            let mut conn = Connection::new(tcp);
+            conn.send(&Reply::greeting(&ctx.hostname));
+            match session.run(&mut conn).await {
+                Ok(Next::StartTls) => match &settings.acceptor {
+                    Some(acceptor) => {
+                        let (tcp, leftover) = conn.into_inner();
+                        if leftover > 0 {
+                            // RFC 3207 4.2 / CVE-2011-0411: plaintext pipelined after STARTTLS
+                            // is discarded, never executed inside the TLS session.
+                            tracing::warn!(peer = %peer, bytes = leftover, "discarded plaintext sent after STARTTLS");
+                        }
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => {
+                                session.reset_for_tls();
+                                let mut conn = Connection::new(tls);
+                                session.run(&mut conn).await.map(|_| ())
+                            }
+                            Ok(Err(e)) => Err(ReadError::Io(e)),
+                            Err(_) => Err(ReadError::Timeout),
+                        }
+                    }
+                    None => Ok(()),
+                },
+                Ok(Next::Close) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let device = session.device_name().unwrap_or("-").to_string();
+    let secs = started.elapsed().as_secs_f64();
+    match result {
+        Ok(()) | Err(ReadError::Closed) => tracing::info!(
+            peer = %peer, listener = %settings.name, device = %device, messages = session.accepted(), secs, "session closed"
+        ),
+        Err(e) => tracing::info!(
+            peer = %peer, listener = %settings.name, device = %device, messages = session.accepted(), secs, "session ended: {e}"
+        ),
+    }
+}

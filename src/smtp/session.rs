@@ -1,0 +1,622 @@
+//! One SMTP conversation with a device, as an explicit state machine (RFC 5321 4.1.4).
+//!
+//! States: before a greeting (EHLO/HELO), greeted, in a transaction (after MAIL), with
+//! recipients (after RCPT). Each command is parsed into a [`Command`] first and then handled
+//! for the current state; every answer is a typed [`Reply`]. The session is generic over the
+//! stream so the same code serves plain TCP and TLS; STARTTLS hands control back to the
+//! listener, which wraps the stream and runs the same session again (RFC 3207 4.2: the state
+//! is reset and the client must greet again).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::auth::{self, Credentials, DecodeError};
+use super::command::{self, Command, ParseError};
+use super::connection::{Connection, Line, ReadError};
+use super::data::{DotDecoder, Progress};
+use super::listener::ListenerSettings;
+use super::reply::{Reply, Status};
+use super::Context;
+use crate::config::{FromPolicy, TlsMode};
+use crate::delivery::Outcome;
+use crate::devices::Device;
+use crate::metrics;
+use crate::oauth::tokens::IdentityState;
+use crate::queue::{now_ms, QueueRecord};
+
+/// Longest command line accepted (RFC 5321 4.5.3.1.4 says 512; AUTH lines may be longer,
+/// RFC 4954 4).
+pub const MAX_COMMAND_LINE: usize = auth::MAX_AUTH_LINE;
+/// Bad commands tolerated before the session is closed.
+pub const MAX_ERRORS: u32 = 10;
+/// RFC 5321 4.5.3.2.5: a server waits at least 3 minutes for each chunk of DATA.
+pub const DATA_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// What the listener should do when the session returns.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Close,
+    /// The client asked for TLS and got 220: wrap the stream and run the session again.
+    StartTls,
+}
+
+/// An open mail transaction (after MAIL FROM).
+#[derive(Debug)]
+struct Transaction {
+    /// The device's envelope sender ("" for the null sender).
+    from: String,
+    rcpts: Vec<String>,
+}
+
+/// One session's state.
+pub struct Session {
+    ctx: Arc<Context>,
+    listener: Arc<ListenerSettings>,
+    peer: SocketAddr,
+    tls: bool,
+    helo: Option<String>,
+    esmtp: bool,
+    device: Option<Arc<Device>>,
+    authenticated: bool,
+    txn: Option<Transaction>,
+    /// Every line so far ended with a bare LF (an old device): `<LF>.<LF>` may end DATA.
+    bare_lf_only: bool,
+    lines: u64,
+    errors: u32,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Messages accepted in this session (for the closing log line).
+    accepted: u32,
+}
+
+/// How a DATA phase ended.
+enum DataResult {
+    Reply(Reply),
+    /// The connection is unusable (closed, timed out mid-DATA).
+    Abort(ReadError),
+}
+
+impl Session {
+    pub fn new(
+        ctx: Arc<Context>,
+        listener: Arc<ListenerSettings>,
+        peer: SocketAddr,
+        tls: bool,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Session {
+        Session {
+            ctx,
+            listener,
+            peer,
+            tls,
+            helo: None,
+            esmtp: false,
+            device: None,
+            authenticated: false,
+            txn: None,
+            bare_lf_only: true,
+            lines: 0,
+            errors: 0,
+            shutdown,
+            accepted: 0,
+        }
+    }
+
+    pub fn accepted(&self) -> u32 {
+        self.accepted
+    }
+
+    pub fn device_name(&self) -> Option<&str> {
+        self.device.as_ref().map(|d| d.name.as_str())
+    }
+
+    /// After STARTTLS: forget everything learnt in the clear (RFC 3207 4.2).
+    pub fn reset_for_tls(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.esmtp = false;
+        self.device = None;
+        self.authenticated = false;
+        self.txn = None;
+    }
+
+    /// Runs the conversation until QUIT, an error, or STARTTLS.
+    pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+    ) -> Result<Next, ReadError> {
+        loop {
+            let line = tokio::select! {
+                biased;
+                r = conn.read_line(MAX_COMMAND_LINE, self.listener.command_timeout) => r,
+                _ = self.shutdown.changed() => {
+                    conn.send(&Reply::shutting_down(&self.ctx.hostname));
+                    let _ = conn.flush().await;
+                    return Ok(Next::Close);
+                }
+            };
+            let line = match line {
+                Ok(l) => l,
+                Err(ReadError::Timeout) => {
+                    conn.send(&Reply::timeout(&self.ctx.hostname));
+                    let _ = conn.flush().await;
+                    return Err(ReadError::Timeout);
+                }
+                Err(e) => return Err(e),
+            };
+            let (line, bare_lf) = match line {
+                Line::Text { line, bare_lf } => (line, bare_lf),
+                Line::TooLong => {
+                    if self.error(conn, Reply::line_too_long()) {
+                        return Ok(Next::Close);
+                    }
+                    continue;
+                }
+            };
+            self.lines += 1;
+            if !bare_lf {
+                self.bare_lf_only = false;
+            }
+            let cmd = match command::parse(&line) {
+                Ok(c) => c,
+                Err(e) => {
+                    let reply = match e {
+                        ParseError::Unknown => Reply::unknown_command(),
+                        ParseError::Syntax(t) => Reply::syntax(t),
+                        ParseError::UnsupportedParam(t) => Reply::param_not_recognized(t),
+                        ParseError::NotImplemented(t) => Reply::not_implemented(t),
+                    };
+                    if self.error(conn, reply) {
+                        return Ok(Next::Close);
+                    }
+                    continue;
+                }
+            };
+            match cmd {
+                Command::Ehlo(name) => {
+                    let r = self.ehlo(name, true);
+                    conn.send(&r);
+                }
+                Command::Helo(name) => {
+                    let r = self.ehlo(name, false);
+                    conn.send(&r);
+                }
+                Command::Starttls => {
+                    if self.listener.tls != TlsMode::Starttls || self.tls {
+                        if self.error(conn, Reply::not_implemented("STARTTLS not available")) {
+                            return Ok(Next::Close);
+                        }
+                        continue;
+                    }
+                    conn.send(&Reply::ready_for_tls());
+                    conn.flush().await?;
+                    return Ok(Next::StartTls);
+                }
+                Command::Auth { mechanism, initial } => {
+                    let r = self.auth(conn, &mechanism, initial).await?;
+                    conn.send(&r);
+                }
+                Command::Mail { from, size, eight_bit: _ } => {
+                    let r = self.mail(from, size);
+                    if r.is_permanent() {
+                        self.errors += 1;
+                    }
+                    conn.send(&r);
+                }
+                Command::Rcpt { to } => {
+                    let r = self.rcpt(to);
+                    conn.send(&r);
+                }
+                Command::Data => match self.txn.as_ref().map(|t| t.rcpts.len()) {
+                    None => conn.send(&Reply::bad_sequence("MAIL first")),
+                    // RFC 2920 3.1: after pipelined RCPTs that all failed.
+                    Some(0) => conn.send(&Reply::with(554, Status(5, 5, 1), "No valid recipients")),
+                    Some(_) => {
+                        conn.send(&Reply::start_data());
+                        match self.data(conn).await {
+                            DataResult::Reply(r) => conn.send(&r),
+                            DataResult::Abort(e) => {
+                                if matches!(e, ReadError::Timeout) {
+                                    conn.send(&Reply::timeout(&self.ctx.hostname));
+                                    let _ = conn.flush().await;
+                                }
+                                return Err(e);
+                            }
+                        }
+                    }
+                },
+                Command::Rset => {
+                    self.txn = None;
+                    conn.send(&Reply::reset());
+                }
+                Command::Noop => conn.send(&Reply::ok()),
+                Command::Quit => {
+                    conn.send(&Reply::bye(&self.ctx.hostname));
+                    conn.flush().await?;
+                    return Ok(Next::Close);
+                }
+                Command::Vrfy => conn.send(&Reply::vrfy()),
+                Command::Expn => conn.send(&Reply::not_implemented("EXPN not supported")),
+                Command::Help => conn.send(&Reply::help()),
+            }
+            if self.errors >= MAX_ERRORS {
+                conn.send(&Reply::too_many_errors());
+                conn.flush().await?;
+                return Ok(Next::Close);
+            }
+        }
+    }
+
+    /// Sends an error reply; true when the session should end (too many errors).
+    fn error<S: AsyncRead + AsyncWrite + Unpin>(&mut self, conn: &mut Connection<S>, reply: Reply) -> bool {
+        self.errors += 1;
+        conn.send(&reply);
+        if self.errors >= MAX_ERRORS {
+            conn.send(&Reply::too_many_errors());
+            return true;
+        }
+        false
+    }
+
+    fn ehlo(&mut self, name: String, esmtp: bool) -> Reply {
+        // RFC 5321 4.1.4: EHLO resets the transaction.
+        self.txn = None;
+        self.helo = Some(name.clone());
+        self.esmtp = esmtp;
+        if !self.authenticated {
+            self.device = self.address_device();
+        }
+        let host = &self.ctx.hostname;
+        if !esmtp {
+            return Reply::new(250, None, format!("{host} Hello {name}"));
+        }
+        let mut lines: Vec<std::borrow::Cow<'static, str>> = vec![
+            format!("{host} Hello {name} [{}]", self.peer.ip()).into(),
+            format!("SIZE {}", self.size_limit()).into(),
+            "8BITMIME".into(),
+            "PIPELINING".into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ];
+        if self.listener.tls == TlsMode::Starttls && !self.tls {
+            lines.push("STARTTLS".into());
+        }
+        if !self.authenticated {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        lines.push("HELP".into());
+        Reply::multi(250, lines)
+    }
+
+    /// The device this connection is by its address, when address matching is allowed.
+    fn address_device(&self) -> Option<Arc<Device>> {
+        if self.listener.require_auth {
+            return None;
+        }
+        self.ctx.devices.by_address(self.peer.ip())
+    }
+
+    /// The SIZE to advertise and enforce: the listener's limit, lowered to the provider's.
+    fn size_limit(&self) -> u64 {
+        let provider = match &self.device {
+            Some(d) => self.ctx.provider_limit(&d.identity),
+            None => self.ctx.smallest_provider_limit(),
+        };
+        provider.map_or(self.listener.max_message_size, |p| p.min(self.listener.max_message_size))
+    }
+
+    async fn auth<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        mechanism: &str,
+        initial: Option<String>,
+    ) -> Result<Reply, ReadError> {
+        if self.authenticated {
+            return Ok(Reply::bad_sequence("Already authenticated"));
+        }
+        if self.txn.is_some() {
+            return Ok(Reply::bad_sequence("AUTH not allowed during a mail transaction"));
+        }
+        if self.helo.is_none() {
+            return Ok(Reply::bad_sequence("Send EHLO first"));
+        }
+        let ip = self.peer.ip();
+        if !self.ctx.throttle.allowed(ip, Instant::now()) {
+            metrics::AUTH_FAILURES.with_label_values(&[&self.listener.name]).inc();
+            return Ok(Reply::auth_throttled());
+        }
+        let creds = match mechanism {
+            "PLAIN" => {
+                let raw = match initial {
+                    Some(i) => auth::decode_line(&i),
+                    None => {
+                        conn.send(&Reply::auth_challenge(""));
+                        self.auth_line(conn).await?
+                    }
+                };
+                raw.and_then(|r| auth::decode_plain(&r))
+            }
+            "LOGIN" => {
+                let user = match initial {
+                    Some(i) => auth::decode_line(&i),
+                    None => {
+                        conn.send(&Reply::auth_challenge(auth::LOGIN_USERNAME));
+                        self.auth_line(conn).await?
+                    }
+                };
+                match user.and_then(auth::decode_login_field) {
+                    Err(e) => Err(e),
+                    Ok(username) => {
+                        conn.send(&Reply::auth_challenge(auth::LOGIN_PASSWORD));
+                        self.auth_line(conn)
+                            .await?
+                            .and_then(auth::decode_login_field)
+                            .map(|password| Credentials { username, password })
+                    }
+                }
+            }
+            _ => return Ok(Reply::mechanism_unsupported()),
+        };
+        let creds = match creds {
+            Ok(c) => c,
+            Err(DecodeError::Cancelled) => return Ok(Reply::auth_cancelled()),
+            Err(DecodeError::Base64) => return Ok(Reply::syntax("Invalid base64 in AUTH")),
+            Err(DecodeError::Malformed) => return Ok(self.auth_failed("malformed credentials").await),
+        };
+        match self.ctx.devices.authenticate(&creds.username, &creds.password, ip).await {
+            Ok(device) => {
+                self.ctx.throttle.succeeded(ip);
+                tracing::debug!(peer = %self.peer, device = %device.name, "device logged in");
+                self.device = Some(device);
+                self.authenticated = true;
+                Ok(Reply::auth_ok())
+            }
+            Err(e) => {
+                let why = format!("{e} (username \"{}\")", crate::smtp::reply::sanitize_text(&creds.username, 64));
+                Ok(self.auth_failed(&why).await)
+            }
+        }
+    }
+
+    async fn auth_failed(&mut self, why: &str) -> Reply {
+        metrics::AUTH_FAILURES.with_label_values(&[&self.listener.name]).inc();
+        tracing::warn!(peer = %self.peer, listener = %self.listener.name, "device login failed: {why}");
+        let delay = self.ctx.throttle.failed(self.peer.ip(), Instant::now());
+        tokio::time::sleep(delay).await;
+        self.errors += 1;
+        Reply::auth_failed()
+    }
+
+    /// One client line of an AUTH exchange.
+    async fn auth_line<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+    ) -> Result<Result<Vec<u8>, DecodeError>, ReadError> {
+        match conn.read_line(auth::MAX_AUTH_LINE, self.listener.command_timeout).await? {
+            Line::Text { line, .. } => {
+                Ok(std::str::from_utf8(&line).map_err(|_| DecodeError::Base64).and_then(auth::decode_line))
+            }
+            Line::TooLong => Ok(Err(DecodeError::Base64)),
+        }
+    }
+
+    fn mail(&mut self, from: Option<String>, size: Option<u64>) -> Reply {
+        if self.txn.is_some() {
+            return Reply::bad_sequence("Nested MAIL command");
+        }
+        let Some(device) =
+            self.device.clone().or_else(|| if self.authenticated { None } else { self.address_device() })
+        else {
+            metrics::MESSAGES_REJECTED.with_label_values(&["unknown", "not_a_device"]).inc();
+            tracing::warn!(peer = %self.peer, "refused: not a configured device");
+            return if self.listener.require_auth { Reply::auth_required() } else { Reply::not_a_device() };
+        };
+        self.device = Some(device.clone());
+        if let Some(s) = size {
+            let limit = self.size_limit();
+            if s > limit {
+                metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "too_big"]).inc();
+                return Reply::message_too_big(limit);
+            }
+        }
+        let from = from.unwrap_or_default();
+        if !from.is_empty() && from.parse::<lettre::Address>().is_err() {
+            return Reply::bad_address("Sender address not usable");
+        }
+        if self.ctx.tokens.state(&device.identity) == Some(IdentityState::NeedsLogin) {
+            metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "needs_login"]).inc();
+            return Reply::needs_login(&device.identity);
+        }
+        self.txn = Some(Transaction { from, rcpts: Vec::new() });
+        Reply::sender_ok()
+    }
+
+    fn rcpt(&mut self, to: String) -> Reply {
+        let Some(txn) = self.txn.as_mut() else {
+            return Reply::bad_sequence("MAIL first");
+        };
+        let Some(device) = self.device.as_ref() else {
+            return Reply::bad_sequence("MAIL first");
+        };
+        if txn.rcpts.len() >= self.ctx.max_recipients {
+            return Reply::too_many_recipients();
+        }
+        if to.parse::<lettre::Address>().is_err() {
+            return Reply::bad_address("Recipient address not usable");
+        }
+        if !device.allows_recipient(&to) {
+            metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "recipient_not_allowed"]).inc();
+            tracing::warn!(device = %device.name, rcpt = %to, "recipient not allowed for this device");
+            return Reply::recipient_not_allowed();
+        }
+        if !txn.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&to)) {
+            txn.rcpts.push(to);
+        }
+        Reply::recipient_ok()
+    }
+
+    /// Receives the message, spools it, commits it, and tries the upstream.
+    async fn data<S: AsyncRead + AsyncWrite + Unpin>(&mut self, conn: &mut Connection<S>) -> DataResult {
+        let Some(txn) = self.txn.take() else {
+            return DataResult::Reply(Reply::bad_sequence("MAIL first"));
+        };
+        let Some(device) = self.device.clone() else {
+            return DataResult::Reply(Reply::bad_sequence("MAIL first"));
+        };
+        let Ok(slot) = self.ctx.tokens.slot(&device.identity).cloned() else {
+            return DataResult::Reply(Reply::local_error());
+        };
+        let limit = self.size_limit();
+        let id = self.ctx.queue.new_id();
+        let now = chrono::Utc::now();
+        let with = match (self.esmtp, self.tls, self.authenticated) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        };
+        let received = crate::message::received_field(
+            self.helo.as_deref().unwrap_or("unknown"),
+            &self.peer.ip().to_string(),
+            &self.ctx.hostname,
+            with,
+            &id.to_string(),
+            now,
+        );
+        let rewrite = (device.from == FromPolicy::Rewrite).then_some(slot.email.as_str());
+        let unique = format!("{}.{}", id, now.timestamp());
+        let changes = crate::message::Changes {
+            received: &received,
+            rewrite_from: rewrite,
+            hostname: &self.ctx.hostname,
+            unique: &unique,
+            now,
+        };
+
+        let mut writer = self.ctx.queue.spool().writer(id);
+        let mut decoder = DotDecoder::new(self.bare_lf_only && self.lines > 0);
+        let mut out = Vec::with_capacity(64 * 1024);
+        let mut header: Option<Vec<u8>> = Some(Vec::new());
+        let mut size: u64 = 0;
+        let mut too_big = false;
+        let mut write_error: Option<std::io::Error> = None;
+        loop {
+            let chunk = match conn.data_chunk(DATA_TIMEOUT).await {
+                Ok(c) => c,
+                Err(e) => {
+                    writer.abort();
+                    return DataResult::Abort(e);
+                }
+            };
+            let progress = decoder.feed(chunk, &mut out);
+            let consumed = match progress {
+                Progress::Done { consumed } => consumed,
+                Progress::NeedMore => chunk.len(),
+            };
+            conn.consume(consumed);
+            size += out.len() as u64;
+            if size > limit {
+                too_big = true;
+            }
+            if !too_big && write_error.is_none() {
+                let res = match header.as_mut() {
+                    Some(h) => {
+                        h.extend_from_slice(&out);
+                        match crate::message::header_end(h) {
+                            Some(end) => {
+                                let mut first = crate::message::rewrite_header(&h[..end], &changes);
+                                first.extend_from_slice(&h[end..]);
+                                header = None;
+                                writer.write(&first).await
+                            }
+                            None if h.len() > crate::message::MAX_HEADER_SECTION => {
+                                too_big = true;
+                                Ok(())
+                            }
+                            None => Ok(()),
+                        }
+                    }
+                    None => writer.write(&out).await,
+                };
+                if let Err(e) = res {
+                    write_error = Some(e);
+                }
+            }
+            out.clear();
+            if matches!(progress, Progress::Done { .. }) {
+                break;
+            }
+        }
+        // A message without an empty line is all header.
+        if let (Some(h), false, None) = (header.take(), too_big, write_error.as_ref()) {
+            if let Err(e) = writer.write(&crate::message::rewrite_header(&h, &changes)).await {
+                write_error = Some(e);
+            }
+        }
+        if too_big {
+            writer.abort();
+            metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "too_big"]).inc();
+            tracing::warn!(device = %device.name, size, limit, "message too big");
+            return DataResult::Reply(Reply::message_too_big(limit));
+        }
+        if let Some(e) = write_error {
+            writer.abort();
+            tracing::error!(device = %device.name, "cannot write the spool: {e}");
+            metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "storage"]).inc();
+            return DataResult::Reply(Reply::storage_failed());
+        }
+        let final_size = writer.len();
+        if let Err(e) = writer.finish().await {
+            tracing::error!(device = %device.name, "cannot write the spool: {e}");
+            metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "storage"]).inc();
+            return DataResult::Reply(Reply::storage_failed());
+        }
+        let envelope_from = if device.from == FromPolicy::Rewrite { slot.email.clone() } else { txn.from.clone() };
+        let rec = QueueRecord {
+            id,
+            received: now.timestamp(),
+            device: device.name.clone(),
+            identity: device.identity.clone(),
+            client: self.peer.ip().to_string(),
+            from: envelope_from,
+            original_from: txn.from.clone(),
+            rcpts: txn.rcpts.clone(),
+            size: final_size,
+            eight_bit: decoder.eight_bit,
+            attempts: 0,
+            next_attempt: now_ms(),
+            last_error: None,
+            is_bounce: false,
+        };
+        if let Err(e) = self.ctx.queue.accept(&rec).await {
+            self.ctx.queue.spool().remove(id);
+            tracing::error!(device = %device.name, "cannot queue the message: {e}");
+            metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "storage"]).inc();
+            return DataResult::Reply(Reply::storage_failed());
+        }
+        // From here on the message is durable (DESIGN rule 1).
+        self.accepted += 1;
+        metrics::MESSAGES_ACCEPTED.with_label_values(&[&device.name, &device.identity]).inc();
+        metrics::MESSAGE_SIZE.observe(final_size as f64);
+        tracing::info!(
+            queue_id = %id, device = %device.name, identity = %device.identity, peer = %self.peer.ip(),
+            size = final_size, rcpts = rec.rcpts.len(), bare_lf = decoder.normalised, "accepted"
+        );
+        let reply = match self.ctx.delivery.attempt_in_session(id).await {
+            Outcome::Delivered(up) => {
+                let text = crate::smtp::reply::sanitize_text(&up.text, 200);
+                Reply::with(250, Status(2, 0, 0), format!("OK {id} delivered: {text}"))
+            }
+            Outcome::Queued(why) => Reply::with(
+                250,
+                Status(2, 0, 0),
+                format!("OK {id} queued; delivery will be retried ({})", crate::smtp::reply::sanitize_text(&why, 120)),
+            ),
+            Outcome::Gone => Reply::with(250, Status(2, 0, 0), format!("OK {id}")),
+            Outcome::Refused(r) => r,
+        };
+        DataResult::Reply(reply)
+    }
+}

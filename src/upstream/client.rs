@@ -1,0 +1,291 @@
+//! One authenticated connection to the provider's submission server, built on lettre's
+//! `AsyncSmtpConnection`: connect (implicit TLS or STARTTLS, RFC 3207/8314), EHLO,
+//! `AUTH XOAUTH2`, then transactions whose body streams from the spool file.
+//!
+//! The AUTH exchange is written here rather than with lettre's `auth()`: when the provider
+//! refuses a token it first answers `334 <base64 JSON>`; the client must send an empty line
+//! to get the final 535, and that JSON is the only explanation the admin gets, so it is kept.
+
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use lettre::address::Address;
+use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
+
+use super::classify::UpstreamReply;
+use crate::config::UpstreamTls;
+use crate::oauth::provider::Server;
+
+/// Time allowed for connecting, TLS and the greeting.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed for one command's reply (RFC 5321 4.5.3.2 suggests minutes; providers answer
+/// in well under a second, and a stalled upstream must not hold a printer for long).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time allowed for the body and the reply to the final dot (RFC 5321 4.5.3.2.6: 10 minutes).
+pub const DATA_TIMEOUT: Duration = Duration::from_secs(600);
+/// Chunk size when streaming a body from the spool.
+const CHUNK: usize = 256 * 1024;
+
+/// Why a send did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// Could not connect, TLS failed, the connection broke or timed out.
+    #[error("upstream unreachable: {0}")]
+    Network(String),
+    /// The upstream refused the token. `detail` is its decoded XOAUTH2 error JSON.
+    #[error("upstream refused the token: {}{}", .reply.describe(), .detail.as_deref().map(|d| format!(" {d}")).unwrap_or_default())]
+    Auth { reply: UpstreamReply, detail: Option<String> },
+    /// The upstream refused the transaction (MAIL or DATA) as a whole.
+    #[error("upstream refused the message: {}", .0.describe())]
+    Rejected(UpstreamReply),
+}
+
+/// What the upstream did with one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendOutcome {
+    pub accepted: Vec<String>,
+    /// Recipients refused at RCPT, with the reply.
+    pub refused: Vec<(String, UpstreamReply)>,
+    /// The reply to the end of data (when any recipient was accepted).
+    pub reply: Option<UpstreamReply>,
+}
+
+/// A raw command line (lettre's command types cover all but our AUTH).
+struct Line<'a>(&'a str);
+
+impl fmt::Display for Line<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}\r\n", self.0)
+    }
+}
+
+fn reply_of(r: &Response) -> UpstreamReply {
+    UpstreamReply::new(u16::from(r.code()), r.message().collect::<Vec<_>>().join(" "))
+}
+
+/// Converts a lettre error: SMTP replies keep code and text, the rest is a network error.
+fn from_lettre(e: lettre::transport::smtp::Error) -> SendError {
+    match e.status() {
+        Some(code) => {
+            let text = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
+            SendError::Rejected(UpstreamReply::new(u16::from(code), text.replace('\n', " ")))
+        }
+        None => SendError::Network(e.to_string()),
+    }
+}
+
+async fn timed<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, lettre::transport::smtp::Error>>,
+) -> Result<T, SendError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r.map_err(from_lettre),
+        Err(_) => Err(SendError::Network(format!("timed out during {what}"))),
+    }
+}
+
+/// The XOAUTH2 initial response (Google's and Microsoft's SASL XOAUTH2), base64-encoded.
+pub fn xoauth2(user: &str, token: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
+}
+
+/// Opens a connection, secures it as the server requires, and authenticates.
+pub async fn connect(
+    server: &Server,
+    tls: Option<&TlsParameters>,
+    hello: &ClientId,
+    user: &str,
+    token: &str,
+) -> Result<AsyncSmtpConnection, SendError> {
+    let implicit = match server.tls {
+        UpstreamTls::Implicit => tls.cloned(),
+        _ => None,
+    };
+    let mut conn = timed(
+        CONNECT_TIMEOUT,
+        "connect",
+        AsyncSmtpConnection::connect_tokio1(
+            (server.host.as_str(), server.port),
+            Some(CONNECT_TIMEOUT),
+            hello,
+            implicit,
+            None,
+        ),
+    )
+    .await?;
+    if server.tls == UpstreamTls::Starttls {
+        let Some(params) = tls.cloned() else {
+            return Err(SendError::Network("no TLS parameters for STARTTLS".into()));
+        };
+        if !conn.can_starttls() {
+            conn.abort().await;
+            return Err(SendError::Network(format!("{}:{} does not offer STARTTLS", server.host, server.port)));
+        }
+        timed(CONNECT_TIMEOUT, "STARTTLS", conn.starttls(params, hello)).await?;
+    }
+    authenticate(&mut conn, user, token).await?;
+    Ok(conn)
+}
+
+/// `AUTH XOAUTH2` with the initial response; on a 334 challenge, keeps the decoded JSON,
+/// answers with an empty line and reports the final reply.
+async fn authenticate(conn: &mut AsyncSmtpConnection, user: &str, token: &str) -> Result<(), SendError> {
+    let line = format!("AUTH XOAUTH2 {}", xoauth2(user, token));
+    let first = tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Line(&line)))
+        .await
+        .map_err(|_| SendError::Network("timed out during AUTH".into()))?;
+    match first {
+        Ok(r) if r.has_code(334) => {
+            let challenge = r.message().collect::<Vec<_>>().join("");
+            let detail = base64::engine::general_purpose::STANDARD
+                .decode(challenge.trim())
+                .ok()
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            let last = tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Line("")))
+                .await
+                .map_err(|_| SendError::Network("timed out during AUTH".into()))?;
+            let reply = match last {
+                Ok(r) => reply_of(&r),
+                Err(e) => match from_lettre(e) {
+                    SendError::Rejected(r) => r,
+                    other => return Err(other),
+                },
+            };
+            Err(SendError::Auth { reply, detail })
+        }
+        Ok(r) if r.code().severity == lettre::transport::smtp::response::Severity::PositiveCompletion => Ok(()),
+        Ok(r) => Err(SendError::Auth { reply: reply_of(&r), detail: None }),
+        Err(e) => match from_lettre(e) {
+            SendError::Rejected(reply) => Err(SendError::Auth { reply, detail: None }),
+            other => Err(other),
+        },
+    }
+}
+
+/// Checks a pooled connection before reuse (and resets any leftover transaction).
+pub async fn reset(conn: &mut AsyncSmtpConnection) -> bool {
+    matches!(tokio::time::timeout(Duration::from_secs(10), conn.command(Rset)).await, Ok(Ok(_)))
+}
+
+/// Envelope of one transaction.
+pub struct Envelope<'a> {
+    pub from: &'a str,
+    pub rcpts: &'a [String],
+    pub size: u64,
+    pub eight_bit: bool,
+}
+
+fn address(a: &str) -> Result<Address, SendError> {
+    a.parse::<Address>().map_err(|e| {
+        SendError::Rejected(UpstreamReply::new(553, format!("5.1.3 address <{a}> not usable upstream: {e}")))
+    })
+}
+
+/// Sends one message on an authenticated connection. The body streams from `body` (which
+/// holds the message with CRLF line endings, not dot-stuffed); lettre stuffs dots.
+pub async fn transaction(
+    conn: &mut AsyncSmtpConnection,
+    env: &Envelope<'_>,
+    body: &Path,
+) -> Result<SendOutcome, SendError> {
+    let from = if env.from.is_empty() { None } else { Some(address(env.from)?) };
+    let mut params = vec![MailParameter::Size(env.size as usize)];
+    if env.eight_bit {
+        params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    timed(COMMAND_TIMEOUT, "MAIL", conn.command(Mail::new(from, params))).await?;
+
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for rcpt in env.rcpts {
+        let addr = match address(rcpt) {
+            Ok(a) => a,
+            Err(SendError::Rejected(r)) => {
+                refused.push((rcpt.clone(), r));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match timed(COMMAND_TIMEOUT, "RCPT", conn.command(Rcpt::new(addr, vec![]))).await {
+            Ok(_) => accepted.push(rcpt.clone()),
+            Err(SendError::Rejected(r)) if r.code == 421 => return Err(SendError::Rejected(r)),
+            Err(SendError::Rejected(r)) => refused.push((rcpt.clone(), r)),
+            Err(e) => return Err(e),
+        }
+    }
+    if accepted.is_empty() {
+        let _ = reset(conn).await;
+        return Ok(SendOutcome { accepted, refused, reply: None });
+    }
+    timed(COMMAND_TIMEOUT, "DATA", conn.command(Data)).await?;
+
+    let file =
+        std::fs::File::open(body).map_err(|e| SendError::Network(format!("spool file {}: {e}", body.display())))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // lettre ends the data with CRLF.CRLF itself; the message's own final CRLF is that
+    // first CRLF (RFC 5321 4.1.1.4), so it is not sent twice.
+    let send_len = if len >= 2 { len - 2 } else { len };
+    let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let chunks = FileChunks { file, remaining: send_len, failed: failed.clone() };
+    let result = timed(DATA_TIMEOUT, "the message body", conn.message_iter(chunks)).await?;
+    if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        // The upstream may hold a damaged copy now; the message stays queued and the
+        // error is loud, since a read failure of a just-written spool file means a bad disk.
+        return Err(SendError::Network(format!("reading spool file {} failed mid-message: {e}", body.display())));
+    }
+    Ok(SendOutcome { accepted, refused, reply: Some(reply_of(&result)) })
+}
+
+/// Reads the spool file in chunks for lettre's `message_iter`. The reads are synchronous:
+/// the file was just written (or is read once after a restart), so they are served from the
+/// page cache in microseconds, and the iterator cannot be async.
+struct FileChunks {
+    file: std::fs::File,
+    remaining: u64,
+    failed: std::sync::Arc<std::sync::Mutex<Option<std::io::Error>>>,
+}
+
+impl Iterator for FileChunks {
+    type Item = Vec<u8>;
+    fn next(&mut self) -> Option<Vec<u8>> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let n = (self.remaining as usize).min(CHUNK);
+        let mut buf = vec![0u8; n];
+        match self.file.read_exact(&mut buf) {
+            Ok(()) => {
+                self.remaining -= n as u64;
+                Some(buf)
+            }
+            Err(e) => {
+                // A bare CR makes the truncated message invalid for strict providers.
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                self.remaining = 0;
+                Some(b"\r".to_vec())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xoauth2_string() {
+        let s = xoauth2("someuser@example.com", "ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg");
+        // The example from Google's XOAUTH2 documentation.
+        assert_eq!(
+            s,
+            "dXNlcj1zb21ldXNlckBleGFtcGxlLmNvbQFhdXRoPUJlYXJlciB5YTI5LnZGOWRmdDRxbVRjMk52YjNSbGNrQmhkSFJoZG1semRHRXVZMjl0Q2cBAQ=="
+        );
+    }
+}
