@@ -724,7 +724,6 @@ impl Config {
                 );
             }
         }
-        drop(p);
         out.sort_by_key(|p| p.line);
         out
     }

@@ -42,7 +42,7 @@ impl Device {
         }
     }
 
-    fn from_address(&self, ip: IpAddr) -> bool {
+    fn connects_from(&self, ip: IpAddr) -> bool {
         self.nets.iter().any(|n| n.contains(&ip))
     }
 }
@@ -123,7 +123,7 @@ impl Devices {
             .get(&username.to_ascii_lowercase())
             .map(|&i| self.devices[i].clone())
             .ok_or(AuthError::UnknownUser)?;
-        if !dev.nets.is_empty() && !dev.from_address(ip) {
+        if !dev.nets.is_empty() && !dev.connects_from(ip) {
             return Err(AuthError::WrongAddress);
         }
         let tag = self.cache_tag(&dev, pin);

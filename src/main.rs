@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context as _};
+use chrono::Datelike;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use mfd_relay::config::{Config, ConfigError};
@@ -42,6 +43,15 @@ enum Cmd {
     Check,
     /// Read a PIN on standard input and print its argon2 hash for `pin_hash`.
     HashPin,
+    /// Make a self-signed certificate and key for a listener (relay.pem, relay-key.pem).
+    MakeCert {
+        /// Host names (and IP addresses) the certificate is for.
+        #[arg(long = "name", default_values = ["mfd-relay.example.lan", "localhost", "127.0.0.1"])]
+        names: Vec<String>,
+        /// Where to write the files.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
     /// Sign-in of identities.
     Auth {
         #[command(subcommand)]
@@ -85,6 +95,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Check => check(&cli.config),
         Cmd::HashPin => hash_pin(),
+        Cmd::MakeCert { names, dir } => make_cert(&names, &dir),
         Cmd::Run { log_format } => {
             let config = load(&cli.config)?;
             init_logs(log_format);
@@ -162,10 +173,40 @@ fn hash_pin() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn make_cert(names: &[String], dir: &Path) -> anyhow::Result<ExitCode> {
+    let cert_path = dir.join("relay.pem");
+    let key_path = dir.join("relay-key.pem");
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            bail!("{} exists; not overwriting it", p.display());
+        }
+    }
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(names.to_vec())?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, names.first().cloned().unwrap_or_default());
+    let now = chrono::Utc::now();
+    params.not_before = rcgen::date_time_ymd(now.year(), now.month() as u8, now.day() as u8);
+    params.not_after = rcgen::date_time_ymd(now.year() + 10, now.month() as u8, 1);
+    let cert = params.self_signed(&key)?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(&cert_path, cert.pem())?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    std::io::Write::write_all(&mut opts.open(&key_path)?, key.serialize_pem().as_bytes())?;
+    println!("wrote {} and {} (self-signed, for {})", cert_path.display(), key_path.display(), names.join(", "));
+    Ok(ExitCode::SUCCESS)
+}
+
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MFD_RELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

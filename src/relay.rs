@@ -45,10 +45,11 @@ pub struct Parts {
     pub ctx: Arc<Context>,
 }
 
+/// The durable state of a relay: database, queue and token key.
+pub type State = (Arc<crate::store::Store>, Arc<crate::queue::Queue>, Arc<Vault>);
+
 /// Opens the data directory and the token key.
-pub fn open_state(
-    config: &Config,
-) -> Result<(Arc<crate::store::Store>, Arc<crate::queue::Queue>, Arc<Vault>), StartError> {
+pub fn open_state(config: &Config) -> Result<State, StartError> {
     let data_dir = config.data_dir();
     let (store, queue) = crate::queue::open_data_dir(&data_dir).map_err(|e| StartError::Data {
         path: data_dir.clone(),

@@ -26,6 +26,9 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
 }
 
+/// A key and its value.
+pub type Record = (Vec<u8>, Vec<u8>);
+
 /// Which collection a record belongs to.
 #[derive(Debug, Clone, Copy)]
 pub enum Tree {
@@ -95,7 +98,7 @@ impl Store {
     }
 
     /// All records of a tree whose key starts with `prefix`, in key order.
-    pub fn scan(&self, t: Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan(&self, t: Tree, prefix: &[u8]) -> Result<Vec<Record>, StoreError> {
         self.tree(t)
             .scan_prefix(prefix)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from))
@@ -103,7 +106,7 @@ impl Store {
     }
 
     /// The first record of a tree in key order.
-    pub fn first(&self, t: Tree) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn first(&self, t: Tree) -> Result<Option<Record>, StoreError> {
         Ok(self.tree(t).first()?.map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
