@@ -513,7 +513,11 @@ impl TokenManager {
             let t = now();
             for slot in self.slots.values() {
                 let r = slot.record();
-                if r.state == IdentityState::NeedsLogin {
+                let app_only = matches!(slot.flow, Flow::ClientCredentials | Flow::ServiceAccount);
+                // A delegated identity that needs a sign-in waits for a person; an app-only
+                // one is retried (with backoff), since consent or a secret may be fixed
+                // in the provider's portal without touching the relay.
+                if r.state == IdentityState::NeedsLogin && !app_only {
                     continue;
                 }
                 let (retry_after, _) = *slot.retry_after.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,0 +1,357 @@
+//! Starts the real `mfd-relay` binary on loopback for integration tests, and drives the
+//! real clients (Python's smtplib through tests/clients/smtp_send.py, swaks).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Path of the relay binary built by cargo for this test run.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mfd-relay"))
+}
+
+/// A running relay process.
+pub struct Relay {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub smtp_port: u16,
+    pub admin_port: u16,
+}
+
+/// The parts of a test configuration that vary between tests.
+pub struct Setup {
+    /// TOML for [[provider]], [[identity]], [[device]] and [[mailbox]] sections.
+    pub sections: String,
+    /// Extra keys for [relay].
+    pub relay_extra: String,
+    /// Extra keys for the [[listener]].
+    pub listener_extra: String,
+}
+
+impl Setup {
+    pub fn new(sections: impl Into<String>) -> Setup {
+        Setup { sections: sections.into(), relay_extra: String::new(), listener_extra: String::new() }
+    }
+}
+
+impl Relay {
+    /// Writes `dir/config.toml` with fresh ports and starts the relay; waits until it listens.
+    pub fn start(dir: &Path, setup: &Setup) -> Relay {
+        let smtp_port = free_port();
+        let admin_port = free_port();
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\nretry_first = \"1s\"\nretry_max = \"2s\"\nin_session_timeout = \"10s\"\n{}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[[listener]]\nlisten = \"127.0.0.1:{smtp_port}\"\n{}\n\n{}\n",
+            setup.relay_extra, setup.listener_extra, setup.sections
+        );
+        let config = dir.join("config.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut r = Relay { child: None, dir: dir.to_path_buf(), config, smtp_port, admin_port };
+        r.spawn();
+        r
+    }
+
+    /// Starts the process again with the same configuration and data (after a kill).
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("relay.log")).unwrap();
+        let child = Command::new(binary())
+            .args(["run", "-c"])
+            .arg(&self.config)
+            .env("MFD_RELAY_LOG", "info,mfd_relay=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start mfd-relay");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", self.smtp_port)).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("mfd-relay exited with {status}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "mfd-relay did not listen within 15 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("relay.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(40);
+            loop {
+                if c.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("mfd-relay did not stop on SIGTERM:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// GET on the admin listener; returns (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin_port, path)
+    }
+
+    /// Runs `mfd-relay <args> -c config` and returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+        run_cli(&self.config, args, stdin)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs the relay binary with a config file.
+pub fn run_cli(config: &Path, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut child = Command::new(binary())
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child.stdin.as_mut().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// A minimal HTTP/1.1 GET on loopback.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Result of one smtplib run.
+#[derive(Debug, serde::Deserialize)]
+pub struct SendResult {
+    pub ok: bool,
+    pub code: Option<u16>,
+    pub message: String,
+    pub stage: String,
+}
+
+/// Sends a message with Python's smtplib (tests/clients/smtp_send.py). `args` are the
+/// script's options, e.g. `["--auth", "PLAIN", "--user", "floor3", "--password", "1234"]`.
+pub fn smtplib_send(port: u16, args: &[&str], body: &Path) -> SendResult {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/smtp_send.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--port", &port.to_string(), "--body"])
+        .arg(body)
+        .args(args)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("smtp_send.py printed no result ({e}):\nstdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// A raw SMTP client for what real libraries will not do (bare LF, HELO-only devices).
+pub struct RawClient {
+    reader: BufReader<TcpStream>,
+    stream: TcpStream,
+}
+
+impl RawClient {
+    pub fn connect(port: u16) -> RawClient {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        let mut c = RawClient { reader, stream };
+        let greeting = c.reply();
+        assert!(greeting.starts_with("220"), "{greeting}");
+        c
+    }
+
+    /// Connects from a chosen loopback source address (127.0.0.2 is a configured device).
+    pub fn connect_from(source: &str, port: u16) -> RawClient {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let src: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+        sock.bind(&src.into()).unwrap();
+        let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        sock.connect(&dst.into()).unwrap();
+        let stream: TcpStream = sock.into();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        let mut c = RawClient { reader, stream };
+        let greeting = c.reply();
+        assert!(greeting.starts_with("220"), "{greeting}");
+        c
+    }
+
+    /// Sends raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads one (possibly multi-line) reply; returns all its lines joined by '\n'.
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).unwrap() == 0 {
+                return if all.is_empty() { "EOF".into() } else { all };
+            }
+            let done = line.as_bytes().get(3) != Some(&b'-');
+            all.push_str(line.trim_end());
+            if done {
+                return all;
+            }
+            all.push('\n');
+        }
+    }
+
+    /// Sends a line (with the given line ending) and reads the reply.
+    pub fn cmd(&mut self, line: &str, ending: &str) -> String {
+        self.send(format!("{line}{ending}").as_bytes());
+        self.reply()
+    }
+}
+
+/// Writes a file and returns its path.
+pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// A relay between a fake provider and a fake upstream, with the usual test devices:
+/// - `floor3`: AUTH user "floor3", PIN "1234", identity "scans";
+/// - `lobby`: known by address 127.0.0.2 (no AUTH), identity "scans", from = "keep";
+/// - `restricted`: AUTH user "restricted", PIN "1234", may only send to *@allowed.test.
+pub struct World {
+    pub idp: super::fake_oauth::FakeOAuth,
+    pub upstream: super::fake_smtp::FakeSmtp,
+    pub dir: tempfile::TempDir,
+    pub relay: Relay,
+}
+
+pub const SCANS: &str = "scans@contoso.test";
+pub const CLIENT_ID: &str = "relay-app";
+pub const CLIENT_SECRET: &str = "app-secret-value";
+
+/// An argon2 hash of "1234", made once per test binary.
+pub fn pin_hash() -> &'static str {
+    static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    H.get_or_init(|| mfd_relay::devices::hash_pin("1234").unwrap())
+}
+
+/// The [[provider]] section for the fakes.
+pub fn provider_section(idp: &super::fake_oauth::FakeOAuth, smtp_port: u16, tls: &str, ca: &Path) -> String {
+    format!(
+        "[[provider]]\nname = \"fake\"\nkind = \"generic\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"\nscopes = [\"https://outlook.office365.com/.default\"]\nsmtp = \"127.0.0.1:{smtp_port}\"\nsmtp_tls = \"{tls}\"\nca_file = \"{}\"\n",
+        idp.token_url(),
+        ca.display()
+    )
+}
+
+/// The standard identities and devices.
+pub fn standard_sections() -> String {
+    let h = pin_hash();
+    format!(
+        "[[identity]]\nname = \"scans\"\nprovider = \"fake\"\nemail = \"{SCANS}\"\nflow = \"client_credentials\"\n\n\
+         [[device]]\nname = \"floor3\"\nidentity = \"scans\"\nusername = \"floor3\"\npin_hash = \"{h}\"\n\n\
+         [[device]]\nname = \"lobby\"\nidentity = \"scans\"\naddresses = [\"127.0.0.2/32\"]\nfrom = \"keep\"\n\n\
+         [[device]]\nname = \"restricted\"\nidentity = \"scans\"\nusername = \"restricted\"\npin_hash = \"{h}\"\nrecipients = [\"*@allowed.test\"]\n"
+    )
+}
+
+impl World {
+    /// Fakes plus a relay with the standard devices; `tweak` may change the setup.
+    pub async fn start(tweak: impl FnOnce(&mut Setup)) -> World {
+        use super::fake_oauth::{ClientApp, FakeOAuth};
+        use super::fake_smtp::{FakeSmtp, SmtpOptions, Tls};
+        let idp = FakeOAuth::start().await;
+        idp.register_client(ClientApp::public(CLIENT_ID).secret(CLIENT_SECRET).app_account(SCANS));
+        let upstream = FakeSmtp::start(SmtpOptions::new(Tls::StartTls, idp.token_validator())).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = upstream.cert().write_pem_files(dir.path(), "upstream");
+        let mut setup = Setup::new(format!("{}\n{}", provider_section(&idp, upstream.port(), "starttls", &ca), standard_sections()));
+        tweak(&mut setup);
+        let path = dir.path().to_path_buf();
+        let relay = tokio::task::spawn_blocking(move || Relay::start(&path, &setup)).await.unwrap();
+        World { idp, upstream, dir, relay }
+    }
+
+    /// Sends with smtplib from a blocking thread.
+    pub async fn send(&self, args: &[&str], body: &[u8]) -> SendResult {
+        let port = self.relay.smtp_port;
+        let name = format!("body-{}.eml", rand_suffix());
+        let path = write_file(self.dir.path(), &name, body);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            smtplib_send(port, &a, &path)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// A simple message as a printer sends it.
+pub fn scan_message(subject: &str, body: &str) -> Vec<u8> {
+    format!(
+        "From: \"Floor 3 Scanner\" <scanner@printer.local>\r\nTo: someone@contoso.test\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n{body}\r\n"
+    )
+    .into_bytes()
+}
+
+/// The message as received upstream, without the Received field the relay added on top.
+pub fn without_trace(data: &[u8]) -> &[u8] {
+    assert!(data.starts_with(b"Received: "), "no Received field on top");
+    // The trace field is folded over three lines; it ends at the first line not starting with a tab.
+    let mut i = 0;
+    loop {
+        let end = data[i..].windows(2).position(|w| w == b"\r\n").unwrap() + i + 2;
+        if data.get(end) != Some(&b'\t') {
+            return &data[end..];
+        }
+        i = end;
+    }
+}
