@@ -105,7 +105,11 @@ async fn address_mapped_device_with_helo_and_bare_lf() {
     let got = w.upstream.wait_for_messages(1, WAIT).await;
     // The fake upstream refuses bare LF like Exchange; the relay sent CRLF.
     let body = without_trace(&got[0].data);
-    assert!(body.starts_with(b"Subject: old\r\nFrom: scanner@printer.local\r\n"), "{:?}", String::from_utf8_lossy(body));
+    assert!(
+        body.starts_with(b"Subject: old\r\nFrom: scanner@printer.local\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(body)
+    );
     assert!(body.ends_with(b"\r\n\r\nline one\r\n.dotted\r\nline three\r\n"), "{:?}", String::from_utf8_lossy(body));
     assert_eq!(got[0].from, "scanner@printer.local", "from = keep");
 }
@@ -202,12 +206,26 @@ async fn kill_9_after_250_delivers_after_restart() {
 async fn recipient_allow_list_and_limits() {
     let w = World::start(|s| s.relay_extra.push_str("max_recipients = 3\n")).await;
     let r = w
-        .send(&["--auth", "PLAIN", "--user", "restricted", "--password", "1234", "--to", "x@elsewhere.test"], &scan_message("x", "y"))
+        .send(
+            &["--auth", "PLAIN", "--user", "restricted", "--password", "1234", "--to", "x@elsewhere.test"],
+            &scan_message("x", "y"),
+        )
         .await;
     assert_eq!((r.code, r.stage.as_str()), (Some(550), "rcpt"), "{r:?}");
     let r = w
         .send(
-            &["--auth", "PLAIN", "--user", "restricted", "--password", "1234", "--to", "x@elsewhere.test", "--to", "ok@allowed.test"],
+            &[
+                "--auth",
+                "PLAIN",
+                "--user",
+                "restricted",
+                "--password",
+                "1234",
+                "--to",
+                "x@elsewhere.test",
+                "--to",
+                "ok@allowed.test",
+            ],
             &scan_message("partly", "y"),
         )
         .await;
@@ -281,13 +299,18 @@ async fn refused_token_is_refreshed_once_and_the_json_is_logged() {
     assert!(!failed.is_empty(), "{attempts:?}");
     assert!(failed.iter().all(|a| a.sent_empty_line()), "the relay answers the 334 with an empty line");
     let log = w.relay.log();
-    assert!(log.contains("\\\"status\\\":\\\"401\\\"") || log.contains("\"status\":\"401\""), "the JSON reaches the log:\n{log}");
+    assert!(
+        log.contains("\\\"status\\\":\\\"401\\\"") || log.contains("\"status\":\"401\""),
+        "the JSON reaches the log:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_shaping_holds_the_excess_in_the_queue() {
     let w = World::start(|s| {
-        s.sections = s.sections.replace("flow = \"client_credentials\"\n", "flow = \"client_credentials\"\nmessages_per_minute = 2\n")
+        s.sections = s
+            .sections
+            .replace("flow = \"client_credentials\"\n", "flow = \"client_credentials\"\nmessages_per_minute = 2\n")
     })
     .await;
     for i in 0..3 {
@@ -306,9 +329,15 @@ async fn rate_shaping_holds_the_excess_in_the_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeliverable_message_is_bounced_after_its_lifetime() {
-    let w = World::start(|s| s.relay_extra.push_str("queue_lifetime = \"3s\"\nbounce_to = \"it@contoso.test\"\n")).await;
+    let w =
+        World::start(|s| s.relay_extra.push_str("queue_lifetime = \"3s\"\nbounce_to = \"it@contoso.test\"\n")).await;
     w.upstream.reject_recipient_with("stuck@contoso.test", "450 4.2.1 Mailbox busy");
-    let r = w.send(&["--auth", "PLAIN", "--user", "floor3", "--password", "1234", "--to", "stuck@contoso.test"], &scan_message("stuck", "x")).await;
+    let r = w
+        .send(
+            &["--auth", "PLAIN", "--user", "floor3", "--password", "1234", "--to", "stuck@contoso.test"],
+            &scan_message("stuck", "x"),
+        )
+        .await;
     assert!(r.ok && r.message.contains("queued"), "{r:?}");
     let got = w.upstream.wait_for_messages(1, WAIT).await;
     assert_eq!(got[0].rcpts, vec!["it@contoso.test"]);

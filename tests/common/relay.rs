@@ -145,7 +145,11 @@ pub fn run_cli(config: &Path, args: &[&str], stdin: Option<&str>) -> (i32, Strin
     }
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 /// A minimal HTTP/1.1 GET on loopback.
@@ -182,7 +186,10 @@ pub fn smtplib_send(port: u16, args: &[&str], body: &Path) -> SendResult {
         .expect("python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("smtp_send.py printed no result ({e}):\nstdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "smtp_send.py printed no result ({e}):\nstdout: {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 
@@ -306,7 +313,11 @@ impl World {
         let upstream = FakeSmtp::start(SmtpOptions::new(Tls::StartTls, idp.token_validator())).await;
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = upstream.cert().write_pem_files(dir.path(), "upstream");
-        let mut setup = Setup::new(format!("{}\n{}", provider_section(&idp, upstream.port(), "starttls", &ca), standard_sections()));
+        let mut setup = Setup::new(format!(
+            "{}\n{}",
+            provider_section(&idp, upstream.port(), "starttls", &ca),
+            standard_sections()
+        ));
         tweak(&mut setup);
         let path = dir.path().to_path_buf();
         let relay = tokio::task::spawn_blocking(move || Relay::start(&path, &setup)).await.unwrap();

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every test of mfd-relay on this machine, after installing what the tests need:
+# swaks, Postfix and Dovecot (Debian packages, when run as root) and nothing from the network
+# at test time. Everything the tests start listens on 127.0.0.1 and is stopped by the test.
+#   tests/run.sh              # all tests
+#   tests/run.sh --test spine # one test file (arguments go to `cargo test`)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ]; then
+    tests/interop/install.sh
+else
+    echo "tests/run.sh: not root, so not installing packages; the interop tests need swaks, postfix, dovecot-imapd and dovecot-lmtpd" >&2
+fi
+
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+cargo test --locked "$@"
