@@ -119,11 +119,30 @@ pub struct Admin {
     pub token: Option<String>,
     /// Whether /readyz stays ready while an identity needs a new sign-in.
     pub ready_when_needs_login: bool,
+    /// Where the browser returns after a sign-in (authorization code flow); by default
+    /// `http://localhost:<admin port>/oauth/callback`. Register it in the app.
+    pub redirect_uri: Option<String>,
+}
+
+impl Admin {
+    /// The redirect URI for browser sign-ins.
+    pub fn redirect_uri(&self) -> String {
+        if let Some(u) = &self.redirect_uri {
+            return u.clone();
+        }
+        let port = self.listen.get_ref().rsplit_once(':').map(|(_, p)| p).unwrap_or("9925");
+        format!("http://localhost:{port}/oauth/callback")
+    }
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin { listen: Spanned::new(0..0, "127.0.0.1:9925".into()), token: None, ready_when_needs_login: false }
+        Admin {
+            listen: Spanned::new(0..0, "127.0.0.1:9925".into()),
+            token: None,
+            ready_when_needs_login: false,
+            redirect_uri: None,
+        }
     }
 }
 
@@ -267,7 +286,7 @@ pub struct Identity {
     pub name: Spanned<String>,
     pub provider: Spanned<String>,
     pub email: Spanned<String>,
-    pub flow: Flow,
+    pub flow: Spanned<Flow>,
     /// Overrides the provider's `messages_per_minute` for this mailbox.
     pub messages_per_minute: Option<u32>,
 }
@@ -622,26 +641,27 @@ impl Config {
             };
             let has_secret =
                 pr.client_secret.is_some() || pr.client_secret_file.is_some() || pr.client_certificate.is_some();
-            match (id.flow, pr.kind) {
+            let flow_span = id.flow.span();
+            match (*id.flow.get_ref(), pr.kind) {
                 (Flow::DeviceCode, ProviderKind::Google) => p(
-                    id.name.span(),
+                    flow_span.clone(),
                     format!("identity \"{name}\": Google's device flow does not grant the Gmail scope; use flow = \"auth_code\" (browser sign-in) or \"service_account\" (Workspace)"),
                 ),
                 (Flow::ServiceAccount, k) if k != ProviderKind::Google && k != ProviderKind::Generic => p(
-                    id.name.span(),
+                    flow_span.clone(),
                     format!("identity \"{name}\": flow = \"service_account\" is for Google Workspace providers"),
                 ),
                 (Flow::ServiceAccount, _) if pr.service_account_file.is_none() => p(
-                    id.name.span(),
+                    flow_span.clone(),
                     format!("identity \"{name}\": flow = \"service_account\" needs service_account_file on provider \"{}\"", pr.name.get_ref()),
                 ),
                 (Flow::ClientCredentials, _) if !has_secret => p(
-                    id.name.span(),
+                    flow_span.clone(),
                     format!("identity \"{name}\": flow = \"client_credentials\" needs client_secret, client_secret_file or client_certificate on provider \"{}\"", pr.name.get_ref()),
                 ),
                 (Flow::ClientCredentials, ProviderKind::Microsoft)
                     if matches!(pr.tenant.as_deref(), Some("common" | "organizations" | "consumers")) => p(
-                    id.name.span(),
+                    flow_span.clone(),
                     format!("identity \"{name}\": app-only sign-in needs a specific tenant on provider \"{}\", not \"{}\"", pr.name.get_ref(), pr.tenant.as_deref().unwrap_or_default()),
                 ),
                 _ => {}
@@ -852,7 +872,7 @@ flow = "device_code"
 "#;
         let p = problems(text);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].contains(":7:") && p[0].contains("auth_code"), "{p:?}");
+        assert!(p[0].contains(":10:") && p[0].contains("auth_code"), "{p:?}");
     }
 
     #[test]

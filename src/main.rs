@@ -66,8 +66,18 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum AuthCmd {
+    /// Sign an identity in: device code, browser (PKCE), or a first token for app-only.
+    Login { identity: String },
     /// Each identity: state, account, access token expiry, last refresh, last error.
     Status,
+    /// Forget an identity's stored tokens.
+    Logout { identity: String },
+    /// Store a refresh token obtained elsewhere (read from a file, or "-" for stdin).
+    Import {
+        identity: String,
+        #[arg(long = "refresh-token-file")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -111,7 +121,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Auth { command } => {
             let config = load(&cli.config)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(auth(&config, command))
+            let result = rt.block_on(auth(&config, command));
+            // A reader of pasted URLs may still wait on stdin; do not wait for it.
+            rt.shutdown_timeout(std::time::Duration::from_millis(100));
+            result
         }
     }
 }
@@ -241,10 +254,18 @@ async fn wait_for_signal() {
 }
 
 /// Talks to the running daemon's admin listener; `None` when no daemon answers.
-async fn admin_call(config: &Config, method: &str, path: &str) -> anyhow::Result<Option<serde_json::Value>> {
+async fn admin_call(
+    config: &Config,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<Option<serde_json::Value>> {
     let url = format!("http://{}{}", config.admin.listen.get_ref(), path);
-    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build()?;
     let mut req = if method == "POST" { client.post(&url) } else { client.get(&url) };
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
     if let Some(t) = &config.admin.token {
         req = req.bearer_auth(t);
     }
@@ -268,7 +289,7 @@ async fn queue(config: &Config, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
         QueueCmd::Retry { id } => (format!("/api/queue/retry/{id}"), "POST"),
         QueueCmd::Drop { id } => (format!("/api/queue/drop/{id}"), "POST"),
     };
-    let answer = match admin_call(config, method, &path).await? {
+    let answer = match admin_call(config, method, &path, None).await? {
         Some(v) => v,
         None => {
             // The daemon is not running: open the database directly.
@@ -343,8 +364,42 @@ fn human_secs(s: i64) -> String {
 
 async fn auth(config: &Config, cmd: AuthCmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        AuthCmd::Login { identity } => login(config, &identity).await,
+        AuthCmd::Logout { identity } => {
+            let path = format!("/api/auth/logout/{identity}");
+            if admin_call(config, "POST", &path, None).await?.is_none() {
+                let parts = mfd_relay::relay::build(config.clone())?;
+                parts.tokens.logout(&identity).await?;
+            }
+            println!("identity \"{identity}\": stored tokens removed");
+            Ok(ExitCode::SUCCESS)
+        }
+        AuthCmd::Import { identity, file } => {
+            let token = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::stdin().lock().read_line(&mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(&file).with_context(|| file.display().to_string())?
+            };
+            let token = token.trim().to_string();
+            if token.is_empty() {
+                bail!("no refresh token given");
+            }
+            let path = format!("/api/auth/import/{identity}");
+            let body = serde_json::json!({ "refresh_token": token });
+            let account = match admin_call(config, "POST", &path, Some(body)).await? {
+                Some(v) => v["account"].as_str().unwrap_or_default().to_string(),
+                None => {
+                    let parts = mfd_relay::relay::build(config.clone())?;
+                    parts.tokens.import_refresh_token(&identity, &token).await?.account
+                }
+            };
+            println!("identity \"{identity}\": refresh token works; signed in as {account}");
+            Ok(ExitCode::SUCCESS)
+        }
         AuthCmd::Status => {
-            let answer = match admin_call(config, "GET", "/api/auth/status").await? {
+            let answer = match admin_call(config, "GET", "/api/auth/status", None).await? {
                 Some(v) => v,
                 None => {
                     let parts = mfd_relay::relay::build(config.clone())?;
@@ -372,4 +427,127 @@ async fn auth(config: &Config, cmd: AuthCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `auth login`: through the running daemon, or on its own when the daemon is stopped.
+async fn login(config: &Config, identity: &str) -> anyhow::Result<ExitCode> {
+    use mfd_relay::oauth::login::{LoginStart, LoginStatus};
+    let path = format!("/api/auth/login/{identity}");
+    let online = admin_call(config, "POST", &path, None).await?;
+    // Offline: this process plays the daemon's part (store, token manager, callback listener).
+    let offline = match online {
+        Some(_) => None,
+        None => {
+            let parts = mfd_relay::relay::build(config.clone())?;
+            let start = parts.logins.start(&parts.tokens, identity, &config.admin.redirect_uri()).await?;
+            Some((parts, start))
+        }
+    };
+    let start: LoginStart = match (&online, &offline) {
+        (Some(v), _) => serde_json::from_value(v.clone())?,
+        (None, Some((_, s))) => s.clone(),
+        (None, None) => unreachable!("either the daemon or this process started the sign-in"),
+    };
+    let email = config.identity(identity).map(|i| i.email.get_ref().clone()).unwrap_or_default();
+    let mut server = None;
+    match &start {
+        LoginStart::Done { account } => {
+            println!("identity \"{identity}\": app-only sign-in works; token issued for {account}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        LoginStart::DeviceCode { verification_uri, user_code, expires_in } => {
+            println!("To sign in identity \"{identity}\" ({email}), on any computer or phone:");
+            println!("  open   {verification_uri}");
+            println!("  enter  {user_code}");
+            println!("and sign in as {email}. The code is valid for {} minutes. Waiting...", expires_in / 60);
+        }
+        LoginStart::AuthCode { url, redirect_uri } => {
+            println!(
+                "To sign in identity \"{identity}\" ({email}), open this address in a browser and sign in as {email}:"
+            );
+            println!();
+            println!("{url}");
+            println!();
+            println!("The browser then returns to {redirect_uri}. If that page does not load (the browser");
+            println!("runs on another computer), copy the address it ended on and paste it here:");
+            if let Some((parts, _)) = &offline {
+                let addr: std::net::SocketAddr = config.admin.listen.get_ref().parse()?;
+                let tcp = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listen on {addr} for the browser's return"))?;
+                let admin = mfd_relay::admin::Admin::new(parts);
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                server = Some((tokio::spawn(admin.serve(tcp, rx)), tx));
+            }
+            spawn_paste_reader(
+                config.clone(),
+                identity.to_string(),
+                offline.as_ref().map(|(p, _)| (p.logins.clone(), p.tokens.clone())),
+            );
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20 * 60);
+    let outcome = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let status: LoginStatus = match &offline {
+            Some((parts, _)) => parts.logins.status(identity),
+            None => match admin_call(config, "GET", &path, None).await? {
+                Some(v) => serde_json::from_value(v)?,
+                None => bail!("the daemon stopped during the sign-in"),
+            },
+        };
+        match status {
+            LoginStatus::Pending | LoginStatus::None if std::time::Instant::now() < deadline => continue,
+            LoginStatus::Pending | LoginStatus::None => break Err(anyhow!("gave up waiting for the sign-in")),
+            LoginStatus::Done { account } => break Ok(account),
+            LoginStatus::Failed { error } => break Err(anyhow!(error)),
+        }
+    };
+    if let Some((task, tx)) = server {
+        let _ = tx.send(true);
+        let _ = task.await;
+    }
+    match outcome {
+        Ok(account) => {
+            println!("Signed in as {account}. Tokens are stored encrypted; the relay refreshes them from now on.");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("Sign-in of \"{identity}\" failed: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Reads a pasted redirect URL from stdin and completes the sign-in with it.
+fn spawn_paste_reader(
+    config: Config,
+    identity: String,
+    offline: Option<(
+        std::sync::Arc<mfd_relay::oauth::login::Logins>,
+        std::sync::Arc<mfd_relay::oauth::tokens::TokenManager>,
+    )>,
+) {
+    tokio::spawn(async move {
+        let line = tokio::task::spawn_blocking(|| {
+            let mut s = String::new();
+            std::io::stdin().lock().read_line(&mut s).map(|_| s)
+        })
+        .await;
+        let Ok(Ok(line)) = line else { return };
+        let url = line.trim().to_string();
+        if url.is_empty() {
+            return;
+        }
+        let result = match offline {
+            Some((logins, tokens)) => logins.complete_with_url(&tokens, &url).await.map_err(|e| anyhow!(e)),
+            None => {
+                let path = format!("/api/auth/login/{identity}/url");
+                admin_call(&config, "POST", &path, Some(serde_json::json!({ "url": url }))).await.map(|_| String::new())
+            }
+        };
+        if let Err(e) = result {
+            eprintln!("{e}");
+        }
+    });
 }

@@ -43,6 +43,7 @@ pub struct Parts {
     pub tokens: Arc<TokenManager>,
     pub delivery: Arc<Delivery>,
     pub ctx: Arc<Context>,
+    pub logins: Arc<crate::oauth::login::Logins>,
 }
 
 /// The durable state of a relay: database, queue and token key.
@@ -90,7 +91,7 @@ pub fn build(config: Config) -> Result<Parts, StartError> {
         throttle: AuthThrottle::new(crate::smtp::AUTH_MAX_FAILURES, crate::smtp::AUTH_BLOCK),
         max_recipients: config.relay.max_recipients,
     });
-    Ok(Parts { config, store, queue, tokens, delivery, ctx })
+    Ok(Parts { config, store, queue, tokens, delivery, ctx, logins: Default::default() })
 }
 
 /// Runs the relay until `shutdown` becomes true.

@@ -4,12 +4,15 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use crate::oauth::login::Logins;
 use crate::oauth::tokens::{IdentityState, TokenManager};
 use crate::queue::{MessageId, Queue};
 use crate::relay::Parts;
@@ -21,6 +24,8 @@ pub struct Admin {
     tokens: Arc<TokenManager>,
     token: Option<Arc<String>>,
     ready_when_needs_login: bool,
+    logins: Arc<Logins>,
+    redirect_uri: Arc<String>,
 }
 
 impl Admin {
@@ -30,6 +35,8 @@ impl Admin {
             tokens: parts.tokens.clone(),
             token: parts.config.admin.token.clone().map(Arc::new),
             ready_when_needs_login: parts.config.admin.ready_when_needs_login,
+            logins: parts.logins.clone(),
+            redirect_uri: Arc::new(parts.config.admin.redirect_uri()),
         }
     }
 
@@ -42,6 +49,11 @@ impl Admin {
             .route("/api/queue/retry/{id}", post(queue_retry))
             .route("/api/queue/drop/{id}", post(queue_drop))
             .route("/api/auth/status", get(auth_status))
+            .route("/api/auth/login/{id}", post(auth_login).get(auth_login_status))
+            .route("/api/auth/login/{id}/url", post(auth_login_url))
+            .route("/api/auth/logout/{id}", post(auth_logout))
+            .route("/api/auth/import/{id}", post(auth_import))
+            .route("/oauth/callback", get(oauth_callback))
             .with_state(self)
     }
 
@@ -151,4 +163,93 @@ async fn auth_status(State(a): State<Admin>, headers: HeaderMap) -> Response {
         return unauthorised();
     }
     Json(a.tokens.status()).into_response()
+}
+
+fn error(status: StatusCode, e: impl std::fmt::Display) -> Response {
+    (status, format!("{e}\n")).into_response()
+}
+
+async fn auth_login(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if !a.authorised(&headers) {
+        return unauthorised();
+    }
+    match a.logins.start(&a.tokens, &id, &a.redirect_uri).await {
+        Ok(start) => Json(start).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn auth_login_status(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if !a.authorised(&headers) {
+        return unauthorised();
+    }
+    Json(a.logins.status(&id)).into_response()
+}
+
+/// Body of `POST /api/auth/login/{id}/url`: the address the browser ended on.
+#[derive(serde::Deserialize)]
+struct RedirectedUrl {
+    url: String,
+}
+
+async fn auth_login_url(State(a): State<Admin>, headers: HeaderMap, Json(body): Json<RedirectedUrl>) -> Response {
+    if !a.authorised(&headers) {
+        return unauthorised();
+    }
+    match a.logins.complete_with_url(&a.tokens, &body.url).await {
+        Ok(msg) => Json(serde_json::json!({ "ok": msg })).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn auth_logout(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if !a.authorised(&headers) {
+        return unauthorised();
+    }
+    match a.tokens.logout(&id).await {
+        Ok(()) => Json(serde_json::json!({ "logged_out": id })).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+/// Body of `POST /api/auth/import/{id}`.
+#[derive(serde::Deserialize)]
+struct ImportToken {
+    refresh_token: String,
+}
+
+async fn auth_import(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(body): Json<ImportToken>,
+) -> Response {
+    if !a.authorised(&headers) {
+        return unauthorised();
+    }
+    match a.tokens.import_refresh_token(&id, body.refresh_token.trim()).await {
+        Ok(t) => Json(serde_json::json!({ "account": t.account })).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+/// The browser's return from the provider (authorization code flow). No admin token: the
+/// browser cannot send one; the one-time `state` is what authorises this request.
+async fn oauth_callback(State(a): State<Admin>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let (status, title, text) = match a.logins.callback(&a.tokens, &q).await {
+        Ok(msg) => (StatusCode::OK, "Signed in", msg),
+        Err(e) => (StatusCode::BAD_REQUEST, "Sign-in failed", e),
+    };
+    let page = format!(
+        "<!doctype html><meta charset=utf-8><title>mfd-relay: {title}</title>\
+         <body style=\"font-family:sans-serif;margin:3em\"><h1>{title}</h1><p>{}</p>\
+         <p>You can close this window.</p></body>",
+        html_escape(&text)
+    );
+    (status, Html(page)).into_response()
+}
+
+/// Escapes text for HTML.
+pub fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }

@@ -3,6 +3,7 @@
 
 pub mod flows;
 pub mod jwt;
+pub mod login;
 pub mod provider;
 pub mod tokens;
 pub mod vault;

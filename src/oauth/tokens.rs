@@ -239,7 +239,8 @@ impl TokenManager {
                 return Err(TokenError::Config(format!("identity \"{name}\": unknown provider")));
             };
             let imap = config.mailboxes.iter().any(|m| m.get_ref().identity.get_ref() == &name);
-            let scopes = provider.scopes(id.flow, imap);
+            let flow = *id.flow.get_ref();
+            let scopes = provider.scopes(flow, imap);
             let messages_per_minute = id.messages_per_minute.or(provider.messages_per_minute).filter(|n| *n > 0);
             let record = match store.get(Tree::Tokens, name.as_bytes()) {
                 Ok(Some(sealed)) => match vault.unseal(&name, &sealed) {
@@ -252,7 +253,7 @@ impl TokenManager {
                 _ => TokenRecord::default(),
             };
             let mut record = record;
-            if id.flow == Flow::ClientCredentials || id.flow == Flow::ServiceAccount {
+            if flow == Flow::ClientCredentials || flow == Flow::ServiceAccount {
                 // App-only identities need no sign-in: they are ready unless a request fails.
                 if record.state == IdentityState::NeedsLogin && record.last_error.is_none() {
                     record.state = IdentityState::Ready;
@@ -264,7 +265,7 @@ impl TokenManager {
                 Arc::new(Slot {
                     name: name.clone(),
                     email: id.email.get_ref().clone(),
-                    flow: id.flow,
+                    flow,
                     provider,
                     scopes,
                     messages_per_minute,
@@ -315,6 +316,13 @@ impl TokenManager {
             Err(TokenError::Transient(e)) => slot.still_valid(now()).ok_or(TokenError::Transient(e)),
             Err(e) => Err(e),
         }
+    }
+
+    /// Gets a new token now, whatever the one in hand (sign-in of app-only identities).
+    pub async fn refresh_now(&self, name: &str) -> Result<AccessToken, TokenError> {
+        let slot = self.slot(name)?;
+        let _flight = slot.flight.lock().await;
+        self.refresh_locked(slot).await
     }
 
     /// The upstream refused `rejected`: get a new token unless someone already did.

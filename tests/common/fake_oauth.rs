@@ -662,6 +662,12 @@ impl FakeOAuth {
 
     /// Revokes every refresh and access token of `email` (password reset,
     /// "revoke sessions").
+    /// Every refresh token issued for `email` (to look for them where they must not be).
+    pub fn refresh_tokens_of(&self, email: &str) -> Vec<String> {
+        let st = self.shared.lock();
+        st.refresh.iter().filter(|(_, r)| r.account.eq_ignore_ascii_case(email)).map(|(t, _)| t.clone()).collect()
+    }
+
     pub fn revoke_account(&self, email: &str) {
         let mut st = self.shared.lock();
         for r in st.refresh.values_mut() {

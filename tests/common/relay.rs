@@ -273,6 +273,16 @@ pub struct World {
     pub relay: Relay,
 }
 
+/// What a test's configuration may refer to.
+pub struct Env<'a> {
+    pub idp: &'a super::fake_oauth::FakeOAuth,
+    pub dir: &'a Path,
+    /// The standard [[provider]] section (named "fake").
+    pub provider: &'a str,
+    pub ca: &'a Path,
+    pub smtp_port: u16,
+}
+
 pub const SCANS: &str = "scans@contoso.test";
 pub const CLIENT_ID: &str = "relay-app";
 pub const CLIENT_SECRET: &str = "app-secret-value";
@@ -283,12 +293,22 @@ pub fn pin_hash() -> &'static str {
     H.get_or_init(|| mfd_relay::devices::hash_pin("1234").unwrap())
 }
 
-/// The [[provider]] section for the fakes.
+/// The [[provider]] section for the fakes (app-only scope, client secret).
 pub fn provider_section(idp: &super::fake_oauth::FakeOAuth, smtp_port: u16, tls: &str, ca: &Path) -> String {
     format!(
-        "[[provider]]\nname = \"fake\"\nkind = \"generic\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"\nscopes = [\"https://outlook.office365.com/.default\"]\nsmtp = \"127.0.0.1:{smtp_port}\"\nsmtp_tls = \"{tls}\"\nca_file = \"{}\"\n",
-        idp.token_url(),
+        "[[provider]]\nname = \"fake\"\nkind = \"generic\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n{}scopes = [\"https://outlook.office365.com/.default\"]\nsmtp = \"127.0.0.1:{smtp_port}\"\nsmtp_tls = \"{tls}\"\nca_file = \"{}\"\n",
+        endpoints(idp),
         ca.display()
+    )
+}
+
+/// The fake provider's endpoints as provider keys.
+pub fn endpoints(idp: &super::fake_oauth::FakeOAuth) -> String {
+    format!(
+        "token_url = \"{}\"\ndevice_authorization_url = \"{}\"\nauthorization_url = \"{}\"\n",
+        idp.token_url(),
+        idp.devicecode_url(),
+        idp.authorize_url()
     )
 }
 
@@ -306,6 +326,11 @@ pub fn standard_sections() -> String {
 impl World {
     /// Fakes plus a relay with the standard devices; `tweak` may change the setup.
     pub async fn start(tweak: impl FnOnce(&mut Setup)) -> World {
+        Self::start_with(|w| format!("{}\n{}", w.provider, standard_sections()), tweak).await
+    }
+
+    /// Fakes plus a relay whose sections `sections` writes (given the fakes), then `tweak`.
+    pub async fn start_with(sections: impl FnOnce(&Env<'_>) -> String, tweak: impl FnOnce(&mut Setup)) -> World {
         use super::fake_oauth::{ClientApp, FakeOAuth};
         use super::fake_smtp::{FakeSmtp, SmtpOptions, Tls};
         let idp = FakeOAuth::start().await;
@@ -313,11 +338,9 @@ impl World {
         let upstream = FakeSmtp::start(SmtpOptions::new(Tls::StartTls, idp.token_validator())).await;
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = upstream.cert().write_pem_files(dir.path(), "upstream");
-        let mut setup = Setup::new(format!(
-            "{}\n{}",
-            provider_section(&idp, upstream.port(), "starttls", &ca),
-            standard_sections()
-        ));
+        let provider = provider_section(&idp, upstream.port(), "starttls", &ca);
+        let env = Env { idp: &idp, dir: dir.path(), provider: &provider, ca: &ca, smtp_port: upstream.port() };
+        let mut setup = Setup::new(sections(&env));
         tweak(&mut setup);
         let path = dir.path().to_path_buf();
         let relay = tokio::task::spawn_blocking(move || Relay::start(&path, &setup)).await.unwrap();
@@ -364,5 +387,85 @@ pub fn without_trace(data: &[u8]) -> &[u8] {
             return &data[end..];
         }
         i = end;
+    }
+}
+
+/// A running `mfd-relay auth login` (or any CLI command whose output is read as it comes).
+pub struct CliProc {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub output: Vec<String>,
+}
+
+impl CliProc {
+    pub fn start(config: &Path, args: &[&str]) -> CliProc {
+        let mut child = Command::new(binary())
+            .args(args)
+            .arg("-c")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+        for stream in [out, err] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        CliProc { child, lines: rx, output: Vec::new() }
+    }
+
+    /// Waits for an output line that contains `needle`; returns it.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.output.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => {
+                    panic!("no line with {needle:?} within {timeout:?}; output so far:\n{}", self.output.join("\n"))
+                }
+            }
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code and all output.
+    pub fn wait(mut self, timeout: Duration) -> (i32, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                while let Ok(l) = self.lines.try_recv() {
+                    self.output.push(l);
+                }
+                return (status.code().unwrap_or(-1), self.output.join("\n"));
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("command did not finish within {timeout:?}; output:\n{}", self.output.join("\n"));
+            }
+            while let Ok(l) = self.lines.try_recv() {
+                self.output.push(l);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for CliProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
     }
 }

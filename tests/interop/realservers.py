@@ -110,15 +110,64 @@ def _port_open(port, timeout=0.5):
         return False
 
 
-def _wait_banner(port, prefix, deadline):
-    """Wait until 127.0.0.1:port accepts and greets with `prefix` (bytes), or raise."""
+def _listen_count(port):
+    """Number of TCP sockets in LISTEN state on `port` (any address). Postfix's master
+    sets SO_REUSEPORT, so a second Postfix (both root) binds a port that is already
+    listening without any error and the kernel then splits connections between them."""
+    n = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        n += 1
+        except OSError:
+            pass
+    return n
+
+
+class _PortLock:
+    """Serializes port choice + start-up between harness processes on this host, so two
+    parallel tests cannot pick the same free port (see _listen_count for why that would
+    go unnoticed). The lock file is the only thing written outside DIR."""
+    PATH = "/tmp/mfd-relay-interop.ports.lock"
+
+    def __init__(self, deadline):
+        self.deadline = deadline
+        self.f = None
+
+    def __enter__(self):
+        import fcntl
+        self.f = open(self.PATH, "a")
+        while True:
+            try:
+                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > self.deadline:
+                    self.f.close()
+                    raise HarnessError("timeout waiting for " + self.PATH)
+                time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self.f.close()  # releases the flock
+
+
+def _wait_banner(port, prefix, deadline, cafile=None):
+    """Wait until 127.0.0.1:port accepts and greets with `prefix` (bytes), or raise.
+    With `cafile`, the port speaks implicit TLS: handshake first (verifying the cert)."""
+    import ssl
     last = None
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                s.settimeout(max(0.5, min(5.0, deadline - time.monotonic())))
-                if prefix is None:
-                    return
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+                raw.settimeout(max(0.5, min(5.0, deadline - time.monotonic())))
+                s = raw
+                if cafile:
+                    ctx = ssl.create_default_context(cafile=cafile)
+                    s = ctx.wrap_socket(raw, server_hostname="localhost")
                 data = b""
                 while b"\n" not in data:
                     chunk = s.recv(512)
@@ -128,7 +177,7 @@ def _wait_banner(port, prefix, deadline):
                 if data.startswith(prefix):
                     return
                 last = "unexpected greeting %r" % data[:200]
-        except OSError as e:
+        except (OSError, ValueError) as e:
             last = str(e)
         time.sleep(0.05)
     raise HarnessError("port %d not ready (%s)" % (port, last))
@@ -191,7 +240,7 @@ def _pids_under_dir(path):
             cwd = os.readlink("/proc/%d/cwd" % pid)
         except OSError:
             continue
-        if cwd == path or cwd.startswith(path + os.sep):
+        if cwd == path or cwd.startswith((path + os.sep, path + " (deleted)")):
             st = _proc_stat(pid)
             if st:
                 out[pid] = st[1]
@@ -552,33 +601,39 @@ def _postfix_master_cf(ports, tls):
 # ----------------------------------------------------------------------------------------
 # start / stop
 
+_SERVER_NAMES = ("dovecot", "/usr/sbin/dovecot", "/usr/lib/postfix/", "master", "qmgr",
+                 "pickup", "smtpd", "smtp", "lmtp", "tlsmgr", "cleanup", "trivial-rewrite",
+                 "bounce", "verify", "flush", "proxymap", "showq", "error", "discard",
+                 "anvil", "scache", "postlogd", "postfix")
+
+
 def _instance_pids(state):
-    """Live processes belonging to this instance: masters, their descendants, and any
-    process whose cwd is inside DIR or the Dovecot base_dir."""
-    roots = []
+    """Live processes of this instance, as {pid: starttime}: the two masters named by the
+    pid files and their descendants, plus strays (e.g. reparented after a crashed master)
+    that look like Dovecot/Postfix and whose cwd is inside DIR or the Dovecot base_dir
+    (both masters and all their children chdir there, or into a mail home under DIR)."""
     p = _paths(state["dir"])
-    for pid_file, key in ((os.path.join(state["base_dir"], "master.pid"), "pid_dovecot"),
-                          (os.path.join(p["postfix_queue"], "pid", "master.pid"),
-                           "pid_postfix")):
-        for pid in (_read_pid(pid_file), state.get(key)):
-            if pid:
-                roots.append(pid)
-    pids = _descendants(roots)
-    # the saved master pids might have been reused by unrelated processes: keep them only
-    # if their cwd is in our dirs (both masters chdir there) or if they were in pid files.
-    pids.update(_pids_under_dir(state["dir"]))
-    pids.update(_pids_under_dir(state["base_dir"]))
-    mine = {}
-    for pid, start in pids.items():
+    dirs = [os.path.realpath(state["dir"]), os.path.realpath(state["base_dir"])]
+
+    def cwd_inside(pid):
         try:
             cwd = os.readlink("/proc/%d/cwd" % pid)
         except OSError:
-            continue
-        if (cwd.startswith(state["dir"]) or cwd.startswith(state["base_dir"])
-                or _cmdline(pid).startswith(("dovecot", "/usr/sbin/dovecot",
-                                              "/usr/lib/postfix/", "master", "pickup",
-                                              "qmgr", "tlsmgr", "postfix/"))):
-            mine[pid] = start
+            return False
+        return any(cwd == d or cwd.startswith(d + os.sep) or cwd.startswith(d + " (deleted)")
+                   for d in dirs)
+
+    roots = []
+    for pid_file in (os.path.join(state["base_dir"], "master.pid"),
+                     os.path.join(p["postfix_queue"], "pid", "master.pid")):
+        pid = _read_pid(pid_file)
+        if pid and cwd_inside(pid):  # not a reused pid
+            roots.append(pid)
+    mine = _descendants(roots)
+    for d in dirs:
+        for pid, start in _pids_under_dir(d).items():
+            if pid not in mine and _cmdline(pid).startswith(_SERVER_NAMES):
+                mine[pid] = start
     return mine
 
 
@@ -622,15 +677,18 @@ def start(dir, introspect_url, domain="example.test", smtp_port=None, imap_port=
 
     attempts = 3 if auto else 1
     for attempt in range(1, attempts + 1):
-        chosen = _free_ports(len(auto), avoid=[v for v in fixed.values() if v])
-        ports = dict(fixed)
-        ports.update(zip(auto, chosen))
         try:
-            info = _start_once(p, url, domain, ports, tls, auth_failure_delay,
-                               message_size_limit, deadline, dv, pv)
+            with _PortLock(deadline):
+                chosen = _free_ports(len(auto), avoid=[v for v in fixed.values() if v])
+                ports = dict(fixed)
+                ports.update(zip(auto, chosen))
+                info = _start_once(p, url, domain, ports, tls, auth_failure_delay,
+                                   message_size_limit, deadline, dv, pv)
         except HarnessError as e:
-            busy = "Address already in use" in str(e)
-            if busy and attempt < attempts and time.monotonic() < deadline:
+            busy = "Address already in use" in str(e) or "shared with another" in str(e)
+            fixed_named = any(re.search(r"\b%d\b" % v, str(e)) for v in fixed.values() if v)
+            if busy and not fixed_named and attempt < attempts and \
+                    time.monotonic() < deadline:
                 _log("port collision, retrying with other ports (attempt %d)" % attempt)
                 continue
             raise
@@ -685,6 +743,11 @@ def _start_once(p, url, domain, ports, tls, auth_failure_delay, message_size_lim
         f.write(_postfix_main_cf(p, ports, domain, tls_files, message_size_limit))
     with open(os.path.join(p["postfix_conf"], "master.cf"), "w") as f:
         f.write(_postfix_master_cf(ports, tls_files))
+    # Postfix refuses to read a main.cf/master.cf changed less than ~2 s ago (it sleeps
+    # and re-reads, in case an editor is still writing it): date the files back.
+    past = time.time() - 60
+    for name in ("main.cf", "master.cf"):
+        os.utime(os.path.join(p["postfix_conf"], name), (past, past))
 
     info = {
         "dir": p["dir"],
@@ -735,8 +798,12 @@ def _start_once(p, url, domain, ports, tls, auth_failure_delay, message_size_lim
         _wait_banner(ports["smtp"], b"220", deadline)
         if tls_files:
             _wait_banner(ports["smtp_starttls"], b"220", deadline)
-            _wait_banner(ports["smtps"], None, deadline)
-            _wait_banner(ports["imaps"], None, deadline)
+            _wait_banner(ports["smtps"], b"220", deadline, tls_files["ca_cert"])
+            _wait_banner(ports["imaps"], b"* OK", deadline, tls_files["ca_cert"])
+        for name, port in sorted(ports.items()):
+            if _listen_count(port) != 1:
+                raise HarnessError("%s port %d is shared with another listener (another "
+                                   "Postfix? SO_REUSEPORT)" % (name, port))
         info["pid_dovecot"] = _read_pid(os.path.join(base_dir, "master.pid"))
         info["pid_postfix"] = _read_pid(os.path.join(p["postfix_queue"], "pid",
                                                       "master.pid"))
@@ -766,17 +833,26 @@ def stop(dir, timeout=30.0):
     before = _instance_pids(state)
     report = {"stopped": True, "killed": [], "remaining": [], "dovecot_stop": None,
               "postfix_stop": None}
-    if os.path.exists(state["dovecot_conf"]) and _read_pid(
-            os.path.join(state["base_dir"], "master.pid")):
+    # Dovecot: SIGTERM to the master, which is all `doveadm -c CONF stop` does, but
+    # doveadm polls coarsely (~2.2 s); we poll the processes ourselves (~1.1 s).
+    dpid = _read_pid(os.path.join(state["base_dir"], "master.pid"))
+    if dpid and dpid in before:
+        try:
+            os.kill(dpid, signal.SIGTERM)
+            report["dovecot_stop"] = "SIGTERM %d" % dpid
+        except ProcessLookupError:
+            pass
+    elif dpid and os.path.exists(state["dovecot_conf"]):
         rc, out = _run([_which("doveadm") or "doveadm", "-c", state["dovecot_conf"], "stop"],
                        timeout=timeout, log_path=p["harness_log"])
-        report["dovecot_stop"] = rc
-    if os.path.exists(os.path.join(state["postfix_config_dir"], "main.cf")) and _read_pid(
-            os.path.join(p["postfix_queue"], "pid", "master.pid")):
+        report["dovecot_stop"] = "doveadm stop rc=%d" % rc
+    ppid = _read_pid(os.path.join(p["postfix_queue"], "pid", "master.pid"))
+    if ppid and ppid in before and os.path.exists(
+            os.path.join(state["postfix_config_dir"], "main.cf")):
         env = dict(os.environ, MAIL_CONFIG=state["postfix_config_dir"])
         rc, out = _run([_which("postfix") or "postfix", "-c", state["postfix_config_dir"],
                         "stop"], timeout=timeout, env=env, log_path=p["harness_log"])
-        report["postfix_stop"] = rc
+        report["postfix_stop"] = "postfix stop rc=%d" % rc
 
     deadline = t0 + timeout
     remaining = _alive(before)
@@ -814,7 +890,7 @@ def stop(dir, timeout=30.0):
 
 def maildir(dir, user):
     """Delivered message files (absolute paths) of `user`, oldest first, INBOX only."""
-    root = os.path.join(_paths(dir)["mail"], user)
+    root = os.path.join(_paths(dir)["mail"], user.lower())  # Dovecot's %Lu
     files = []
     for sub in ("new", "cur"):
         d = os.path.join(root, sub)
