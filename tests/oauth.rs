@@ -161,7 +161,19 @@ async fn auth_code_with_pkce_through_the_daemon_and_offline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_with_a_certificate_assertion() {
     let key = RsaTestKey::a();
-    let cert = key.self_signed_cert("mfd-relay test app");
+    // A certificate that expires in 10 days: the relay must warn about it.
+    let cert = {
+        let kp = rcgen::KeyPair::from_pkcs8_pem_and_sign_algo(key.private_key_pem(), &rcgen::PKCS_RSA_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(300);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(10);
+        let c = params.self_signed(&kp).unwrap();
+        common::RsaCert {
+            cert_pem: c.pem(),
+            x5t_s256: common::b64url(common::sha256(c.der())),
+            cert_der: c.der().to_vec(),
+        }
+    };
     let w = World::start_with(
         |e| {
             e.idp.register_client(
@@ -192,6 +204,13 @@ async fn client_credentials_with_a_certificate_assertion() {
     let r = w.send(&login(), &scan_message("cert", "x")).await;
     assert!(r.ok && r.message.contains("delivered"), "{r:?}\n{}", w.relay.log());
     assert!(w.idp.token_requests(Grant::ClientCredentials) >= 1);
+    let log = w.relay.log();
+    assert!(
+        log.contains("client certificate") && (log.contains("expires in 9 days") || log.contains("expires in 10 days")),
+        "{log}"
+    );
+    let (_, metrics) = w.relay.admin_get("/metrics");
+    assert!(metrics.contains("mfd_relay_client_certificate_expiry_timestamp_seconds{provider=\"fake\"}"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

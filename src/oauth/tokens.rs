@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use oauth2::basic::{BasicErrorResponse, BasicTokenResponse};
 use oauth2::{AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl};
+use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
 use super::provider::ProviderInfo;
@@ -197,7 +198,12 @@ pub struct TokenManager {
     http: reqwest::Client,
     slots: HashMap<String, Arc<Slot>>,
     ready: tokio::sync::broadcast::Sender<String>,
+    /// Client certificates to watch: (provider, certificate file).
+    certificates: Vec<(String, std::path::PathBuf)>,
 }
+
+/// Warn this long before a client certificate expires.
+const CERT_WARNING: i64 = 30 * 24 * 3600;
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
@@ -279,7 +285,9 @@ impl TokenManager {
         let ca = ca_files.first().map(|p| p.as_path());
         let http = http_client(ca).map_err(TokenError::Config)?;
         let (ready, _) = tokio::sync::broadcast::channel(64);
-        Ok(TokenManager { store, vault, http, slots, ready })
+        let certificates =
+            providers.values().filter_map(|p| p.client_certificate.clone().map(|c| (p.name.clone(), c))).collect();
+        Ok(TokenManager { store, vault, http, slots, ready, certificates })
     }
 
     pub fn slot(&self, name: &str) -> Result<&Arc<Slot>, TokenError> {
@@ -478,6 +486,26 @@ impl TokenManager {
         }
     }
 
+    /// Publishes client certificate expiry and warns when one is close (30 days).
+    fn check_certificates(&self, now: i64) {
+        for (provider, path) in &self.certificates {
+            let der = rustls_pki_types::CertificateDer::from_pem_file(path);
+            let Some(not_after) = der.ok().and_then(|d| super::jwt::not_after(d.as_ref())) else {
+                tracing::warn!(provider = %provider, "cannot read the expiry of client certificate {}", path.display());
+                continue;
+            };
+            metrics::CERT_EXPIRY.with_label_values(&[provider.as_str()]).set(not_after as f64);
+            let days = (not_after - now) / 86400;
+            if not_after - now < CERT_WARNING {
+                tracing::warn!(
+                    provider = %provider,
+                    "client certificate {} expires in {days} days: upload a new one to the app registration and update client_certificate",
+                    path.display()
+                );
+            }
+        }
+    }
+
     /// Forgets the stored tokens of an identity.
     pub async fn logout(&self, name: &str) -> Result<(), TokenError> {
         let slot = self.slot(name)?;
@@ -517,8 +545,13 @@ impl TokenManager {
     /// (with jitter, chosen when the token was stored), refreshes idle identities daily, and
     /// backs off after failures.
     pub async fn run_refresher(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut certs_checked: Option<i64> = None;
         loop {
             let t = now();
+            if certs_checked.is_none_or(|c| t - c >= 6 * 3600) {
+                self.check_certificates(t);
+                certs_checked = Some(t);
+            }
             for slot in self.slots.values() {
                 let r = slot.record();
                 let app_only = matches!(slot.flow, Flow::ClientCredentials | Flow::ServiceAccount);

@@ -613,7 +613,9 @@ def _instance_pids(state):
     that look like Dovecot/Postfix and whose cwd is inside DIR or the Dovecot base_dir
     (both masters and all their children chdir there, or into a mail home under DIR)."""
     p = _paths(state["dir"])
-    dirs = [os.path.realpath(state["dir"]), os.path.realpath(state["base_dir"])]
+    queue = state.get("postfix_queue") or p["postfix_queue"]
+    dirs = [os.path.realpath(state["dir"]), os.path.realpath(state["base_dir"]),
+            os.path.realpath(queue)]
 
     def cwd_inside(pid):
         try:
@@ -625,7 +627,7 @@ def _instance_pids(state):
 
     roots = []
     for pid_file in (os.path.join(state["base_dir"], "master.pid"),
-                     os.path.join(p["postfix_queue"], "pid", "master.pid")):
+                     os.path.join(queue, "pid", "master.pid")):
         pid = _read_pid(pid_file)
         if pid and cwd_inside(pid):  # not a reused pid
             roots.append(pid)
@@ -663,6 +665,9 @@ def start(dir, introspect_url, domain="example.test", smtp_port=None, imap_port=
     old = _load_state(p["dir"])
     if old and _instance_pids(old):
         raise HarnessError("an instance is already running in %s; stop it first" % p["dir"])
+    if old and old.get("short_root", "") and \
+            os.path.basename(old["short_root"]).startswith("mfdrelay-"):
+        shutil.rmtree(old["short_root"], ignore_errors=True)  # left by a crashed run
     os.chmod(p["dir"], 0o755)
     _check_traversable(p["dir"], "mail")
     _check_traversable(p["dir"], "postfix")
@@ -702,6 +707,8 @@ def _start_once(p, url, domain, ports, tls, auth_failure_delay, message_size_lim
     # fresh per-run directories (mail is kept only until the next start)
     for key in ("postfix_queue", "postfix_data", "dovecot_state", "mail", "home", "tls",
                 "postfix_conf"):
+        if os.path.islink(p[key]):
+            os.unlink(p[key])
         shutil.rmtree(p[key], ignore_errors=True)
     for key in ("dovecot_log", "postfix_log", "harness_log"):
         try:
@@ -709,12 +716,25 @@ def _start_once(p, url, domain, ports, tls, auth_failure_delay, message_size_lim
         except FileNotFoundError:
             pass
 
-    # Dovecot's unix sockets live in base_dir (sun_path max 108 bytes): keep it short.
+    # Unix sockets have a 108-byte path limit (sun_path): Dovecot's live in base_dir,
+    # Postfix's in the queue directory (e.g. QUEUE/public/postlog, and Postfix fails
+    # *silently* when that is too long). With a long DIR, both go to a short directory
+    # /tmp/mfdrelay-XXXXXXXX (symlinked from DIR, removed by stop).
+    short_root = None
     base_dir = os.path.join(p["dir"], "run")
-    if len(base_dir) > 60:
-        base_dir = tempfile.mkdtemp(prefix="mfdrelay-dovecot-", dir="/tmp")
-    else:
-        shutil.rmtree(base_dir, ignore_errors=True)
+    shutil.rmtree(base_dir, ignore_errors=True)
+    try:
+        os.unlink(base_dir)
+    except OSError:
+        pass
+    if len(p["dir"]) > 48:
+        short_root = tempfile.mkdtemp(prefix="mfdrelay-", dir="/tmp")
+        os.chmod(short_root, 0o755)
+        base_dir = os.path.join(short_root, "run")
+        p = dict(p, postfix_queue=os.path.join(short_root, "pq"))
+        for link, target in ((os.path.join(p["dir"], "run"), base_dir),
+                             (os.path.join(p["dir"], "postfix-queue"), p["postfix_queue"])):
+            os.symlink(target, link)
 
     mail_pw = pwd.getpwnam("mail")
     for key in ("mail", "home"):
@@ -764,6 +784,8 @@ def _start_once(p, url, domain, ports, tls, auth_failure_delay, message_size_lim
         "tls": bool(tls_files),
         "maildir_root": p["mail"],
         "base_dir": base_dir,
+        "postfix_queue": p["postfix_queue"],
+        "short_root": short_root,
         "dovecot_conf": p["dovecot_conf"],
         "postfix_config_dir": p["postfix_conf"],
         "dovecot_log": p["dovecot_log"],
@@ -789,7 +811,10 @@ def _start_once(p, url, domain, ports, tls, auth_failure_delay, message_size_lim
                        timeout=max(1, deadline - time.monotonic()), env=env,
                        log_path=p["harness_log"])
         if rc != 0:
-            raise HarnessError("postfix failed to start (rc=%d): %s\n--- postfix.log:\n%s"
+            raise HarnessError("postfix failed to start (rc=%d): %s\n--- postfix.log:\n%s\n"
+                               "(Postfix fails silently when maillog_file is not under "
+                               "maillog_file_prefixes or a socket path under the queue "
+                               "directory exceeds 107 bytes)"
                                % (rc, out, _tail(p["postfix_log"])))
         # --- wait until everything serves
         _wait_banner(ports["imap"], b"* OK", deadline)
@@ -846,7 +871,8 @@ def stop(dir, timeout=30.0):
         rc, out = _run([_which("doveadm") or "doveadm", "-c", state["dovecot_conf"], "stop"],
                        timeout=timeout, log_path=p["harness_log"])
         report["dovecot_stop"] = "doveadm stop rc=%d" % rc
-    ppid = _read_pid(os.path.join(p["postfix_queue"], "pid", "master.pid"))
+    queue = state.get("postfix_queue") or p["postfix_queue"]
+    ppid = _read_pid(os.path.join(queue, "pid", "master.pid"))
     if ppid and ppid in before and os.path.exists(
             os.path.join(state["postfix_config_dir"], "main.cf")):
         env = dict(os.environ, MAIL_CONFIG=state["postfix_config_dir"])
@@ -879,9 +905,9 @@ def stop(dir, timeout=30.0):
     remaining = _alive(remaining)
     report["remaining"] = ["%d %s" % (pid, _cmdline(pid)) for pid in remaining]
     report["stopped"] = not remaining
-    if state["base_dir"] != os.path.join(p["dir"], "run") and \
-            state["base_dir"].startswith("/tmp/mfdrelay-dovecot-"):
-        shutil.rmtree(state["base_dir"], ignore_errors=True)
+    short = state.get("short_root")
+    if short and os.path.basename(short).startswith("mfdrelay-") and not remaining:
+        shutil.rmtree(short, ignore_errors=True)
     report["stop_seconds"] = round(time.monotonic() - t0, 3)
     if remaining:
         raise HarnessError("processes remain after stop: %s" % report["remaining"])
