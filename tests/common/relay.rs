@@ -271,7 +271,15 @@ pub struct World {
     pub upstream: super::fake_smtp::FakeSmtp,
     pub dir: tempfile::TempDir,
     pub relay: Relay,
+    /// The relay's own certificate (relay.pem / relay-key.pem in the config directory),
+    /// for listeners with `tls = "starttls"` or `"implicit"`.
+    pub relay_cert: super::CertPair,
 }
+
+/// Listener keys that turn on STARTTLS with the test certificate.
+pub const STARTTLS: &str = "tls = \"starttls\"\ncert = \"relay.pem\"\nkey = \"relay-key.pem\"\n";
+/// Listener keys for implicit TLS with the test certificate.
+pub const IMPLICIT_TLS: &str = "tls = \"implicit\"\ncert = \"relay.pem\"\nkey = \"relay-key.pem\"\n";
 
 /// What a test's configuration may refer to.
 pub struct Env<'a> {
@@ -338,13 +346,15 @@ impl World {
         let upstream = FakeSmtp::start(SmtpOptions::new(Tls::StartTls, idp.token_validator())).await;
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = upstream.cert().write_pem_files(dir.path(), "upstream");
+        let relay_cert = super::CertPair::localhost();
+        relay_cert.write_pem_files(dir.path(), "relay");
         let provider = provider_section(&idp, upstream.port(), "starttls", &ca);
         let env = Env { idp: &idp, dir: dir.path(), provider: &provider, ca: &ca, smtp_port: upstream.port() };
         let mut setup = Setup::new(sections(&env));
         tweak(&mut setup);
         let path = dir.path().to_path_buf();
         let relay = tokio::task::spawn_blocking(move || Relay::start(&path, &setup)).await.unwrap();
-        World { idp, upstream, dir, relay }
+        World { idp, upstream, dir, relay, relay_cert }
     }
 
     /// Sends with smtplib from a blocking thread.
