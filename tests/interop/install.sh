@@ -1,10 +1,11 @@
 #!/bin/sh
-# Install the real servers used by the interop tests (Debian 12, run as root).
+# Install the real servers and clients used by the tests (Debian 12, run as root):
+# Dovecot and Postfix for interop, swaks (with the Perl TLS and SASL modules it needs) and curl.
 # Idempotent: does nothing when every package is already installed.
 # Only Debian's own package mirrors are needed.
 set -eu
 
-PKGS="dovecot-imapd dovecot-lmtpd postfix swaks openssl"
+PKGS="dovecot-imapd dovecot-lmtpd postfix swaks openssl curl libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl"
 
 missing=""
 for p in $PKGS; do
