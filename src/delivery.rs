@@ -50,6 +50,7 @@ pub struct Delivery {
     tokens: Arc<TokenManager>,
     upstream: Arc<Upstream>,
     shaper: crate::upstream::shaper::Shaper,
+    activity: Arc<crate::activity::Activity>,
 }
 
 /// Exponential backoff: `first`, doubling per attempt, at most `max`, with 10% jitter.
@@ -62,8 +63,14 @@ pub fn backoff(attempts: u32, first: Duration, max: Duration) -> Duration {
 }
 
 impl Delivery {
-    pub fn new(policy: Policy, queue: Arc<Queue>, tokens: Arc<TokenManager>, upstream: Arc<Upstream>) -> Delivery {
-        Delivery { policy, queue, tokens, upstream, shaper: Default::default() }
+    pub fn new(
+        policy: Policy,
+        queue: Arc<Queue>,
+        tokens: Arc<TokenManager>,
+        upstream: Arc<Upstream>,
+        activity: Arc<crate::activity::Activity>,
+    ) -> Delivery {
+        Delivery { policy, queue, tokens, upstream, shaper: Default::default(), activity }
     }
 
     /// Attempts a just-accepted message while the device waits, for at most
@@ -197,6 +204,7 @@ impl Delivery {
         }
         for (rcpt, r) in &permanent {
             tracing::warn!(queue_id = %id, identity = %rec.identity, rcpt = %rcpt, "refused upstream: {}", r.describe());
+            self.activity.device_error(&rec.device, &format!("refused upstream for {rcpt}: {}", r.describe()));
         }
 
         // Everything refused for good and the device still waiting: it gets the refusal.
@@ -239,6 +247,7 @@ impl Delivery {
         }
         rec.next_attempt = now_ms() + wait.as_millis() as i64;
         rec.last_error = Some(why.to_string());
+        self.activity.device_error(&rec.device, &format!("delivery deferred: {why}"));
         metrics::MESSAGES_DEFERRED.with_label_values(&[&rec.identity, class]).inc();
         tracing::warn!(queue_id = %rec.id, identity = %rec.identity, attempts = rec.attempts, retry_in = wait.as_secs(), "deferred: {why}");
         if let Err(e) = self.queue.defer(&rec) {

@@ -115,6 +115,11 @@ impl Devices {
             .map(|(_, d)| d.clone())
     }
 
+    /// The device name of a username, if any (for logs and activity).
+    pub fn name_of_user(&self, username: &str) -> Option<&str> {
+        self.by_user.get(&username.to_ascii_lowercase()).map(|&i| self.devices[i].name.as_str())
+    }
+
     /// Checks a login. The argon2 work runs on the blocking pool; a success is cached.
     pub async fn authenticate(&self, username: &str, pin: &str, ip: IpAddr) -> Result<Arc<Device>, AuthError> {
         let ip = canonical(ip);

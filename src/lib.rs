@@ -8,6 +8,7 @@
 //! (mobile print), `admin` (HTTP: metrics, health, control), `store` (the only user of sled),
 //! `config` and `metrics` (everything the admin configures and watches, each in one place).
 
+pub mod activity;
 pub mod admin;
 pub mod config;
 pub mod delivery;

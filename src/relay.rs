@@ -44,6 +44,7 @@ pub struct Parts {
     pub delivery: Arc<Delivery>,
     pub ctx: Arc<Context>,
     pub logins: Arc<crate::oauth::login::Logins>,
+    pub activity: Arc<crate::activity::Activity>,
 }
 
 /// The durable state of a relay: database, queue and token key.
@@ -81,7 +82,8 @@ pub fn build(config: Config) -> Result<Parts, StartError> {
         bounce_to: config.relay.bounce_to.clone(),
         in_session_timeout: config.relay.in_session_timeout.0,
     };
-    let delivery = Arc::new(Delivery::new(policy, queue.clone(), tokens.clone(), upstream));
+    let activity = Arc::new(crate::activity::Activity::default());
+    let delivery = Arc::new(Delivery::new(policy, queue.clone(), tokens.clone(), upstream, activity.clone()));
     let ctx = Arc::new(Context {
         hostname: config.relay.hostname.clone(),
         devices: Arc::new(Devices::from_config(&config)),
@@ -90,8 +92,9 @@ pub fn build(config: Config) -> Result<Parts, StartError> {
         tokens: tokens.clone(),
         throttle: AuthThrottle::new(crate::smtp::AUTH_MAX_FAILURES, crate::smtp::AUTH_BLOCK),
         max_recipients: config.relay.max_recipients,
+        activity: activity.clone(),
     });
-    Ok(Parts { config, store, queue, tokens, delivery, ctx, logins: Default::default() })
+    Ok(Parts { config, store, queue, tokens, delivery, ctx, logins: Default::default(), activity })
 }
 
 /// Runs the relay until `shutdown` becomes true.

@@ -29,6 +29,7 @@ pub struct Context {
     pub tokens: Arc<TokenManager>,
     pub throttle: auth::AuthThrottle,
     pub max_recipients: usize,
+    pub activity: Arc<crate::activity::Activity>,
 }
 
 impl Context {

@@ -367,12 +367,16 @@ impl Session {
         match self.ctx.devices.authenticate(&creds.username, &creds.password, ip).await {
             Ok(device) => {
                 self.ctx.throttle.succeeded(ip);
+                self.ctx.activity.seen(&device.name, &ip.to_string());
                 tracing::debug!(peer = %self.peer, device = %device.name, "device logged in");
                 self.device = Some(device);
                 self.authenticated = true;
                 Ok(Reply::auth_ok())
             }
             Err(e) => {
+                if let Some(name) = self.ctx.devices.name_of_user(&creds.username) {
+                    self.ctx.activity.device_error(name, &format!("login refused: {e}"));
+                }
                 let why = format!("{e} (username \"{}\")", crate::smtp::reply::sanitize_text(&creds.username, 64));
                 Ok(self.auth_failed(&why).await)
             }
@@ -413,6 +417,9 @@ impl Session {
             return if self.listener.require_auth { Reply::auth_required() } else { Reply::not_a_device() };
         };
         self.device = Some(device.clone());
+        if !self.authenticated {
+            self.ctx.activity.seen(&device.name, &self.peer.ip().to_string());
+        }
         if let Some(s) = size {
             let limit = self.size_limit();
             if s > limit {
@@ -426,6 +433,7 @@ impl Session {
         }
         if self.ctx.tokens.state(&device.identity) == Some(IdentityState::NeedsLogin) {
             metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "needs_login"]).inc();
+            self.ctx.activity.device_error(&device.name, "refused: its identity needs a new sign-in");
             return Reply::needs_login(&device.identity);
         }
         self.txn = Some(Transaction { from, rcpts: Vec::new() });
@@ -598,6 +606,7 @@ impl Session {
         }
         // From here on the message is durable (DESIGN rule 1).
         self.accepted += 1;
+        self.ctx.activity.accepted(&device.name);
         metrics::MESSAGES_ACCEPTED.with_label_values(&[&device.name, &device.identity]).inc();
         metrics::MESSAGE_SIZE.observe(final_size as f64);
         tracing::info!(
