@@ -13,6 +13,7 @@ pub mod admin;
 pub mod config;
 pub mod delivery;
 pub mod devices;
+pub mod imap;
 pub mod message;
 pub mod metrics;
 pub mod oauth;

@@ -145,6 +145,7 @@ pub async fn run(config: Config, shutdown: tokio::sync::watch::Receiver<bool>) -
     tasks.push(tokio::spawn(parts.delivery.clone().run(QUEUE_PARALLELISM, shutdown.clone())));
     let admin = crate::admin::Admin::new(&parts);
     tasks.push(tokio::spawn(admin.serve(admin_tcp, shutdown.clone())));
+    tasks.push(tokio::spawn(crate::imap::Pollers::new(&parts).run(shutdown.clone())));
     for (tcp, settings) in listeners {
         tasks.push(tokio::spawn(listener::serve(tcp, settings, parts.ctx.clone(), shutdown.clone(), SHUTDOWN_GRACE)));
     }

@@ -1,31 +1,76 @@
-//! The admin listener (loopback HTTP): `/metrics`, `/healthz`, `/readyz`, and the JSON API
+//! The admin listener (loopback HTTP by default): `/metrics`, `/healthz`, `/readyz`, the
+//! status page `/status` for a person with a browser, the OAuth callback, and the JSON API
 //! that `mfd-relay queue ...` and `mfd-relay auth ...` use while the daemon runs (sled lets
 //! only one process open the database).
+//!
+//! Access ([`auth`]): open when neither `[admin] token` nor basic auth is configured;
+//! otherwise every route but `/healthz`, `/` and the OAuth callback needs a bearer token or
+//! basic-auth credentials. What the admin takes from the configuration is one [`View`],
+//! replaced as a whole by [`Admin::reload`].
 
-use std::sync::Arc;
+pub mod auth;
+pub mod status;
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use crate::activity::Activity;
+use crate::config::Config;
 use crate::oauth::login::Logins;
 use crate::oauth::tokens::{IdentityState, TokenManager};
 use crate::queue::{MessageId, Queue};
 use crate::relay::Parts;
+use auth::Access;
+use status::{DeviceInfo, MailboxInfo};
 
 /// Shared state of the admin handlers.
 #[derive(Clone)]
 pub struct Admin {
     queue: Arc<Queue>,
     tokens: Arc<TokenManager>,
-    token: Option<Arc<String>>,
-    ready_when_needs_login: bool,
     logins: Arc<Logins>,
+    activity: Arc<Activity>,
     redirect_uri: Arc<String>,
+    /// Unix seconds when the admin (and so the relay) started.
+    started: i64,
+    view: Arc<RwLock<Arc<View>>>,
+}
+
+/// What the admin listener takes from the configuration.
+pub struct View {
+    access: Access,
+    ready_when_needs_login: bool,
+    hostname: String,
+    devices: Vec<DeviceInfo>,
+    mailboxes: Vec<MailboxInfo>,
+}
+
+impl View {
+    pub fn from_config(config: &Config) -> View {
+        View {
+            access: Access::new(config.admin.token.clone(), basic_auth(&config.admin)),
+            ready_when_needs_login: config.admin.ready_when_needs_login,
+            hostname: config.relay.hostname.clone(),
+            devices: DeviceInfo::from_config(config),
+            mailboxes: MailboxInfo::from_config(config),
+        }
+    }
+}
+
+/// The basic-auth credentials of `[admin]`: (user, argon2 hash of the password).
+///
+/// Waiting for two fields in `config::Admin` (issue 5):
+/// `basic_auth_user: Option<String>` and `basic_auth_password_hash: Option<String>`; then:
+/// `admin.basic_auth_user.clone().zip(admin.basic_auth_password_hash.clone())`.
+fn basic_auth(_admin: &crate::config::Admin) -> Option<(String, String)> {
+    None
 }
 
 impl Admin {
@@ -33,18 +78,35 @@ impl Admin {
         Admin {
             queue: parts.queue.clone(),
             tokens: parts.tokens.clone(),
-            token: parts.config.admin.token.clone().map(Arc::new),
-            ready_when_needs_login: parts.config.admin.ready_when_needs_login,
             logins: parts.logins.clone(),
+            activity: parts.activity.clone(),
             redirect_uri: Arc::new(parts.config.admin.redirect_uri()),
+            started: chrono::Utc::now().timestamp(),
+            view: Arc::new(RwLock::new(Arc::new(View::from_config(&parts.config)))),
         }
     }
 
+    /// Takes a new configuration (on reload): credentials, devices and mailboxes shown, the
+    /// readiness rule. The listen address and redirect URI stay those of the start. A
+    /// remembered basic-auth success is forgotten.
+    pub fn reload(&self, config: &Config) {
+        self.set_view(View::from_config(config));
+    }
+
+    /// Replaces what the admin takes from the configuration.
+    pub fn set_view(&self, view: View) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+    }
+
+    fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn router(self) -> Router {
-        Router::new()
-            .route("/healthz", get(|| async { "ok\n" }))
+        let protected = Router::new()
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
+            .route("/status", get(status_page))
             .route("/api/queue", get(queue_list))
             .route("/api/queue/retry/{id}", post(queue_retry))
             .route("/api/queue/drop/{id}", post(queue_drop))
@@ -53,7 +115,13 @@ impl Admin {
             .route("/api/auth/login/{id}/url", post(auth_login_url))
             .route("/api/auth/logout/{id}", post(auth_logout))
             .route("/api/auth/import/{id}", post(auth_import))
+            .route_layer(middleware::from_fn_with_state(self.clone(), require_access));
+        Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/", get(|| async { Redirect::to("/status") }))
+            // The browser's return from the provider: the one-time `state` authorises it.
             .route("/oauth/callback", get(oauth_callback))
+            .merge(protected)
             .with_state(self)
     }
 
@@ -69,31 +137,19 @@ impl Admin {
             tracing::error!("admin listener: {e}");
         }
     }
+}
 
-    fn authorised(&self, headers: &HeaderMap) -> bool {
-        match &self.token {
-            None => true,
-            Some(t) => headers
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|v| constant_time_eq(v.as_bytes(), t.as_bytes())),
-        }
+/// Lets a request through when its credentials fit [`View::access`]; else a 401.
+async fn require_access(State(a): State<Admin>, req: Request, next: Next) -> Response {
+    let view = a.view();
+    if view.access.allows(req.headers()).await {
+        return next.run(req).await;
     }
+    tracing::debug!(path = %req.uri().path(), "admin request refused: no valid credentials");
+    view.access.refusal(req.uri().path() == "/status")
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn unauthorised() -> Response {
-    (StatusCode::UNAUTHORIZED, "admin token required\n").into_response()
-}
-
-async fn readyz(State(a): State<Admin>, headers: HeaderMap) -> Response {
-    if !a.authorised(&headers) {
-        return unauthorised();
-    }
+async fn readyz(State(a): State<Admin>) -> Response {
     let waiting: Vec<String> = a
         .tokens
         .status()
@@ -101,7 +157,7 @@ async fn readyz(State(a): State<Admin>, headers: HeaderMap) -> Response {
         .filter(|s| s.state == IdentityState::NeedsLogin.as_str())
         .map(|s| s.name)
         .collect();
-    if waiting.is_empty() || a.ready_when_needs_login {
+    if waiting.is_empty() || a.view().ready_when_needs_login {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, format!("identities need a sign-in: {}\n", waiting.join(", ")))
@@ -109,28 +165,52 @@ async fn readyz(State(a): State<Admin>, headers: HeaderMap) -> Response {
     }
 }
 
-async fn metrics(State(a): State<Admin>, headers: HeaderMap) -> Response {
-    if !a.authorised(&headers) {
-        return unauthorised();
-    }
+async fn metrics(State(a): State<Admin>) -> Response {
     crate::delivery::update_queue_metrics(&a.queue);
     ([("content-type", "text/plain; version=0.0.4")], crate::metrics::render()).into_response()
 }
 
-async fn queue_list(State(a): State<Admin>, headers: HeaderMap) -> Response {
-    if !a.authorised(&headers) {
-        return unauthorised();
+/// The status page: collected off the async workers (it scans the queue records).
+async fn status_page(State(a): State<Admin>) -> Response {
+    let page = tokio::task::spawn_blocking(move || {
+        let view = a.view();
+        let sources = status::Sources {
+            hostname: &view.hostname,
+            started: a.started,
+            tokens: &a.tokens,
+            queue: &a.queue,
+            activity: &a.activity,
+            devices: &view.devices,
+            mailboxes: &view.mailboxes,
+        };
+        status::render(&status::collect(&sources, chrono::Utc::now().timestamp()))
+    })
+    .await;
+    match page {
+        Ok(page) => (
+            [
+                (header::CACHE_CONTROL, "no-store"),
+                // Inline CSS only: any script that slipped into a value would not run.
+                (header::CONTENT_SECURITY_POLICY, "default-src 'none'; style-src 'unsafe-inline'"),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                (header::X_FRAME_OPTIONS, "DENY"),
+                (header::REFERRER_POLICY, "no-referrer"),
+            ],
+            Html(page),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
+}
+
+async fn queue_list(State(a): State<Admin>) -> Response {
     match a.queue.list() {
         Ok(v) => Json(v).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 
-async fn queue_retry(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if !a.authorised(&headers) {
-        return unauthorised();
-    }
+async fn queue_retry(State(a): State<Admin>, Path(id): Path<String>) -> Response {
     let which = if id == "all" {
         None
     } else {
@@ -145,10 +225,7 @@ async fn queue_retry(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<
     }
 }
 
-async fn queue_drop(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if !a.authorised(&headers) {
-        return unauthorised();
-    }
+async fn queue_drop(State(a): State<Admin>, Path(id): Path<String>) -> Response {
     let Ok(id) = id.parse::<MessageId>() else {
         return (StatusCode::BAD_REQUEST, format!("\"{id}\" is not a queue id\n")).into_response();
     };
@@ -158,10 +235,7 @@ async fn queue_drop(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<S
     }
 }
 
-async fn auth_status(State(a): State<Admin>, headers: HeaderMap) -> Response {
-    if !a.authorised(&headers) {
-        return unauthorised();
-    }
+async fn auth_status(State(a): State<Admin>) -> Response {
     Json(a.tokens.status()).into_response()
 }
 
@@ -169,20 +243,14 @@ fn error(status: StatusCode, e: impl std::fmt::Display) -> Response {
     (status, format!("{e}\n")).into_response()
 }
 
-async fn auth_login(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if !a.authorised(&headers) {
-        return unauthorised();
-    }
+async fn auth_login(State(a): State<Admin>, Path(id): Path<String>) -> Response {
     match a.logins.start(&a.tokens, &id, &a.redirect_uri).await {
         Ok(start) => Json(start).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }
 
-async fn auth_login_status(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if !a.authorised(&headers) {
-        return unauthorised();
-    }
+async fn auth_login_status(State(a): State<Admin>, Path(id): Path<String>) -> Response {
     Json(a.logins.status(&id)).into_response()
 }
 
@@ -192,20 +260,14 @@ struct RedirectedUrl {
     url: String,
 }
 
-async fn auth_login_url(State(a): State<Admin>, headers: HeaderMap, Json(body): Json<RedirectedUrl>) -> Response {
-    if !a.authorised(&headers) {
-        return unauthorised();
-    }
+async fn auth_login_url(State(a): State<Admin>, Json(body): Json<RedirectedUrl>) -> Response {
     match a.logins.complete_with_url(&a.tokens, &body.url).await {
         Ok(msg) => Json(serde_json::json!({ "ok": msg })).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }
 
-async fn auth_logout(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if !a.authorised(&headers) {
-        return unauthorised();
-    }
+async fn auth_logout(State(a): State<Admin>, Path(id): Path<String>) -> Response {
     match a.tokens.logout(&id).await {
         Ok(()) => Json(serde_json::json!({ "logged_out": id })).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
@@ -218,15 +280,7 @@ struct ImportToken {
     refresh_token: String,
 }
 
-async fn auth_import(
-    State(a): State<Admin>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Json(body): Json<ImportToken>,
-) -> Response {
-    if !a.authorised(&headers) {
-        return unauthorised();
-    }
+async fn auth_import(State(a): State<Admin>, Path(id): Path<String>, Json(body): Json<ImportToken>) -> Response {
     match a.tokens.import_refresh_token(&id, body.refresh_token.trim()).await {
         Ok(t) => Json(serde_json::json!({ "account": t.account })).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
@@ -249,7 +303,21 @@ async fn oauth_callback(State(a): State<Admin>, Query(q): Query<HashMap<String, 
     (status, Html(page)).into_response()
 }
 
-/// Escapes text for HTML.
+/// Escapes text for HTML element content and quoted attribute values.
 pub fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    let mut out = String::with_capacity(s.len() + s.len() / 8);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
+
+#[cfg(test)]
+mod tests;

@@ -51,7 +51,28 @@ struct Pooled {
 /// A provider's submission server, with its TLS settings built once.
 struct Target {
     server: Server,
+    /// For STARTTLS (lettre upgrades the stream itself).
     tls: Option<TlsParameters>,
+    /// For implicit TLS (we open TLS before lettre sees the stream).
+    implicit: Option<tokio_rustls::TlsConnector>,
+}
+
+/// A rustls client configuration trusting the web PKI plus the provider's extra CAs.
+fn rustls_connector(ca_pem: Option<&[u8]>) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = ca_pem {
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+            roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// Errors building the upstream side from the configuration.
@@ -77,19 +98,25 @@ impl Upstream {
         for p in providers {
             let Some(server) = p.smtp.clone() else { continue };
             let err = |message: String| SetupError { provider: p.name.clone(), message };
-            let tls = if server.tls == crate::config::UpstreamTls::None {
-                None
-            } else {
-                let mut b = TlsParameters::builder(server.host.clone());
-                if let Some(ca) = &p.ca_file {
-                    let pem = std::fs::read(ca).map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?;
-                    let cert =
-                        Certificate::from_pem(&pem).map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?;
-                    b = b.add_root_certificate(cert);
-                }
-                Some(b.build_rustls().map_err(|e| err(format!("TLS setup: {e}")))?)
+            let ca_pem = match &p.ca_file {
+                Some(ca) => Some(std::fs::read(ca).map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?),
+                None => None,
             };
-            targets.insert(p.name.clone(), Target { server, tls });
+            let (tls, implicit) = match server.tls {
+                crate::config::UpstreamTls::None => (None, None),
+                crate::config::UpstreamTls::Implicit => {
+                    (None, Some(rustls_connector(ca_pem.as_deref()).map_err(|e| err(format!("TLS setup: {e}")))?))
+                }
+                crate::config::UpstreamTls::Starttls => {
+                    let mut b = TlsParameters::builder(server.host.clone());
+                    if let Some(pem) = &ca_pem {
+                        let cert = Certificate::from_pem(pem).map_err(|e| err(format!("ca_file: {e}")))?;
+                        b = b.add_root_certificate(cert);
+                    }
+                    (Some(b.build_rustls().map_err(|e| err(format!("TLS setup: {e}")))?), None)
+                }
+            };
+            targets.insert(p.name.clone(), Target { server, tls, implicit });
         }
         Ok(Upstream {
             hello: ClientId::Domain(hostname.to_string()),
@@ -128,7 +155,14 @@ impl Upstream {
         let (mut conn, token_expires_at) = match self.checkout(identity).await {
             Some(p) => p,
             None => (
-                client::connect(&target.server, target.tls.as_ref(), &self.hello, user, &token.secret).await?,
+                client::connect(
+                    &target.server,
+                    &client::Security { starttls: target.tls.as_ref(), implicit: target.implicit.as_ref() },
+                    &self.hello,
+                    user,
+                    &token.secret,
+                )
+                .await?,
                 token.expires_at,
             ),
         };

@@ -1,0 +1,506 @@
+//! Benchmark: the real relay binary on loopback, driven like printers drive it, towards a
+//! loopback XOAUTH2 sink. Prints messages/s, end-to-end latency (p50/p99) and the relay's
+//! peak memory per scenario. Not a test: it asserts nothing, it measures.
+//!
+//!     cargo bench --bench relay                 # every scenario
+//!     cargo bench --bench relay -- small        # scenarios whose name contains "small"
+//!
+//! Each message is one connection (EHLO, AUTH PLAIN, MAIL, RCPT, DATA, QUIT) unless the
+//! scenario says "reuse", exactly as MFDs do; acceptance is durable (spool fsync + database
+//! flush before every 250) and delivery happens in session, so a 250 means the sink has the
+//! message. The sink answers XOAUTH2 with 235 and counts messages; the token endpoint is a
+//! tiny in-process HTTP server. Results go to BENCHMARKS.md by hand.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One scenario of the benchmark.
+struct Scenario {
+    name: &'static str,
+    size: usize,
+    clients: usize,
+    messages: usize,
+    reuse: bool,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario { name: "small-1", size: 2 * 1024, clients: 1, messages: 2_000, reuse: false },
+    Scenario { name: "small-16", size: 2 * 1024, clients: 16, messages: 20_000, reuse: false },
+    Scenario { name: "small-64", size: 2 * 1024, clients: 64, messages: 20_000, reuse: false },
+    Scenario { name: "small-16-reuse", size: 2 * 1024, clients: 16, messages: 20_000, reuse: true },
+    Scenario { name: "1mb-16", size: 1024 * 1024, clients: 16, messages: 400, reuse: false },
+    Scenario { name: "30mb-8", size: 30 * 1024 * 1024, clients: 8, messages: 16, reuse: false },
+];
+
+const PIN: &str = "4711";
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let token_url = token_endpoint().await;
+    let sink = Sink::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay = RelayProc::start(dir.path(), &token_url, sink.port);
+
+    println!("machine: {} cores, {}", num_cpus(), cpu_model());
+    println!("relay: {} (pid {})", relay.binary.display(), relay.pid());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss_kib(relay.pid());
+    println!("idle RSS after start: {:.1} MiB", idle as f64 / 1024.0);
+    println!();
+    println!(
+        "{:<16} {:>8} {:>7} {:>9} {:>11} {:>9} {:>9} {:>11}",
+        "scenario", "size", "clients", "messages", "msg/s", "p50 ms", "p99 ms", "peak RSS"
+    );
+    for s in SCENARIOS {
+        if !filter.is_empty() && !filter.iter().any(|f| s.name.contains(f.as_str())) {
+            continue;
+        }
+        run_scenario(s, &relay, &sink).await;
+    }
+    if filter.is_empty() || filter.iter().any(|f| "idle-1000".contains(f.as_str())) {
+        idle_connections(&relay, 1000).await;
+    }
+    let after = rss_kib(relay.pid());
+    println!();
+    println!("RSS after all scenarios: {:.1} MiB", after as f64 / 1024.0);
+}
+
+async fn run_scenario(s: &Scenario, relay: &RelayProc, sink: &Sink) {
+    let body = Arc::new(make_body(s.size));
+    let before = sink.count.load(Ordering::SeqCst);
+    reset_peak(relay.pid());
+    let sampler = RssSampler::start(relay.pid());
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..s.clients {
+        let (body, next, port, n, reuse) = (body.clone(), next.clone(), relay.port, s.messages as u64, s.reuse);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut conn: Option<Client> = None;
+            while next.fetch_add(1, Ordering::SeqCst) < n {
+                let t = Instant::now();
+                if conn.is_none() {
+                    conn = Some(Client::connect(port).await);
+                }
+                let c = conn.as_mut().expect("connected");
+                c.send_message(&body).await;
+                if !reuse {
+                    if let Some(mut c) = conn.take() {
+                        c.quit().await;
+                    }
+                }
+                lat.push(t.elapsed());
+            }
+            if let Some(mut c) = conn.take() {
+                c.quit().await;
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("client task"));
+    }
+    let elapsed = started.elapsed();
+    let peak = sampler.stop().max(peak_kib(relay.pid()));
+    // Every 250 was given after the sink accepted the message; check that nothing is missing.
+    let delivered = sink.count.load(Ordering::SeqCst) - before;
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default()
+    };
+    println!(
+        "{:<16} {:>8} {:>7} {:>9} {:>11.0} {:>9.2} {:>9.2} {:>8.1} MiB{}",
+        s.name,
+        human_size(s.size),
+        s.clients,
+        lat.len(),
+        lat.len() as f64 / elapsed.as_secs_f64(),
+        pct(0.50).as_secs_f64() * 1000.0,
+        pct(0.99).as_secs_f64() * 1000.0,
+        peak as f64 / 1024.0,
+        if delivered as usize == lat.len() { String::new() } else { format!("  (sink got {delivered})") }
+    );
+}
+
+/// Opens `n` device connections that greet and then stay idle; reports the memory they cost.
+async fn idle_connections(relay: &RelayProc, n: usize) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(relay.pid());
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let mut c = Client::connect(relay.port).await;
+        c.cmd("EHLO idle.bench\r\n").await;
+        conns.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let with = rss_kib(relay.pid());
+    println!(
+        "{:<16} {:>8} {:>7} {:>9} {:>11} {:>9} {:>9} {:>8.1} MiB  (+{:.1} MiB for {n} connections, {:.1} KiB each)",
+        "idle-1000",
+        "-",
+        n,
+        "-",
+        "-",
+        "-",
+        "-",
+        with as f64 / 1024.0,
+        (with.saturating_sub(before)) as f64 / 1024.0,
+        (with.saturating_sub(before)) as f64 / n as f64
+    );
+    for mut c in conns {
+        c.quit().await;
+    }
+}
+
+/// A message of about `size` bytes: headers and base64-like lines, as a scan is.
+fn make_body(size: usize) -> Vec<u8> {
+    let mut b = b"From: scanner@printer.lan\r\nTo: boss@contoso.test\r\nSubject: bench scan\r\nDate: Thu, 26 Nov 2026 06:00:00 +0000\r\nMessage-ID: <bench@printer>\r\nMIME-Version: 1.0\r\n\r\n".to_vec();
+    let line = b"QmVuY2htYXJrIHBheWxvYWQgbGluZSBvZiBhIHNjYW4sIGJhc2U2NCBlbmNvZGVkLCA3NiBjaGFyYWN0ZXJzIQ\r\n";
+    while b.len() < size {
+        b.extend_from_slice(line);
+    }
+    b.extend_from_slice(b".\r\n");
+    b
+}
+
+/// A printer-like SMTP client.
+struct Client {
+    r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+    line: String,
+}
+
+impl Client {
+    async fn connect(port: u16) -> Client {
+        let s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect to relay");
+        let _ = s.set_nodelay(true);
+        let (r, w) = s.into_split();
+        let mut c = Client { r: BufReader::new(r), w, line: String::new() };
+        c.expect("220").await;
+        c.cmd("EHLO printer.bench\r\n").await;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0bench\0{PIN}"));
+        let r = c.cmd(&format!("AUTH PLAIN {auth}\r\n")).await;
+        assert!(r.starts_with("235"), "AUTH: {r}");
+        c
+    }
+
+    async fn expect(&mut self, code: &str) -> String {
+        let r = self.reply().await;
+        assert!(r.starts_with(code), "expected {code}, got {r}");
+        r
+    }
+
+    async fn reply(&mut self) -> String {
+        loop {
+            self.line.clear();
+            let n = self.r.read_line(&mut self.line).await.expect("read reply");
+            assert!(n > 0, "relay closed the connection");
+            if self.line.as_bytes().get(3) != Some(&b'-') {
+                return self.line.clone();
+            }
+        }
+    }
+
+    async fn cmd(&mut self, line: &str) -> String {
+        self.w.write_all(line.as_bytes()).await.expect("write");
+        self.reply().await
+    }
+
+    async fn send_message(&mut self, body: &[u8]) {
+        // RFC 2920: the envelope in one write.
+        self.w
+            .write_all(b"MAIL FROM:<scanner@printer.lan>\r\nRCPT TO:<boss@contoso.test>\r\nDATA\r\n")
+            .await
+            .expect("write");
+        self.expect("250").await;
+        self.expect("250").await;
+        self.expect("354").await;
+        for chunk in body.chunks(256 * 1024) {
+            self.w.write_all(chunk).await.expect("write body");
+        }
+        let r = self.reply().await;
+        assert!(r.starts_with("250"), "DATA: {r}");
+    }
+
+    async fn quit(&mut self) {
+        let _ = self.w.write_all(b"QUIT\r\n").await;
+        let _ = self.reply_or_eof().await;
+    }
+
+    async fn reply_or_eof(&mut self) -> Option<String> {
+        self.line.clear();
+        match self.r.read_line(&mut self.line).await {
+            Ok(n) if n > 0 => Some(self.line.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The upstream: accepts XOAUTH2, counts messages, throws bodies away.
+struct Sink {
+    port: u16,
+    count: Arc<AtomicU64>,
+}
+
+impl Sink {
+    async fn start() -> Sink {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
+        let port = l.local_addr().expect("addr").port();
+        let count = Arc::new(AtomicU64::new(0));
+        let c = count.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let _ = sink_session(s, c).await;
+                });
+            }
+        });
+        Sink { port, count }
+    }
+}
+
+async fn sink_session(s: TcpStream, count: Arc<AtomicU64>) -> std::io::Result<()> {
+    let _ = s.set_nodelay(true);
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::with_capacity(256 * 1024, r);
+    w.write_all(b"220 sink.bench ESMTP\r\n").await?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let cmd = line.get(..4).unwrap_or("").to_ascii_uppercase();
+        let reply: &[u8] = match cmd.as_str() {
+            "EHLO" => b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 157286400\r\n250 AUTH XOAUTH2\r\n",
+            "AUTH" => b"235 2.7.0 Authentication successful\r\n",
+            "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 2.0.0 OK\r\n",
+            "QUIT" => {
+                w.write_all(b"221 2.0.0 Bye\r\n").await?;
+                return Ok(());
+            }
+            "DATA" => {
+                w.write_all(b"354 go ahead\r\n").await?;
+                read_until_dot(&mut r).await?;
+                count.fetch_add(1, Ordering::SeqCst);
+                b"250 2.0.0 OK queued\r\n"
+            }
+            _ => b"500 5.5.1 what\r\n",
+        };
+        w.write_all(reply).await?;
+    }
+}
+
+/// Reads DATA until CRLF.CRLF without keeping it (the DATA line's CRLF counts as the first).
+async fn read_until_dot(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Result<()> {
+    const END: &[u8] = b"\r\n.\r\n";
+    let mut matched = 2;
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        for (i, &b) in buf.iter().enumerate() {
+            matched = if b == END[matched] {
+                matched + 1
+            } else if b == b'\r' {
+                1
+            } else {
+                0
+            };
+            if matched == END.len() {
+                r.consume(i + 1);
+                return Ok(());
+            }
+        }
+        let n = buf.len();
+        r.consume(n);
+    }
+}
+
+/// A token endpoint that grants anything.
+async fn token_endpoint() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind token endpoint");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let body = r#"{"access_token":"bench-access-token","token_type":"Bearer","expires_in":3600}"#;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://127.0.0.1:{port}/token")
+}
+
+/// The relay under test, started from the binary cargo built next to this benchmark.
+struct RelayProc {
+    child: Child,
+    binary: PathBuf,
+    port: u16,
+}
+
+impl RelayProc {
+    fn start(dir: &std::path::Path, token_url: &str, sink_port: u16) -> RelayProc {
+        let binary = PathBuf::from(env!("CARGO_BIN_EXE_mfd-relay"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let hash = mfd_relay::devices::hash_pin(PIN).expect("hash");
+        let config = format!(
+            r#"[relay]
+hostname = "relay.bench"
+data_dir = "data"
+upstream_pool = 8
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[[listener]]
+listen = "127.0.0.1:{port}"
+max_connections = 5000
+max_connections_per_address = 5000
+max_message_size = "64MiB"
+
+[[provider]]
+name = "sink"
+kind = "generic"
+client_id = "bench"
+client_secret = "bench"
+token_url = "{token_url}"
+smtp = "127.0.0.1:{sink_port}"
+smtp_tls = "none"
+
+[[identity]]
+name = "scans"
+provider = "sink"
+email = "scans@contoso.test"
+flow = "client_credentials"
+
+[[device]]
+name = "bench"
+identity = "scans"
+username = "bench"
+pin_hash = "{hash}"
+"#
+        );
+        let path = dir.join("config.toml");
+        std::fs::write(&path, config).expect("write config");
+        let log = std::fs::File::create(dir.join("relay.log")).expect("log");
+        let child = Command::new(&binary)
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("MFD_RELAY_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start relay");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "relay did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RelayProc { child, binary, port }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+fn peak_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+/// Resets the kernel's peak-RSS counter (VmHWM) of a process (Linux: `5` in clear_refs).
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// Samples RSS every 5 ms in a thread (in case clear_refs is not allowed).
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut max = 0;
+            while !s.load(Ordering::SeqCst) {
+                max = max.max(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            max
+        });
+        RssSampler { stop, handle }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap_or(0)
+    }
+}
+
+fn human_size(n: usize) -> String {
+    if n >= 1024 * 1024 {
+        format!("{}MiB", n / 1024 / 1024)
+    } else {
+        format!("{}KiB", n / 1024)
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}

@@ -1,0 +1,107 @@
+//! The admin router in process: which routes ask for credentials, and what a browser gets.
+
+use super::*;
+use base64::Engine as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "test-admin-token";
+
+/// An admin listener on a free loopback port over a fresh data directory.
+async fn start(dir: &std::path::Path) -> (Admin, u16, tokio::sync::watch::Sender<bool>) {
+    let text = format!(
+        "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n"
+    );
+    let config = Config::parse(&dir.join("config.toml"), text).unwrap();
+    let parts = crate::relay::build(config).unwrap();
+    let admin = Admin::new(&parts);
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(admin.clone().serve(tcp, rx));
+    (admin, port, tx)
+}
+
+/// One HTTP/1.1 request; returns (status, raw head, body).
+async fn get(port: u16, path: &str, auth: Option<&str>) -> (u16, String, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+}
+
+#[test]
+fn escapes_html() {
+    assert_eq!(html_escape("a<b>&\"c\"'d'"), "a&lt;b&gt;&amp;&quot;c&quot;&#39;d&#39;");
+    assert_eq!(html_escape("plain é"), "plain é");
+}
+
+#[tokio::test]
+async fn token_only_protects_everything_but_health_and_tells_a_browser_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_admin, port, _stop) = start(dir.path()).await;
+    let bearer = format!("Bearer {TOKEN}");
+
+    assert_eq!(get(port, "/healthz", None).await.0, 200);
+    let (code, head, _) = get(port, "/", None).await;
+    assert_eq!(code, 303);
+    assert!(head.contains("location: /status"), "{head}");
+    for path in ["/metrics", "/readyz", "/status", "/api/queue", "/api/auth/status"] {
+        let (code, head, _) = get(port, path, None).await;
+        assert_eq!(code, 401, "{path}");
+        assert!(head.contains("www-authenticate: bearer realm=\"mfd-relay admin\""), "{path}: {head}");
+        assert!(!head.contains("basic"), "no basic challenge while basic auth is off: {head}");
+        assert_eq!(get(port, path, Some(&bearer)).await.0, 200, "{path}");
+    }
+    let (_, _, body) = get(port, "/api/queue", None).await;
+    assert_eq!(body, "admin token required\n", "the CLI shows this text");
+    let (_, head, body) = get(port, "/status", None).await;
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(body.contains("basic_auth_user") && body.contains("mfd-relay hash-pin"), "{body}");
+    assert_eq!(get(port, "/api/queue", Some(&bearer)).await.2, "[]");
+}
+
+#[tokio::test]
+async fn basic_auth_lets_a_person_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, port, _stop) = start(dir.path()).await;
+    let config = Config::parse(
+        &dir.path().join("config.toml"),
+        "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
+    )
+    .unwrap();
+    let hash = crate::devices::hash_pin("s3cret pass").unwrap();
+    admin.set_view(View {
+        access: Access::new(Some(TOKEN.into()), Some(("admin".into(), hash.clone()))),
+        ..View::from_config(&config)
+    });
+
+    let (code, head, body) = get(port, "/status", None).await;
+    assert_eq!(code, 401);
+    assert!(head.contains("www-authenticate: basic realm=\"mfd-relay admin\", charset=\"utf-8\""), "{head}");
+    assert!(body.contains("Sign in with the admin user and password"), "{body}");
+    assert_eq!(get(port, "/status", Some(&basic("admin", "wrong"))).await.0, 401);
+    assert_eq!(get(port, "/status", Some(&basic("root", "s3cret pass"))).await.0, 401);
+
+    let (code, head, page) = get(port, "/status", Some(&basic("admin", "s3cret pass"))).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(head.contains("cache-control: no-store"), "{head}");
+    assert!(head.contains("content-security-policy: default-src 'none'"), "{head}");
+    assert!(page.contains("mfd-relay <span>relay.test</span>") && page.contains("All good."), "{page}");
+    assert!(!page.contains(&hash) && !page.contains(TOKEN), "no credential on the page");
+    // The same person may read the API and metrics; programs keep using the token.
+    assert_eq!(get(port, "/metrics", Some(&basic("admin", "s3cret pass"))).await.0, 200);
+    assert_eq!(get(port, "/api/queue", Some(&format!("Bearer {TOKEN}"))).await.0, 200);
+
+    // A reload without basic auth takes it away again.
+    admin.reload(&config);
+    assert_eq!(get(port, "/status", Some(&basic("admin", "s3cret pass"))).await.0, 200, "open: no credentials set");
+}

@@ -1,0 +1,650 @@
+//! One mailbox's poller: log in, watch the folder, turn each new mail into a job, apply
+//! `after`, and start again after any error.
+//!
+//! A session: XOAUTH2 login (a refused token gets one refresh and one retry), `SELECT`,
+//! adopt UIDVALIDITY, then a loop of *check* and *wait*. The wait is IDLE when the server has
+//! it (RFC 2177; renewed every [`IDLE_RENEW`], before the 29 minutes after which a server may
+//! drop an idle client, and each renewal checks again) or `poll_interval` otherwise. The
+//! session ends, and a new one starts with a fresh token, shortly before the token it logged
+//! in with expires (Exchange Online ends such sessions itself). Errors end the session; the
+//! next one starts after an exponential backoff, or, when the identity needs a new sign-in,
+//! as soon as it is signed in again.
+//!
+//! A check handles each message through the stages recorded in [`super::state`]:
+//!
+//! ```text
+//! new UID ─▶ header: sender, size ─▶ body: parse, types, names ─▶ Spooling ─▶ job written ─▶ Spooled
+//!                 │ refused                │ refused                                            │
+//!                 └──────────────▶ Refused (reason) ◀──┘                                           │
+//!                                       │                                                         │
+//!                                       └──────────▶ `after` upstream ◀───────────────────────────┘
+//!                                                          │ (spooled, with a command)
+//!                                                          └─▶ hand-off Started ─▶ Done
+//! ```
+//!
+//! Every arrow into a stage is committed to the store before the next step, which is what
+//! makes a crash at any point safe: the job is never written twice, `after` is applied on
+//! restart, and the print command never runs twice.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mail_parser::{Message, MessageParser};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::client::{self, Connector, ImapError, Session};
+use super::job::{self, JobDirs, JobError, JobJson};
+use super::policy::{self, Policy, Refusal};
+use super::session::{After, Mailbox, Wake, FETCH_BATCH};
+use super::state::{self, Handoff, MailboxState, Stage, UidRecord};
+use super::{filename, handoff, reply};
+use crate::activity::Activity;
+use crate::config::{Mailbox as MailboxConfig, UpstreamTls};
+use crate::metrics;
+use crate::oauth::tokens::{AccessToken, TokenError, TokenManager};
+use crate::queue::Queue;
+use crate::store::{Store, StoreError};
+
+/// IDLE is ended and started again this often (RFC 2177 3: at least every 29 minutes).
+pub const IDLE_RENEW: Duration = Duration::from_secs(25 * 60);
+/// A session ends this long before its token expires, to log in again with a fresh one.
+pub const TOKEN_MARGIN: i64 = 120;
+/// The shortest session, whatever the token's lifetime.
+const MIN_SESSION: Duration = Duration::from_secs(60);
+/// Backoff after errors: from the first wait, doubling, up to the last.
+pub const RECONNECT_FIRST: Duration = Duration::from_secs(1);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(300);
+/// How long to wait for a person to sign the identity in again before trying anyway.
+const NEEDS_LOGIN_WAIT: Duration = Duration::from_secs(600);
+
+/// Test only: with this variable set to `1`, the relay aborts right after the first job is
+/// on disk and recorded as spooled, before `after` is applied upstream (the kill -9 test).
+pub const TEST_CRASH_AFTER_SPOOL: &str = "MFD_RELAY_TEST_CRASH_AFTER_SPOOL";
+
+/// Why a session ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("token: {0}")]
+    Token(#[from] TokenError),
+    #[error("IMAP: {0}")]
+    Imap(#[from] ImapError),
+    #[error("state: {0}")]
+    Store(#[from] StoreError),
+    #[error("spool: {0}")]
+    Job(#[from] JobError),
+}
+
+/// How a session ended without an error.
+enum End {
+    Shutdown,
+    /// The token is about to expire: log in again now.
+    Renew,
+}
+
+/// What became of a message's body.
+enum Spooled {
+    Written,
+    Refused(Refusal, About),
+    /// The message left the folder before it could be fetched.
+    Gone,
+}
+
+/// What the answer to a refused mail needs from it.
+#[derive(Debug, Clone, Default)]
+struct About {
+    sender: Option<String>,
+    subject: Option<String>,
+    message_id: Option<String>,
+    answerable: bool,
+}
+
+impl About {
+    fn of(msg: Option<&Message<'_>>, own_address: &str) -> About {
+        let Some(msg) = msg else { return About::default() };
+        let sender = policy::sender_of(msg).ok().map(|(s, _)| s.address);
+        About {
+            answerable: sender.as_deref().is_some_and(|s| reply::should_answer(msg, s, own_address)),
+            sender,
+            subject: msg.subject().map(str::to_string),
+            message_id: msg.message_id().map(str::to_string),
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Whether an IMAP error is the server declining one command (NO, BAD) on a healthy
+/// connection, rather than the connection failing.
+fn declined(e: &PollError) -> bool {
+    matches!(
+        e,
+        PollError::Imap(ImapError::Protocol {
+            source: async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_),
+            ..
+        })
+    )
+}
+
+/// The parts of the relay a poller uses.
+pub struct Shared {
+    pub tokens: Arc<TokenManager>,
+    pub store: Arc<Store>,
+    pub queue: Arc<Queue>,
+    pub activity: Arc<Activity>,
+    pub hostname: String,
+}
+
+/// One `[[mailbox]]`'s poller.
+pub struct Poller {
+    name: String,
+    identity: String,
+    /// The XOAUTH2 user: the identity's address.
+    user: String,
+    folder: String,
+    after: After,
+    policy: Policy,
+    command: Option<Vec<String>>,
+    command_timeout: Duration,
+    poll_interval: Duration,
+    reply_refused: bool,
+    connector: Connector,
+    dirs: JobDirs,
+    state: MailboxState,
+    shared: Arc<Shared>,
+    crash_after_spool: bool,
+}
+
+impl Poller {
+    /// Builds the poller of `m`; `spool` is its resolved spool directory. An error names what
+    /// in the configuration keeps it from running.
+    pub fn new(m: &MailboxConfig, spool: &std::path::Path, shared: Arc<Shared>) -> Result<Poller, String> {
+        let name = m.name.get_ref().clone();
+        let identity = m.identity.get_ref().clone();
+        let slot = shared.tokens.slot(&identity).map_err(|e| e.to_string())?;
+        let server = slot.provider.imap.clone().ok_or_else(|| {
+            format!("provider \"{}\" has no imap server (set imap = \"host:port\")", slot.provider.name)
+        })?;
+        let after = After::parse(m.after.get_ref())
+            .ok_or_else(|| format!("after = \"{}\" should be delete, seen or move:<folder>", m.after.get_ref()))?;
+        let connector = Connector::new(server, slot.provider.ca_file.as_deref()).map_err(|e| e.to_string())?;
+        let server = connector.server();
+        if server.tls == UpstreamTls::None && !matches!(server.host.as_str(), "127.0.0.1" | "::1" | "localhost") {
+            tracing::warn!(mailbox = %name, host = %server.host, "IMAP without TLS to a remote host: the token crosses the network in clear");
+        }
+        if m.senders.is_empty() {
+            tracing::warn!(mailbox = %name, "no `senders` allow-list: anyone who can mail {} can print", slot.email);
+        }
+        let command = m.command.clone().filter(|c| !c.is_empty());
+        if let Some(c) = &command {
+            if !c.iter().any(|a| a.contains(handoff::FILE_PLACEHOLDER)) {
+                tracing::warn!(mailbox = %name, "`command` has no \"{}\" argument: it will not know which file to print", handoff::FILE_PLACEHOLDER);
+            }
+        }
+        let dir_name = filename::sanitize(Some(&name), "mailbox", None);
+        Ok(Poller {
+            user: slot.email.clone(),
+            folder: m.folder.clone(),
+            after,
+            policy: Policy::from_config(m),
+            command,
+            command_timeout: m.command_timeout.0,
+            poll_interval: m.poll_interval.0.max(Duration::from_secs(1)),
+            reply_refused: m.reply_refused,
+            connector,
+            dirs: JobDirs::new(spool, &dir_name),
+            state: MailboxState::new(shared.store.clone(), &name),
+            crash_after_spool: std::env::var_os(TEST_CRASH_AFTER_SPOOL).is_some_and(|v| v == "1"),
+            name,
+            identity,
+            shared,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Polls until `shutdown` becomes true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut failures: u32 = 0;
+        let mut prepared = false;
+        let mut ready = self.shared.tokens.subscribe_ready();
+        tracing::info!(mailbox = %self.name, identity = %self.identity, folder = %self.folder, spool = %self.dirs.jobs.display(), "mailbox poller started");
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let err = match self.attempt(&mut prepared, &mut shutdown, &mut failures).await {
+                Ok(End::Shutdown) => return,
+                Ok(End::Renew) => continue,
+                Err(e) => e,
+            };
+            failures = failures.saturating_add(1);
+            self.report(&err);
+            let needs_login = matches!(err, PollError::Token(TokenError::NeedsLogin(_)));
+            let wait = if needs_login {
+                NEEDS_LOGIN_WAIT
+            } else {
+                crate::delivery::backoff(failures, RECONNECT_FIRST, RECONNECT_MAX)
+            };
+            tracing::debug!(mailbox = %self.name, wait_ms = wait.as_millis() as u64, "mailbox poller waits before trying again");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = wait_ready(&mut ready, &self.identity), if needs_login => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Prepares the spool folders (once), then runs a session.
+    async fn attempt(
+        &self,
+        prepared: &mut bool,
+        shutdown: &mut watch::Receiver<bool>,
+        failures: &mut u32,
+    ) -> Result<End, PollError> {
+        if !*prepared {
+            self.dirs.prepare()?;
+            *prepared = true;
+        }
+        self.session(shutdown, failures).await
+    }
+
+    fn report(&self, e: &PollError) {
+        metrics::IMAP_ERRORS.with_label_values(&[&self.name]).inc();
+        self.shared.activity.mailbox_error(&self.name, &e.to_string());
+        match e {
+            PollError::Token(TokenError::NeedsLogin(why)) => {
+                tracing::error!(mailbox = %self.name, identity = %self.identity, "mailbox not checked: the identity needs a new sign-in ({why}); run `mfd-relay auth login {}`", self.identity)
+            }
+            e => tracing::warn!(mailbox = %self.name, "mailbox check failed: {e}"),
+        }
+    }
+
+    /// XOAUTH2 login; a refused token gets one refresh and one retry.
+    async fn login(&self) -> Result<(Session, AccessToken), PollError> {
+        let token = self.shared.tokens.access_token(&self.identity).await?;
+        let conn = self.connector.connect().await?;
+        match client::authenticate(conn, &self.user, &token.secret).await {
+            Ok(s) => Ok((s, token)),
+            Err(ImapError::AuthRejected { detail }) => {
+                tracing::warn!(
+                    mailbox = %self.name,
+                    identity = %self.identity,
+                    server_says = %detail.as_deref().unwrap_or("-"),
+                    "the IMAP server refused the token; getting a new one and trying once more"
+                );
+                let token = self.shared.tokens.refresh_after_rejection(&self.identity, &token).await?;
+                let conn = self.connector.connect().await?;
+                let session = client::authenticate(conn, &self.user, &token.secret).await?;
+                Ok((session, token))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// One session, from login to its end.
+    async fn session(&self, shutdown: &mut watch::Receiver<bool>, failures: &mut u32) -> Result<End, PollError> {
+        let (session, token) = self.login().await?;
+        let mut mb = Mailbox::open(session, &self.folder).await?;
+        let now = unix_now();
+        if let Some(carried) = self.state.adopt_uidvalidity(mb.uidvalidity, now).await? {
+            tracing::warn!(
+                mailbox = %self.name,
+                uidvalidity = mb.uidvalidity,
+                carried,
+                "the folder's UIDVALIDITY changed (RFC 3501 2.3.1.1): its UIDs were renumbered; known messages are recognised by Message-ID"
+            );
+        }
+        let pruned = self.state.prune_carried(now)?;
+        if pruned > 0 {
+            tracing::info!(mailbox = %self.name, pruned, "forgot old records from before a UIDVALIDITY change");
+        }
+        let life = Duration::from_secs((token.expires_at - now - TOKEN_MARGIN).max(0) as u64).max(MIN_SESSION);
+        let renew_at = Instant::now() + life;
+        tracing::info!(
+            mailbox = %self.name,
+            server = %format!("{}:{}", self.connector.server().host, self.connector.server().port),
+            idle = mb.caps.idle,
+            uidvalidity = mb.uidvalidity,
+            "mailbox connected"
+        );
+        loop {
+            let jobs = self.check(&mut mb, shutdown).await?;
+            *failures = 0;
+            metrics::IMAP_LAST_SUCCESS.with_label_values(&[&self.name]).set(unix_now());
+            self.shared.activity.mailbox_checked(&self.name, jobs);
+            if *shutdown.borrow() {
+                mb.logout().await;
+                return Ok(End::Shutdown);
+            }
+            // New mail reported during the check: check again before waiting.
+            if mb.drain_news() {
+                continue;
+            }
+            let now = Instant::now();
+            if now >= renew_at {
+                tracing::debug!(mailbox = %self.name, "token about to expire: logging in again");
+                mb.logout().await;
+                return Ok(End::Renew);
+            }
+            if mb.caps.idle {
+                let (back, wake) = mb.idle(renew_at.min(now + IDLE_RENEW), shutdown).await?;
+                mb = back;
+                tracing::debug!(mailbox = %self.name, ?wake, "IDLE ended");
+                if wake == Wake::Shutdown {
+                    mb.logout().await;
+                    return Ok(End::Shutdown);
+                }
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(renew_at.min(now + self.poll_interval)) => {}
+                    _ = shutdown.changed() => {
+                        mb.logout().await;
+                        return Ok(End::Shutdown);
+                    }
+                }
+                mb.noop().await?;
+            }
+        }
+    }
+
+    /// Handles every message of the folder that needs anything; returns the jobs spooled.
+    async fn check(&self, mb: &mut Mailbox, shutdown: &watch::Receiver<bool>) -> Result<u64, PollError> {
+        let uids = mb.all_uids().await?;
+        let present: HashSet<u32> = uids.iter().copied().collect();
+        let records = self.state.records()?;
+        let known: BTreeSet<u32> = records.keys().copied().collect();
+        // UIDs are never reused under one UIDVALIDITY: a record whose message left is done.
+        for (uid, rec) in records.iter().filter(|(u, _)| !present.contains(u)) {
+            if rec.stage == Stage::Spooling && !rec.job.as_deref().is_some_and(|j| self.dirs.exists(j)) {
+                tracing::warn!(mailbox = %self.name, uid, "a message left the folder before its job was written");
+            }
+            self.state.remove(*uid)?;
+        }
+        let mut jobs = 0;
+        for (uid, rec) in records.into_iter().filter(|(u, _)| present.contains(u)) {
+            if *shutdown.borrow() {
+                return Ok(jobs);
+            }
+            let open = rec.stage == Stage::Spooling
+                || !rec.after_applied
+                || matches!(rec.handoff, Handoff::Pending | Handoff::Started);
+            if open {
+                jobs += self.guarded(self.drive(mb, uid, rec).await)?;
+            }
+        }
+        let new: Vec<u32> = uids.into_iter().filter(|u| !known.contains(u)).collect();
+        for batch in new.chunks(FETCH_BATCH) {
+            for meta in mb.metas(batch).await? {
+                if *shutdown.borrow() {
+                    return Ok(jobs);
+                }
+                jobs += self.guarded(self.arrive(mb, meta).await)?;
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Keeps one message's trouble from holding up the others: a command the server
+    /// declined or a job that cannot be written is reported and tried again at the next
+    /// check; connection and database errors end the session.
+    fn guarded(&self, r: Result<u64, PollError>) -> Result<u64, PollError> {
+        match r {
+            Err(e) if declined(&e) || matches!(e, PollError::Job(_)) => {
+                self.report(&e);
+                Ok(0)
+            }
+            other => other,
+        }
+    }
+
+    /// A message not seen before.
+    async fn arrive(&self, mb: &mut Mailbox, meta: super::session::Meta) -> Result<u64, PollError> {
+        let uid = meta.uid;
+        if meta.deleted {
+            tracing::debug!(mailbox = %self.name, uid, "skipping a message marked \\Deleted");
+            return Ok(0);
+        }
+        // The header section ends with an empty line the server includes; parse_headers
+        // stops there.
+        let head = MessageParser::default().parse_headers(&meta.header);
+        let key = state::message_key(head.as_ref().and_then(|h| h.message_id()), &meta.header);
+        if let Some(carried) = self.state.take_carried(&key)? {
+            tracing::info!(mailbox = %self.name, uid, job = ?carried.job, stage = ?carried.stage, "message known from before the UIDVALIDITY change; not printed again");
+            let rec = UidRecord { after_applied: false, at: unix_now(), ..carried };
+            self.state.record(uid, &rec).await?;
+            return self.drive(mb, uid, rec).await;
+        }
+        let early = head
+            .as_ref()
+            .ok_or(Refusal::NoSender)
+            .and_then(policy::sender_of)
+            .and_then(|(_, all)| self.policy.check_sender(&all))
+            .and_then(|_| self.policy.check_size(meta.size));
+        if let Err(refusal) = early {
+            let rec = self.refuse(uid, key, refusal, About::of(head.as_ref(), &self.user)).await?;
+            return self.drive(mb, uid, rec).await;
+        }
+        let rec = UidRecord {
+            stage: Stage::Spooling,
+            key,
+            job: Some(job::job_name(chrono::Utc::now(), uid)),
+            reason: None,
+            after_applied: false,
+            handoff: Handoff::None,
+            at: unix_now(),
+        };
+        self.state.record(uid, &rec).await?;
+        self.drive(mb, uid, rec).await
+    }
+
+    /// Takes a recorded message through its remaining stages; returns 1 if it spooled a job.
+    async fn drive(&self, mb: &mut Mailbox, uid: u32, mut rec: UidRecord) -> Result<u64, PollError> {
+        let mut spooled = 0;
+        if rec.stage == Stage::Spooling {
+            let name = match &rec.job {
+                Some(j) => j.clone(),
+                None => job::job_name(chrono::Utc::now(), uid),
+            };
+            match self.spool(mb, uid, &name).await? {
+                Spooled::Gone => {
+                    tracing::warn!(mailbox = %self.name, uid, "the message left the folder before it could be fetched");
+                    self.state.remove(uid)?;
+                    return Ok(0);
+                }
+                Spooled::Refused(refusal, about) => rec = self.refuse(uid, rec.key, refusal, about).await?,
+                Spooled::Written => {
+                    rec.stage = Stage::Spooled;
+                    rec.job = Some(name.clone());
+                    rec.handoff = if self.command.is_some() { Handoff::Pending } else { Handoff::None };
+                    rec.at = unix_now();
+                    self.state.record(uid, &rec).await?;
+                    metrics::IMAP_JOBS.with_label_values(&[&self.name, "spooled"]).inc();
+                    tracing::info!(mailbox = %self.name, uid, job = %name, "print job spooled");
+                    spooled = 1;
+                    if self.crash_after_spool {
+                        tracing::error!("{TEST_CRASH_AFTER_SPOOL}=1: aborting between spool and `after` (test only)");
+                        std::process::abort();
+                    }
+                }
+            }
+        }
+        if !rec.after_applied {
+            mb.apply(&self.after, uid).await?;
+            rec.after_applied = true;
+            rec.at = unix_now();
+            self.state.record(uid, &rec).await?;
+            tracing::debug!(mailbox = %self.name, uid, after = ?self.after, "after applied upstream");
+        }
+        if rec.stage == Stage::Spooled {
+            match rec.handoff {
+                Handoff::Pending => self.handoff(uid, &mut rec).await?,
+                Handoff::Started => self.handoff_interrupted(uid, &mut rec).await?,
+                Handoff::None | Handoff::Done => {}
+            }
+        }
+        Ok(spooled)
+    }
+
+    /// Fetches, checks and writes one message as job `name`.
+    async fn spool(&self, mb: &mut Mailbox, uid: u32, name: &str) -> Result<Spooled, PollError> {
+        if self.dirs.exists(name) {
+            // Written before a crash that came before the record said so.
+            return Ok(Spooled::Written);
+        }
+        let Some(raw) = mb.body(uid).await? else { return Ok(Spooled::Gone) };
+        let Some(msg) = MessageParser::default().parse(&raw) else {
+            return Ok(Spooled::Refused(Refusal::Unparseable, About::default()));
+        };
+        let about = || About::of(Some(&msg), &self.user);
+        let checked = policy::sender_of(&msg).and_then(|(sender, all)| {
+            self.policy.check_sender(&all)?;
+            self.policy.check_size(raw.len() as u64)?;
+            Ok((sender, self.policy.plan(&msg)?))
+        });
+        let (sender, plan) = match checked {
+            Ok(ok) => ok,
+            Err(refusal) => return Ok(Spooled::Refused(refusal, about())),
+        };
+        let json = JobJson {
+            version: job::JOB_VERSION,
+            mailbox: self.name.clone(),
+            folder: self.folder.clone(),
+            uidvalidity: mb.uidvalidity,
+            uid,
+            spooled: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            sender: sender.address,
+            sender_name: sender.name,
+            subject: msg.subject().map(str::to_string),
+            date: msg.date().map(|d| d.to_rfc3339()),
+            message_id: msg.message_id().map(str::to_string),
+            files: job::describe(&plan.files),
+            body: plan.body,
+            skipped: plan.skipped,
+            handoff: None,
+        };
+        self.dirs.write(name, &json, plan.files).await?;
+        Ok(Spooled::Written)
+    }
+
+    /// Records a refusal and answers it if configured; returns the record (`after` pending).
+    async fn refuse(&self, uid: u32, key: String, refusal: Refusal, about: About) -> Result<UidRecord, PollError> {
+        let reason = refusal.to_string();
+        let rec = UidRecord {
+            stage: Stage::Refused,
+            key,
+            job: None,
+            reason: Some(reason.clone()),
+            after_applied: false,
+            handoff: Handoff::None,
+            at: unix_now(),
+        };
+        self.state.record(uid, &rec).await?;
+        metrics::IMAP_JOBS.with_label_values(&[&self.name, "refused"]).inc();
+        let sender = about.sender.as_deref().unwrap_or("(unknown sender)");
+        tracing::warn!(mailbox = %self.name, uid, sender, reason = %reason, "mail refused, not printed");
+        self.shared.activity.mailbox_error(&self.name, &format!("refused a mail from {sender}: {reason}"));
+        if self.reply_refused {
+            match (&about.sender, about.answerable) {
+                (Some(to), true) => {
+                    let safe_name: String = self.name.chars().filter(char::is_ascii_alphanumeric).collect();
+                    let unique = format!("{safe_name}.{uid}.{}", chrono::Utc::now().timestamp_micros());
+                    let answer = reply::Answer {
+                        from: &self.user,
+                        to,
+                        mailbox: &self.name,
+                        subject: about.subject.as_deref(),
+                        message_id: about.message_id.as_deref(),
+                        reason: &reason,
+                        hostname: &self.shared.hostname,
+                        now: chrono::Utc::now(),
+                        unique: &unique,
+                    };
+                    if let Err(e) = reply::queue(&self.shared.queue, &self.identity, &self.name, &answer).await {
+                        tracing::error!(mailbox = %self.name, uid, "cannot queue the answer to a refused mail: {e}");
+                    }
+                }
+                _ => {
+                    tracing::info!(mailbox = %self.name, uid, "refused mail not answered (automatic mail, list mail or no usable sender)")
+                }
+            }
+        }
+        Ok(rec)
+    }
+
+    /// Runs the print command for each file of a spooled job, at most once.
+    async fn handoff(&self, uid: u32, rec: &mut UidRecord) -> Result<(), PollError> {
+        let (Some(command), Some(name)) = (&self.command, rec.job.clone()) else { return Ok(()) };
+        rec.handoff = Handoff::Started;
+        rec.at = unix_now();
+        self.state.record(uid, rec).await?;
+        let mut json = self.dirs.read_json(&name)?;
+        let dir = self.dirs.path(&name);
+        let mut results = Vec::new();
+        for f in &json.files {
+            let r = handoff::run(command, &dir.join(&f.name), &dir, self.command_timeout).await;
+            if r.ok() {
+                tracing::info!(mailbox = %self.name, job = %name, file = %f.name, "print command done");
+            } else {
+                let why = match (&r.error, r.timed_out, r.exit_code) {
+                    (Some(e), _, _) => e.clone(),
+                    (None, true, _) => format!("timed out after {} s", self.command_timeout.as_secs()),
+                    (None, false, code) => format!("exit code {}: {}", code.unwrap_or(-1), r.stderr),
+                };
+                tracing::warn!(mailbox = %self.name, job = %name, file = %f.name, "print command failed: {why}");
+                self.shared
+                    .activity
+                    .mailbox_error(&self.name, &format!("print command failed for {name}/{}: {why}", f.name));
+            }
+            results.push(r);
+        }
+        json.handoff = Some(results);
+        self.dirs.update_json(&name, &json).await?;
+        rec.handoff = Handoff::Done;
+        rec.at = unix_now();
+        self.state.record(uid, rec).await?;
+        Ok(())
+    }
+
+    /// The relay stopped while the print command ran: it is not run again (it may have
+    /// printed); job.json and the log say so.
+    async fn handoff_interrupted(&self, uid: u32, rec: &mut UidRecord) -> Result<(), PollError> {
+        let Some(name) = rec.job.clone() else { return Ok(()) };
+        tracing::warn!(mailbox = %self.name, job = %name, "the print command was interrupted by a restart; it is not run again, check whether the job printed");
+        if let Ok(mut json) = self.dirs.read_json(&name) {
+            json.handoff = Some(vec![job::HandoffResult {
+                file: String::new(),
+                command: self.command.clone().unwrap_or_default(),
+                started: String::new(),
+                duration_ms: 0,
+                exit_code: None,
+                timed_out: false,
+                error: Some("interrupted by a relay restart; not run again".into()),
+                stdout: String::new(),
+                stderr: String::new(),
+            }]);
+            self.dirs.update_json(&name, &json).await?;
+        }
+        rec.handoff = Handoff::Done;
+        rec.at = unix_now();
+        self.state.record(uid, rec).await?;
+        Ok(())
+    }
+}
+
+/// Returns when `identity` becomes ready (signed in again).
+async fn wait_ready(ready: &mut tokio::sync::broadcast::Receiver<String>, identity: &str) {
+    loop {
+        match ready.recv().await {
+            Ok(name) if name == identity => return,
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The IMAP commands the poller uses, on an authenticated session, each bounded in time.
+//!
+//! - `SELECT` (RFC 3501 6.3.1) for UIDVALIDITY; `UID SEARCH ALL` (6.4.4, 6.4.8) for the UIDs;
+//! - `UID FETCH (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER])` first, to refuse by sender or size
+//!   without downloading, then `BODY.PEEK[]` (6.4.5; PEEK leaves `\Seen` alone);
+//! - `after`: `UID STORE +FLAGS.SILENT (\Deleted)` then `UID EXPUNGE` (RFC 4315 2.1, UIDPLUS;
+//!   plain `EXPUNGE` without it), `+FLAGS.SILENT (\Seen)`, or `UID MOVE` (RFC 6851 3.2) with a
+//!   `UID COPY` + delete fallback when the server has no MOVE, creating the target folder when
+//!   the server answers `[TRYCREATE]` (RFC 3501 7.1);
+//! - `IDLE` (RFC 2177), ended with `DONE` on new data, at a deadline, or at shutdown.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_imap::extensions::idle::IdleResponse;
+use async_imap::types::{Flag, UnsolicitedResponse};
+use futures_util::TryStreamExt as _;
+use tokio::sync::watch;
+
+use super::client::{ImapError, Session};
+use super::wire;
+
+/// A command that should answer at once.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// Downloading one message (up to `max_size`).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+/// UIDs per header FETCH.
+pub const FETCH_BATCH: usize = 50;
+
+/// What the server can do beyond IMAP4rev1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caps {
+    /// RFC 2177.
+    pub idle: bool,
+    /// RFC 6851.
+    pub mv: bool,
+    /// RFC 4315.
+    pub uidplus: bool,
+}
+
+/// A message before its body is downloaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub uid: u32,
+    pub size: u64,
+    pub deleted: bool,
+    pub header: Vec<u8>,
+}
+
+/// What `after` does upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum After {
+    Delete,
+    Seen,
+    Move(String),
+}
+
+impl After {
+    /// Parses the config value (validated by `mfd-relay check`).
+    pub fn parse(s: &str) -> Option<After> {
+        match s {
+            "delete" => Some(After::Delete),
+            "seen" => Some(After::Seen),
+            _ => s.strip_prefix("move:").filter(|f| !f.is_empty()).map(|f| After::Move(f.to_string())),
+        }
+    }
+}
+
+/// Why an IDLE ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The server reported a change.
+    NewData,
+    /// The deadline passed.
+    Deadline,
+    Shutdown,
+}
+
+async fn within<T, E>(
+    what: &'static str,
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, E>>,
+    map: impl FnOnce(E) -> ImapError,
+) -> Result<T, ImapError> {
+    match tokio::time::timeout(limit, f).await {
+        Err(_) => Err(ImapError::Timeout { what }),
+        Ok(r) => r.map_err(map),
+    }
+}
+
+/// An authenticated session with the print folder selected.
+pub struct Mailbox {
+    session: Session,
+    pub caps: Caps,
+    pub uidvalidity: u32,
+}
+
+impl Mailbox {
+    /// Reads the capabilities (RFC 3501 6.1.1) and selects `folder`.
+    pub async fn open(mut session: Session, folder: &str) -> Result<Mailbox, ImapError> {
+        let caps =
+            within("CAPABILITY", COMMAND_TIMEOUT, session.capabilities(), ImapError::protocol("CAPABILITY")).await?;
+        let caps = Caps { idle: caps.has_str("IDLE"), mv: caps.has_str("MOVE"), uidplus: caps.has_str("UIDPLUS") };
+        // async-imap quotes the name itself; it must be 7-bit (RFC 3501 5.1.3).
+        let selected =
+            within("SELECT", COMMAND_TIMEOUT, session.select(wire::mutf7(folder)), ImapError::protocol("SELECT"))
+                .await?;
+        // RFC 3501 2.3.1.1: a server without UIDVALIDITY cannot keep UIDs; nothing can be tracked.
+        let uidvalidity = selected
+            .uid_validity
+            .ok_or_else(|| ImapError::Unexpected(format!("the server sent no UIDVALIDITY for \"{folder}\"")))?;
+        Ok(Mailbox { session, caps, uidvalidity })
+    }
+
+    /// NOOP (RFC 3501 6.1.2): lets the server report new messages.
+    pub async fn noop(&mut self) -> Result<(), ImapError> {
+        within("NOOP", COMMAND_TIMEOUT, self.session.noop(), ImapError::protocol("NOOP")).await
+    }
+
+    /// Whether the server reported new messages outside a command's own answer (EXISTS,
+    /// RECENT); empties the queue of such reports.
+    pub fn drain_news(&mut self) -> bool {
+        let mut news = false;
+        while let Ok(r) = self.session.unsolicited_responses.try_recv() {
+            news |= matches!(r, UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_));
+        }
+        news
+    }
+
+    /// Every UID in the folder, ascending.
+    pub async fn all_uids(&mut self) -> Result<Vec<u32>, ImapError> {
+        let set: HashSet<u32> =
+            within("UID SEARCH", COMMAND_TIMEOUT, self.session.uid_search("ALL"), ImapError::protocol("UID SEARCH"))
+                .await?;
+        let mut v: Vec<u32> = set.into_iter().collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// Size, flags and header section of `uids`.
+    pub async fn metas(&mut self, uids: &[u32]) -> Result<Vec<Meta>, ImapError> {
+        let set = uid_set(uids);
+        let fetches = within(
+            "UID FETCH (header)",
+            COMMAND_TIMEOUT,
+            async {
+                let stream = self.session.uid_fetch(&set, "(UID FLAGS RFC822.SIZE BODY.PEEK[HEADER])").await?;
+                stream.try_collect::<Vec<_>>().await
+            },
+            ImapError::protocol("UID FETCH"),
+        )
+        .await?;
+        let mut out: Vec<Meta> = fetches
+            .iter()
+            .filter_map(|f| {
+                Some(Meta {
+                    uid: f.uid?,
+                    size: u64::from(f.size.unwrap_or(0)),
+                    deleted: f.flags().any(|fl| fl == Flag::Deleted),
+                    header: f.header().unwrap_or_default().to_vec(),
+                })
+            })
+            .filter(|m| uids.contains(&m.uid))
+            .collect();
+        out.sort_by_key(|m| m.uid);
+        out.dedup_by_key(|m| m.uid);
+        Ok(out)
+    }
+
+    /// The whole message `uid`, or `None` when it is gone.
+    pub async fn body(&mut self, uid: u32) -> Result<Option<Vec<u8>>, ImapError> {
+        let fetches = within(
+            "UID FETCH (body)",
+            FETCH_TIMEOUT,
+            async {
+                let stream = self.session.uid_fetch(uid.to_string(), "(UID BODY.PEEK[])").await?;
+                stream.try_collect::<Vec<_>>().await
+            },
+            ImapError::protocol("UID FETCH"),
+        )
+        .await?;
+        Ok(fetches.iter().find(|f| f.uid == Some(uid)).and_then(|f| f.body().map(<[u8]>::to_vec)))
+    }
+
+    async fn command(&mut self, what: &'static str, line: &str) -> Result<(), ImapError> {
+        within(what, COMMAND_TIMEOUT, self.session.run_command_and_check_ok(line), ImapError::protocol(what)).await
+    }
+
+    /// Marks `uid` \Deleted and expunges it (only it, with UIDPLUS).
+    pub async fn delete(&mut self, uid: u32) -> Result<(), ImapError> {
+        self.command("UID STORE", &format!("UID STORE {uid} +FLAGS.SILENT (\\Deleted)")).await?;
+        if self.caps.uidplus {
+            self.command("UID EXPUNGE", &format!("UID EXPUNGE {uid}")).await
+        } else {
+            // RFC 3501 6.4.3: also removes other messages marked \Deleted by other clients.
+            self.command("EXPUNGE", "EXPUNGE").await
+        }
+    }
+
+    pub async fn mark_seen(&mut self, uid: u32) -> Result<(), ImapError> {
+        self.command("UID STORE", &format!("UID STORE {uid} +FLAGS.SILENT (\\Seen)")).await
+    }
+
+    /// Moves `uid` to `folder`, creating the folder when the server asks for it.
+    pub async fn move_to(&mut self, uid: u32, folder: &str) -> Result<(), ImapError> {
+        let target = wire::quoted(&wire::mutf7(folder))
+            .ok_or_else(|| ImapError::Unexpected(format!("folder name {folder:?} cannot be sent")))?;
+        let (what, line) = if self.caps.mv {
+            ("UID MOVE", format!("UID MOVE {uid} {target}"))
+        } else {
+            ("UID COPY", format!("UID COPY {uid} {target}"))
+        };
+        match self.command(what, &line).await {
+            Err(ImapError::Protocol { source: async_imap::error::Error::No(text), .. })
+                if text.to_ascii_lowercase().contains("trycreate") =>
+            {
+                tracing::info!(folder, "creating the folder for `after = move`");
+                self.command("CREATE", &format!("CREATE {target}")).await?;
+                self.command(what, &line).await?;
+            }
+            other => other?,
+        }
+        if !self.caps.mv {
+            self.delete(uid).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies `after` to `uid`. Each action is harmless to repeat, which a restart may do.
+    pub async fn apply(&mut self, after: &After, uid: u32) -> Result<(), ImapError> {
+        match after {
+            After::Delete => self.delete(uid).await,
+            After::Seen => self.mark_seen(uid).await,
+            After::Move(folder) => self.move_to(uid, folder).await,
+        }
+    }
+
+    /// LOGOUT (RFC 3501 6.1.3), best effort.
+    pub async fn logout(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.session.logout()).await;
+    }
+
+    /// IDLE (RFC 2177) until the server reports something, `deadline`, or shutdown.
+    pub async fn idle(
+        self,
+        deadline: tokio::time::Instant,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(Mailbox, Wake), ImapError> {
+        let Mailbox { session, caps, uidvalidity } = self;
+        let mut handle = session.idle();
+        within("IDLE", COMMAND_TIMEOUT, handle.init(), ImapError::protocol("IDLE")).await?;
+        let wake = {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (wait, stop) = handle.wait_with_timeout(left + Duration::from_secs(1));
+            tokio::pin!(wait);
+            let wake = tokio::select! {
+                r = &mut wait => match r {
+                    Ok(IdleResponse::NewData(_)) => Ok(Wake::NewData),
+                    Ok(IdleResponse::Timeout | IdleResponse::ManualInterrupt) => Ok(Wake::Deadline),
+                    Err(e) => Err(ImapError::Protocol { what: "IDLE", source: e }),
+                },
+                _ = tokio::time::sleep_until(deadline) => Ok(Wake::Deadline),
+                _ = shutdown.changed() => Ok(Wake::Shutdown),
+            };
+            // Ends the wait (if it is still on) so the session can be had back.
+            drop(stop);
+            let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
+            wake?
+        };
+        let session = within("IDLE DONE", COMMAND_TIMEOUT, handle.done(), ImapError::protocol("DONE")).await?;
+        Ok((Mailbox { session, caps, uidvalidity }, wake))
+    }
+}
+
+/// A UID set (RFC 3501 9, `sequence-set`) with ranges for consecutive UIDs: `1:3,7,9:10`.
+pub fn uid_set(uids: &[u32]) -> String {
+    let mut sorted = uids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_values() {
+        assert_eq!(After::parse("delete"), Some(After::Delete));
+        assert_eq!(After::parse("seen"), Some(After::Seen));
+        assert_eq!(After::parse("move:Printed"), Some(After::Move("Printed".into())));
+        assert_eq!(After::parse("move:"), None);
+        assert_eq!(After::parse("archive"), None);
+    }
+
+    #[test]
+    fn uid_sets_use_ranges() {
+        assert_eq!(uid_set(&[1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
+        assert_eq!(uid_set(&[5]), "5");
+        assert_eq!(uid_set(&[10, 9, 9, 1]), "1,9:10");
+        assert_eq!(uid_set(&[]), "");
+        assert_eq!(uid_set(&[u32::MAX - 1, u32::MAX]), format!("{}:{}", u32::MAX - 1, u32::MAX));
+    }
+}
