@@ -10,6 +10,9 @@
 //! flush before every 250) and delivery happens in session, so a 250 means the sink has the
 //! message. The sink answers XOAUTH2 with 235 and counts messages; the token endpoint is a
 //! tiny in-process HTTP server. Results go to BENCHMARKS.md by hand.
+//!
+//! Environment: `MFD_BENCH_SCALE=0.1` runs a tenth of the messages; `MFD_BENCH_WRAPPER="valgrind
+//! --tool=massif"` starts the relay under a profiler.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -78,11 +81,13 @@ async fn run_scenario(s: &Scenario, relay: &RelayProc, sink: &Sink) {
     let before = sink.count.load(Ordering::SeqCst);
     reset_peak(relay.pid());
     let sampler = RssSampler::start(relay.pid());
+    let scale: f64 = std::env::var("MFD_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let messages = ((s.messages as f64 * scale) as usize).max(1);
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..s.clients {
-        let (body, next, port, n, reuse) = (body.clone(), next.clone(), relay.port, s.messages as u64, s.reuse);
+        let (body, next, port, n, reuse) = (body.clone(), next.clone(), relay.port, messages as u64, s.reuse);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut conn: Option<Client> = None;
@@ -403,7 +408,18 @@ pin_hash = "{hash}"
         let path = dir.join("config.toml");
         std::fs::write(&path, config).expect("write config");
         let log = std::fs::File::create(dir.join("relay.log")).expect("log");
-        let child = Command::new(&binary)
+        let wrapper: Vec<String> = std::env::var("MFD_BENCH_WRAPPER")
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        let child = cmd
             .args(["run", "-c"])
             .arg(&path)
             .env("MFD_RELAY_LOG", "warn")
@@ -411,7 +427,7 @@ pin_hash = "{hash}"
             .stderr(log)
             .spawn()
             .expect("start relay");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "relay did not start");
             std::thread::sleep(Duration::from_millis(20));
@@ -426,6 +442,15 @@ pin_hash = "{hash}"
 
 impl Drop for RelayProc {
     fn drop(&mut self) {
+        // SIGTERM first, so a profiler wrapping the relay gets to write its report.
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -64,7 +64,13 @@ pub struct Devices {
     by_user: HashMap<String, usize>,
     cache_key: hmac::Key,
     verified: Mutex<HashSet<[u8; 32]>>,
+    /// Bounds argon2 checks running at once: each takes ~19 MiB and a core for tens of ms,
+    /// so unbounded they would let a burst of logins (or of wrong PINs) exhaust memory.
+    argon2_slots: tokio::sync::Semaphore,
 }
+
+/// argon2 checks running at once.
+const ARGON2_PARALLEL: usize = 2;
 
 /// Logins remembered at most (each is 32 bytes); the cache is cleared when full.
 const MAX_CACHED_LOGINS: usize = 10_000;
@@ -96,7 +102,13 @@ impl Devices {
         let rng = ring::rand::SystemRandom::new();
         // Only fails if the OS has no randomness, in which case nothing secure can run.
         let cache_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng).expect("system random source");
-        Devices { devices, by_user, cache_key, verified: Mutex::new(HashSet::new()) }
+        Devices {
+            devices,
+            by_user,
+            cache_key,
+            verified: Mutex::new(HashSet::new()),
+            argon2_slots: tokio::sync::Semaphore::new(ARGON2_PARALLEL),
+        }
     }
 
     pub fn all(&self) -> &[Arc<Device>] {
@@ -132,7 +144,13 @@ impl Devices {
             return Err(AuthError::WrongAddress);
         }
         let tag = self.cache_tag(&dev, pin);
-        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(&tag) {
+        if self.is_verified(&tag) {
+            return Ok(dev);
+        }
+        let _slot = self.argon2_slots.acquire().await.map_err(|_| AuthError::WrongPin)?;
+        // Printers of one model often log in together: the first check may have just
+        // succeeded for the same PIN while this one waited.
+        if self.is_verified(&tag) {
             return Ok(dev);
         }
         let hash = dev.pin_hash.clone().ok_or(AuthError::WrongPin)?;
@@ -147,6 +165,10 @@ impl Devices {
         }
         cache.insert(tag);
         Ok(dev)
+    }
+
+    fn is_verified(&self, tag: &[u8; 32]) -> bool {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(tag)
     }
 
     fn cache_tag(&self, dev: &Device, pin: &str) -> [u8; 32] {

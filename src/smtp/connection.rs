@@ -12,8 +12,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::reply::Reply;
 
-/// Read buffer size: large enough for a TCP window of DATA at a time.
-const READ_CHUNK: usize = 64 * 1024;
+/// Read size during DATA: large enough for a TCP window at a time.
+const DATA_CHUNK: usize = 64 * 1024;
+/// Read size for commands: small, because a thousand idle printers each hold one buffer.
+const COMMAND_CHUNK: usize = 4 * 1024;
 
 /// A line read from the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -45,7 +47,7 @@ pub struct Connection<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn new(stream: S) -> Self {
-        Connection { stream, rbuf: Vec::with_capacity(4096), rpos: 0, wbuf: Vec::with_capacity(1024) }
+        Connection { stream, rbuf: Vec::with_capacity(COMMAND_CHUNK), rpos: 0, wbuf: Vec::with_capacity(512) }
     }
 
     /// Gives the stream back (for STARTTLS). Buffered input is dropped: RFC 3207 4.2 says
@@ -75,18 +77,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(())
     }
 
-    /// Reads more input into the buffer, flushing replies first.
-    async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
+    /// Reads up to `chunk` more bytes into the buffer, flushing replies first.
+    async fn fill(&mut self, timeout: Duration, chunk: usize) -> Result<(), ReadError> {
         self.flush().await?;
         if self.rpos > 0 && self.rpos == self.rbuf.len() {
             self.rbuf.clear();
             self.rpos = 0;
-        } else if self.rpos > READ_CHUNK {
+        } else if self.rpos > chunk {
             self.rbuf.drain(..self.rpos);
             self.rpos = 0;
         }
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * chunk {
+            // Back to commands after DATA: give the large buffer back.
+            self.rbuf = Vec::with_capacity(chunk);
+        }
         let start = self.rbuf.len();
-        self.rbuf.resize(start + READ_CHUNK, 0);
+        self.rbuf.resize(start + chunk, 0);
         let n = match tokio::time::timeout(timeout, self.stream.read(&mut self.rbuf[start..])).await {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
@@ -127,7 +133,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 too_long = true;
                 self.rpos = self.rbuf.len();
             }
-            self.fill(timeout).await?;
+            self.fill(timeout, COMMAND_CHUNK).await?;
         }
     }
 
@@ -135,7 +141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// what it used with [`Connection::consume`].
     pub async fn data_chunk(&mut self, timeout: Duration) -> Result<&[u8], ReadError> {
         if !self.has_buffered_input() {
-            self.fill(timeout).await?;
+            self.fill(timeout, DATA_CHUNK).await?;
         }
         Ok(&self.rbuf[self.rpos..])
     }
@@ -189,7 +195,7 @@ mod tests {
         });
         let t = Duration::from_secs(5);
         assert_eq!(conn.read_line(1000, t).await.unwrap(), Line::TooLong);
-        assert!(conn.rbuf.capacity() < 1024 * 1024, "the 2 MB line was not kept");
+        assert!(conn.rbuf.capacity() < 64 * 1024, "the 2 MB line was not kept");
         assert_eq!(conn.read_line(1000, t).await.unwrap(), Line::Text { line: b"NOOP".to_vec(), bare_lf: false });
         drop(writer.await.unwrap());
     }
