@@ -91,6 +91,9 @@ pub struct Relay {
     pub bounce_to: Option<String>,
     /// Authenticated connections kept open per identity towards the upstream.
     pub upstream_pool: usize,
+    /// How long to wait for the upstream's answer to connecting and to each command
+    /// (the body may take ten times as long).
+    pub upstream_timeout: Seconds,
 }
 
 impl Default for Relay {
@@ -106,6 +109,7 @@ impl Default for Relay {
             queue_lifetime: Seconds(Duration::from_secs(5 * 24 * 3600)),
             bounce_to: None,
             upstream_pool: 4,
+            upstream_timeout: Seconds(Duration::from_secs(60)),
         }
     }
 }

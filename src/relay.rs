@@ -73,7 +73,8 @@ pub fn build(config: Config) -> Result<Parts, StartError> {
     let tokens = Arc::new(TokenManager::new(&config, store.clone(), vault)?);
     let providers: Vec<Arc<ProviderInfo>> =
         config.providers.iter().map(|p| Arc::new(ProviderInfo::from_config(&config, p.get_ref()))).collect();
-    let upstream = Arc::new(Upstream::new(&config.relay.hostname, &providers, config.relay.upstream_pool)?);
+    let timeouts = crate::upstream::Timeouts::new(config.relay.upstream_timeout.0);
+    let upstream = Arc::new(Upstream::new(&config.relay.hostname, &providers, config.relay.upstream_pool, timeouts)?);
     let policy = Policy {
         hostname: config.relay.hostname.clone(),
         retry_first: config.relay.retry_first.0,

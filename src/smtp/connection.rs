@@ -111,8 +111,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(())
     }
 
-    /// Reads one line of at most `max` bytes (without its ending).
+    /// Reads one line of at most `max` bytes (without its ending). The whole line must
+    /// arrive within `timeout`, so a client sending one byte at a time (slowloris) is cut
+    /// off like a silent one.
     pub async fn read_line(&mut self, max: usize, timeout: Duration) -> Result<Line, ReadError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut too_long = false;
         loop {
             let pending = &self.rbuf[self.rpos..];
@@ -133,7 +136,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 too_long = true;
                 self.rpos = self.rbuf.len();
             }
-            self.fill(timeout, COMMAND_CHUNK).await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(ReadError::Timeout);
+            }
+            self.fill(left, COMMAND_CHUNK).await?;
         }
     }
 

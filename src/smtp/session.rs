@@ -34,6 +34,8 @@ pub const MAX_COMMAND_LINE: usize = auth::MAX_AUTH_LINE;
 pub const MAX_ERRORS: u32 = 10;
 /// RFC 5321 4.5.3.2.5: a server waits at least 3 minutes for each chunk of DATA.
 pub const DATA_TIMEOUT: Duration = Duration::from_secs(180);
+/// The whole DATA phase may take at most this long (a client trickling bytes is cut off).
+pub const DATA_DEADLINE: Duration = Duration::from_secs(30 * 60);
 
 /// What the listener should do when the session returns.
 #[derive(Debug, PartialEq, Eq)]
@@ -510,8 +512,10 @@ impl Session {
         let mut size: u64 = 0;
         let mut too_big = false;
         let mut write_error: Option<std::io::Error> = None;
+        let deadline = tokio::time::Instant::now() + DATA_DEADLINE;
         loop {
-            let chunk = match conn.data_chunk(DATA_TIMEOUT).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let chunk = match conn.data_chunk(left.min(DATA_TIMEOUT)).await {
                 Ok(c) => c,
                 Err(e) => {
                     writer.abort();

@@ -27,13 +27,22 @@ use super::classify::UpstreamReply;
 use crate::config::UpstreamTls;
 use crate::oauth::provider::Server;
 
-/// Time allowed for connecting, TLS and the greeting.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time allowed for one command's reply (RFC 5321 4.5.3.2 suggests minutes; providers answer
-/// in well under a second, and a stalled upstream must not hold a printer for long).
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
-/// Time allowed for the body and the reply to the final dot (RFC 5321 4.5.3.2.6: 10 minutes).
-pub const DATA_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the relay waits for the upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Connecting, TLS, the greeting, and each command's reply. RFC 5321 4.5.3.2 suggests
+    /// minutes; providers answer in well under a second, and a stalled upstream must not
+    /// hold the queue for long (`relay.upstream_timeout`, 60 s by default).
+    pub command: Duration,
+    /// The body and the reply to the final dot (RFC 5321 4.5.3.2.6: 10 minutes).
+    pub data: Duration,
+}
+
+impl Timeouts {
+    pub fn new(command: Duration) -> Timeouts {
+        Timeouts { command, data: command.saturating_mul(10) }
+    }
+}
 /// Chunk size when streaming a body from the spool.
 const CHUNK: usize = 256 * 1024;
 
@@ -147,9 +156,10 @@ pub async fn connect(
     hello: &ClientId,
     user: &str,
     token: &str,
+    t: Timeouts,
 ) -> Result<AsyncSmtpConnection, SendError> {
     let addr = (server.host.as_str(), server.port);
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+    let tcp = match tokio::time::timeout(t.command, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(SendError::Network(format!("connect to {}:{}: {e}", server.host, server.port))),
         Err(_) => return Err(SendError::Network(format!("connect to {}:{} timed out", server.host, server.port))),
@@ -159,7 +169,7 @@ pub async fn connect(
         (UpstreamTls::Implicit, Some(connector)) => {
             let name = rustls_pki_types::ServerName::try_from(server.host.clone())
                 .map_err(|e| SendError::Network(format!("{}: {e}", server.host)))?;
-            match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await {
+            match tokio::time::timeout(t.command, connector.connect(name, tcp)).await {
                 Ok(Ok(tls)) => Box::new(ImplicitTls(tls)),
                 Ok(Err(e)) => return Err(SendError::Network(format!("TLS with {}: {e}", server.host))),
                 Err(_) => return Err(SendError::Network(format!("TLS with {} timed out", server.host))),
@@ -169,7 +179,7 @@ pub async fn connect(
         _ => Box::new(tcp),
     };
     let mut conn =
-        timed(CONNECT_TIMEOUT, "the greeting", AsyncSmtpConnection::connect_with_transport(stream, hello)).await?;
+        timed(t.command, "the greeting", AsyncSmtpConnection::connect_with_transport(stream, hello)).await?;
     if server.tls == UpstreamTls::Starttls {
         let Some(params) = security.starttls.cloned() else {
             return Err(SendError::Network("no TLS parameters for STARTTLS".into()));
@@ -178,17 +188,17 @@ pub async fn connect(
             conn.abort().await;
             return Err(SendError::Network(format!("{}:{} does not offer STARTTLS", server.host, server.port)));
         }
-        timed(CONNECT_TIMEOUT, "STARTTLS", conn.starttls(params, hello)).await?;
+        timed(t.command, "STARTTLS", conn.starttls(params, hello)).await?;
     }
-    authenticate(&mut conn, user, token).await?;
+    authenticate(&mut conn, user, token, t).await?;
     Ok(conn)
 }
 
 /// `AUTH XOAUTH2` with the initial response; on a 334 challenge, keeps the decoded JSON,
 /// answers with an empty line and reports the final reply.
-async fn authenticate(conn: &mut AsyncSmtpConnection, user: &str, token: &str) -> Result<(), SendError> {
+async fn authenticate(conn: &mut AsyncSmtpConnection, user: &str, token: &str, t: Timeouts) -> Result<(), SendError> {
     let line = format!("AUTH XOAUTH2 {}", xoauth2(user, token));
-    let first = tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Line(&line)))
+    let first = tokio::time::timeout(t.command, conn.command(Line(&line)))
         .await
         .map_err(|_| SendError::Network("timed out during AUTH".into()))?;
     match first {
@@ -198,7 +208,7 @@ async fn authenticate(conn: &mut AsyncSmtpConnection, user: &str, token: &str) -
                 .decode(challenge.trim())
                 .ok()
                 .map(|b| String::from_utf8_lossy(&b).into_owned());
-            let last = tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Line("")))
+            let last = tokio::time::timeout(t.command, conn.command(Line("")))
                 .await
                 .map_err(|_| SendError::Network("timed out during AUTH".into()))?;
             let reply = match last {
@@ -244,13 +254,14 @@ pub async fn transaction(
     conn: &mut AsyncSmtpConnection,
     env: &Envelope<'_>,
     body: &Path,
+    t: Timeouts,
 ) -> Result<SendOutcome, SendError> {
     let from = if env.from.is_empty() { None } else { Some(address(env.from)?) };
     let mut params = vec![MailParameter::Size(env.size as usize)];
     if env.eight_bit {
         params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
-    timed(COMMAND_TIMEOUT, "MAIL", conn.command(Mail::new(from, params))).await?;
+    timed(t.command, "MAIL", conn.command(Mail::new(from, params))).await?;
 
     let mut accepted = Vec::new();
     let mut refused = Vec::new();
@@ -263,7 +274,7 @@ pub async fn transaction(
             }
             Err(e) => return Err(e),
         };
-        match timed(COMMAND_TIMEOUT, "RCPT", conn.command(Rcpt::new(addr, vec![]))).await {
+        match timed(t.command, "RCPT", conn.command(Rcpt::new(addr, vec![]))).await {
             Ok(_) => accepted.push(rcpt.clone()),
             Err(SendError::Rejected(r)) if r.code == 421 => return Err(SendError::Rejected(r)),
             Err(SendError::Rejected(r)) => refused.push((rcpt.clone(), r)),
@@ -274,7 +285,7 @@ pub async fn transaction(
         let _ = reset(conn).await;
         return Ok(SendOutcome { accepted, refused, reply: None });
     }
-    timed(COMMAND_TIMEOUT, "DATA", conn.command(Data)).await?;
+    timed(t.command, "DATA", conn.command(Data)).await?;
 
     let file =
         std::fs::File::open(body).map_err(|e| SendError::Network(format!("spool file {}: {e}", body.display())))?;
@@ -284,7 +295,7 @@ pub async fn transaction(
     let send_len = if len >= 2 { len - 2 } else { len };
     let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
     let chunks = FileChunks { file, remaining: send_len, failed: failed.clone() };
-    let result = timed(DATA_TIMEOUT, "the message body", conn.message_iter(chunks)).await?;
+    let result = timed(t.data, "the message body", conn.message_iter(chunks)).await?;
     if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
         // The upstream may hold a damaged copy now; the message stays queued and the
         // error is loud, since a read failure of a just-written spool file means a bad disk.

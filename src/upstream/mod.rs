@@ -21,7 +21,7 @@ use lettre::transport::smtp::extension::ClientId;
 use tokio::sync::Semaphore;
 
 pub use classify::UpstreamReply;
-pub use client::{Envelope, SendError, SendOutcome};
+pub use client::{Envelope, SendError, SendOutcome, Timeouts};
 
 use crate::oauth::provider::{ProviderInfo, Server};
 use crate::oauth::tokens::AccessToken;
@@ -88,12 +88,18 @@ pub struct Upstream {
     hello: ClientId,
     targets: HashMap<String, Target>,
     pool_size: usize,
+    timeouts: Timeouts,
     pools: Mutex<HashMap<String, Vec<Pooled>>>,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 impl Upstream {
-    pub fn new(hostname: &str, providers: &[Arc<ProviderInfo>], pool_size: usize) -> Result<Upstream, SetupError> {
+    pub fn new(
+        hostname: &str,
+        providers: &[Arc<ProviderInfo>],
+        pool_size: usize,
+        timeouts: Timeouts,
+    ) -> Result<Upstream, SetupError> {
         let mut targets = HashMap::new();
         for p in providers {
             let Some(server) = p.smtp.clone() else { continue };
@@ -122,6 +128,7 @@ impl Upstream {
             hello: ClientId::Domain(hostname.to_string()),
             targets,
             pool_size: pool_size.max(1),
+            timeouts,
             pools: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
         })
@@ -161,12 +168,13 @@ impl Upstream {
                     &self.hello,
                     user,
                     &token.secret,
+                    self.timeouts,
                 )
                 .await?,
                 token.expires_at,
             ),
         };
-        let result = client::transaction(&mut conn, env, body).await;
+        let result = client::transaction(&mut conn, env, body, self.timeouts).await;
         match &result {
             // The connection is healthy after a normal outcome or a refused transaction.
             Ok(_) => self.checkin(identity, conn, token_expires_at),
