@@ -152,6 +152,7 @@ impl Session {
                 Line::Text { line, bare_lf } => (line, bare_lf),
                 Line::TooLong => {
                     if self.error(conn, Reply::line_too_long()) {
+                        let _ = conn.flush().await;
                         return Ok(Next::Close);
                     }
                     continue;
@@ -171,6 +172,7 @@ impl Session {
                         ParseError::NotImplemented(t) => Reply::not_implemented(t),
                     };
                     if self.error(conn, reply) {
+                        let _ = conn.flush().await;
                         return Ok(Next::Close);
                     }
                     continue;
@@ -188,6 +190,7 @@ impl Session {
                 Command::Starttls => {
                     if self.listener.tls != TlsMode::Starttls || self.tls {
                         if self.error(conn, Reply::not_implemented("STARTTLS not available")) {
+                            let _ = conn.flush().await;
                             return Ok(Next::Close);
                         }
                         continue;
