@@ -126,6 +126,11 @@ pub struct Admin {
     /// Where the browser returns after a sign-in (authorization code flow); by default
     /// `http://localhost:<admin port>/oauth/callback`. Register it in the app.
     pub redirect_uri: Option<String>,
+    /// User name for HTTP basic auth on the admin listener, for people with a browser
+    /// (`/status`); goes with `basic_auth_password_hash`.
+    pub basic_auth_user: Option<Spanned<String>>,
+    /// argon2 hash of that password, from `mfd-relay hash-pin`.
+    pub basic_auth_password_hash: Option<Spanned<String>>,
 }
 
 impl Admin {
@@ -146,6 +151,8 @@ impl Default for Admin {
             token: None,
             ready_when_needs_login: false,
             redirect_uri: None,
+            basic_auth_user: None,
+            basic_auth_password_hash: None,
         }
     }
 }
@@ -529,6 +536,24 @@ impl Config {
                 self.admin.listen.span(),
                 format!("admin.listen \"{}\" is not an address:port", self.admin.listen.get_ref()),
             );
+        }
+
+        match (&self.admin.basic_auth_user, &self.admin.basic_auth_password_hash) {
+            (Some(u), Some(h)) => {
+                if u.get_ref().is_empty() || u.get_ref().contains(':') {
+                    p(u.span(), "admin.basic_auth_user must be non-empty and have no ':'".into());
+                }
+                if let Err(e) = crate::admin::auth::check_password_hash(h.get_ref()) {
+                    p(h.span(), e);
+                }
+                if self.admin.token.is_none() {
+                    p(u.span(), "admin.basic_auth_user needs admin.token too: the mfd-relay commands (queue, auth, reload) use the token".into());
+                }
+            }
+            (Some(x), None) | (None, Some(x)) => {
+                p(x.span(), "admin.basic_auth_user and admin.basic_auth_password_hash go together".into())
+            }
+            (None, None) => {}
         }
 
         let mut seen = HashSet::new();

@@ -69,8 +69,12 @@ impl View {
 /// Waiting for two fields in `config::Admin` (issue 5):
 /// `basic_auth_user: Option<String>` and `basic_auth_password_hash: Option<String>`; then:
 /// `admin.basic_auth_user.clone().zip(admin.basic_auth_password_hash.clone())`.
-fn basic_auth(_admin: &crate::config::Admin) -> Option<(String, String)> {
-    None
+fn basic_auth(admin: &crate::config::Admin) -> Option<(String, String)> {
+    admin
+        .basic_auth_user
+        .as_ref()
+        .map(|u| u.get_ref().clone())
+        .zip(admin.basic_auth_password_hash.as_ref().map(|h| h.get_ref().clone()))
 }
 
 impl Admin {
