@@ -32,6 +32,7 @@
 
 pub mod fake_oauth;
 pub mod fake_smtp;
+pub mod real;
 pub mod relay;
 pub mod tls;
 
