@@ -57,6 +57,8 @@ enum Cmd {
         #[command(subcommand)]
         command: AuthCmd,
     },
+    /// Re-read the configuration file in the running relay (like SIGHUP).
+    Reload,
     /// The delivery queue.
     Queue {
         #[command(subcommand)]
@@ -112,6 +114,22 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run(config))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Reload => {
+            // Check the file here first: the daemon would refuse it for the same reasons.
+            let config = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(ConfigError::Invalid(problems)) => {
+                    for p in &problems {
+                        println!("{p}");
+                    }
+                    println!("reload refused; the relay keeps running with its previous configuration");
+                    return Ok(ExitCode::FAILURE);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(reload(&config))
         }
         Cmd::Queue { command } => {
             let config = load(&cli.config)?;
@@ -553,4 +571,38 @@ fn spawn_paste_reader(
             eprintln!("{e}");
         }
     });
+}
+
+/// `reload`: asks the running daemon to re-read its configuration file.
+async fn reload(config: &Config) -> anyhow::Result<ExitCode> {
+    let url = format!("http://{}/api/reload", config.admin.listen.get_ref());
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120)).build()?;
+    let mut req = client.post(&url);
+    if let Some(t) = &config.admin.token {
+        req = req.bearer_auth(t);
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => bail!("the relay is not running (nothing answers on {url}); nothing to reload"),
+        Err(e) => return Err(e.into()),
+    };
+    let status = resp.status();
+    let text = resp.text().await?;
+    let report: mfd_relay::relay::ReloadReport = match serde_json::from_str(&text) {
+        Ok(r) => r,
+        Err(_) => bail!("{} {}", status, text.trim()),
+    };
+    for p in &report.problems {
+        println!("{p}");
+    }
+    for n in &report.needs_restart {
+        println!("note: {n} changed; that takes effect at the next restart");
+    }
+    if report.ok {
+        println!("configuration reloaded");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("reload refused; the relay keeps running with its previous configuration");
+        Ok(ExitCode::FAILURE)
+    }
 }

@@ -34,13 +34,16 @@ use status::{DeviceInfo, MailboxInfo};
 #[derive(Clone)]
 pub struct Admin {
     queue: Arc<Queue>,
-    tokens: Arc<TokenManager>,
+    /// The current token manager (a reload replaces it).
+    tokens: Arc<RwLock<Arc<TokenManager>>>,
     logins: Arc<Logins>,
     activity: Arc<Activity>,
     redirect_uri: Arc<String>,
     /// Unix seconds when the admin (and so the relay) started.
     started: i64,
     view: Arc<RwLock<Arc<View>>>,
+    /// Where `POST /api/reload` sends its request (the daemon's run loop).
+    reload: Arc<RwLock<Option<tokio::sync::mpsc::Sender<crate::relay::ReloadRequest>>>>,
 }
 
 /// What the admin listener takes from the configuration.
@@ -81,20 +84,31 @@ impl Admin {
     pub fn new(parts: &Parts) -> Admin {
         Admin {
             queue: parts.queue.clone(),
-            tokens: parts.tokens.clone(),
+            tokens: Arc::new(RwLock::new(parts.tokens.clone())),
             logins: parts.logins.clone(),
             activity: parts.activity.clone(),
             redirect_uri: Arc::new(parts.config.admin.redirect_uri()),
             started: chrono::Utc::now().timestamp(),
             view: Arc::new(RwLock::new(Arc::new(View::from_config(&parts.config)))),
+            reload: Arc::default(),
         }
     }
 
-    /// Takes a new configuration (on reload): credentials, devices and mailboxes shown, the
-    /// readiness rule. The listen address and redirect URI stay those of the start. A
-    /// remembered basic-auth success is forgotten.
-    pub fn reload(&self, config: &Config) {
-        self.set_view(View::from_config(config));
+    /// Lets `POST /api/reload` ask the run loop for a reload.
+    pub fn set_reload(&self, tx: tokio::sync::mpsc::Sender<crate::relay::ReloadRequest>) {
+        *self.reload.write().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
+    fn tokens(&self) -> Arc<TokenManager> {
+        self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes a reloaded relay: its token manager, and from its configuration the credentials,
+    /// devices and mailboxes shown and the readiness rule. The listen address and redirect URI
+    /// stay those of the start. A remembered basic-auth success is forgotten.
+    pub fn reload(&self, parts: &Parts) {
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = parts.tokens.clone();
+        self.set_view(View::from_config(&parts.config));
     }
 
     /// Replaces what the admin takes from the configuration.
@@ -119,6 +133,7 @@ impl Admin {
             .route("/api/auth/login/{id}/url", post(auth_login_url))
             .route("/api/auth/logout/{id}", post(auth_logout))
             .route("/api/auth/import/{id}", post(auth_import))
+            .route("/api/reload", post(reload))
             .route_layer(middleware::from_fn_with_state(self.clone(), require_access));
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
@@ -155,7 +170,7 @@ async fn require_access(State(a): State<Admin>, req: Request, next: Next) -> Res
 
 async fn readyz(State(a): State<Admin>) -> Response {
     let waiting: Vec<String> = a
-        .tokens
+        .tokens()
         .status()
         .into_iter()
         .filter(|s| s.state == IdentityState::NeedsLogin.as_str())
@@ -178,10 +193,11 @@ async fn metrics(State(a): State<Admin>) -> Response {
 async fn status_page(State(a): State<Admin>) -> Response {
     let page = tokio::task::spawn_blocking(move || {
         let view = a.view();
+        let tokens = a.tokens();
         let sources = status::Sources {
             hostname: &view.hostname,
             started: a.started,
-            tokens: &a.tokens,
+            tokens: &tokens,
             queue: &a.queue,
             activity: &a.activity,
             devices: &view.devices,
@@ -240,7 +256,7 @@ async fn queue_drop(State(a): State<Admin>, Path(id): Path<String>) -> Response 
 }
 
 async fn auth_status(State(a): State<Admin>) -> Response {
-    Json(a.tokens.status()).into_response()
+    Json(a.tokens().status()).into_response()
 }
 
 fn error(status: StatusCode, e: impl std::fmt::Display) -> Response {
@@ -248,7 +264,7 @@ fn error(status: StatusCode, e: impl std::fmt::Display) -> Response {
 }
 
 async fn auth_login(State(a): State<Admin>, Path(id): Path<String>) -> Response {
-    match a.logins.start(&a.tokens, &id, &a.redirect_uri).await {
+    match a.logins.start(&a.tokens(), &id, &a.redirect_uri).await {
         Ok(start) => Json(start).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
@@ -265,14 +281,14 @@ struct RedirectedUrl {
 }
 
 async fn auth_login_url(State(a): State<Admin>, Json(body): Json<RedirectedUrl>) -> Response {
-    match a.logins.complete_with_url(&a.tokens, &body.url).await {
+    match a.logins.complete_with_url(&a.tokens(), &body.url).await {
         Ok(msg) => Json(serde_json::json!({ "ok": msg })).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }
 
 async fn auth_logout(State(a): State<Admin>, Path(id): Path<String>) -> Response {
-    match a.tokens.logout(&id).await {
+    match a.tokens().logout(&id).await {
         Ok(()) => Json(serde_json::json!({ "logged_out": id })).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
@@ -285,7 +301,7 @@ struct ImportToken {
 }
 
 async fn auth_import(State(a): State<Admin>, Path(id): Path<String>, Json(body): Json<ImportToken>) -> Response {
-    match a.tokens.import_refresh_token(&id, body.refresh_token.trim()).await {
+    match a.tokens().import_refresh_token(&id, body.refresh_token.trim()).await {
         Ok(t) => Json(serde_json::json!({ "account": t.account })).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
@@ -294,7 +310,7 @@ async fn auth_import(State(a): State<Admin>, Path(id): Path<String>, Json(body):
 /// The browser's return from the provider (authorization code flow). No admin token: the
 /// browser cannot send one; the one-time `state` is what authorises this request.
 async fn oauth_callback(State(a): State<Admin>, Query(q): Query<HashMap<String, String>>) -> Response {
-    let (status, title, text) = match a.logins.callback(&a.tokens, &q).await {
+    let (status, title, text) = match a.logins.callback(&a.tokens(), &q).await {
         Ok(msg) => (StatusCode::OK, "Signed in", msg),
         Err(e) => (StatusCode::BAD_REQUEST, "Sign-in failed", e),
     };
@@ -325,3 +341,23 @@ pub fn html_escape(s: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// `POST /api/reload`: re-reads the configuration file in the daemon (like SIGHUP) and
+/// answers with what happened.
+async fn reload(State(a): State<Admin>) -> Response {
+    let tx = a.reload.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some(tx) = tx else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "reload is not available here\n").into_response();
+    };
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    if tx.send(reply).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the relay is shutting down\n").into_response();
+    }
+    match rx.await {
+        Ok(report) => {
+            let status = if report.ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+            (status, Json(report)).into_response()
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the relay is shutting down\n").into_response(),
+    }
+}

@@ -102,6 +102,6 @@ async fn basic_auth_lets_a_person_in() {
     assert_eq!(get(port, "/api/queue", Some(&format!("Bearer {TOKEN}"))).await.0, 200);
 
     // A reload without basic auth takes it away again.
-    admin.reload(&config);
+    admin.set_view(View::from_config(&config));
     assert_eq!(get(port, "/status", Some(&basic("admin", "s3cret pass"))).await.0, 200, "open: no credentials set");
 }

@@ -14,7 +14,7 @@ pub struct Server {
 }
 
 /// A provider with every endpoint resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProviderInfo {
     pub name: String,
     pub kind: ProviderKind,

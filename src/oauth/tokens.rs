@@ -210,13 +210,13 @@ fn now() -> i64 {
 }
 
 /// The HTTP client for token requests: rustls, no redirects (RFC 6749 10.6 / oauth2 docs).
-pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+pub fn http_client(ca_files: &[std::path::PathBuf]) -> Result<reqwest::Client, String> {
     let mut b = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(HTTP_TIMEOUT)
         .connect_timeout(Duration::from_secs(10))
         .user_agent(concat!("mfd-relay/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = ca_file {
+    for path in ca_files {
         let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))? {
             b = b.add_root_certificate(cert);
@@ -227,7 +227,16 @@ pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client,
 
 impl TokenManager {
     /// Builds the manager from a validated configuration and loads stored records.
-    pub fn new(config: &Config, store: Arc<Store>, vault: Arc<Vault>) -> Result<TokenManager, TokenError> {
+    ///
+    /// On a reload, `previous` is the running manager: identities whose provider, mailbox,
+    /// flow and scopes are unchanged keep their slot (tokens in memory, a refresh in flight),
+    /// and "ready" notifications keep reaching whoever listens to the previous manager's.
+    pub fn new(
+        config: &Config,
+        store: Arc<Store>,
+        vault: Arc<Vault>,
+        previous: Option<&TokenManager>,
+    ) -> Result<TokenManager, TokenError> {
         let mut slots = HashMap::new();
         let mut providers: HashMap<String, Arc<ProviderInfo>> = HashMap::new();
         let mut ca_files = Vec::new();
@@ -248,6 +257,18 @@ impl TokenManager {
             let flow = *id.flow.get_ref();
             let scopes = provider.scopes(flow, imap);
             let messages_per_minute = id.messages_per_minute.or(provider.messages_per_minute).filter(|n| *n > 0);
+            let email = id.email.get_ref().clone();
+            if let Some(old) = previous.and_then(|p| p.slots.get(&name)) {
+                if *old.provider == *provider
+                    && old.email == email
+                    && old.flow == flow
+                    && old.scopes == scopes
+                    && old.messages_per_minute == messages_per_minute
+                {
+                    slots.insert(name.clone(), old.clone());
+                    continue;
+                }
+            }
             let record = match store.get(Tree::Tokens, name.as_bytes()) {
                 Ok(Some(sealed)) => match vault.unseal(&name, &sealed) {
                     Ok(plain) => serde_json::from_slice(&plain).unwrap_or_default(),
@@ -270,7 +291,7 @@ impl TokenManager {
                 name.clone(),
                 Arc::new(Slot {
                     name: name.clone(),
-                    email: id.email.get_ref().clone(),
+                    email,
                     flow,
                     provider,
                     scopes,
@@ -282,9 +303,11 @@ impl TokenManager {
             );
         }
         // One client for all providers; extra CAs (tests, private clouds) are added to it.
-        let ca = ca_files.first().map(|p| p.as_path());
-        let http = http_client(ca).map_err(TokenError::Config)?;
-        let (ready, _) = tokio::sync::broadcast::channel(64);
+        let http = http_client(&ca_files).map_err(TokenError::Config)?;
+        let ready = match previous {
+            Some(p) => p.ready.clone(),
+            None => tokio::sync::broadcast::channel(64).0,
+        };
         let certificates =
             providers.values().filter_map(|p| p.client_certificate.clone().map(|c| (p.name.clone(), c))).collect();
         Ok(TokenManager { store, vault, http, slots, ready, certificates })

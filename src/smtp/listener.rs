@@ -83,12 +83,15 @@ impl PerAddress {
     }
 }
 
+/// The context new sessions get; a reload replaces it, sessions in flight keep theirs.
+pub type CurrentContext = Arc<std::sync::RwLock<Arc<Context>>>;
+
 /// Accepts connections until `shutdown` fires, then waits (up to `grace`) for sessions in
 /// flight to finish.
 pub async fn serve(
     listener: TcpListener,
     settings: Arc<ListenerSettings>,
-    ctx: Arc<Context>,
+    current: CurrentContext,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -114,6 +117,7 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let ctx = current.read().unwrap_or_else(|e| e.into_inner()).clone();
         let permit = match limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {

@@ -27,7 +27,7 @@ pub struct Context {
     pub queue: Arc<Queue>,
     pub delivery: Arc<Delivery>,
     pub tokens: Arc<TokenManager>,
-    pub throttle: auth::AuthThrottle,
+    pub throttle: Arc<auth::AuthThrottle>,
     pub max_recipients: usize,
     pub activity: Arc<crate::activity::Activity>,
 }
