@@ -178,8 +178,7 @@ pub async fn connect(
         (UpstreamTls::Implicit, None) => return Err(SendError::Network("no TLS settings for implicit TLS".into())),
         _ => Box::new(tcp),
     };
-    let mut conn =
-        timed(t.command, "the greeting", AsyncSmtpConnection::connect_with_transport(stream, hello)).await?;
+    let mut conn = timed(t.command, "the greeting", AsyncSmtpConnection::connect_with_transport(stream, hello)).await?;
     if server.tls == UpstreamTls::Starttls {
         let Some(params) = security.starttls.cloned() else {
             return Err(SendError::Network("no TLS parameters for STARTTLS".into()));
