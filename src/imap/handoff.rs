@@ -4,7 +4,8 @@
 //! The command runs without a shell (no quoting problems, no injection through file names),
 //! in the job folder, with `{file}` replaced by the file's absolute path, and is killed after
 //! `command_timeout`. Its exit code, a bounded part of its output and whether it timed out go
-//! into job.json. It runs at most once per job: the poller records that it started before it
+//! into job.json. Files are handed over one after the other in the mailbox's own task, so
+//! jobs print in the order they arrived. It runs at most once per job: the poller records that it started before it
 //! starts it, and a job whose command was interrupted by a crash is not run again (printing
 //! twice is worse than asking someone to print one job by hand; the log says which).
 

@@ -50,11 +50,26 @@ impl Pollers {
             hostname: parts.config.relay.hostname.clone(),
         });
         let mut pollers = Vec::new();
+        let mut watched = std::collections::HashMap::new();
         for m in &parts.config.mailboxes {
             let m = m.get_ref();
             let spool = parts.config.resolve(&m.spool);
-            match Poller::new(m, &spool, shared.clone()) {
-                Ok(p) => pollers.push(p),
+            // Two pollers on one folder would print every mail twice.
+            // IMAP names are case-sensitive, except INBOX (RFC 3501 5.1).
+            let folder_name =
+                if m.folder.eq_ignore_ascii_case("INBOX") { "INBOX".to_string() } else { m.folder.clone() };
+            let folder = (m.identity.get_ref().clone(), folder_name);
+            let result = match watched.get(&folder) {
+                Some(first) => {
+                    Err(format!("mailbox \"{first}\" already polls folder \"{}\" of this identity", m.folder))
+                }
+                None => Poller::new(m, &spool, shared.clone()),
+            };
+            match result {
+                Ok(p) => {
+                    watched.insert(folder, p.name().to_string());
+                    pollers.push(p);
+                }
                 Err(e) => {
                     let name = m.name.get_ref();
                     tracing::error!(mailbox = %name, "mailbox not polled: {e}");

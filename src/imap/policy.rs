@@ -156,8 +156,11 @@ pub fn extension_for(content_type: &str) -> Option<&'static str> {
     EXTENSIONS.iter().find(|(_, t)| *t == content_type).map(|(e, _)| *e)
 }
 
+/// Whether a file's bytes carry a format's signature.
+type Signature = fn(&[u8]) -> bool;
+
 /// Types recognised by their first bytes. Sniffing looks at the start only, as file(1) does.
-const MAGIC: &[(&str, fn(&[u8]) -> bool)] = &[
+const MAGIC: &[(&str, Signature)] = &[
     // ISO 32000-1 7.5.2: "%PDF-"; readers accept it within the first 1024 bytes.
     ("application/pdf", |d| d[..d.len().min(1024)].windows(5).any(|w| w == b"%PDF-")),
     ("image/jpeg", |d| d.starts_with(&[0xFF, 0xD8, 0xFF])),

@@ -13,13 +13,13 @@
 //! A check handles each message through the stages recorded in [`super::state`]:
 //!
 //! ```text
-//! new UID ─▶ header: sender, size ─▶ body: parse, types, names ─▶ Spooling ─▶ job written ─▶ Spooled
-//!                 │ refused                │ refused                                            │
-//!                 └──────────────▶ Refused (reason) ◀──┘                                           │
-//!                                       │                                                         │
-//!                                       └──────────▶ `after` upstream ◀───────────────────────────┘
-//!                                                          │ (spooled, with a command)
-//!                                                          └─▶ hand-off Started ─▶ Done
+//! new UID ─▶ header: sender, size ─▶ Spooling ─▶ body: types, names ─▶ job folder written ─▶ Spooled
+//!               │ refused                               │ refused                                │
+//!               └───────────────▶ Refused (reason) ◀────┘                                        │
+//!                                       │                                                        │
+//!                                       └────────────▶ `after` upstream ◀────────────────────────┘
+//!                                                             │ (spooled, with a command)
+//!                                                             └─▶ hand-off Started ─▶ Done
 //! ```
 //!
 //! Every arrow into a stage is committed to the store before the next step, which is what
@@ -49,6 +49,9 @@ use crate::store::{Store, StoreError};
 
 /// IDLE is ended and started again this often (RFC 2177 3: at least every 29 minutes).
 pub const IDLE_RENEW: Duration = Duration::from_secs(25 * 60);
+/// After a message could not be handled (a command declined, a job not written), the next
+/// check comes at the latest this soon, IDLE or not.
+pub const RETRY_SOON: Duration = Duration::from_secs(30);
 /// A session ends this long before its token expires, to log in again with a fresh one.
 pub const TOKEN_MARGIN: i64 = 120;
 /// The shortest session, whatever the token's lifetime.
@@ -74,6 +77,25 @@ pub enum PollError {
     Store(#[from] StoreError),
     #[error("spool: {0}")]
     Job(#[from] JobError),
+}
+
+/// What a check did.
+#[derive(Debug, Default)]
+struct Checked {
+    /// Jobs spooled.
+    jobs: u64,
+    /// Some message could not be handled and waits for the next check.
+    troubled: bool,
+}
+
+impl Checked {
+    fn add(&mut self, r: Result<Option<u64>, PollError>) -> Result<(), PollError> {
+        match r? {
+            Some(jobs) => self.jobs += jobs,
+            None => self.troubled = true,
+        }
+        Ok(())
+    }
 }
 
 /// How a session ended without an error.
@@ -170,6 +192,13 @@ impl Poller {
         })?;
         let after = After::parse(m.after.get_ref())
             .ok_or_else(|| format!("after = \"{}\" should be delete, seen or move:<folder>", m.after.get_ref()))?;
+        if let After::Move(target) = &after {
+            let same =
+                target == &m.folder || (target.eq_ignore_ascii_case("INBOX") && m.folder.eq_ignore_ascii_case("INBOX"));
+            if same {
+                return Err(format!("after = \"move:{target}\" moves mail into the folder it polls, which would print every mail again and again"));
+            }
+        }
         let connector = Connector::new(server, slot.provider.ca_file.as_deref()).map_err(|e| e.to_string())?;
         let server = connector.server();
         if server.tls == UpstreamTls::None && !matches!(server.host.as_str(), "127.0.0.1" | "::1" | "localhost") {
@@ -210,6 +239,12 @@ impl Poller {
 
     /// Polls until `shutdown` becomes true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        // A poller replaced by a reload may still be finishing a message: wait for it.
+        let lease = lease(&self.name);
+        let _lease = tokio::select! {
+            held = lease.lock_owned() => held,
+            _ = shutdown.changed() => return,
+        };
         let mut failures: u32 = 0;
         let mut prepared = false;
         let mut ready = self.shared.tokens.subscribe_ready();
@@ -314,7 +349,7 @@ impl Poller {
             "mailbox connected"
         );
         loop {
-            let jobs = self.check(&mut mb, shutdown).await?;
+            let Checked { jobs, troubled } = self.check(&mut mb, shutdown).await?;
             *failures = 0;
             metrics::IMAP_LAST_SUCCESS.with_label_values(&[&self.name]).set(unix_now());
             self.shared.activity.mailbox_checked(&self.name, jobs);
@@ -327,13 +362,14 @@ impl Poller {
                 continue;
             }
             let now = Instant::now();
+            let next = if troubled { renew_at.min(now + RETRY_SOON) } else { renew_at };
             if now >= renew_at {
                 tracing::debug!(mailbox = %self.name, "token about to expire: logging in again");
                 mb.logout().await;
                 return Ok(End::Renew);
             }
             if mb.caps.idle {
-                let (back, wake) = mb.idle(renew_at.min(now + IDLE_RENEW), shutdown).await?;
+                let (back, wake) = mb.idle(next.min(now + IDLE_RENEW), shutdown).await?;
                 mb = back;
                 tracing::debug!(mailbox = %self.name, ?wake, "IDLE ended");
                 if wake == Wake::Shutdown {
@@ -342,7 +378,7 @@ impl Poller {
                 }
             } else {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(renew_at.min(now + self.poll_interval)) => {}
+                    _ = tokio::time::sleep_until(next.min(now + self.poll_interval)) => {}
                     _ = shutdown.changed() => {
                         mb.logout().await;
                         return Ok(End::Shutdown);
@@ -353,8 +389,8 @@ impl Poller {
         }
     }
 
-    /// Handles every message of the folder that needs anything; returns the jobs spooled.
-    async fn check(&self, mb: &mut Mailbox, shutdown: &watch::Receiver<bool>) -> Result<u64, PollError> {
+    /// Handles every message of the folder that needs anything.
+    async fn check(&self, mb: &mut Mailbox, shutdown: &watch::Receiver<bool>) -> Result<Checked, PollError> {
         let uids = mb.all_uids().await?;
         let present: HashSet<u32> = uids.iter().copied().collect();
         let records = self.state.records()?;
@@ -366,40 +402,43 @@ impl Poller {
             }
             self.state.remove(*uid)?;
         }
-        let mut jobs = 0;
+        let mut done = Checked::default();
         for (uid, rec) in records.into_iter().filter(|(u, _)| present.contains(u)) {
             if *shutdown.borrow() {
-                return Ok(jobs);
+                return Ok(done);
             }
             let open = rec.stage == Stage::Spooling
                 || !rec.after_applied
                 || matches!(rec.handoff, Handoff::Pending | Handoff::Started);
             if open {
-                jobs += self.guarded(self.drive(mb, uid, rec).await)?;
+                let r = self.drive(mb, uid, rec).await;
+                done.add(self.guarded(r))?;
             }
         }
         let new: Vec<u32> = uids.into_iter().filter(|u| !known.contains(u)).collect();
         for batch in new.chunks(FETCH_BATCH) {
             for meta in mb.metas(batch).await? {
                 if *shutdown.borrow() {
-                    return Ok(jobs);
+                    return Ok(done);
                 }
-                jobs += self.guarded(self.arrive(mb, meta).await)?;
+                let r = self.arrive(mb, meta).await;
+                done.add(self.guarded(r))?;
             }
         }
-        Ok(jobs)
+        Ok(done)
     }
 
     /// Keeps one message's trouble from holding up the others: a command the server
     /// declined or a job that cannot be written is reported and tried again at the next
     /// check; connection and database errors end the session.
-    fn guarded(&self, r: Result<u64, PollError>) -> Result<u64, PollError> {
+    fn guarded(&self, r: Result<u64, PollError>) -> Result<Option<u64>, PollError> {
         match r {
+            Ok(jobs) => Ok(Some(jobs)),
             Err(e) if declined(&e) || matches!(e, PollError::Job(_)) => {
                 self.report(&e);
-                Ok(0)
+                Ok(None)
             }
-            other => other,
+            Err(e) => Err(e),
         }
     }
 
@@ -580,10 +619,10 @@ impl Poller {
     /// Runs the print command for each file of a spooled job, at most once.
     async fn handoff(&self, uid: u32, rec: &mut UidRecord) -> Result<(), PollError> {
         let (Some(command), Some(name)) = (&self.command, rec.job.clone()) else { return Ok(()) };
+        let mut json = self.dirs.read_json(&name)?;
         rec.handoff = Handoff::Started;
         rec.at = unix_now();
         self.state.record(uid, rec).await?;
-        let mut json = self.dirs.read_json(&name)?;
         let dir = self.dirs.path(&name);
         let mut results = Vec::new();
         for f in &json.files {
@@ -637,6 +676,13 @@ impl Poller {
     }
 }
 
+/// The lease that lets one poller at a time work on a mailbox in this process.
+fn lease(mailbox: &str) -> Arc<tokio::sync::Mutex<()>> {
+    type Leases = std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+    static LEASES: std::sync::LazyLock<Leases> = std::sync::LazyLock::new(Default::default);
+    LEASES.lock().unwrap_or_else(|e| e.into_inner()).entry(mailbox.to_string()).or_default().clone()
+}
+
 /// Returns when `identity` becomes ready (signed in again).
 async fn wait_ready(ready: &mut tokio::sync::broadcast::Receiver<String>, identity: &str) {
     loop {
@@ -646,5 +692,33 @@ async fn wait_ready(ready: &mut tokio::sync::broadcast::Receiver<String>, identi
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
             Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_poller_per_mailbox_at_a_time() {
+        let first = lease("lease-test").lock_owned().await;
+        let second = lease("lease-test");
+        assert!(second.try_lock().is_err(), "a second poller of the mailbox waits");
+        assert!(lease("lease-test-other").try_lock().is_ok(), "other mailboxes do not");
+        drop(first);
+        assert!(second.try_lock().is_ok());
+    }
+
+    #[test]
+    fn declined_commands_are_told_apart_from_broken_connections() {
+        let no = PollError::Imap(ImapError::Protocol {
+            what: "UID MOVE",
+            source: async_imap::error::Error::No("[CANNOT] no".into()),
+        });
+        assert!(declined(&no));
+        let lost =
+            PollError::Imap(ImapError::Protocol { what: "UID MOVE", source: async_imap::error::Error::ConnectionLost });
+        assert!(!declined(&lost));
+        assert!(!declined(&PollError::Imap(ImapError::Timeout { what: "NOOP" })));
     }
 }

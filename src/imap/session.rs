@@ -93,6 +93,10 @@ pub struct Mailbox {
     session: Session,
     pub caps: Caps,
     pub uidvalidity: u32,
+    /// New messages were reported outside a command's own answer. Reports are taken from
+    /// async-imap's queue after every command: the queue holds 100 and drops the rest, and
+    /// a check that expunges many messages would otherwise lose an EXISTS among them.
+    news: bool,
 }
 
 impl Mailbox {
@@ -109,22 +113,25 @@ impl Mailbox {
         let uidvalidity = selected
             .uid_validity
             .ok_or_else(|| ImapError::Unexpected(format!("the server sent no UIDVALIDITY for \"{folder}\"")))?;
-        Ok(Mailbox { session, caps, uidvalidity })
+        Ok(Mailbox { session, caps, uidvalidity, news: false })
+    }
+
+    fn collect_news(&mut self) {
+        self.news |= any_news(|| self.session.unsolicited_responses.try_recv().ok());
     }
 
     /// NOOP (RFC 3501 6.1.2): lets the server report new messages.
     pub async fn noop(&mut self) -> Result<(), ImapError> {
-        within("NOOP", COMMAND_TIMEOUT, self.session.noop(), ImapError::protocol("NOOP")).await
+        within("NOOP", COMMAND_TIMEOUT, self.session.noop(), ImapError::protocol("NOOP")).await?;
+        self.collect_news();
+        Ok(())
     }
 
     /// Whether the server reported new messages outside a command's own answer (EXISTS,
     /// RECENT); empties the queue of such reports.
     pub fn drain_news(&mut self) -> bool {
-        let mut news = false;
-        while let Ok(r) = self.session.unsolicited_responses.try_recv() {
-            news |= matches!(r, UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_));
-        }
-        news
+        self.collect_news();
+        std::mem::take(&mut self.news)
     }
 
     /// Every UID in the folder, ascending.
@@ -132,6 +139,7 @@ impl Mailbox {
         let set: HashSet<u32> =
             within("UID SEARCH", COMMAND_TIMEOUT, self.session.uid_search("ALL"), ImapError::protocol("UID SEARCH"))
                 .await?;
+        self.collect_news();
         let mut v: Vec<u32> = set.into_iter().collect();
         v.sort_unstable();
         Ok(v)
@@ -150,6 +158,7 @@ impl Mailbox {
             ImapError::protocol("UID FETCH"),
         )
         .await?;
+        self.collect_news();
         let mut out: Vec<Meta> = fetches
             .iter()
             .filter_map(|f| {
@@ -179,11 +188,15 @@ impl Mailbox {
             ImapError::protocol("UID FETCH"),
         )
         .await?;
+        self.collect_news();
         Ok(fetches.iter().find(|f| f.uid == Some(uid)).and_then(|f| f.body().map(<[u8]>::to_vec)))
     }
 
     async fn command(&mut self, what: &'static str, line: &str) -> Result<(), ImapError> {
-        within(what, COMMAND_TIMEOUT, self.session.run_command_and_check_ok(line), ImapError::protocol(what)).await
+        let r =
+            within(what, COMMAND_TIMEOUT, self.session.run_command_and_check_ok(line), ImapError::protocol(what)).await;
+        self.collect_news();
+        r
     }
 
     /// Marks `uid` \Deleted and expunges it (only it, with UIDPLUS).
@@ -246,30 +259,47 @@ impl Mailbox {
         deadline: tokio::time::Instant,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(Mailbox, Wake), ImapError> {
-        let Mailbox { session, caps, uidvalidity } = self;
+        let Mailbox { session, caps, uidvalidity, news } = self;
+        // Reports that come before the server's "+ idling" are not seen by the IDLE wait;
+        // a clone of the queue they land in shows them.
+        let early = session.unsolicited_responses.clone();
         let mut handle = session.idle();
         within("IDLE", COMMAND_TIMEOUT, handle.init(), ImapError::protocol("IDLE")).await?;
-        let wake = {
+        let wake = if news || any_news(|| early.try_recv().ok()) {
+            Wake::NewData
+        } else {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let (wait, stop) = handle.wait_with_timeout(left + Duration::from_secs(1));
             tokio::pin!(wait);
-            let wake = tokio::select! {
-                r = &mut wait => match r {
+            let (wake, finished) = tokio::select! {
+                r = &mut wait => (match r {
                     Ok(IdleResponse::NewData(_)) => Ok(Wake::NewData),
                     Ok(IdleResponse::Timeout | IdleResponse::ManualInterrupt) => Ok(Wake::Deadline),
                     Err(e) => Err(ImapError::Protocol { what: "IDLE", source: e }),
-                },
-                _ = tokio::time::sleep_until(deadline) => Ok(Wake::Deadline),
-                _ = shutdown.changed() => Ok(Wake::Shutdown),
+                }, true),
+                _ = tokio::time::sleep_until(deadline) => (Ok(Wake::Deadline), false),
+                _ = shutdown.changed() => (Ok(Wake::Shutdown), false),
             };
-            // Ends the wait (if it is still on) so the session can be had back.
+            // Ends the wait if it is still on, so that the session can be had back.
             drop(stop);
-            let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
+            if !finished {
+                let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
+            }
             wake?
         };
         let session = within("IDLE DONE", COMMAND_TIMEOUT, handle.done(), ImapError::protocol("DONE")).await?;
-        Ok((Mailbox { session, caps, uidvalidity }, wake))
+        Ok((Mailbox { session, caps, uidvalidity, news: false }, wake))
     }
+}
+
+/// Takes every queued report; whether one announced new messages (EXISTS, RECENT: RFC 3501
+/// 7.3.1, 7.3.2).
+fn any_news(mut next: impl FnMut() -> Option<UnsolicitedResponse>) -> bool {
+    let mut news = false;
+    while let Some(r) = next() {
+        news |= matches!(r, UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_));
+    }
+    news
 }
 
 /// A UID set (RFC 3501 9, `sequence-set`) with ranges for consecutive UIDs: `1:3,7,9:10`.
