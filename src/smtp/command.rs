@@ -212,6 +212,10 @@ fn check_address(addr: &str) -> Result<String, ParseError> {
         return Err(ParseError::Syntax("Non-ASCII addresses need SMTPUTF8, which is not offered"));
     }
     let quoted = local.len() >= 2 && local.starts_with('"') && local.ends_with('"');
+    // RFC 5321 4.1.2: qtextSMTP and quoted-pairSMTP are printable ASCII and space only.
+    if quoted && !local.bytes().all(|b| (32..=126).contains(&b)) {
+        return Err(ParseError::Syntax("Invalid local part"));
+    }
     if !quoted && !local.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.".contains(&b)) {
         return Err(ParseError::Syntax("Invalid local part"));
     }
@@ -219,6 +223,13 @@ fn check_address(addr: &str) -> Result<String, ParseError> {
         return Err(ParseError::Syntax("Invalid domain"));
     }
     let literal = domain.starts_with('[') && domain.ends_with(']');
+    // RFC 5321 4.1.3: an address literal is printable ASCII without brackets or backslash.
+    if literal
+        && (domain.len() < 3
+            || !domain[1..domain.len() - 1].bytes().all(|b| (33..=126).contains(&b) && !b"[]\\".contains(&b)))
+    {
+        return Err(ParseError::Syntax("Invalid address literal"));
+    }
     if !literal
         && !domain.split('.').all(|l| {
             !l.is_empty()
@@ -290,6 +301,12 @@ mod tests {
         ] {
             assert!(matches!(p(bad), Err(ParseError::Syntax(_))), "{bad}: {:?}", p(bad));
         }
+        // Found by fuzzing (fuzz/fuzz_targets/smtp_command.rs): control characters in an
+        // address literal or a quoted local part must not reach the upstream's MAIL line.
+        assert!(matches!(parse(b"MAIL\tFROM:O@[<#F\x1c\x06\rRCPT]"), Err(ParseError::Syntax(_))));
+        assert!(matches!(parse(b"RCPT TO:<\"a\rb\"@c.d>"), Err(ParseError::Syntax(_))));
+        assert!(matches!(parse(b"RCPT TO:<a@[]>"), Err(ParseError::Syntax(_))));
+        assert_eq!(p("RCPT TO:<a@[IPv6:::1]>"), Ok(Command::Rcpt { to: "a@[IPv6:::1]".into() }));
         let long = format!("RCPT TO:<{}@b.c>", "x".repeat(65));
         assert!(matches!(p(&long), Err(ParseError::Syntax(_))));
         assert!(matches!(p("RCPT TO:<é@b.c>"), Err(ParseError::Syntax(_))));
