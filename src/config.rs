@@ -753,17 +753,57 @@ impl Config {
         }
 
         let mut names = HashSet::new();
+        let mut folders = HashSet::new();
         for m in &self.mailboxes {
             let m = m.get_ref();
             let name = m.name.get_ref();
             if !names.insert(name.clone()) {
                 p(m.name.span(), format!("mailbox \"{name}\" is defined twice"));
             }
-            if self.identity(m.identity.get_ref()).is_none() {
-                p(
+            match self.identity(m.identity.get_ref()) {
+                None => p(
                     m.identity.span(),
                     format!("mailbox \"{name}\": identity \"{}\" is not defined", m.identity.get_ref()),
+                ),
+                Some(id) => {
+                    let generic_without_imap = self
+                        .provider(id.provider.get_ref())
+                        .is_some_and(|pr| pr.kind == ProviderKind::Generic && pr.imap.is_none());
+                    if generic_without_imap {
+                        p(
+                            m.identity.span(),
+                            format!(
+                                "mailbox \"{name}\": provider \"{}\" has no imap = \"host:port\"",
+                                id.provider.get_ref()
+                            ),
+                        );
+                    }
+                }
+            }
+            // IMAP names are case-sensitive, except INBOX (RFC 3501 5.1).
+            let folder = if m.folder.eq_ignore_ascii_case("INBOX") { "INBOX".to_string() } else { m.folder.clone() };
+            if !folders.insert((m.identity.get_ref().clone(), folder.clone())) {
+                p(
+                    m.name.span(),
+                    format!("mailbox \"{name}\": another mailbox already polls folder \"{}\" of identity \"{}\" (every job would print twice)", m.folder, m.identity.get_ref()),
                 );
+            }
+            if let Some(target) = m.after.get_ref().strip_prefix("move:") {
+                let target = if target.eq_ignore_ascii_case("INBOX") { "INBOX" } else { target };
+                if target == folder {
+                    p(
+                        m.after.span(),
+                        format!(
+                            "mailbox \"{name}\": after = \"{}\" moves mail into the folder being polled",
+                            m.after.get_ref()
+                        ),
+                    );
+                }
+            }
+            if let Some(cmd) = &m.command {
+                if cmd.is_empty() || !cmd.iter().any(|a| a.contains("{file}")) {
+                    p(m.name.span(), format!("mailbox \"{name}\": command should name the file to print with \"{{file}}\" (like [\"lp\", \"-d\", \"floor3\", \"{{file}}\"])"));
+                }
             }
             let after = m.after.get_ref();
             if !(after == "delete" || after == "seen" || after.strip_prefix("move:").is_some_and(|f| !f.is_empty())) {
@@ -902,6 +942,18 @@ flow = "device_code"
         let p = problems(text);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains(":10:") && p[0].contains("auth_code"), "{p:?}");
+    }
+
+    #[test]
+    fn mailbox_mistakes_are_caught() {
+        let text = format!(
+            "{GOOD}\n[[mailbox]]\nname = \"a\"\nidentity = \"scans\"\nspool = \"s\"\nafter = \"move:INBOX\"\ncommand = [\"lp\"]\n\n[[mailbox]]\nname = \"b\"\nidentity = \"scans\"\nfolder = \"inbox\"\nspool = \"s\"\n"
+        );
+        let p = problems(&text);
+        assert!(p.iter().any(|m| m.contains("has no imap")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("moves mail into the folder being polled")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("{file}")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("already polls folder")), "{p:?}");
     }
 
     #[test]
