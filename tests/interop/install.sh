@@ -1,11 +1,12 @@
 #!/bin/sh
 # Install the real servers and clients used by the tests (Debian 12, run as root):
-# Dovecot and Postfix for interop, swaks (with the Perl TLS and SASL modules it needs) and curl.
+# Dovecot and Postfix for interop, swaks (with the Perl TLS and SASL modules it needs), curl,
+# and prometheus for promtool (deploy/check.py checks the alert rules with it).
 # Idempotent: does nothing when every package is already installed.
 # Only Debian's own package mirrors are needed.
 set -eu
 
-PKGS="dovecot-imapd dovecot-lmtpd postfix swaks openssl curl libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl"
+PKGS="dovecot-imapd dovecot-lmtpd postfix swaks openssl curl libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl prometheus"
 
 missing=""
 for p in $PKGS; do
