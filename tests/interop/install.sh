@@ -37,7 +37,7 @@ apt-get install -y --no-install-recommends \
 
 # The packages' post-install scripts may start the system services. The tests never
 # use them; stop them so they do not hold ports 25/143/etc. (no-op without systemd).
-for svc in dovecot postfix; do
+for svc in dovecot postfix prometheus; do
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
         systemctl stop "$svc" >/dev/null 2>&1 || true
         systemctl disable "$svc" >/dev/null 2>&1 || true
