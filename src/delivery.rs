@@ -292,35 +292,8 @@ impl Delivery {
             original_headers: &header,
             now: chrono::Utc::now(),
         });
-        let id = self.queue.new_id();
-        let mut w = self.queue.spool().writer(id);
-        let written = async {
-            w.write(&body).await?;
-            w.finish().await
-        }
-        .await;
-        if let Err(e) = written {
-            tracing::error!(queue_id = %rec.id, "cannot write bounce: {e}");
-            return;
-        }
-        let b = QueueRecord {
-            id,
-            received: chrono::Utc::now().timestamp(),
-            device: rec.device.clone(),
-            identity: rec.identity.clone(),
-            client: "mfd-relay".into(),
-            from: slot.email.clone(),
-            original_from: String::new(),
-            rcpts: vec![to.clone()],
-            size: body.len() as u64,
-            eight_bit: false,
-            attempts: 0,
-            next_attempt: now_ms(),
-            last_error: None,
-            is_bounce: true,
-        };
-        match self.queue.enqueue(&b).await {
-            Ok(()) => tracing::info!(queue_id = %rec.id, bounce_id = %id, to = %to, "bounce queued"),
+        match self.queue.enqueue_own(&body, &rec.identity, &rec.device, &slot.email, &to).await {
+            Ok(id) => tracing::info!(queue_id = %rec.id, bounce_id = %id, to = %to, "bounce queued"),
             Err(e) => tracing::error!(queue_id = %rec.id, "cannot queue bounce: {e}"),
         }
     }

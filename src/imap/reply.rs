@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use base64::Engine as _;
 use mail_parser::Message;
 
-use crate::queue::{now_ms, Queue, QueueRecord};
+use crate::queue::Queue;
 
 /// What the answer says.
 pub struct Answer<'a> {
@@ -117,8 +117,6 @@ pub fn build(a: &Answer<'_>) -> Vec<u8> {
 /// Errors queueing an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplyError {
-    #[error("spool: {0}")]
-    Io(#[from] std::io::Error),
     #[error(transparent)]
     Queue(#[from] crate::queue::QueueError),
 }
@@ -126,28 +124,7 @@ pub enum ReplyError {
 /// Writes the answer to the queue's spool and queues it for `identity`.
 pub async fn queue(queue: &Queue, identity: &str, mailbox: &str, a: &Answer<'_>) -> Result<(), ReplyError> {
     let body = build(a);
-    let id = queue.new_id();
-    let mut w = queue.spool().writer(id);
-    w.write(&body).await?;
-    w.finish().await?;
-    let rec = QueueRecord {
-        id,
-        received: a.now.timestamp(),
-        device: format!("mailbox {mailbox}"),
-        identity: identity.to_string(),
-        client: "mfd-relay".into(),
-        from: a.from.to_string(),
-        original_from: String::new(),
-        rcpts: vec![a.to.to_string()],
-        size: body.len() as u64,
-        eight_bit: false,
-        attempts: 0,
-        next_attempt: now_ms(),
-        last_error: None,
-        // Never answered or bounced in turn.
-        is_bounce: true,
-    };
-    queue.enqueue(&rec).await?;
+    let id = queue.enqueue_own(&body, identity, &format!("mailbox {mailbox}"), a.from, a.to).await?;
     tracing::info!(mailbox, queue_id = %id, to = %a.to, "answer to a refused mail queued");
     Ok(())
 }

@@ -179,12 +179,45 @@ impl Queue {
         Ok(())
     }
 
-    /// Adds a message that the relay made itself (a bounce) and schedules it now.
-    pub async fn enqueue(&self, r: &QueueRecord) -> Result<(), QueueError> {
-        self.put(r)?;
-        self.store.commit().await?;
-        self.schedule_at(r.id, r.next_attempt);
-        Ok(())
+    /// Queues a message the relay writes itself (a bounce, an answer to a refused print
+    /// job): spools `body`, commits its record and schedules it now. Such messages are never
+    /// bounced or answered in turn. Returns its id.
+    pub async fn enqueue_own(
+        &self,
+        body: &[u8],
+        identity: &str,
+        device: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<MessageId, QueueError> {
+        let id = self.new_id();
+        let mut w = self.spool.writer(id);
+        w.write(body).await?;
+        w.finish().await?;
+        let r = QueueRecord {
+            id,
+            received: chrono::Utc::now().timestamp(),
+            device: device.to_string(),
+            identity: identity.to_string(),
+            client: "mfd-relay".into(),
+            from: from.to_string(),
+            original_from: String::new(),
+            rcpts: vec![to.to_string()],
+            size: body.len() as u64,
+            eight_bit: !body.is_ascii(),
+            attempts: 0,
+            next_attempt: now_ms(),
+            last_error: None,
+            is_bounce: true,
+        };
+        self.put(&r)?;
+        if let Err(e) = self.store.commit().await {
+            let _ = self.store.remove(Tree::Queue, &id.0.to_be_bytes());
+            self.spool.remove(id);
+            return Err(e.into());
+        }
+        self.schedule_at(id, r.next_attempt);
+        Ok(id)
     }
 
     pub fn get(&self, id: MessageId) -> Result<Option<QueueRecord>, QueueError> {
