@@ -378,16 +378,25 @@ pub struct Seconds(pub Duration);
 
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(Seconds(Duration::from_secs(n))),
-            Raw::Text(t) => parse_duration(&t).map(Seconds).map_err(serde::de::Error::custom),
-        }
+        number_or_text(d, |n| Seconds(Duration::from_secs(n)), |t| parse_duration(t).map(Seconds))
+    }
+}
+
+/// Reads a value written either as a bare number or as text with a unit.
+fn number_or_text<'de, D: Deserializer<'de>, T>(
+    d: D,
+    number: impl FnOnce(u64) -> T,
+    text: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Num(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Num(n) => Ok(number(n)),
+        Raw::Text(t) => text(&t).map_err(serde::de::Error::custom),
     }
 }
 
@@ -397,16 +406,7 @@ pub struct Size(pub u64);
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(Size(n)),
-            Raw::Text(t) => parse_size(&t).map(Size).map_err(serde::de::Error::custom),
-        }
+        number_or_text(d, Size, |t| parse_size(t).map(Size))
     }
 }
 
