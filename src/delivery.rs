@@ -160,10 +160,11 @@ impl Delivery {
                 Err(e) => tracing::warn!(identity = %rec.identity, "refresh after rejection failed: {e}"),
             }
         }
-        metrics::UPSTREAM_LATENCY.with_label_values(&[&rec.identity]).observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        metrics::UPSTREAM_LATENCY.with_label_values(&[&rec.identity]).observe(took.as_secs_f64());
 
         match result {
-            Ok(outcome) => self.settle(rec, outcome, in_session).await,
+            Ok(outcome) => self.settle(rec, outcome, in_session, took).await,
             Err(SendError::Auth { reply, detail }) => {
                 let why = format!(
                     "upstream refused the token: {}{}",
@@ -177,13 +178,13 @@ impl Delivery {
             Err(SendError::Rejected(r)) if !r.is_permanent() => self.defer(rec, &r.describe(), None, "upstream_4xx"),
             Err(SendError::Rejected(r)) => {
                 let all: Vec<_> = rec.rcpts.iter().map(|a| (a.clone(), r.clone())).collect();
-                self.settle(rec, SendOutcome { accepted: vec![], refused: all, reply: None }, in_session).await
+                self.settle(rec, SendOutcome { accepted: vec![], refused: all, reply: None }, in_session, took).await
             }
         }
     }
 
     /// Applies the per-recipient result of a transaction.
-    async fn settle(&self, mut rec: QueueRecord, out: SendOutcome, in_session: bool) -> Outcome {
+    async fn settle(&self, mut rec: QueueRecord, out: SendOutcome, in_session: bool, took: Duration) -> Outcome {
         let id = rec.id;
         // The reply to the final dot applies to every accepted recipient.
         let (delivered, data_refused): (Vec<String>, Vec<(String, UpstreamReply)>) = match &out.reply {
@@ -199,7 +200,7 @@ impl Delivery {
             tracing::info!(
                 queue_id = %id, device = %rec.device, identity = %rec.identity, size = rec.size,
                 rcpts = delivered.len(), upstream = %out.reply.as_ref().map(|r| r.describe()).unwrap_or_default(),
-                "delivered"
+                ms = took.as_millis() as u64, path, "delivered"
             );
         }
         for (rcpt, r) in &permanent {
