@@ -15,6 +15,9 @@ else
     echo "tests/run.sh: not root, so not installing packages; the interop tests need swaks, postfix, dovecot-imapd and dovecot-lmtpd" >&2
 fi
 
+# tests/abuse.rs opens 2,000 connections to check the per-address limit.
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked "$@"
