@@ -11,17 +11,35 @@
 //! message. The sink answers XOAUTH2 with 235 and counts messages; the token endpoint is a
 //! tiny in-process HTTP server. Results go to BENCHMARKS.md by hand.
 //!
-//! Environment: `MFD_BENCH_SCALE=0.1` runs a tenth of the messages; `MFD_BENCH_WRAPPER="valgrind
-//! --tool=massif"` starts the relay under a profiler.
+//! msg/s counts the messages delivered over the time to the last delivery; a message that gets no
+//! answer for 30 s (a printer's patience) is reported as timed out instead of hanging the run.
+//!
+//! Environment: `MFD_BENCH_SCALE=0.1` runs a tenth of the messages; `MFD_BENCH_SECONDS=60` stops
+//! starting messages after 60 s in a scenario (for a slow peer); `MFD_BENCH_WRAPPER="valgrind
+//! --tool=massif"` starts the relay under a profiler; `MFD_BENCH_UPSTREAM_TLS=starttls` makes
+//! the sink offer STARTTLS with a fresh self-signed certificate for 127.0.0.1 and the relay use
+//! it (ca_file), so upstream TLS is paid as in production; `MFD_BENCH_USER` and
+//! `MFD_BENCH_PASSWORD` set the devices' AUTH PLAIN login (default `bench` and `4711`; the
+//! relay's config follows them).
+//!
+//! Another server in the relay's place (a peer such as emailproxy): `MFD_BENCH_PEER="command
+//! args"` is started instead of mfd-relay once the sink and the token endpoint are up, with
+//! `{port}` (where it must listen for SMTP, on 127.0.0.1), `{sink_port}`, `{token_port}`,
+//! `{token_url}`, `{ca_file}` (the sink's certificate, with `MFD_BENCH_UPSTREAM_TLS=starttls`)
+//! and `{dir}` (a fresh temporary directory for its configuration and log) substituted in its
+//! arguments; it is split on whitespace and run without a shell, and it must `exec` the server
+//! in the end, since the child's pid is the one whose memory is sampled. Its output goes to
+//! `{dir}/peer.log`; it gets SIGTERM at the end. `benches/peer/emailproxy.sh` runs the bench this
+//! way against the Python emailproxy.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// One scenario of the benchmark.
@@ -42,18 +60,40 @@ const SCENARIOS: &[Scenario] = &[
     Scenario { name: "30mb-8", size: 30 * 1024 * 1024, clients: 8, messages: 16, reuse: false },
 ];
 
-const PIN: &str = "4711";
+/// How long a device waits for a message (connect, login, send) before it gives up on it, as a
+/// printer's SMTP timeout does. A server that loses a connection (a peer whose accept queue
+/// overflows drops connections that the kernel had already completed with a SYN cookie) then
+/// costs a failed message, not a hung benchmark.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The devices' login: `MFD_BENCH_USER` and `MFD_BENCH_PASSWORD`, by default the relay's bench device.
+fn login() -> &'static (String, String) {
+    static LOGIN: OnceLock<(String, String)> = OnceLock::new();
+    LOGIN.get_or_init(|| {
+        let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+        (var("MFD_BENCH_USER", "bench"), var("MFD_BENCH_PASSWORD", "4711"))
+    })
+}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let token_url = token_endpoint().await;
-    let sink = Sink::start().await;
+    let token_port = token_endpoint().await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let relay = RelayProc::start(dir.path(), &token_url, sink.port);
+    let tls = match std::env::var("MFD_BENCH_UPSTREAM_TLS").as_deref() {
+        Ok("starttls") => Some(SinkTls::new(dir.path())),
+        Ok("none") | Err(_) => None,
+        Ok(other) => panic!("MFD_BENCH_UPSTREAM_TLS={other}: expected starttls or none"),
+    };
+    let sink = Sink::start(tls).await;
+    let relay = match std::env::var("MFD_BENCH_PEER") {
+        Ok(command) => RelayProc::peer(&command, dir.path(), token_port, &sink),
+        Err(_) => RelayProc::start(dir.path(), token_port, &sink),
+    };
 
     println!("machine: {} cores, {}", num_cpus(), cpu_model());
-    println!("relay: {} (pid {})", relay.binary.display(), relay.pid());
+    println!("{} (pid {})", relay.what, relay.pid());
+    println!("upstream: {}", if sink.ca_file.is_some() { "STARTTLS" } else { "plain" });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_kib(relay.pid());
     println!("idle RSS after start: {:.1} MiB", idle as f64 / 1024.0);
@@ -83,39 +123,56 @@ async fn run_scenario(s: &Scenario, relay: &RelayProc, sink: &Sink) {
     let sampler = RssSampler::start(relay.pid());
     let scale: f64 = std::env::var("MFD_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let messages = ((s.messages as f64 * scale) as usize).max(1);
+    // With MFD_BENCH_SECONDS a slow server ends the scenario early; messages in flight finish.
+    let limit = std::env::var("MFD_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).map(Duration::from_secs_f64);
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..s.clients {
         let (body, next, port, n, reuse) = (body.clone(), next.clone(), relay.port, messages as u64, s.reuse);
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
+            let (mut lat, mut failed, mut last) = (Vec::new(), 0, Duration::ZERO);
             let mut conn: Option<Client> = None;
-            while next.fetch_add(1, Ordering::SeqCst) < n {
+            while limit.is_none_or(|l| started.elapsed() < l) && next.fetch_add(1, Ordering::SeqCst) < n {
                 let t = Instant::now();
-                if conn.is_none() {
-                    conn = Some(Client::connect(port).await);
-                }
-                let c = conn.as_mut().expect("connected");
-                c.send_message(&body).await;
-                if !reuse {
-                    if let Some(mut c) = conn.take() {
-                        c.quit().await;
+                let sent = tokio::time::timeout(MESSAGE_TIMEOUT, async {
+                    if conn.is_none() {
+                        conn = Some(Client::connect(port).await);
+                    }
+                    let c = conn.as_mut().expect("connected");
+                    c.send_message(&body).await;
+                    if !reuse {
+                        if let Some(mut c) = conn.take() {
+                            c.quit().await;
+                        }
+                    }
+                })
+                .await;
+                match sent {
+                    Ok(()) => {
+                        lat.push(t.elapsed());
+                        last = started.elapsed();
+                    }
+                    Err(_) => {
+                        conn = None;
+                        failed += 1;
                     }
                 }
-                lat.push(t.elapsed());
             }
             if let Some(mut c) = conn.take() {
                 c.quit().await;
             }
-            lat
+            (lat, failed, last)
         }));
     }
-    let mut lat = Vec::new();
+    let (mut lat, mut failed, mut elapsed) = (Vec::new(), 0, Duration::ZERO);
     for t in tasks {
-        lat.extend(t.await.expect("client task"));
+        let (l, f, last) = t.await.expect("client task");
+        lat.extend(l);
+        failed += f;
+        // Up to the last message delivered: time spent only waiting out a lost one is not throughput.
+        elapsed = elapsed.max(last);
     }
-    let elapsed = started.elapsed();
     let peak = sampler.stop().max(peak_kib(relay.pid()));
     // Every 250 was given after the sink accepted the message; check that nothing is missing.
     let delivered = sink.count.load(Ordering::SeqCst) - before;
@@ -124,33 +181,47 @@ async fn run_scenario(s: &Scenario, relay: &RelayProc, sink: &Sink) {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default()
     };
     println!(
-        "{:<16} {:>8} {:>7} {:>9} {:>11.0} {:>9.2} {:>9.2} {:>8.1} MiB{}",
+        "{:<16} {:>8} {:>7} {:>9} {:>11.0} {:>9.2} {:>9.2} {:>8.1} MiB{}{}",
         s.name,
         human_size(s.size),
         s.clients,
         lat.len(),
-        lat.len() as f64 / elapsed.as_secs_f64(),
+        lat.len() as f64 / elapsed.as_secs_f64().max(1e-9),
         pct(0.50).as_secs_f64() * 1000.0,
         pct(0.99).as_secs_f64() * 1000.0,
         peak as f64 / 1024.0,
-        if delivered as usize == lat.len() { String::new() } else { format!("  (sink got {delivered})") }
+        if delivered as usize == lat.len() { String::new() } else { format!("  (sink got {delivered})") },
+        if failed == 0 {
+            String::new()
+        } else {
+            format!("  ({failed} timed out after {}s)", MESSAGE_TIMEOUT.as_secs())
+        }
     );
 }
 
 /// Opens `n` device connections that greet and then stay idle; reports the memory they cost.
+/// Stops at the first connection that times out: the server is at its limit.
 async fn idle_connections(relay: &RelayProc, n: usize) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(relay.pid());
     let mut conns = Vec::new();
     for _ in 0..n {
-        let mut c = Client::connect(relay.port).await;
-        c.cmd("EHLO idle.bench\r\n").await;
-        conns.push(c);
+        let greeted = tokio::time::timeout(MESSAGE_TIMEOUT, async {
+            let mut c = Client::connect(relay.port).await;
+            c.cmd("EHLO idle.bench\r\n").await;
+            c
+        })
+        .await;
+        match greeted {
+            Ok(c) => conns.push(c),
+            Err(_) => break,
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let with = rss_kib(relay.pid());
+    let open = conns.len();
     println!(
-        "{:<16} {:>8} {:>7} {:>9} {:>11} {:>9} {:>9} {:>8.1} MiB  (+{:.1} MiB for {n} connections, {:.1} KiB each)",
+        "{:<16} {:>8} {:>7} {:>9} {:>11} {:>9} {:>9} {:>8.1} MiB  (+{:.1} MiB for {open} connections, {:.1} KiB each){}",
         "idle-1000",
         "-",
         n,
@@ -160,7 +231,12 @@ async fn idle_connections(relay: &RelayProc, n: usize) {
         "-",
         with as f64 / 1024.0,
         (with.saturating_sub(before)) as f64 / 1024.0,
-        (with.saturating_sub(before)) as f64 / n as f64
+        (with.saturating_sub(before)) as f64 / open.max(1) as f64,
+        if open == n {
+            String::new()
+        } else {
+            format!("  (connection {} timed out after {}s; stopped)", open + 1, MESSAGE_TIMEOUT.as_secs())
+        }
     );
     for mut c in conns {
         c.quit().await;
@@ -193,7 +269,8 @@ impl Client {
         let mut c = Client { r: BufReader::new(r), w, line: String::new() };
         c.expect("220").await;
         c.cmd("EHLO printer.bench\r\n").await;
-        let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0bench\0{PIN}"));
+        let (user, password) = login();
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
         let r = c.cmd(&format!("AUTH PLAIN {auth}\r\n")).await;
         assert!(r.starts_with("235"), "AUTH: {r}");
         c
@@ -251,64 +328,132 @@ impl Client {
     }
 }
 
-/// The upstream: accepts XOAUTH2, counts messages, throws bodies away.
+/// The upstream: accepts XOAUTH2, counts messages, throws bodies away; offers STARTTLS when it
+/// has a certificate.
 struct Sink {
     port: u16,
     count: Arc<AtomicU64>,
+    /// The sink's self-signed certificate, for clients to trust, when it offers STARTTLS.
+    ca_file: Option<PathBuf>,
 }
 
-impl Sink {
-    async fn start() -> Sink {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
-        let port = l.local_addr().expect("addr").port();
-        let count = Arc::new(AtomicU64::new(0));
-        let c = count.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                let c = c.clone();
-                tokio::spawn(async move {
-                    let _ = sink_session(s, c).await;
-                });
-            }
-        });
-        Sink { port, count }
+/// The sink's TLS side: a fresh self-signed certificate for 127.0.0.1, written out as a CA file.
+struct SinkTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    ca_file: PathBuf,
+}
+
+impl SinkTls {
+    fn new(dir: &Path) -> SinkTls {
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("sink certificate");
+        let ca_file = dir.join("sink-ca.pem");
+        std::fs::write(&ca_file, ck.cert.pem()).expect("write the sink's certificate");
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .expect("sink TLS config");
+        SinkTls { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca_file }
     }
 }
 
-async fn sink_session(s: TcpStream, count: Arc<AtomicU64>) -> std::io::Result<()> {
+impl Sink {
+    async fn start(tls: Option<SinkTls>) -> Sink {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
+        let port = l.local_addr().expect("addr").port();
+        let count = Arc::new(AtomicU64::new(0));
+        let ca_file = tls.as_ref().map(|t| t.ca_file.clone());
+        let acceptor = tls.map(|t| t.acceptor);
+        let c = count.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let (c, acceptor) = (c.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let _ = sink_session(s, c, acceptor).await;
+                });
+            }
+        });
+        Sink { port, count, ca_file }
+    }
+}
+
+async fn sink_session(
+    s: TcpStream,
+    count: Arc<AtomicU64>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
     let _ = s.set_nodelay(true);
-    let (r, mut w) = s.into_split();
-    let mut r = BufReader::with_capacity(256 * 1024, r);
-    w.write_all(b"220 sink.bench ESMTP\r\n").await?;
+    let mut s = BufReader::with_capacity(256 * 1024, s);
+    s.write_all(b"220 sink.bench ESMTP\r\n").await?;
+    if sink_dialogue(&mut s, &count, tls.is_some()).await? {
+        if let Some(tls) = tls {
+            // Whatever was pipelined after STARTTLS goes with the buffer (RFC 3207).
+            let s = tls.accept(s.into_inner()).await?;
+            sink_dialogue(&mut BufReader::with_capacity(256 * 1024, s), &count, false).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Serves SMTP commands until QUIT or EOF; returns true after answering STARTTLS (offered only
+/// when `starttls`), for the caller to continue over TLS.
+async fn sink_dialogue<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    count: &AtomicU64,
+    starttls: bool,
+) -> std::io::Result<bool> {
     let mut line = String::new();
     loop {
         line.clear();
-        if r.read_line(&mut line).await? == 0 {
-            return Ok(());
+        if s.read_line(&mut line).await? == 0 {
+            return Ok(false);
         }
         let cmd = line.get(..4).unwrap_or("").to_ascii_uppercase();
         let reply: &[u8] = match cmd.as_str() {
+            "EHLO" if starttls => b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 157286400\r\n250-STARTTLS\r\n250 AUTH XOAUTH2\r\n",
             "EHLO" => b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 157286400\r\n250 AUTH XOAUTH2\r\n",
-            "AUTH" => b"235 2.7.0 Authentication successful\r\n",
+            "STAR" if starttls => {
+                s.write_all(b"220 2.0.0 Ready to start TLS\r\n").await?;
+                s.flush().await?;
+                return Ok(true);
+            }
+            "AUTH" => {
+                // "AUTH XOAUTH2" without an initial response sends the token after a 334.
+                if line.split_whitespace().count() < 3 {
+                    s.write_all(b"334 \r\n").await?;
+                    s.flush().await?;
+                    line.clear();
+                    if s.read_line(&mut line).await? == 0 {
+                        return Ok(false);
+                    }
+                }
+                b"235 2.7.0 Authentication successful\r\n"
+            }
             "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 2.0.0 OK\r\n",
             "QUIT" => {
-                w.write_all(b"221 2.0.0 Bye\r\n").await?;
-                return Ok(());
+                s.write_all(b"221 2.0.0 Bye\r\n").await?;
+                s.flush().await?;
+                return Ok(false);
             }
             "DATA" => {
-                w.write_all(b"354 go ahead\r\n").await?;
-                read_until_dot(&mut r).await?;
+                s.write_all(b"354 go ahead\r\n").await?;
+                s.flush().await?;
+                read_until_dot(s).await?;
                 count.fetch_add(1, Ordering::SeqCst);
                 b"250 2.0.0 OK queued\r\n"
             }
             _ => b"500 5.5.1 what\r\n",
         };
-        w.write_all(reply).await?;
+        s.write_all(reply).await?;
+        s.flush().await?;
     }
 }
 
 /// Reads DATA until CRLF.CRLF without keeping it (the DATA line's CRLF counts as the first).
-async fn read_until_dot(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Result<()> {
+async fn read_until_dot<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<()> {
     const END: &[u8] = b"\r\n.\r\n";
     let mut matched = 2;
     loop {
@@ -334,8 +479,8 @@ async fn read_until_dot(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> st
     }
 }
 
-/// A token endpoint that grants anything.
-async fn token_endpoint() -> String {
+/// A token endpoint that grants anything, at `http://127.0.0.1:{port}/token`; returns the port.
+async fn token_endpoint() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind token endpoint");
     let port = l.local_addr().expect("addr").port();
     tokio::spawn(async move {
@@ -352,22 +497,30 @@ async fn token_endpoint() -> String {
             });
         }
     });
-    format!("http://127.0.0.1:{port}/token")
+    port
 }
 
-/// The relay under test, started from the binary cargo built next to this benchmark.
+/// The server under test: the relay, started from the binary cargo built next to this
+/// benchmark, or a peer started from `MFD_BENCH_PEER`.
 struct RelayProc {
     child: Child,
-    binary: PathBuf,
+    /// What runs, for the report.
+    what: String,
     port: u16,
 }
 
 impl RelayProc {
-    fn start(dir: &std::path::Path, token_url: &str, sink_port: u16) -> RelayProc {
+    fn start(dir: &Path, token_port: u16, sink: &Sink) -> RelayProc {
         let binary = PathBuf::from(env!("CARGO_BIN_EXE_mfd-relay"));
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-        let admin = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-        let hash = mfd_relay::devices::hash_pin(PIN).expect("hash");
+        let port = free_port();
+        let admin = free_port();
+        let (user, password) = login();
+        let hash = mfd_relay::devices::hash_pin(password).expect("hash");
+        let sink_port = sink.port;
+        let upstream_tls = match &sink.ca_file {
+            Some(ca) => format!("smtp_tls = \"starttls\"\nca_file = \"{}\"", ca.display()),
+            None => "smtp_tls = \"none\"".to_string(),
+        };
         let config = format!(
             r#"[relay]
 hostname = "relay.bench"
@@ -388,9 +541,9 @@ name = "sink"
 kind = "generic"
 client_id = "bench"
 client_secret = "bench"
-token_url = "{token_url}"
+token_url = "http://127.0.0.1:{token_port}/token"
 smtp = "127.0.0.1:{sink_port}"
-smtp_tls = "none"
+{upstream_tls}
 
 [[identity]]
 name = "scans"
@@ -401,7 +554,7 @@ flow = "client_credentials"
 [[device]]
 name = "bench"
 identity = "scans"
-username = "bench"
+username = "{user}"
 pin_hash = "{hash}"
 "#
         );
@@ -427,17 +580,60 @@ pin_hash = "{hash}"
             .stderr(log)
             .spawn()
             .expect("start relay");
+        RelayProc { child, what: format!("relay: {}", binary.display()), port }.listening(&dir.join("relay.log"))
+    }
+
+    /// Starts `command` (`MFD_BENCH_PEER`, placeholders substituted) in the relay's place.
+    fn peer(command: &str, dir: &Path, token_port: u16, sink: &Sink) -> RelayProc {
+        let port = free_port();
+        let ca_file = sink.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let args: Vec<String> = command
+            .split_whitespace()
+            .map(|a| {
+                a.replace("{port}", &port.to_string())
+                    .replace("{sink_port}", &sink.port.to_string())
+                    .replace("{token_port}", &token_port.to_string())
+                    .replace("{token_url}", &format!("http://127.0.0.1:{token_port}/token"))
+                    .replace("{ca_file}", &ca_file)
+                    .replace("{dir}", &dir.display().to_string())
+            })
+            .collect();
+        let Some((prog, rest)) = args.split_first() else { panic!("MFD_BENCH_PEER is empty") };
+        let log_path = dir.join("peer.log");
+        let log = std::fs::File::create(&log_path).expect("peer log");
+        let child = Command::new(prog)
+            .args(rest)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("peer log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start peer {prog}: {e}"));
+        RelayProc { child, what: format!("peer: {}", args.join(" ")), port }.listening(&log_path)
+    }
+
+    /// Waits until the server accepts connections on its port; panics, pointing at its log,
+    /// when it exits or takes longer than a minute.
+    fn listening(mut self, log: &Path) -> RelayProc {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "relay did not start");
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let tail = std::fs::read_to_string(log).unwrap_or_default();
+                panic!("{} exited ({status}) before listening; {}:\n{tail}", self.what, log.display());
+            }
+            assert!(Instant::now() < deadline, "{} is not listening after 60 s; see {}", self.what, log.display());
             std::thread::sleep(Duration::from_millis(20));
         }
-        RelayProc { child, binary, port }
+        self
     }
 
     fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
 }
 
 impl Drop for RelayProc {
