@@ -72,6 +72,10 @@ pub struct Devices {
 /// argon2 checks running at once.
 const ARGON2_PARALLEL: usize = 2;
 
+/// A hash no PIN matches, checked for unknown usernames so they cost as much as wrong PINs.
+static DUMMY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| hash_pin("mfd-relay: no device has this username").unwrap_or_default());
+
 /// Logins remembered at most (each is 32 bytes); the cache is cleared when full.
 const MAX_CACHED_LOGINS: usize = 10_000;
 
@@ -135,28 +139,26 @@ impl Devices {
     /// Checks a login. The argon2 work runs on the blocking pool; a success is cached.
     pub async fn authenticate(&self, username: &str, pin: &str, ip: IpAddr) -> Result<Arc<Device>, AuthError> {
         let ip = canonical(ip);
-        let dev = self
-            .by_user
-            .get(&username.to_ascii_lowercase())
-            .map(|&i| self.devices[i].clone())
-            .ok_or(AuthError::UnknownUser)?;
-        if !dev.nets.is_empty() && !dev.connects_from(ip) {
-            return Err(AuthError::WrongAddress);
+        let dev = self.by_user.get(&username.to_ascii_lowercase()).map(|&i| self.devices[i].clone());
+        let refused = match &dev {
+            None => Some(AuthError::UnknownUser),
+            Some(d) if !d.nets.is_empty() && !d.connects_from(ip) => Some(AuthError::WrongAddress),
+            _ => None,
+        };
+        if let Some(e) = refused {
+            // As slow as a wrong PIN, so that timing does not tell which usernames exist.
+            self.verify(DUMMY_HASH.as_str(), pin).await;
+            return Err(e);
         }
+        let dev = dev.ok_or(AuthError::UnknownUser)?;
         let tag = self.cache_tag(&dev, pin);
         if self.is_verified(&tag) {
             return Ok(dev);
         }
-        let _slot = self.argon2_slots.acquire().await.map_err(|_| AuthError::WrongPin)?;
-        // Printers of one model often log in together: the first check may have just
-        // succeeded for the same PIN while this one waited.
-        if self.is_verified(&tag) {
-            return Ok(dev);
-        }
         let hash = dev.pin_hash.clone().ok_or(AuthError::WrongPin)?;
-        let pin = pin.to_string();
-        let ok = tokio::task::spawn_blocking(move || verify_pin(&hash, &pin)).await.unwrap_or(false);
-        if !ok {
+        // Printers of one model often log in together: the first check may have just
+        // succeeded for the same PIN while this one waited for an argon2 slot.
+        if !self.verify_unless(&hash, pin, || self.is_verified(&tag)).await {
             return Err(AuthError::WrongPin);
         }
         let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
@@ -165,6 +167,21 @@ impl Devices {
         }
         cache.insert(tag);
         Ok(dev)
+    }
+
+    /// An argon2 check on the blocking pool, at most `ARGON2_PARALLEL` at once.
+    async fn verify(&self, hash: &str, pin: &str) -> bool {
+        self.verify_unless(hash, pin, || false).await
+    }
+
+    /// Like [`Devices::verify`], but true at once if `done()` holds once a slot is free.
+    async fn verify_unless(&self, hash: &str, pin: &str, done: impl Fn() -> bool) -> bool {
+        let Ok(_slot) = self.argon2_slots.acquire().await else { return false };
+        if done() {
+            return true;
+        }
+        let (hash, pin) = (hash.to_string(), pin.to_string());
+        tokio::task::spawn_blocking(move || verify_pin(&hash, &pin)).await.unwrap_or(false)
     }
 
     fn is_verified(&self, tag: &[u8; 32]) -> bool {
@@ -335,5 +352,14 @@ recipients = ["*@contoso.com", "boss@else.where"]
         assert!(t.elapsed() < std::time::Duration::from_secs(1));
         // A device with a username is not matched by address alone.
         assert!(d.by_address("10.1.1.1".parse().unwrap()).is_none());
+        // An unknown username costs an argon2 check like a wrong PIN: timing does not tell
+        // which usernames exist.
+        let t = std::time::Instant::now();
+        assert!(d.authenticate("floor3", "0000", ip).await.is_err());
+        let wrong_pin = t.elapsed();
+        let t = std::time::Instant::now();
+        assert!(d.authenticate("nobody", "0000", ip).await.is_err());
+        let unknown = t.elapsed();
+        assert!(unknown * 3 > wrong_pin, "unknown user {unknown:?} vs wrong PIN {wrong_pin:?}");
     }
 }
