@@ -27,8 +27,9 @@ fn login(user: &'static str, pin: &'static str) -> Vec<&'static str> {
 /// a device that sends as it ("annex"), and a mobile-print mailbox.
 fn sections(provider: &str) -> String {
     let h = pin_hash();
+    // The mailbox's server is never reached: its identity is not signed in.
     format!(
-        "{provider}\n{}\n\
+        "{provider}imap = \"127.0.0.1:1\"\nimap_tls = \"none\"\n\n{}\n\
          [[identity]]\nname = \"print\"\nprovider = \"fake\"\nemail = \"print@contoso.test\"\nflow = \"device_code\"\n\n\
          [[device]]\nname = \"annex\"\nidentity = \"print\"\nusername = \"annex\"\npin_hash = \"{h}\"\n\n\
          [[mailbox]]\nname = \"mobile-print\"\nidentity = \"print\"\nspool = \"data/print\"\n",
