@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then
     tests/interop/install.sh
     # deploy/check.py validates the Kubernetes manifests against the API models with it.
-    python3 -m pip install --quiet --disable-pip-version-check kubernetes
+    python3 -m pip install --quiet --disable-pip-version-check kubernetes \
+        || echo "tests/run.sh: could not install the kubernetes models; deploy/check.py skips that check" >&2
 else
     echo "tests/run.sh: not root, so not installing packages; the interop tests need swaks, postfix, dovecot-imapd and dovecot-lmtpd" >&2
 fi
