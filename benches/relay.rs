@@ -515,7 +515,7 @@ impl RelayProc {
         let port = free_port();
         let admin = free_port();
         let (user, password) = login();
-        let hash = mfd_relay::devices::hash_pin(password).expect("hash");
+        let hash = mfd_relay::credentials::hash(password).expect("hash");
         let sink_port = sink.port;
         let upstream_tls = match &sink.ca_file {
             Some(ca) => format!("smtp_tls = \"starttls\"\nca_file = \"{}\"", ca.display()),

@@ -543,8 +543,8 @@ impl Config {
                 if u.get_ref().is_empty() || u.get_ref().contains(':') {
                     p(u.span(), "admin.basic_auth_user must be non-empty and have no ':'".into());
                 }
-                if let Err(e) = crate::admin::auth::check_password_hash(h.get_ref()) {
-                    p(h.span(), e);
+                if let Err(e) = crate::credentials::check_hash(h.get_ref()) {
+                    p(h.span(), format!("admin.basic_auth_password_hash is {e}; make one with `mfd-relay hash-pin`"));
                 }
                 if self.admin.token.is_none() {
                     p(u.span(), "admin.basic_auth_user needs admin.token too: the mfd-relay commands (queue, auth, reload) use the token".into());
@@ -573,10 +573,9 @@ impl Config {
                             }
                         }
                         if self.resolve(cert.get_ref()).is_file() && self.resolve(key.get_ref()).is_file() {
-                            if let Err(e) = crate::smtp::listener::tls_acceptor(
-                                &self.resolve(cert.get_ref()),
-                                &self.resolve(key.get_ref()),
-                            ) {
+                            if let Err(e) =
+                                crate::tls::server_acceptor(&self.resolve(cert.get_ref()), &self.resolve(key.get_ref()))
+                            {
                                 p(cert.span(), e.to_string());
                             }
                         }
@@ -734,8 +733,11 @@ impl Config {
                         ),
                     ),
                     Some(h) => {
-                        if let Err(e) = crate::devices::check_pin_hash(h.get_ref()) {
-                            p(h.span(), format!("device \"{name}\": {e}"));
+                        if let Err(e) = crate::credentials::check_hash(h.get_ref()) {
+                            p(
+                                h.span(),
+                                format!("device \"{name}\": pin_hash is {e}; make one with `mfd-relay hash-pin`"),
+                            );
                         }
                     }
                 }

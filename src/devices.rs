@@ -5,20 +5,17 @@
 //! one is known by its `addresses` alone. A device with both may log in only from those
 //! addresses. Anything else is not a device and cannot relay (DESIGN rule 3).
 //!
-//! PINs are argon2 hashes in the config. An argon2 check costs tens of milliseconds of CPU,
-//! and a printer logs in for every scan, so a successful check is remembered in memory,
-//! keyed by an HMAC of (username, PIN) under a key made at startup: a repeat login costs
-//! microseconds, the PIN itself is never kept, and failures are never cached.
+//! PINs are argon2 hashes in the config, checked by a [`Verifier`] that remembers successes
+//! (a printer logs in for every scan) and bounds the checks running at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use argon2::{PasswordHash, PasswordVerifier};
 use ipnet::IpNet;
-use ring::hmac;
 
 use crate::config::{Config, FromPolicy};
+use crate::credentials::Verifier;
 
 /// A device from the configuration, ready for matching.
 #[derive(Debug, Clone)]
@@ -62,22 +59,11 @@ pub enum AuthError {
 pub struct Devices {
     devices: Vec<Arc<Device>>,
     by_user: HashMap<String, usize>,
-    cache_key: hmac::Key,
-    verified: Mutex<HashSet<[u8; 32]>>,
-    /// Bounds argon2 checks running at once: each takes ~19 MiB and a core for tens of ms,
-    /// so unbounded they would let a burst of logins (or of wrong PINs) exhaust memory.
-    argon2_slots: tokio::sync::Semaphore,
+    pins: Verifier,
 }
 
-/// argon2 checks running at once.
+/// argon2 checks running at once (each takes ~19 MiB and a core for tens of ms).
 const ARGON2_PARALLEL: usize = 2;
-
-/// A hash no PIN matches, checked for unknown usernames so they cost as much as wrong PINs.
-static DUMMY_HASH: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| hash_pin("mfd-relay: no device has this username").unwrap_or_default());
-
-/// Logins remembered at most (each is 32 bytes); the cache is cleared when full.
-const MAX_CACHED_LOGINS: usize = 10_000;
 
 impl Devices {
     /// Builds the device table from a validated configuration.
@@ -103,16 +89,7 @@ impl Devices {
             .enumerate()
             .filter_map(|(i, d)| d.username.as_ref().map(|u| (u.to_ascii_lowercase(), i)))
             .collect();
-        let rng = ring::rand::SystemRandom::new();
-        // Only fails if the OS has no randomness, in which case nothing secure can run.
-        let cache_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng).expect("system random source");
-        Devices {
-            devices,
-            by_user,
-            cache_key,
-            verified: Mutex::new(HashSet::new()),
-            argon2_slots: tokio::sync::Semaphore::new(ARGON2_PARALLEL),
-        }
+        Devices { devices, by_user, pins: Verifier::new(ARGON2_PARALLEL) }
     }
 
     pub fn all(&self) -> &[Arc<Device>] {
@@ -136,66 +113,23 @@ impl Devices {
         self.by_user.get(&username.to_ascii_lowercase()).map(|&i| self.devices[i].name.as_str())
     }
 
-    /// Checks a login. The argon2 work runs on the blocking pool; a success is cached.
+    /// Checks a login. The argon2 work runs on the blocking pool; a success is remembered.
     pub async fn authenticate(&self, username: &str, pin: &str, ip: IpAddr) -> Result<Arc<Device>, AuthError> {
         let ip = canonical(ip);
-        let dev = self.by_user.get(&username.to_ascii_lowercase()).map(|&i| self.devices[i].clone());
-        let refused = match &dev {
-            None => Some(AuthError::UnknownUser),
-            Some(d) if !d.nets.is_empty() && !d.connects_from(ip) => Some(AuthError::WrongAddress),
-            _ => None,
-        };
-        if let Some(e) = refused {
+        let Some(dev) = self.by_user.get(&username.to_ascii_lowercase()).map(|&i| self.devices[i].clone()) else {
             // As slow as a wrong PIN, so that timing does not tell which usernames exist.
-            self.verify(DUMMY_HASH.as_str(), pin).await;
-            return Err(e);
+            self.pins.spend(pin).await;
+            return Err(AuthError::UnknownUser);
+        };
+        if !dev.nets.is_empty() && !dev.connects_from(ip) {
+            self.pins.spend(pin).await;
+            return Err(AuthError::WrongAddress);
         }
-        let dev = dev.ok_or(AuthError::UnknownUser)?;
-        let tag = self.cache_tag(&dev, pin);
-        if self.is_verified(&tag) {
-            return Ok(dev);
-        }
-        let hash = dev.pin_hash.clone().ok_or(AuthError::WrongPin)?;
-        // Printers of one model often log in together: the first check may have just
-        // succeeded for the same PIN while this one waited for an argon2 slot.
-        if !self.verify_unless(&hash, pin, || self.is_verified(&tag)).await {
+        let hash = dev.pin_hash.as_deref().ok_or(AuthError::WrongPin)?;
+        if !self.pins.verify(&dev.name, pin, hash).await {
             return Err(AuthError::WrongPin);
         }
-        let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= MAX_CACHED_LOGINS {
-            cache.clear();
-        }
-        cache.insert(tag);
         Ok(dev)
-    }
-
-    /// An argon2 check on the blocking pool, at most `ARGON2_PARALLEL` at once.
-    async fn verify(&self, hash: &str, pin: &str) -> bool {
-        self.verify_unless(hash, pin, || false).await
-    }
-
-    /// Like [`Devices::verify`], but true at once if `done()` holds once a slot is free.
-    async fn verify_unless(&self, hash: &str, pin: &str, done: impl Fn() -> bool) -> bool {
-        let Ok(_slot) = self.argon2_slots.acquire().await else { return false };
-        if done() {
-            return true;
-        }
-        let (hash, pin) = (hash.to_string(), pin.to_string());
-        tokio::task::spawn_blocking(move || verify_pin(&hash, &pin)).await.unwrap_or(false)
-    }
-
-    fn is_verified(&self, tag: &[u8; 32]) -> bool {
-        self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(tag)
-    }
-
-    fn cache_tag(&self, dev: &Device, pin: &str) -> [u8; 32] {
-        let mut ctx = hmac::Context::with_key(&self.cache_key);
-        ctx.update(dev.name.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(pin.as_bytes());
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.sign().as_ref());
-        out
     }
 }
 
@@ -219,30 +153,6 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpAddr>()
         .map(IpNet::from)
         .map_err(|_| format!("\"{s}\" is not an address or CIDR network (like 192.168.10.31/32)"))
-}
-
-/// Checks that a `pin_hash` is an argon2 PHC string.
-pub fn check_pin_hash(s: &str) -> Result<(), String> {
-    let h = PasswordHash::new(s)
-        .map_err(|e| format!("pin_hash is not an argon2 hash ({e}); make one with `mfd-relay hash-pin`"))?;
-    if !h.algorithm.as_str().starts_with("argon2") {
-        return Err("pin_hash must be an argon2 hash; make one with `mfd-relay hash-pin`".into());
-    }
-    Ok(())
-}
-
-/// Hashes a PIN for the configuration (argon2id, default parameters, random salt).
-pub fn hash_pin(pin: &str) -> Result<String, String> {
-    use argon2::PasswordHasher;
-    argon2::Argon2::default().hash_password(pin.as_bytes()).map(|h| h.to_string()).map_err(|e| e.to_string())
-}
-
-/// Verifies a PIN against its argon2 hash (constant time in the PIN, by argon2's design).
-pub fn verify_pin(hash: &str, pin: &str) -> bool {
-    match PasswordHash::new(hash) {
-        Ok(h) => argon2::Argon2::default().verify_password(pin.as_bytes(), &h).is_ok(),
-        Err(_) => false,
-    }
 }
 
 /// Recipient patterns: "*", "*@domain", "user@domain" (case-insensitive).
@@ -331,9 +241,7 @@ recipients = ["*@contoso.com", "boss@else.where"]
 
     #[tokio::test]
     async fn login_checks_pin_and_address_and_caches_success() {
-        let hash = hash_pin("1234").unwrap();
-        assert!(check_pin_hash(&hash).is_ok());
-        assert!(check_pin_hash("$2b$10$abc").is_err());
+        let hash = crate::credentials::hash("1234").unwrap();
         let d = devices(&format!(
             "[[device]]\nname = \"auth\"\nidentity = \"i\"\nusername = \"floor3\"\npin_hash = \"{hash}\"\n[[device]]\nname = \"pinned\"\nidentity = \"i\"\nusername = \"pinned\"\npin_hash = \"{hash}\"\naddresses = [\"10.1.1.1\"]\n"
         ));

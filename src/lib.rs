@@ -11,6 +11,7 @@
 pub mod activity;
 pub mod admin;
 pub mod config;
+pub mod credentials;
 pub mod delivery;
 pub mod devices;
 pub mod imap;
@@ -21,4 +22,5 @@ pub mod queue;
 pub mod relay;
 pub mod smtp;
 pub mod store;
+pub mod tls;
 pub mod upstream;

@@ -199,7 +199,7 @@ fn hash_pin() -> anyhow::Result<ExitCode> {
     if pin.is_empty() {
         bail!("no PIN given on standard input");
     }
-    let hash = mfd_relay::devices::hash_pin(pin).map_err(|e| anyhow!(e))?;
+    let hash = mfd_relay::credentials::hash(pin).map_err(|e| anyhow!(e))?;
     println!("{hash}");
     Ok(ExitCode::SUCCESS)
 }

@@ -234,9 +234,9 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
         let sock: SocketAddr = addr.parse().map_err(|_| err("not an address:port".into()))?;
         let acceptor = match (l.tls, &l.cert, &l.key) {
             (TlsMode::None, _, _) => None,
-            (_, Some(c), Some(k)) => {
-                Some(listener::tls_acceptor(&config.resolve(c.get_ref()), &config.resolve(k.get_ref())).map_err(err)?)
-            }
+            (_, Some(c), Some(k)) => Some(
+                crate::tls::server_acceptor(&config.resolve(c.get_ref()), &config.resolve(k.get_ref())).map_err(err)?,
+            ),
             _ => return Err(err("tls needs cert and key".into())),
         };
         let tcp = tokio::net::TcpListener::bind(sock).await.map_err(|e| err(e.to_string()))?;

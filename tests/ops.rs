@@ -452,7 +452,7 @@ async fn admin_token_guards_everything_but_health_and_the_cli_still_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_auth_opens_the_status_page_in_a_browser() {
     let mut w = start().await;
-    let hash = mfd_relay::devices::hash_pin("correct horse battery").unwrap();
+    let hash = mfd_relay::credentials::hash("correct horse battery").unwrap();
     let keys = format!("token = \"{ADMIN_TOKEN}\"\nbasic_auth_user = \"it\"\nbasic_auth_password_hash = \"{hash}\"\n");
     tokio::task::block_in_place(|| restart_with_admin_keys(&mut w, &keys));
     let port = w.relay.admin_port;

@@ -10,25 +10,18 @@
 //! With neither configured the listener is open, which is why it binds to loopback by
 //! default. `/healthz` and the OAuth callback never ask (see `admin::Admin::router`).
 //!
-//! A password check costs an argon2 computation (tens of milliseconds), and a browser sends
-//! the password with every request: a success is remembered in memory, keyed by an HMAC of
-//! user and password under a key made at startup (never the password itself); failures are
-//! never remembered; and at most one argon2 check runs at a time, off the async workers, so a
-//! flood of wrong passwords costs one core at most and never stalls `/metrics`.
-
-use std::collections::HashSet;
-use std::sync::Mutex;
+//! A browser sends the password with every request: a [`Verifier`] remembers successes, and
+//! runs one argon2 check at a time off the async workers, so a flood of wrong passwords costs
+//! one core at most and never stalls `/metrics`.
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use ring::hmac;
+
+use crate::credentials::Verifier;
 
 /// The realm named in challenges (RFC 7235 section 2.2).
 pub const REALM: &str = "mfd-relay admin";
-
-/// Successful basic-auth checks remembered at most; the set is cleared when full.
-const MAX_REMEMBERED: usize = 64;
 
 /// The credentials a request carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,14 +57,6 @@ pub fn parse_authorization(value: Option<&str>) -> Credentials {
     Credentials::Unusable
 }
 
-/// Checks that `basic_auth_password_hash` is an argon2 PHC string (for `mfd-relay check`).
-pub fn check_password_hash(s: &str) -> Result<(), String> {
-    match argon2::PasswordHash::new(s) {
-        Ok(h) if h.algorithm.as_str().starts_with("argon2") => Ok(()),
-        _ => Err("basic_auth_password_hash must be an argon2 hash; make one with `mfd-relay hash-pin`".into()),
-    }
-}
-
 /// The admin listener's access rule.
 pub struct Access {
     token: Option<String>,
@@ -81,64 +66,20 @@ pub struct Access {
 struct Basic {
     user: String,
     password_hash: String,
-    key: hmac::Key,
-    remembered: Mutex<HashSet<[u8; 32]>>,
-    /// One argon2 check at a time.
-    gate: tokio::sync::Semaphore,
+    passwords: Verifier,
 }
 
 impl Basic {
-    fn fingerprint(&self, user: &str, password: &str) -> [u8; 32] {
-        let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(user.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(password.as_bytes());
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.sign().as_ref());
-        out
-    }
-
     async fn verify(&self, user: &str, password: &str) -> bool {
-        if !constant_time_eq(user.as_bytes(), self.user.as_bytes()) {
-            return false;
-        }
-        let fp = self.fingerprint(user, password);
-        if self.remembered.lock().unwrap_or_else(|e| e.into_inner()).contains(&fp) {
-            return true;
-        }
-        let Ok(_permit) = self.gate.acquire().await else { return false };
-        // Another request may have verified the same credentials while this one waited.
-        if self.remembered.lock().unwrap_or_else(|e| e.into_inner()).contains(&fp) {
-            return true;
-        }
-        let (hash, password) = (self.password_hash.clone(), password.to_string());
-        let ok =
-            tokio::task::spawn_blocking(move || crate::devices::verify_pin(&hash, &password)).await.unwrap_or(false);
-        if ok {
-            let mut set = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
-            if set.len() >= MAX_REMEMBERED {
-                set.clear();
-            }
-            set.insert(fp);
-        }
-        ok
+        constant_time_eq(user.as_bytes(), self.user.as_bytes())
+            && self.passwords.verify(user, password, &self.password_hash).await
     }
 }
 
 impl Access {
     /// `token`: the bearer token; `basic`: (user, argon2 hash of the password).
     pub fn new(token: Option<String>, basic: Option<(String, String)>) -> Access {
-        let basic = basic.map(|(user, password_hash)| {
-            let rng = ring::rand::SystemRandom::new();
-            Basic {
-                user,
-                password_hash,
-                // Only fails if the OS has no randomness, in which case nothing secure can run.
-                key: hmac::Key::generate(hmac::HMAC_SHA256, &rng).expect("system random source"),
-                remembered: Mutex::new(HashSet::new()),
-                gate: tokio::sync::Semaphore::new(1),
-            }
-        });
+        let basic = basic.map(|(user, password_hash)| Basic { user, password_hash, passwords: Verifier::new(1) });
         Access { token: token.filter(|t| !t.is_empty()), basic }
     }
 
@@ -242,13 +183,6 @@ mod tests {
         assert_eq!(parse_authorization(Some("Digest x=y")), Credentials::Unusable);
     }
 
-    #[test]
-    fn password_hash_must_be_argon2() {
-        assert!(check_password_hash(&crate::devices::hash_pin("x").unwrap()).is_ok());
-        assert!(check_password_hash("secret").is_err());
-        assert!(check_password_hash("$5$rounds=5000$abc$def").is_err());
-    }
-
     #[tokio::test]
     async fn open_without_credentials_configured() {
         let a = Access::new(None, None);
@@ -270,7 +204,7 @@ mod tests {
 
     #[tokio::test]
     async fn basic_auth_with_argon2_and_remembered_success() {
-        let hash = crate::devices::hash_pin("correct horse").unwrap();
+        let hash = crate::credentials::hash("correct horse").unwrap();
         let a = Access::new(Some("t0ken".into()), Some(("admin".into(), hash)));
         let good = format!("Basic {}", b64("admin:correct horse"));
         assert!(a.allows(&headers(Some(&good))).await);
@@ -285,7 +219,7 @@ mod tests {
         }
         assert!(t.elapsed() < std::time::Duration::from_millis(50), "{:?}", t.elapsed());
         let b = a.basic.as_ref().unwrap();
-        assert_eq!(b.remembered.lock().unwrap().len(), 1, "failures are not remembered");
+        assert_eq!(b.passwords.remembered(), 1, "failures are not remembered");
     }
 
     #[test]

@@ -78,7 +78,7 @@ async fn basic_auth_lets_a_person_in() {
         "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
     )
     .unwrap();
-    let hash = crate::devices::hash_pin("s3cret pass").unwrap();
+    let hash = crate::credentials::hash("s3cret pass").unwrap();
     admin.set_view(View {
         access: Access::new(Some(TOKEN.into()), Some(("admin".into(), hash.clone()))),
         ..View::from_config(&config)

@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -138,22 +137,7 @@ pub struct Connector {
 
 /// The rustls configuration: ring, webpki roots plus the extra CA file (PEM).
 pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, ImapError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| ImapError::TlsSetup(format!("ca_file {}: {e}", path.display())))?;
-        for cert in certs {
-            let cert = cert.map_err(|e| ImapError::TlsSetup(format!("ca_file {}: {e}", path.display())))?;
-            roots.add(cert).map_err(|e| ImapError::TlsSetup(format!("ca_file {}: {e}", path.display())))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ImapError::TlsSetup(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    crate::tls::client_config(ca_file).map_err(ImapError::TlsSetup)
 }
 
 async fn within<T>(

@@ -4,12 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -35,26 +32,6 @@ pub struct ListenerSettings {
     pub command_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_address: usize,
-}
-
-/// Builds a TLS acceptor from PEM files (TLS 1.2 and 1.3 only).
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate in the file", cert.display()));
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: no private key ({e})", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Counts connections per source address.
@@ -121,13 +98,13 @@ pub async fn serve(
         let permit = match limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                refuse(tcp, &settings, &ctx.hostname);
+                refuse(tcp, &settings);
                 continue;
             }
         };
         if !per_address.try_add(peer.ip(), settings.max_connections_per_address) {
             drop(permit);
-            refuse(tcp, &settings, &ctx.hostname);
+            refuse(tcp, &settings);
             continue;
         }
         metrics::SMTP_CONNECTIONS.with_label_values(&[&settings.name]).inc();
@@ -149,10 +126,9 @@ pub async fn serve(
 }
 
 /// Answers 421 and closes, without waiting for the client.
-fn refuse(mut tcp: TcpStream, settings: &ListenerSettings, host: &str) {
+fn refuse(mut tcp: TcpStream, settings: &ListenerSettings) {
     metrics::SMTP_REFUSED_CONNECTIONS.with_label_values(&[&settings.name]).inc();
     let bytes = Reply::too_many_connections().to_bytes();
-    let _ = host;
     tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
         let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&bytes)).await;

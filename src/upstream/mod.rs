@@ -57,24 +57,6 @@ struct Target {
     implicit: Option<tokio_rustls::TlsConnector>,
 }
 
-/// A rustls client configuration trusting the web PKI plus the provider's extra CAs.
-fn rustls_connector(ca_pem: Option<&[u8]>) -> Result<tokio_rustls::TlsConnector, String> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(pem) = ca_pem {
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
-            roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-        }
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
-}
-
 /// Errors building the upstream side from the configuration.
 #[derive(Debug, thiserror::Error)]
 #[error("provider \"{provider}\": {message}")]
@@ -111,7 +93,9 @@ impl Upstream {
             let (tls, implicit) = match server.tls {
                 crate::config::UpstreamTls::None => (None, None),
                 crate::config::UpstreamTls::Implicit => {
-                    (None, Some(rustls_connector(ca_pem.as_deref()).map_err(|e| err(format!("TLS setup: {e}")))?))
+                    let config =
+                        crate::tls::client_config(p.ca_file.as_deref()).map_err(|e| err(format!("TLS setup: {e}")))?;
+                    (None, Some(tokio_rustls::TlsConnector::from(Arc::new(config))))
                 }
                 crate::config::UpstreamTls::Starttls => {
                     let mut b = TlsParameters::builder(server.host.clone());
