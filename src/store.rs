@@ -110,7 +110,7 @@ impl Store {
         Ok(self.tree(t).first()?.map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
-    /// Number of records in a tree.
+    /// Number of records in a tree (sled walks the whole tree to count).
     pub fn len(&self, t: Tree) -> usize {
         self.tree(t).len()
     }

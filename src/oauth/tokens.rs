@@ -150,30 +150,23 @@ impl Slot {
 
     /// A token from memory that is valid long enough and not due for refresh.
     fn fresh(&self, now: i64) -> Option<AccessToken> {
-        let r = self.record.lock().unwrap_or_else(|e| e.into_inner());
-        match (&r.access_token, r.expires_at) {
-            (Some(t), Some(exp)) if now < r.refresh_at.unwrap_or(exp) && now + MIN_VALIDITY < exp => {
-                Some(AccessToken {
-                    secret: t.clone(),
-                    account: r.account.clone().unwrap_or_else(|| self.email.clone()),
-                    expires_at: exp,
-                })
-            }
-            _ => None,
-        }
+        self.token_in_memory(now, true)
     }
 
     /// A token that is still valid, even if due for refresh (used when a refresh fails).
     fn still_valid(&self, now: i64) -> Option<AccessToken> {
+        self.token_in_memory(now, false)
+    }
+
+    fn token_in_memory(&self, now: i64, before_refresh: bool) -> Option<AccessToken> {
         let r = self.record.lock().unwrap_or_else(|e| e.into_inner());
-        match (&r.access_token, r.expires_at) {
-            (Some(t), Some(exp)) if now + MIN_VALIDITY < exp => Some(AccessToken {
-                secret: t.clone(),
-                account: r.account.clone().unwrap_or_else(|| self.email.clone()),
-                expires_at: exp,
-            }),
-            _ => None,
-        }
+        let (Some(t), Some(exp)) = (&r.access_token, r.expires_at) else { return None };
+        let due = before_refresh && now >= r.refresh_at.unwrap_or(exp);
+        (now + MIN_VALIDITY < exp && !due).then(|| AccessToken {
+            secret: t.clone(),
+            account: r.account.clone().unwrap_or_else(|| self.email.clone()),
+            expires_at: exp,
+        })
     }
 }
 

@@ -343,9 +343,12 @@ impl Queue {
         serde_json::from_slice::<QueueRecord>(&v).ok().map(|r| r.received)
     }
 
-    /// Number of queued messages.
+    /// Number of queued messages: scheduled or being attempted. Counted from the schedule,
+    /// not the database (sled counts a tree by walking it), so it is cheap enough for every
+    /// scheduler round.
     pub fn depth(&self) -> usize {
-        self.store.len(Tree::Queue)
+        let s = self.lock();
+        s.at.len() + s.in_flight.len()
     }
 }
 
