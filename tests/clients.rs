@@ -34,34 +34,26 @@ async fn run(cmd: &mut Command) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// swaks as floor3 (PIN 1234) to boss@contoso.test, with `extra` options.
+async fn swaks(port: u16, extra: &[&str]) -> (bool, String) {
+    let port = port.to_string();
+    let mut cmd = Command::new("swaks");
+    cmd.args(["--server", "127.0.0.1", "--port", &port, "--auth-user", "floor3", "--auth-password", "1234"])
+        .args(["--to", "boss@contoso.test", "--timeout", "30"])
+        .args(extra);
+    run(&mut cmd).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swaks_with_starttls_and_auth_login() {
     if !require("swaks") {
         return;
     }
     let w = World::start(|s| s.listener_extra.push_str(STARTTLS)).await;
-    let port = w.relay.smtp_port.to_string();
-    let (ok, out) = run(Command::new("swaks").args([
-        "--server",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--tls",
-        "--auth",
-        "LOGIN",
-        "--auth-user",
-        "floor3",
-        "--auth-password",
-        "1234",
-        "--from",
-        "scanner@printer.local",
-        "--to",
-        "boss@contoso.test",
-        "--header",
-        "Subject: swaks starttls",
-        "--timeout",
-        "30",
-    ]))
+    let (ok, out) = swaks(
+        w.relay.smtp_port,
+        &["--tls", "--auth", "LOGIN", "--from", "scanner@printer.local", "--header", "Subject: swaks starttls"],
+    )
     .await;
     assert!(ok, "{out}");
     assert!(out.contains("STARTTLS") && out.contains("250 2.0.0 OK") && out.contains("delivered"), "{out}");
@@ -77,25 +69,7 @@ async fn swaks_with_implicit_tls() {
         return;
     }
     let w = World::start(|s| s.listener_extra.push_str(IMPLICIT_TLS)).await;
-    let port = w.relay.smtp_port.to_string();
-    let (ok, out) = run(Command::new("swaks").args([
-        "--server",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--tls-on-connect",
-        "--auth",
-        "PLAIN",
-        "--auth-user",
-        "floor3",
-        "--auth-password",
-        "1234",
-        "--to",
-        "boss@contoso.test",
-        "--timeout",
-        "30",
-    ]))
-    .await;
+    let (ok, out) = swaks(w.relay.smtp_port, &["--tls-on-connect", "--auth", "PLAIN"]).await;
     assert!(ok, "{out}");
     w.upstream.wait_for_messages(1, WAIT).await;
 }

@@ -13,18 +13,25 @@ use common::RsaTestKey;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A provider named "fake" (its credentials and scopes given), the identity "scans" with
+/// `flow`, and the device floor3 (PIN 1234) using it.
+fn sections(e: &Env<'_>, credentials: &str, scopes: &str, flow: &str) -> String {
+    format!(
+        "[[provider]]\nname = \"fake\"\nkind = \"generic\"\n{credentials}{}scopes = [{scopes}]\nsmtp = \"127.0.0.1:{}\"\nsmtp_tls = \"starttls\"\nca_file = \"{}\"\n\n\
+         [[identity]]\nname = \"scans\"\nprovider = \"fake\"\nemail = \"{SCANS}\"\nflow = \"{flow}\"\n\n\
+         [[device]]\nname = \"floor3\"\nidentity = \"scans\"\nusername = \"floor3\"\npin_hash = \"{}\"\n",
+        endpoints(e.idp),
+        e.smtp_port,
+        e.ca.display(),
+        pin_hash()
+    )
+}
+
 /// A delegated identity (device code or auth code) and one device using it.
 fn delegated(flow: &'static str) -> impl FnOnce(&Env<'_>) -> String {
     move |e| {
-        format!(
-            "[[provider]]\nname = \"fake\"\nkind = \"generic\"\nclient_id = \"{CLIENT_ID}\"\n{}scopes = [\"https://outlook.office.com/SMTP.Send\", \"offline_access\"]\nsmtp = \"127.0.0.1:{}\"\nsmtp_tls = \"starttls\"\nca_file = \"{}\"\n\n\
-             [[identity]]\nname = \"scans\"\nprovider = \"fake\"\nemail = \"{SCANS}\"\nflow = \"{flow}\"\n\n\
-             [[device]]\nname = \"floor3\"\nidentity = \"scans\"\nusername = \"floor3\"\npin_hash = \"{}\"\n",
-            endpoints(e.idp),
-            e.smtp_port,
-            e.ca.display(),
-            pin_hash()
-        )
+        let credentials = format!("client_id = \"{CLIENT_ID}\"\n");
+        sections(e, &credentials, "\"https://outlook.office.com/SMTP.Send\", \"offline_access\"", flow)
     }
 }
 
@@ -177,23 +184,20 @@ async fn client_credentials_with_a_certificate_assertion() {
     let w = World::start_with(
         |e| {
             e.idp.register_client(
-                ClientApp::public("cert-app").assertion_key(key.public_key_der(), Some(cert.x5t_s256.as_str())).app_account(SCANS),
+                ClientApp::public("cert-app")
+                    .assertion_key(key.public_key_der(), Some(cert.x5t_s256.as_str()))
+                    .app_account(SCANS),
             );
             let cert_path = e.dir.join("app.pem");
             let key_path = e.dir.join("app-key.pem");
             std::fs::write(&cert_path, &cert.cert_pem).unwrap();
             std::fs::write(&key_path, key.private_key_pem()).unwrap();
-            format!(
-                "[[provider]]\nname = \"fake\"\nkind = \"generic\"\nclient_id = \"cert-app\"\nclient_certificate = \"{}\"\nclient_key = \"{}\"\n{}scopes = [\"https://outlook.office365.com/.default\"]\nsmtp = \"127.0.0.1:{}\"\nsmtp_tls = \"starttls\"\nca_file = \"{}\"\n\n\
-                 [[identity]]\nname = \"scans\"\nprovider = \"fake\"\nemail = \"{SCANS}\"\nflow = \"client_credentials\"\n\n\
-                 [[device]]\nname = \"floor3\"\nidentity = \"scans\"\nusername = \"floor3\"\npin_hash = \"{}\"\n",
+            let credentials = format!(
+                "client_id = \"cert-app\"\nclient_certificate = \"{}\"\nclient_key = \"{}\"\n",
                 cert_path.display(),
-                key_path.display(),
-                endpoints(e.idp),
-                e.smtp_port,
-                e.ca.display(),
-                pin_hash()
-            )
+                key_path.display()
+            );
+            sections(e, &credentials, "\"https://outlook.office365.com/.default\"", "client_credentials")
         },
         |_| {},
     )
@@ -222,16 +226,8 @@ async fn google_service_account_acts_as_the_user() {
             e.idp.register_service_account(sa, key.public_key_der());
             let json = e.dir.join("sa.json");
             std::fs::write(&json, key.service_account_json(sa, &e.idp.token_url())).unwrap();
-            format!(
-                "[[provider]]\nname = \"fake\"\nkind = \"generic\"\nclient_id = \"unused\"\nservice_account_file = \"{}\"\n{}scopes = [\"https://mail.google.com/\"]\nsmtp = \"127.0.0.1:{}\"\nsmtp_tls = \"starttls\"\nca_file = \"{}\"\n\n\
-                 [[identity]]\nname = \"scans\"\nprovider = \"fake\"\nemail = \"{SCANS}\"\nflow = \"service_account\"\n\n\
-                 [[device]]\nname = \"floor3\"\nidentity = \"scans\"\nusername = \"floor3\"\npin_hash = \"{}\"\n",
-                json.display(),
-                endpoints(e.idp),
-                e.smtp_port,
-                e.ca.display(),
-                pin_hash()
-            )
+            let credentials = format!("client_id = \"unused\"\nservice_account_file = \"{}\"\n", json.display());
+            sections(e, &credentials, "\"https://mail.google.com/\"", "service_account")
         },
         |_| {},
     )

@@ -7,9 +7,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough on a test machine).
+/// A free TCP port on 127.0.0.1 for a relay, kept for it across restarts.
+///
+/// Taken below the kernel's ephemeral range (32768 and up on Linux): a port from `bind(0)`
+/// could be handed to another test, a fake or Dovecot while a killed relay is down, and the
+/// restart would then find its port taken. Each test process walks its own stretch of the
+/// range (by pid), and every port is checked free before use.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ =
+        NEXT.compare_exchange(0, 10_000 + (std::process::id() % 200) as u16 * 100, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        if port >= 32_000 {
+            NEXT.store(10_000, Ordering::SeqCst);
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Path of the relay binary built by cargo for this test run.
@@ -313,7 +331,7 @@ pub const CLIENT_SECRET: &str = "app-secret-value";
 /// An argon2 hash of "1234", made once per test binary.
 pub fn pin_hash() -> &'static str {
     static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    H.get_or_init(|| mfd_relay::devices::hash_pin("1234").unwrap())
+    H.get_or_init(|| mfd_relay::credentials::hash("1234").unwrap())
 }
 
 /// The [[provider]] section for the fakes (app-only scope, client secret).
