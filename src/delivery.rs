@@ -1,12 +1,22 @@
 //! From the queue to the provider: the in-session attempt and the retry scheduler.
 //!
-//! DESIGN rule 2: after DATA the relay tries the upstream at once, bounded by
-//! `in_session_timeout`. Upstream 2xx: the device gets 250. Upstream 5xx for every recipient:
-//! the device gets that 5xx and the message is dropped (the person at the panel knows).
-//! Anything else (unreachable, 4xx, no token, timeout, rate limit): the message stays queued,
-//! the device gets 250, and the scheduler retries with exponential backoff until
-//! `queue_lifetime`, then bounces it (RFC 3464) to `bounce_to` or the original sender.
+//! ARCHITECTURE.md, "In-session delivery": after DATA the relay tries the upstream at once,
+//! bounded by `in_session_timeout`. Upstream 2xx: the device gets 250. Upstream 5xx for every
+//! recipient: the device gets that 5xx and the message is dropped (the person at the panel
+//! knows). Anything else (unreachable, 4xx, no token, timeout, rate limit): the message stays
+//! queued, the device gets 250, and the scheduler retries with exponential backoff until
+//! `queue_lifetime`, then bounces it (RFC 3464).
+//!
+//! Whether the device still waits is decided once ([`Waiter`]): either the session gives up
+//! waiting and answers 250, and from then on every outcome is a delivery or a bounce; or the
+//! attempt claims the answer first, and the session waits for it. Each outcome is committed
+//! ([`Queue::settle`]) before the device or anyone else hears of it.
+//!
+//! Bounces go to `bounce_to`, else to the device's envelope sender when that address passed the
+//! device's recipient allow-list, else to the identity's own mailbox: a device must not be able
+//! to make the identity mail arbitrary outside addresses.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +25,7 @@ use tokio::sync::Semaphore;
 use crate::metrics;
 use crate::oauth::tokens::{TokenError, TokenManager};
 use crate::queue::bounce::{self, FailedRecipient};
-use crate::queue::{now_ms, MessageId, Queue, QueueRecord};
+use crate::queue::{now_ms, MessageId, OwnMessage, Queue, QueueError, QueueRecord};
 use crate::smtp::reply::Reply;
 use crate::upstream::{Envelope, SendError, SendOutcome, Upstream, UpstreamReply};
 
@@ -35,8 +45,11 @@ pub struct Policy {
 pub enum Outcome {
     /// Every recipient accepted upstream.
     Delivered(UpstreamReply),
-    /// Some or all recipients are still queued (or were bounced); the device gets 250.
+    /// Some or all recipients are still queued and will be retried; the device gets 250.
     Queued(String),
+    /// Finished without a retry, but not delivered to everyone: some recipients were refused
+    /// (or the message expired) and a bounce reports them. The device gets 250 with this text.
+    Reported(String),
     /// Every recipient refused permanently; the device gets this reply.
     Refused(Reply),
     /// The message is no longer queued (dropped by the admin).
@@ -51,6 +64,34 @@ pub struct Delivery {
     upstream: Arc<Upstream>,
     shaper: crate::upstream::shaper::Shaper,
     activity: Arc<crate::activity::Activity>,
+}
+
+/// Whether the device that sent a message still waits for the outcome of its first attempt.
+/// Decided exactly once, by whichever side comes first: the session when it stops waiting
+/// ([`Waiter::stop_waiting`]) or the attempt when it has a refusal to hand over
+/// ([`Waiter::claim`]).
+#[derive(Debug, Default)]
+pub struct Waiter(AtomicU8);
+
+const WAITING: u8 = 0;
+const GONE: u8 = 1;
+const CLAIMED: u8 = 2;
+
+impl Waiter {
+    /// The attempt takes the device's answer; false when the device was already told 250.
+    pub fn claim(&self) -> bool {
+        matches!(self.0.compare_exchange(WAITING, CLAIMED, Ordering::SeqCst, Ordering::SeqCst), Ok(_) | Err(CLAIMED))
+    }
+
+    /// The session stops waiting; false when the attempt already claimed the answer (the
+    /// session must then wait for it).
+    pub fn stop_waiting(&self) -> bool {
+        matches!(self.0.compare_exchange(WAITING, GONE, Ordering::SeqCst, Ordering::SeqCst), Ok(_) | Err(GONE))
+    }
+
+    fn still_waiting(&self) -> bool {
+        self.0.load(Ordering::SeqCst) != GONE
+    }
 }
 
 /// Exponential backoff: `first`, doubling per attempt, at most `max`, with 10% jitter.
@@ -75,23 +116,33 @@ impl Delivery {
 
     /// Attempts a just-accepted message while the device waits, for at most
     /// `in_session_timeout`; after that the attempt goes on in the background and the device
-    /// is told the message is queued.
+    /// is told the message is queued (see [`Waiter`]).
     pub async fn attempt_in_session(self: &Arc<Self>, id: MessageId) -> Outcome {
         let me = self.clone();
-        let task = tokio::spawn(async move { me.attempt(id, true).await });
-        match tokio::time::timeout(self.policy.in_session_timeout, task).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(join)) => {
+        let waiter = Arc::new(Waiter::default());
+        let w = waiter.clone();
+        let mut task = tokio::spawn(async move { me.attempt(id, Some(&w)).await });
+        let joined = match tokio::time::timeout(self.policy.in_session_timeout, &mut task).await {
+            Ok(joined) => joined,
+            Err(_) if waiter.stop_waiting() => {
+                return Outcome::Queued("upstream is slow; delivery goes on in the background".into())
+            }
+            // The attempt has a refusal for the device and is committing it: wait for it.
+            Err(_) => task.await,
+        };
+        match joined {
+            Ok(outcome) => outcome,
+            Err(join) => {
                 tracing::error!(queue_id = %id, "delivery task failed: {join}");
                 self.queue.release(id, Some(now_ms()));
                 Outcome::Queued("delivery will be retried".into())
             }
-            Err(_) => Outcome::Queued("upstream is slow; delivery goes on in the background".into()),
         }
     }
 
-    /// One delivery attempt of a message that the caller has marked in flight.
-    pub async fn attempt(&self, id: MessageId, in_session: bool) -> Outcome {
+    /// One delivery attempt of a message that the caller has marked in flight; `waiter` when
+    /// the device that sent it may still be waiting.
+    pub async fn attempt(&self, id: MessageId, waiter: Option<&Waiter>) -> Outcome {
         let mut rec = match self.queue.get(id) {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -104,8 +155,8 @@ impl Delivery {
                 return Outcome::Queued("queue read error".into());
             }
         };
-        let age = chrono::Utc::now().timestamp() - rec.received;
-        if !in_session && age > self.policy.queue_lifetime.as_secs() as i64 {
+        let age = now_ms() / 1000 - rec.received;
+        if waiter.is_none() && age > self.policy.queue_lifetime.as_secs() as i64 {
             let why = rec.last_error.clone().unwrap_or_else(|| "delivery kept failing".into());
             let failed: Vec<_> = rec
                 .rcpts
@@ -117,9 +168,11 @@ impl Delivery {
                 })
                 .collect();
             tracing::warn!(queue_id = %id, identity = %rec.identity, attempts = rec.attempts, "queue lifetime exceeded; bouncing: {why}");
-            self.bounce(&rec, &failed).await;
-            self.finish(id);
-            return Outcome::Queued("expired".into());
+            if let Err(e) = self.finish(&rec, false, &failed).await {
+                tracing::error!(queue_id = %id, "cannot record the expiry: {e}");
+                return Outcome::Queued("the outcome could not be recorded".into());
+            }
+            return Outcome::Reported("expired; a bounce reports it".into());
         }
         let Ok(slot) = self.tokens.slot(&rec.identity) else {
             tracing::error!(queue_id = %id, identity = %rec.identity, "identity no longer configured; message kept");
@@ -164,7 +217,7 @@ impl Delivery {
         metrics::UPSTREAM_LATENCY.with_label_values(&[&rec.identity]).observe(took.as_secs_f64());
 
         match result {
-            Ok(outcome) => self.settle(rec, outcome, in_session, took).await,
+            Ok(outcome) => self.settle(rec, outcome, waiter, took).await,
             Err(SendError::Auth { reply, detail }) => {
                 let why = format!(
                     "upstream refused the token: {}{}",
@@ -178,13 +231,13 @@ impl Delivery {
             Err(SendError::Rejected(r)) if !r.is_permanent() => self.defer(rec, &r.describe(), None, "upstream_4xx"),
             Err(SendError::Rejected(r)) => {
                 let all: Vec<_> = rec.rcpts.iter().map(|a| (a.clone(), r.clone())).collect();
-                self.settle(rec, SendOutcome { accepted: vec![], refused: all, reply: None }, in_session, took).await
+                self.settle(rec, SendOutcome { accepted: vec![], refused: all, reply: None }, waiter, took).await
             }
         }
     }
 
-    /// Applies the per-recipient result of a transaction.
-    async fn settle(&self, mut rec: QueueRecord, out: SendOutcome, in_session: bool, took: Duration) -> Outcome {
+    /// Applies the per-recipient result of a transaction: commits it, then reports it.
+    async fn settle(&self, mut rec: QueueRecord, out: SendOutcome, waiter: Option<&Waiter>, took: Duration) -> Outcome {
         let id = rec.id;
         // The reply to the final dot applies to every accepted recipient.
         let (delivered, data_refused): (Vec<String>, Vec<(String, UpstreamReply)>) = match &out.reply {
@@ -194,7 +247,36 @@ impl Delivery {
         };
         let refused: Vec<_> = out.refused.into_iter().chain(data_refused).collect();
         let (permanent, transient): (Vec<_>, Vec<_>) = refused.into_iter().partition(|(_, r)| r.is_permanent());
-        let path = if in_session { "session" } else { "queue" };
+        let path = if waiter.is_some_and(Waiter::still_waiting) { "session" } else { "queue" };
+        let total = rec.rcpts.len();
+
+        // Everything refused for good and the device still waiting: it gets the refusal. The
+        // claim is what decides that no bounce is due; the removal is durable before the reply.
+        let refuse_in_session =
+            delivered.is_empty() && transient.is_empty() && !permanent.is_empty() && waiter.is_some_and(Waiter::claim);
+        let outcome = if refuse_in_session {
+            self.finish(&rec, false, &[]).await
+        } else if transient.is_empty() {
+            self.finish(&rec, false, &failed_recipients(&permanent)).await
+        } else {
+            // Some recipients remain: the shortened record (and any bounce) is durable before
+            // the next attempt can send to them, so nobody gets the message twice.
+            rec.rcpts = transient.iter().map(|(a, _)| a.clone()).collect();
+            let why = transient[0].1.describe();
+            let changed = rec.rcpts.len() != total;
+            if !changed && permanent.is_empty() {
+                return self.defer(rec, &why, None, "upstream_4xx");
+            }
+            self.next_try(&mut rec, &why, None);
+            self.finish(&rec, true, &failed_recipients(&permanent)).await
+        };
+        if let Err(e) = outcome {
+            // The store failed (and the relay is stopping): nothing of this attempt was
+            // recorded, so the restart repeats it. The device is not told it was refused.
+            tracing::error!(queue_id = %id, "cannot record the outcome of a delivery: {e}");
+            return Outcome::Queued("the outcome could not be recorded; delivery will be retried".into());
+        }
+
         if !delivered.is_empty() {
             metrics::MESSAGES_DELIVERED.with_label_values(&[&rec.identity, path]).inc();
             tracing::info!(
@@ -207,40 +289,34 @@ impl Delivery {
             tracing::warn!(queue_id = %id, identity = %rec.identity, rcpt = %rcpt, "refused upstream: {}", r.describe());
             self.activity.device_error(&rec.device, &format!("refused upstream for {rcpt}: {}", r.describe()));
         }
-
-        // Everything refused for good and the device still waiting: it gets the refusal.
-        if in_session && delivered.is_empty() && transient.is_empty() && !permanent.is_empty() {
+        if refuse_in_session {
             metrics::MESSAGES_FAILED.with_label_values(&[&rec.identity, "reply"]).inc();
-            let reply = permanent[0].1.to_device_reply();
-            self.finish(id);
-            return Outcome::Refused(reply);
+            return Outcome::Refused(permanent[0].1.to_device_reply());
         }
         if !permanent.is_empty() {
             metrics::MESSAGES_FAILED.with_label_values(&[&rec.identity, "bounce"]).inc();
-            let failed: Vec<_> = permanent
-                .iter()
-                .map(|(a, r)| FailedRecipient {
-                    address: a.clone(),
-                    status: r.status().map(|s| s.to_string()).unwrap_or_else(|| "5.0.0".into()),
-                    diagnostic: r.describe(),
-                })
-                .collect();
-            self.bounce(&rec, &failed).await;
         }
-        if transient.is_empty() {
-            self.finish(id);
-            return match out.reply {
-                Some(r) if !delivered.is_empty() && permanent.is_empty() => Outcome::Delivered(r),
-                _ => Outcome::Queued("partly refused; a bounce reports the rest".into()),
-            };
+        if !transient.is_empty() {
+            let why = transient[0].1.describe();
+            metrics::MESSAGES_DEFERRED.with_label_values(&[&rec.identity, "upstream_4xx"]).inc();
+            tracing::warn!(queue_id = %id, identity = %rec.identity, attempts = rec.attempts, rcpts = transient.len(), "deferred: {why}");
+            return Outcome::Queued(format!(
+                "delivered to {} of {total} recipients; the others will be retried: {why}",
+                delivered.len()
+            ));
         }
-        rec.rcpts = transient.iter().map(|(a, _)| a.clone()).collect();
-        let why = transient[0].1.describe();
-        self.defer(rec, &why, None, "upstream_4xx")
+        match out.reply {
+            Some(r) if permanent.is_empty() => Outcome::Delivered(r),
+            _ => Outcome::Reported(format!(
+                "delivered to {} of {total} recipients; {} refused, a bounce reports them",
+                delivered.len(),
+                permanent.len()
+            )),
+        }
     }
 
-    /// Keeps a message queued for a later attempt.
-    fn defer(&self, mut rec: QueueRecord, why: &str, cap: Option<Duration>, class: &str) -> Outcome {
+    /// Counts a failed attempt on the record and sets its next try.
+    fn next_try(&self, rec: &mut QueueRecord, why: &str, cap: Option<Duration>) -> Duration {
         rec.attempts += 1;
         let mut wait = backoff(rec.attempts, self.policy.retry_first, self.policy.retry_max);
         if let Some(c) = cap {
@@ -249,6 +325,12 @@ impl Delivery {
         rec.next_attempt = now_ms() + wait.as_millis() as i64;
         rec.last_error = Some(why.to_string());
         self.activity.device_error(&rec.device, &format!("delivery deferred: {why}"));
+        wait
+    }
+
+    /// Keeps a message queued, with the same recipients, for a later attempt.
+    fn defer(&self, mut rec: QueueRecord, why: &str, cap: Option<Duration>, class: &str) -> Outcome {
+        let wait = self.next_try(&mut rec, why, cap);
         metrics::MESSAGES_DEFERRED.with_label_values(&[&rec.identity, class]).inc();
         tracing::warn!(queue_id = %rec.id, identity = %rec.identity, attempts = rec.attempts, retry_in = wait.as_secs(), "deferred: {why}");
         if let Err(e) = self.queue.defer(&rec) {
@@ -258,27 +340,48 @@ impl Delivery {
         Outcome::Queued(why.to_string())
     }
 
-    fn finish(&self, id: MessageId) {
-        if let Err(e) = self.queue.complete(id) {
-            tracing::error!(queue_id = %id, "cannot remove delivered message from the queue: {e}");
+    /// Commits a message's new state: with `retry`, `rec` (shortened) is tried again at its
+    /// `next_attempt`, else the message is finished; a bounce for `failed` goes in the same
+    /// atomic batch.
+    async fn finish(&self, rec: &QueueRecord, retry: bool, failed: &[FailedRecipient]) -> Result<(), QueueError> {
+        let report = if failed.is_empty() { None } else { self.bounce(rec, failed) };
+        let own = report.as_ref().map(|(body, from, to)| OwnMessage {
+            body,
+            identity: &rec.identity,
+            device: &rec.device,
+            from,
+            to,
+        });
+        if let Some(bounce_id) = self.queue.settle(rec.id, retry.then_some(rec), own).await? {
+            let to = report.as_ref().map(|r| r.2.as_str()).unwrap_or_default();
+            tracing::info!(queue_id = %rec.id, bounce_id = %bounce_id, to = %to, "bounce queued");
         }
+        Ok(())
     }
 
-    /// Queues a DSN for failed recipients (never for a bounce).
-    async fn bounce(&self, rec: &QueueRecord, failed: &[FailedRecipient]) {
+    /// Where a bounce for this message goes (see the module docs); None when nobody may get one.
+    fn bounce_recipient(&self, rec: &QueueRecord, identity_mailbox: &str) -> Option<String> {
         if rec.is_bounce {
-            tracing::error!(queue_id = %rec.id, "a bounce could not be delivered; dropped");
-            return;
+            return None;
         }
-        let to = match (&self.policy.bounce_to, rec.original_from.is_empty()) {
-            (Some(admin), _) => admin.clone(),
-            (None, false) => rec.original_from.clone(),
-            (None, true) => {
-                tracing::error!(queue_id = %rec.id, "undeliverable message with a null sender and no bounce_to; dropped");
-                return;
-            }
+        Some(match &self.policy.bounce_to {
+            Some(admin) => admin.clone(),
+            None if rec.bounce_to_sender && !rec.original_from.is_empty() => rec.original_from.clone(),
+            None => identity_mailbox.to_string(),
+        })
+    }
+
+    /// Builds a DSN for failed recipients: (body, from, to). None for a bounce that failed (it
+    /// is never bounced again) or an identity that is no longer configured.
+    fn bounce(&self, rec: &QueueRecord, failed: &[FailedRecipient]) -> Option<(Vec<u8>, String, String)> {
+        let Ok(slot) = self.tokens.slot(&rec.identity) else {
+            tracing::error!(queue_id = %rec.id, identity = %rec.identity, "identity no longer configured; no bounce for the failed recipients");
+            return None;
         };
-        let Ok(slot) = self.tokens.slot(&rec.identity) else { return };
+        let Some(to) = self.bounce_recipient(rec, &slot.email) else {
+            tracing::error!(queue_id = %rec.id, "a bounce could not be delivered; dropped");
+            return None;
+        };
         let header = read_header(&self.queue.spool().path(rec.id));
         let arrival = chrono::DateTime::from_timestamp(rec.received, 0).unwrap_or_default().to_rfc2822();
         let qid = rec.id.to_string();
@@ -293,10 +396,7 @@ impl Delivery {
             original_headers: &header,
             now: chrono::Utc::now(),
         });
-        match self.queue.enqueue_own(&body, &rec.identity, &rec.device, &slot.email, &to).await {
-            Ok(id) => tracing::info!(queue_id = %rec.id, bounce_id = %id, to = %to, "bounce queued"),
-            Err(e) => tracing::error!(queue_id = %rec.id, "cannot queue bounce: {e}"),
-        }
+        Some((body, slot.email.clone(), to))
     }
 
     /// Retries queued messages until `shutdown` fires.
@@ -310,7 +410,7 @@ impl Delivery {
                 let Ok(permit) = permits.clone().acquire_owned().await else { return };
                 let me = self.clone();
                 tokio::spawn(async move {
-                    me.attempt(id, false).await;
+                    me.attempt(id, None).await;
                     drop(permit);
                 });
             }
@@ -326,7 +426,7 @@ impl Delivery {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.queue.wake.notified() => {}
                 Ok(identity) = ready.recv() => {
-                    match self.queue.retry_now(None, Some(&identity)) {
+                    match self.queue.retry_now(None, Some(&identity)).await {
                         Ok(n) if n > 0 => tracing::info!(identity = %identity, messages = n, "identity ready again; retrying its queued mail"),
                         Ok(_) => {}
                         Err(e) => tracing::error!("queue: {e}"),
@@ -341,8 +441,20 @@ impl Delivery {
 /// Queue depth and oldest age for /metrics.
 pub fn update_queue_metrics(queue: &Queue) {
     metrics::QUEUE_DEPTH.set(queue.depth() as i64);
-    let oldest = queue.oldest_received().map(|t| (chrono::Utc::now().timestamp() - t).max(0)).unwrap_or(0);
+    let oldest = queue.oldest_received().map(|t| (now_ms() / 1000 - t).max(0)).unwrap_or(0);
     metrics::QUEUE_OLDEST_AGE.set(oldest);
+}
+
+/// The recipients refused for good, as a bounce lists them.
+fn failed_recipients(permanent: &[(String, UpstreamReply)]) -> Vec<FailedRecipient> {
+    permanent
+        .iter()
+        .map(|(a, r)| FailedRecipient {
+            address: a.clone(),
+            status: r.status().map(|s| s.to_string()).unwrap_or_else(|| "5.0.0".into()),
+            diagnostic: r.describe(),
+        })
+        .collect()
 }
 
 /// The header section of a spooled message, for a bounce.

@@ -93,6 +93,13 @@ enum QueueCmd {
 }
 
 fn main() -> ExitCode {
+    // Everything the relay writes (database, spool, print jobs, tokens) is for its own user
+    // only, whatever umask the shell or service manager gave it. Certificates written by
+    // `make-cert` are made readable where needed by the admin.
+    // SAFETY: umask only changes this process's file-creation mask; called before any thread.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,
@@ -314,16 +321,16 @@ async fn queue(config: &Config, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
         Some(v) => v,
         None => {
             // The daemon is not running: open the database directly.
-            let (_store, queue) = mfd_relay::queue::open_data_dir(&config.data_dir())?;
+            let (_store, queue) = mfd_relay::queue::open_data_dir(&config.data_dir()).await?;
             match &cmd {
                 QueueCmd::List => serde_json::to_value(queue.list()?)?,
                 QueueCmd::Retry { id } => {
                     let which = if id == "all" { None } else { Some(parse_id(id)?) };
-                    serde_json::json!({ "retried": queue.retry_now(which, None)? })
+                    serde_json::json!({ "retried": queue.retry_now(which, None).await? })
                 }
                 QueueCmd::Drop { id } => {
                     let id = parse_id(id)?;
-                    queue.drop_message(id)?;
+                    queue.drop_message(id).await?;
                     serde_json::json!({ "dropped": id.to_string() })
                 }
             }
@@ -389,7 +396,7 @@ async fn auth(config: &Config, cmd: AuthCmd) -> anyhow::Result<ExitCode> {
         AuthCmd::Logout { identity } => {
             let path = format!("/api/auth/logout/{identity}");
             if admin_call(config, "POST", &path, None).await?.is_none() {
-                let parts = mfd_relay::relay::build(config.clone())?;
+                let parts = mfd_relay::relay::build(config.clone()).await?;
                 parts.tokens.logout(&identity).await?;
             }
             println!("identity \"{identity}\": stored tokens removed");
@@ -412,7 +419,7 @@ async fn auth(config: &Config, cmd: AuthCmd) -> anyhow::Result<ExitCode> {
             let account = match admin_call(config, "POST", &path, Some(body)).await? {
                 Some(v) => v["account"].as_str().unwrap_or_default().to_string(),
                 None => {
-                    let parts = mfd_relay::relay::build(config.clone())?;
+                    let parts = mfd_relay::relay::build(config.clone()).await?;
                     parts.tokens.import_refresh_token(&identity, &token).await?.account
                 }
             };
@@ -423,7 +430,7 @@ async fn auth(config: &Config, cmd: AuthCmd) -> anyhow::Result<ExitCode> {
             let answer = match admin_call(config, "GET", "/api/auth/status", None).await? {
                 Some(v) => v,
                 None => {
-                    let parts = mfd_relay::relay::build(config.clone())?;
+                    let parts = mfd_relay::relay::build(config.clone()).await?;
                     serde_json::to_value(parts.tokens.status())?
                 }
             };
@@ -459,7 +466,7 @@ async fn login(config: &Config, identity: &str) -> anyhow::Result<ExitCode> {
     let offline = match online {
         Some(_) => None,
         None => {
-            let parts = mfd_relay::relay::build(config.clone())?;
+            let parts = mfd_relay::relay::build(config.clone()).await?;
             let start = parts.logins.start(&parts.tokens, identity, &config.admin.redirect_uri()).await?;
             Some((parts, start))
         }

@@ -109,6 +109,19 @@ pub static QUEUE_DEPTH: LazyLock<IntGauge> =
 pub static QUEUE_OLDEST_AGE: LazyLock<IntGauge> =
     LazyLock::new(|| gauge1("mfd_relay_queue_oldest_age_seconds", "Age of the oldest queued message (0 when empty)."));
 
+pub static QUEUE_SET_ASIDE: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge1(
+        "mfd_relay_queue_set_aside",
+        "Message files found without a queue record at start-up and moved to spool/set-aside for the admin to look at.",
+    )
+});
+pub static STORE_FAILED: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge1(
+        "mfd_relay_store_failed",
+        "1 when a database write or sync failed; the relay then stops and must be restarted.",
+    )
+});
+
 pub static TOKEN_REFRESHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "mfd_relay_token_refreshes_total",
@@ -191,6 +204,8 @@ pub fn init() {
     LazyLock::force(&MESSAGE_SIZE);
     LazyLock::force(&QUEUE_DEPTH);
     LazyLock::force(&QUEUE_OLDEST_AGE);
+    LazyLock::force(&QUEUE_SET_ASIDE);
+    LazyLock::force(&STORE_FAILED);
     LazyLock::force(&TOKEN_REFRESHES);
     LazyLock::force(&TOKEN_EXPIRY);
     LazyLock::force(&TOKEN_EXPIRES_IN);

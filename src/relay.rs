@@ -33,6 +33,9 @@ pub enum StartError {
     Upstream(#[from] crate::upstream::SetupError),
     #[error("listener {addr}: {message}")]
     Listen { addr: String, message: String },
+    /// The database failed while running; the relay stopped so that it can be restarted.
+    #[error("stopped after a database failure: {0}")]
+    Store(String),
 }
 
 /// What outlives a configuration: the database, queue, token key, sign-ins in progress,
@@ -60,9 +63,9 @@ pub struct Parts {
 }
 
 /// Opens the data directory and the token key.
-pub fn open_shared(config: &Config) -> Result<Shared, StartError> {
+pub async fn open_shared(config: &Config) -> Result<Shared, StartError> {
     let data_dir = config.data_dir();
-    let (store, queue) = crate::queue::open_data_dir(&data_dir).map_err(|e| StartError::Data {
+    let (store, queue) = crate::queue::open_data_dir(&data_dir).await.map_err(|e| StartError::Data {
         path: data_dir.clone(),
         message: match e.to_string() {
             m if m.contains("WouldBlock") || m.contains("lock") => {
@@ -84,8 +87,8 @@ pub fn open_shared(config: &Config) -> Result<Shared, StartError> {
 }
 
 /// Builds every part from a validated configuration (opening the data directory).
-pub fn build(config: Config) -> Result<Parts, StartError> {
-    let shared = open_shared(&config)?;
+pub async fn build(config: Config) -> Result<Parts, StartError> {
+    let shared = open_shared(&config).await?;
     build_with(config, &shared, None)
 }
 
@@ -221,7 +224,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
 /// mailboxes without dropping sessions in flight (they finish with what they started with).
 pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), StartError> {
     crate::metrics::init();
-    let shared = open_shared(&config)?;
+    let shared = open_shared(&config).await?;
     let mut parts = Arc::new(build_with(config, &shared, None)?);
     let config = &parts.config;
 
@@ -262,14 +265,17 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
         .map_err(|e| StartError::Listen { addr: admin_addr.to_string(), message: e.to_string() })?;
     tracing::info!(listen = %admin_addr, "admin listener (metrics, health, control)");
 
+    // What stops the listeners: the caller's shutdown, or a failing database (fail-stop: see
+    // ARCHITECTURE.md, "Durability").
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
     let current = Arc::new(std::sync::RwLock::new(parts.ctx.clone()));
     let mut tasks = Vec::new();
     let admin = crate::admin::Admin::new(&parts);
     admin.set_reload(reload_tx);
-    tasks.push(tokio::spawn(admin.clone().serve(admin_tcp, shutdown.clone())));
+    tasks.push(tokio::spawn(admin.clone().serve(admin_tcp, stop.clone())));
     for (tcp, settings) in listeners {
-        tasks.push(tokio::spawn(listener::serve(tcp, settings, current.clone(), shutdown.clone(), SHUTDOWN_GRACE)));
+        tasks.push(tokio::spawn(listener::serve(tcp, settings, current.clone(), stop.clone(), SHUTDOWN_GRACE)));
     }
     let mut generation = Generation::start(&parts);
     init_label_sets(&parts.config);
@@ -286,6 +292,7 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
     loop {
         let reply = tokio::select! {
             _ = shutdown.changed() => break,
+            _ = shared.store.failed() => break,
             _ = hangup.recv() => None,
             Some(r) = reload_rx.recv() => Some(r),
         };
@@ -335,9 +342,13 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
             let _ = reply.send(report);
         }
     }
+    stop_tx.send_replace(true);
     generation.stop().await;
     for t in tasks {
         let _ = t.await;
+    }
+    if let Some(why) = parts.store.failure() {
+        return Err(StartError::Store(why.to_string()));
     }
     if let Err(e) = parts.store.flush() {
         tracing::error!("final database flush failed: {e}");

@@ -169,6 +169,9 @@ async fn require_access(State(a): State<Admin>, req: Request, next: Next) -> Res
 }
 
 async fn readyz(State(a): State<Admin>) -> Response {
+    if let Some(why) = a.queue.store_failure() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("database failed, restarting: {why}\n")).into_response();
+    }
     let waiting: Vec<String> = a
         .tokens()
         .status()
@@ -239,7 +242,7 @@ async fn queue_retry(State(a): State<Admin>, Path(id): Path<String>) -> Response
             Err(_) => return (StatusCode::BAD_REQUEST, format!("\"{id}\" is not a queue id\n")).into_response(),
         }
     };
-    match a.queue.retry_now(which, None) {
+    match a.queue.retry_now(which, None).await {
         Ok(n) => Json(serde_json::json!({ "retried": n })).into_response(),
         Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
     }
@@ -249,7 +252,7 @@ async fn queue_drop(State(a): State<Admin>, Path(id): Path<String>) -> Response 
     let Ok(id) = id.parse::<MessageId>() else {
         return (StatusCode::BAD_REQUEST, format!("\"{id}\" is not a queue id\n")).into_response();
     };
-    match a.queue.drop_message(id) {
+    match a.queue.drop_message(id).await {
         Ok(()) => Json(serde_json::json!({ "dropped": id.to_string() })).into_response(),
         Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
     }

@@ -581,6 +581,7 @@ mod tests {
             client: "192.168.10.31".into(),
             from: "scans@contoso.com".into(),
             original_from: "scanner@printer.local".into(),
+            bounce_to_sender: false,
             rcpts: vec!["boss@contoso.com".into(), "team@contoso.com".into()],
             size: 1_572_864,
             eight_bit: false,

@@ -124,7 +124,15 @@ pub enum ReplyError {
 /// Writes the answer to the queue's spool and queues it for `identity`.
 pub async fn queue(queue: &Queue, identity: &str, mailbox: &str, a: &Answer<'_>) -> Result<(), ReplyError> {
     let body = build(a);
-    let id = queue.enqueue_own(&body, identity, &format!("mailbox {mailbox}"), a.from, a.to).await?;
+    let id = queue
+        .enqueue_own(crate::queue::OwnMessage {
+            body: &body,
+            identity,
+            device: &format!("mailbox {mailbox}"),
+            from: a.from,
+            to: a.to,
+        })
+        .await?;
     tracing::info!(mailbox, queue_id = %id, to = %a.to, "answer to a refused mail queued");
     Ok(())
 }

@@ -2,9 +2,17 @@
 //!
 //! A message is accepted when its body is in the spool ([`spool`]) and its record (envelope,
 //! device, identity, attempts, next try) is committed to the store: only then may a device get
-//! a 250 (DESIGN rule 1). The queue also keeps an in-memory schedule of when each message is
-//! due, and which ones are being attempted right now, so that the in-session attempt and the
+//! a 250 (ARCHITECTURE.md, "Durability"). Every later change that decides who still gets the
+//! message (recipients delivered, a bounce queued, the message finished) is committed before
+//! the relay acts on it, and several related changes go in one atomic batch: a crash between
+//! two writes can repeat at most the one delivery whose answer was lost, never bounce twice or
+//! lose a recipient. The queue also keeps an in-memory schedule of when each message is due,
+//! and which ones are being attempted right now, so that the in-session attempt and the
 //! background retries never deliver the same message at the same time.
+//!
+//! Time: the schedule runs on [`now_ms`], a clock that follows the wall clock at start-up and
+//! then only moves forward with the monotonic clock, so a clock step neither delays every
+//! retry nor expires the whole queue. Stored times are re-based when the queue is opened.
 
 pub mod bounce;
 pub mod spool;
@@ -13,13 +21,14 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::store::{Store, StoreError, Tree};
+use crate::store::{Change, Store, StoreError, Tree};
 pub use spool::{Spool, SpoolWriter};
 
 /// A queued message's id: microseconds since the epoch at acceptance, made unique, so ids
@@ -52,8 +61,14 @@ pub struct QueueRecord {
     pub client: String,
     /// Envelope sender used upstream (after any rewrite); empty for the null sender.
     pub from: String,
-    /// Envelope sender the device gave (bounces go there unless `bounce_to` is set).
+    /// Envelope sender the device gave.
     pub original_from: String,
+    /// The device's own sender may receive bounces: it passed the device's recipient
+    /// allow-list when the message was accepted. Otherwise bounces go to `bounce_to` or the
+    /// identity's own mailbox, so that a device cannot make the relay mail arbitrary outside
+    /// addresses (backscatter). Records written before this field existed say false.
+    #[serde(default)]
+    pub bounce_to_sender: bool,
     /// Recipients not yet delivered.
     pub rcpts: Vec<String>,
     pub size: u64,
@@ -80,11 +95,22 @@ pub enum QueueError {
 
 #[derive(Default)]
 struct Schedule {
-    /// (due time in unix ms, id), earliest first.
+    /// (due time in [`now_ms`] milliseconds, id), earliest first.
     due: BTreeSet<(i64, MessageId)>,
     at: HashMap<MessageId, i64>,
     /// Being attempted now: not due, whatever their time.
     in_flight: HashSet<MessageId>,
+}
+
+/// A message the relay writes itself (a bounce, an answer to a refused print job).
+#[derive(Debug, Clone, Copy)]
+pub struct OwnMessage<'a> {
+    pub body: &'a [u8],
+    pub identity: &'a str,
+    /// Shown in `queue list` and logs ("mailbox print", the original device).
+    pub device: &'a str,
+    pub from: &'a str,
+    pub to: &'a str,
 }
 
 /// The queue: store records, spool bodies and the schedule.
@@ -93,42 +119,74 @@ pub struct Queue {
     spool: Spool,
     schedule: Mutex<Schedule>,
     last_id: AtomicU64,
+    set_aside: AtomicUsize,
     /// Woken when a message becomes due earlier than the scheduler thought.
     pub wake: Notify,
 }
 
-/// Current time in unix milliseconds.
+/// Stored times further ahead than this were computed under a clock that has since stepped
+/// back (or by hand): such a message is due at once rather than after the step.
+const MAX_STORED_WAIT_MS: i64 = 6 * 3600 * 1000;
+
+/// The relay's clock in unix milliseconds: the wall clock when the process first asks, then
+/// advanced by the monotonic clock only. Use it for everything that is compared in memory
+/// (schedules, rate windows, ages); it is shown and stored as unix time.
 pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    static ANCHOR: OnceLock<(i64, Instant)> = OnceLock::new();
+    let (wall, mono) = ANCHOR.get_or_init(|| (chrono::Utc::now().timestamp_millis(), Instant::now()));
+    wall + mono.elapsed().as_millis() as i64
+}
+
+/// Re-bases a stored next-attempt time at start-up (see [`MAX_STORED_WAIT_MS`]).
+fn rebase_due(stored: i64, now: i64) -> i64 {
+    if stored - now > MAX_STORED_WAIT_MS {
+        now
+    } else {
+        stored
+    }
 }
 
 impl Queue {
-    /// Opens the queue: loads the schedule from the store, removes orphaned bodies, and
-    /// reports records whose body is missing.
-    pub fn open(store: Arc<Store>, spool: Spool) -> Result<Queue, QueueError> {
+    /// Opens the queue and repairs what a crash can leave behind: a record whose body is gone
+    /// (the body was removed, the record's removal was not yet durable) is removed; a body
+    /// without a record is never deleted (it may be a message that was acknowledged under a
+    /// failing disk) but moved to `spool/set-aside` and reported. Then loads the schedule.
+    pub async fn open(store: Arc<Store>, spool: Spool) -> Result<Queue, QueueError> {
         let q = Queue {
             store,
             spool,
             schedule: Mutex::new(Schedule::default()),
             last_id: AtomicU64::new(0),
+            set_aside: AtomicUsize::new(0),
             wake: Notify::new(),
         };
         let records = q.list()?;
         let known: HashSet<MessageId> = records.iter().map(|r| r.id).collect();
         for id in q.spool.ids()? {
             if !known.contains(&id) {
-                tracing::info!(queue_id = %id, "removing a body without a queue record (accepted with no 250 before a crash)");
-                q.spool.remove(id);
+                tracing::warn!(queue_id = %id, dir = %q.spool.set_aside_dir().display(), "message file without a queue record (a crash before its 250, or a damaged database); moved aside for the admin to check, not delivered");
+                q.spool.set_aside(id)?;
             }
         }
-        let mut s = q.lock();
+        let mut missing = Vec::new();
         for r in &records {
             if !q.spool.path(r.id).exists() {
-                tracing::error!(queue_id = %r.id, "queue record without a body in the spool; it cannot be delivered");
-                continue;
+                tracing::warn!(queue_id = %r.id, device = %r.device, "queue record without its message file (delivered or dropped just before a crash); record removed");
+                missing.push(Change::Remove(r.id.0.to_be_bytes().to_vec()));
             }
-            s.due.insert((r.next_attempt, r.id));
-            s.at.insert(r.id, r.next_attempt);
+        }
+        if !missing.is_empty() {
+            q.store.apply(Tree::Queue, &missing)?;
+            q.store.commit().await?;
+        }
+        q.set_aside.store(q.spool.set_aside_ids()?.len(), Ordering::SeqCst);
+        crate::metrics::QUEUE_SET_ASIDE.set(q.set_aside.load(Ordering::SeqCst) as i64);
+        let now = now_ms();
+        let mut s = q.lock();
+        for r in records.iter().filter(|r| q.spool.path(r.id).exists()) {
+            let due = rebase_due(r.next_attempt, now);
+            s.due.insert((due, r.id));
+            s.at.insert(r.id, due);
         }
         drop(s);
         if let Some(max) = records.iter().map(|r| r.id.0).max() {
@@ -145,9 +203,19 @@ impl Queue {
         &self.spool
     }
 
+    /// Why the database became unusable, if it has (the relay is then stopping).
+    pub fn store_failure(&self) -> Option<&str> {
+        self.store.failure()
+    }
+
+    /// Message files moved aside at start-up (see [`Queue::open`]), for the status page.
+    pub fn set_aside_count(&self) -> usize {
+        self.set_aside.load(Ordering::SeqCst)
+    }
+
     /// A new unique id, later than every earlier one.
     pub fn new_id(&self) -> MessageId {
-        let now = chrono::Utc::now().timestamp_micros().max(0) as u64;
+        let now = (now_ms().max(0) as u64) * 1000;
         let mut last = self.last_id.load(Ordering::SeqCst);
         loop {
             let next = now.max(last + 1);
@@ -158,16 +226,19 @@ impl Queue {
         }
     }
 
+    fn encode(r: &QueueRecord) -> Result<Vec<u8>, QueueError> {
+        serde_json::to_vec(r)
+            .map_err(|e| QueueError::Store(StoreError::Corrupt { key: r.id.to_string(), reason: e.to_string() }))
+    }
+
     fn put(&self, r: &QueueRecord) -> Result<(), QueueError> {
-        let value =
-            serde_json::to_vec(r).map_err(|e| StoreError::Corrupt { key: r.id.to_string(), reason: e.to_string() })?;
-        self.store.put(Tree::Queue, &r.id.0.to_be_bytes(), &value)?;
+        self.store.put(Tree::Queue, &r.id.0.to_be_bytes(), &Self::encode(r)?)?;
         Ok(())
     }
 
     /// Makes an accepted message durable (its body must already be finished in the spool).
-    /// The message is marked in flight: the caller attempts it, then calls [`Queue::release`]
-    /// or [`Queue::complete`].
+    /// The message is marked in flight: the caller attempts it, then calls [`Queue::release`],
+    /// [`Queue::defer`] or [`Queue::settle`].
     pub async fn accept(&self, r: &QueueRecord) -> Result<(), QueueError> {
         self.put(r)?;
         self.lock().in_flight.insert(r.id);
@@ -179,45 +250,84 @@ impl Queue {
         Ok(())
     }
 
-    /// Queues a message the relay writes itself (a bounce, an answer to a refused print
-    /// job): spools `body`, commits its record and schedules it now. Such messages are never
-    /// bounced or answered in turn. Returns its id.
-    pub async fn enqueue_own(
-        &self,
-        body: &[u8],
-        identity: &str,
-        device: &str,
-        from: &str,
-        to: &str,
-    ) -> Result<MessageId, QueueError> {
+    /// Spools a message the relay writes itself and returns its record (not yet stored).
+    async fn spool_own(&self, m: &OwnMessage<'_>) -> Result<QueueRecord, QueueError> {
         let id = self.new_id();
         let mut w = self.spool.writer(id);
-        w.write(body).await?;
+        w.write(m.body).await?;
         w.finish().await?;
-        let r = QueueRecord {
+        Ok(QueueRecord {
             id,
-            received: chrono::Utc::now().timestamp(),
-            device: device.to_string(),
-            identity: identity.to_string(),
+            received: now_ms() / 1000,
+            device: m.device.to_string(),
+            identity: m.identity.to_string(),
             client: "mfd-relay".into(),
-            from: from.to_string(),
+            from: m.from.to_string(),
             original_from: String::new(),
-            rcpts: vec![to.to_string()],
-            size: body.len() as u64,
-            eight_bit: !body.is_ascii(),
+            bounce_to_sender: false,
+            rcpts: vec![m.to.to_string()],
+            size: m.body.len() as u64,
+            eight_bit: !m.body.is_ascii(),
             attempts: 0,
             next_attempt: now_ms(),
             last_error: None,
             is_bounce: true,
-        };
+        })
+    }
+
+    /// Queues a message the relay writes itself (a bounce, an answer to a refused print
+    /// job): spools it, commits its record and schedules it now. Such messages are never
+    /// bounced or answered in turn. Returns its id.
+    pub async fn enqueue_own(&self, m: OwnMessage<'_>) -> Result<MessageId, QueueError> {
+        let r = self.spool_own(&m).await?;
         self.put(&r)?;
-        if let Err(e) = self.store.commit().await {
-            let _ = self.store.remove(Tree::Queue, &id.0.to_be_bytes());
-            self.spool.remove(id);
+        self.store.commit().await?;
+        self.schedule_at(r.id, r.next_attempt);
+        Ok(r.id)
+    }
+
+    /// Records the outcome of an attempt, durably, before the caller acts on it (answers the
+    /// device, logs success): `next` is the message's updated record when recipients remain
+    /// (rescheduled at its `next_attempt`), `None` when it is finished; `report` is a bounce to
+    /// queue in the same atomic batch. Returns the report's id.
+    pub async fn settle(
+        &self,
+        id: MessageId,
+        next: Option<&QueueRecord>,
+        report: Option<OwnMessage<'_>>,
+    ) -> Result<Option<MessageId>, QueueError> {
+        let report = match report {
+            Some(m) => Some(self.spool_own(&m).await?),
+            None => None,
+        };
+        let key = id.0.to_be_bytes().to_vec();
+        let mut changes = Vec::with_capacity(2);
+        if let Some(r) = &report {
+            changes.push(Change::Put(r.id.0.to_be_bytes().to_vec(), Self::encode(r)?));
+        }
+        match next {
+            Some(n) => changes.push(Change::Put(key, Self::encode(n)?)),
+            None => changes.push(Change::Remove(key)),
+        }
+        if let Err(e) = async {
+            self.store.apply(Tree::Queue, &changes)?;
+            self.store.commit().await
+        }
+        .await
+        {
+            // The store is failing (and the relay stopping): leave every file where it is;
+            // the restart finds what became durable.
+            self.release(id, None);
             return Err(e.into());
         }
-        self.schedule_at(id, r.next_attempt);
-        Ok(id)
+        match next {
+            Some(n) => self.release(id, Some(n.next_attempt)),
+            None => self.forget(id),
+        }
+        if let Some(r) = &report {
+            self.schedule_at(r.id, r.next_attempt);
+        }
+        Ok(report.map(|r| r.id))
     }
 
     pub fn get(&self, id: MessageId) -> Result<Option<QueueRecord>, QueueError> {
@@ -241,28 +351,27 @@ impl Queue {
         Ok(out)
     }
 
-    /// Saves a changed record (after a deferral) and schedules it. Not flushed: losing this
-    /// update in a crash only means an earlier retry.
+    /// Saves a changed attempt count, error and time (after a deferral with the same
+    /// recipients) and schedules it. Not committed: losing this update in a crash only means
+    /// an earlier retry. A change of recipients goes through [`Queue::settle`].
     pub fn defer(&self, r: &QueueRecord) -> Result<(), QueueError> {
         self.put(r)?;
         self.release(r.id, Some(r.next_attempt));
         Ok(())
     }
 
-    /// The message is finished (delivered, failed and reported, or dropped): record and body
-    /// go. Not flushed: a crash right after may deliver it again (at least once, never lost).
-    pub fn complete(&self, id: MessageId) -> Result<(), QueueError> {
-        self.store.remove(Tree::Queue, &id.0.to_be_bytes())?;
+    /// Removes the body of a finished message whose record removal is durable, and forgets
+    /// its schedule.
+    fn forget(&self, id: MessageId) {
         self.spool.remove(id);
         let mut s = self.lock();
         s.in_flight.remove(&id);
         if let Some(at) = s.at.remove(&id) {
             s.due.remove(&(at, id));
         }
-        Ok(())
     }
 
-    /// Ends an attempt; `next` schedules the message again (unix ms).
+    /// Ends an attempt; `next` schedules the message again ([`now_ms`] milliseconds).
     pub fn release(&self, id: MessageId, next: Option<i64>) {
         self.lock().in_flight.remove(&id);
         if let Some(at) = next {
@@ -298,14 +407,14 @@ impl Queue {
         out
     }
 
-    /// When the earliest scheduled message is due (unix ms).
+    /// When the earliest scheduled message is due ([`now_ms`] milliseconds).
     pub fn next_due(&self) -> Option<i64> {
         self.lock().due.iter().next().map(|(at, _)| *at)
     }
 
     /// Makes queued messages due now: one id, or all of them (`None`), or those of one
     /// identity. Returns how many.
-    pub fn retry_now(&self, which: Option<MessageId>, identity: Option<&str>) -> Result<usize, QueueError> {
+    pub async fn retry_now(&self, which: Option<MessageId>, identity: Option<&str>) -> Result<usize, QueueError> {
         let now = now_ms();
         let mut n = 0;
         for mut r in self.list()? {
@@ -326,15 +435,19 @@ impl Queue {
                 return Err(QueueError::NotFound(id));
             }
         }
+        // Only the time changed, but an offline `queue retry` exits right after.
+        self.store.commit().await?;
         Ok(n)
     }
 
-    /// Removes a message without delivering it (admin's `queue drop`).
-    pub fn drop_message(&self, id: MessageId) -> Result<(), QueueError> {
+    /// Removes a message without delivering it (admin's `queue drop`): the record's removal is
+    /// durable before the body goes.
+    pub async fn drop_message(&self, id: MessageId) -> Result<(), QueueError> {
         if self.get(id)?.is_none() {
             return Err(QueueError::NotFound(id));
         }
-        self.complete(id)
+        self.settle(id, None, None).await?;
+        Ok(())
     }
 
     /// Arrival time (unix seconds) of the oldest queued message.
@@ -353,11 +466,14 @@ impl Queue {
 }
 
 /// Opens the queue under a data directory (spool + store); used by `run` and the offline CLI.
-pub fn open_data_dir(data_dir: &Path) -> Result<(Arc<Store>, Arc<Queue>), QueueError> {
-    std::fs::create_dir_all(data_dir)?;
+/// The database is opened first: its lock keeps a second process (an offline command while
+/// the daemon runs, a second daemon on a shared volume) from touching the spool of the first.
+pub async fn open_data_dir(data_dir: &Path) -> Result<(Arc<Store>, Arc<Queue>), QueueError> {
+    spool::create_private_dir(data_dir)?;
+    let msg_dir = Spool::msg_dir_of(data_dir);
+    let store = Arc::new(Store::open(data_dir, vec![msg_dir])?);
     let spool = Spool::open(data_dir)?;
-    let store = Arc::new(Store::open(data_dir, vec![spool.msg_dir().to_path_buf()])?);
-    let queue = Arc::new(Queue::open(store.clone(), spool)?);
+    let queue = Arc::new(Queue::open(store.clone(), spool).await?);
     Ok((store, queue))
 }
 
@@ -374,6 +490,7 @@ mod tests {
             client: "127.0.0.1".into(),
             from: "a@b.c".into(),
             original_from: "a@b.c".into(),
+            bounce_to_sender: false,
             rcpts: vec!["x@y.z".into()],
             size: 5,
             eight_bit: false,
@@ -393,7 +510,7 @@ mod tests {
     #[tokio::test]
     async fn accept_defer_due_complete() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, q) = open_data_dir(dir.path()).unwrap();
+        let (_store, q) = open_data_dir(dir.path()).await.unwrap();
         let r = record(&q);
         write_body(&q, r.id).await;
         q.accept(&r).await.unwrap();
@@ -407,17 +524,17 @@ mod tests {
         assert_eq!(q.take_due(1000, 10), vec![r.id]);
         assert!(q.take_due(i64::MAX, 10).is_empty(), "taken once");
         assert_eq!(q.get(r.id).unwrap().unwrap().attempts, 1);
-        q.complete(r.id).unwrap();
+        q.settle(r.id, None, None).await.unwrap();
         assert_eq!(q.depth(), 0);
         assert!(!q.spool().path(r.id).exists());
     }
 
     #[tokio::test]
-    async fn reopen_schedules_records_and_removes_orphans() {
+    async fn reopen_schedules_records_and_sets_orphans_aside() {
         let dir = tempfile::tempdir().unwrap();
         let kept;
         {
-            let (_s, q) = open_data_dir(dir.path()).unwrap();
+            let (_s, q) = open_data_dir(dir.path()).await.unwrap();
             let r = record(&q);
             write_body(&q, r.id).await;
             q.accept(&r).await.unwrap();
@@ -425,20 +542,82 @@ mod tests {
             // A body whose record never made it (crash before the commit).
             write_body(&q, q.new_id()).await;
         }
-        let (_s, q) = open_data_dir(dir.path()).unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
         assert_eq!(q.spool().ids().unwrap(), vec![kept]);
+        assert_eq!(q.set_aside_count(), 1, "the body without a record is kept aside, not deleted");
         assert_eq!(q.take_due(i64::MAX, 10), vec![kept]);
         assert!(q.new_id() > kept, "ids keep increasing after a restart");
     }
 
-    #[test]
-    fn ids_are_unique_and_round_trip() {
+    #[tokio::test]
+    async fn ids_are_unique_and_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let (_s, q) = open_data_dir(dir.path()).unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
         let a = q.new_id();
         let b = q.new_id();
         assert!(b > a);
         assert_eq!(a.to_string().parse::<MessageId>().unwrap(), a);
         assert_eq!(a.to_string().len(), 16);
+    }
+
+    #[tokio::test]
+    async fn reopen_removes_records_whose_body_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, kept);
+        {
+            let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+            let r = record(&q);
+            write_body(&q, r.id).await;
+            q.accept(&r).await.unwrap();
+            id = r.id;
+            let r2 = record(&q);
+            write_body(&q, r2.id).await;
+            q.accept(&r2).await.unwrap();
+            kept = r2.id;
+            // A crash after the body was removed but before the record's removal was durable.
+            q.spool().remove(id);
+        }
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        assert!(q.get(id).unwrap().is_none(), "record repaired at start-up");
+        assert_eq!(q.list().unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), vec![kept]);
+        assert_eq!(q.depth(), 1);
+    }
+
+    #[tokio::test]
+    async fn settle_shortens_and_queues_the_bounce_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let mut r = record(&q);
+        r.rcpts = vec!["a@x.test".into(), "b@x.test".into()];
+        write_body(&q, r.id).await;
+        q.accept(&r).await.unwrap();
+        let mut next = r.clone();
+        next.rcpts = vec!["b@x.test".into()];
+        next.next_attempt = now_ms() + 60_000;
+        let report = OwnMessage { body: b"report", identity: "i", device: "d", from: "i@x.test", to: "i@x.test" };
+        let bounce = q.settle(r.id, Some(&next), Some(report)).await.unwrap().unwrap();
+        drop(q);
+        drop(_s);
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        assert_eq!(q.get(r.id).unwrap().unwrap().rcpts, vec!["b@x.test".to_string()]);
+        let b = q.get(bounce).unwrap().unwrap();
+        assert!(b.is_bounce);
+        assert_eq!(std::fs::read(q.spool().path(bounce)).unwrap(), b"report");
+    }
+
+    #[test]
+    fn stored_times_far_ahead_are_rebased() {
+        let now = 1_000_000_000_000;
+        assert_eq!(rebase_due(now + 1000, now), now + 1000);
+        assert_eq!(rebase_due(now - 5000, now), now - 5000);
+        assert_eq!(rebase_due(now + 30 * 24 * 3600 * 1000, now), now, "a clock stepped back: due now");
+    }
+
+    #[test]
+    fn the_relay_clock_never_goes_back() {
+        let a = now_ms();
+        let b = now_ms();
+        assert!(b >= a);
+        assert!((a - chrono::Utc::now().timestamp_millis()).abs() < 60_000);
     }
 }

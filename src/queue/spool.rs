@@ -4,9 +4,15 @@
 //! `spool/msg/<id>`; the rename is made durable by the store's commit, which fsyncs
 //! `spool/msg` before it flushes the queue record (see [`crate::store`]). So `spool/msg` only
 //! ever holds complete bodies, and a body without a record (a crash before the commit) is an
-//! orphan that startup removes: the device got no 250 for it and sends again.
+//! orphan: the device got no 250 for it and sends again. Start-up never deletes such a body
+//! (a damaged database could make a real message look like one): it moves it to
+//! `spool/set-aside` and says so ([`super::Queue::open`]).
+//!
+//! Everything here is created private to the relay's user (folders 0700, files 0600),
+//! whatever the umask: scans are often confidential.
 
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::MessageId;
@@ -16,22 +22,59 @@ use super::MessageId;
 pub struct Spool {
     msg_dir: PathBuf,
     tmp_dir: PathBuf,
+    set_aside_dir: PathBuf,
+}
+
+/// Creates a folder (and its parents) readable by the relay's user only; an existing folder
+/// is made private too.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Bytes buffered before a write to the file; small messages are written in one go at the end.
 const WRITE_BUFFER: usize = 256 * 1024;
 
 impl Spool {
-    /// Creates `data_dir/spool/{msg,tmp}` as needed and empties `tmp`.
+    /// The folder of complete bodies under a data directory.
+    pub fn msg_dir_of(data_dir: &Path) -> PathBuf {
+        data_dir.join("spool").join("msg")
+    }
+
+    /// Creates `data_dir/spool/{msg,tmp,set-aside}` as needed and empties `tmp`. Call it only
+    /// while holding the database lock (see [`super::open_data_dir`]): `tmp` holds the bodies
+    /// that the lock holder is receiving.
     pub fn open(data_dir: &Path) -> std::io::Result<Spool> {
-        let msg_dir = data_dir.join("spool").join("msg");
-        let tmp_dir = data_dir.join("spool").join("tmp");
-        std::fs::create_dir_all(&msg_dir)?;
-        std::fs::create_dir_all(&tmp_dir)?;
-        for entry in std::fs::read_dir(&tmp_dir)? {
+        let spool = data_dir.join("spool");
+        let s = Spool {
+            msg_dir: Self::msg_dir_of(data_dir),
+            tmp_dir: spool.join("tmp"),
+            set_aside_dir: spool.join("set-aside"),
+        };
+        for d in [&spool, &s.msg_dir, &s.tmp_dir, &s.set_aside_dir] {
+            create_private_dir(d)?;
+        }
+        for entry in std::fs::read_dir(&s.tmp_dir)? {
             let _ = std::fs::remove_file(entry?.path());
         }
-        Ok(Spool { msg_dir, tmp_dir })
+        Ok(s)
+    }
+
+    /// Where start-up puts bodies that have no queue record.
+    pub fn set_aside_dir(&self) -> &Path {
+        &self.set_aside_dir
+    }
+
+    /// Moves a body without a record out of the queue, durably.
+    pub fn set_aside(&self, id: MessageId) -> std::io::Result<()> {
+        std::fs::rename(self.path(id), self.set_aside_dir.join(id.to_string()))?;
+        crate::store::sync_dir(&self.set_aside_dir)?;
+        crate::store::sync_dir(&self.msg_dir)
+    }
+
+    /// Ids of the bodies set aside so far.
+    pub fn set_aside_ids(&self) -> std::io::Result<Vec<MessageId>> {
+        ids_in(&self.set_aside_dir)
     }
 
     /// The directory whose entries must be durable with the queue records.
@@ -61,14 +104,18 @@ impl Spool {
 
     /// Ids of every complete body on disk.
     pub fn ids(&self) -> std::io::Result<Vec<MessageId>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.msg_dir)? {
-            if let Some(id) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        ids_in(&self.msg_dir)
     }
+}
+
+fn ids_in(dir: &Path) -> std::io::Result<Vec<MessageId>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        if let Some(id) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+            out.push(id);
+        }
+    }
+    Ok(out)
 }
 
 /// A body being written. Writes are buffered and done on the blocking pool, never on the
@@ -111,7 +158,7 @@ impl SpoolWriter {
         let (file, mut buf, res) = tokio::task::spawn_blocking(move || {
             let mut file = match file {
                 Some(f) => f,
-                None => match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+                None => match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
                     Ok(f) => f,
                     Err(e) => return (None, buf, Err(e)),
                 },
@@ -157,12 +204,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let id = MessageId(42);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("spool/msg")), 0o700);
         let mut w = spool.writer(id);
         w.write(b"hello ").await.unwrap();
         let big = vec![b'x'; WRITE_BUFFER + 10];
         w.write(&big).await.unwrap();
         assert!(!spool.path(id).exists(), "not visible before finish");
         w.finish().await.unwrap();
+        assert_eq!(mode(&spool.path(id)), 0o600, "private whatever the umask");
         let body = std::fs::read(spool.path(id)).unwrap();
         assert_eq!(body.len(), 6 + WRITE_BUFFER + 10);
         assert_eq!(spool.ids().unwrap(), vec![id]);

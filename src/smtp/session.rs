@@ -597,6 +597,7 @@ impl Session {
             client: self.peer.ip().to_string(),
             from: envelope_from,
             original_from: txn.from.clone(),
+            bounce_to_sender: !txn.from.is_empty() && device.allows_recipient(&txn.from),
             rcpts: txn.rcpts.clone(),
             size: final_size,
             eight_bit: decoder.eight_bit,
@@ -630,6 +631,9 @@ impl Session {
                 Status(2, 0, 0),
                 format!("OK {id} queued; delivery will be retried ({})", crate::smtp::reply::sanitize_text(&why, 120)),
             ),
+            Outcome::Reported(what) => {
+                Reply::with(250, Status(2, 0, 0), format!("OK {id} {}", crate::smtp::reply::sanitize_text(&what, 160)))
+            }
             Outcome::Gone => Reply::with(250, Status(2, 0, 0), format!("OK {id}")),
             Outcome::Refused(r) => r,
         };
