@@ -62,7 +62,8 @@ pub struct Delivery {
     queue: Arc<Queue>,
     tokens: Arc<TokenManager>,
     upstream: Arc<Upstream>,
-    shaper: crate::upstream::shaper::Shaper,
+    /// Shared by every configuration generation: a reload must not grant a new burst.
+    shaper: Arc<crate::upstream::shaper::Shaper>,
     activity: Arc<crate::activity::Activity>,
 }
 
@@ -110,8 +111,9 @@ impl Delivery {
         tokens: Arc<TokenManager>,
         upstream: Arc<Upstream>,
         activity: Arc<crate::activity::Activity>,
+        shaper: Arc<crate::upstream::shaper::Shaper>,
     ) -> Delivery {
-        Delivery { policy, queue, tokens, upstream, shaper: Default::default(), activity }
+        Delivery { policy, queue, tokens, upstream, shaper, activity }
     }
 
     /// Attempts a just-accepted message while the device waits, for at most

@@ -48,6 +48,8 @@ pub struct Shared {
     pub logins: Arc<crate::oauth::login::Logins>,
     pub activity: Arc<crate::activity::Activity>,
     pub throttle: Arc<AuthThrottle>,
+    /// Per-identity send windows: kept across reloads, or each SIGHUP would allow a new burst.
+    pub shaper: Arc<crate::upstream::shaper::Shaper>,
 }
 
 /// Everything a running relay is made of, for one configuration.
@@ -83,6 +85,7 @@ pub async fn open_shared(config: &Config) -> Result<Shared, StartError> {
         logins: Default::default(),
         activity: Default::default(),
         throttle: Arc::new(AuthThrottle::new(crate::smtp::AUTH_MAX_FAILURES, crate::smtp::AUTH_BLOCK)),
+        shaper: Default::default(),
     })
 }
 
@@ -113,8 +116,14 @@ pub fn build_with(config: Config, shared: &Shared, previous: Option<&Parts>) -> 
         bounce_to: config.relay.bounce_to.clone(),
         in_session_timeout: config.relay.in_session_timeout.0,
     };
-    let delivery =
-        Arc::new(Delivery::new(policy, shared.queue.clone(), tokens.clone(), upstream, shared.activity.clone()));
+    let delivery = Arc::new(Delivery::new(
+        policy,
+        shared.queue.clone(),
+        tokens.clone(),
+        upstream,
+        shared.activity.clone(),
+        shared.shaper.clone(),
+    ));
     let ctx = Arc::new(Context {
         hostname: config.relay.hostname.clone(),
         devices: Arc::new(Devices::from_config(&config)),

@@ -221,6 +221,8 @@ struct Faults {
     /// Lower-cased address → reply.
     rejected_rcpts: HashMap<String, String>,
     data_reply: Option<(String, Times)>,
+    /// How long the reply to the final dot is held back (a provider scanning a large upload).
+    data_delay: Duration,
     close_421_after: Option<u32>,
     auth_reply: Option<String>,
     stall: bool,
@@ -406,6 +408,11 @@ impl FakeSmtp {
     /// are not recorded.
     pub fn set_data_reply(&self, reply: &str, times: Times) {
         self.shared.lock().faults.data_reply = Some((reply.to_string(), times));
+    }
+
+    /// Holds the reply to the final dot back for `delay` (zero: answer at once).
+    pub fn set_data_delay(&self, delay: Duration) {
+        self.shared.lock().faults.data_delay = delay;
     }
 
     pub fn clear_data_reply(&self) {
@@ -1004,6 +1011,10 @@ async fn data<S: Conn>(
             return Ok(None);
         }
     };
+    let delay = sh.lock().faults.data_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let injected = if bare_lf || too_big {
         None
     } else {

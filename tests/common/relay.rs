@@ -42,6 +42,8 @@ pub struct Relay {
     pub config: PathBuf,
     pub smtp_port: u16,
     pub admin_port: u16,
+    /// Extra environment for the process (e.g. LD_PRELOAD for fault injection).
+    pub env: Vec<(String, String)>,
 }
 
 /// The parts of a test configuration that vary between tests.
@@ -65,13 +67,16 @@ impl Relay {
     pub fn start(dir: &Path, setup: &Setup) -> Relay {
         let smtp_port = free_port();
         let admin_port = free_port();
+        // A test may set its own in-session timeout in `relay_extra`.
+        let in_session =
+            if setup.relay_extra.contains("in_session_timeout") { "" } else { "in_session_timeout = \"10s\"\n" };
         let text = format!(
-            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\nretry_first = \"1s\"\nretry_max = \"2s\"\nin_session_timeout = \"10s\"\n{}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[[listener]]\nlisten = \"127.0.0.1:{smtp_port}\"\n{}\n\n{}\n",
+            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\nretry_first = \"1s\"\nretry_max = \"2s\"\n{in_session}{}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[[listener]]\nlisten = \"127.0.0.1:{smtp_port}\"\n{}\n\n{}\n",
             setup.relay_extra, setup.listener_extra, setup.sections
         );
         let config = dir.join("config.toml");
         std::fs::write(&config, text).unwrap();
-        let mut r = Relay { child: None, dir: dir.to_path_buf(), config, smtp_port, admin_port };
+        let mut r = Relay { child: None, dir: dir.to_path_buf(), config, smtp_port, admin_port, env: Vec::new() };
         r.spawn();
         r
     }
@@ -83,6 +88,7 @@ impl Relay {
             .args(["run", "-c"])
             .arg(&self.config)
             .env("MFD_RELAY_LOG", "info,mfd_relay=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -107,6 +113,23 @@ impl Relay {
     /// Sends a signal by name ("HUP", "TERM").
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status();
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its exit code (-1 for a
+    /// signal), or None when it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut()?;
+            if let Some(status) = c.try_wait().ok().flatten() {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Whether the process is still running.

@@ -1,12 +1,13 @@
 #!/bin/sh
 # Install the real servers and clients used by the tests (Debian 12, run as root):
 # Dovecot and Postfix for interop, swaks (with the Perl TLS and SASL modules it needs), curl,
-# and prometheus for promtool (deploy/check.py checks the alert rules with it).
+# prometheus for promtool (deploy/check.py checks the alert rules with it), and strace
+# (tests/durability.rs checks that every file of a message is synced before its 250).
 # Idempotent: does nothing when every package is already installed.
 # Only Debian's own package mirrors are needed.
 set -eu
 
-PKGS="dovecot-imapd dovecot-lmtpd postfix swaks openssl curl libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl prometheus"
+PKGS="dovecot-imapd dovecot-lmtpd postfix swaks openssl curl libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl prometheus strace"
 
 missing=""
 for p in $PKGS; do
