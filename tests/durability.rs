@@ -133,14 +133,25 @@ async fn every_file_of_a_message_is_synced_before_its_250() {
     let text = std::fs::read_to_string(&log).unwrap();
     let (calls, starts) = parse_strace(&text);
 
-    // The 250 to the device, on its TCP socket.
+    // The 250 to the device, on its TCP socket; and before it the moment the relay took the
+    // message as accepted (its log line, written before the in-session attempt, so that a
+    // background sync that happens to run during the attempt proves nothing).
     let (reply_at, _) = starts
         .iter()
         .find(|(_, l)| l.contains("TCP:[") && l.contains(&format!("250 2.0.0 OK {id}")))
         .unwrap_or_else(|| panic!("no 250 for {id} in the trace:\n{text}"));
-    let before: Vec<&Call> = calls.iter().filter(|c| c.at < *reply_at).collect();
+    let (accepted_at, _) = starts
+        .iter()
+        .find(|(_, l)| l.contains("relay.log>") && l.contains(&id) && l.contains("accepted"))
+        .unwrap_or_else(|| panic!("no 'accepted' log line for {id} in the trace:\n{text}"));
+    assert!(accepted_at < reply_at);
+    let before: Vec<&Call> = calls.iter().filter(|c| c.at < *accepted_at).collect();
     let find = |what: &str, pred: &dyn Fn(&Call) -> bool| -> usize {
-        before.iter().find(|c| pred(c)).map(|c| c.at).unwrap_or_else(|| panic!("{what} not before the 250:\n{text}"))
+        before
+            .iter()
+            .find(|c| pred(c))
+            .map(|c| c.at)
+            .unwrap_or_else(|| panic!("{what} not before the message was acknowledged:\n{text}"))
     };
     let is_sync = |c: &Call| c.name == "fsync" || c.name == "fdatasync";
     let tmp = format!("/spool/tmp/{id}>");
