@@ -400,3 +400,56 @@ async fn a_reload_keeps_the_sending_limit() {
     assert!(r.contains("queued") && r.contains("limit"), "a reload grants no new burst: {r}");
     assert_eq!(w.upstream.messages().len(), 2);
 }
+
+// ---------------------------------------------------------------------------
+// kill -9 right after an outcome: what the device or the provider was told stays true.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_right_after_a_delivery_leaves_no_record_behind() {
+    let mut w = World::start(|_| {}).await;
+    let r = send_blocking(w.relay.smtp_port, "scanner@printer.local", &["a@contoso.test"], "delivered", "floor3").await;
+    assert!(r.contains("delivered"), "{r}");
+    tokio::task::block_in_place(|| {
+        w.relay.kill9();
+        w.relay.spawn();
+    });
+    let (_, queue) = w.relay.admin_get("/api/queue");
+    assert_eq!(queue.trim(), "[]", "a delivered message is not listed after a crash: {queue}");
+    assert!(!w.relay.log().contains("without its message file"), "the removal was durable before the body went");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(w.upstream.messages().len(), 1, "and it is not sent again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_right_after_a_refusal_neither_retries_nor_bounces() {
+    let mut w = World::start(|_| {}).await;
+    w.upstream.reject_recipient("nobody@contoso.test");
+    let r = send_blocking_expect_refusal(w.relay.smtp_port).await;
+    assert!(r.starts_with("550"), "the device sees the refusal: {r}");
+    tokio::task::block_in_place(|| {
+        w.relay.kill9();
+        w.relay.spawn();
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(w.upstream.messages().is_empty(), "no retry and no bounce for a refusal the device saw");
+    let (_, queue) = w.relay.admin_get("/api/queue");
+    assert_eq!(queue.trim(), "[]", "{queue}");
+}
+
+/// One message to a recipient the upstream refuses; returns the reply to the final dot.
+async fn send_blocking_expect_refusal(port: u16) -> String {
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawClient::connect(port);
+        assert!(c.cmd("EHLO printer", "\r\n").starts_with("250"));
+        let auth = common::b64(b"\0floor3\x001234");
+        assert!(c.cmd(&format!("AUTH PLAIN {auth}"), "\r\n").starts_with("235"));
+        assert!(c.cmd("MAIL FROM:<scanner@printer.local>", "\r\n").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<nobody@contoso.test>", "\r\n").starts_with("250"));
+        assert!(c.cmd("DATA", "\r\n").starts_with("354"));
+        c.send(&scan_message("refused", "scan"));
+        c.cmd(".", "\r\n")
+    })
+    .await
+    .unwrap()
+}
