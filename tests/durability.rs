@@ -339,6 +339,8 @@ async fn start_up_repairs_records_without_bodies_and_sets_bodies_without_records
     let (_, metrics) = w.relay.admin_get("/metrics");
     assert!(metrics.contains("mfd_relay_queue_set_aside 1"), "{metrics}");
     assert!(metrics.contains("mfd_relay_queue_oldest_age_seconds 0"), "{metrics}");
+    let (_, page) = w.relay.admin_get("/status");
+    assert!(page.contains("1 message file(s) without a queue record"), "{page}");
     let log = w.relay.log();
     assert!(log.contains("queue record without its message file") && log.contains(&id), "{log}");
     assert!(log.contains("moved aside"), "{log}");

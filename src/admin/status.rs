@@ -131,6 +131,10 @@ pub struct QueueView {
     pub oldest: Vec<QueueRecord>,
     /// Why the queue could not be read, if it could not.
     pub error: Option<String>,
+    /// Message files found without a record at start-up and moved aside.
+    pub set_aside: usize,
+    /// Where they are.
+    pub set_aside_dir: String,
 }
 
 /// The parts of the running relay the page reads.
@@ -174,7 +178,13 @@ pub fn collect(src: &Sources<'_>, now: i64) -> Status {
         started: src.started,
         identities,
         devices,
-        queue: QueueView { depth, oldest: records.into_iter().take(QUEUE_ROWS).collect(), error },
+        queue: QueueView {
+            depth,
+            oldest: records.into_iter().take(QUEUE_ROWS).collect(),
+            error,
+            set_aside: src.queue.set_aside_count(),
+            set_aside_dir: src.queue.spool().set_aside_dir().display().to_string(),
+        },
         mailboxes,
     }
 }
@@ -474,6 +484,16 @@ fn queue(h: &mut String, s: &Status) {
     if let Some(err) = &q.error {
         let _ = write!(h, "<p class=err>Cannot read the queue: {}</p>", e(err));
     }
+    if q.set_aside > 0 {
+        let _ = write!(
+            h,
+            "<p class=err>{} message file(s) without a queue record were found at start-up and moved to \
+             <code>{}</code>: a crash before their 250, or a damaged database. They are not delivered; \
+             look at them, then resend or delete them.</p>",
+            q.set_aside,
+            e(&q.set_aside_dir)
+        );
+    }
     if q.oldest.is_empty() {
         if q.error.is_none() {
             h.push_str("<p class=dim>Nothing waits: every accepted message has been delivered.</p>");
@@ -683,7 +703,12 @@ mod tests {
         let mut failing = identity("gmail", "error", "auth_code");
         failing.last_error = Some("token endpoint: timeout".into());
         s.identities.push(IdentityRow { status: failing, queued: 0 });
-        s.queue = QueueView { depth: 14, oldest: vec![record(1, NOW - 7200), record(2, NOW - 60)], error: None };
+        s.queue = QueueView {
+            depth: 14,
+            oldest: vec![record(1, NOW - 7200), record(2, NOW - 60)],
+            error: None,
+            ..Default::default()
+        };
         s.mailboxes[0].activity.last_check = Some(NOW - 3600);
         let p = problems(&s);
         assert_eq!(p.len(), 5, "{p:#?}");
@@ -731,7 +756,7 @@ mod tests {
         let mut r = record(1, NOW - 10);
         r.device = evil.into();
         r.last_error = Some(evil.into());
-        s.queue = QueueView { depth: 1, oldest: vec![r], error: Some(evil.into()) };
+        s.queue = QueueView { depth: 1, oldest: vec![r], error: Some(evil.into()), ..Default::default() };
         let page = render(&s);
         assert!(!page.contains("<script"), "{page}");
         assert!(!page.contains("\"x\""));
@@ -743,7 +768,7 @@ mod tests {
         // A Status holds no token, PIN hash or client secret; the page does not invent any
         // either: nothing on it looks like one.
         let mut s = healthy();
-        s.queue = QueueView { depth: 1, oldest: vec![record(1, NOW - 10)], error: None };
+        s.queue = QueueView { depth: 1, oldest: vec![record(1, NOW - 10)], error: None, ..Default::default() };
         let page = render(&s);
         for needle in ["$argon2", "Bearer", "refresh_token", "access_token", "secret", "eyJ"] {
             assert!(!page.contains(needle), "{needle} on the page");
