@@ -64,7 +64,8 @@ impl PerAddress {
     }
 }
 
-/// The context new sessions get; a reload replaces it, sessions in flight keep theirs.
+/// The context new sessions get; a reload replaces it. Sessions in flight keep theirs for a
+/// transaction already begun and move to the current one at their next EHLO, AUTH or MAIL.
 pub type CurrentContext = Arc<std::sync::RwLock<Arc<Context>>>;
 
 /// Accepts connections until `shutdown` fires, then waits (up to `grace`) for sessions in

@@ -212,7 +212,7 @@ impl Session {
                 Err(e) => return Err(e),
             };
             if self.device.is_none() && !self.budget.spend(Instant::now()) {
-                tracing::warn!(peer = %self.peer, "cut off: no device after {} commands", self.budget.commands - 1);
+                tracing::warn!(peer = %self.peer, commands = self.budget.commands, "cut off: still no device");
                 conn.send(&non_device_cut_off());
                 let _ = conn.flush().await;
                 return Ok(Next::Close);
