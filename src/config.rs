@@ -181,6 +181,10 @@ pub struct Listener {
     /// When true a device must AUTH; when false it may also be known by its address.
     #[serde(default)]
     pub require_auth: bool,
+    /// When true, AUTH is neither offered nor accepted before STARTTLS (RFC 4954 4); off by
+    /// default for old devices that log in without TLS.
+    #[serde(default)]
+    pub require_auth_tls: bool,
     #[serde(default = "default_max_message_size")]
     pub max_message_size: Size,
     #[serde(default = "default_max_connections")]
@@ -563,6 +567,15 @@ impl Config {
                 Err(_) => p(l.listen.span(), format!("listener \"{}\" is not an address:port", l.listen.get_ref())),
                 Ok(a) if !seen.insert(a) => p(l.listen.span(), format!("listener {a} appears twice")),
                 Ok(_) => {}
+            }
+            if l.require_auth_tls && l.tls == TlsMode::None {
+                p(
+                    l.listen.span(),
+                    format!(
+                        "listener {} has require_auth_tls = true but tls = \"none\": no device could ever log in",
+                        l.listen.get_ref()
+                    ),
+                );
             }
             if l.tls != TlsMode::None {
                 match (&l.cert, &l.key) {
@@ -966,6 +979,14 @@ flow = "device_code"
         let p = problems("[[listener]]\nlisten = \"0.0.0.0:2525\"\ntls = \"starttls\"\ncert = \"nope.pem\"\nkey = \"nope-key.pem\"\n");
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].contains(":4:") && p[0].contains("does not exist"), "{p:?}");
+    }
+
+    #[test]
+    fn require_auth_tls_needs_a_tls_listener() {
+        let p = problems("[[listener]]\nlisten = \"0.0.0.0:2525\"\nrequire_auth_tls = true\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains(":2:") && p[0].contains("require_auth_tls"), "{p:?}");
+        assert!(problems("[[listener]]\nlisten = \"0.0.0.0:2525\"\nrequire_auth_tls = false\n").is_empty());
     }
 
     #[test]

@@ -108,6 +108,21 @@ impl Devices {
             .map(|(_, d)| d.clone())
     }
 
+    /// After a reload, the current version of a device that logged in as `old` earlier in a
+    /// session: the device of the same name, if it still has the same username and PIN hash
+    /// and still accepts logins from `ip`. `None` means the login no longer holds (the device
+    /// was removed or its credentials changed) and the session must not relay on it.
+    pub fn still_logged_in(&self, old: &Device, ip: IpAddr) -> Option<Arc<Device>> {
+        let ip = canonical(ip);
+        let dev = self.devices.iter().find(|d| d.name == old.name)?;
+        let same_user = match (&dev.username, &old.username) {
+            (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+            _ => false,
+        };
+        let address_ok = dev.nets.is_empty() || dev.connects_from(ip);
+        (same_user && dev.pin_hash == old.pin_hash && address_ok).then(|| dev.clone())
+    }
+
     /// The device name of a username, if any (for logs and activity).
     pub fn name_of_user(&self, username: &str) -> Option<&str> {
         self.by_user.get(&username.to_ascii_lowercase()).map(|&i| self.devices[i].name.as_str())
@@ -237,6 +252,28 @@ recipients = ["*@contoso.com", "boss@else.where"]
         assert!(parse_net("10.0.0.1/8").unwrap_err().contains("10.0.0.0/8"));
         assert!(parse_net("300.0.0.1").is_err());
         assert!(parse_net("printer").is_err());
+    }
+
+    #[test]
+    fn a_login_holds_across_a_reload_only_while_the_device_is_unchanged() {
+        let dev = |name: &str, user: &str, hash: &str, addrs: &str| {
+            format!("[[device]]\nname = \"{name}\"\nidentity = \"i\"\nusername = \"{user}\"\npin_hash = \"{hash}\"\n{addrs}\n")
+        };
+        let h1 = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g";
+        let h2 = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$b3RoZXJvdGhlcm90aGVyb3RoZXJvdGhlcm90aGVyb3Q";
+        let ip: IpAddr = "10.9.9.9".parse().unwrap();
+        let before = devices(&dev("auth", "floor3", h1, ""));
+        let old = before.devices.iter().find(|d| d.name == "auth").unwrap().clone();
+        // Unchanged, or only its identity/recipients changed: the current version.
+        assert!(devices(&dev("auth", "FLOOR3", h1, "")).still_logged_in(&old, ip).is_some());
+        // Removed, renamed, new PIN, other username, or no longer from this address: gone.
+        assert!(devices("").still_logged_in(&old, ip).is_none());
+        assert!(devices(&dev("auth2", "floor3", h1, "")).still_logged_in(&old, ip).is_none());
+        assert!(devices(&dev("auth", "floor3", h2, "")).still_logged_in(&old, ip).is_none());
+        assert!(devices(&dev("auth", "floor4", h1, "")).still_logged_in(&old, ip).is_none());
+        let pinned = dev("auth", "floor3", h1, "addresses = [\"10.1.1.1\"]");
+        assert!(devices(&pinned).still_logged_in(&old, ip).is_none());
+        assert!(devices(&pinned).still_logged_in(&old, "10.1.1.1".parse().unwrap()).is_some());
     }
 
     #[tokio::test]

@@ -84,7 +84,7 @@ pub async fn open_shared(config: &Config) -> Result<Shared, StartError> {
         vault,
         logins: Default::default(),
         activity: Default::default(),
-        throttle: Arc::new(AuthThrottle::new(crate::smtp::AUTH_MAX_FAILURES, crate::smtp::AUTH_BLOCK)),
+        throttle: Arc::new(AuthThrottle::new(crate::smtp::AUTH_LIMITS)),
         shaper: Default::default(),
     })
 }
@@ -207,12 +207,13 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
             .map(|l| {
                 let l = l.get_ref();
                 format!(
-                    "{}|{:?}|{:?}|{:?}|{}|{}|{:?}|{}|{}",
+                    "{}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}|{}|{}",
                     l.listen.get_ref(),
                     l.tls,
                     l.cert.as_ref().map(|c| c.get_ref()),
                     l.key.as_ref().map(|k| k.get_ref()),
                     l.require_auth,
+                    l.require_auth_tls,
                     l.max_message_size.0,
                     l.command_timeout.0,
                     l.max_connections,
@@ -257,6 +258,7 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
             tls: l.tls,
             acceptor,
             require_auth: l.require_auth,
+            require_auth_tls: l.require_auth_tls,
             max_message_size: l.max_message_size.0,
             command_timeout: l.command_timeout.0,
             max_connections: l.max_connections.max(1),

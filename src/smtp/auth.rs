@@ -1,10 +1,11 @@
-//! AUTH PLAIN (RFC 4616) and AUTH LOGIN decoding, and the per-address throttle on failures.
+//! AUTH PLAIN (RFC 4616) and AUTH LOGIN decoding, and the throttle on failed logins (per
+//! address and per username).
 //!
 //! Decoding is pure; checking the credentials belongs to [`crate::devices`].
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -75,52 +76,179 @@ pub fn decode_login_field(raw: Vec<u8>) -> Result<String, DecodeError> {
 pub const LOGIN_USERNAME: &str = "VXNlcm5hbWU6";
 pub const LOGIN_PASSWORD: &str = "UGFzc3dvcmQ6";
 
-/// Remembers failed logins per source address and refuses AUTH for a while after too many.
-///
-/// A printer with a mistyped PIN retries a few times; a brute force tries thousands. After
-/// `max_failures` within `window`, AUTH from that address is refused until the window passes,
-/// and every failure is answered only after a delay that grows with the count.
-pub struct AuthThrottle {
-    max_failures: u32,
-    window: Duration,
-    entries: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+/// How many failed logins a key (an address, a username) may have outstanding, and how fast
+/// they are forgiven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleLimits {
+    /// Failures a key may have outstanding; one more attempt is refused (454).
+    pub burst: u32,
+    /// One outstanding failure is forgiven every this long.
+    pub forgive_every: Duration,
 }
 
-/// Entries kept at most; beyond that, expired ones are swept.
+impl ThrottleLimits {
+    /// The most failed logins a key can have in `span` with these limits: the burst, plus one
+    /// for every `forgive_every` that passes (see [`AuthThrottle`]).
+    pub fn max_failures_in(&self, span: Duration) -> u64 {
+        let per = self.forgive_every.as_secs().max(1);
+        u64::from(self.burst) + span.as_secs() / per
+    }
+}
+
+/// Throttles logins per source address (per /64 for IPv6, see [`crate::smtp::client_key`]) and
+/// per username, at once.
+///
+/// Each key is a leaky bucket: a failed login adds `forgive_every` of "debt", debt drains in
+/// real time, and an attempt is allowed only while the debt plus the attempts still being
+/// verified plus this one fit in `burst * forgive_every`. Attempts are **reserved** before
+/// the PIN is verified ([`AuthThrottle::begin`]), so parallel attempts cannot all pass the
+/// check before the first failure is recorded. A success clears its own username's debt,
+/// never the address's nor another username's: a good login for one device cannot wash away
+/// failures against another.
+///
+/// Arithmetic with the relay's limits ([`crate::smtp::AUTH_LIMITS`]: burst 5, one failure
+/// forgiven every 15 minutes): in any 24 hours a key can take at most 5 + 86,400 / 900 =
+/// 5 + 96 = **101** failed guesses. From one address, or against one username from any
+/// number of addresses, that is 101 of the 10,000 four-digit PINs, about **1 % per day**
+/// (a month of non-stop guessing covers under a third). A printer with one typo is never
+/// refused (one failure of five); a printer that failed five times waits 15 minutes for its
+/// next attempt.
+pub struct AuthThrottle {
+    limits: ThrottleLimits,
+    entries: Mutex<HashMap<Key, Bucket>>,
+}
+
+/// What failures are counted against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Address(IpAddr),
+    User(String),
+}
+
+/// One key's state.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    /// When the outstanding failures will all be forgiven.
+    debt_until: Instant,
+    /// Attempts reserved and not yet finished.
+    pending: u32,
+}
+
+/// Entries kept before idle ones are swept.
 const THROTTLE_SWEEP_AT: usize = 10_000;
+/// Usernames are counted by at most this many bytes (an AUTH line may carry 12 KB).
+const MAX_USER_KEY: usize = 256;
+
+/// Why an attempt was not reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many failed logins; try again later")]
+pub struct Throttled;
+
+/// A reserved login attempt. Finish it with [`Attempt::succeeded`] or [`Attempt::failed`];
+/// dropped unfinished, it counts as a failure (a client must not escape the count by
+/// hanging up while its PIN is checked).
+pub struct Attempt {
+    throttle: Arc<AuthThrottle>,
+    keys: Vec<Key>,
+    finished: bool,
+}
+
+impl Attempt {
+    /// The PIN was right: release the reservation and clear this username's failures.
+    pub fn succeeded(mut self, now: Instant) {
+        self.finished = true;
+        self.throttle.finish(&self.keys, false, now);
+    }
+
+    /// The login failed: record it against every key; returns how long to wait before
+    /// answering (growing with the failures outstanding).
+    pub fn failed(mut self, now: Instant) -> Duration {
+        self.finished = true;
+        self.throttle.finish(&self.keys, true, now)
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.throttle.finish(&self.keys, true, Instant::now());
+        }
+    }
+}
 
 impl AuthThrottle {
-    pub fn new(max_failures: u32, window: Duration) -> Self {
-        AuthThrottle { max_failures, window, entries: Mutex::new(HashMap::new()) }
+    pub fn new(limits: ThrottleLimits) -> Self {
+        AuthThrottle { limits, entries: Mutex::new(HashMap::new()) }
     }
 
-    /// Whether this address may try AUTH now.
+    fn keys(ip: IpAddr, username: Option<&str>) -> Vec<Key> {
+        let mut keys = vec![Key::Address(crate::smtp::client_key(ip))];
+        if let Some(u) = username {
+            let mut u = u.to_lowercase();
+            if u.len() > MAX_USER_KEY {
+                let mut end = MAX_USER_KEY;
+                while !u.is_char_boundary(end) {
+                    end -= 1;
+                }
+                u.truncate(end);
+            }
+            keys.push(Key::User(u));
+        }
+        keys
+    }
+
+    /// Whether one more attempt fits a bucket at `now`.
+    fn fits(&self, b: &Bucket, now: Instant) -> bool {
+        let debt = b.debt_until.saturating_duration_since(now);
+        let room = self.limits.forgive_every * self.limits.burst;
+        debt + self.limits.forgive_every * (b.pending + 1) <= room
+    }
+
+    /// Whether this address may start an AUTH exchange now (a cheap early answer; the
+    /// attempt itself is reserved with [`AuthThrottle::begin`]).
     pub fn allowed(&self, ip: IpAddr, now: Instant) -> bool {
         let map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(&ip) {
-            Some((count, since)) => *count < self.max_failures || now.duration_since(*since) >= self.window,
-            None => true,
-        }
+        Self::keys(ip, None).iter().all(|k| map.get(k).is_none_or(|b| self.fits(b, now)))
     }
 
-    /// Records a failure; returns how long to wait before answering it.
-    pub fn failed(&self, ip: IpAddr, now: Instant) -> Duration {
+    /// Reserves a login attempt from `ip` for `username` (None when the credentials could not
+    /// even be decoded), before the PIN is verified.
+    pub fn begin(self: &Arc<Self>, ip: IpAddr, username: Option<&str>, now: Instant) -> Result<Attempt, Throttled> {
+        let keys = Self::keys(ip, username);
         let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= THROTTLE_SWEEP_AT {
-            let window = self.window;
-            map.retain(|_, (_, since)| now.duration_since(*since) < window);
+            map.retain(|_, b| b.pending > 0 || b.debt_until > now);
         }
-        let e = map.entry(ip).or_insert((0, now));
-        if now.duration_since(e.1) >= self.window {
-            *e = (0, now);
+        if !keys.iter().all(|k| map.get(k).is_none_or(|b| self.fits(b, now))) {
+            return Err(Throttled);
         }
-        e.0 += 1;
-        Duration::from_millis(250 * u64::from(e.0.min(8)))
+        for k in &keys {
+            map.entry(k.clone()).or_insert(Bucket { debt_until: now, pending: 0 }).pending += 1;
+        }
+        drop(map);
+        Ok(Attempt { throttle: self.clone(), keys, finished: false })
     }
 
-    /// A success clears the address's record.
-    pub fn succeeded(&self, ip: IpAddr) {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).remove(&ip);
+    fn finish(&self, keys: &[Key], failed: bool, now: Instant) -> Duration {
+        let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut outstanding = 0u32;
+        for k in keys {
+            let b = map.entry(k.clone()).or_insert(Bucket { debt_until: now, pending: 1 });
+            b.pending = b.pending.saturating_sub(1);
+            if failed {
+                b.debt_until = b.debt_until.max(now) + self.limits.forgive_every;
+            } else if matches!(k, Key::User(_)) {
+                b.debt_until = now;
+            }
+            let debt = b.debt_until.saturating_duration_since(now);
+            let n = debt.as_secs_f64() / self.limits.forgive_every.as_secs_f64().max(f64::MIN_POSITIVE);
+            outstanding = outstanding.max(n.ceil() as u32);
+        }
+        if failed {
+            Duration::from_millis(250 * u64::from(outstanding.min(8)))
+        } else {
+            Duration::ZERO
+        }
     }
 }
 
@@ -155,22 +283,144 @@ mod tests {
         assert!(!format!("{c:?}").contains("s3cret"));
     }
 
+    const LIMITS: ThrottleLimits = ThrottleLimits { burst: 5, forgive_every: Duration::from_secs(900) };
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
-    fn throttle_blocks_after_failures_and_recovers() {
-        let t = AuthThrottle::new(3, Duration::from_secs(60));
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let other: IpAddr = "192.0.2.2".parse().unwrap();
+    fn parallel_attempts_are_reserved_before_verifying() {
+        // 40 attempts start before any finishes (40 argon2 checks in flight): only the burst
+        // gets through; the rest are refused at once.
+        let t = Arc::new(AuthThrottle::new(LIMITS));
         let now = Instant::now();
-        assert!(t.allowed(ip, now));
-        let d1 = t.failed(ip, now);
-        let d2 = t.failed(ip, now);
-        assert!(d2 > d1);
-        assert!(t.allowed(ip, now));
-        t.failed(ip, now);
-        assert!(!t.allowed(ip, now));
-        assert!(t.allowed(other, now));
-        assert!(t.allowed(ip, now + Duration::from_secs(61)));
-        t.succeeded(ip);
-        assert!(t.allowed(ip, now));
+        let attempts: Vec<_> = (0..40).map(|_| t.begin(ip("192.0.2.1"), Some("floor3"), now)).collect();
+        let reserved = attempts.iter().filter(|a| a.is_ok()).count();
+        assert_eq!(reserved, 5);
+        for a in attempts.into_iter().flatten() {
+            a.failed(now);
+        }
+        assert!(t.begin(ip("192.0.2.1"), Some("floor3"), now).is_err());
+        assert!(!t.allowed(ip("192.0.2.1"), now));
+    }
+
+    #[test]
+    fn success_clears_only_its_own_username() {
+        let t = Arc::new(AuthThrottle::new(LIMITS));
+        let now = Instant::now();
+        let a = ip("192.0.2.1");
+        for _ in 0..4 {
+            t.begin(a, Some("floor3"), now).unwrap().failed(now);
+        }
+        // A good login for another device from the same address...
+        t.begin(a, Some("lobby"), now).unwrap().succeeded(now);
+        // ...leaves the address's four failures: one more, and the address is refused.
+        t.begin(a, Some("floor3"), now).unwrap().failed(now);
+        assert_eq!(t.begin(a, Some("floor3"), now).err(), Some(Throttled));
+        assert_eq!(t.begin(a, Some("lobby"), now).err(), Some(Throttled));
+        // From elsewhere, floor3 has five failures of its own too.
+        assert_eq!(t.begin(ip("192.0.2.9"), Some("FLOOR3"), now).err(), Some(Throttled));
+        assert!(t.begin(ip("192.0.2.9"), Some("lobby"), now).is_ok());
+    }
+
+    #[test]
+    fn a_success_clears_its_username_but_not_the_address() {
+        let t = Arc::new(AuthThrottle::new(LIMITS));
+        let now = Instant::now();
+        let a = ip("192.0.2.1");
+        for _ in 0..3 {
+            t.begin(a, Some("floor3"), now).unwrap().failed(now);
+        }
+        t.begin(a, Some("floor3"), now).unwrap().succeeded(now);
+        // floor3's failures are gone: from a fresh address it has its whole burst again.
+        let b = ip("192.0.2.2");
+        for _ in 0..5 {
+            t.begin(b, Some("floor3"), now).unwrap().failed(now);
+        }
+        // The first address keeps its three: two more failures (any username) and it is refused.
+        for _ in 0..2 {
+            t.begin(a, Some("x"), now).unwrap().failed(now);
+        }
+        assert!(t.begin(a, Some("y"), now).is_err());
+    }
+
+    #[test]
+    fn failures_per_username_count_across_addresses() {
+        let t = Arc::new(AuthThrottle::new(LIMITS));
+        let now = Instant::now();
+        for i in 1..=5 {
+            t.begin(ip(&format!("192.0.2.{i}")), Some("floor3"), now).unwrap().failed(now);
+        }
+        assert!(t.begin(ip("192.0.2.100"), Some("floor3"), now).is_err());
+        assert!(t.begin(ip("192.0.2.100"), Some("other"), now).is_ok());
+    }
+
+    #[test]
+    fn one_typo_never_locks_a_printer_out_and_failures_are_forgiven() {
+        let t = Arc::new(AuthThrottle::new(LIMITS));
+        let now = Instant::now();
+        let a = ip("192.0.2.1");
+        let d = t.begin(a, Some("floor3"), now).unwrap().failed(now);
+        assert!(d <= Duration::from_millis(250));
+        t.begin(a, Some("floor3"), now).unwrap().succeeded(now);
+        // Five failures: refused; one is forgiven every 15 minutes.
+        let t = Arc::new(AuthThrottle::new(LIMITS));
+        let mut delays = Vec::new();
+        for _ in 0..5 {
+            delays.push(t.begin(a, Some("floor3"), now).unwrap().failed(now));
+        }
+        assert!(delays.windows(2).all(|w| w[1] > w[0]), "{delays:?}");
+        assert!(t.begin(a, Some("floor3"), now + Duration::from_secs(899)).is_err());
+        let later = now + Duration::from_secs(900);
+        assert!(t.allowed(a, later));
+        t.begin(a, Some("floor3"), later).unwrap().succeeded(later);
+    }
+
+    #[test]
+    fn an_abandoned_attempt_counts_as_a_failure() {
+        // (Drop uses the real clock.)
+        let t = Arc::new(AuthThrottle::new(LIMITS));
+        for _ in 0..5 {
+            drop(t.begin(ip("192.0.2.1"), None, Instant::now()).unwrap());
+        }
+        assert!(!t.allowed(ip("192.0.2.1"), Instant::now()));
+    }
+
+    #[test]
+    fn ipv6_addresses_in_one_64_share_a_budget() {
+        let t = Arc::new(AuthThrottle::new(LIMITS));
+        let now = Instant::now();
+        for i in 1..=5 {
+            t.begin(ip(&format!("2001:db8:1:2::{i:x}")), None, now).unwrap().failed(now);
+        }
+        assert!(!t.allowed(ip("2001:db8:1:2:ffff::1"), now));
+        assert!(t.allowed(ip("2001:db8:1:3::1"), now));
+    }
+
+    /// An attacker guessing non-stop for a day, as fast as the throttle lets them, from one
+    /// address against one username, and from 1,000 addresses against one username.
+    #[test]
+    fn a_four_digit_pin_is_not_guessable_in_a_day() {
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(LIMITS.max_failures_in(day), 101);
+        assert_eq!(crate::smtp::AUTH_LIMITS, LIMITS);
+        let start = Instant::now();
+        for addresses in [1u32, 1000] {
+            let t = Arc::new(AuthThrottle::new(LIMITS));
+            let mut guesses = 0u64;
+            let mut s = 0u64;
+            while s < day.as_secs() {
+                let now = start + Duration::from_secs(s);
+                let from = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + (s as u32 % addresses)));
+                if let Ok(a) = t.begin(from, Some("floor3"), now) {
+                    a.failed(now);
+                    guesses += 1;
+                }
+                s += 1;
+            }
+            assert!(guesses <= 101, "{guesses} guesses in a day from {addresses} addresses");
+            assert!(guesses * 100 < 10_000 * 2, "under 2% of the PINs");
+        }
     }
 }

@@ -28,20 +28,23 @@ pub struct ListenerSettings {
     pub tls: TlsMode,
     pub acceptor: Option<TlsAcceptor>,
     pub require_auth: bool,
+    /// AUTH only after STARTTLS (RFC 4954 4, RFC 3207 4.2); an implicit-TLS session is TLS
+    /// from the start.
+    pub require_auth_tls: bool,
     pub max_message_size: u64,
     pub command_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_address: usize,
 }
 
-/// Counts connections per source address.
+/// Counts connections per source address (per /64 for IPv6, see [`super::client_key`]).
 #[derive(Default)]
 struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
 
 impl PerAddress {
     fn try_add(&self, ip: IpAddr, max: usize) -> bool {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_insert(0);
+        let n = m.entry(super::client_key(ip)).or_insert(0);
         if *n >= max {
             return false;
         }
@@ -50,17 +53,19 @@ impl PerAddress {
     }
 
     fn remove(&self, ip: IpAddr) {
+        let key = super::client_key(ip);
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&ip) {
-            *n -= 1;
+        if let Some(n) = m.get_mut(&key) {
+            *n = n.saturating_sub(1);
             if *n == 0 {
-                m.remove(&ip);
+                m.remove(&key);
             }
         }
     }
 }
 
-/// The context new sessions get; a reload replaces it, sessions in flight keep theirs.
+/// The context new sessions get; a reload replaces it. Sessions in flight keep theirs for a
+/// transaction already begun and move to the current one at their next EHLO, AUTH or MAIL.
 pub type CurrentContext = Arc<std::sync::RwLock<Arc<Context>>>;
 
 /// Accepts connections until `shutdown` fires, then waits (up to `grace`) for sessions in
@@ -108,12 +113,12 @@ pub async fn serve(
             continue;
         }
         metrics::SMTP_CONNECTIONS.with_label_values(&[&settings.name]).inc();
-        let (settings, ctx, per_address, shutdown) =
-            (settings.clone(), ctx.clone(), per_address.clone(), shutdown.clone());
+        let (settings, ctx, per_address, shutdown, current) =
+            (settings.clone(), ctx.clone(), per_address.clone(), shutdown.clone(), current.clone());
         tokio::spawn(async move {
             let active = metrics::SMTP_SESSIONS_ACTIVE.with_label_values(&[&settings.name]);
             active.inc();
-            handle(tcp, peer, settings, ctx, shutdown).await;
+            handle(tcp, peer, settings, ctx, current, shutdown).await;
             active.dec();
             per_address.remove(peer.ip());
             drop(permit);
@@ -141,10 +146,12 @@ async fn handle(
     peer: SocketAddr,
     settings: Arc<ListenerSettings>,
     ctx: Arc<Context>,
+    current: CurrentContext,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let started = std::time::Instant::now();
-    let mut session = Session::new(ctx.clone(), settings.clone(), peer, settings.tls == TlsMode::Implicit, shutdown);
+    let mut session =
+        Session::new(ctx.clone(), current, settings.clone(), peer, settings.tls == TlsMode::Implicit, shutdown);
     let result = match (settings.tls, &settings.acceptor) {
         (TlsMode::Implicit, Some(acceptor)) => {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -195,5 +202,27 @@ async fn handle(
         Err(e) => tracing::info!(
             peer = %peer, listener = %settings.name, device = %device, messages = session.accepted(), secs, "session ended: {e}"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_address_limit_counts_ipv6_per_64() {
+        let p = PerAddress::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(p.try_add(ip("2001:db8:0:1::1"), 2));
+        assert!(p.try_add(ip("2001:db8:0:1::2"), 2));
+        // A third address of the same /64 is over the limit; another /64 is not.
+        assert!(!p.try_add(ip("2001:db8:0:1:dead:beef::3"), 2));
+        assert!(p.try_add(ip("2001:db8:0:2::1"), 2));
+        p.remove(ip("2001:db8:0:1::1"));
+        assert!(p.try_add(ip("2001:db8:0:1::4"), 2));
+        // IPv4 stays per address.
+        assert!(p.try_add(ip("192.0.2.1"), 1));
+        assert!(p.try_add(ip("192.0.2.2"), 1));
+        assert!(!p.try_add(ip("::ffff:192.0.2.1"), 1));
     }
 }

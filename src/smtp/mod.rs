@@ -13,6 +13,7 @@ pub mod listener;
 pub mod reply;
 pub mod session;
 
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::delivery::Delivery;
@@ -44,7 +45,40 @@ impl Context {
     }
 }
 
-/// Failed logins from one address before AUTH is refused for a while.
-pub const AUTH_MAX_FAILURES: u32 = 5;
-/// How long AUTH stays refused after too many failures.
-pub const AUTH_BLOCK: std::time::Duration = std::time::Duration::from_secs(300);
+/// Limits on failed logins, per address and per username (the arithmetic is on
+/// [`auth::AuthThrottle`]: at most 101 guesses a day per key, about 1 % of 4-digit PINs).
+pub const AUTH_LIMITS: auth::ThrottleLimits =
+    auth::ThrottleLimits { burst: 5, forgive_every: std::time::Duration::from_secs(15 * 60) };
+
+/// The key under which a client address is counted (connections per address, failed logins):
+/// IPv4 as is (IPv4-mapped IPv6 counts as IPv4), IPv6 by its /64, because one host or LAN
+/// normally has a whole /64 (RFC 4291 2.5.1, RFC 8981 temporary addresses) and could otherwise
+/// take a fresh address for every connection.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(prefix))
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_is_counted_per_64() {
+        let k = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_eq!(k("2001:db8:1:2:abcd::9"), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(k("192.0.2.7"), "192.0.2.7".parse::<IpAddr>().unwrap());
+        assert_ne!(k("192.0.2.7"), k("192.0.2.8"));
+        assert_eq!(k("::ffff:192.0.2.7"), k("192.0.2.7"));
+    }
+}

@@ -17,7 +17,7 @@ use super::auth::{self, Credentials, DecodeError};
 use super::command::{self, Command, ParseError};
 use super::connection::{Connection, Line, ReadError};
 use super::data::{DotDecoder, Progress};
-use super::listener::ListenerSettings;
+use super::listener::{CurrentContext, ListenerSettings};
 use super::reply::{Reply, Status};
 use super::Context;
 use crate::config::{FromPolicy, TlsMode};
@@ -36,6 +36,12 @@ pub const MAX_ERRORS: u32 = 10;
 pub const DATA_TIMEOUT: Duration = Duration::from_secs(180);
 /// The whole DATA phase may take at most this long (a client trickling bytes is cut off).
 pub const DATA_DEADLINE: Duration = Duration::from_secs(30 * 60);
+/// Commands a client may send before it is a known device (by address at EHLO, or by AUTH).
+/// A printer needs about five (EHLO, STARTTLS, EHLO, AUTH, MAIL); a client that is no device
+/// must not hold one of the listener's connections for ever with NOOPs.
+pub const NON_DEVICE_MAX_COMMANDS: u32 = 20;
+/// Time a client may stay connected before it is a known device.
+pub const NON_DEVICE_MAX_TIME: Duration = Duration::from_secs(60);
 
 /// What the listener should do when the session returns.
 #[derive(Debug, PartialEq, Eq)]
@@ -43,6 +49,50 @@ pub enum Next {
     Close,
     /// The client asked for TLS and got 220: wrap the stream and run the session again.
     StartTls,
+}
+
+/// What a client that is not (yet) a known device may still spend: commands and time, counted
+/// from the connection's start (across STARTTLS).
+#[derive(Debug, Clone, Copy)]
+struct NonDeviceBudget {
+    started: Instant,
+    commands: u32,
+}
+
+impl NonDeviceBudget {
+    fn new(now: Instant) -> Self {
+        NonDeviceBudget { started: now, commands: 0 }
+    }
+
+    /// Counts one command; false when the budget is spent and the session must end.
+    fn spend(&mut self, now: Instant) -> bool {
+        self.commands = self.commands.saturating_add(1);
+        self.commands <= NON_DEVICE_MAX_COMMANDS && now.duration_since(self.started) < NON_DEVICE_MAX_TIME
+    }
+
+    /// How long to wait for the next line: the command timeout, cut to the time left.
+    fn read_timeout(&self, now: Instant, command_timeout: Duration) -> Duration {
+        command_timeout.min(NON_DEVICE_MAX_TIME.saturating_sub(now.duration_since(self.started)))
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        now.duration_since(self.started) >= NON_DEVICE_MAX_TIME
+    }
+}
+
+/// 421 for a client that spent its budget without becoming a device.
+fn non_device_cut_off() -> Reply {
+    Reply::with(421, Status(4, 7, 0), "Not a configured device and no login; closing connection")
+}
+
+/// RFC 4954 6: AUTH before TLS where the listener requires TLS for it.
+fn encryption_required() -> Reply {
+    Reply::with(538, Status(5, 7, 11), "Encryption required for requested authentication mechanism")
+}
+
+/// 454 when a username (rather than the address) has too many failed logins.
+fn login_throttled() -> Reply {
+    Reply::with(454, Status(4, 7, 0), "Too many failed logins; try again later")
 }
 
 /// An open mail transaction (after MAIL FROM).
@@ -55,7 +105,11 @@ struct Transaction {
 
 /// One session's state.
 pub struct Session {
+    /// The configuration this session works with; replaced by the current one at EHLO, AUTH
+    /// and MAIL (between transactions) after a reload.
     ctx: Arc<Context>,
+    /// The configuration new sessions get (a reload replaces it).
+    current: CurrentContext,
     listener: Arc<ListenerSettings>,
     peer: SocketAddr,
     tls: bool,
@@ -71,6 +125,7 @@ pub struct Session {
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// Messages accepted in this session (for the closing log line).
     accepted: u32,
+    budget: NonDeviceBudget,
 }
 
 /// How a DATA phase ended.
@@ -83,6 +138,7 @@ enum DataResult {
 impl Session {
     pub fn new(
         ctx: Arc<Context>,
+        current: CurrentContext,
         listener: Arc<ListenerSettings>,
         peer: SocketAddr,
         tls: bool,
@@ -90,6 +146,7 @@ impl Session {
     ) -> Session {
         Session {
             ctx,
+            current,
             listener,
             peer,
             tls,
@@ -103,6 +160,7 @@ impl Session {
             errors: 0,
             shutdown,
             accepted: 0,
+            budget: NonDeviceBudget::new(Instant::now()),
         }
     }
 
@@ -130,9 +188,10 @@ impl Session {
         conn: &mut Connection<S>,
     ) -> Result<Next, ReadError> {
         loop {
+            let timeout = self.read_timeout();
             let line = tokio::select! {
                 biased;
-                r = conn.read_line(MAX_COMMAND_LINE, self.listener.command_timeout) => r,
+                r = conn.read_line(MAX_COMMAND_LINE, timeout) => r,
                 _ = self.shutdown.changed() => {
                     conn.send(&Reply::shutting_down(&self.ctx.hostname));
                     let _ = conn.flush().await;
@@ -142,12 +201,22 @@ impl Session {
             let line = match line {
                 Ok(l) => l,
                 Err(ReadError::Timeout) => {
-                    conn.send(&Reply::timeout(&self.ctx.hostname));
+                    if self.device.is_none() && self.budget.expired(Instant::now()) {
+                        conn.send(&non_device_cut_off());
+                    } else {
+                        conn.send(&Reply::timeout(&self.ctx.hostname));
+                    }
                     let _ = conn.flush().await;
                     return Err(ReadError::Timeout);
                 }
                 Err(e) => return Err(e),
             };
+            if self.device.is_none() && !self.budget.spend(Instant::now()) {
+                tracing::warn!(peer = %self.peer, commands = self.budget.commands, "cut off: still no device");
+                conn.send(&non_device_cut_off());
+                let _ = conn.flush().await;
+                return Ok(Next::Close);
+            }
             let (line, bare_lf) = match line {
                 Line::Text { line, bare_lf } => (line, bare_lf),
                 Line::TooLong => {
@@ -254,6 +323,43 @@ impl Session {
         }
     }
 
+    /// How long to wait for the next line: the listener's command timeout, shortened to the
+    /// time left for a client that is not yet a device.
+    fn read_timeout(&self) -> Duration {
+        match self.device {
+            Some(_) => self.listener.command_timeout,
+            None => self.budget.read_timeout(Instant::now(), self.listener.command_timeout),
+        }
+    }
+
+    /// Whether AUTH may be offered and used now (RFC 4954 4: not before TLS where required).
+    fn auth_possible(&self) -> bool {
+        self.tls || !self.listener.require_auth_tls
+    }
+
+    /// After a reload, moves the session (between transactions) to the current configuration:
+    /// a logged-in device must still exist with the same login, an address-matched device is
+    /// matched again; otherwise the session is no longer a device.
+    fn follow_reload(&mut self) {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if Arc::ptr_eq(&current, &self.ctx) {
+            return;
+        }
+        self.ctx = current;
+        let before = self.device.take();
+        if self.authenticated {
+            self.device = before.as_ref().and_then(|d| self.ctx.devices.still_logged_in(d, self.peer.ip()));
+            if self.device.is_none() {
+                self.authenticated = false;
+            }
+        } else if before.is_some() {
+            self.device = self.address_device();
+        }
+        if let (Some(old), None) = (&before, &self.device) {
+            tracing::warn!(peer = %self.peer, device = %old.name, "device removed or changed by a reload; the session is no longer that device");
+        }
+    }
+
     /// Sends an error reply; true when the session should end (too many errors).
     fn error<S: AsyncRead + AsyncWrite + Unpin>(&mut self, conn: &mut Connection<S>, reply: Reply) -> bool {
         self.errors += 1;
@@ -268,6 +374,7 @@ impl Session {
     fn ehlo(&mut self, name: String, esmtp: bool) -> Reply {
         // RFC 5321 4.1.4: EHLO resets the transaction.
         self.txn = None;
+        self.follow_reload();
         self.helo = Some(name.clone());
         self.esmtp = esmtp;
         if !self.authenticated {
@@ -287,7 +394,7 @@ impl Session {
         if self.listener.tls == TlsMode::Starttls && !self.tls {
             lines.push("STARTTLS".into());
         }
-        if !self.authenticated {
+        if !self.authenticated && self.auth_possible() {
             lines.push("AUTH PLAIN LOGIN".into());
         }
         lines.push("HELP".into());
@@ -326,10 +433,13 @@ impl Session {
         if self.helo.is_none() {
             return Ok(Reply::bad_sequence("Send EHLO first"));
         }
+        if !self.auth_possible() {
+            return Ok(encryption_required());
+        }
+        self.follow_reload();
         let ip = self.peer.ip();
         if !self.ctx.throttle.allowed(ip, Instant::now()) {
-            metrics::AUTH_FAILURES.with_label_values(&[&self.listener.name]).inc();
-            return Ok(Reply::auth_throttled());
+            return Ok(self.auth_refused(Reply::auth_throttled()));
         }
         let creds = match mechanism {
             "PLAIN" => {
@@ -367,11 +477,21 @@ impl Session {
             Ok(c) => c,
             Err(DecodeError::Cancelled) => return Ok(Reply::auth_cancelled()),
             Err(DecodeError::Base64) => return Ok(Reply::syntax("Invalid base64 in AUTH")),
-            Err(DecodeError::Malformed) => return Ok(self.auth_failed("malformed credentials").await),
+            Err(DecodeError::Malformed) => {
+                return Ok(match self.ctx.throttle.begin(ip, None, Instant::now()) {
+                    Ok(attempt) => self.auth_failed(attempt, "malformed credentials").await,
+                    Err(_) => self.auth_refused(Reply::auth_throttled()),
+                });
+            }
+        };
+        // Reserved before the PIN is checked, so parallel attempts cannot all pass.
+        let attempt = match self.ctx.throttle.begin(ip, Some(&creds.username), Instant::now()) {
+            Ok(a) => a,
+            Err(_) => return Ok(self.auth_refused(login_throttled())),
         };
         match self.ctx.devices.authenticate(&creds.username, &creds.password, ip).await {
             Ok(device) => {
-                self.ctx.throttle.succeeded(ip);
+                attempt.succeeded(Instant::now());
                 self.ctx.activity.seen(&device.name, &ip.to_string());
                 tracing::debug!(peer = %self.peer, device = %device.name, "device logged in");
                 self.device = Some(device);
@@ -383,18 +503,25 @@ impl Session {
                     self.ctx.activity.device_error(name, &format!("login refused: {e}"));
                 }
                 let why = format!("{e} (username \"{}\")", crate::smtp::reply::sanitize_text(&creds.username, 64));
-                Ok(self.auth_failed(&why).await)
+                Ok(self.auth_failed(attempt, &why).await)
             }
         }
     }
 
-    async fn auth_failed(&mut self, why: &str) -> Reply {
+    async fn auth_failed(&mut self, attempt: auth::Attempt, why: &str) -> Reply {
         metrics::AUTH_FAILURES.with_label_values(&[&self.listener.name]).inc();
         tracing::warn!(peer = %self.peer, listener = %self.listener.name, "device login failed: {why}");
-        let delay = self.ctx.throttle.failed(self.peer.ip(), Instant::now());
+        let delay = attempt.failed(Instant::now());
         tokio::time::sleep(delay).await;
         self.errors += 1;
         Reply::auth_failed()
+    }
+
+    /// AUTH refused by the throttle, without checking anything.
+    fn auth_refused(&mut self, reply: Reply) -> Reply {
+        metrics::AUTH_FAILURES.with_label_values(&[&self.listener.name]).inc();
+        tracing::warn!(peer = %self.peer, listener = %self.listener.name, "device login refused: too many failed logins");
+        reply
     }
 
     /// One client line of an AUTH exchange.
@@ -402,7 +529,7 @@ impl Session {
         &mut self,
         conn: &mut Connection<S>,
     ) -> Result<Result<Vec<u8>, DecodeError>, ReadError> {
-        match conn.read_line(auth::MAX_AUTH_LINE, self.listener.command_timeout).await? {
+        match conn.read_line(auth::MAX_AUTH_LINE, self.read_timeout()).await? {
             Line::Text { line, .. } => {
                 Ok(std::str::from_utf8(&line).map_err(|_| DecodeError::Base64).and_then(auth::decode_line))
             }
@@ -414,12 +541,22 @@ impl Session {
         if self.txn.is_some() {
             return Reply::bad_sequence("Nested MAIL command");
         }
+        // RFC 5321 4.1.4 / RFC 3207 4.2: a session greets first, and again after STARTTLS.
+        if self.helo.is_none() {
+            return Reply::bad_sequence("Send EHLO first");
+        }
+        // A reload may have removed or changed this device since the session began.
+        self.follow_reload();
         let Some(device) =
             self.device.clone().or_else(|| if self.authenticated { None } else { self.address_device() })
         else {
             metrics::MESSAGES_REJECTED.with_label_values(&["unknown", "not_a_device"]).inc();
             tracing::warn!(peer = %self.peer, "refused: not a configured device");
-            return if self.listener.require_auth { Reply::auth_required() } else { Reply::not_a_device() };
+            return match (self.listener.require_auth, self.auth_possible()) {
+                (true, true) => Reply::auth_required(),
+                (true, false) => Reply::tls_required(),
+                (false, _) => Reply::not_a_device(),
+            };
         };
         self.device = Some(device.clone());
         if !self.authenticated {
@@ -638,5 +775,32 @@ impl Session {
             Outcome::Refused(r) => r,
         };
         DataResult::Reply(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_that_is_no_device_has_a_budget_of_commands_and_time() {
+        let start = Instant::now();
+        let mut b = NonDeviceBudget::new(start);
+        for _ in 0..NON_DEVICE_MAX_COMMANDS {
+            assert!(b.spend(start + Duration::from_secs(1)));
+        }
+        assert!(!b.spend(start + Duration::from_secs(1)), "one NOOP too many");
+
+        let mut b = NonDeviceBudget::new(start);
+        assert!(b.spend(start + Duration::from_secs(59)));
+        assert!(!b.spend(start + NON_DEVICE_MAX_TIME), "too late");
+        assert!(b.expired(start + NON_DEVICE_MAX_TIME));
+
+        // Waiting for a line never goes past the time left.
+        let long = Duration::from_secs(300);
+        assert_eq!(b.read_timeout(start, long), NON_DEVICE_MAX_TIME);
+        assert_eq!(b.read_timeout(start + Duration::from_secs(50), long), Duration::from_secs(10));
+        assert_eq!(b.read_timeout(start + Duration::from_secs(90), long), Duration::ZERO);
+        assert_eq!(b.read_timeout(start, Duration::from_secs(5)), Duration::from_secs(5));
     }
 }
