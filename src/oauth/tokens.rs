@@ -788,6 +788,134 @@ mod tests {
         );
     }
 
+    /// A token endpoint that holds every refresh request until the test lets it answer,
+    /// then refuses the grant (as for a revoked refresh token).
+    struct SlowEndpoint {
+        refreshes: std::sync::atomic::AtomicUsize,
+        received: tokio::sync::Notify,
+        gate: tokio::sync::Semaphore,
+    }
+
+    async fn slow_endpoint() -> (Arc<SlowEndpoint>, String) {
+        use axum::routing::post;
+        let ep = Arc::new(SlowEndpoint {
+            refreshes: Default::default(),
+            received: tokio::sync::Notify::new(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let state = ep.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            post(move |body: axum::body::Bytes| {
+                let ep = state.clone();
+                async move {
+                    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+                    assert_eq!(form.get("grant_type").map(String::as_str), Some("refresh_token"));
+                    ep.refreshes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    ep.received.notify_one();
+                    if let Ok(p) = ep.gate.acquire().await {
+                        p.forget();
+                    }
+                    (
+                        axum::http::StatusCode::BAD_REQUEST,
+                        [("content-type", "application/json")],
+                        r#"{"error":"invalid_grant","error_description":"AADSTS50173: revoked"}"#,
+                    )
+                }
+            }),
+        );
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", tcp.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(tcp, app).await });
+        (ep, url)
+    }
+
+    /// A token manager with one delegated identity "u" whose tokens are `rt` and an access
+    /// token that is already due for refresh.
+    async fn manager(dir: &std::path::Path, token_url: &str, rt: &str) -> Arc<TokenManager> {
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n\
+             [[provider]]\nname = \"p\"\nkind = \"generic\"\nclient_id = \"c\"\ntoken_url = \"{token_url}\"\n\
+             device_authorization_url = \"{token_url}\"\nsmtp = \"127.0.0.1:9\"\nsmtp_tls = \"none\"\n\n\
+             [[identity]]\nname = \"u\"\nprovider = \"p\"\nemail = \"u@example.com\"\nflow = \"device_code\"\n"
+        );
+        let config = Config::parse(&dir.join("config.toml"), text).unwrap();
+        let tokens = crate::relay::build(config).unwrap().tokens;
+        let set = TokenSet {
+            access_token: "at-old".into(),
+            refresh_token: Some(rt.into()),
+            expires_in: Some(Duration::from_secs(1)),
+            scopes: vec![],
+            account: None,
+        };
+        tokens.sign_in(tokens.slot("u").unwrap(), set).await.unwrap();
+        tokens
+    }
+
+    #[tokio::test]
+    async fn a_sign_in_during_a_refresh_is_not_undone_by_its_invalid_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, url) = slow_endpoint().await;
+        let tokens = manager(dir.path(), &url, "rt-old").await;
+        let t = tokens.clone();
+        let refresh = tokio::spawn(async move { t.access_token("u").await });
+        tokio::time::timeout(Duration::from_secs(10), ep.received.notified()).await.unwrap();
+        // The person signs in while the old refresh token's request is out.
+        let t = tokens.clone();
+        let sign_in = tokio::spawn(async move {
+            let set = TokenSet {
+                access_token: "at-new".into(),
+                refresh_token: Some("rt-new".into()),
+                expires_in: Some(Duration::from_secs(3600)),
+                scopes: vec![],
+                account: Some("u@example.com".into()),
+            };
+            t.sign_in(t.slot("u").unwrap(), set).await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!sign_in.is_finished(), "the sign-in waits for the refresh in flight");
+        ep.gate.add_permits(1);
+        let refreshed = tokio::time::timeout(Duration::from_secs(10), refresh).await.unwrap().unwrap();
+        assert!(matches!(refreshed, Err(TokenError::NeedsLogin(_))), "{refreshed:?}");
+        tokio::time::timeout(Duration::from_secs(10), sign_in).await.unwrap().unwrap().unwrap();
+
+        let slot = tokens.slot("u").unwrap();
+        let r = slot.record();
+        assert_eq!(r.state, IdentityState::Ready, "{:?}", r.last_error);
+        assert_eq!(r.refresh_token.as_deref(), Some("rt-new"));
+        assert_eq!(tokens.access_token("u").await.unwrap().secret, "at-new");
+        assert_eq!(ep.refreshes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // What is on disk is what is in memory.
+        let sealed = tokens.store.get(Tree::Tokens, b"u").unwrap().unwrap();
+        let stored: TokenRecord = serde_json::from_slice(&tokens.vault.unseal("u", &sealed).unwrap()).unwrap();
+        assert_eq!((stored.state, stored.refresh_token.as_deref()), (IdentityState::Ready, Some("rt-new")));
+    }
+
+    #[tokio::test]
+    async fn callers_waiting_on_a_refresh_share_its_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, url) = slow_endpoint().await;
+        let tokens = manager(dir.path(), &url, "rt-revoked").await;
+        let callers: Vec<_> = (0..5)
+            .map(|_| {
+                let t = tokens.clone();
+                tokio::spawn(async move { t.access_token("u").await })
+            })
+            .collect();
+        tokio::time::timeout(Duration::from_secs(10), ep.received.notified()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ep.gate.add_permits(10);
+        for c in callers {
+            let r = tokio::time::timeout(Duration::from_secs(10), c).await.unwrap().unwrap();
+            assert!(matches!(r, Err(TokenError::NeedsLogin(ref t)) if t.contains("invalid_grant")), "{r:?}");
+        }
+        assert_eq!(
+            ep.refreshes.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one request with the revoked token, not one per caller"
+        );
+    }
+
     #[test]
     fn access_token_debug_hides_secret() {
         let t = AccessToken { secret: "eyJ0eXAi-secret".into(), account: "a@b".into(), expires_at: 1 };
