@@ -184,11 +184,7 @@ async fn scripted_token_endpoint(answer: Arc<Mutex<(u16, String)>>) -> String {
             let answer = answer.clone();
             async move {
                 let (status, body) = answer.lock().unwrap().clone();
-                (
-                    axum::http::StatusCode::from_u16(status).unwrap(),
-                    [("content-type", "application/json")],
-                    body,
-                )
+                (axum::http::StatusCode::from_u16(status).unwrap(), [("content-type", "application/json")], body)
             }
         }),
     );
@@ -246,4 +242,63 @@ async fn token_answers_are_read_without_echoing_their_secrets() {
     })
     .await
     .unwrap();
+}
+
+/// The fake provider checks certificate assertions as Microsoft documents them: PS256 with
+/// `x5t#S256`, the signature verified with the algorithm the header names.
+#[tokio::test]
+async fn the_fake_provider_verifies_ps256_client_assertions() {
+    use common::fake_oauth::{ClientApp, FakeOAuth, CLIENT_ASSERTION_TYPE_JWT, MS_APP_SCOPE};
+    use common::{b64url, unix_now, RsaTestKey};
+    use rustls_pki_types::pem::PemObject;
+
+    let idp = FakeOAuth::start().await;
+    let key = RsaTestKey::a();
+    let cert = key.self_signed_cert("mfd-relay test app");
+    idp.register_client(
+        ClientApp::public("app-cert").assertion_key(key.public_key_der(), Some(&cert.x5t_s256)).app_account("a@b.test"),
+    );
+    let url = idp.token_url();
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(key.private_key_pem().as_bytes()).unwrap();
+    let pair = ring::signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()).unwrap();
+    let sign = |alg: &str, encoding: &'static dyn ring::signature::RsaEncoding| {
+        let now = unix_now();
+        let header = serde_json::json!({"alg": alg, "typ": "JWT", "x5t#S256": cert.x5t_s256});
+        let claims = serde_json::json!({"aud": url, "iss": "app-cert", "sub": "app-cert", "jti": "j", "nbf": now, "iat": now, "exp": now + 600});
+        let input = format!("{}.{}", b64url(header.to_string()), b64url(claims.to_string()));
+        let mut sig = vec![0u8; pair.public().modulus_len()];
+        pair.sign(encoding, &ring::rand::SystemRandom::new(), input.as_bytes(), &mut sig).unwrap();
+        format!("{input}.{}", b64url(sig))
+    };
+    let client = reqwest::Client::new();
+    let post = |assertion: String| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let resp = client
+                .post(&url)
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", "app-cert"),
+                    ("client_assertion_type", CLIENT_ASSERTION_TYPE_JWT),
+                    ("client_assertion", assertion.as_str()),
+                    ("scope", MS_APP_SCOPE),
+                ])
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.text().await.unwrap())
+        }
+    };
+    let (code, body) = post(sign("PS256", &ring::signature::RSA_PSS_SHA256)).await;
+    assert_eq!(code, 200, "PS256 with x5t#S256: {body}");
+    // A PKCS#1 v1.5 signature labelled PS256 does not verify.
+    let (code, body) = post(sign("PS256", &ring::signature::RSA_PKCS1_SHA256)).await;
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("700027"), "{body}");
+    // Nor a PSS signature labelled RS256.
+    let (code, body) = post(sign("RS256", &ring::signature::RSA_PSS_SHA256)).await;
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = post(sign("HS256", &ring::signature::RSA_PSS_SHA256)).await;
+    assert!(code == 401 && body.contains("50027"), "{body}");
 }

@@ -186,10 +186,26 @@ mod tests {
     #[test]
     fn host_names_the_listener() {
         let p = loopback();
-        for ok in ["127.0.0.1:9925", "127.0.0.1", "localhost:9925", "LOCALHOST", "[::1]:9925", "relay.example.com", "relay.example.com.:443"] {
+        for ok in [
+            "127.0.0.1:9925",
+            "127.0.0.1",
+            "localhost:9925",
+            "LOCALHOST",
+            "[::1]:9925",
+            "relay.example.com",
+            "relay.example.com.:443",
+        ] {
             assert!(p.host_allowed(ok), "{ok}");
         }
-        for bad in ["attacker.example", "attacker.example:9925", "", "10.0.0.5:9925", "localhost.attacker.example", "relay.example.com.evil", "a:b:c"] {
+        for bad in [
+            "attacker.example",
+            "attacker.example:9925",
+            "",
+            "10.0.0.5:9925",
+            "localhost.attacker.example",
+            "relay.example.com.evil",
+            "a:b:c",
+        ] {
             assert!(!p.host_allowed(bad), "{bad}");
         }
         // Listening everywhere: any IP literal (cannot be rebound), still no foreign names.

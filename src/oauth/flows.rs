@@ -122,7 +122,10 @@ pub async fn service_account(http: &reqwest::Client, slot: &Slot) -> Result<Toke
 pub enum TokenAnswer {
     Tokens(TokenSet),
     /// An error object: its `error` code and `error_description`.
-    Error { code: String, description: String },
+    Error {
+        code: String,
+        description: String,
+    },
 }
 
 /// Reads a token endpoint's answer. `expires_in` may be a number or a string of digits
@@ -131,12 +134,17 @@ pub enum TokenAnswer {
 /// may hold live tokens.
 pub fn parse_token_response(status: u16, body: &[u8]) -> Result<TokenAnswer, String> {
     let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return Err(format!("the token endpoint answered HTTP {status} with {} bytes that are not a JSON object", body.len()));
+        return Err(format!(
+            "the token endpoint answered HTTP {status} with {} bytes that are not a JSON object",
+            body.len()
+        ));
     };
     use serde_json::Value;
     if let Some(code) = map.get("error") {
         let Value::String(code) = code else {
-            return Err(format!("the token endpoint answered HTTP {status} with an error object whose \"error\" is not a string"));
+            return Err(format!(
+                "the token endpoint answered HTTP {status} with an error object whose \"error\" is not a string"
+            ));
         };
         let description = match map.get("error_description") {
             Some(Value::String(d)) => crate::smtp::reply::sanitize_text(d, 500),
@@ -205,7 +213,9 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<TokenAnswer, Str
             scopes,
             account: None,
         })),
-        _ => Err(format!("the token endpoint answered HTTP {status} with fields that do not fit: {}", wrong.join(", "))),
+        _ => {
+            Err(format!("the token endpoint answered HTTP {status} with fields that do not fit: {}", wrong.join(", ")))
+        }
     }
 }
 

@@ -87,7 +87,9 @@ impl PendingCodes {
     fn take(&mut self, state: &str, now: std::time::Instant) -> Result<PendingCode, &'static str> {
         match self.map.remove(state) {
             Some(p) if now.saturating_duration_since(p.started) < STATE_LIFETIME => Ok(p),
-            Some(_) => Err("this sign-in has expired (it was started more than 10 minutes ago); run `mfd-relay auth login` again"),
+            Some(_) => Err(
+                "this sign-in has expired (it was started more than 10 minutes ago); run `mfd-relay auth login` again",
+            ),
             None => Err("unknown or already used sign-in (the state parameter does not match a sign-in in progress)"),
         }
     }
@@ -279,7 +281,8 @@ async fn device_poll(
         || TokenError::NeedsLogin("the code expired before anyone signed in; run `mfd-relay auth login` again".into());
     let deadline = tokio::time::Instant::now() + details.expires_in().max(Duration::from_secs(60));
     let mut interval = details.interval().max(Duration::from_secs(1));
-    let form = || vec![("grant_type", GRANT_DEVICE_CODE.to_string()), ("device_code", details.device_code().secret().clone())];
+    let form =
+        || vec![("grant_type", GRANT_DEVICE_CODE.to_string()), ("device_code", details.device_code().secret().clone())];
     loop {
         tokio::time::sleep(interval).await;
         if tokio::time::Instant::now() >= deadline {
@@ -386,7 +389,12 @@ mod tests {
     use std::time::Instant;
 
     fn pending(identity: &str, started: Instant) -> PendingCode {
-        PendingCode { identity: identity.into(), verifier: "v".into(), redirect_uri: "http://localhost/cb".into(), started }
+        PendingCode {
+            identity: identity.into(),
+            verifier: "v".into(),
+            redirect_uri: "http://localhost/cb".into(),
+            started,
+        }
     }
 
     #[test]

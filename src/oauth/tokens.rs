@@ -426,9 +426,9 @@ impl TokenManager {
         if slot.generation() != generation || current.refresh_token != record.refresh_token {
             tracing::debug!(identity = %slot.name, "refresh result dropped: the tokens changed meanwhile");
             slot.flight_finished(None);
-            return slot.still_valid(now()).ok_or_else(|| {
-                TokenError::Transient("the tokens changed during the refresh; try again".into())
-            });
+            return slot
+                .still_valid(now())
+                .ok_or_else(|| TokenError::Transient("the tokens changed during the refresh; try again".into()));
         }
         let result = match result {
             Ok(set) => self.save_locked(slot, set).await,
