@@ -152,6 +152,9 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<TokenAnswer, Str
         };
         return Ok(TokenAnswer::Error { code: crate::smtp::reply::sanitize_text(code, 100), description });
     }
+    if !(200..300).contains(&status) {
+        return Err(format!("the token endpoint answered HTTP {status} without an error object"));
+    }
     let mut wrong: Vec<&str> = Vec::new();
     let access_token = match map.get("access_token") {
         Some(Value::String(t)) if !t.is_empty() => Some(t.clone()),
@@ -326,6 +329,12 @@ mod tests {
             Ok(_) => panic!("accepted"),
         };
         assert!(e.contains("HTTP 502") && !e.contains("secret") && !e.contains("html"), "{e}");
+        // Tokens with a failure status are no tokens; nothing of them is shown either.
+        let e = match parse_token_response(500, format!(r#"{{"access_token":"{AT}"}}"#).as_bytes()) {
+            Err(e) => e,
+            Ok(_) => panic!("accepted"),
+        };
+        assert!(e.contains("HTTP 500") && !e.contains("secret"), "{e}");
     }
 
     #[test]
