@@ -131,6 +131,10 @@ pub struct Admin {
     pub basic_auth_user: Option<Spanned<String>>,
     /// argon2 hash of that password, from `mfd-relay hash-pin`.
     pub basic_auth_password_hash: Option<Spanned<String>>,
+    /// Host names (no port) the admin listener answers to besides its listen address and
+    /// `localhost`, e.g. the name of a reverse proxy; other `Host` headers are refused
+    /// (DNS rebinding).
+    pub allowed_hosts: Vec<Spanned<String>>,
 }
 
 impl Admin {
@@ -153,6 +157,7 @@ impl Default for Admin {
             redirect_uri: None,
             basic_auth_user: None,
             basic_auth_password_hash: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -540,6 +545,12 @@ impl Config {
                 self.admin.listen.span(),
                 format!("admin.listen \"{}\" is not an address:port", self.admin.listen.get_ref()),
             );
+        }
+        for h in &self.admin.allowed_hosts {
+            let name = h.get_ref();
+            if name.is_empty() || name.contains(['/', ':', ' ', '@', '*']) {
+                p(h.span(), format!("admin.allowed_hosts: \"{name}\" is not a host name (no scheme, port or path)"));
+            }
         }
 
         match (&self.admin.basic_auth_user, &self.admin.basic_auth_password_hash) {

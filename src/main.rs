@@ -291,7 +291,9 @@ async fn admin_call(
     let url = format!("http://{}{}", config.admin.listen.get_ref(), path);
     let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build()?;
     let mut req = if method == "POST" { client.post(&url) } else { client.get(&url) };
-    if let Some(b) = body {
+    // The admin listener takes changes only as JSON (no HTML form can send that): every
+    // POST carries a JSON body, `{}` when there is nothing to say.
+    if let Some(b) = body.or_else(|| (method == "POST").then(|| serde_json::json!({}))) {
         req = req.json(&b);
     }
     if let Some(t) = &config.admin.token {
@@ -584,7 +586,7 @@ fn spawn_paste_reader(
 async fn reload(config: &Config) -> anyhow::Result<ExitCode> {
     let url = format!("http://{}/api/reload", config.admin.listen.get_ref());
     let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120)).build()?;
-    let mut req = client.post(&url);
+    let mut req = client.post(&url).json(&serde_json::json!({}));
     if let Some(t) = &config.admin.token {
         req = req.bearer_auth(t);
     }

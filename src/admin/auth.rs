@@ -23,6 +23,16 @@ use crate::credentials::Verifier;
 /// The realm named in challenges (RFC 7235 section 2.2).
 pub const REALM: &str = "mfd-relay admin";
 
+/// What [`Access::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    /// No credentials sent.
+    Missing,
+    /// Credentials sent, and wrong (or unreadable): a failed login.
+    Wrong,
+}
+
 /// The credentials a request carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credentials {
@@ -94,14 +104,26 @@ impl Access {
 
     /// Whether a request with these headers may pass.
     pub async fn allows(&self, headers: &HeaderMap) -> bool {
+        self.check(headers).await == Verdict::Allowed
+    }
+
+    /// What the credentials of a request are worth: a request without any is no failed
+    /// login (a browser asks first without, then shows its dialog).
+    pub async fn check(&self, headers: &HeaderMap) -> Verdict {
         if self.is_open() {
-            return true;
+            return Verdict::Allowed;
         }
         let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        match (parse_authorization(value), &self.token, &self.basic) {
+        let ok = match (parse_authorization(value), &self.token, &self.basic) {
+            (Credentials::Missing, _, _) => return Verdict::Missing,
             (Credentials::Bearer(t), Some(want), _) => constant_time_eq(t.as_bytes(), want.as_bytes()),
             (Credentials::Basic { user, password }, _, Some(b)) => b.verify(&user, &password).await,
             _ => false,
+        };
+        if ok {
+            Verdict::Allowed
+        } else {
+            Verdict::Wrong
         }
     }
 

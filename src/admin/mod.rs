@@ -3,18 +3,22 @@
 //! that `mfd-relay queue ...` and `mfd-relay auth ...` use while the daemon runs (sled lets
 //! only one process open the database).
 //!
+//! Before credentials, [`guard`] refuses requests a web page could have made: a foreign
+//! `Host` (DNS rebinding), a cross-site or non-JSON state change (CSRF).
 //! Access ([`auth`]): open when neither `[admin] token` nor basic auth is configured;
 //! otherwise every route but `/healthz`, `/` and the OAuth callback needs a bearer token or
-//! basic-auth credentials. What the admin takes from the configuration is one [`View`],
-//! replaced as a whole by [`Admin::reload`].
+//! basic-auth credentials; failed logins are throttled per address like device logins.
+//! What the admin takes from the configuration is one [`View`], replaced as a whole by
+//! [`Admin::reload`].
 
 pub mod auth;
+pub mod guard;
 pub mod status;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -44,11 +48,14 @@ pub struct Admin {
     view: Arc<RwLock<Arc<View>>>,
     /// Where `POST /api/reload` sends its request (the daemon's run loop).
     reload: Arc<RwLock<Option<tokio::sync::mpsc::Sender<crate::relay::ReloadRequest>>>>,
+    /// Failed admin logins per address (kept across reloads).
+    throttle: Arc<crate::smtp::auth::AuthThrottle>,
 }
 
 /// What the admin listener takes from the configuration.
 pub struct View {
     access: Access,
+    hosts: guard::HostPolicy,
     ready_when_needs_login: bool,
     hostname: String,
     devices: Vec<DeviceInfo>,
@@ -59,6 +66,11 @@ impl View {
     pub fn from_config(config: &Config) -> View {
         View {
             access: Access::new(config.admin.token.clone(), basic_auth(&config.admin)),
+            hosts: guard::HostPolicy::new(
+                config.admin.listen.get_ref(),
+                &config.admin.redirect_uri(),
+                &config.admin.allowed_hosts.iter().map(|h| h.get_ref().clone()).collect::<Vec<_>>(),
+            ),
             ready_when_needs_login: config.admin.ready_when_needs_login,
             hostname: config.relay.hostname.clone(),
             devices: DeviceInfo::from_config(config),
@@ -91,6 +103,10 @@ impl Admin {
             started: chrono::Utc::now().timestamp(),
             view: Arc::new(RwLock::new(Arc::new(View::from_config(&parts.config)))),
             reload: Arc::default(),
+            throttle: Arc::new(crate::smtp::auth::AuthThrottle::new(
+                crate::smtp::AUTH_MAX_FAILURES,
+                crate::smtp::AUTH_BLOCK,
+            )),
         }
     }
 
@@ -141,13 +157,14 @@ impl Admin {
             // The browser's return from the provider: the one-time `state` authorises it.
             .route("/oauth/callback", get(oauth_callback))
             .merge(protected)
+            .layer(middleware::from_fn_with_state(self.clone(), guard_requests))
             .with_state(self)
     }
 
     /// Serves until shutdown.
     pub async fn serve(self, listener: tokio::net::TcpListener, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let app = self.router();
-        let result = axum::serve(listener, app)
+        let result = axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
             .with_graceful_shutdown(async move {
                 let _ = shutdown.changed().await;
             })
@@ -158,14 +175,57 @@ impl Admin {
     }
 }
 
-/// Lets a request through when its credentials fit [`View::access`]; else a 401.
+/// Refuses what [`guard::check`] refuses: foreign `Host`, cross-site or non-JSON changes.
+async fn guard_requests(State(a): State<Admin>, req: Request, next: Next) -> Response {
+    match guard::check(&a.view().hosts, req.method(), req.uri().path(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => {
+            tracing::debug!(path = %req.uri().path(), ?refusal, "admin request refused");
+            refusal.response()
+        }
+    }
+}
+
+/// How long a throttled address is told to wait (seconds).
+const THROTTLE_RETRY_AFTER: u64 = crate::smtp::AUTH_BLOCK.as_secs();
+
+/// Lets a request through when its credentials fit [`View::access`]; else a 401, given
+/// after a delay that grows with the failures of that address, and after too many a 429
+/// whatever the credentials (as device logins are throttled).
 async fn require_access(State(a): State<Admin>, req: Request, next: Next) -> Response {
     let view = a.view();
-    if view.access.allows(req.headers()).await {
+    if view.access.is_open() {
         return next.run(req).await;
     }
-    tracing::debug!(path = %req.uri().path(), "admin request refused: no valid credentials");
-    view.access.refusal(req.uri().path() == "/status")
+    let ip = req.extensions().get::<ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    let now = std::time::Instant::now();
+    if let Some(ip) = ip {
+        if !a.throttle.allowed(ip, now) {
+            tracing::warn!(address = %ip, "admin request refused: too many failed logins");
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, THROTTLE_RETRY_AFTER.to_string())],
+                "too many failed logins from this address; try again later\n",
+            )
+                .into_response();
+        }
+    }
+    match view.access.check(req.headers()).await {
+        auth::Verdict::Allowed => {
+            if let Some(ip) = ip {
+                a.throttle.succeeded(ip);
+            }
+            next.run(req).await
+        }
+        auth::Verdict::Missing => view.access.refusal(req.uri().path() == "/status"),
+        auth::Verdict::Wrong => {
+            tracing::warn!(path = %req.uri().path(), address = ?ip, "admin request refused: wrong credentials");
+            if let Some(ip) = ip {
+                tokio::time::sleep(a.throttle.failed(ip, now)).await;
+            }
+            view.access.refusal(req.uri().path() == "/status")
+        }
+    }
 }
 
 async fn readyz(State(a): State<Admin>) -> Response {

@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use oauth2::{AuthType, ClientId, ClientSecret, Scope, TokenUrl};
 use serde::Deserialize;
 
 use super::jwt::Signer;
 use super::provider::ProviderInfo;
-use super::tokens::{classify_error, classify_response, Slot, TokenError, TokenSet};
+use super::tokens::{classify_response, Slot, TokenError, TokenSet};
 
 /// The provider's client secret, from `client_secret` or `client_secret_file`.
 pub fn client_secret(p: &ProviderInfo) -> Result<Option<String>, TokenError> {
@@ -56,26 +55,24 @@ pub fn random_id() -> String {
 /// RFC 6749 4.4: app-only tokens with a client secret or a certificate assertion.
 pub async fn client_credentials(http: &reqwest::Client, slot: &Slot) -> Result<TokenSet, TokenError> {
     let p = &slot.provider;
-    let client = oauth2::basic::BasicClient::new(ClientId::new(p.client_id.clone()))
-        .set_auth_type(AuthType::RequestBody)
-        .set_token_uri(TokenUrl::new(p.token_url.clone()).map_err(|e| TokenError::Config(e.to_string()))?);
     let assertion = client_assertion(p)?;
-    let client = match client_secret(p)? {
-        Some(secret) => client.set_client_secret(ClientSecret::new(secret)),
-        None if assertion.is_some() => client,
-        None => {
-            return Err(TokenError::Config(format!(
-                "provider \"{}\" has no client secret or certificate for app-only sign-in",
-                p.name
-            )))
-        }
-    };
-    let mut req = client.exchange_client_credentials().add_scopes(slot.scopes.iter().cloned().map(Scope::new));
-    if let Some(a) = assertion {
-        req = req.add_extra_param("client_assertion_type", ASSERTION_TYPE).add_extra_param("client_assertion", a);
+    let secret = client_secret(p)?;
+    if secret.is_none() && assertion.is_none() {
+        return Err(TokenError::Config(format!(
+            "provider \"{}\" has no client secret or certificate for app-only sign-in",
+            p.name
+        )));
     }
-    let resp = req.request_async(http).await.map_err(classify_error)?;
-    let mut set = TokenSet::from(&resp);
+    let scope = slot.scopes.join(" ");
+    let mut form = vec![("grant_type", "client_credentials".to_string())];
+    if !scope.is_empty() {
+        form.push(("scope", scope));
+    }
+    if let Some(a) = assertion {
+        form.push(("client_assertion_type", ASSERTION_TYPE.to_string()));
+        form.push(("client_assertion", a));
+    }
+    let mut set = client_token_request(http, p, form).await?;
     set.account = Some(slot.email.clone());
     Ok(set)
 }
@@ -120,54 +117,233 @@ pub async fn service_account(http: &reqwest::Client, slot: &Slot) -> Result<Toke
     Ok(set)
 }
 
-/// The JSON of a token endpoint answer (RFC 6749 5.1 and 5.2).
-#[derive(Deserialize)]
-struct RawTokenResponse {
-    access_token: Option<String>,
-    refresh_token: Option<String>,
-    expires_in: Option<serde_json::Value>,
-    scope: Option<String>,
-    error: Option<String>,
-    error_description: Option<String>,
+/// What a token endpoint answered (RFC 6749 5.1 and 5.2), once read.
+#[derive(Clone)]
+pub enum TokenAnswer {
+    Tokens(TokenSet),
+    /// An error object: its `error` code and `error_description`.
+    Error {
+        code: String,
+        description: String,
+    },
 }
 
-/// POSTs a form to a token endpoint and reads a token or an error, for grants the oauth2
-/// crate does not cover.
-pub async fn post_token(http: &reqwest::Client, url: &str, form: &[(&str, &str)]) -> Result<TokenSet, TokenError> {
+/// Reads a token endpoint's answer. `expires_in` may be a number or a string of digits
+/// (some endpoints quote it). A body that is neither tokens nor an error object is refused
+/// with the names of the fields that do not fit, never their values: a half-readable answer
+/// may hold live tokens.
+pub fn parse_token_response(status: u16, body: &[u8]) -> Result<TokenAnswer, String> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Err(format!(
+            "the token endpoint answered HTTP {status} with {} bytes that are not a JSON object",
+            body.len()
+        ));
+    };
+    use serde_json::Value;
+    if let Some(code) = map.get("error") {
+        let Value::String(code) = code else {
+            return Err(format!(
+                "the token endpoint answered HTTP {status} with an error object whose \"error\" is not a string"
+            ));
+        };
+        let description = match map.get("error_description") {
+            Some(Value::String(d)) => crate::smtp::reply::sanitize_text(d, 500),
+            _ => String::new(),
+        };
+        return Ok(TokenAnswer::Error { code: crate::smtp::reply::sanitize_text(code, 100), description });
+    }
+    if !(200..300).contains(&status) {
+        return Err(format!("the token endpoint answered HTTP {status} without an error object"));
+    }
+    let mut wrong: Vec<&str> = Vec::new();
+    let access_token = match map.get("access_token") {
+        Some(Value::String(t)) if !t.is_empty() => Some(t.clone()),
+        None | Some(Value::Null) => {
+            wrong.push("access_token (missing)");
+            None
+        }
+        Some(_) => {
+            wrong.push("access_token (not a non-empty string)");
+            None
+        }
+    };
+    let refresh_token = match map.get("refresh_token") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if !t.is_empty() => Some(t.clone()),
+        Some(_) => {
+            wrong.push("refresh_token (not a non-empty string)");
+            None
+        }
+    };
+    let expires_in = match map.get("expires_in") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_u64().or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)) {
+            Some(n) => Some(n),
+            None => {
+                wrong.push("expires_in (not a number of seconds)");
+                None
+            }
+        },
+        Some(Value::String(s)) => match s.trim().parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                wrong.push("expires_in (not a number of seconds)");
+                None
+            }
+        },
+        Some(_) => {
+            wrong.push("expires_in (not a number of seconds)");
+            None
+        }
+    };
+    let scopes = match map.get("scope") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => s.split_whitespace().map(String::from).collect(),
+        // Some endpoints send a list.
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            a.iter().filter_map(Value::as_str).map(String::from).collect()
+        }
+        Some(_) => {
+            wrong.push("scope (not a string)");
+            Vec::new()
+        }
+    };
+    match access_token {
+        Some(access_token) if wrong.is_empty() => Ok(TokenAnswer::Tokens(TokenSet {
+            access_token,
+            refresh_token,
+            expires_in: expires_in.map(Duration::from_secs),
+            scopes,
+            account: None,
+        })),
+        _ => {
+            Err(format!("the token endpoint answered HTTP {status} with fields that do not fit: {}", wrong.join(", ")))
+        }
+    }
+}
+
+/// POSTs a form to a token endpoint and reads the answer; transport trouble and unreadable
+/// answers are [`TokenError::Transient`].
+pub async fn token_request(
+    http: &reqwest::Client,
+    url: &str,
+    form: &[(&str, String)],
+) -> Result<TokenAnswer, TokenError> {
     let resp = http
         .post(url)
         .header("Accept", "application/json")
         .form(form)
         .send()
         .await
-        .map_err(|e| TokenError::Transient(format!("{url}: {e}")))?;
-    let status = resp.status();
-    let body = resp.bytes().await.map_err(|e| TokenError::Transient(format!("{url}: {e}")))?;
-    let raw: RawTokenResponse = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(_) => {
-            return Err(TokenError::Transient(format!(
-                "{url} answered HTTP {status}: {}",
-                crate::smtp::reply::sanitize_text(&String::from_utf8_lossy(&body), 200)
-            )))
-        }
-    };
-    if let Some(err) = raw.error {
-        return Err(classify_response(&err, raw.error_description.as_deref().unwrap_or("")));
+        .map_err(|e| TokenError::Transient(format!("{url}: {}", error_chain(&e))))?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.map_err(|e| TokenError::Transient(format!("{url}: {}", error_chain(&e))))?;
+    parse_token_response(status, &body).map_err(TokenError::Transient)
+}
+
+/// An error and its sources on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg = format!("{msg}: {s}");
+        src = s.source();
     }
-    let access_token = raw
-        .access_token
-        .ok_or_else(|| TokenError::Transient(format!("{url} answered HTTP {status} without an access token")))?;
-    let expires_in = match raw.expires_in {
-        Some(serde_json::Value::Number(n)) => n.as_u64(),
-        Some(serde_json::Value::String(s)) => s.parse().ok(),
-        _ => None,
-    };
-    Ok(TokenSet {
-        access_token,
-        refresh_token: raw.refresh_token,
-        expires_in: expires_in.map(Duration::from_secs),
-        scopes: raw.scope.map(|s| s.split_whitespace().map(String::from).collect()).unwrap_or_default(),
-        account: None,
-    })
+    msg
+}
+
+/// A token request with the provider's client authentication in the body (RFC 6749 2.3.1):
+/// `client_id`, and `client_secret` when there is one.
+pub async fn client_token_request(
+    http: &reqwest::Client,
+    p: &ProviderInfo,
+    mut form: Vec<(&str, String)>,
+) -> Result<TokenSet, TokenError> {
+    form.push(("client_id", p.client_id.clone()));
+    if let Some(secret) = client_secret(p)? {
+        form.push(("client_secret", secret));
+    }
+    match token_request(http, &p.token_url, &form).await? {
+        TokenAnswer::Tokens(set) => Ok(set),
+        TokenAnswer::Error { code, description } => Err(classify_response(&code, &description)),
+    }
+}
+
+/// POSTs a form to a token endpoint and reads a token or an error, without client
+/// authentication (the JWT bearer grant carries its own).
+pub async fn post_token(http: &reqwest::Client, url: &str, form: &[(&str, &str)]) -> Result<TokenSet, TokenError> {
+    let form: Vec<(&str, String)> = form.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    match token_request(http, url, &form).await? {
+        TokenAnswer::Tokens(set) => Ok(set),
+        TokenAnswer::Error { code, description } => Err(classify_response(&code, &description)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AT: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOi-secret-access";
+    const RT: &str = "0.AXkA-secret-refresh";
+
+    fn tokens(body: &str) -> TokenSet {
+        match parse_token_response(200, body.as_bytes()) {
+            Ok(TokenAnswer::Tokens(t)) => t,
+            Ok(TokenAnswer::Error { code, .. }) => panic!("error {code}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn expires_in_as_a_string_is_accepted() {
+        let t = tokens(&format!(
+            r#"{{"token_type":"Bearer","access_token":"{AT}","refresh_token":"{RT}","expires_in":"3600","scope":"a b"}}"#
+        ));
+        assert_eq!(t.expires_in, Some(Duration::from_secs(3600)));
+        assert_eq!((t.access_token.as_str(), t.refresh_token.as_deref()), (AT, Some(RT)));
+        assert_eq!(t.scopes, vec!["a", "b"]);
+        let t = tokens(&format!(r#"{{"access_token":"{AT}","expires_in":3599}}"#));
+        assert_eq!((t.expires_in, t.refresh_token), (Some(Duration::from_secs(3599)), None));
+        // No token_type (the oauth2 crate insists on one): still tokens.
+        assert_eq!(tokens(&format!(r#"{{"access_token":"{AT}"}}"#)).expires_in, None);
+    }
+
+    #[test]
+    fn a_bad_answer_names_fields_and_never_echoes_values() {
+        let body = format!(r#"{{"access_token":"{AT}","refresh_token":"{RT}","expires_in":"soon","scope":7}}"#);
+        let e = match parse_token_response(200, body.as_bytes()) {
+            Err(e) => e,
+            Ok(_) => panic!("accepted"),
+        };
+        assert!(e.contains("expires_in") && e.contains("scope"), "{e}");
+        assert!(!e.contains("secret") && !e.contains("soon") && !e.contains("eyJ"), "{e}");
+        let e = match parse_token_response(200, format!(r#"{{"refresh_token":"{RT}","access_token":5}}"#).as_bytes()) {
+            Err(e) => e,
+            Ok(_) => panic!("accepted"),
+        };
+        assert!(e.contains("access_token") && !e.contains("secret"), "{e}");
+        // Not JSON at all (a proxy's page, a truncated answer): only its size.
+        let raw = format!("<html>access_token={AT}</html>");
+        let e = match parse_token_response(502, raw.as_bytes()) {
+            Err(e) => e,
+            Ok(_) => panic!("accepted"),
+        };
+        assert!(e.contains("HTTP 502") && !e.contains("secret") && !e.contains("html"), "{e}");
+        // Tokens with a failure status are no tokens; nothing of them is shown either.
+        let e = match parse_token_response(500, format!(r#"{{"access_token":"{AT}"}}"#).as_bytes()) {
+            Err(e) => e,
+            Ok(_) => panic!("accepted"),
+        };
+        assert!(e.contains("HTTP 500") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn error_objects_are_read() {
+        let a = parse_token_response(400, br#"{"error":"invalid_grant","error_description":"AADSTS50173: revoked"}"#);
+        assert!(
+            matches!(a, Ok(TokenAnswer::Error { ref code, ref description }) if code == "invalid_grant" && description.contains("AADSTS50173")),
+            "{}",
+            a.err().unwrap_or_default()
+        );
+    }
 }

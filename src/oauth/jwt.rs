@@ -1,11 +1,15 @@
-//! RS256 JSON Web Tokens (RFC 7519) for the two grants that sign their own request:
-//! Microsoft's certificate client assertion (RFC 7523 2.2, header `x5t#S256`) and Google's
-//! service-account JWT bearer grant (RFC 7523 2.1).
+//! Signed JSON Web Tokens (RFC 7519) for the two grants that sign their own request:
+//! - Microsoft's certificate client assertion (RFC 7523 2.2): PS256 (RSASSA-PSS with SHA-256,
+//!   RFC 7518 3.5) with the certificate's SHA-256 thumbprint in `x5t#S256`, the pairing the
+//!   Microsoft identity platform documents for certificate credentials (RS256 goes with the
+//!   older SHA-1 `x5t`);
+//! - Google's service-account JWT bearer grant (RFC 7523 2.1): RS256 (RSASSA-PKCS1-v1_5 with
+//!   SHA-256, RFC 7518 3.3), what Google documents.
 
 use std::path::Path;
 
 use base64::Engine;
-use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
+use ring::signature::{RsaEncoding, RsaKeyPair, RSA_PKCS1_SHA256, RSA_PSS_SHA256};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::Digest;
@@ -52,9 +56,20 @@ impl Signer {
         Ok(Signer { key: rsa_key_from_pem(pem)?, x5t_s256: None, cert_not_after: None })
     }
 
-    /// Signs `claims` with RS256; `kid` names the key where the issuer wants it.
+    /// The JWS algorithm: PS256 for a certificate (with `x5t#S256`), RS256 for a bare key.
+    pub fn alg(&self) -> &'static str {
+        if self.x5t_s256.is_some() {
+            "PS256"
+        } else {
+            "RS256"
+        }
+    }
+
+    /// Signs `claims` ([`Signer::alg`]); `kid` names the key where the issuer wants it.
     pub fn sign(&self, claims: &serde_json::Value, kid: Option<&str>) -> Result<String, String> {
-        let mut header = serde_json::json!({ "alg": "RS256", "typ": "JWT" });
+        let alg = self.alg();
+        let encoding: &'static dyn RsaEncoding = if alg == "PS256" { &RSA_PSS_SHA256 } else { &RSA_PKCS1_SHA256 };
+        let mut header = serde_json::json!({ "alg": alg, "typ": "JWT" });
         if let Some(x5t) = &self.x5t_s256 {
             header["x5t#S256"] = x5t.clone().into();
         }
@@ -64,7 +79,7 @@ impl Signer {
         let input = format!("{}.{}", b64url(header.to_string().as_bytes()), b64url(claims.to_string().as_bytes()));
         let mut sig = vec![0u8; self.key.public().modulus_len()];
         self.key
-            .sign(&RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), input.as_bytes(), &mut sig)
+            .sign(encoding, &ring::rand::SystemRandom::new(), input.as_bytes(), &mut sig)
             .map_err(|_| "RSA signing failed".to_string())?;
         Ok(format!("{input}.{}", b64url(&sig)))
     }
@@ -108,6 +123,43 @@ fn parse_asn1_time(raw: &[u8], generalized: bool) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KEY: &str = include_str!("testdata/rsa-2048-key.pem");
+
+    fn decode(jwt: &str) -> (serde_json::Value, String, Vec<u8>) {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let (input, sig) = jwt.rsplit_once('.').unwrap();
+        let header = serde_json::from_slice(&b64.decode(input.split('.').next().unwrap()).unwrap()).unwrap();
+        (header, input.to_string(), b64.decode(sig).unwrap())
+    }
+
+    #[test]
+    fn certificate_assertions_are_ps256_with_the_sha256_thumbprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let kp = rcgen::KeyPair::from_pkcs8_pem_and_sign_algo(KEY, &rcgen::PKCS_RSA_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["app".into()]).unwrap().self_signed(&kp).unwrap();
+        std::fs::write(dir.path().join("c.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("k.pem"), KEY).unwrap();
+        let signer = Signer::from_cert_files(&dir.path().join("c.pem"), &dir.path().join("k.pem")).unwrap();
+        let jwt = signer.sign(&serde_json::json!({"iss": "x"}), None).unwrap();
+        let (header, input, sig) = decode(&jwt);
+        assert_eq!(header["alg"], "PS256", "{header}");
+        assert_eq!(header["x5t#S256"].as_str(), Some(b64url(&sha2::Sha256::digest(cert.der())).as_str()));
+        let public = rsa_key_from_pem(KEY.as_bytes()).unwrap().public().as_ref().to_vec();
+        let verify = |alg: &'static dyn ring::signature::VerificationAlgorithm| {
+            ring::signature::UnparsedPublicKey::new(alg, &public).verify(input.as_bytes(), &sig).is_ok()
+        };
+        assert!(verify(&ring::signature::RSA_PSS_2048_8192_SHA256), "a PSS signature");
+        assert!(!verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256));
+
+        // A bare key (Google service accounts): RS256, as Google documents.
+        let jwt = Signer::from_key_pem(KEY.as_bytes()).unwrap().sign(&serde_json::json!({}), Some("k1")).unwrap();
+        let (header, input2, sig2) = decode(&jwt);
+        assert_eq!((header["alg"].as_str(), header["kid"].as_str()), (Some("RS256"), Some("k1")));
+        assert!(ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, &public)
+            .verify(input2.as_bytes(), &sig2)
+            .is_ok());
+    }
 
     #[test]
     fn not_after_reads_generated_certificates() {

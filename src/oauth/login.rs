@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use oauth2::basic::BasicClient;
 use oauth2::{
-    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, DeviceAuthorizationUrl, PkceCodeChallenge,
-    PkceCodeVerifier, RedirectUrl, RequestTokenError, Scope, StandardDeviceAuthorizationResponse, TokenUrl,
+    AuthUrl, ClientId, ClientSecret, CsrfToken, DeviceAuthorizationUrl, PkceCodeChallenge, RedirectUrl,
+    RequestTokenError, Scope, StandardDeviceAuthorizationResponse, TokenUrl,
 };
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +53,46 @@ struct PendingCode {
     identity: String,
     verifier: String,
     redirect_uri: String,
+    /// When the sign-in started.
+    started: std::time::Instant,
+}
+
+/// How long a `state` stays good: a person signs in within minutes; an old state found in
+/// a browser history must not complete a sign-in days later.
+pub const STATE_LIFETIME: Duration = Duration::from_secs(10 * 60);
+/// Authorization-code sign-ins waiting at most; beyond that the oldest is dropped, so that
+/// repeated `auth login` calls (or a script) cannot grow the map without bound.
+pub const MAX_PENDING: usize = 64;
+
+/// The authorization-code sign-ins waiting for their redirect, by `state` (RFC 6749 10.12).
+#[derive(Default)]
+struct PendingCodes {
+    map: HashMap<String, PendingCode>,
+}
+
+impl PendingCodes {
+    /// Adds a sign-in; drops expired ones, then the oldest while there are too many.
+    fn insert(&mut self, state: String, pending: PendingCode, now: std::time::Instant) {
+        self.map.retain(|_, p| now.saturating_duration_since(p.started) < STATE_LIFETIME);
+        while self.map.len() >= MAX_PENDING {
+            let Some(oldest) = self.map.iter().min_by_key(|(_, p)| p.started).map(|(k, _)| k.clone()) else { break };
+            if let Some(p) = self.map.remove(&oldest) {
+                tracing::warn!(identity = %p.identity, "too many sign-ins waiting: the oldest one was dropped");
+            }
+        }
+        self.map.insert(state, pending);
+    }
+
+    /// Takes the sign-in of `state` (once), unless it has expired.
+    fn take(&mut self, state: &str, now: std::time::Instant) -> Result<PendingCode, &'static str> {
+        match self.map.remove(state) {
+            Some(p) if now.saturating_duration_since(p.started) < STATE_LIFETIME => Ok(p),
+            Some(_) => Err(
+                "this sign-in has expired (it was started more than 10 minutes ago); run `mfd-relay auth login` again",
+            ),
+            None => Err("unknown or already used sign-in (the state parameter does not match a sign-in in progress)"),
+        }
+    }
 }
 
 /// Sign-ins in progress, by identity.
@@ -60,7 +100,7 @@ struct PendingCode {
 pub struct Logins {
     status: Mutex<HashMap<String, LoginStatus>>,
     /// Authorization-code sign-ins by their `state` parameter.
-    codes: Mutex<HashMap<String, PendingCode>>,
+    codes: Mutex<PendingCodes>,
 }
 
 fn client(
@@ -127,7 +167,13 @@ impl Logins {
                 let (url, state, verifier) = authorize_url(&slot, redirect_uri)?;
                 self.codes.lock().unwrap_or_else(|e| e.into_inner()).insert(
                     state,
-                    PendingCode { identity: identity.to_string(), verifier, redirect_uri: redirect_uri.to_string() },
+                    PendingCode {
+                        identity: identity.to_string(),
+                        verifier,
+                        redirect_uri: redirect_uri.to_string(),
+                        started: std::time::Instant::now(),
+                    },
+                    std::time::Instant::now(),
                 );
                 self.set(identity, LoginStatus::Pending);
                 Ok(LoginStart::AuthCode { url, redirect_uri: redirect_uri.to_string() })
@@ -138,12 +184,8 @@ impl Logins {
     /// The browser came back with `code` and `state` (or with an error).
     pub async fn callback(&self, tokens: &TokenManager, query: &HashMap<String, String>) -> Result<String, String> {
         let state = query.get("state").cloned().unwrap_or_default();
-        let pending = self.codes.lock().unwrap_or_else(|e| e.into_inner()).remove(&state);
-        let Some(pending) = pending else {
-            return Err(
-                "unknown or already used sign-in (the state parameter does not match a sign-in in progress)".into()
-            );
-        };
+        let pending = self.codes.lock().unwrap_or_else(|e| e.into_inner()).take(&state, std::time::Instant::now());
+        let pending = pending.map_err(String::from)?;
         let result = match (query.get("code"), query.get("error")) {
             (Some(code), _) => match tokens.slot(&pending.identity) {
                 Ok(slot) => exchange_code(tokens.http(), slot, code, &pending.verifier, &pending.redirect_uri).await,
@@ -175,7 +217,7 @@ impl Logins {
     async fn finish(&self, tokens: &TokenManager, identity: &str, result: Result<TokenSet, TokenError>) {
         let status = match result {
             Ok(set) => match tokens.slot(identity) {
-                Ok(slot) => match tokens.save(slot, set).await {
+                Ok(slot) => match tokens.sign_in(slot, set).await {
                     Ok(t) => LoginStatus::Done { account: t.account },
                     Err(e) => LoginStatus::Failed { error: e.to_string() },
                 },
@@ -229,38 +271,67 @@ fn map_other<RE: std::error::Error + 'static, T: oauth2::ErrorResponse + 'static
 }
 
 /// RFC 8628 3.4/3.5: polls until the person approves, denies, or the code expires; honours
-/// `slow_down` (the oauth2 crate adds 5 seconds to the interval).
+/// `slow_down` (5 seconds more between polls).
 async fn device_poll(
     http: &reqwest::Client,
     slot: &Slot,
     details: &StandardDeviceAuthorizationResponse,
 ) -> Result<TokenSet, TokenError> {
-    let c = client(&slot.provider)?;
-    let resp = c
-        .exchange_device_access_token(details)
-        .request_async(http, tokio::time::sleep, Some(details.expires_in().max(Duration::from_secs(60))))
-        .await
-        .map_err(|e| match e {
-            RequestTokenError::ServerResponse(r) => {
-                use oauth2::DeviceCodeErrorResponseType as T;
-                let desc = r.error_description().cloned().unwrap_or_default();
-                match r.error() {
-                    T::AccessDenied => TokenError::NeedsLogin(format!(
-                        "the sign-in was declined ({})",
-                        desc.lines().next().unwrap_or("")
-                    )),
-                    T::ExpiredToken => TokenError::NeedsLogin(
-                        "the code expired before anyone signed in; run `mfd-relay auth login` again".into(),
-                    ),
-                    other => super::tokens::classify_response(other.as_ref(), &desc),
+    let expired =
+        || TokenError::NeedsLogin("the code expired before anyone signed in; run `mfd-relay auth login` again".into());
+    let deadline = tokio::time::Instant::now() + details.expires_in().max(Duration::from_secs(60));
+    let mut interval = details.interval().max(Duration::from_secs(1));
+    let form =
+        || vec![("grant_type", GRANT_DEVICE_CODE.to_string()), ("device_code", details.device_code().secret().clone())];
+    loop {
+        tokio::time::sleep(interval).await;
+        if tokio::time::Instant::now() >= deadline {
+            return Err(expired());
+        }
+        match super::flows::client_token_request(http, &slot.provider, form()).await {
+            Ok(set) => return Ok(set),
+            Err(e) => match device_poll_error(&e) {
+                DevicePoll::Wait => {}
+                DevicePoll::SlowDown => interval += Duration::from_secs(5),
+                DevicePoll::Declined => {
+                    let detail = e.to_string();
+                    let detail = detail.split_once(": ").map(|(_, d)| d).unwrap_or("");
+                    let detail = detail.split_once(": ").map(|(_, d)| d).unwrap_or(detail);
+                    return Err(TokenError::NeedsLogin(format!("the sign-in was declined ({detail})")));
                 }
-            }
-            RequestTokenError::Other(s) if s.contains("timed out") || s.contains("Timeout") => TokenError::NeedsLogin(
-                "the code expired before anyone signed in; run `mfd-relay auth login` again".into(),
-            ),
-            other => classify_error(map_other(other)),
-        })?;
-    Ok(TokenSet::from(&resp))
+                DevicePoll::Expired => return Err(expired()),
+                DevicePoll::Fail => return Err(e),
+            },
+        }
+    }
+}
+
+/// RFC 8628 3.4 grant type.
+const GRANT_DEVICE_CODE: &str = "urn:ietf:params:oauth:grant-type:device_code";
+
+enum DevicePoll {
+    Wait,
+    SlowDown,
+    Declined,
+    Expired,
+    Fail,
+}
+
+/// RFC 8628 3.5: what a polling error means. The error was classified by
+/// [`super::tokens::classify_response`], whose text starts with the error code.
+fn device_poll_error(e: &TokenError) -> DevicePoll {
+    let text = match e {
+        TokenError::NeedsLogin(t) | TokenError::Transient(t) => t.as_str(),
+        _ => return DevicePoll::Fail,
+    };
+    let code = text.split(':').next().unwrap_or("").trim();
+    match code {
+        "authorization_pending" => DevicePoll::Wait,
+        "slow_down" => DevicePoll::SlowDown,
+        "access_denied" => DevicePoll::Declined,
+        "expired_token" => DevicePoll::Expired,
+        _ => DevicePoll::Fail,
+    }
 }
 
 /// RFC 6749 4.1.1 with RFC 7636: the authorization URL, its `state`, and the PKCE verifier.
@@ -297,20 +368,66 @@ async fn exchange_code(
     verifier: &str,
     redirect_uri: &str,
 ) -> Result<TokenSet, TokenError> {
-    let c = client(&slot.provider)?.set_redirect_uri(
-        RedirectUrl::new(redirect_uri.to_string()).map_err(|e| TokenError::Config(format!("redirect URI: {e}")))?,
-    );
-    let resp = c
-        .exchange_code(AuthorizationCode::new(code.to_string()))
-        .set_pkce_verifier(PkceCodeVerifier::new(verifier.to_string()))
-        .request_async(http)
-        .await
-        .map_err(classify_error)?;
-    let set = TokenSet::from(&resp);
+    let form = vec![
+        ("grant_type", "authorization_code".to_string()),
+        ("code", code.to_string()),
+        ("redirect_uri", redirect_uri.to_string()),
+        ("code_verifier", verifier.to_string()),
+    ];
+    let set = super::flows::client_token_request(http, &slot.provider, form).await?;
     if set.refresh_token.is_none() {
         return Err(TokenError::NeedsLogin(
             "the provider gave no refresh token (Microsoft: add the offline_access scope; Google: remove the app's access at myaccount.google.com/permissions and sign in again)".into(),
         ));
     }
     Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn pending(identity: &str, started: Instant) -> PendingCode {
+        PendingCode {
+            identity: identity.into(),
+            verifier: "v".into(),
+            redirect_uri: "http://localhost/cb".into(),
+            started,
+        }
+    }
+
+    #[test]
+    fn states_expire_after_ten_minutes() {
+        let t0 = Instant::now();
+        let mut codes = PendingCodes::default();
+        codes.insert("s1".into(), pending("a", t0), t0);
+        codes.insert("s2".into(), pending("b", t0), t0);
+        let p = codes.take("s1", t0 + Duration::from_secs(9 * 60 + 59));
+        assert_eq!(p.map(|p| p.identity).ok().as_deref(), Some("a"));
+        assert!(codes.take("s1", t0).is_err(), "a state is good once");
+        let e = codes.take("s2", t0 + STATE_LIFETIME).err().unwrap_or_default();
+        assert!(e.contains("expired"), "{e}");
+        assert!(codes.take("nope", t0).err().unwrap_or_default().contains("unknown"));
+    }
+
+    #[test]
+    fn pending_sign_ins_are_bounded_and_the_oldest_goes() {
+        let t0 = Instant::now();
+        let mut codes = PendingCodes::default();
+        for i in 0..MAX_PENDING + 10 {
+            let t = t0 + Duration::from_millis(i as u64);
+            codes.insert(format!("s{i}"), pending(&format!("id{i}"), t), t);
+        }
+        assert_eq!(codes.map.len(), MAX_PENDING);
+        let late = t0 + Duration::from_secs(1);
+        assert!(codes.take("s0", late).is_err(), "the oldest were dropped");
+        assert!(codes.take("s9", late).is_err());
+        assert!(codes.take("s10", late).is_ok());
+        assert!(codes.take(&format!("s{}", MAX_PENDING + 9), late).is_ok());
+        // Expired ones leave at the next insert.
+        let later = t0 + STATE_LIFETIME + Duration::from_secs(5);
+        codes.insert("new".into(), pending("n", later), later);
+        assert_eq!(codes.map.len(), 1);
+    }
 }

@@ -1,5 +1,5 @@
 //! Where each provider's endpoints and mail servers are, and which scopes to ask for.
-//! Defaults follow DESIGN.md ("Provider facts"); every host can be overridden in config.
+//! Defaults follow the providers' documentation; every host can be overridden in config.
 
 use std::path::PathBuf;
 

@@ -1,20 +1,24 @@
 //! The token manager: a valid access token per identity, on demand and ahead of time.
 //!
 //! - One refresh in flight per identity: callers queue on the identity's lock, and whoever
-//!   gets it after a refresh finds the new token in memory.
+//!   gets it after a refresh finds the new token in memory, or shares that refresh's failure
+//!   (a revoked refresh token is sent once, not once per waiting caller).
+//! - A sign-in takes the same lock, so an older refresh still in flight cannot undo it; and
+//!   a result whose starting tokens are no longer current is dropped.
 //! - Tokens are refreshed before they expire: at `expires_in` minus 10 minutes (or half the
 //!   lifetime when it is shorter), and at least daily for idle identities, so that a refresh
 //!   token never dies of disuse (Microsoft: 90 days).
 //! - `invalid_grant` and other "a person must act" answers put the identity in `needs_login`
-//!   (DESIGN rule 5): loud in logs, metrics and `auth status`; its mail stays queued.
-//! - Every record is stored encrypted ([`super::vault`]) and flushed before it is used.
+//!   loud in logs, metrics and `auth status`; its mail stays queued.
+//! - Every record is stored encrypted ([`super::vault`]) and committed to disk before it
+//!   is used: a rotated refresh token must survive a crash right after it was issued.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use oauth2::basic::{BasicErrorResponse, BasicTokenResponse};
-use oauth2::{AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl};
+use oauth2::basic::BasicErrorResponse;
+use oauth2::RequestTokenError;
 use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
@@ -24,7 +28,7 @@ use crate::config::{Config, Flow};
 use crate::metrics;
 use crate::store::{Store, Tree};
 
-/// Refresh this long before expiry (DESIGN: at least 10 minutes early).
+/// Refresh this long before expiry (at least 10 minutes early).
 const REFRESH_EARLY: i64 = 10 * 60;
 /// Idle identities are refreshed at least this often.
 const REFRESH_IDLE: i64 = 24 * 3600;
@@ -115,16 +119,13 @@ pub struct TokenSet {
     pub account: Option<String>,
 }
 
-impl From<&BasicTokenResponse> for TokenSet {
-    fn from(r: &BasicTokenResponse) -> Self {
-        TokenSet {
-            access_token: r.access_token().secret().clone(),
-            refresh_token: r.refresh_token().map(|t| t.secret().clone()),
-            expires_in: r.expires_in(),
-            scopes: r.scopes().map(|s| s.iter().map(|s| s.to_string()).collect()).unwrap_or_default(),
-            account: None,
-        }
-    }
+/// How the refreshes of one identity went, for callers that waited on the lock.
+#[derive(Default)]
+struct Flights {
+    /// Refresh attempts finished so far.
+    done: u64,
+    /// The last attempt's failure (None: it succeeded).
+    failure: Option<TokenError>,
 }
 
 /// One identity's live data.
@@ -136,9 +137,13 @@ pub struct Slot {
     pub scopes: Vec<String>,
     /// Sends per minute allowed to this identity (None: unlimited).
     pub messages_per_minute: Option<u32>,
-    /// Held while refreshing: one refresh in flight.
+    /// Held while refreshing, signing in or out: one change of tokens at a time.
     flight: tokio::sync::Mutex<()>,
     record: Mutex<TokenRecord>,
+    /// Bumped whenever new tokens become current (save, logout): a refresh that started
+    /// under another generation must not apply its result.
+    generation: std::sync::atomic::AtomicU64,
+    flights: Mutex<Flights>,
     /// Unix seconds before which the background refresher leaves a failing identity alone.
     retry_after: Mutex<(i64, u32)>,
 }
@@ -146,6 +151,30 @@ pub struct Slot {
 impl Slot {
     fn record(&self) -> TokenRecord {
         self.record.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn flights_done(&self) -> u64 {
+        self.flights.lock().unwrap_or_else(|e| e.into_inner()).done
+    }
+
+    /// The failure of a refresh that finished after `seen` attempts, if the last one failed.
+    fn failure_since(&self, seen: u64) -> Option<TokenError> {
+        let f = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if f.done > seen {
+            f.failure.clone()
+        } else {
+            None
+        }
+    }
+
+    fn flight_finished(&self, failure: Option<TokenError>) {
+        let mut f = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        f.done += 1;
+        f.failure = failure;
     }
 
     /// A token from memory that is valid long enough and not due for refresh.
@@ -291,6 +320,8 @@ impl TokenManager {
                     messages_per_minute,
                     flight: tokio::sync::Mutex::new(()),
                     record: Mutex::new(record),
+                    generation: Default::default(),
+                    flights: Default::default(),
                     retry_after: Mutex::new((0, 0)),
                 }),
             );
@@ -330,11 +361,18 @@ impl TokenManager {
         if let Some(t) = slot.fresh(now()) {
             return Ok(t);
         }
+        let seen = slot.flights_done();
         let _flight = slot.flight.lock().await;
         if let Some(t) = slot.fresh(now()) {
             return Ok(t);
         }
-        match self.refresh_locked(slot).await {
+        // A refresh finished while we waited and failed: share its answer rather than send
+        // the same (perhaps revoked) refresh token again.
+        let result = match slot.failure_since(seen) {
+            Some(e) => Err(e),
+            None => self.refresh_locked(slot).await,
+        };
+        match result {
             Ok(t) => Ok(t),
             // A passing failure with a still-valid token in hand: use it.
             Err(TokenError::Transient(e)) => slot.still_valid(now()).ok_or(TokenError::Transient(e)),
@@ -352,11 +390,15 @@ impl TokenManager {
     /// The upstream refused `rejected`: get a new token unless someone already did.
     pub async fn refresh_after_rejection(&self, name: &str, rejected: &AccessToken) -> Result<AccessToken, TokenError> {
         let slot = self.slot(name)?;
+        let seen = slot.flights_done();
         let _flight = slot.flight.lock().await;
         if let Some(t) = slot.still_valid(now()) {
             if t.secret != rejected.secret {
                 return Ok(t);
             }
+        }
+        if let Some(e) = slot.failure_since(seen) {
+            return Err(e);
         }
         self.refresh_locked(slot).await
     }
@@ -364,6 +406,7 @@ impl TokenManager {
     /// Gets a new access token from the provider; the caller holds the flight lock.
     async fn refresh_locked(&self, slot: &Slot) -> Result<AccessToken, TokenError> {
         let record = slot.record();
+        let generation = slot.generation();
         let result = match slot.flow {
             Flow::ClientCredentials => super::flows::client_credentials(&self.http, slot).await,
             Flow::ServiceAccount => super::flows::service_account(&self.http, slot).await,
@@ -377,29 +420,46 @@ impl TokenManager {
         metrics::TOKEN_REFRESHES
             .with_label_values(&[slot.name.as_str(), if result.is_ok() { "ok" } else { "error" }])
             .inc();
-        match result {
-            Ok(set) => self.save(slot, set).await,
+        // Tokens changed while the request was out (the lock makes this unlikely, but a
+        // result for tokens that are no longer current must never be applied).
+        let current = slot.record();
+        if slot.generation() != generation || current.refresh_token != record.refresh_token {
+            tracing::debug!(identity = %slot.name, "refresh result dropped: the tokens changed meanwhile");
+            slot.flight_finished(None);
+            return slot
+                .still_valid(now())
+                .ok_or_else(|| TokenError::Transient("the tokens changed during the refresh; try again".into()));
+        }
+        let result = match result {
+            Ok(set) => self.save_locked(slot, set).await,
             Err(e) => {
                 self.record_failure(slot, &e).await;
                 Err(e)
             }
+        };
+        slot.flight_finished(result.as_ref().err().cloned());
+        result
+    }
+
+    /// Makes the tokens of a completed sign-in current. It waits for a refresh in flight, so
+    /// that refresh's answer (an `invalid_grant` for the old token, say) lands first and the
+    /// sign-in's tokens win.
+    pub async fn sign_in(&self, slot: &Slot, set: TokenSet) -> Result<AccessToken, TokenError> {
+        let _flight = slot.flight.lock().await;
+        let result = self.save_locked(slot, set).await;
+        if result.is_ok() {
+            slot.flight_finished(None);
         }
+        result
     }
 
     async fn refresh_grant(&self, slot: &Slot, refresh_token: &str) -> Result<TokenSet, TokenError> {
-        let client = oauth2::basic::BasicClient::new(ClientId::new(slot.provider.client_id.clone()))
-            .set_auth_type(AuthType::RequestBody)
-            .set_token_uri(
-                TokenUrl::new(slot.provider.token_url.clone()).map_err(|e| TokenError::Config(e.to_string()))?,
-            );
-        let client = match super::flows::client_secret(&slot.provider)? {
-            Some(secret) => client.set_client_secret(ClientSecret::new(secret)),
-            None => client,
-        };
-        let rt = RefreshToken::new(refresh_token.to_string());
-        let req = client.exchange_refresh_token(&rt).add_scopes(slot.scopes.iter().cloned().map(Scope::new));
-        let resp = req.request_async(&self.http).await.map_err(classify_error)?;
-        let mut set = TokenSet::from(&resp);
+        // RFC 6749 6.
+        let mut form = vec![("grant_type", "refresh_token".to_string()), ("refresh_token", refresh_token.to_string())];
+        if !slot.scopes.is_empty() {
+            form.push(("scope", slot.scopes.join(" ")));
+        }
+        let mut set = super::flows::client_token_request(&self.http, &slot.provider, form).await?;
         // No new refresh token in the answer: keep the old one (RFC 6749 6).
         if set.refresh_token.is_none() {
             set.refresh_token = Some(refresh_token.to_string());
@@ -407,8 +467,11 @@ impl TokenManager {
         Ok(set)
     }
 
-    /// Stores a new token set (from a refresh or a sign-in) and makes it current.
-    pub async fn save(&self, slot: &Slot, set: TokenSet) -> Result<AccessToken, TokenError> {
+    /// Stores a new token set (from a refresh or a sign-in) and makes it current; the caller
+    /// holds the flight lock. The record is committed to disk before it is current in
+    /// memory, so no token is handed out that a crash could lose (a rotated refresh token
+    /// lives only in the newest record).
+    async fn save_locked(&self, slot: &Slot, set: TokenSet) -> Result<AccessToken, TokenError> {
         let t = now();
         let lifetime = set.expires_in.map(|d| d.as_secs() as i64).unwrap_or(3600).max(1);
         let expires_at = t + lifetime;
@@ -417,27 +480,35 @@ impl TokenManager {
             rand::thread_rng().gen_range(0..=(lifetime / 10).min(300))
         };
         let refresh_at = t + (lifetime - REFRESH_EARLY - jitter).max(lifetime / 2);
-        let was = slot.record().state;
-        let account = set.account.clone().or_else(|| slot.record().account).unwrap_or_else(|| slot.email.clone());
-        let rec = {
+        let mut rec = slot.record();
+        let was = rec.state;
+        let account = set.account.clone().or_else(|| rec.account.clone()).unwrap_or_else(|| slot.email.clone());
+        rec.state = IdentityState::Ready;
+        rec.account = Some(account.clone());
+        if set.refresh_token.is_some() {
+            rec.refresh_token = set.refresh_token.clone();
+        }
+        rec.access_token = Some(set.access_token.clone());
+        rec.expires_at = Some(expires_at);
+        rec.refresh_at = Some(refresh_at);
+        if !set.scopes.is_empty() {
+            rec.scopes = set.scopes.clone();
+        }
+        rec.last_refresh = Some(t);
+        rec.last_error = None;
+        if let Err(e) = self.persist(&slot.name, &rec).await {
+            // Keep the newest refresh token in memory (the provider may have rotated the old
+            // one away), but hand out no access token until a record is on disk.
             let mut r = slot.record.lock().unwrap_or_else(|e| e.into_inner());
-            r.state = IdentityState::Ready;
-            r.account = Some(account.clone());
-            if set.refresh_token.is_some() {
-                r.refresh_token = set.refresh_token.clone();
-            }
-            r.access_token = Some(set.access_token.clone());
-            r.expires_at = Some(expires_at);
-            r.refresh_at = Some(refresh_at);
-            if !set.scopes.is_empty() {
-                r.scopes = set.scopes.clone();
-            }
-            r.last_refresh = Some(t);
-            r.last_error = None;
-            r.clone()
-        };
+            r.refresh_token = rec.refresh_token;
+            r.access_token = None;
+            r.last_error = Some(format!("cannot store tokens: {e}"));
+            tracing::error!(identity = %slot.name, "cannot store new tokens: {e}");
+            return Err(TokenError::Transient(format!("cannot store tokens: {e}")));
+        }
+        *slot.record.lock().unwrap_or_else(|e| e.into_inner()) = rec;
+        slot.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         *slot.retry_after.lock().unwrap_or_else(|e| e.into_inner()) = (0, 0);
-        self.persist(&slot.name, &rec).await?;
         metrics::IDENTITY_STATE.with_label_values(&[&slot.name]).set(state_value(IdentityState::Ready));
         metrics::TOKEN_EXPIRY.with_label_values(&[&slot.name]).set(expires_at as f64);
         if was != IdentityState::Ready {
@@ -494,7 +565,7 @@ impl TokenManager {
         let _flight = slot.flight.lock().await;
         let set = self.refresh_grant(slot, refresh_token).await;
         match set {
-            Ok(set) => self.save(slot, set).await,
+            Ok(set) => self.save_locked(slot, set).await,
             Err(e) => {
                 self.record_failure(slot, &e).await;
                 Err(e)
@@ -526,9 +597,10 @@ impl TokenManager {
     pub async fn logout(&self, name: &str) -> Result<(), TokenError> {
         let slot = self.slot(name)?;
         let _flight = slot.flight.lock().await;
-        *slot.record.lock().unwrap_or_else(|e| e.into_inner()) = TokenRecord::default();
         self.store.remove(Tree::Tokens, name.as_bytes()).map_err(|e| TokenError::Config(e.to_string()))?;
         self.store.commit().await.map_err(|e| TokenError::Config(e.to_string()))?;
+        *slot.record.lock().unwrap_or_else(|e| e.into_inner()) = TokenRecord::default();
+        slot.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         metrics::IDENTITY_STATE.with_label_values(&[name]).set(state_value(IdentityState::NeedsLogin));
         Ok(())
     }
@@ -592,6 +664,11 @@ impl TokenManager {
                     r.refresh_token.is_some() || matches!(slot.flow, Flow::ClientCredentials | Flow::ServiceAccount);
                 if due && has_grant {
                     let _flight = slot.flight.lock().await;
+                    // Someone may have refreshed (or signed out) while we waited.
+                    let now_rec = slot.record();
+                    if now_rec.last_refresh != r.last_refresh || now_rec.refresh_token != r.refresh_token {
+                        continue;
+                    }
                     if let Err(e) = self.refresh_locked(slot).await {
                         tracing::debug!(identity = %slot.name, "background refresh: {e}");
                     }
@@ -631,9 +708,15 @@ pub fn classify_error<RE: std::error::Error + 'static>(e: RequestTokenError<RE, 
             }
             TokenError::Transient(msg)
         }
+        // Never the body nor serde's message (which quotes the offending value): a
+        // half-readable answer may hold live tokens. The path names the field.
         RequestTokenError::Parse(e, body) => TokenError::Transient(format!(
-            "unexpected answer from the token endpoint ({e}): {}",
-            crate::smtp::reply::sanitize_text(&String::from_utf8_lossy(&body), 200)
+            "unexpected answer from the token endpoint ({} bytes; the field that does not fit: {})",
+            body.len(),
+            match e.path().to_string().as_str() {
+                "." | "" => "the document itself".to_string(),
+                p => p.to_string(),
+            }
         )),
         RequestTokenError::Other(s) => TokenError::Transient(s),
     }
@@ -660,7 +743,7 @@ pub fn classify_response(code: &str, description: &str) -> TokenError {
     }
 }
 
-/// What well-known Microsoft errors mean for the admin (DESIGN "Provider facts").
+/// What well-known Microsoft errors mean for the admin.
 pub fn explain(description: &str) -> Option<&'static str> {
     const KNOWN: &[(&str, &str)] = &[
         ("AADSTS700082", "the refresh token expired after 90 days without use; sign in again"),
@@ -702,6 +785,134 @@ mod tests {
         assert!(matches!(classify_response("temporarily_unavailable", ""), TokenError::Transient(_)));
         assert!(
             matches!(classify_response("interaction_required", "AADSTS50076: MFA"), TokenError::NeedsLogin(t) if t.contains("multi-factor"))
+        );
+    }
+
+    /// A token endpoint that holds every refresh request until the test lets it answer,
+    /// then refuses the grant (as for a revoked refresh token).
+    struct SlowEndpoint {
+        refreshes: std::sync::atomic::AtomicUsize,
+        received: tokio::sync::Notify,
+        gate: tokio::sync::Semaphore,
+    }
+
+    async fn slow_endpoint() -> (Arc<SlowEndpoint>, String) {
+        use axum::routing::post;
+        let ep = Arc::new(SlowEndpoint {
+            refreshes: Default::default(),
+            received: tokio::sync::Notify::new(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let state = ep.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            post(move |body: axum::body::Bytes| {
+                let ep = state.clone();
+                async move {
+                    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+                    assert_eq!(form.get("grant_type").map(String::as_str), Some("refresh_token"));
+                    ep.refreshes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    ep.received.notify_one();
+                    if let Ok(p) = ep.gate.acquire().await {
+                        p.forget();
+                    }
+                    (
+                        axum::http::StatusCode::BAD_REQUEST,
+                        [("content-type", "application/json")],
+                        r#"{"error":"invalid_grant","error_description":"AADSTS50173: revoked"}"#,
+                    )
+                }
+            }),
+        );
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", tcp.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(tcp, app).await });
+        (ep, url)
+    }
+
+    /// A token manager with one delegated identity "u" whose tokens are `rt` and an access
+    /// token that is already due for refresh.
+    async fn manager(dir: &std::path::Path, token_url: &str, rt: &str) -> Arc<TokenManager> {
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n\
+             [[provider]]\nname = \"p\"\nkind = \"generic\"\nclient_id = \"c\"\ntoken_url = \"{token_url}\"\n\
+             device_authorization_url = \"{token_url}\"\nsmtp = \"127.0.0.1:9\"\nsmtp_tls = \"none\"\n\n\
+             [[identity]]\nname = \"u\"\nprovider = \"p\"\nemail = \"u@example.com\"\nflow = \"device_code\"\n"
+        );
+        let config = Config::parse(&dir.join("config.toml"), text).unwrap();
+        let tokens = crate::relay::build(config).unwrap().tokens;
+        let set = TokenSet {
+            access_token: "at-old".into(),
+            refresh_token: Some(rt.into()),
+            expires_in: Some(Duration::from_secs(1)),
+            scopes: vec![],
+            account: None,
+        };
+        tokens.sign_in(tokens.slot("u").unwrap(), set).await.unwrap();
+        tokens
+    }
+
+    #[tokio::test]
+    async fn a_sign_in_during_a_refresh_is_not_undone_by_its_invalid_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, url) = slow_endpoint().await;
+        let tokens = manager(dir.path(), &url, "rt-old").await;
+        let t = tokens.clone();
+        let refresh = tokio::spawn(async move { t.access_token("u").await });
+        tokio::time::timeout(Duration::from_secs(10), ep.received.notified()).await.unwrap();
+        // The person signs in while the old refresh token's request is out.
+        let t = tokens.clone();
+        let sign_in = tokio::spawn(async move {
+            let set = TokenSet {
+                access_token: "at-new".into(),
+                refresh_token: Some("rt-new".into()),
+                expires_in: Some(Duration::from_secs(3600)),
+                scopes: vec![],
+                account: Some("u@example.com".into()),
+            };
+            t.sign_in(t.slot("u").unwrap(), set).await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!sign_in.is_finished(), "the sign-in waits for the refresh in flight");
+        ep.gate.add_permits(1);
+        let refreshed = tokio::time::timeout(Duration::from_secs(10), refresh).await.unwrap().unwrap();
+        assert!(matches!(refreshed, Err(TokenError::NeedsLogin(_))), "{refreshed:?}");
+        tokio::time::timeout(Duration::from_secs(10), sign_in).await.unwrap().unwrap().unwrap();
+
+        let slot = tokens.slot("u").unwrap();
+        let r = slot.record();
+        assert_eq!(r.state, IdentityState::Ready, "{:?}", r.last_error);
+        assert_eq!(r.refresh_token.as_deref(), Some("rt-new"));
+        assert_eq!(tokens.access_token("u").await.unwrap().secret, "at-new");
+        assert_eq!(ep.refreshes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // What is on disk is what is in memory.
+        let sealed = tokens.store.get(Tree::Tokens, b"u").unwrap().unwrap();
+        let stored: TokenRecord = serde_json::from_slice(&tokens.vault.unseal("u", &sealed).unwrap()).unwrap();
+        assert_eq!((stored.state, stored.refresh_token.as_deref()), (IdentityState::Ready, Some("rt-new")));
+    }
+
+    #[tokio::test]
+    async fn callers_waiting_on_a_refresh_share_its_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ep, url) = slow_endpoint().await;
+        let tokens = manager(dir.path(), &url, "rt-revoked").await;
+        let callers: Vec<_> = (0..5)
+            .map(|_| {
+                let t = tokens.clone();
+                tokio::spawn(async move { t.access_token("u").await })
+            })
+            .collect();
+        tokio::time::timeout(Duration::from_secs(10), ep.received.notified()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ep.gate.add_permits(10);
+        for c in callers {
+            let r = tokio::time::timeout(Duration::from_secs(10), c).await.unwrap().unwrap();
+            assert!(matches!(r, Err(TokenError::NeedsLogin(ref t)) if t.contains("invalid_grant")), "{r:?}");
+        }
+        assert_eq!(
+            ep.refreshes.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one request with the revoked token, not one per caller"
         );
     }
 

@@ -1,4 +1,4 @@
-//! Encryption of token records at rest (DESIGN rule 4): XChaCha20-Poly1305 under a 256-bit key
+//! Encryption of token records at rest: XChaCha20-Poly1305 under a 256-bit key
 //! from `key_file` (created with mode 0600 on first run) or the `MFD_RELAY_KEY` environment
 //! variable (64 hex digits). Each record is bound to its identity name as associated data, so
 //! a record copied onto another identity does not decrypt. A wrong key or a changed byte is an

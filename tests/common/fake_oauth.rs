@@ -1150,9 +1150,13 @@ impl State {
         }
     }
 
-    /// Microsoft certificate credential checks: RS256 signature with the
-    /// registered key, `x5t#S256` header, `aud` = token URL,
-    /// `iss` = `sub` = client id, `exp` in the future, `nbf` not ahead.
+    /// Microsoft certificate credential checks: a signature with the registered
+    /// key made with the algorithm the header names, `x5t#S256` header,
+    /// `aud` = token URL, `iss` = `sub` = client id, `exp` in the future, `nbf`
+    /// not ahead. Microsoft documents PS256 (RSASSA-PSS, RFC 7518 §3.5) with
+    /// `x5t#S256`; RS256 (RFC 7518 §3.3) is still taken, as the shared test
+    /// helper `RsaTestKey::client_assertion` signs with it. An RS256 signature
+    /// labelled PS256 (or the reverse) does not verify.
     fn verify_client_assertion(
         &self,
         jwt: &str,
@@ -1162,9 +1166,12 @@ impl State {
         let malformed =
             |why: &str| HttpReply::client(50027, &format!("JWT token is invalid or malformed. [Reason - {why}]"));
         let parsed = Jwt::parse(jwt).map_err(|e| malformed(&e))?;
-        if parsed.header.get("alg").and_then(Value::as_str) != Some("RS256") {
-            return Err(malformed("alg must be RS256."));
-        }
+        let verifier: &'static dyn ring::signature::VerificationAlgorithm =
+            match parsed.header.get("alg").and_then(Value::as_str) {
+                Some("PS256") => &ring::signature::RSA_PSS_2048_8192_SHA256,
+                Some("RS256") => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+                _ => return Err(malformed("alg must be PS256 (or RS256).")),
+            };
         let iss = parsed.claim_str("iss").unwrap_or_default();
         let sub = parsed.claim_str("sub").unwrap_or_default();
         let client_id = client_id_param.unwrap_or(iss).to_string();
@@ -1193,7 +1200,10 @@ impl State {
                 return Err(bad_sig(&format!("The key was not found., Thumbprint of key used by client: '{thumb}'")));
             }
         }
-        if !parsed.signature_valid(key) {
+        let signature_valid = ring::signature::UnparsedPublicKey::new(verifier, key)
+            .verify(parsed.signing_input.as_bytes(), &parsed.signature)
+            .is_ok();
+        if !signature_valid {
             return Err(bad_sig("The signature does not verify."));
         }
         if !parsed.audience_is(token_url) {
