@@ -103,10 +103,7 @@ impl Admin {
             started: chrono::Utc::now().timestamp(),
             view: Arc::new(RwLock::new(Arc::new(View::from_config(&parts.config)))),
             reload: Arc::default(),
-            throttle: Arc::new(crate::smtp::auth::AuthThrottle::new(
-                crate::smtp::AUTH_MAX_FAILURES,
-                crate::smtp::AUTH_BLOCK,
-            )),
+            throttle: Arc::new(crate::smtp::auth::AuthThrottle::new(crate::smtp::AUTH_LIMITS)),
         }
     }
 
@@ -187,7 +184,7 @@ async fn guard_requests(State(a): State<Admin>, req: Request, next: Next) -> Res
 }
 
 /// How long a throttled address is told to wait (seconds).
-const THROTTLE_RETRY_AFTER: u64 = crate::smtp::AUTH_BLOCK.as_secs();
+const THROTTLE_RETRY_AFTER: u64 = crate::smtp::AUTH_LIMITS.forgive_every.as_secs();
 
 /// Lets a request through when its credentials fit [`View::access`]; else a 401, given
 /// after a delay that grows with the failures of that address, and after too many a 429
@@ -198,10 +195,11 @@ async fn require_access(State(a): State<Admin>, req: Request, next: Next) -> Res
         return next.run(req).await;
     }
     let ip = req.extensions().get::<ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
-    let now = std::time::Instant::now();
-    if let Some(ip) = ip {
-        if !a.throttle.allowed(ip, now) {
-            tracing::warn!(address = %ip, "admin request refused: too many failed logins");
+    // The attempt is reserved before the credentials are checked, as for device logins, so
+    // that parallel guesses cannot all pass the throttle before the first failure counts.
+    let attempt = match ip.map(|ip| a.throttle.begin(ip, None, std::time::Instant::now())) {
+        Some(Err(_)) => {
+            tracing::warn!(address = ?ip, "admin request refused: too many failed logins");
             return (
                 StatusCode::TOO_MANY_REQUESTS,
                 [(header::RETRY_AFTER, THROTTLE_RETRY_AFTER.to_string())],
@@ -209,19 +207,27 @@ async fn require_access(State(a): State<Admin>, req: Request, next: Next) -> Res
             )
                 .into_response();
         }
-    }
+        Some(Ok(attempt)) => Some(attempt),
+        None => None,
+    };
     match view.access.check(req.headers()).await {
         auth::Verdict::Allowed => {
-            if let Some(ip) = ip {
-                a.throttle.succeeded(ip);
+            if let Some(attempt) = attempt {
+                attempt.succeeded(std::time::Instant::now());
             }
             next.run(req).await
         }
-        auth::Verdict::Missing => view.access.refusal(req.uri().path() == "/status"),
+        auth::Verdict::Missing => {
+            // No credentials at all is a browser's first request, not a guess.
+            if let Some(attempt) = attempt {
+                attempt.succeeded(std::time::Instant::now());
+            }
+            view.access.refusal(req.uri().path() == "/status")
+        }
         auth::Verdict::Wrong => {
             tracing::warn!(path = %req.uri().path(), address = ?ip, "admin request refused: wrong credentials");
-            if let Some(ip) = ip {
-                tokio::time::sleep(a.throttle.failed(ip, now)).await;
+            if let Some(attempt) = attempt {
+                tokio::time::sleep(attempt.failed(std::time::Instant::now())).await;
             }
             view.access.refusal(req.uri().path() == "/status")
         }

@@ -840,7 +840,7 @@ mod tests {
              [[identity]]\nname = \"u\"\nprovider = \"p\"\nemail = \"u@example.com\"\nflow = \"device_code\"\n"
         );
         let config = Config::parse(&dir.join("config.toml"), text).unwrap();
-        let tokens = crate::relay::build(config).unwrap().tokens;
+        let tokens = crate::relay::build(config).await.unwrap().tokens;
         let set = TokenSet {
             access_token: "at-old".into(),
             refresh_token: Some(rt.into()),
