@@ -61,7 +61,7 @@ impl Refusal {
     /// A short label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            Refusal::HeaderTooBig => "header_too_big",
+            Refusal::HeaderTooBig => "too_big",
             Refusal::LongLine(_) => "bad_header",
         }
     }
@@ -335,16 +335,13 @@ fn device_mailbox(from: &Field<'_>) -> Option<(Option<String>, Option<String>)> 
 
 /// An address that can go between `<` and `>` as it is.
 fn usable_address(a: &str) -> bool {
-    a.bytes().all(|b| b.is_ascii_graphic() && !b"<>\"\\,;:()[]".contains(&b))
-        && a.parse::<lettre::Address>().is_ok()
+    a.bytes().all(|b| b.is_ascii_graphic() && !b"<>\"\\,;:()[]".contains(&b)) && a.parse::<lettre::Address>().is_ok()
 }
 
 /// A display name made safe: no controls or invisible formatting characters (a bidi override
 /// could make the name read differently), whitespace collapsed, at most 100 characters.
 fn clean_display_name(raw: &str) -> Option<String> {
-    let invisible = |c: char| {
-        matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
-    };
+    let invisible = |c: char| matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
     let mut out = String::new();
     let mut chars = 0;
     let mut gap = false;
@@ -431,7 +428,9 @@ fn rewrite_header(header: &[u8], c: &Changes<'_>) -> Result<Vec<u8>, Refusal> {
             let kept: Vec<&Field<'_>> = all
                 .iter()
                 .filter(|f| {
-                    !(f.is("From") || f.is("Sender") || f.name.get(..7).is_some_and(|p| p.eq_ignore_ascii_case(b"Resent-")))
+                    !(f.is("From")
+                        || f.is("Sender")
+                        || f.name.get(..7).is_some_and(|p| p.eq_ignore_ascii_case(b"Resent-")))
                 })
                 .collect();
             let has_reply_to = kept.iter().any(|f| f.is("Reply-To"));
@@ -681,7 +680,10 @@ mod tests {
         assert!(out.contains("\r\nFrom: scans@contoso.com\r\n"), "{out}");
         assert!(!out.contains("ceo@") && !out.contains("dev@x") && !out.contains("Reply-To"), "{out}");
         // A group and two From fields likewise.
-        for msg in [&b"From: Team: ceo@contoso.test, dev@x.test;\r\n\r\nb\r\n"[..], b"From: ceo@contoso.test\r\nFROM : dev@x.test\r\n\r\nb\r\n"] {
+        for msg in [
+            &b"From: Team: ceo@contoso.test, dev@x.test;\r\n\r\nb\r\n"[..],
+            b"From: ceo@contoso.test\r\nFROM : dev@x.test\r\n\r\nb\r\n",
+        ] {
             let out = checked(msg, Some(ID));
             assert!(!out.contains("ceo@") && !out.contains("dev@x"), "{out}");
         }
@@ -758,11 +760,46 @@ mod tests {
     #[test]
     fn rewrite_keeps_the_invariant_on_random_hostile_input() {
         const PIECES: &[&[u8]] = &[
-            b"From: ", b"FROM :", b"Sender: ", b"Resent-From: ", b"Reply-To: ", b"Date: x", b"Message-ID: <a@b>",
-            b"Subject: ", b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b" ", b"\t", b"\0", b"\"", b"\\", b"<", b">",
-            b"@", b",", b":", b";", b"(", b")", b"a", b"dev@x.test", b"ceo@contoso.test", b"=?UTF-8?B?w6k=?=",
-            b"=?", b"?=", b"\xc3\xa9", b"\xff", b"\r\n\r\n", b"body", b"\xe2\x80\xae", b"Team:",
-            &[b'x'; 400], &[b' '; 300],
+            b"From: ",
+            b"FROM :",
+            b"Sender: ",
+            b"Resent-From: ",
+            b"Reply-To: ",
+            b"Date: x",
+            b"Message-ID: <a@b>",
+            b"Subject: ",
+            b"\r\n",
+            b"\r\n",
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b" ",
+            b"\t",
+            b"\0",
+            b"\"",
+            b"\\",
+            b"<",
+            b">",
+            b"@",
+            b",",
+            b":",
+            b";",
+            b"(",
+            b")",
+            b"a",
+            b"dev@x.test",
+            b"ceo@contoso.test",
+            b"=?UTF-8?B?w6k=?=",
+            b"=?",
+            b"?=",
+            b"\xc3\xa9",
+            b"\xff",
+            b"\r\n\r\n",
+            b"body",
+            b"\xe2\x80\xae",
+            b"Team:",
+            &[b'x'; 400],
+            &[b' '; 300],
         ];
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         let mut next = move || {
@@ -785,7 +822,11 @@ mod tests {
                 match rewrite_message(&msg, &changes(identity)) {
                     Ok(out) => {
                         if let Err(e) = invariant::check(&msg, &out, identity) {
-                            panic!("{e}\ninput:  {:?}\noutput: {:?}", String::from_utf8_lossy(&msg), String::from_utf8_lossy(&out));
+                            panic!(
+                                "{e}\ninput:  {:?}\noutput: {:?}",
+                                String::from_utf8_lossy(&msg),
+                                String::from_utf8_lossy(&out)
+                            );
                         }
                     }
                     // Only a line too long to fold is refused.

@@ -42,9 +42,10 @@ pub fn check(input: &[u8], output: &[u8], identity: Option<&str>) -> Result<(), 
     let [from] = froms.as_slice() else {
         return Err(format!("{} From fields", froms.len()));
     };
-    if let Some(f) = fields.iter().find(|f| {
-        f.name.eq_ignore_ascii_case("Sender") || f.name.to_ascii_lowercase().starts_with("resent-")
-    }) {
+    if let Some(f) = fields
+        .iter()
+        .find(|f| f.name.eq_ignore_ascii_case("Sender") || f.name.to_ascii_lowercase().starts_with("resent-"))
+    {
         return Err(format!("the device's {} field is left", f.name));
     }
     let value = String::from_utf8_lossy(&from.value);

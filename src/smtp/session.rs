@@ -542,7 +542,10 @@ impl Session {
                     // The scanner looks at each new byte once (no rescan of the buffer).
                     Some(h) => {
                         h.extend_from_slice(&out);
-                        match scanner.find(h).and_then(|s| s.map(|s| crate::message::rewrite_start(h, s, &changes)).transpose()) {
+                        match scanner
+                            .find(h)
+                            .and_then(|s| s.map(|s| crate::message::rewrite_start(h, s, &changes)).transpose())
+                        {
                             Ok(Some(first)) => {
                                 header = None;
                                 writer.write(&first).await
