@@ -44,6 +44,7 @@ pub struct Changes<'a> {
     pub hostname: &'a str,
     /// Unique part for a Message-ID we add.
     pub unique: &'a str,
+    /// For a Date we add.
     pub now: chrono::DateTime<chrono::Utc>,
 }
 
@@ -134,6 +135,7 @@ impl Default for HeaderScanner {
 }
 
 impl HeaderScanner {
+    /// A scanner at the start of the message.
     pub fn new() -> Self {
         HeaderScanner { state: Scan::Start, pos: 0, line: 0, in_field: false }
     }
@@ -168,7 +170,7 @@ impl HeaderScanner {
                 _ => return self.split(SplitKind::BodyLine),
             };
         }
-        if self.line > MAX_HEADER_SECTION || self.pos - self.line > MAX_HEADER_SECTION {
+        if self.pos > MAX_HEADER_SECTION {
             return Err(Refusal::HeaderTooBig);
         }
         Ok(None)
