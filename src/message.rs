@@ -145,6 +145,9 @@ impl HeaderScanner {
     pub fn find(&mut self, buf: &[u8]) -> Result<Option<Split>, Refusal> {
         while let Some(&b) = buf.get(self.pos) {
             self.pos += 1;
+            if self.pos > MAX_HEADER_SECTION {
+                return Err(Refusal::HeaderTooBig);
+            }
             // A field name and its colon must fit in a line (RFC 5322 2.1.1): a longer run of
             // name characters is a body line (a long base64 line, say).
             if matches!(self.state, Scan::Name | Scan::NameWsp) && self.pos - self.line > MAX_LINE {
@@ -170,9 +173,6 @@ impl HeaderScanner {
                 _ => return self.split(SplitKind::BodyLine),
             };
         }
-        if self.pos > MAX_HEADER_SECTION {
-            return Err(Refusal::HeaderTooBig);
-        }
         Ok(None)
     }
 
@@ -181,18 +181,13 @@ impl HeaderScanner {
         if let Some(split) = self.find(buf)? {
             return Ok(split);
         }
-        if self.state == Scan::Start {
-            Ok(Split { header: self.line, kind: SplitKind::NoBody })
-        } else {
-            // A last line without CRLF is no complete header line.
-            Ok(Split { header: self.line, kind: SplitKind::BodyLine })
-        }
+        // A last line without CRLF is no complete header line.
+        let kind = if self.state == Scan::Start { SplitKind::NoBody } else { SplitKind::BodyLine };
+        Ok(Split { header: self.line, kind })
     }
 
+    /// The header section ends where the current line starts.
     fn split(&self, kind: SplitKind) -> Result<Option<Split>, Refusal> {
-        if self.line > MAX_HEADER_SECTION {
-            return Err(Refusal::HeaderTooBig);
-        }
         Ok(Some(Split { header: self.line, kind }))
     }
 }
