@@ -21,7 +21,11 @@ fuzz_target!(|msg: &[u8]| {
         match rewrite_message(msg, &c) {
             Ok(out) => {
                 if let Err(e) = invariant::check(msg, &out, rewrite_from) {
-                    panic!("{e}\ninput: {:?}\noutput: {:?}", String::from_utf8_lossy(msg), String::from_utf8_lossy(&out));
+                    panic!(
+                        "{e}\ninput: {:?}\noutput: {:?}",
+                        String::from_utf8_lossy(msg),
+                        String::from_utf8_lossy(&out)
+                    );
                 }
             }
             Err(Refusal::LongLine(_)) => {
