@@ -193,6 +193,15 @@ impl Reply {
     pub fn message_too_big(limit: u64) -> Reply {
         Reply::with(552, Status(5, 3, 4), format!("Message too big (limit {limit} bytes)"))
     }
+    /// A message that cannot be made valid (RFC 3463 5.6.0), or whose header section is
+    /// over the limit (5.3.4).
+    pub fn message_refused(why: &crate::message::Refusal) -> Reply {
+        let text = format!("Message refused: {}", sanitize_text(&why.to_string(), 200));
+        match why {
+            crate::message::Refusal::HeaderTooBig => Reply::with(552, Status(5, 3, 4), text),
+            _ => Reply::with(554, Status(5, 6, 0), text),
+        }
+    }
     pub fn storage_failed() -> Reply {
         Reply::with(452, Status(4, 3, 1), "Insufficient system storage; try again later")
     }

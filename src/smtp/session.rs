@@ -649,6 +649,8 @@ impl Session {
         let mut decoder = DotDecoder::new(self.bare_lf_only && self.lines > 0);
         let mut out = Vec::with_capacity(64 * 1024);
         let mut header: Option<Vec<u8>> = Some(Vec::new());
+        let mut scanner = crate::message::HeaderScanner::new();
+        let mut refused: Option<crate::message::Refusal> = None;
         let mut size: u64 = 0;
         let mut too_big = false;
         let mut write_error: Option<std::io::Error> = None;
@@ -672,22 +674,24 @@ impl Session {
             if size > limit {
                 too_big = true;
             }
-            if !too_big && write_error.is_none() {
+            if !too_big && write_error.is_none() && refused.is_none() {
                 let res = match header.as_mut() {
+                    // The scanner looks at each new byte once (no rescan of the buffer).
                     Some(h) => {
                         h.extend_from_slice(&out);
-                        match crate::message::header_end(h) {
-                            Some(end) => {
-                                let mut first = crate::message::rewrite_header(&h[..end], &changes);
-                                first.extend_from_slice(&h[end..]);
+                        match scanner
+                            .find(h)
+                            .and_then(|s| s.map(|s| crate::message::rewrite_start(h, s, &changes)).transpose())
+                        {
+                            Ok(Some(first)) => {
                                 header = None;
                                 writer.write(&first).await
                             }
-                            None if h.len() > crate::message::MAX_HEADER_SECTION => {
-                                too_big = true;
+                            Ok(None) => Ok(()),
+                            Err(e) => {
+                                refused = Some(e);
                                 Ok(())
                             }
-                            None => Ok(()),
                         }
                     }
                     None => writer.write(&out).await,
@@ -701,10 +705,15 @@ impl Session {
                 break;
             }
         }
-        // A message without an empty line is all header.
-        if let (Some(h), false, None) = (header.take(), too_big, write_error.as_ref()) {
-            if let Err(e) = writer.write(&crate::message::rewrite_header(&h, &changes)).await {
-                write_error = Some(e);
+        // The data ended in the header section: all header, or a last line without CRLF.
+        if let (Some(h), false, None, None) = (header.take(), too_big, write_error.as_ref(), refused.as_ref()) {
+            match scanner.finish(&h).and_then(|s| crate::message::rewrite_start(&h, s, &changes)) {
+                Ok(first) => {
+                    if let Err(e) = writer.write(&first).await {
+                        write_error = Some(e);
+                    }
+                }
+                Err(e) => refused = Some(e),
             }
         }
         if too_big {
@@ -712,6 +721,12 @@ impl Session {
             metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "too_big"]).inc();
             tracing::warn!(device = %device.name, size, limit, "message too big");
             return DataResult::Reply(Reply::message_too_big(limit));
+        }
+        if let Some(why) = refused {
+            writer.abort();
+            metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, why.label()]).inc();
+            tracing::warn!(device = %device.name, "message refused: {why}");
+            return DataResult::Reply(Reply::message_refused(&why));
         }
         if let Some(e) = write_error {
             writer.abort();
