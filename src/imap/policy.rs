@@ -161,14 +161,17 @@ type Signature = fn(&[u8]) -> bool;
 
 /// Types recognised by their first bytes. Sniffing looks at the start only, as file(1) does.
 const MAGIC: &[(&str, Signature)] = &[
-    // ISO 32000-1 7.5.2: "%PDF-"; readers accept it within the first 1024 bytes.
-    ("application/pdf", |d| d[..d.len().min(1024)].windows(5).any(|w| w == b"%PDF-")),
+    // ISO 32000-1 7.5.2: the file begins with "%PDF-". Only leading white space is tolerated:
+    // readers that search the first 1024 bytes would take a program or a PostScript file with
+    // "%PDF-" somewhere inside for a PDF (a polyglot), so the signature must be at the start.
+    ("application/pdf", |d| d.trim_ascii_start().starts_with(b"%PDF-")),
     ("image/jpeg", |d| d.starts_with(&[0xFF, 0xD8, 0xFF])),
     ("image/png", |d| d.starts_with(&[0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A])),
     ("image/gif", |d| d.starts_with(b"GIF87a") || d.starts_with(b"GIF89a")),
     ("image/tiff", |d| d.starts_with(b"II*\0") || d.starts_with(b"MM\0*")),
     ("image/webp", |d| d.len() >= 12 && d.starts_with(b"RIFF") && &d[8..12] == b"WEBP"),
-    ("application/postscript", |d| d.starts_with(b"%!PS")),
+    // PostScript Language Reference 3, 5.1: "%!" (usually "%!PS-Adobe-3.0").
+    ("application/postscript", |d| d.starts_with(b"%!")),
     ("application/zip", |d| d.starts_with(b"PK\x03\x04")),
     ("application/x-ole-storage", |d| d.starts_with(&[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1])),
     ("application/x-msdownload", |d| d.starts_with(b"MZ")),
@@ -420,10 +423,47 @@ mod tests {
         assert_eq!(sniff(b"PK\x03\x04...."), Some("application/zip"));
         assert_eq!(sniff(b"hello"), None);
         assert_eq!(sniff(b""), None);
-        // Junk before %PDF- is tolerated within 1024 bytes, as readers do.
-        let mut late = vec![b' '; 100];
+        // White space before %PDF- is tolerated.
+        let mut late = b" \r\n\t".repeat(25);
         late.extend_from_slice(PDF);
         assert_eq!(sniff(&late), Some("application/pdf"));
+    }
+
+    #[test]
+    fn a_pdf_signature_counts_only_at_the_start() {
+        let p = Policy { types: vec![], ..policy() };
+        // Polyglots: another format's signature at offset 0, "%PDF-" further in.
+        let mut exe = b"MZ\x90\0\x03\0\0\0".to_vec();
+        exe.extend_from_slice(PDF);
+        let mut ps = b"%!PS-Adobe-3.0\n".to_vec();
+        ps.extend_from_slice(PDF);
+        let mut elf = b"\x7FELF\x02\x01".to_vec();
+        elf.extend_from_slice(PDF);
+        let mut zip = b"PK\x03\x04\x14\0".to_vec();
+        zip.extend_from_slice(PDF);
+        let mut junk = b"junk ".to_vec();
+        junk.extend_from_slice(PDF);
+        for (data, found) in [
+            (&exe, Some("application/x-msdownload")),
+            (&ps, Some("application/postscript")),
+            (&elf, Some("application/x-executable")),
+            (&zip, Some("application/zip")),
+            (&junk, None),
+        ] {
+            assert_eq!(sniff(data), found);
+            for declared in [Some("application/pdf"), Some("application/octet-stream"), None] {
+                assert_eq!(
+                    p.classify(declared, "doc.pdf", data),
+                    Err(Refusal::Mismatch {
+                        name: "doc.pdf".into(),
+                        claimed: "application/pdf".into(),
+                        found: found.map(str::to_string)
+                    }),
+                    "{declared:?} {found:?}"
+                );
+            }
+        }
+        assert_eq!(p.classify(Some("application/pdf"), "doc.pdf", b"\n\r\n %PDF-1.7\n"), Ok("application/pdf".into()));
     }
 
     #[test]

@@ -214,6 +214,9 @@ impl Poller {
             }
         }
         let dir_name = filename::sanitize(Some(&name), "mailbox", None);
+        // Absolute, so that `{file}` is one whatever the relay's working directory.
+        let spool = std::path::absolute(spool).map_err(|e| format!("spool {}: {e}", spool.display()))?;
+        let spool = spool.as_path();
         Ok(Poller {
             user: slot.email.clone(),
             folder: m.folder.clone(),
