@@ -305,7 +305,8 @@ async fn idle_picks_up_new_mail_within_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disallowed_sender_and_type_are_refused_and_answered() {
-    let extra = format!("senders = [\"{ALICE}\"]\nreply_refused = true\n");
+    // These mails carry no Authentication-Results: the From is taken at its word here.
+    let extra = format!("senders = [\"{ALICE}\"]\nreply_refused = true\nrequire_authenticated_sender = false\n");
     let Some(p) = Print::start("disallowed_sender_and_type_are_refused_and_answered", ImapTls::Starttls, &extra).await
     else {
         return;
@@ -573,4 +574,56 @@ async fn trace_logging_never_shows_the_token() {
     // The XOAUTH2 response is base64 of "user=print@example.test\x01auth=Bearer <token>...".
     let encoded = common::b64(format!("user={PRINT}\x01auth=Bearer fake-at-"));
     assert!(!log.contains(&encoded[..40]), "a base64 XOAUTH2 response");
+}
+
+/// `raw` with header fields put on top, as a receiving server adds them.
+fn with_headers(fields: &str, raw: Vec<u8>) -> Vec<u8> {
+    let mut out = fields.as_bytes().to_vec();
+    out.extend(raw);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_from_is_refused_without_the_servers_dmarc_pass_and_not_answered() {
+    let extra = format!("senders = [\"{ALICE}\"]\nreply_refused = true\n");
+    let Some(p) =
+        Print::start("a_forged_from_is_refused_without_the_servers_dmarc_pass_and_not_answered", ImapTls::Plain, &extra)
+            .await
+    else {
+        return;
+    };
+    let pdf = [("application/pdf", "filename=\"a.pdf\"", PDF_A)];
+    // Eve writes Alice's address, with no evidence at all.
+    p.deliver(&mail(ALICE, "Forged, bare", &pdf)).await;
+    // Eve adds her own "dmarc=pass"; the receiving server's verdict is on top of it.
+    p.deliver(&with_headers(
+        "Authentication-Results: mx.example.test; dmarc=fail (p=none) header.from=example.test\r\n\
+         Received: from evil.test\r\n\
+         Authentication-Results: mx.example.test; dmarc=pass header.from=example.test\r\n",
+        mail(ALICE, "Forged, own verdict below", &pdf),
+    ))
+    .await;
+    // A pass for another domain does not vouch for Alice's.
+    p.deliver(&with_headers(
+        "Authentication-Results: mx.example.test; dmarc=pass header.from=evil.test\r\n",
+        mail(ALICE, "Forged, other domain", &pdf),
+    ))
+    .await;
+    // The real Alice: the server says dmarc=pass for her domain.
+    p.deliver(&with_headers(
+        "Authentication-Results: mx.example.test;\r\n spf=pass smtp.mailfrom=example.test;\r\n dmarc=pass (p=reject) header.from=example.test\r\n",
+        mail(ALICE, "Genuine", &pdf),
+    ))
+    .await;
+    p.wait_upstream(0).await;
+    let jobs = p.wait_jobs(1).await;
+    assert_eq!(Print::job_json(&jobs[0])["subject"], "Genuine");
+    assert_eq!(p.metric("mfd_relay_imap_jobs_total{mailbox=\"print\",result=\"refused\"}").await, 3.0);
+    let log = p.relay.log();
+    assert_eq!(log.matches("could not be verified").count(), 3, "{log}");
+    assert_eq!(log.matches("refused mail not answered").count(), 3, "{log}");
+    // No backscatter: nothing was queued to the forged address.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(p.real.inbox_files(ALICE).is_empty(), "an answer went to the forged sender");
+    assert!(!p.relay.log().contains("answer to a refused mail queued"), "{}", p.relay.log());
 }

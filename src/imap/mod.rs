@@ -12,10 +12,11 @@
 //! the store before each step ([`state`]), so a crash anywhere never prints a mail twice, never
 //! loses one, and a change of UIDVALIDITY neither.
 //!
-//! The files: `client` (TCP, TLS, XOAUTH2), `session` (IMAP commands), `wire` (mailbox names
+//! The files: `client` (TCP, TLS, XOAUTH2), `authres` (was the sender authenticated), `session` (IMAP commands), `wire` (mailbox names
 //! on the wire), `poller` (the loop and the stages), `state` (sled records), `policy`,
 //! `filename`, `job`, `handoff`, `reply`.
 
+pub mod authres;
 pub mod client;
 pub mod filename;
 pub mod handoff;

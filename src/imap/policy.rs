@@ -21,6 +21,7 @@ use std::fmt;
 
 use mail_parser::{Message, MessagePart, MimeHeaders};
 
+use super::authres::{self, Trust};
 use super::filename::{self, Names};
 use crate::config::Mailbox;
 
@@ -32,6 +33,9 @@ pub struct Policy {
     pub types: Vec<String>,
     pub max_size: u64,
     pub print_body: bool,
+    /// Believe `From` only when the receiving server vouches for it ([`super::authres`]).
+    pub require_authenticated: bool,
+    pub trust: Trust,
 }
 
 /// Why a mail is not printed. The text goes to the log and, with `reply_refused`, to the sender.
@@ -39,6 +43,8 @@ pub struct Policy {
 pub enum Refusal {
     NoSender,
     Sender(String),
+    /// The receiving server did not vouch for the From address (no DMARC pass).
+    Unauthenticated(String),
     TooLarge { size: u64, max: u64 },
     Type { name: String, found: String, allowed: Vec<String> },
     Mismatch { name: String, claimed: String, found: Option<String> },
@@ -51,6 +57,10 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::NoSender => write!(f, "the mail has no sender (From) address"),
             Refusal::Sender(s) => write!(f, "the sender {s} is not allowed to print here"),
+            Refusal::Unauthenticated(s) => write!(
+                f,
+                "the sender address {s} could not be verified (the receiving server reports no DMARC pass for it)"
+            ),
             Refusal::TooLarge { size, max } => {
                 write!(f, "the mail is {size} bytes, larger than this printer takes ({max} bytes)")
             }
@@ -228,7 +238,31 @@ impl Policy {
             types: m.types.iter().map(|t| normalise_type(t)).collect(),
             max_size: m.max_size.0,
             print_body: m.print_body,
+            require_authenticated: m.require_authenticated_sender,
+            trust: Trust { authserv_id: m.authserv_id.clone(), exchange_internal: false },
         }
+    }
+
+    /// Whether the receiving server vouches for every address of `from` ([`super::authres`]).
+    pub fn authenticated(&self, msg: &Message<'_>, from: &[String]) -> bool {
+        authres::from_authenticated(&authres::fields(msg), from, &self.trust)
+    }
+
+    /// The sender, checked: with an allow-list and `require_authenticated_sender`, the From
+    /// must be authenticated before the list is consulted (a forged From would pass it).
+    pub fn check_from(&self, msg: &Message<'_>) -> Result<(Sender, Vec<String>), Refusal> {
+        let (sender, all) = sender_of(msg)?;
+        if self.require_authenticated && !self.senders.is_empty() && !self.authenticated(msg, &all) {
+            return Err(Refusal::Unauthenticated(sender.address));
+        }
+        self.check_sender(&all)?;
+        Ok((sender, all))
+    }
+
+    /// Whether a refusal may be answered as far as authentication goes: an answer to a forged
+    /// From would go to someone who never wrote (backscatter).
+    pub fn may_answer(&self, msg: &Message<'_>, from: &[String]) -> bool {
+        !self.require_authenticated || self.authenticated(msg, from)
     }
 
     /// Every `From` address must be allowed (a second, allowed address does not make a
@@ -382,6 +416,8 @@ mod tests {
             types: vec!["application/pdf".into(), "image/*".into()],
             max_size: 1000,
             print_body: false,
+            require_authenticated: false,
+            trust: Trust::default(),
         }
     }
 
@@ -526,6 +562,32 @@ mod tests {
         assert_eq!(anyone.check_sender(&["x@y.z".into()]), Ok(()));
         assert_eq!(p.check_size(1000), Ok(()));
         assert_eq!(p.check_size(1001), Err(Refusal::TooLarge { size: 1001, max: 1000 }));
+    }
+
+    #[test]
+    fn a_forged_from_is_refused_without_the_servers_dmarc_pass() {
+        let p = Policy { require_authenticated: true, ..policy() };
+        let parse = |raw: &[u8]| MessageParser::default().parse(raw).unwrap().into_owned();
+        let plain = parse(&mail("alice@contoso.com", &[("application/pdf", Some("a.pdf"), PDF)]));
+        assert_eq!(p.check_from(&plain), Err(Refusal::Unauthenticated("alice@contoso.com".into())));
+        assert!(!p.may_answer(&plain, &["alice@contoso.com".into()]));
+        let with = |ar: &str| {
+            let mut raw = format!("Authentication-Results: {ar}\r\n").into_bytes();
+            raw.extend(mail("alice@contoso.com", &[("application/pdf", Some("a.pdf"), PDF)]));
+            parse(&raw)
+        };
+        let good = with("mx.contoso.com; dmarc=pass header.from=contoso.com");
+        assert_eq!(p.check_from(&good).map(|(s, _)| s.address), Ok("alice@contoso.com".into()));
+        assert!(p.may_answer(&good, &["alice@contoso.com".into()]));
+        let other = with("mx.contoso.com; dmarc=pass header.from=evil.test");
+        assert!(matches!(p.check_from(&other), Err(Refusal::Unauthenticated(_))));
+        // Authenticated but not allowed: the allow-list still decides.
+        let mut raw = b"Authentication-Results: mx; dmarc=pass header.from=evil.test\r\n".to_vec();
+        raw.extend(mail("eve@evil.test", &[]));
+        assert_eq!(p.check_from(&parse(&raw)), Err(Refusal::Sender("eve@evil.test".into())));
+        // Off: the old behaviour.
+        let off = policy();
+        assert!(off.check_from(&plain).is_ok() && off.may_answer(&plain, &[]));
     }
 
     #[test]

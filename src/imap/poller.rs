@@ -123,11 +123,13 @@ struct About {
 }
 
 impl About {
-    fn of(msg: Option<&Message<'_>>, own_address: &str) -> About {
+    fn of(msg: Option<&Message<'_>>, own_address: &str, policy: &Policy) -> About {
         let Some(msg) = msg else { return About::default() };
-        let sender = policy::sender_of(msg).ok().map(|(s, _)| s.address);
+        let from = policy::sender_of(msg).ok();
+        let authenticated = from.as_ref().is_some_and(|(_, all)| policy.may_answer(msg, all));
+        let sender = from.map(|(s, _)| s.address);
         About {
-            answerable: sender.as_deref().is_some_and(|s| reply::should_answer(msg, s, own_address)),
+            answerable: authenticated && sender.as_deref().is_some_and(|s| reply::should_answer(msg, s, own_address)),
             sender,
             subject: msg.subject().map(str::to_string),
             message_id: msg.message_id().map(str::to_string),
@@ -213,6 +215,13 @@ impl Poller {
                 tracing::warn!(mailbox = %name, "`command` has no \"{}\" argument: it will not know which file to print", handoff::FILE_PLACEHOLDER);
             }
         }
+        if !m.require_authenticated_sender && !m.senders.is_empty() {
+            tracing::warn!(mailbox = %name, "require_authenticated_sender = false: the `senders` allow-list trusts a From field anyone can forge");
+        }
+        let mut policy = Policy::from_config(m);
+        // Exchange strips X-MS-Exchange-Organization-* from mail that comes from outside the
+        // organisation; no other server does.
+        policy.trust.exchange_internal = slot.provider.kind == crate::config::ProviderKind::Microsoft;
         let dir_name = filename::sanitize(Some(&name), "mailbox", None);
         // Absolute, so that `{file}` is one whatever the relay's working directory.
         let spool = std::path::absolute(spool).map_err(|e| format!("spool {}: {e}", spool.display()))?;
@@ -221,7 +230,7 @@ impl Poller {
             user: slot.email.clone(),
             folder: m.folder.clone(),
             after,
-            policy: Policy::from_config(m),
+            policy,
             command,
             command_timeout: m.command_timeout.0,
             poll_interval: m.poll_interval.0.max(Duration::from_secs(1)),
@@ -465,11 +474,10 @@ impl Poller {
         let early = head
             .as_ref()
             .ok_or(Refusal::NoSender)
-            .and_then(policy::sender_of)
-            .and_then(|(_, all)| self.policy.check_sender(&all))
+            .and_then(|h| self.policy.check_from(h))
             .and_then(|_| self.policy.check_size(meta.size));
         if let Err(refusal) = early {
-            let rec = self.refuse(uid, key, refusal, About::of(head.as_ref(), &self.user)).await?;
+            let rec = self.refuse(uid, key, refusal, About::of(head.as_ref(), &self.user, &self.policy)).await?;
             return self.drive(mb, uid, rec).await;
         }
         let rec = UidRecord {
@@ -543,9 +551,8 @@ impl Poller {
         let Some(msg) = MessageParser::default().parse(&raw) else {
             return Ok(Spooled::Refused(Refusal::Unparseable, About::default()));
         };
-        let about = || About::of(Some(&msg), &self.user);
-        let checked = policy::sender_of(&msg).and_then(|(sender, all)| {
-            self.policy.check_sender(&all)?;
+        let about = || About::of(Some(&msg), &self.user, &self.policy);
+        let checked = self.policy.check_from(&msg).and_then(|(sender, _)| {
             self.policy.check_size(raw.len() as u64)?;
             Ok((sender, self.policy.plan(&msg)?))
         });
@@ -612,7 +619,7 @@ impl Poller {
                     }
                 }
                 _ => {
-                    tracing::info!(mailbox = %self.name, uid, "refused mail not answered (automatic mail, list mail or no usable sender)")
+                    tracing::info!(mailbox = %self.name, uid, "refused mail not answered (automatic mail, list mail, unauthenticated or no usable sender)")
                 }
             }
         }
