@@ -627,3 +627,97 @@ async fn a_forged_from_is_refused_without_the_servers_dmarc_pass_and_not_answere
     assert!(p.real.inbox_files(ALICE).is_empty(), "an answer went to the forged sender");
     assert!(!p.relay.log().contains("answer to a refused mail queued"), "{}", p.relay.log());
 }
+
+/// Waits until job.json of `job` has hand-off results.
+async fn wait_handoff(p: &Print, job: &Path) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(h) = Print::job_json(job)["handoff"].as_array() {
+            return h.clone();
+        }
+        assert!(Instant::now() < deadline, "no hand-off results:\n{}", p.relay.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_print_command_runs_after_the_mail_left_the_folder() {
+    let printed = tempfile::tempdir().unwrap();
+    let command = format!("command = [\"/bin/cp\", \"{{file}}\", \"{}/\"]\n", printed.path().display());
+    let Some(mut p) =
+        Print::start("a_pending_print_command_runs_after_the_mail_left_the_folder", ImapTls::Plain, &command).await
+    else {
+        return;
+    };
+    p.wait_checked().await;
+    p.relay.kill9();
+    p.deliver(&mail(ALICE, "Pending", &[("application/pdf", "filename=\"pending.pdf\"", PDF_A)])).await;
+    // The relay stops with the job spooled and its command pending, before `after`.
+    let (config, log) = (p.relay.config.clone(), p.dir.path().join("relay.log"));
+    let status = tokio::task::spawn_blocking(move || {
+        spawn_relay_until_exit(&config, &log, &[(mfd_relay::imap::TEST_CRASH_AFTER_SPOOL, "1")], WAIT)
+    })
+    .await
+    .unwrap();
+    assert!(!status.success(), "{status}");
+    assert_eq!(p.jobs().len(), 1);
+    // Meanwhile the mail leaves the folder (as if the server had performed `after` and only
+    // its OK was lost).
+    let mut u = p.user(PRINT).await;
+    let (_, uids) = u.uids("INBOX").await;
+    assert_eq!(uids.len(), 1);
+    u.delete("INBOX", uids[0]).await;
+    u.logout().await;
+    tokio::task::block_in_place(|| p.relay.spawn());
+    let jobs = p.wait_jobs(1).await;
+    let handoff = wait_handoff(&p, &jobs[0]).await;
+    assert_eq!(handoff.len(), 1, "{handoff:?}");
+    assert_eq!(handoff[0]["exit_code"], 0, "{handoff:?}");
+    assert_eq!(std::fs::read(printed.path().join("pending.pdf")).unwrap(), PDF_A, "the job was printed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_print_command_interrupted_after_the_mail_left_is_recorded_not_rerun() {
+    // The command kills the relay (its parent) the first time, leaving the record `Started`
+    // with the mail already deleted upstream; run again it would kill the new relay too.
+    let marker = tempfile::tempdir().unwrap();
+    let runs = marker.path().join("runs");
+    let command = format!(
+        "command = [\"/bin/sh\", \"-c\", \"echo run >> {}; kill -9 $PPID\", \"{{file}}\"]\n",
+        runs.display()
+    );
+    let Some(mut p) = Print::start(
+        "a_print_command_interrupted_after_the_mail_left_is_recorded_not_rerun",
+        ImapTls::Plain,
+        &command,
+    )
+    .await
+    else {
+        return;
+    };
+    p.deliver(&mail(
+        ALICE,
+        "Interrupted",
+        &[("application/pdf", "filename=\"a.pdf\"", PDF_A), ("application/pdf", "filename=\"b.pdf\"", PDF_B)],
+    ))
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while tokio::task::block_in_place(|| p.relay.running()) {
+        assert!(Instant::now() < deadline, "the command did not stop the relay:\n{}", p.relay.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 1);
+    let (_, uids) = p.upstream("INBOX").await;
+    assert!(uids.is_empty(), "deleted upstream before the command ran");
+    tokio::task::block_in_place(|| p.relay.spawn());
+    p.wait_checked().await;
+    let jobs = p.wait_jobs(1).await;
+    let handoff = wait_handoff(&p, &jobs[0]).await;
+    assert_eq!(handoff.len(), 2, "{handoff:?}");
+    for (h, name) in handoff.iter().zip(["a.pdf", "b.pdf"]) {
+        assert_eq!(h["file"], name);
+        assert!(h["error"].as_str().unwrap().starts_with("interrupted"), "{h}");
+    }
+    assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 1, "never run twice");
+    assert!(tokio::task::block_in_place(|| p.relay.running()));
+}

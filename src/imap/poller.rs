@@ -66,6 +66,9 @@ const NEEDS_LOGIN_WAIT: Duration = Duration::from_secs(600);
 /// on disk and recorded as spooled, before `after` is applied upstream (the kill -9 test).
 pub const TEST_CRASH_AFTER_SPOOL: &str = "MFD_RELAY_TEST_CRASH_AFTER_SPOOL";
 
+/// The hand-off result of a job whose print command was running when the relay stopped.
+pub const INTERRUPTED: &str = "interrupted: the relay stopped while the print command ran; not run again";
+
 /// Why a session ended with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
@@ -89,12 +92,14 @@ struct Checked {
 }
 
 impl Checked {
-    fn add(&mut self, r: Result<Option<u64>, PollError>) -> Result<(), PollError> {
-        match r? {
+    /// Counts a message's outcome; returns it (`None`: try again at the next check).
+    fn add(&mut self, r: Result<Option<u64>, PollError>) -> Result<Option<u64>, PollError> {
+        let r = r?;
+        match r {
             Some(jobs) => self.jobs += jobs,
             None => self.troubled = true,
         }
-        Ok(())
+        Ok(r)
     }
 }
 
@@ -407,14 +412,17 @@ impl Poller {
         let present: HashSet<u32> = uids.iter().copied().collect();
         let records = self.state.records()?;
         let known: BTreeSet<u32> = records.keys().copied().collect();
-        // UIDs are never reused under one UIDVALIDITY: a record whose message left is done.
-        for (uid, rec) in records.iter().filter(|(u, _)| !present.contains(u)) {
-            if rec.stage == Stage::Spooling && !rec.job.as_deref().is_some_and(|j| self.dirs.exists(j)) {
-                tracing::warn!(mailbox = %self.name, uid, "a message left the folder before its job was written");
-            }
-            self.state.remove(*uid)?;
-        }
         let mut done = Checked::default();
+        // UIDs are never reused under one UIDVALIDITY: a record whose message left is done
+        // upstream, but its job may not be: `after` was performed while its OK was lost, or
+        // the relay stopped between `after` and the hand-off. Those jobs are finished here,
+        // without IMAP, before the record goes.
+        for (uid, rec) in records.iter().filter(|(u, _)| !present.contains(u)) {
+            let finished = self.finish_vanished(*uid, rec.clone()).await;
+            if done.add(self.guarded(finished))?.is_some() {
+                self.state.remove(*uid)?;
+            }
+        }
         for (uid, rec) in records.into_iter().filter(|(u, _)| present.contains(u)) {
             if *shutdown.borrow() {
                 return Ok(done);
@@ -539,6 +547,37 @@ impl Poller {
             }
         }
         Ok(spooled)
+    }
+
+    /// The message of `rec` left the folder: finishes its job without IMAP. A job on disk
+    /// whose record still said `Spooling` (the relay stopped between the two commits) is a
+    /// spooled job; a pending hand-off runs now; a started one is recorded as interrupted.
+    async fn finish_vanished(&self, uid: u32, mut rec: UidRecord) -> Result<u64, PollError> {
+        let on_disk = rec.job.as_deref().is_some_and(|j| self.dirs.exists(j));
+        if rec.stage == Stage::Spooling {
+            if !on_disk {
+                tracing::warn!(mailbox = %self.name, uid, "a message left the folder before its job was written");
+                return Ok(0);
+            }
+            tracing::info!(mailbox = %self.name, uid, job = ?rec.job, "the message left the folder after its job was written; finishing the job");
+            rec.stage = Stage::Spooled;
+            rec.handoff = if self.command.is_some() { Handoff::Pending } else { Handoff::None };
+            rec.at = unix_now();
+            self.state.record(uid, &rec).await?;
+        }
+        if rec.stage == Stage::Spooled && on_disk {
+            match rec.handoff {
+                Handoff::Pending => {
+                    tracing::info!(mailbox = %self.name, uid, job = ?rec.job, "the message left the folder before its print command ran; running it now");
+                    self.handoff(uid, &mut rec).await?;
+                }
+                Handoff::Started => self.handoff_interrupted(uid, &mut rec).await?,
+                Handoff::None | Handoff::Done => {}
+            }
+        } else if matches!(rec.handoff, Handoff::Pending | Handoff::Started) {
+            tracing::warn!(mailbox = %self.name, uid, job = ?rec.job, "the job of a message that left the folder is gone from the spool; its print command is not run");
+        }
+        Ok(0)
     }
 
     /// Fetches, checks and writes one message as job `name`.
@@ -666,17 +705,25 @@ impl Poller {
         let Some(name) = rec.job.clone() else { return Ok(()) };
         tracing::warn!(mailbox = %self.name, job = %name, "the print command was interrupted by a restart; it is not run again, check whether the job printed");
         if let Ok(mut json) = self.dirs.read_json(&name) {
-            json.handoff = Some(vec![job::HandoffResult {
-                file: String::new(),
-                command: self.command.clone().unwrap_or_default(),
-                started: String::new(),
-                duration_ms: 0,
-                exit_code: None,
-                timed_out: false,
-                error: Some("interrupted by a relay restart; not run again".into()),
-                stdout: String::new(),
-                stderr: String::new(),
-            }]);
+            // One result per file, each saying so: the command may or may not have printed it.
+            let files: Vec<String> = json.files.iter().map(|f| f.name.clone()).collect();
+            let files = if files.is_empty() { vec![String::new()] } else { files };
+            json.handoff = Some(
+                files
+                    .into_iter()
+                    .map(|file| job::HandoffResult {
+                        file,
+                        command: self.command.clone().unwrap_or_default(),
+                        started: String::new(),
+                        duration_ms: 0,
+                        exit_code: None,
+                        timed_out: false,
+                        error: Some(INTERRUPTED.into()),
+                        stdout: String::new(),
+                        stderr: String::new(),
+                    })
+                    .collect(),
+            );
             self.dirs.update_json(&name, &json).await?;
         }
         rec.handoff = Handoff::Done;
