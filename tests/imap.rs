@@ -472,6 +472,9 @@ async fn uidvalidity_change_neither_loses_nor_duplicates() {
     tokio::task::block_in_place(|| p.relay.stop());
     let (old_validity, old_uids) = p.upstream("INBOX").await;
     assert_eq!(old_uids, [1, 2]);
+    // Someone marks B unread again: with `after = seen` only unseen mail is a candidate, and
+    // B must then be recognised by its Message-ID rather than printed again.
+    tokio::task::block_in_place(|| p.real.doveadm(&["flags", "remove", "-u", PRINT, "\\Seen", "mailbox", "INBOX", "uid", "2"]));
     // A leaves, C arrives; then the mailbox is renumbered under a new UIDVALIDITY, so that
     // B and C reuse UIDs the relay has records for.
     let mut u = p.user(PRINT).await;
@@ -720,4 +723,63 @@ async fn a_print_command_interrupted_after_the_mail_left_is_recorded_not_rerun()
     }
     assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 1, "never run twice");
     assert!(tokio::task::block_in_place(|| p.relay.running()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_seen_prints_only_unseen_mail_from_the_first_start() {
+    let Some(mut p) =
+        Print::start("after_seen_prints_only_unseen_mail_from_the_first_start", ImapTls::Plain, "after = \"seen\"\n")
+            .await
+    else {
+        return;
+    };
+    p.wait_checked().await;
+    p.relay.kill9();
+    // The folder's history: a mail read long ago, and one nobody has read.
+    p.deliver(&mail(ALICE, "Read long ago", &[("application/pdf", "filename=\"old.pdf\"", PDF_A)])).await;
+    p.deliver(&mail(ALICE, "Unread", &[("application/pdf", "filename=\"new.pdf\"", PDF_B)])).await;
+    tokio::task::block_in_place(|| p.real.doveadm(&["flags", "add", "-u", PRINT, "\\Seen", "mailbox", "INBOX", "uid", "1"]));
+    // A rebuilt database knows nothing of the folder.
+    std::fs::remove_dir_all(p.dir.path().join("data")).unwrap();
+    tokio::task::block_in_place(|| p.relay.spawn());
+    let jobs = p.wait_jobs(1).await;
+    assert_eq!(Print::job_json(&jobs[0])["subject"], "Unread");
+    p.wait_checked().await;
+    // Both stay upstream, both \Seen now; a later check prints nothing more.
+    p.deliver(&mail(ALICE, "Later", &[("application/pdf", "filename=\"later.pdf\"", PDF_A)])).await;
+    let jobs = p.wait_jobs(2).await;
+    assert_eq!(Print::job_json(&jobs[1])["subject"], "Later");
+    assert_eq!(p.upstream("INBOX").await.1.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailbox_reset_from_now_skips_the_mail_already_there() {
+    let Some(mut p) = Print::start("mailbox_reset_from_now_skips_the_mail_already_there", ImapTls::Plain, "").await
+    else {
+        return;
+    };
+    p.wait_checked().await;
+    // While the daemon runs, the command says to stop it first.
+    let (code, _, err) = tokio::task::block_in_place(|| p.relay.cli(&["mailbox", "reset", "print", "--from-now"], None));
+    assert_ne!(code, 0);
+    assert!(err.contains("stop the relay first"), "{err}");
+    tokio::task::block_in_place(|| p.relay.stop());
+    p.deliver(&mail(ALICE, "Backlog 1", &[("application/pdf", "filename=\"b1.pdf\"", PDF_A)])).await;
+    p.deliver(&mail(ALICE, "Backlog 2", &[("application/pdf", "filename=\"b2.pdf\"", PDF_B)])).await;
+    let (code, out, err) = tokio::task::block_in_place(|| p.relay.cli(&["mailbox", "reset", "print", "--from-now"], None));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("first UID 3"), "{out}");
+    let (code, _, err) = tokio::task::block_in_place(|| p.relay.cli(&["mailbox", "reset", "nosuch", "--from-now"], None));
+    assert!(code != 0 && err.contains("no [[mailbox]] named"), "{err}");
+    p.deliver(&mail(ALICE, "New", &[("application/pdf", "filename=\"n.pdf\"", PDF_A)])).await;
+    tokio::task::block_in_place(|| p.relay.spawn());
+    let jobs = p.wait_jobs(1).await;
+    assert_eq!(Print::job_json(&jobs[0])["subject"], "New");
+    p.wait_checked().await;
+    // The backlog stays upstream, untouched; only the new mail was deleted.
+    let mut u = p.user(PRINT).await;
+    let subjects = u.subjects("INBOX").await;
+    u.logout().await;
+    assert_eq!(subjects.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(), ["Backlog 1", "Backlog 2"]);
+    assert_eq!(p.jobs().len(), 1);
 }

@@ -34,6 +34,27 @@ use tokio::sync::watch;
 
 pub use poller::{PollError, Poller, TEST_CRASH_AFTER_SPOOL};
 
+/// `mfd-relay mailbox reset <name> --from-now`, with the daemon stopped: only mail that
+/// arrives in the mailbox's folder from now on is printed. Returns (UIDVALIDITY, UIDNEXT).
+pub async fn reset_from_now(parts: &crate::relay::Parts, mailbox: &str) -> Result<(u32, u32), String> {
+    let m = parts
+        .config
+        .mailboxes
+        .iter()
+        .map(|m| m.get_ref())
+        .find(|m| m.name.get_ref() == mailbox)
+        .ok_or_else(|| format!("no [[mailbox]] named \"{mailbox}\""))?;
+    let shared = Arc::new(poller::Shared {
+        tokens: parts.tokens.clone(),
+        store: parts.store.clone(),
+        queue: parts.queue.clone(),
+        activity: parts.activity.clone(),
+        hostname: parts.config.relay.hostname.clone(),
+    });
+    let p = Poller::new(m, &parts.config.resolve(&m.spool), shared)?;
+    p.reset_from_now().await.map_err(|e| e.to_string())
+}
+
 /// Every mailbox poller of a relay.
 pub struct Pollers {
     pollers: Vec<Poller>,

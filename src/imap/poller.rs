@@ -242,7 +242,7 @@ impl Poller {
             reply_refused: m.reply_refused,
             connector,
             dirs: JobDirs::new(spool, &dir_name),
-            state: MailboxState::new(shared.store.clone(), &name),
+            state: MailboxState::new(shared.store.clone(), &state::folder_prefix(&identity, &m.folder)),
             crash_after_spool: std::env::var_os(TEST_CRASH_AFTER_SPOOL).is_some_and(|v| v == "1"),
             name,
             identity,
@@ -252,6 +252,24 @@ impl Poller {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// `mailbox reset --from-now`: logs in, reads the folder's UIDNEXT and records it, so
+    /// that only mail arriving from now on is printed. Returns (UIDVALIDITY, UIDNEXT).
+    pub async fn reset_from_now(&self) -> Result<(u32, u32), PollError> {
+        MailboxState::open(self.shared.store.clone(), &self.identity, &self.folder, &self.name).await?;
+        let (session, _) = self.login().await?;
+        let mut mb = Mailbox::open(session, &self.folder).await?;
+        // UIDNEXT from SELECT (RFC 3501 7.3.1 OK [UIDNEXT]); without it, one past the highest
+        // UID there is (UIDs only ascend).
+        let uidnext = match mb.uidnext {
+            Some(n) => n,
+            None => mb.all_uids().await?.last().map_or(1, |u| u.saturating_add(1)),
+        };
+        let uidvalidity = mb.uidvalidity;
+        mb.logout().await;
+        self.state.set_floor(uidvalidity, uidnext).await?;
+        Ok((uidvalidity, uidnext))
     }
 
     /// Polls until `shutdown` becomes true.
@@ -301,6 +319,8 @@ impl Poller {
     ) -> Result<End, PollError> {
         if !*prepared {
             self.dirs.prepare()?;
+            // Moves records an older relay kept under the section's name.
+            MailboxState::open(self.shared.store.clone(), &self.identity, &self.folder, &self.name).await?;
             *prepared = true;
         }
         self.session(shutdown, failures).await
@@ -410,6 +430,10 @@ impl Poller {
     async fn check(&self, mb: &mut Mailbox, shutdown: &watch::Receiver<bool>) -> Result<Checked, PollError> {
         let uids = mb.all_uids().await?;
         let present: HashSet<u32> = uids.iter().copied().collect();
+        // With `after = seen`, mail already \Seen is not new: it was printed, or read by a
+        // person, before the relay (or this database) knew the folder.
+        let candidates = if self.after == After::Seen { mb.unseen_uids().await? } else { uids };
+        let floor = self.state.floor(mb.uidvalidity)?.unwrap_or(0);
         let records = self.state.records()?;
         let known: BTreeSet<u32> = records.keys().copied().collect();
         let mut done = Checked::default();
@@ -435,7 +459,7 @@ impl Poller {
                 done.add(self.guarded(r))?;
             }
         }
-        let new: Vec<u32> = uids.into_iter().filter(|u| !known.contains(u)).collect();
+        let new: Vec<u32> = candidates.into_iter().filter(|u| !known.contains(u) && *u >= floor).collect();
         for batch in new.chunks(FETCH_BATCH) {
             for meta in mb.metas(batch).await? {
                 if *shutdown.borrow() {

@@ -1,6 +1,7 @@
 //! The IMAP commands the poller uses, on an authenticated session, each bounded in time.
 //!
-//! - `SELECT` (RFC 3501 6.3.1) for UIDVALIDITY; `UID SEARCH ALL` (6.4.4, 6.4.8) for the UIDs;
+//! - `SELECT` (RFC 3501 6.3.1) for UIDVALIDITY and UIDNEXT; `UID SEARCH ALL` (6.4.4, 6.4.8) for
+//!   the UIDs, and `UID SEARCH UNSEEN` for the new ones with `after = seen`;
 //! - `UID FETCH (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER])` first, to refuse by sender or size
 //!   without downloading, then `BODY.PEEK[]` (6.4.5; PEEK leaves `\Seen` alone);
 //! - `after`: `UID STORE +FLAGS.SILENT (\Deleted)` then `UID EXPUNGE` (RFC 4315 2.1, UIDPLUS;
@@ -93,6 +94,8 @@ pub struct Mailbox {
     session: Session,
     pub caps: Caps,
     pub uidvalidity: u32,
+    /// UIDNEXT when the folder was selected (RFC 3501 2.3.1.1), if the server said.
+    pub uidnext: Option<u32>,
     /// New messages were reported outside a command's own answer. Reports are taken from
     /// async-imap's queue after every command: the queue holds 100 and drops the rest, and
     /// a check that expunges many messages would otherwise lose an EXISTS among them.
@@ -113,7 +116,7 @@ impl Mailbox {
         let uidvalidity = selected
             .uid_validity
             .ok_or_else(|| ImapError::Unexpected(format!("the server sent no UIDVALIDITY for \"{folder}\"")))?;
-        Ok(Mailbox { session, caps, uidvalidity, news: false })
+        Ok(Mailbox { session, caps, uidvalidity, uidnext: selected.uid_next, news: false })
     }
 
     fn collect_news(&mut self) {
@@ -136,8 +139,17 @@ impl Mailbox {
 
     /// Every UID in the folder, ascending.
     pub async fn all_uids(&mut self) -> Result<Vec<u32>, ImapError> {
+        self.search("ALL").await
+    }
+
+    /// The UIDs of messages without `\Seen` (RFC 3501 6.4.4), ascending.
+    pub async fn unseen_uids(&mut self) -> Result<Vec<u32>, ImapError> {
+        self.search("UNSEEN").await
+    }
+
+    async fn search(&mut self, query: &str) -> Result<Vec<u32>, ImapError> {
         let set: HashSet<u32> =
-            within("UID SEARCH", COMMAND_TIMEOUT, self.session.uid_search("ALL"), ImapError::protocol("UID SEARCH"))
+            within("UID SEARCH", COMMAND_TIMEOUT, self.session.uid_search(query), ImapError::protocol("UID SEARCH"))
                 .await?;
         self.collect_news();
         let mut v: Vec<u32> = set.into_iter().collect();
@@ -259,7 +271,7 @@ impl Mailbox {
         deadline: tokio::time::Instant,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(Mailbox, Wake), ImapError> {
-        let Mailbox { session, caps, uidvalidity, news } = self;
+        let Mailbox { session, caps, uidvalidity, uidnext, news } = self;
         // Reports that come before the server's "+ idling" are not seen by the IDLE wait;
         // a clone of the queue they land in shows them.
         let early = session.unsolicited_responses.clone();
@@ -288,7 +300,7 @@ impl Mailbox {
             wake?
         };
         let session = within("IDLE DONE", COMMAND_TIMEOUT, handle.done(), ImapError::protocol("DONE")).await?;
-        Ok((Mailbox { session, caps, uidvalidity, news: false }, wake))
+        Ok((Mailbox { session, caps, uidvalidity, uidnext, news: false }, wake))
     }
 }
 
