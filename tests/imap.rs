@@ -783,3 +783,69 @@ async fn mailbox_reset_from_now_skips_the_mail_already_there() {
     assert_eq!(subjects.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(), ["Backlog 1", "Backlog 2"]);
     assert_eq!(p.jobs().len(), 1);
 }
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_mails_are_checked_by_size_first_and_held_once() {
+    const MIB: usize = 1024 * 1024;
+    let Some(p) = Print::start(
+        "large_mails_are_checked_by_size_first_and_held_once",
+        ImapTls::Plain,
+        "max_size = \"40MiB\"\nsenders = []\n",
+    )
+    .await
+    else {
+        return;
+    };
+    p.wait_checked().await;
+    let pid = p.relay.pid();
+    let base = peak_rss(pid);
+    // A 48 MiB mail that is nearly all header: refused by its size, without its header being
+    // downloaded whole.
+    let mut bomb = format!("From: {ALICE}\r\nTo: {PRINT}\r\nSubject: header bomb\r\nX-Junk: x").into_bytes();
+    while bomb.len() < 48 * MIB {
+        bomb.extend_from_slice(b"\r\n ");
+        bomb.extend(std::iter::repeat_n(b'j', 75));
+    }
+    bomb.extend_from_slice(b"\r\n\r\nbody\r\n");
+    p.deliver(&bomb).await;
+    drop(bomb);
+    p.wait_upstream(0).await;
+    p.wait_log("larger than this printer takes").await;
+    let after_bomb = peak_rss(pid);
+    eprintln!("header bomb: peak RSS {} -> {} MiB", base / MIB as u64, after_bomb / MIB as u64);
+    assert!(after_bomb - base < 16 * MIB as u64, "peak grew {} MiB", (after_bomb - base) / MIB as u64);
+    // A 24 MiB PDF (about 33 MB as base64): held once as the download, once decoded.
+    let mut pdf = PDF_A.to_vec();
+    let mut x: u32 = 1;
+    while pdf.len() < 24 * MIB {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        pdf.push((x >> 16) as u8);
+    }
+    let raw = mail(ALICE, "Large", &[("application/pdf", "filename=\"large.pdf\"", &pdf)]);
+    let raw_len = raw.len() as u64;
+    p.deliver(&raw).await;
+    drop(raw);
+    let jobs = p.wait_jobs(1).await;
+    assert_eq!(std::fs::read(jobs[0].join("large.pdf")).unwrap(), pdf);
+    let after_large = peak_rss(pid);
+    let grown = after_large.saturating_sub(after_bomb);
+    eprintln!(
+        "large mail: {} MiB raw, peak RSS {} -> {} MiB ({:.2}x)",
+        raw_len / MIB as u64,
+        after_bomb / MIB as u64,
+        after_large / MIB as u64,
+        after_large as f64 / raw_len as f64
+    );
+    assert!(grown < raw_len * 2, "peak grew {} MiB for a {} MiB mail", grown / MIB as u64, raw_len / MIB as u64);
+}

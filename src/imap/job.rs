@@ -289,6 +289,7 @@ mod tests {
             original_name: None,
             content_type: "application/pdf".into(),
             data: data.into(),
+            part: None,
         }
     }
 

@@ -19,7 +19,7 @@
 
 use std::fmt;
 
-use mail_parser::{Message, MessagePart, MimeHeaders};
+use mail_parser::{Message, MessagePart, MimeHeaders, PartType};
 
 use super::authres::{self, Trust};
 use super::filename::{self, Names};
@@ -101,6 +101,8 @@ pub struct PlannedFile {
     /// Effective MIME type.
     pub content_type: String,
     pub data: Vec<u8>,
+    /// While planning: the mail part `data` will be taken from.
+    pub part: Option<usize>,
 }
 
 /// What a mail becomes.
@@ -332,11 +334,28 @@ impl Policy {
     }
 
     /// Turns a mail into the files of a job, or refuses it. The sender must have been checked.
-    pub fn plan(&self, msg: &Message<'_>) -> Result<Plan, Refusal> {
+    ///
+    /// The attachments' decoded contents are moved out of `msg` into the plan rather than
+    /// copied: a large mail is then held once decoded, not twice.
+    pub fn plan(&self, msg: &mut Message<'_>) -> Result<Plan, Refusal> {
+        let mut plan = self.plan_names(msg)?;
+        for f in &mut plan.files {
+            if let Some(id) = f.part.take() {
+                if let Some(part) = msg.parts.get_mut(id) {
+                    f.data = take_contents(part);
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The plan with each attachment's part id instead of its data (`part`).
+    fn plan_names(&self, msg: &Message<'_>) -> Result<Plan, Refusal> {
         let html: Vec<&str> = msg.parts.iter().filter(|p| p.is_text_html()).filter_map(|p| p.text_contents()).collect();
         let mut plan = Plan::default();
         let mut names = Names::default();
-        for (i, part) in msg.attachments().enumerate() {
+        let parts = msg.attachments.iter().filter_map(|id| Some((*id as usize, msg.parts.get(*id as usize)?)));
+        for (i, (id, part)) in parts.enumerate() {
             let original = part.attachment_name().map(str::to_string);
             let shown = original.clone().unwrap_or_else(|| format!("attachment {}", i + 1));
             if is_body_fragment(part) {
@@ -360,7 +379,8 @@ impl Policy {
                 original_name: original.filter(|o| *o != name),
                 name,
                 content_type: effective,
-                data: data.to_vec(),
+                data: Vec::new(),
+                part: Some(id),
             });
         }
         if plan.files.is_empty() {
@@ -372,6 +392,7 @@ impl Policy {
                         original_name: None,
                         content_type: "text/plain".into(),
                         data: format!("{text}\n").into_bytes(),
+                        part: None,
                     });
                     plan.body = Some(text);
                 }
@@ -379,6 +400,17 @@ impl Policy {
             }
         }
         Ok(plan)
+    }
+}
+
+/// Moves a part's decoded contents out of the parsed mail (a copy only where they still
+/// borrow the raw mail: parts without a transfer encoding).
+fn take_contents(part: &mut MessagePart<'_>) -> Vec<u8> {
+    match std::mem::take(&mut part.body) {
+        PartType::Binary(c) | PartType::InlineBinary(c) => c.into_owned(),
+        PartType::Text(t) | PartType::Html(t) => t.into_owned().into_bytes(),
+        PartType::Message(m) => m.raw_message.into_owned(),
+        PartType::Multipart(_) => Vec::new(),
     }
 }
 
@@ -443,10 +475,19 @@ mod tests {
     }
 
     fn plan_of(p: &Policy, raw: &[u8]) -> Result<Plan, Refusal> {
-        let msg = MessageParser::default().parse(raw).unwrap();
+        let mut msg = MessageParser::default().parse(raw).unwrap();
         let (_, all) = sender_of(&msg)?;
         p.check_sender(&all)?;
-        p.plan(&msg)
+        // The data moved out of the mail is what it held.
+        let expected: Vec<Vec<u8>> = msg.attachments().map(|a| a.contents().to_vec()).collect();
+        let plan = p.plan(&mut msg)?;
+        for f in &plan.files {
+            if f.name != BODY_FILE {
+                assert!(expected.contains(&f.data), "{}", f.name);
+            }
+            assert_eq!(f.part, None);
+        }
+        Ok(plan)
     }
 
     #[test]

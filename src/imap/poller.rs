@@ -66,6 +66,11 @@ const NEEDS_LOGIN_WAIT: Duration = Duration::from_secs(600);
 /// on disk and recorded as spooled, before `after` is applied upstream (the kill -9 test).
 pub const TEST_CRASH_AFTER_SPOOL: &str = "MFD_RELAY_TEST_CRASH_AFTER_SPOOL";
 
+/// How many mailboxes download a message body at once, relay-wide: each holds its mail in
+/// memory while it is checked and written.
+pub const FETCHING_AT_ONCE: usize = 2;
+static FETCHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(FETCHING_AT_ONCE);
+
 /// The hand-off result of a job whose print command was running when the relay stopped.
 pub const INTERRUPTED: &str = "interrupted: the relay stopped while the print command ran; not run again";
 
@@ -610,18 +615,20 @@ impl Poller {
             // Written before a crash that came before the record said so.
             return Ok(Spooled::Written);
         }
+        // Bodies are held in memory (async-imap reads a literal whole): few at once.
+        let _permit = FETCHING.acquire().await.map_err(|e| ImapError::Unexpected(e.to_string()))?;
         let Some(raw) = mb.body(uid).await? else { return Ok(Spooled::Gone) };
-        let Some(msg) = MessageParser::default().parse(&raw) else {
+        let Some(mut msg) = MessageParser::default().parse(raw.bytes()) else {
             return Ok(Spooled::Refused(Refusal::Unparseable, About::default()));
         };
-        let about = || About::of(Some(&msg), &self.user, &self.policy);
-        let checked = self.policy.check_from(&msg).and_then(|(sender, _)| {
-            self.policy.check_size(raw.len() as u64)?;
-            Ok((sender, self.policy.plan(&msg)?))
-        });
+        let checked = self
+            .policy
+            .check_from(&msg)
+            .and_then(|(sender, _)| self.policy.check_size(raw.bytes().len() as u64).map(|_| sender));
+        let checked = checked.and_then(|sender| Ok((sender, self.policy.plan(&mut msg)?)));
         let (sender, plan) = match checked {
             Ok(ok) => ok,
-            Err(refusal) => return Ok(Spooled::Refused(refusal, about())),
+            Err(refusal) => return Ok(Spooled::Refused(refusal, About::of(Some(&msg), &self.user, &self.policy))),
         };
         let json = JobJson {
             version: job::JOB_VERSION,
@@ -640,6 +647,9 @@ impl Poller {
             skipped: plan.skipped,
             handoff: None,
         };
+        // The files are in the plan now: the mail and its download go before the writing.
+        drop(msg);
+        drop(raw);
         self.dirs.write(name, &json, plan.files).await?;
         Ok(Spooled::Written)
     }

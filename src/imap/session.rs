@@ -2,8 +2,9 @@
 //!
 //! - `SELECT` (RFC 3501 6.3.1) for UIDVALIDITY and UIDNEXT; `UID SEARCH ALL` (6.4.4, 6.4.8) for
 //!   the UIDs, and `UID SEARCH UNSEEN` for the new ones with `after = seen`;
-//! - `UID FETCH (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER])` first, to refuse by sender or size
-//!   without downloading, then `BODY.PEEK[]` (6.4.5; PEEK leaves `\Seen` alone);
+//! - `UID FETCH (UID FLAGS RFC822.SIZE)` first, then the header section (at most
+//!   [`MAX_HEADER`] bytes of it), to refuse by size or sender without downloading, then
+//!   `BODY.PEEK[]` one message at a time (6.4.5; PEEK leaves `\Seen` alone);
 //! - `after`: `UID STORE +FLAGS.SILENT (\Deleted)` then `UID EXPUNGE` (RFC 4315 2.1, UIDPLUS;
 //!   plain `EXPUNGE` without it), `+FLAGS.SILENT (\Seen)`, or `UID MOVE` (RFC 6851 3.2) with a
 //!   `UID COPY` + delete fallback when the server has no MOVE, creating the target folder when
@@ -25,8 +26,11 @@ use super::wire;
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// Downloading one message (up to `max_size`).
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
-/// UIDs per header FETCH.
+/// UIDs per size and header FETCH.
 pub const FETCH_BATCH: usize = 50;
+/// Bytes of a header section fetched at most (enough for any real mail's header; the
+/// sender, subject and Authentication-Results are at its top).
+pub const MAX_HEADER: usize = 64 * 1024;
 
 /// What the server can do beyond IMAP4rev1.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,6 +50,15 @@ pub struct Meta {
     pub size: u64,
     pub deleted: bool,
     pub header: Vec<u8>,
+}
+
+/// A downloaded message, in the response it came in.
+pub struct Body(async_imap::types::Fetch);
+
+impl Body {
+    pub fn bytes(&self) -> &[u8] {
+        self.0.body().unwrap_or_default()
+    }
 }
 
 /// What `after` does upstream.
@@ -157,14 +170,17 @@ impl Mailbox {
         Ok(v)
     }
 
-    /// Size, flags and header section of `uids`.
+    /// Size, flags and header section of `uids`: sizes and flags first, then the headers of
+    /// the messages not marked `\Deleted`, each cut at [`MAX_HEADER`] (a partial fetch, RFC
+    /// 3501 6.4.5 `<0.n>`), so that no message, however large its header, is downloaded
+    /// whole before its size is known.
     pub async fn metas(&mut self, uids: &[u32]) -> Result<Vec<Meta>, ImapError> {
         let set = uid_set(uids);
         let fetches = within(
-            "UID FETCH (header)",
+            "UID FETCH (size)",
             COMMAND_TIMEOUT,
             async {
-                let stream = self.session.uid_fetch(&set, "(UID FLAGS RFC822.SIZE BODY.PEEK[HEADER])").await?;
+                let stream = self.session.uid_fetch(&set, "(UID FLAGS RFC822.SIZE)").await?;
                 stream.try_collect::<Vec<_>>().await
             },
             ImapError::protocol("UID FETCH"),
@@ -178,18 +194,44 @@ impl Mailbox {
                     uid: f.uid?,
                     size: u64::from(f.size.unwrap_or(0)),
                     deleted: f.flags().any(|fl| fl == Flag::Deleted),
-                    header: f.header().unwrap_or_default().to_vec(),
+                    header: Vec::new(),
                 })
             })
             .filter(|m| uids.contains(&m.uid))
             .collect();
+        drop(fetches);
         out.sort_by_key(|m| m.uid);
         out.dedup_by_key(|m| m.uid);
+        let wanted: Vec<u32> = out.iter().filter(|m| !m.deleted).map(|m| m.uid).collect();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let set = uid_set(&wanted);
+        let query = format!("(UID BODY.PEEK[HEADER]<0.{MAX_HEADER}>)");
+        let fetches = within(
+            "UID FETCH (header)",
+            COMMAND_TIMEOUT,
+            async {
+                let stream = self.session.uid_fetch(&set, &query).await?;
+                stream.try_collect::<Vec<_>>().await
+            },
+            ImapError::protocol("UID FETCH"),
+        )
+        .await?;
+        self.collect_news();
+        for f in &fetches {
+            if let (Some(uid), Some(h)) = (f.uid, f.header()) {
+                if let Some(m) = out.iter_mut().find(|m| m.uid == uid) {
+                    m.header = h.to_vec();
+                }
+            }
+        }
         Ok(out)
     }
 
-    /// The whole message `uid`, or `None` when it is gone.
-    pub async fn body(&mut self, uid: u32) -> Result<Option<Vec<u8>>, ImapError> {
+    /// The whole message `uid`, or `None` when it is gone. The bytes stay in the buffer they
+    /// were read into (no copy).
+    pub async fn body(&mut self, uid: u32) -> Result<Option<Body>, ImapError> {
         let fetches = within(
             "UID FETCH (body)",
             FETCH_TIMEOUT,
@@ -201,7 +243,7 @@ impl Mailbox {
         )
         .await?;
         self.collect_news();
-        Ok(fetches.iter().find(|f| f.uid == Some(uid)).and_then(|f| f.body().map(<[u8]>::to_vec)))
+        Ok(fetches.into_iter().find(|f| f.uid == Some(uid) && f.body().is_some()).map(Body))
     }
 
     async fn command(&mut self, what: &'static str, line: &str) -> Result<(), ImapError> {
