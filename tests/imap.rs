@@ -849,3 +849,42 @@ async fn large_mails_are_checked_by_size_first_and_held_once() {
     );
     assert!(grown < raw_len * 2, "peak grew {} MiB for a {} MiB mail", grown / MIB as u64, raw_len / MIB as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_unchanged_pollers_logged_in() {
+    let Some(p) = Print::start("a_reload_keeps_unchanged_pollers_logged_in", ImapTls::Plain, "").await else { return };
+    p.wait_checked().await;
+    p.wait_log("mailbox connected").await;
+    let logins = |p: &Print| p.relay.log().matches("mailbox connected").count();
+    let reload = |p: &Print| {
+        let (code, out, err) = tokio::task::block_in_place(|| p.relay.cli(&["reload"], None));
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("configuration reloaded"), "{out}");
+    };
+    // A reload that changes nothing about the mailbox (a new device elsewhere would do the
+    // same): the poller stays in its session.
+    let config = std::fs::read_to_string(&p.relay.config).unwrap();
+    std::fs::write(&p.relay.config, format!("{config}\n# touched\n")).unwrap();
+    reload(&p);
+    p.wait_log("mailbox poller kept running").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(logins(&p), 1, "logged in again:\n{}", p.relay.log());
+    // It still works, on its old session (IDLE, so within seconds).
+    p.deliver(&mail(ALICE, "After reload", &[("application/pdf", "filename=\"r.pdf\"", PDF_A)])).await;
+    p.wait_jobs(1).await;
+    assert_eq!(logins(&p), 1);
+    // A changed mailbox gets a new poller.
+    let config = std::fs::read_to_string(&p.relay.config).unwrap();
+    std::fs::write(&p.relay.config, config.replace("[[mailbox]]\n", "[[mailbox]]\nprint_body = true\n")).unwrap();
+    reload(&p);
+    p.wait_log("mailbox settings changed: restarting its poller").await;
+    let deadline = Instant::now() + WAIT;
+    while logins(&p) < 2 {
+        assert!(Instant::now() < deadline, "no new login:\n{}", p.relay.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.deliver(&mail(ALICE, "After change", &[])).await;
+    let jobs = p.wait_jobs(2).await;
+    assert_eq!(Print::job_json(&jobs[1])["files"][0]["name"], "body.txt", "the new settings apply");
+    assert_eq!(logins(&p), 2);
+}

@@ -188,9 +188,14 @@ pub struct Poller {
     connector: Connector,
     dirs: JobDirs,
     state: MailboxState,
-    shared: Arc<Shared>,
+    shared: SharedCell,
+    /// The settings this poller was built from, to tell whether a reload changed them.
+    fingerprint: String,
     crash_after_spool: bool,
 }
+
+/// The relay parts a poller uses, replaced in place when a reload keeps the poller running.
+pub type SharedCell = Arc<std::sync::RwLock<Arc<Shared>>>;
 
 impl Poller {
     /// Builds the poller of `m`; `spool` is its resolved spool directory. An error names what
@@ -232,6 +237,16 @@ impl Poller {
         // Exchange strips X-MS-Exchange-Organization-* from mail that comes from outside the
         // organisation; no other server does.
         policy.trust.exchange_internal = slot.provider.kind == crate::config::ProviderKind::Microsoft;
+        let fingerprint = format!(
+            "{name}|{identity}|{}|{server:?}|{:?}|{after:?}|{policy:?}|{command:?}|{:?}|{:?}|{}|{}|{}",
+            slot.email,
+            slot.provider.ca_file,
+            m.command_timeout.0,
+            m.poll_interval.0,
+            m.reply_refused,
+            m.folder,
+            spool.display(),
+        );
         let dir_name = filename::sanitize(Some(&name), "mailbox", None);
         // Absolute, so that `{file}` is one whatever the relay's working directory.
         let spool = std::path::absolute(spool).map_err(|e| format!("spool {}: {e}", spool.display()))?;
@@ -251,8 +266,23 @@ impl Poller {
             crash_after_spool: std::env::var_os(TEST_CRASH_AFTER_SPOOL).is_some_and(|v| v == "1"),
             name,
             identity,
-            shared,
+            fingerprint,
+            shared: Arc::new(std::sync::RwLock::new(shared)),
         })
+    }
+
+    fn shared(&self) -> Arc<Shared> {
+        self.shared.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Where a reload puts the new relay parts for this poller, if it keeps it running.
+    pub fn shared_cell(&self) -> SharedCell {
+        self.shared.clone()
+    }
+
+    /// The settings the poller runs with: a reload that leaves them unchanged keeps it running.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     pub fn name(&self) -> &str {
@@ -262,7 +292,7 @@ impl Poller {
     /// `mailbox reset --from-now`: logs in, reads the folder's UIDNEXT and records it, so
     /// that only mail arriving from now on is printed. Returns (UIDVALIDITY, UIDNEXT).
     pub async fn reset_from_now(&self) -> Result<(u32, u32), PollError> {
-        MailboxState::open(self.shared.store.clone(), &self.identity, &self.folder, &self.name).await?;
+        MailboxState::open(self.shared().store.clone(), &self.identity, &self.folder, &self.name).await?;
         let (session, _) = self.login().await?;
         let mut mb = Mailbox::open(session, &self.folder).await?;
         // UIDNEXT from SELECT (RFC 3501 7.3.1 OK [UIDNEXT]); without it, one past the highest
@@ -280,14 +310,15 @@ impl Poller {
     /// Polls until `shutdown` becomes true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         // A poller replaced by a reload may still be finishing a message: wait for it.
-        let lease = lease(&self.name);
+        // Keyed by the folder (its records' prefix), not the section name, so a renamed
+        // section waits for the poller it replaces.
+        let lease = lease(&state::folder_prefix(&self.identity, &self.folder));
         let _lease = tokio::select! {
             held = lease.lock_owned() => held,
             _ = shutdown.changed() => return,
         };
         let mut failures: u32 = 0;
         let mut prepared = false;
-        let mut ready = self.shared.tokens.subscribe_ready();
         tracing::info!(mailbox = %self.name, identity = %self.identity, folder = %self.folder, spool = %self.dirs.jobs.display(), "mailbox poller started");
         loop {
             if *shutdown.borrow() {
@@ -300,6 +331,8 @@ impl Poller {
             };
             failures = failures.saturating_add(1);
             self.report(&err);
+            // Subscribed here, not once: a reload may have replaced the token manager.
+            let mut ready = self.shared().tokens.subscribe_ready();
             let needs_login = matches!(err, PollError::Token(TokenError::NeedsLogin(_)));
             let wait = if needs_login {
                 NEEDS_LOGIN_WAIT
@@ -325,7 +358,7 @@ impl Poller {
         if !*prepared {
             self.dirs.prepare()?;
             // Moves records an older relay kept under the section's name.
-            MailboxState::open(self.shared.store.clone(), &self.identity, &self.folder, &self.name).await?;
+            MailboxState::open(self.shared().store.clone(), &self.identity, &self.folder, &self.name).await?;
             *prepared = true;
         }
         self.session(shutdown, failures).await
@@ -333,7 +366,7 @@ impl Poller {
 
     fn report(&self, e: &PollError) {
         metrics::IMAP_ERRORS.with_label_values(&[&self.name]).inc();
-        self.shared.activity.mailbox_error(&self.name, &e.to_string());
+        self.shared().activity.mailbox_error(&self.name, &e.to_string());
         match e {
             PollError::Token(TokenError::NeedsLogin(why)) => {
                 tracing::error!(mailbox = %self.name, identity = %self.identity, "mailbox not checked: the identity needs a new sign-in ({why}); run `mfd-relay auth login {}`", self.identity)
@@ -344,7 +377,7 @@ impl Poller {
 
     /// XOAUTH2 login; a refused token gets one refresh and one retry.
     async fn login(&self) -> Result<(Session, AccessToken), PollError> {
-        let token = self.shared.tokens.access_token(&self.identity).await?;
+        let token = self.shared().tokens.access_token(&self.identity).await?;
         let conn = self.connector.connect().await?;
         match client::authenticate(conn, &self.user, &token.secret).await {
             Ok(s) => Ok((s, token)),
@@ -355,7 +388,7 @@ impl Poller {
                     server_says = %detail.as_deref().unwrap_or("-"),
                     "the IMAP server refused the token; getting a new one and trying once more"
                 );
-                let token = self.shared.tokens.refresh_after_rejection(&self.identity, &token).await?;
+                let token = self.shared().tokens.refresh_after_rejection(&self.identity, &token).await?;
                 let conn = self.connector.connect().await?;
                 let session = client::authenticate(conn, &self.user, &token.secret).await?;
                 Ok((session, token))
@@ -394,7 +427,7 @@ impl Poller {
             let Checked { jobs, troubled } = self.check(&mut mb, shutdown).await?;
             *failures = 0;
             metrics::IMAP_LAST_SUCCESS.with_label_values(&[&self.name]).set(unix_now());
-            self.shared.activity.mailbox_checked(&self.name, jobs);
+            self.shared().activity.mailbox_checked(&self.name, jobs);
             if *shutdown.borrow() {
                 mb.logout().await;
                 return Ok(End::Shutdown);
@@ -670,7 +703,7 @@ impl Poller {
         metrics::IMAP_JOBS.with_label_values(&[&self.name, "refused"]).inc();
         let sender = about.sender.as_deref().unwrap_or("(unknown sender)");
         tracing::warn!(mailbox = %self.name, uid, sender, reason = %reason, "mail refused, not printed");
-        self.shared.activity.mailbox_error(&self.name, &format!("refused a mail from {sender}: {reason}"));
+        self.shared().activity.mailbox_error(&self.name, &format!("refused a mail from {sender}: {reason}"));
         if self.reply_refused {
             match (&about.sender, about.answerable) {
                 (Some(to), true) => {
@@ -683,11 +716,11 @@ impl Poller {
                         subject: about.subject.as_deref(),
                         message_id: about.message_id.as_deref(),
                         reason: &reason,
-                        hostname: &self.shared.hostname,
+                        hostname: &self.shared().hostname,
                         now: chrono::Utc::now(),
                         unique: &unique,
                     };
-                    if let Err(e) = reply::queue(&self.shared.queue, &self.identity, &self.name, &answer).await {
+                    if let Err(e) = reply::queue(&self.shared().queue, &self.identity, &self.name, &answer).await {
                         tracing::error!(mailbox = %self.name, uid, "cannot queue the answer to a refused mail: {e}");
                     }
                 }
@@ -719,7 +752,7 @@ impl Poller {
                     (None, false, code) => format!("exit code {}: {}", code.unwrap_or(-1), r.stderr),
                 };
                 tracing::warn!(mailbox = %self.name, job = %name, file = %f.name, "print command failed: {why}");
-                self.shared
+                self.shared()
                     .activity
                     .mailbox_error(&self.name, &format!("print command failed for {name}/{}: {why}", f.name));
             }
