@@ -179,11 +179,7 @@ fn domain_of(s: &str) -> String {
 
 impl AuthResults {
     fn header_from(&self) -> impl Iterator<Item = String> + '_ {
-        self.results
-            .iter()
-            .flat_map(|r| r.props.iter())
-            .filter(|(k, _)| k == "header.from")
-            .map(|(_, v)| domain_of(v))
+        self.results.iter().flat_map(|r| r.props.iter()).filter(|(k, _)| k == "header.from").map(|(_, v)| domain_of(v))
     }
 
     /// Whether this field says the From domain `domain` passed DMARC, or Exchange's

@@ -137,8 +137,7 @@ impl Pollers {
     pub async fn run(self, mut generation: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
         {
             let mut running = RUNNING.lock().await;
-            let wanted: std::collections::HashSet<String> =
-                self.pollers.iter().map(|p| p.name().to_string()).collect();
+            let wanted: std::collections::HashSet<String> = self.pollers.iter().map(|p| p.name().to_string()).collect();
             running.retain(|name, r| {
                 let keep = wanted.contains(name) && !r.task.is_finished();
                 if !keep {

@@ -45,10 +45,23 @@ pub enum Refusal {
     Sender(String),
     /// The receiving server did not vouch for the From address (no DMARC pass).
     Unauthenticated(String),
-    TooLarge { size: u64, max: u64 },
-    Type { name: String, found: String, allowed: Vec<String> },
-    Mismatch { name: String, claimed: String, found: Option<String> },
-    NothingToPrint { print_body: bool },
+    TooLarge {
+        size: u64,
+        max: u64,
+    },
+    Type {
+        name: String,
+        found: String,
+        allowed: Vec<String>,
+    },
+    Mismatch {
+        name: String,
+        claimed: String,
+        found: Option<String>,
+    },
+    NothingToPrint {
+        print_body: bool,
+    },
     Unparseable,
 }
 

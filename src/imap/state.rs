@@ -177,7 +177,11 @@ impl MailboxState {
                     state.store.remove(Tree::Imap, k)?;
                 }
                 state.store.commit().await?;
-                tracing::info!(mailbox = legacy_name, records = old.len(), "mailbox state moved to its identity and folder");
+                tracing::info!(
+                    mailbox = legacy_name,
+                    records = old.len(),
+                    "mailbox state moved to its identity and folder"
+                );
             }
         }
         Ok(state)
