@@ -363,8 +363,19 @@ pub struct Mailbox {
     pub command_timeout: Seconds,
     #[serde(default)]
     pub reply_refused: bool,
+    /// Believe `From` (for `senders` and answers) only when the receiving server vouches for
+    /// it: DMARC/compauth pass in its Authentication-Results, or Exchange-internal mail.
+    #[serde(default = "default_true")]
+    pub require_authenticated_sender: bool,
+    /// The authserv-id the receiving server writes in Authentication-Results (RFC 8601 2.5);
+    /// when set, the topmost field must carry it.
+    #[serde(default)]
+    pub authserv_id: Option<String>,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_folder() -> String {
     "INBOX".into()
 }

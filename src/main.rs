@@ -64,6 +64,23 @@ enum Cmd {
         #[command(subcommand)]
         command: QueueCmd,
     },
+    /// Mobile-print mailboxes.
+    Mailbox {
+        #[command(subcommand)]
+        command: MailboxCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum MailboxCmd {
+    /// Start a mailbox's folder from now: mail already in it is never printed (relay stopped).
+    Reset {
+        /// The [[mailbox]] name.
+        name: String,
+        /// Record the folder's current UIDNEXT; only mail arriving later is printed.
+        #[arg(long)]
+        from_now: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -142,6 +159,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load(&cli.config)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(queue(&config, command))
+        }
+        Cmd::Mailbox { command: MailboxCmd::Reset { name, from_now } } => {
+            if !from_now {
+                bail!("say what to reset: --from-now (print only mail that arrives from now on)");
+            }
+            let config = load(&cli.config)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(mailbox_reset(config, &name))
         }
         Cmd::Auth { command } => {
             let config = load(&cli.config)?;
@@ -390,6 +415,22 @@ fn human_secs(s: i64) -> String {
         s if s < 172800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86400),
     }
+}
+
+/// `mailbox reset --from-now`: works on the database directly, so the daemon must be stopped
+/// (it holds the database's lock, and its poller would race the reset).
+async fn mailbox_reset(config: Config, name: &str) -> anyhow::Result<ExitCode> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let parts = match mfd_relay::relay::build(config) {
+        Ok(p) => p,
+        Err(e) => bail!("{e}\nstop the relay first (e.g. `systemctl stop mfd-relay`), run this again, then start it"),
+    };
+    let (uidvalidity, uidnext) = mfd_relay::imap::reset_from_now(&parts, name).await.map_err(|e| anyhow!(e))?;
+    parts.store.flush()?;
+    println!(
+        "mailbox \"{name}\": only mail from now on is printed (UIDVALIDITY {uidvalidity}, first UID {uidnext}); mail already in the folder stays there"
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn auth(config: &Config, cmd: AuthCmd) -> anyhow::Result<ExitCode> {

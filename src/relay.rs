@@ -154,12 +154,13 @@ struct Generation {
 }
 
 impl Generation {
-    fn start(parts: &Parts) -> Generation {
+    /// `shutdown` is the relay's: mailbox pollers outlive a generation that a reload ends.
+    fn start(parts: &Parts, shutdown: &tokio::sync::watch::Receiver<bool>) -> Generation {
         let (stop, rx) = tokio::sync::watch::channel(false);
         let tasks = vec![
             tokio::spawn(parts.tokens.clone().run_refresher(rx.clone())),
             tokio::spawn(parts.delivery.clone().run(QUEUE_PARALLELISM, rx.clone())),
-            tokio::spawn(crate::imap::Pollers::new(parts).run(rx)),
+            tokio::spawn(crate::imap::Pollers::new(parts).run(rx, shutdown.clone())),
         ];
         Generation { stop, tasks }
     }
@@ -288,7 +289,7 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
     for (tcp, settings) in listeners {
         tasks.push(tokio::spawn(listener::serve(tcp, settings, current.clone(), stop.clone(), SHUTDOWN_GRACE)));
     }
-    let mut generation = Generation::start(&parts);
+    let mut generation = Generation::start(&parts, &shutdown);
     init_label_sets(&parts.config);
     crate::delivery::update_queue_metrics(&parts.queue);
     tracing::info!(
@@ -332,7 +333,7 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
                         *current.write().unwrap_or_else(|e| e.into_inner()) = new_parts.ctx.clone();
                         admin.reload(&new_parts);
                         generation.stop().await;
-                        generation = Generation::start(&new_parts);
+                        generation = Generation::start(&new_parts, &shutdown);
                         init_label_sets(&new_parts.config);
                         for n in &needs_restart {
                             tracing::warn!("reload: {n} changed; that takes effect at the next restart");

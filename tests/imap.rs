@@ -305,7 +305,8 @@ async fn idle_picks_up_new_mail_within_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disallowed_sender_and_type_are_refused_and_answered() {
-    let extra = format!("senders = [\"{ALICE}\"]\nreply_refused = true\n");
+    // These mails carry no Authentication-Results: the From is taken at its word here.
+    let extra = format!("senders = [\"{ALICE}\"]\nreply_refused = true\nrequire_authenticated_sender = false\n");
     let Some(p) = Print::start("disallowed_sender_and_type_are_refused_and_answered", ImapTls::Starttls, &extra).await
     else {
         return;
@@ -471,6 +472,11 @@ async fn uidvalidity_change_neither_loses_nor_duplicates() {
     tokio::task::block_in_place(|| p.relay.stop());
     let (old_validity, old_uids) = p.upstream("INBOX").await;
     assert_eq!(old_uids, [1, 2]);
+    // Someone marks B unread again: with `after = seen` only unseen mail is a candidate, and
+    // B must then be recognised by its Message-ID rather than printed again.
+    tokio::task::block_in_place(|| {
+        p.real.doveadm(&["flags", "remove", "-u", PRINT, "\\Seen", "mailbox", "INBOX", "uid", "2"])
+    });
     // A leaves, C arrives; then the mailbox is renumbered under a new UIDVALIDITY, so that
     // B and C reuse UIDs the relay has records for.
     let mut u = p.user(PRINT).await;
@@ -573,4 +579,317 @@ async fn trace_logging_never_shows_the_token() {
     // The XOAUTH2 response is base64 of "user=print@example.test\x01auth=Bearer <token>...".
     let encoded = common::b64(format!("user={PRINT}\x01auth=Bearer fake-at-"));
     assert!(!log.contains(&encoded[..40]), "a base64 XOAUTH2 response");
+}
+
+/// `raw` with header fields put on top, as a receiving server adds them.
+fn with_headers(fields: &str, raw: Vec<u8>) -> Vec<u8> {
+    let mut out = fields.as_bytes().to_vec();
+    out.extend(raw);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_from_is_refused_without_the_servers_dmarc_pass_and_not_answered() {
+    let extra = format!("senders = [\"{ALICE}\"]\nreply_refused = true\n");
+    let Some(p) = Print::start(
+        "a_forged_from_is_refused_without_the_servers_dmarc_pass_and_not_answered",
+        ImapTls::Plain,
+        &extra,
+    )
+    .await
+    else {
+        return;
+    };
+    let pdf = [("application/pdf", "filename=\"a.pdf\"", PDF_A)];
+    // Eve writes Alice's address, with no evidence at all.
+    p.deliver(&mail(ALICE, "Forged, bare", &pdf)).await;
+    // Eve adds her own "dmarc=pass"; the receiving server's verdict is on top of it.
+    p.deliver(&with_headers(
+        "Authentication-Results: mx.example.test; dmarc=fail (p=none) header.from=example.test\r\n\
+         Received: from evil.test\r\n\
+         Authentication-Results: mx.example.test; dmarc=pass header.from=example.test\r\n",
+        mail(ALICE, "Forged, own verdict below", &pdf),
+    ))
+    .await;
+    // A pass for another domain does not vouch for Alice's.
+    p.deliver(&with_headers(
+        "Authentication-Results: mx.example.test; dmarc=pass header.from=evil.test\r\n",
+        mail(ALICE, "Forged, other domain", &pdf),
+    ))
+    .await;
+    // The real Alice: the server says dmarc=pass for her domain.
+    p.deliver(&with_headers(
+        "Authentication-Results: mx.example.test;\r\n spf=pass smtp.mailfrom=example.test;\r\n dmarc=pass (p=reject) header.from=example.test\r\n",
+        mail(ALICE, "Genuine", &pdf),
+    ))
+    .await;
+    p.wait_upstream(0).await;
+    let jobs = p.wait_jobs(1).await;
+    assert_eq!(Print::job_json(&jobs[0])["subject"], "Genuine");
+    assert_eq!(p.metric("mfd_relay_imap_jobs_total{mailbox=\"print\",result=\"refused\"}").await, 3.0);
+    let log = p.relay.log();
+    assert_eq!(log.matches("could not be verified").count(), 3, "{log}");
+    assert_eq!(log.matches("refused mail not answered").count(), 3, "{log}");
+    // No backscatter: nothing was queued to the forged address.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(p.real.inbox_files(ALICE).is_empty(), "an answer went to the forged sender");
+    assert!(!p.relay.log().contains("answer to a refused mail queued"), "{}", p.relay.log());
+}
+
+/// Waits until job.json of `job` has hand-off results.
+async fn wait_handoff(p: &Print, job: &Path) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(h) = Print::job_json(job)["handoff"].as_array() {
+            return h.clone();
+        }
+        assert!(Instant::now() < deadline, "no hand-off results:\n{}", p.relay.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_print_command_runs_after_the_mail_left_the_folder() {
+    let printed = tempfile::tempdir().unwrap();
+    let command = format!("command = [\"/bin/cp\", \"{{file}}\", \"{}/\"]\n", printed.path().display());
+    let Some(mut p) =
+        Print::start("a_pending_print_command_runs_after_the_mail_left_the_folder", ImapTls::Plain, &command).await
+    else {
+        return;
+    };
+    p.wait_checked().await;
+    p.relay.kill9();
+    p.deliver(&mail(ALICE, "Pending", &[("application/pdf", "filename=\"pending.pdf\"", PDF_A)])).await;
+    // The relay stops with the job spooled and its command pending, before `after`.
+    let (config, log) = (p.relay.config.clone(), p.dir.path().join("relay.log"));
+    let status = tokio::task::spawn_blocking(move || {
+        spawn_relay_until_exit(&config, &log, &[(mfd_relay::imap::TEST_CRASH_AFTER_SPOOL, "1")], WAIT)
+    })
+    .await
+    .unwrap();
+    assert!(!status.success(), "{status}");
+    assert_eq!(p.jobs().len(), 1);
+    // Meanwhile the mail leaves the folder (as if the server had performed `after` and only
+    // its OK was lost).
+    let mut u = p.user(PRINT).await;
+    let (_, uids) = u.uids("INBOX").await;
+    assert_eq!(uids.len(), 1);
+    u.delete("INBOX", uids[0]).await;
+    u.logout().await;
+    tokio::task::block_in_place(|| p.relay.spawn());
+    let jobs = p.wait_jobs(1).await;
+    let handoff = wait_handoff(&p, &jobs[0]).await;
+    assert_eq!(handoff.len(), 1, "{handoff:?}");
+    assert_eq!(handoff[0]["exit_code"], 0, "{handoff:?}");
+    assert_eq!(std::fs::read(printed.path().join("pending.pdf")).unwrap(), PDF_A, "the job was printed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_print_command_interrupted_after_the_mail_left_is_recorded_not_rerun() {
+    // The command kills the relay (its parent) the first time, leaving the record `Started`
+    // with the mail already deleted upstream; run again it would kill the new relay too.
+    let marker = tempfile::tempdir().unwrap();
+    let runs = marker.path().join("runs");
+    let command =
+        format!("command = [\"/bin/sh\", \"-c\", \"echo run >> {}; kill -9 $PPID\", \"{{file}}\"]\n", runs.display());
+    let Some(mut p) =
+        Print::start("a_print_command_interrupted_after_the_mail_left_is_recorded_not_rerun", ImapTls::Plain, &command)
+            .await
+    else {
+        return;
+    };
+    p.deliver(&mail(
+        ALICE,
+        "Interrupted",
+        &[("application/pdf", "filename=\"a.pdf\"", PDF_A), ("application/pdf", "filename=\"b.pdf\"", PDF_B)],
+    ))
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while tokio::task::block_in_place(|| p.relay.running()) {
+        assert!(Instant::now() < deadline, "the command did not stop the relay:\n{}", p.relay.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 1);
+    let (_, uids) = p.upstream("INBOX").await;
+    assert!(uids.is_empty(), "deleted upstream before the command ran");
+    tokio::task::block_in_place(|| p.relay.spawn());
+    p.wait_checked().await;
+    let jobs = p.wait_jobs(1).await;
+    let handoff = wait_handoff(&p, &jobs[0]).await;
+    assert_eq!(handoff.len(), 2, "{handoff:?}");
+    for (h, name) in handoff.iter().zip(["a.pdf", "b.pdf"]) {
+        assert_eq!(h["file"], name);
+        assert!(h["error"].as_str().unwrap().starts_with("interrupted"), "{h}");
+    }
+    assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 1, "never run twice");
+    assert!(tokio::task::block_in_place(|| p.relay.running()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_seen_prints_only_unseen_mail_from_the_first_start() {
+    let Some(mut p) =
+        Print::start("after_seen_prints_only_unseen_mail_from_the_first_start", ImapTls::Plain, "after = \"seen\"\n")
+            .await
+    else {
+        return;
+    };
+    p.wait_checked().await;
+    p.relay.kill9();
+    // The folder's history: a mail read long ago, and one nobody has read.
+    p.deliver(&mail(ALICE, "Read long ago", &[("application/pdf", "filename=\"old.pdf\"", PDF_A)])).await;
+    p.deliver(&mail(ALICE, "Unread", &[("application/pdf", "filename=\"new.pdf\"", PDF_B)])).await;
+    tokio::task::block_in_place(|| {
+        p.real.doveadm(&["flags", "add", "-u", PRINT, "\\Seen", "mailbox", "INBOX", "uid", "1"])
+    });
+    // A rebuilt database knows nothing of the folder.
+    std::fs::remove_dir_all(p.dir.path().join("data")).unwrap();
+    tokio::task::block_in_place(|| p.relay.spawn());
+    let jobs = p.wait_jobs(1).await;
+    assert_eq!(Print::job_json(&jobs[0])["subject"], "Unread");
+    p.wait_checked().await;
+    // Both stay upstream, both \Seen now; a later check prints nothing more.
+    p.deliver(&mail(ALICE, "Later", &[("application/pdf", "filename=\"later.pdf\"", PDF_A)])).await;
+    let jobs = p.wait_jobs(2).await;
+    assert_eq!(Print::job_json(&jobs[1])["subject"], "Later");
+    assert_eq!(p.upstream("INBOX").await.1.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailbox_reset_from_now_skips_the_mail_already_there() {
+    let Some(mut p) = Print::start("mailbox_reset_from_now_skips_the_mail_already_there", ImapTls::Plain, "").await
+    else {
+        return;
+    };
+    p.wait_checked().await;
+    // While the daemon runs, the command says to stop it first.
+    let (code, _, err) =
+        tokio::task::block_in_place(|| p.relay.cli(&["mailbox", "reset", "print", "--from-now"], None));
+    assert_ne!(code, 0);
+    assert!(err.contains("stop the relay first"), "{err}");
+    tokio::task::block_in_place(|| p.relay.stop());
+    p.deliver(&mail(ALICE, "Backlog 1", &[("application/pdf", "filename=\"b1.pdf\"", PDF_A)])).await;
+    p.deliver(&mail(ALICE, "Backlog 2", &[("application/pdf", "filename=\"b2.pdf\"", PDF_B)])).await;
+    let (code, out, err) =
+        tokio::task::block_in_place(|| p.relay.cli(&["mailbox", "reset", "print", "--from-now"], None));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("first UID 3"), "{out}");
+    let (code, _, err) =
+        tokio::task::block_in_place(|| p.relay.cli(&["mailbox", "reset", "nosuch", "--from-now"], None));
+    assert!(code != 0 && err.contains("no [[mailbox]] named"), "{err}");
+    p.deliver(&mail(ALICE, "New", &[("application/pdf", "filename=\"n.pdf\"", PDF_A)])).await;
+    tokio::task::block_in_place(|| p.relay.spawn());
+    let jobs = p.wait_jobs(1).await;
+    assert_eq!(Print::job_json(&jobs[0])["subject"], "New");
+    p.wait_checked().await;
+    // The backlog stays upstream, untouched; only the new mail was deleted.
+    let mut u = p.user(PRINT).await;
+    let subjects = u.subjects("INBOX").await;
+    u.logout().await;
+    assert_eq!(subjects.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(), ["Backlog 1", "Backlog 2"]);
+    assert_eq!(p.jobs().len(), 1);
+}
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_mails_are_checked_by_size_first_and_held_once() {
+    const MIB: usize = 1024 * 1024;
+    let Some(p) = Print::start(
+        "large_mails_are_checked_by_size_first_and_held_once",
+        ImapTls::Plain,
+        "max_size = \"40MiB\"\nsenders = []\n",
+    )
+    .await
+    else {
+        return;
+    };
+    p.wait_checked().await;
+    let pid = p.relay.pid();
+    let base = peak_rss(pid);
+    // A 48 MiB mail that is nearly all header: refused by its size, without its header being
+    // downloaded whole.
+    let mut bomb = format!("From: {ALICE}\r\nTo: {PRINT}\r\nSubject: header bomb\r\nX-Junk: x").into_bytes();
+    while bomb.len() < 48 * MIB {
+        bomb.extend_from_slice(b"\r\n ");
+        bomb.extend(std::iter::repeat_n(b'j', 75));
+    }
+    bomb.extend_from_slice(b"\r\n\r\nbody\r\n");
+    p.deliver(&bomb).await;
+    drop(bomb);
+    p.wait_upstream(0).await;
+    p.wait_log("larger than this printer takes").await;
+    let after_bomb = peak_rss(pid);
+    eprintln!("header bomb: peak RSS {} -> {} MiB", base / MIB as u64, after_bomb / MIB as u64);
+    assert!(after_bomb - base < 16 * MIB as u64, "peak grew {} MiB", (after_bomb - base) / MIB as u64);
+    // A 24 MiB PDF (about 33 MB as base64): held once as the download, once decoded.
+    let mut pdf = PDF_A.to_vec();
+    let mut x: u32 = 1;
+    while pdf.len() < 24 * MIB {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        pdf.push((x >> 16) as u8);
+    }
+    let raw = mail(ALICE, "Large", &[("application/pdf", "filename=\"large.pdf\"", &pdf)]);
+    let raw_len = raw.len() as u64;
+    p.deliver(&raw).await;
+    drop(raw);
+    let jobs = p.wait_jobs(1).await;
+    assert_eq!(std::fs::read(jobs[0].join("large.pdf")).unwrap(), pdf);
+    let after_large = peak_rss(pid);
+    let grown = after_large.saturating_sub(after_bomb);
+    eprintln!(
+        "large mail: {} MiB raw, peak RSS {} -> {} MiB ({:.2}x)",
+        raw_len / MIB as u64,
+        after_bomb / MIB as u64,
+        after_large / MIB as u64,
+        after_large as f64 / raw_len as f64
+    );
+    assert!(grown < raw_len * 2, "peak grew {} MiB for a {} MiB mail", grown / MIB as u64, raw_len / MIB as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_unchanged_pollers_logged_in() {
+    let Some(p) = Print::start("a_reload_keeps_unchanged_pollers_logged_in", ImapTls::Plain, "").await else { return };
+    p.wait_checked().await;
+    p.wait_log("mailbox connected").await;
+    let logins = |p: &Print| p.relay.log().matches("mailbox connected").count();
+    let reload = |p: &Print| {
+        let (code, out, err) = tokio::task::block_in_place(|| p.relay.cli(&["reload"], None));
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("configuration reloaded"), "{out}");
+    };
+    // A reload that changes nothing about the mailbox (a new device elsewhere would do the
+    // same): the poller stays in its session.
+    let config = std::fs::read_to_string(&p.relay.config).unwrap();
+    std::fs::write(&p.relay.config, format!("{config}\n# touched\n")).unwrap();
+    reload(&p);
+    p.wait_log("mailbox poller kept running").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(logins(&p), 1, "logged in again:\n{}", p.relay.log());
+    // It still works, on its old session (IDLE, so within seconds).
+    p.deliver(&mail(ALICE, "After reload", &[("application/pdf", "filename=\"r.pdf\"", PDF_A)])).await;
+    p.wait_jobs(1).await;
+    assert_eq!(logins(&p), 1, "{}", p.relay.log());
+    // A changed mailbox gets a new poller.
+    let config = std::fs::read_to_string(&p.relay.config).unwrap();
+    std::fs::write(&p.relay.config, config.replace("[[mailbox]]\n", "[[mailbox]]\nprint_body = true\n")).unwrap();
+    reload(&p);
+    p.wait_log("mailbox settings changed: restarting its poller").await;
+    let deadline = Instant::now() + WAIT;
+    while logins(&p) < 2 {
+        assert!(Instant::now() < deadline, "no new login:\n{}", p.relay.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.deliver(&mail(ALICE, "After change", &[])).await;
+    let jobs = p.wait_jobs(2).await;
+    assert_eq!(Print::job_json(&jobs[1])["files"][0]["name"], "body.txt", "the new settings apply");
+    assert_eq!(p.relay.log().matches("mailbox poller kept running").count(), 1, "{}", p.relay.log());
 }

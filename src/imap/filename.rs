@@ -61,7 +61,10 @@ pub fn sanitize(original: Option<&str>, fallback: &str, extension: Option<&str>)
     let name = name.trim_start_matches(['.', ' ']).trim_end_matches(['.', ' ']);
     let mut name = if name.is_empty() { fallback.to_string() } else { name.to_string() };
     let stem = name.split('.').next().unwrap_or("").trim_end().to_ascii_lowercase();
-    if WINDOWS_DEVICES.contains(&stem.as_str()) {
+    // A leading "-" would make the name an option to a print command that takes it as an
+    // argument (`lp -d floor3 -o...`); `{file}` is an absolute path, but a command may also
+    // be given the bare name.
+    if WINDOWS_DEVICES.contains(&stem.as_str()) || name.starts_with('-') {
         name.insert(0, '_');
     }
     if let Some(ext) = extension.filter(|e| !e.is_empty()) {
@@ -164,6 +167,18 @@ mod tests {
         assert_eq!(s("lpt1"), "_lpt1.pdf");
         assert_eq!(s("console.pdf"), "console.pdf");
         assert_eq!(s("  many   spaces  .pdf"), "many spaces .pdf");
+    }
+
+    #[test]
+    fn a_name_never_starts_with_a_dash() {
+        assert_eq!(s("-rf.pdf"), "_-rf.pdf");
+        assert_eq!(s("--help"), "_--help.pdf");
+        assert_eq!(s("../-o evil.pdf"), "_-o evil.pdf");
+        assert_eq!(s(" . -x.pdf"), "_-x.pdf");
+        assert_eq!(s("a-b.pdf"), "a-b.pdf");
+        assert_eq!(sanitize(Some("-"), "attachment-1", None), "_-");
+        let mut n = Names::default();
+        assert!(!n.unique(&s("-a.pdf")).starts_with('-'));
     }
 
     #[test]

@@ -22,9 +22,13 @@ pub const MAX_OUTPUT: usize = 4096;
 /// The placeholder replaced by the file's path.
 pub const FILE_PLACEHOLDER: &str = "{file}";
 
-/// The command line for one file: every `{file}` in every argument becomes `file`.
+/// The command line for one file: every `{file}` in every argument becomes `file` as an
+/// absolute path. The command runs in the job folder, so a relative path (a spool given
+/// relative to a configuration file named as `-c config.toml`) would point nowhere; an
+/// absolute path also never starts with `-`, so it cannot be taken for an option.
 pub fn expand(command: &[String], file: &Path) -> Vec<String> {
-    let path = file.to_string_lossy();
+    let absolute = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let path = absolute.to_string_lossy();
     command.iter().map(|a| a.replace(FILE_PLACEHOLDER, &path)).collect()
 }
 
@@ -113,6 +117,17 @@ mod tests {
             expand(&c, Path::new("/spool/j/a b.pdf")),
             ["lp", "-d", "floor3", "/spool/j/a b.pdf", "-t", "job /spool/j/a b.pdf"]
         );
+    }
+
+    #[test]
+    fn the_file_is_always_an_absolute_path() {
+        let c = cmd(&["lp", "{file}"]);
+        let cwd = std::env::current_dir().unwrap();
+        let argv = expand(&c, Path::new("spool/print/job1/-x.pdf"));
+        assert_eq!(argv[1], cwd.join("spool/print/job1/-x.pdf").to_string_lossy());
+        assert!(argv[1].starts_with('/'), "{argv:?}");
+        let argv = expand(&c, Path::new("./spool/a.pdf"));
+        assert!(Path::new(&argv[1]).is_absolute() && !argv[1].starts_with('-'), "{argv:?}");
     }
 
     #[tokio::test]

@@ -152,8 +152,8 @@ impl JobDirs {
 
     /// Creates both folders and removes what a crash left in the temporary one.
     pub fn prepare(&self) -> Result<(), JobError> {
-        std::fs::create_dir_all(&self.jobs).map_err(io(&self.jobs))?;
-        std::fs::create_dir_all(&self.tmp).map_err(io(&self.tmp))?;
+        create_private_dir(&self.jobs)?;
+        create_private_dir(&self.tmp)?;
         for entry in std::fs::read_dir(&self.tmp).map_err(io(&self.tmp))? {
             let path = entry.map_err(io(&self.tmp))?.path();
             let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
@@ -185,7 +185,7 @@ impl JobDirs {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        create_private_dir(&tmp)?;
         for f in files {
             write_synced(&tmp.join(&f.name), &f.data)?;
         }
@@ -220,9 +220,36 @@ impl JobDirs {
     }
 }
 
-/// Writes a new file and fsyncs it.
+/// Mode of job folders: mail content is for the relay's user (and the print command it
+/// runs) only, whatever the umask.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of job files.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Creates `path` (and missing parents) as [`DIR_MODE`]. The mode given to mkdir(2) is
+/// reduced by the umask but never widened; it is set explicitly as well, so the folder
+/// ends up exactly private even where the umask is unusual or the folder already existed.
+fn create_private_dir(path: &Path) -> Result<(), JobError> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, DIR_MODE);
+    b.create(path).map_err(io(path))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(DIR_MODE)).map_err(io(path))?;
+    }
+    Ok(())
+}
+
+/// Writes a new file ([`FILE_MODE`]) and fsyncs it.
 fn write_synced(path: &Path, data: &[u8]) -> Result<(), JobError> {
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(io(path))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, FILE_MODE);
+    let mut f = opts.open(path).map_err(io(path))?;
     f.write_all(data).and_then(|_| f.sync_all()).map_err(io(path))
 }
 
@@ -262,6 +289,7 @@ mod tests {
             original_name: None,
             content_type: "application/pdf".into(),
             data: data.into(),
+            part: None,
         }
     }
 
@@ -315,6 +343,28 @@ mod tests {
             std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         listing.sort();
         assert_eq!(listing, ["a.pdf", "b.pdf", "job.json"]);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn job_folders_and_files_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let spool = tempfile::tempdir().unwrap();
+        let dirs = JobDirs::new(&spool.path().join("deep"), "print");
+        dirs.prepare().unwrap();
+        assert_eq!(mode(&dirs.jobs), DIR_MODE);
+        assert_eq!(mode(&dirs.tmp), DIR_MODE);
+        // An existing, wider folder is narrowed.
+        std::fs::set_permissions(&dirs.jobs, std::fs::Permissions::from_mode(0o777)).unwrap();
+        dirs.prepare().unwrap();
+        assert_eq!(mode(&dirs.jobs), DIR_MODE);
+        let path = dirs.write("job1", &json(1), vec![file("a.pdf", b"%PDF-1")]).await.unwrap();
+        assert_eq!(mode(&path), DIR_MODE);
+        assert_eq!(mode(&path.join("a.pdf")), FILE_MODE);
+        assert_eq!(mode(&path.join(JOB_JSON)), FILE_MODE);
+        dirs.update_json("job1", &json(1)).await.unwrap();
+        assert_eq!(mode(&path.join(JOB_JSON)), FILE_MODE, "a replaced job.json too");
     }
 
     #[tokio::test]

@@ -19,8 +19,9 @@
 
 use std::fmt;
 
-use mail_parser::{Message, MessagePart, MimeHeaders};
+use mail_parser::{Message, MessagePart, MimeHeaders, PartType};
 
+use super::authres::{self, Trust};
 use super::filename::{self, Names};
 use crate::config::Mailbox;
 
@@ -32,6 +33,9 @@ pub struct Policy {
     pub types: Vec<String>,
     pub max_size: u64,
     pub print_body: bool,
+    /// Believe `From` only when the receiving server vouches for it ([`super::authres`]).
+    pub require_authenticated: bool,
+    pub trust: Trust,
 }
 
 /// Why a mail is not printed. The text goes to the log and, with `reply_refused`, to the sender.
@@ -39,10 +43,25 @@ pub struct Policy {
 pub enum Refusal {
     NoSender,
     Sender(String),
-    TooLarge { size: u64, max: u64 },
-    Type { name: String, found: String, allowed: Vec<String> },
-    Mismatch { name: String, claimed: String, found: Option<String> },
-    NothingToPrint { print_body: bool },
+    /// The receiving server did not vouch for the From address (no DMARC pass).
+    Unauthenticated(String),
+    TooLarge {
+        size: u64,
+        max: u64,
+    },
+    Type {
+        name: String,
+        found: String,
+        allowed: Vec<String>,
+    },
+    Mismatch {
+        name: String,
+        claimed: String,
+        found: Option<String>,
+    },
+    NothingToPrint {
+        print_body: bool,
+    },
     Unparseable,
 }
 
@@ -51,6 +70,10 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::NoSender => write!(f, "the mail has no sender (From) address"),
             Refusal::Sender(s) => write!(f, "the sender {s} is not allowed to print here"),
+            Refusal::Unauthenticated(s) => write!(
+                f,
+                "the sender address {s} could not be verified (the receiving server reports no DMARC pass for it)"
+            ),
             Refusal::TooLarge { size, max } => {
                 write!(f, "the mail is {size} bytes, larger than this printer takes ({max} bytes)")
             }
@@ -91,6 +114,8 @@ pub struct PlannedFile {
     /// Effective MIME type.
     pub content_type: String,
     pub data: Vec<u8>,
+    /// While planning: the mail part `data` will be taken from.
+    pub part: Option<usize>,
 }
 
 /// What a mail becomes.
@@ -161,14 +186,17 @@ type Signature = fn(&[u8]) -> bool;
 
 /// Types recognised by their first bytes. Sniffing looks at the start only, as file(1) does.
 const MAGIC: &[(&str, Signature)] = &[
-    // ISO 32000-1 7.5.2: "%PDF-"; readers accept it within the first 1024 bytes.
-    ("application/pdf", |d| d[..d.len().min(1024)].windows(5).any(|w| w == b"%PDF-")),
+    // ISO 32000-1 7.5.2: the file begins with "%PDF-". Only leading white space is tolerated:
+    // readers that search the first 1024 bytes would take a program or a PostScript file with
+    // "%PDF-" somewhere inside for a PDF (a polyglot), so the signature must be at the start.
+    ("application/pdf", |d| d.trim_ascii_start().starts_with(b"%PDF-")),
     ("image/jpeg", |d| d.starts_with(&[0xFF, 0xD8, 0xFF])),
     ("image/png", |d| d.starts_with(&[0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A])),
     ("image/gif", |d| d.starts_with(b"GIF87a") || d.starts_with(b"GIF89a")),
     ("image/tiff", |d| d.starts_with(b"II*\0") || d.starts_with(b"MM\0*")),
     ("image/webp", |d| d.len() >= 12 && d.starts_with(b"RIFF") && &d[8..12] == b"WEBP"),
-    ("application/postscript", |d| d.starts_with(b"%!PS")),
+    // PostScript Language Reference 3, 5.1: "%!" (usually "%!PS-Adobe-3.0").
+    ("application/postscript", |d| d.starts_with(b"%!")),
     ("application/zip", |d| d.starts_with(b"PK\x03\x04")),
     ("application/x-ole-storage", |d| d.starts_with(&[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1])),
     ("application/x-msdownload", |d| d.starts_with(b"MZ")),
@@ -225,7 +253,31 @@ impl Policy {
             types: m.types.iter().map(|t| normalise_type(t)).collect(),
             max_size: m.max_size.0,
             print_body: m.print_body,
+            require_authenticated: m.require_authenticated_sender,
+            trust: Trust { authserv_id: m.authserv_id.clone(), exchange_internal: false },
         }
+    }
+
+    /// Whether the receiving server vouches for every address of `from` ([`super::authres`]).
+    pub fn authenticated(&self, msg: &Message<'_>, from: &[String]) -> bool {
+        authres::from_authenticated(&authres::fields(msg), from, &self.trust)
+    }
+
+    /// The sender, checked: with an allow-list and `require_authenticated_sender`, the From
+    /// must be authenticated before the list is consulted (a forged From would pass it).
+    pub fn check_from(&self, msg: &Message<'_>) -> Result<(Sender, Vec<String>), Refusal> {
+        let (sender, all) = sender_of(msg)?;
+        if self.require_authenticated && !self.senders.is_empty() && !self.authenticated(msg, &all) {
+            return Err(Refusal::Unauthenticated(sender.address));
+        }
+        self.check_sender(&all)?;
+        Ok((sender, all))
+    }
+
+    /// Whether a refusal may be answered as far as authentication goes: an answer to a forged
+    /// From would go to someone who never wrote (backscatter).
+    pub fn may_answer(&self, msg: &Message<'_>, from: &[String]) -> bool {
+        !self.require_authenticated || self.authenticated(msg, from)
     }
 
     /// Every `From` address must be allowed (a second, allowed address does not make a
@@ -295,11 +347,28 @@ impl Policy {
     }
 
     /// Turns a mail into the files of a job, or refuses it. The sender must have been checked.
-    pub fn plan(&self, msg: &Message<'_>) -> Result<Plan, Refusal> {
+    ///
+    /// The attachments' decoded contents are moved out of `msg` into the plan rather than
+    /// copied: a large mail is then held once decoded, not twice.
+    pub fn plan(&self, msg: &mut Message<'_>) -> Result<Plan, Refusal> {
+        let mut plan = self.plan_names(msg)?;
+        for f in &mut plan.files {
+            if let Some(id) = f.part.take() {
+                if let Some(part) = msg.parts.get_mut(id) {
+                    f.data = take_contents(part);
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The plan with each attachment's part id instead of its data (`part`).
+    fn plan_names(&self, msg: &Message<'_>) -> Result<Plan, Refusal> {
         let html: Vec<&str> = msg.parts.iter().filter(|p| p.is_text_html()).filter_map(|p| p.text_contents()).collect();
         let mut plan = Plan::default();
         let mut names = Names::default();
-        for (i, part) in msg.attachments().enumerate() {
+        let parts = msg.attachments.iter().filter_map(|id| Some((*id as usize, msg.parts.get(*id as usize)?)));
+        for (i, (id, part)) in parts.enumerate() {
             let original = part.attachment_name().map(str::to_string);
             let shown = original.clone().unwrap_or_else(|| format!("attachment {}", i + 1));
             if is_body_fragment(part) {
@@ -323,7 +392,8 @@ impl Policy {
                 original_name: original.filter(|o| *o != name),
                 name,
                 content_type: effective,
-                data: data.to_vec(),
+                data: Vec::new(),
+                part: Some(id),
             });
         }
         if plan.files.is_empty() {
@@ -335,6 +405,7 @@ impl Policy {
                         original_name: None,
                         content_type: "text/plain".into(),
                         data: format!("{text}\n").into_bytes(),
+                        part: None,
                     });
                     plan.body = Some(text);
                 }
@@ -342,6 +413,17 @@ impl Policy {
             }
         }
         Ok(plan)
+    }
+}
+
+/// Moves a part's decoded contents out of the parsed mail (a copy only where they still
+/// borrow the raw mail: parts without a transfer encoding).
+fn take_contents(part: &mut MessagePart<'_>) -> Vec<u8> {
+    match std::mem::take(&mut part.body) {
+        PartType::Binary(c) | PartType::InlineBinary(c) => c.into_owned(),
+        PartType::Text(t) | PartType::Html(t) => t.into_owned().into_bytes(),
+        PartType::Message(m) => m.raw_message.into_owned(),
+        PartType::Multipart(_) => Vec::new(),
     }
 }
 
@@ -379,6 +461,8 @@ mod tests {
             types: vec!["application/pdf".into(), "image/*".into()],
             max_size: 1000,
             print_body: false,
+            require_authenticated: false,
+            trust: Trust::default(),
         }
     }
 
@@ -404,10 +488,19 @@ mod tests {
     }
 
     fn plan_of(p: &Policy, raw: &[u8]) -> Result<Plan, Refusal> {
-        let msg = MessageParser::default().parse(raw).unwrap();
+        let mut msg = MessageParser::default().parse(raw).unwrap();
         let (_, all) = sender_of(&msg)?;
         p.check_sender(&all)?;
-        p.plan(&msg)
+        // The data moved out of the mail is what it held.
+        let expected: Vec<Vec<u8>> = msg.attachments().map(|a| a.contents().to_vec()).collect();
+        let plan = p.plan(&mut msg)?;
+        for f in &plan.files {
+            if f.name != BODY_FILE {
+                assert!(expected.contains(&f.data), "{}", f.name);
+            }
+            assert_eq!(f.part, None);
+        }
+        Ok(plan)
     }
 
     #[test]
@@ -420,10 +513,47 @@ mod tests {
         assert_eq!(sniff(b"PK\x03\x04...."), Some("application/zip"));
         assert_eq!(sniff(b"hello"), None);
         assert_eq!(sniff(b""), None);
-        // Junk before %PDF- is tolerated within 1024 bytes, as readers do.
-        let mut late = vec![b' '; 100];
+        // White space before %PDF- is tolerated.
+        let mut late = b" \r\n\t".repeat(25);
         late.extend_from_slice(PDF);
         assert_eq!(sniff(&late), Some("application/pdf"));
+    }
+
+    #[test]
+    fn a_pdf_signature_counts_only_at_the_start() {
+        let p = Policy { types: vec![], ..policy() };
+        // Polyglots: another format's signature at offset 0, "%PDF-" further in.
+        let mut exe = b"MZ\x90\0\x03\0\0\0".to_vec();
+        exe.extend_from_slice(PDF);
+        let mut ps = b"%!PS-Adobe-3.0\n".to_vec();
+        ps.extend_from_slice(PDF);
+        let mut elf = b"\x7FELF\x02\x01".to_vec();
+        elf.extend_from_slice(PDF);
+        let mut zip = b"PK\x03\x04\x14\0".to_vec();
+        zip.extend_from_slice(PDF);
+        let mut junk = b"junk ".to_vec();
+        junk.extend_from_slice(PDF);
+        for (data, found) in [
+            (&exe, Some("application/x-msdownload")),
+            (&ps, Some("application/postscript")),
+            (&elf, Some("application/x-executable")),
+            (&zip, Some("application/zip")),
+            (&junk, None),
+        ] {
+            assert_eq!(sniff(data), found);
+            for declared in [Some("application/pdf"), Some("application/octet-stream"), None] {
+                assert_eq!(
+                    p.classify(declared, "doc.pdf", data),
+                    Err(Refusal::Mismatch {
+                        name: "doc.pdf".into(),
+                        claimed: "application/pdf".into(),
+                        found: found.map(str::to_string)
+                    }),
+                    "{declared:?} {found:?}"
+                );
+            }
+        }
+        assert_eq!(p.classify(Some("application/pdf"), "doc.pdf", b"\n\r\n %PDF-1.7\n"), Ok("application/pdf".into()));
     }
 
     #[test]
@@ -486,6 +616,32 @@ mod tests {
         assert_eq!(anyone.check_sender(&["x@y.z".into()]), Ok(()));
         assert_eq!(p.check_size(1000), Ok(()));
         assert_eq!(p.check_size(1001), Err(Refusal::TooLarge { size: 1001, max: 1000 }));
+    }
+
+    #[test]
+    fn a_forged_from_is_refused_without_the_servers_dmarc_pass() {
+        let p = Policy { require_authenticated: true, ..policy() };
+        let parse = |raw: &[u8]| MessageParser::default().parse(raw).unwrap().into_owned();
+        let plain = parse(&mail("alice@contoso.com", &[("application/pdf", Some("a.pdf"), PDF)]));
+        assert_eq!(p.check_from(&plain), Err(Refusal::Unauthenticated("alice@contoso.com".into())));
+        assert!(!p.may_answer(&plain, &["alice@contoso.com".into()]));
+        let with = |ar: &str| {
+            let mut raw = format!("Authentication-Results: {ar}\r\n").into_bytes();
+            raw.extend(mail("alice@contoso.com", &[("application/pdf", Some("a.pdf"), PDF)]));
+            parse(&raw)
+        };
+        let good = with("mx.contoso.com; dmarc=pass header.from=contoso.com");
+        assert_eq!(p.check_from(&good).map(|(s, _)| s.address), Ok("alice@contoso.com".into()));
+        assert!(p.may_answer(&good, &["alice@contoso.com".into()]));
+        let other = with("mx.contoso.com; dmarc=pass header.from=evil.test");
+        assert!(matches!(p.check_from(&other), Err(Refusal::Unauthenticated(_))));
+        // Authenticated but not allowed: the allow-list still decides.
+        let mut raw = b"Authentication-Results: mx; dmarc=pass header.from=evil.test\r\n".to_vec();
+        raw.extend(mail("eve@evil.test", &[]));
+        assert_eq!(p.check_from(&parse(&raw)), Err(Refusal::Sender("eve@evil.test".into())));
+        // Off: the old behaviour.
+        let off = policy();
+        assert!(off.check_from(&plain).is_ok() && off.may_answer(&plain, &[]));
     }
 
     #[test]

@@ -66,6 +66,14 @@ const NEEDS_LOGIN_WAIT: Duration = Duration::from_secs(600);
 /// on disk and recorded as spooled, before `after` is applied upstream (the kill -9 test).
 pub const TEST_CRASH_AFTER_SPOOL: &str = "MFD_RELAY_TEST_CRASH_AFTER_SPOOL";
 
+/// How many mailboxes download a message body at once, relay-wide: each holds its mail in
+/// memory while it is checked and written.
+pub const FETCHING_AT_ONCE: usize = 2;
+static FETCHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(FETCHING_AT_ONCE);
+
+/// The hand-off result of a job whose print command was running when the relay stopped.
+pub const INTERRUPTED: &str = "interrupted: the relay stopped while the print command ran; not run again";
+
 /// Why a session ended with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
@@ -89,12 +97,14 @@ struct Checked {
 }
 
 impl Checked {
-    fn add(&mut self, r: Result<Option<u64>, PollError>) -> Result<(), PollError> {
-        match r? {
+    /// Counts a message's outcome; returns it (`None`: try again at the next check).
+    fn add(&mut self, r: Result<Option<u64>, PollError>) -> Result<Option<u64>, PollError> {
+        let r = r?;
+        match r {
             Some(jobs) => self.jobs += jobs,
             None => self.troubled = true,
         }
-        Ok(())
+        Ok(r)
     }
 }
 
@@ -123,11 +133,13 @@ struct About {
 }
 
 impl About {
-    fn of(msg: Option<&Message<'_>>, own_address: &str) -> About {
+    fn of(msg: Option<&Message<'_>>, own_address: &str, policy: &Policy) -> About {
         let Some(msg) = msg else { return About::default() };
-        let sender = policy::sender_of(msg).ok().map(|(s, _)| s.address);
+        let from = policy::sender_of(msg).ok();
+        let authenticated = from.as_ref().is_some_and(|(_, all)| policy.may_answer(msg, all));
+        let sender = from.map(|(s, _)| s.address);
         About {
-            answerable: sender.as_deref().is_some_and(|s| reply::should_answer(msg, s, own_address)),
+            answerable: authenticated && sender.as_deref().is_some_and(|s| reply::should_answer(msg, s, own_address)),
             sender,
             subject: msg.subject().map(str::to_string),
             message_id: msg.message_id().map(str::to_string),
@@ -176,9 +188,14 @@ pub struct Poller {
     connector: Connector,
     dirs: JobDirs,
     state: MailboxState,
-    shared: Arc<Shared>,
+    shared: SharedCell,
+    /// The settings this poller was built from, to tell whether a reload changed them.
+    fingerprint: String,
     crash_after_spool: bool,
 }
+
+/// The relay parts a poller uses, replaced in place when a reload keeps the poller running.
+pub type SharedCell = Arc<std::sync::RwLock<Arc<Shared>>>;
 
 impl Poller {
     /// Builds the poller of `m`; `spool` is its resolved spool directory. An error names what
@@ -213,41 +230,95 @@ impl Poller {
                 tracing::warn!(mailbox = %name, "`command` has no \"{}\" argument: it will not know which file to print", handoff::FILE_PLACEHOLDER);
             }
         }
+        if !m.require_authenticated_sender && !m.senders.is_empty() {
+            tracing::warn!(mailbox = %name, "require_authenticated_sender = false: the `senders` allow-list trusts a From field anyone can forge");
+        }
+        let mut policy = Policy::from_config(m);
+        // Exchange strips X-MS-Exchange-Organization-* from mail that comes from outside the
+        // organisation; no other server does.
+        policy.trust.exchange_internal = slot.provider.kind == crate::config::ProviderKind::Microsoft;
+        let fingerprint = format!(
+            "{name}|{identity}|{}|{server:?}|{:?}|{after:?}|{policy:?}|{command:?}|{:?}|{:?}|{}|{}|{}",
+            slot.email,
+            slot.provider.ca_file,
+            m.command_timeout.0,
+            m.poll_interval.0,
+            m.reply_refused,
+            m.folder,
+            spool.display(),
+        );
         let dir_name = filename::sanitize(Some(&name), "mailbox", None);
+        // Absolute, so that `{file}` is one whatever the relay's working directory.
+        let spool = std::path::absolute(spool).map_err(|e| format!("spool {}: {e}", spool.display()))?;
+        let spool = spool.as_path();
         Ok(Poller {
             user: slot.email.clone(),
             folder: m.folder.clone(),
             after,
-            policy: Policy::from_config(m),
+            policy,
             command,
             command_timeout: m.command_timeout.0,
             poll_interval: m.poll_interval.0.max(Duration::from_secs(1)),
             reply_refused: m.reply_refused,
             connector,
             dirs: JobDirs::new(spool, &dir_name),
-            state: MailboxState::new(shared.store.clone(), &name),
+            state: MailboxState::new(shared.store.clone(), &state::folder_prefix(&identity, &m.folder)),
             crash_after_spool: std::env::var_os(TEST_CRASH_AFTER_SPOOL).is_some_and(|v| v == "1"),
             name,
             identity,
-            shared,
+            fingerprint,
+            shared: Arc::new(std::sync::RwLock::new(shared)),
         })
+    }
+
+    fn shared(&self) -> Arc<Shared> {
+        self.shared.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Where a reload puts the new relay parts for this poller, if it keeps it running.
+    pub fn shared_cell(&self) -> SharedCell {
+        self.shared.clone()
+    }
+
+    /// The settings the poller runs with: a reload that leaves them unchanged keeps it running.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// `mailbox reset --from-now`: logs in, reads the folder's UIDNEXT and records it, so
+    /// that only mail arriving from now on is printed. Returns (UIDVALIDITY, UIDNEXT).
+    pub async fn reset_from_now(&self) -> Result<(u32, u32), PollError> {
+        MailboxState::open(self.shared().store.clone(), &self.identity, &self.folder, &self.name).await?;
+        let (session, _) = self.login().await?;
+        let mut mb = Mailbox::open(session, &self.folder).await?;
+        // UIDNEXT from SELECT (RFC 3501 7.3.1 OK [UIDNEXT]); without it, one past the highest
+        // UID there is (UIDs only ascend).
+        let uidnext = match mb.uidnext {
+            Some(n) => n,
+            None => mb.all_uids().await?.last().map_or(1, |u| u.saturating_add(1)),
+        };
+        let uidvalidity = mb.uidvalidity;
+        mb.logout().await;
+        self.state.set_floor(uidvalidity, uidnext).await?;
+        Ok((uidvalidity, uidnext))
+    }
+
     /// Polls until `shutdown` becomes true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         // A poller replaced by a reload may still be finishing a message: wait for it.
-        let lease = lease(&self.name);
+        // Keyed by the folder (its records' prefix), not the section name, so a renamed
+        // section waits for the poller it replaces.
+        let lease = lease(&state::folder_prefix(&self.identity, &self.folder));
         let _lease = tokio::select! {
             held = lease.lock_owned() => held,
             _ = shutdown.changed() => return,
         };
         let mut failures: u32 = 0;
         let mut prepared = false;
-        let mut ready = self.shared.tokens.subscribe_ready();
         tracing::info!(mailbox = %self.name, identity = %self.identity, folder = %self.folder, spool = %self.dirs.jobs.display(), "mailbox poller started");
         loop {
             if *shutdown.borrow() {
@@ -260,6 +331,8 @@ impl Poller {
             };
             failures = failures.saturating_add(1);
             self.report(&err);
+            // Subscribed here, not once: a reload may have replaced the token manager.
+            let mut ready = self.shared().tokens.subscribe_ready();
             let needs_login = matches!(err, PollError::Token(TokenError::NeedsLogin(_)));
             let wait = if needs_login {
                 NEEDS_LOGIN_WAIT
@@ -284,6 +357,8 @@ impl Poller {
     ) -> Result<End, PollError> {
         if !*prepared {
             self.dirs.prepare()?;
+            // Moves records an older relay kept under the section's name.
+            MailboxState::open(self.shared().store.clone(), &self.identity, &self.folder, &self.name).await?;
             *prepared = true;
         }
         self.session(shutdown, failures).await
@@ -291,7 +366,7 @@ impl Poller {
 
     fn report(&self, e: &PollError) {
         metrics::IMAP_ERRORS.with_label_values(&[&self.name]).inc();
-        self.shared.activity.mailbox_error(&self.name, &e.to_string());
+        self.shared().activity.mailbox_error(&self.name, &e.to_string());
         match e {
             PollError::Token(TokenError::NeedsLogin(why)) => {
                 tracing::error!(mailbox = %self.name, identity = %self.identity, "mailbox not checked: the identity needs a new sign-in ({why}); run `mfd-relay auth login {}`", self.identity)
@@ -302,7 +377,7 @@ impl Poller {
 
     /// XOAUTH2 login; a refused token gets one refresh and one retry.
     async fn login(&self) -> Result<(Session, AccessToken), PollError> {
-        let token = self.shared.tokens.access_token(&self.identity).await?;
+        let token = self.shared().tokens.access_token(&self.identity).await?;
         let conn = self.connector.connect().await?;
         match client::authenticate(conn, &self.user, &token.secret).await {
             Ok(s) => Ok((s, token)),
@@ -313,7 +388,7 @@ impl Poller {
                     server_says = %detail.as_deref().unwrap_or("-"),
                     "the IMAP server refused the token; getting a new one and trying once more"
                 );
-                let token = self.shared.tokens.refresh_after_rejection(&self.identity, &token).await?;
+                let token = self.shared().tokens.refresh_after_rejection(&self.identity, &token).await?;
                 let conn = self.connector.connect().await?;
                 let session = client::authenticate(conn, &self.user, &token.secret).await?;
                 Ok((session, token))
@@ -352,7 +427,7 @@ impl Poller {
             let Checked { jobs, troubled } = self.check(&mut mb, shutdown).await?;
             *failures = 0;
             metrics::IMAP_LAST_SUCCESS.with_label_values(&[&self.name]).set(unix_now());
-            self.shared.activity.mailbox_checked(&self.name, jobs);
+            self.shared().activity.mailbox_checked(&self.name, jobs);
             if *shutdown.borrow() {
                 mb.logout().await;
                 return Ok(End::Shutdown);
@@ -393,16 +468,23 @@ impl Poller {
     async fn check(&self, mb: &mut Mailbox, shutdown: &watch::Receiver<bool>) -> Result<Checked, PollError> {
         let uids = mb.all_uids().await?;
         let present: HashSet<u32> = uids.iter().copied().collect();
+        // With `after = seen`, mail already \Seen is not new: it was printed, or read by a
+        // person, before the relay (or this database) knew the folder.
+        let candidates = if self.after == After::Seen { mb.unseen_uids().await? } else { uids };
+        let floor = self.state.floor(mb.uidvalidity)?.unwrap_or(0);
         let records = self.state.records()?;
         let known: BTreeSet<u32> = records.keys().copied().collect();
-        // UIDs are never reused under one UIDVALIDITY: a record whose message left is done.
-        for (uid, rec) in records.iter().filter(|(u, _)| !present.contains(u)) {
-            if rec.stage == Stage::Spooling && !rec.job.as_deref().is_some_and(|j| self.dirs.exists(j)) {
-                tracing::warn!(mailbox = %self.name, uid, "a message left the folder before its job was written");
-            }
-            self.state.remove(*uid)?;
-        }
         let mut done = Checked::default();
+        // UIDs are never reused under one UIDVALIDITY: a record whose message left is done
+        // upstream, but its job may not be: `after` was performed while its OK was lost, or
+        // the relay stopped between `after` and the hand-off. Those jobs are finished here,
+        // without IMAP, before the record goes.
+        for (uid, rec) in records.iter().filter(|(u, _)| !present.contains(u)) {
+            let finished = self.finish_vanished(*uid, rec.clone()).await;
+            if done.add(self.guarded(finished))?.is_some() {
+                self.state.remove(*uid)?;
+            }
+        }
         for (uid, rec) in records.into_iter().filter(|(u, _)| present.contains(u)) {
             if *shutdown.borrow() {
                 return Ok(done);
@@ -415,7 +497,7 @@ impl Poller {
                 done.add(self.guarded(r))?;
             }
         }
-        let new: Vec<u32> = uids.into_iter().filter(|u| !known.contains(u)).collect();
+        let new: Vec<u32> = candidates.into_iter().filter(|u| !known.contains(u) && *u >= floor).collect();
         for batch in new.chunks(FETCH_BATCH) {
             for meta in mb.metas(batch).await? {
                 if *shutdown.borrow() {
@@ -462,11 +544,10 @@ impl Poller {
         let early = head
             .as_ref()
             .ok_or(Refusal::NoSender)
-            .and_then(policy::sender_of)
-            .and_then(|(_, all)| self.policy.check_sender(&all))
+            .and_then(|h| self.policy.check_from(h))
             .and_then(|_| self.policy.check_size(meta.size));
         if let Err(refusal) = early {
-            let rec = self.refuse(uid, key, refusal, About::of(head.as_ref(), &self.user)).await?;
+            let rec = self.refuse(uid, key, refusal, About::of(head.as_ref(), &self.user, &self.policy)).await?;
             return self.drive(mb, uid, rec).await;
         }
         let rec = UidRecord {
@@ -530,25 +611,57 @@ impl Poller {
         Ok(spooled)
     }
 
+    /// The message of `rec` left the folder: finishes its job without IMAP. A job on disk
+    /// whose record still said `Spooling` (the relay stopped between the two commits) is a
+    /// spooled job; a pending hand-off runs now; a started one is recorded as interrupted.
+    async fn finish_vanished(&self, uid: u32, mut rec: UidRecord) -> Result<u64, PollError> {
+        let on_disk = rec.job.as_deref().is_some_and(|j| self.dirs.exists(j));
+        if rec.stage == Stage::Spooling {
+            if !on_disk {
+                tracing::warn!(mailbox = %self.name, uid, "a message left the folder before its job was written");
+                return Ok(0);
+            }
+            tracing::info!(mailbox = %self.name, uid, job = ?rec.job, "the message left the folder after its job was written; finishing the job");
+            rec.stage = Stage::Spooled;
+            rec.handoff = if self.command.is_some() { Handoff::Pending } else { Handoff::None };
+            rec.at = unix_now();
+            self.state.record(uid, &rec).await?;
+        }
+        if rec.stage == Stage::Spooled && on_disk {
+            match rec.handoff {
+                Handoff::Pending => {
+                    tracing::info!(mailbox = %self.name, uid, job = ?rec.job, "the message left the folder before its print command ran; running it now");
+                    self.handoff(uid, &mut rec).await?;
+                }
+                Handoff::Started => self.handoff_interrupted(uid, &mut rec).await?,
+                Handoff::None | Handoff::Done => {}
+            }
+        } else if matches!(rec.handoff, Handoff::Pending | Handoff::Started) {
+            tracing::warn!(mailbox = %self.name, uid, job = ?rec.job, "the job of a message that left the folder is gone from the spool; its print command is not run");
+        }
+        Ok(0)
+    }
+
     /// Fetches, checks and writes one message as job `name`.
     async fn spool(&self, mb: &mut Mailbox, uid: u32, name: &str) -> Result<Spooled, PollError> {
         if self.dirs.exists(name) {
             // Written before a crash that came before the record said so.
             return Ok(Spooled::Written);
         }
+        // Bodies are held in memory (async-imap reads a literal whole): few at once.
+        let _permit = FETCHING.acquire().await.map_err(|e| ImapError::Unexpected(e.to_string()))?;
         let Some(raw) = mb.body(uid).await? else { return Ok(Spooled::Gone) };
-        let Some(msg) = MessageParser::default().parse(&raw) else {
+        let Some(mut msg) = MessageParser::default().parse(raw.bytes()) else {
             return Ok(Spooled::Refused(Refusal::Unparseable, About::default()));
         };
-        let about = || About::of(Some(&msg), &self.user);
-        let checked = policy::sender_of(&msg).and_then(|(sender, all)| {
-            self.policy.check_sender(&all)?;
-            self.policy.check_size(raw.len() as u64)?;
-            Ok((sender, self.policy.plan(&msg)?))
-        });
+        let checked = self
+            .policy
+            .check_from(&msg)
+            .and_then(|(sender, _)| self.policy.check_size(raw.bytes().len() as u64).map(|_| sender));
+        let checked = checked.and_then(|sender| Ok((sender, self.policy.plan(&mut msg)?)));
         let (sender, plan) = match checked {
             Ok(ok) => ok,
-            Err(refusal) => return Ok(Spooled::Refused(refusal, about())),
+            Err(refusal) => return Ok(Spooled::Refused(refusal, About::of(Some(&msg), &self.user, &self.policy))),
         };
         let json = JobJson {
             version: job::JOB_VERSION,
@@ -567,6 +680,9 @@ impl Poller {
             skipped: plan.skipped,
             handoff: None,
         };
+        // The files are in the plan now: the mail and its download go before the writing.
+        drop(msg);
+        drop(raw);
         self.dirs.write(name, &json, plan.files).await?;
         Ok(Spooled::Written)
     }
@@ -587,7 +703,7 @@ impl Poller {
         metrics::IMAP_JOBS.with_label_values(&[&self.name, "refused"]).inc();
         let sender = about.sender.as_deref().unwrap_or("(unknown sender)");
         tracing::warn!(mailbox = %self.name, uid, sender, reason = %reason, "mail refused, not printed");
-        self.shared.activity.mailbox_error(&self.name, &format!("refused a mail from {sender}: {reason}"));
+        self.shared().activity.mailbox_error(&self.name, &format!("refused a mail from {sender}: {reason}"));
         if self.reply_refused {
             match (&about.sender, about.answerable) {
                 (Some(to), true) => {
@@ -600,16 +716,16 @@ impl Poller {
                         subject: about.subject.as_deref(),
                         message_id: about.message_id.as_deref(),
                         reason: &reason,
-                        hostname: &self.shared.hostname,
+                        hostname: &self.shared().hostname,
                         now: chrono::Utc::now(),
                         unique: &unique,
                     };
-                    if let Err(e) = reply::queue(&self.shared.queue, &self.identity, &self.name, &answer).await {
+                    if let Err(e) = reply::queue(&self.shared().queue, &self.identity, &self.name, &answer).await {
                         tracing::error!(mailbox = %self.name, uid, "cannot queue the answer to a refused mail: {e}");
                     }
                 }
                 _ => {
-                    tracing::info!(mailbox = %self.name, uid, "refused mail not answered (automatic mail, list mail or no usable sender)")
+                    tracing::info!(mailbox = %self.name, uid, "refused mail not answered (automatic mail, list mail, unauthenticated or no usable sender)")
                 }
             }
         }
@@ -636,7 +752,7 @@ impl Poller {
                     (None, false, code) => format!("exit code {}: {}", code.unwrap_or(-1), r.stderr),
                 };
                 tracing::warn!(mailbox = %self.name, job = %name, file = %f.name, "print command failed: {why}");
-                self.shared
+                self.shared()
                     .activity
                     .mailbox_error(&self.name, &format!("print command failed for {name}/{}: {why}", f.name));
             }
@@ -656,17 +772,25 @@ impl Poller {
         let Some(name) = rec.job.clone() else { return Ok(()) };
         tracing::warn!(mailbox = %self.name, job = %name, "the print command was interrupted by a restart; it is not run again, check whether the job printed");
         if let Ok(mut json) = self.dirs.read_json(&name) {
-            json.handoff = Some(vec![job::HandoffResult {
-                file: String::new(),
-                command: self.command.clone().unwrap_or_default(),
-                started: String::new(),
-                duration_ms: 0,
-                exit_code: None,
-                timed_out: false,
-                error: Some("interrupted by a relay restart; not run again".into()),
-                stdout: String::new(),
-                stderr: String::new(),
-            }]);
+            // One result per file, each saying so: the command may or may not have printed it.
+            let files: Vec<String> = json.files.iter().map(|f| f.name.clone()).collect();
+            let files = if files.is_empty() { vec![String::new()] } else { files };
+            json.handoff = Some(
+                files
+                    .into_iter()
+                    .map(|file| job::HandoffResult {
+                        file,
+                        command: self.command.clone().unwrap_or_default(),
+                        started: String::new(),
+                        duration_ms: 0,
+                        exit_code: None,
+                        timed_out: false,
+                        error: Some(INTERRUPTED.into()),
+                        stdout: String::new(),
+                        stderr: String::new(),
+                    })
+                    .collect(),
+            );
             self.dirs.update_json(&name, &json).await?;
         }
         rec.handoff = Handoff::Done;

@@ -1,8 +1,10 @@
 //! The IMAP commands the poller uses, on an authenticated session, each bounded in time.
 //!
-//! - `SELECT` (RFC 3501 6.3.1) for UIDVALIDITY; `UID SEARCH ALL` (6.4.4, 6.4.8) for the UIDs;
-//! - `UID FETCH (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER])` first, to refuse by sender or size
-//!   without downloading, then `BODY.PEEK[]` (6.4.5; PEEK leaves `\Seen` alone);
+//! - `SELECT` (RFC 3501 6.3.1) for UIDVALIDITY and UIDNEXT; `UID SEARCH ALL` (6.4.4, 6.4.8) for
+//!   the UIDs, and `UID SEARCH UNSEEN` for the new ones with `after = seen`;
+//! - `UID FETCH (UID FLAGS RFC822.SIZE)` first, then the header section (at most
+//!   [`MAX_HEADER`] bytes of it), to refuse by size or sender without downloading, then
+//!   `BODY.PEEK[]` one message at a time (6.4.5; PEEK leaves `\Seen` alone);
 //! - `after`: `UID STORE +FLAGS.SILENT (\Deleted)` then `UID EXPUNGE` (RFC 4315 2.1, UIDPLUS;
 //!   plain `EXPUNGE` without it), `+FLAGS.SILENT (\Seen)`, or `UID MOVE` (RFC 6851 3.2) with a
 //!   `UID COPY` + delete fallback when the server has no MOVE, creating the target folder when
@@ -24,8 +26,11 @@ use super::wire;
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// Downloading one message (up to `max_size`).
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
-/// UIDs per header FETCH.
+/// UIDs per size and header FETCH.
 pub const FETCH_BATCH: usize = 50;
+/// Bytes of a header section fetched at most (enough for any real mail's header; the
+/// sender, subject and Authentication-Results are at its top).
+pub const MAX_HEADER: usize = 64 * 1024;
 
 /// What the server can do beyond IMAP4rev1.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -45,6 +50,15 @@ pub struct Meta {
     pub size: u64,
     pub deleted: bool,
     pub header: Vec<u8>,
+}
+
+/// A downloaded message, in the response it came in.
+pub struct Body(async_imap::types::Fetch);
+
+impl Body {
+    pub fn bytes(&self) -> &[u8] {
+        self.0.body().unwrap_or_default()
+    }
 }
 
 /// What `after` does upstream.
@@ -93,6 +107,8 @@ pub struct Mailbox {
     session: Session,
     pub caps: Caps,
     pub uidvalidity: u32,
+    /// UIDNEXT when the folder was selected (RFC 3501 2.3.1.1), if the server said.
+    pub uidnext: Option<u32>,
     /// New messages were reported outside a command's own answer. Reports are taken from
     /// async-imap's queue after every command: the queue holds 100 and drops the rest, and
     /// a check that expunges many messages would otherwise lose an EXISTS among them.
@@ -113,7 +129,7 @@ impl Mailbox {
         let uidvalidity = selected
             .uid_validity
             .ok_or_else(|| ImapError::Unexpected(format!("the server sent no UIDVALIDITY for \"{folder}\"")))?;
-        Ok(Mailbox { session, caps, uidvalidity, news: false })
+        Ok(Mailbox { session, caps, uidvalidity, uidnext: selected.uid_next, news: false })
     }
 
     fn collect_news(&mut self) {
@@ -136,8 +152,17 @@ impl Mailbox {
 
     /// Every UID in the folder, ascending.
     pub async fn all_uids(&mut self) -> Result<Vec<u32>, ImapError> {
+        self.search("ALL").await
+    }
+
+    /// The UIDs of messages without `\Seen` (RFC 3501 6.4.4), ascending.
+    pub async fn unseen_uids(&mut self) -> Result<Vec<u32>, ImapError> {
+        self.search("UNSEEN").await
+    }
+
+    async fn search(&mut self, query: &str) -> Result<Vec<u32>, ImapError> {
         let set: HashSet<u32> =
-            within("UID SEARCH", COMMAND_TIMEOUT, self.session.uid_search("ALL"), ImapError::protocol("UID SEARCH"))
+            within("UID SEARCH", COMMAND_TIMEOUT, self.session.uid_search(query), ImapError::protocol("UID SEARCH"))
                 .await?;
         self.collect_news();
         let mut v: Vec<u32> = set.into_iter().collect();
@@ -145,14 +170,17 @@ impl Mailbox {
         Ok(v)
     }
 
-    /// Size, flags and header section of `uids`.
+    /// Size, flags and header section of `uids`: sizes and flags first, then the headers of
+    /// the messages not marked `\Deleted`, each cut at [`MAX_HEADER`] (a partial fetch, RFC
+    /// 3501 6.4.5 `<0.n>`), so that no message, however large its header, is downloaded
+    /// whole before its size is known.
     pub async fn metas(&mut self, uids: &[u32]) -> Result<Vec<Meta>, ImapError> {
         let set = uid_set(uids);
         let fetches = within(
-            "UID FETCH (header)",
+            "UID FETCH (size)",
             COMMAND_TIMEOUT,
             async {
-                let stream = self.session.uid_fetch(&set, "(UID FLAGS RFC822.SIZE BODY.PEEK[HEADER])").await?;
+                let stream = self.session.uid_fetch(&set, "(UID FLAGS RFC822.SIZE)").await?;
                 stream.try_collect::<Vec<_>>().await
             },
             ImapError::protocol("UID FETCH"),
@@ -166,18 +194,44 @@ impl Mailbox {
                     uid: f.uid?,
                     size: u64::from(f.size.unwrap_or(0)),
                     deleted: f.flags().any(|fl| fl == Flag::Deleted),
-                    header: f.header().unwrap_or_default().to_vec(),
+                    header: Vec::new(),
                 })
             })
             .filter(|m| uids.contains(&m.uid))
             .collect();
+        drop(fetches);
         out.sort_by_key(|m| m.uid);
         out.dedup_by_key(|m| m.uid);
+        let wanted: Vec<u32> = out.iter().filter(|m| !m.deleted).map(|m| m.uid).collect();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let set = uid_set(&wanted);
+        let query = format!("(UID BODY.PEEK[HEADER]<0.{MAX_HEADER}>)");
+        let fetches = within(
+            "UID FETCH (header)",
+            COMMAND_TIMEOUT,
+            async {
+                let stream = self.session.uid_fetch(&set, &query).await?;
+                stream.try_collect::<Vec<_>>().await
+            },
+            ImapError::protocol("UID FETCH"),
+        )
+        .await?;
+        self.collect_news();
+        for f in &fetches {
+            if let (Some(uid), Some(h)) = (f.uid, f.header()) {
+                if let Some(m) = out.iter_mut().find(|m| m.uid == uid) {
+                    m.header = h.to_vec();
+                }
+            }
+        }
         Ok(out)
     }
 
-    /// The whole message `uid`, or `None` when it is gone.
-    pub async fn body(&mut self, uid: u32) -> Result<Option<Vec<u8>>, ImapError> {
+    /// The whole message `uid`, or `None` when it is gone. The bytes stay in the buffer they
+    /// were read into (no copy).
+    pub async fn body(&mut self, uid: u32) -> Result<Option<Body>, ImapError> {
         let fetches = within(
             "UID FETCH (body)",
             FETCH_TIMEOUT,
@@ -189,7 +243,7 @@ impl Mailbox {
         )
         .await?;
         self.collect_news();
-        Ok(fetches.iter().find(|f| f.uid == Some(uid)).and_then(|f| f.body().map(<[u8]>::to_vec)))
+        Ok(fetches.into_iter().find(|f| f.uid == Some(uid) && f.body().is_some()).map(Body))
     }
 
     async fn command(&mut self, what: &'static str, line: &str) -> Result<(), ImapError> {
@@ -259,7 +313,7 @@ impl Mailbox {
         deadline: tokio::time::Instant,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(Mailbox, Wake), ImapError> {
-        let Mailbox { session, caps, uidvalidity, news } = self;
+        let Mailbox { session, caps, uidvalidity, uidnext, news } = self;
         // Reports that come before the server's "+ idling" are not seen by the IDLE wait;
         // a clone of the queue they land in shows them.
         let early = session.unsolicited_responses.clone();
@@ -288,7 +342,7 @@ impl Mailbox {
             wake?
         };
         let session = within("IDLE DONE", COMMAND_TIMEOUT, handle.done(), ImapError::protocol("DONE")).await?;
-        Ok((Mailbox { session, caps, uidvalidity, news: false }, wake))
+        Ok((Mailbox { session, caps, uidvalidity, uidnext, news: false }, wake))
     }
 }
 

@@ -2,15 +2,22 @@
 //!
 //! IMAP names a message by its UID, which is only meaningful together with the mailbox's
 //! UIDVALIDITY (RFC 3501 2.3.1.1): UIDs strictly ascend and are never reused while
-//! UIDVALIDITY stays; when it changes, every UID the client knew is void. Key layout (the
-//! mailbox name with `%` and `/` percent-encoded, so that one mailbox's prefix never covers
-//! another's):
+//! UIDVALIDITY stays; when it changes, every UID the client knew is void.
+//!
+//! The records belong to the folder, not to the `[[mailbox]]` section that polls it: they are
+//! keyed by the identity and the folder (INBOX in upper case, RFC 3501 5.1), so renaming a
+//! section does not make the relay forget what it printed. The prefix is
+//! `%id/<identity>/<folder>/`, each part with `%` and `/` percent-encoded, so that one
+//! prefix never covers another's. Relays before this keyed the records by the section's name
+//! (`<mailbox>/`, same encoding, which never starts with `%i`); [`MailboxState::open`] moves
+//! such records to the new prefix the first time.
 //!
 //! | key                              | value                                             |
 //! |----------------------------------|---------------------------------------------------|
-//! | `<mailbox>/uidvalidity`          | the UIDVALIDITY the records below belong to (decimal) |
-//! | `<mailbox>/uid/<uid, 10 digits>` | [`UidRecord`] as JSON                             |
-//! | `<mailbox>/carry/<message key>`  | [`UidRecord`] of a message seen under an earlier UIDVALIDITY |
+//! | `<prefix>uidvalidity`            | the UIDVALIDITY the records below belong to (decimal) |
+//! | `<prefix>floor`                  | `<uidvalidity>:<uid>`: mail below this UID is not printed (`mailbox reset --from-now`) |
+//! | `<prefix>uid/<uid, 10 digits>`   | [`UidRecord`] as JSON                             |
+//! | `<prefix>carry/<message key>`    | [`UidRecord`] of a message seen under an earlier UIDVALIDITY |
 //!
 //! A record is written, and committed, *before* the action it announces: `Spooling` before
 //! the job folder is written (so a crash never writes a second job for the same mail),
@@ -119,15 +126,86 @@ fn uid_key(prefix: &str, uid: u32) -> String {
     format!("{prefix}uid/{uid:010}")
 }
 
-/// One mailbox's records.
+/// The folder's name as the key uses it: INBOX is case-insensitive (RFC 3501 5.1).
+pub fn folder_key(folder: &str) -> &str {
+    if folder.eq_ignore_ascii_case("INBOX") {
+        "INBOX"
+    } else {
+        folder
+    }
+}
+
+/// The key prefix of the records of `folder` of `identity`.
+pub fn folder_prefix(identity: &str, folder: &str) -> String {
+    format!("%id/{}{}", key_prefix(identity), key_prefix(folder_key(folder)))
+}
+
+/// One folder's records.
 pub struct MailboxState {
     store: Arc<Store>,
     prefix: String,
 }
 
 impl MailboxState {
-    pub fn new(store: Arc<Store>, mailbox: &str) -> MailboxState {
-        MailboxState { store, prefix: key_prefix(mailbox) }
+    /// The records at a raw key prefix (tests).
+    pub fn new(store: Arc<Store>, prefix: &str) -> MailboxState {
+        MailboxState { store, prefix: prefix.to_string() }
+    }
+
+    /// The records of `folder` of `identity`. Records an older relay kept under the name of
+    /// the `[[mailbox]]` section `legacy_name` are moved here first (committed), unless this
+    /// folder already has records of its own.
+    pub async fn open(
+        store: Arc<Store>,
+        identity: &str,
+        folder: &str,
+        legacy_name: &str,
+    ) -> Result<MailboxState, StoreError> {
+        let state = MailboxState { store, prefix: folder_prefix(identity, folder) };
+        let legacy = key_prefix(legacy_name);
+        let mine = state.store.scan(Tree::Imap, state.prefix.as_bytes())?;
+        if mine.is_empty() {
+            let old = state.store.scan(Tree::Imap, legacy.as_bytes())?;
+            if !old.is_empty() {
+                for (k, v) in &old {
+                    let rest = &k[legacy.len()..];
+                    let mut key = state.prefix.as_bytes().to_vec();
+                    key.extend_from_slice(rest);
+                    state.store.put(Tree::Imap, &key, v)?;
+                }
+                for (k, _) in &old {
+                    state.store.remove(Tree::Imap, k)?;
+                }
+                state.store.commit().await?;
+                tracing::info!(
+                    mailbox = legacy_name,
+                    records = old.len(),
+                    "mailbox state moved to its identity and folder"
+                );
+            }
+        }
+        Ok(state)
+    }
+
+    /// The first UID to print under `uidvalidity`, if `mailbox reset --from-now` set one.
+    pub fn floor(&self, uidvalidity: u32) -> Result<Option<u32>, StoreError> {
+        let key = format!("{}floor", self.prefix);
+        let Some(v) = self.store.get(Tree::Imap, key.as_bytes())? else { return Ok(None) };
+        let text = String::from_utf8_lossy(&v);
+        let parsed = text.split_once(':').and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)));
+        Ok(parsed.filter(|(v, _)| *v == uidvalidity).map(|(_, uid)| uid))
+    }
+
+    /// Starts the folder from "now": mail with a UID below `uidnext` under `uidvalidity` is
+    /// never printed. Records of messages already handled stay (their jobs finish).
+    /// Committed before it returns.
+    pub async fn set_floor(&self, uidvalidity: u32, uidnext: u32) -> Result<(), StoreError> {
+        if self.uidvalidity()? != Some(uidvalidity) {
+            self.adopt_uidvalidity(uidvalidity, chrono::Utc::now().timestamp()).await?;
+        }
+        let key = format!("{}floor", self.prefix);
+        self.store.put(Tree::Imap, key.as_bytes(), format!("{uidvalidity}:{uidnext}").as_bytes())?;
+        self.store.commit().await
     }
 
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<UidRecord, StoreError> {
@@ -263,12 +341,61 @@ mod tests {
         assert_eq!(a.len(), 64);
     }
 
+    #[test]
+    fn state_is_keyed_by_identity_and_folder() {
+        assert_eq!(folder_prefix("print", "INBOX"), "%id/print/INBOX/");
+        assert_eq!(folder_prefix("print", "inbox"), folder_prefix("print", "INBOX"));
+        assert_ne!(folder_prefix("print", "Print"), folder_prefix("print", "print"));
+        assert_eq!(folder_prefix("a/b", "x/y"), "%id/a%2Fb/x%2Fy/");
+        assert_ne!(folder_prefix("a", "b/c"), folder_prefix("a/b", "c"));
+        // No section name (old layout) can produce the new prefix.
+        for name in ["%id", "%id/print/INBOX", "%"] {
+            assert!(!key_prefix(name).starts_with("%id/"), "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn records_keyed_by_section_name_are_moved_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), vec![]).unwrap());
+        // An older relay's records of the section "print", and of another section.
+        let old = MailboxState::new(store.clone(), &key_prefix("print"));
+        old.adopt_uidvalidity(7, 0).await.unwrap();
+        old.record(3, &rec(Stage::Spooled, "k3")).await.unwrap();
+        let other = MailboxState::new(store.clone(), &key_prefix("print2"));
+        other.adopt_uidvalidity(9, 0).await.unwrap();
+        let s = MailboxState::open(store.clone(), "print-id", "inbox", "print").await.unwrap();
+        assert_eq!(s.uidvalidity().unwrap(), Some(7));
+        assert_eq!(s.records().unwrap().keys().copied().collect::<Vec<_>>(), [3]);
+        assert_eq!(old.uidvalidity().unwrap(), None, "moved, not copied");
+        assert_eq!(other.uidvalidity().unwrap(), Some(9), "another section's records stay");
+        // The section renamed: its folder's records are found all the same.
+        let renamed = MailboxState::open(store.clone(), "print-id", "INBOX", "mobile").await.unwrap();
+        assert_eq!(renamed.records().unwrap().len(), 1);
+        // A folder with records of its own never takes a section's leftovers.
+        old.adopt_uidvalidity(8, 0).await.unwrap();
+        let again = MailboxState::open(store, "print-id", "INBOX", "print").await.unwrap();
+        assert_eq!(again.uidvalidity().unwrap(), Some(7));
+    }
+
+    #[tokio::test]
+    async fn floor_belongs_to_its_uidvalidity() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), vec![]).unwrap());
+        let s = MailboxState::open(store, "id", "INBOX", "print").await.unwrap();
+        assert_eq!(s.floor(7).unwrap(), None);
+        s.set_floor(7, 42).await.unwrap();
+        assert_eq!(s.uidvalidity().unwrap(), Some(7));
+        assert_eq!(s.floor(7).unwrap(), Some(42));
+        assert_eq!(s.floor(8).unwrap(), None, "void under another UIDVALIDITY");
+    }
+
     #[tokio::test]
     async fn uidvalidity_change_carries_open_records() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), vec![]).unwrap());
-        let s = MailboxState::new(store.clone(), "print");
-        let other = MailboxState::new(store, "print/2");
+        let s = MailboxState::new(store.clone(), &key_prefix("print"));
+        let other = MailboxState::new(store, &key_prefix("print/2"));
         assert_eq!(s.uidvalidity().unwrap(), None);
         assert_eq!(s.adopt_uidvalidity(7, 0).await.unwrap(), None, "first sight carries nothing");
         s.record(1, &rec(Stage::Spooled, "k1")).await.unwrap();
