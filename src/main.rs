@@ -421,7 +421,7 @@ fn human_secs(s: i64) -> String {
 /// (it holds the database's lock, and its poller would race the reset).
 async fn mailbox_reset(config: Config, name: &str) -> anyhow::Result<ExitCode> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let parts = match mfd_relay::relay::build(config) {
+    let parts = match mfd_relay::relay::build(config).await {
         Ok(p) => p,
         Err(e) => bail!("{e}\nstop the relay first (e.g. `systemctl stop mfd-relay`), run this again, then start it"),
     };
