@@ -260,3 +260,29 @@ async fn a_client_that_is_no_device_is_cut_off() {
     })
     .await;
 }
+
+/// RFC 3207 5: plaintext the provider (or a man in the middle) sends behind its 220 to
+/// STARTTLS is discarded, never read as the first reply inside TLS. Before, lettre's buffer
+/// carried it across the upgrade and every later reply was read one step late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_plaintext_after_the_starttls_220_is_discarded() {
+    let w = World::start(|_| {}).await;
+    // Read inside TLS, this would answer the relay's EHLO with a refusal.
+    w.upstream.set_inject_after_starttls(Some("554 5.7.0 injected in plaintext"));
+    let port = w.relay.smtp_port;
+    let reply = blocking(move || {
+        let mut c = RawClient::connect(port);
+        assert!(c.cmd("EHLO printer", "\r\n").starts_with("250"));
+        assert!(c.cmd(&auth("floor3", "1234"), "\r\n").starts_with("235"));
+        assert!(c.cmd("MAIL FROM:<scanner@printer.local>", "\r\n").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<a@contoso.test>", "\r\n").starts_with("250"));
+        assert!(c.cmd("DATA", "\r\n").starts_with("354"));
+        c.send(&common::relay::scan_message("after injection", "x"));
+        c.cmd(".", "\r\n")
+    })
+    .await;
+    assert!(reply.starts_with("250") && reply.contains("delivered"), "{reply}");
+    let got = w.upstream.wait_for_messages(1, Duration::from_secs(20)).await;
+    assert!(got[0].tls, "sent inside TLS");
+    assert!(w.relay.log().contains("discarded what the provider sent after its STARTTLS 220"), "{}", w.relay.log());
+}

@@ -2,6 +2,12 @@
 //! `AsyncSmtpConnection`: connect (implicit TLS or STARTTLS, RFC 3207/8314), EHLO,
 //! `AUTH XOAUTH2`, then transactions whose body streams from the spool file.
 //!
+//! TLS is opened by the relay, never by lettre. For STARTTLS the plaintext part (greeting,
+//! EHLO, STARTTLS, 220) is spoken here on the bare socket, and whatever the server sent after
+//! its 220 is discarded before the handshake (RFC 3207 section 5): lettre reads through a
+//! buffer that it keeps across its own upgrade, so injected plaintext would be taken as
+//! coming from inside TLS.
+//!
 //! The AUTH exchange is written here rather than with lettre's `auth()`: when the provider
 //! refuses a token it first answers `334 <base64 JSON>`; the client must send an empty line
 //! to get the final 535, and that JSON is the only explanation the admin gets, so it is kept.
@@ -16,11 +22,11 @@ use lettre::address::Address;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream};
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::classify::UpstreamReply;
@@ -110,39 +116,47 @@ pub fn xoauth2(user: &str, token: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
 }
 
-/// A TLS stream opened by us (implicit TLS), handed to lettre as if it were plain TCP.
+/// A TLS stream opened by the relay, handed to lettre as if it were plain TCP. After
+/// STARTTLS it first yields a greeting of our own: lettre's connection starts by reading one,
+/// and the server sends none inside TLS (its EHLO comes next, RFC 3207 4.2).
 #[derive(Debug)]
-struct ImplicitTls(tokio_rustls::client::TlsStream<TcpStream>);
+struct OwnTls {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    greeting: &'static [u8],
+}
 
-impl AsyncRead for ImplicitTls {
+/// What lettre reads first on a connection upgraded by STARTTLS.
+const UPGRADED_GREETING: &[u8] = b"220 TLS established\r\n";
+
+impl AsyncRead for OwnTls {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        let me = self.get_mut();
+        if !me.greeting.is_empty() {
+            let n = me.greeting.len().min(buf.remaining());
+            buf.put_slice(&me.greeting[..n]);
+            me.greeting = &me.greeting[n..];
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut me.tls).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for ImplicitTls {
+impl AsyncWrite for OwnTls {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
     }
 }
 
-impl AsyncTokioStream for ImplicitTls {
+impl AsyncTokioStream for OwnTls {
     fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.0.get_ref().0.peer_addr()
+        self.tls.get_ref().0.peer_addr()
     }
-}
-
-/// How to secure a connection: lettre's parameters for STARTTLS, a rustls connector for
-/// implicit TLS (opened before the greeting, so before lettre sees the stream).
-pub struct Security<'a> {
-    pub starttls: Option<&'a TlsParameters>,
-    pub implicit: Option<&'a tokio_rustls::TlsConnector>,
 }
 
 /// Opens a connection, secures it as the server requires, and authenticates.
@@ -152,45 +166,109 @@ pub struct Security<'a> {
 /// add 40 ms to the end of every message.
 pub async fn connect(
     server: &Server,
-    security: &Security<'_>,
+    tls: Option<&tokio_rustls::TlsConnector>,
     hello: &ClientId,
     user: &str,
     token: &str,
     t: Timeouts,
 ) -> Result<AsyncSmtpConnection, SendError> {
     let addr = (server.host.as_str(), server.port);
-    let tcp = match tokio::time::timeout(t.command, TcpStream::connect(addr)).await {
+    let mut tcp = match tokio::time::timeout(t.command, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(SendError::Network(format!("connect to {}:{}: {e}", server.host, server.port))),
         Err(_) => return Err(SendError::Network(format!("connect to {}:{} timed out", server.host, server.port))),
     };
     let _ = tcp.set_nodelay(true);
-    let stream: Box<dyn AsyncTokioStream> = match (server.tls, security.implicit) {
-        (UpstreamTls::Implicit, Some(connector)) => {
+    let stream: Box<dyn AsyncTokioStream> = match (server.tls, tls) {
+        (UpstreamTls::None, _) => Box::new(tcp),
+        (_, None) => return Err(SendError::Network("no TLS settings for the provider".into())),
+        (mode, Some(connector)) => {
+            let greeting: &'static [u8] = if mode == UpstreamTls::Starttls {
+                match tokio::time::timeout(t.command, plaintext_starttls(&mut tcp, hello)).await {
+                    Ok(Ok(())) => UPGRADED_GREETING,
+                    Ok(Err(e)) => return Err(SendError::Network(format!("{}:{}: {e}", server.host, server.port))),
+                    Err(_) => return Err(SendError::Network(format!("STARTTLS with {} timed out", server.host))),
+                }
+            } else {
+                b""
+            };
             let name = rustls_pki_types::ServerName::try_from(server.host.clone())
                 .map_err(|e| SendError::Network(format!("{}: {e}", server.host)))?;
             match tokio::time::timeout(t.command, connector.connect(name, tcp)).await {
-                Ok(Ok(tls)) => Box::new(ImplicitTls(tls)),
+                Ok(Ok(tls)) => Box::new(OwnTls { tls, greeting }),
                 Ok(Err(e)) => return Err(SendError::Network(format!("TLS with {}: {e}", server.host))),
                 Err(_) => return Err(SendError::Network(format!("TLS with {} timed out", server.host))),
             }
         }
-        (UpstreamTls::Implicit, None) => return Err(SendError::Network("no TLS settings for implicit TLS".into())),
-        _ => Box::new(tcp),
     };
     let mut conn = timed(t.command, "the greeting", AsyncSmtpConnection::connect_with_transport(stream, hello)).await?;
-    if server.tls == UpstreamTls::Starttls {
-        let Some(params) = security.starttls.cloned() else {
-            return Err(SendError::Network("no TLS parameters for STARTTLS".into()));
-        };
-        if !conn.can_starttls() {
-            conn.abort().await;
-            return Err(SendError::Network(format!("{}:{} does not offer STARTTLS", server.host, server.port)));
-        }
-        timed(t.command, "STARTTLS", conn.starttls(params, hello)).await?;
-    }
     authenticate(&mut conn, user, token, t).await?;
     Ok(conn)
+}
+
+/// Longest reply accepted in the plaintext phase (a greeting or an EHLO reply).
+const MAX_PLAINTEXT_REPLY: usize = 16 * 1024;
+
+/// The plaintext phase of STARTTLS on the bare socket: greeting, EHLO, STARTTLS, 220. Bytes
+/// the server sent behind its 220 are dropped here, never read as part of the TLS session.
+async fn plaintext_starttls(tcp: &mut TcpStream, hello: &ClientId) -> Result<(), String> {
+    let mut buf = Vec::new();
+    let (code, _) = read_reply(tcp, &mut buf).await?;
+    if code != 220 {
+        return Err(format!("greeting {code}"));
+    }
+    tcp.write_all(format!("EHLO {hello}\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    let (code, lines) = read_reply(tcp, &mut buf).await?;
+    if code != 250 {
+        return Err(format!("EHLO refused: {code} {}", lines.join(" ")));
+    }
+    if !lines.iter().skip(1).any(|l| l.split_whitespace().next().is_some_and(|k| k.eq_ignore_ascii_case("STARTTLS"))) {
+        return Err("does not offer STARTTLS".into());
+    }
+    if !buf.is_empty() {
+        return Err("sent data before STARTTLS was asked for".into());
+    }
+    tcp.write_all(b"STARTTLS\r\n").await.map_err(|e| e.to_string())?;
+    let (code, lines) = read_reply(tcp, &mut buf).await?;
+    if code != 220 {
+        return Err(format!("STARTTLS refused: {code} {}", lines.join(" ")));
+    }
+    if !buf.is_empty() {
+        // RFC 3207 5: anything before the handshake is not protected by it.
+        tracing::warn!(
+            bytes = buf.len(),
+            "discarded what the provider sent after its STARTTLS 220 (plaintext injection?)"
+        );
+    }
+    Ok(())
+}
+
+/// Reads one SMTP reply (RFC 5321 4.2.1) from `tcp`, keeping bytes read past it in `buf`;
+/// returns its code and the text of each line.
+async fn read_reply(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(u16, Vec<String>), String> {
+    let mut lines = Vec::new();
+    loop {
+        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            let code =
+                text.get(..3).and_then(|c| c.parse::<u16>().ok()).ok_or_else(|| format!("bad reply line {text:?}"))?;
+            let last = text.as_bytes().get(3) != Some(&b'-');
+            lines.push(text.get(4..).unwrap_or_default().to_string());
+            if last {
+                return Ok((code, lines));
+            }
+        }
+        if buf.len() > MAX_PLAINTEXT_REPLY {
+            return Err("reply too long".into());
+        }
+        let mut chunk = [0u8; 2048];
+        let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// `AUTH XOAUTH2` with the initial response; on a 334 challenge, keeps the decoded JSON,

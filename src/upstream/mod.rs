@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::extension::ClientId;
 use tokio::sync::Semaphore;
 
@@ -51,10 +51,9 @@ struct Pooled {
 /// A provider's submission server, with its TLS settings built once.
 struct Target {
     server: Server,
-    /// For STARTTLS (lettre upgrades the stream itself).
-    tls: Option<TlsParameters>,
-    /// For implicit TLS (we open TLS before lettre sees the stream).
-    implicit: Option<tokio_rustls::TlsConnector>,
+    /// For implicit TLS and STARTTLS: the relay opens TLS itself, before lettre sees the
+    /// stream (see [`client::connect`]).
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// Errors building the upstream side from the configuration.
@@ -86,27 +85,15 @@ impl Upstream {
         for p in providers {
             let Some(server) = p.smtp.clone() else { continue };
             let err = |message: String| SetupError { provider: p.name.clone(), message };
-            let ca_pem = match &p.ca_file {
-                Some(ca) => Some(std::fs::read(ca).map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?),
-                None => None,
-            };
-            let (tls, implicit) = match server.tls {
-                crate::config::UpstreamTls::None => (None, None),
-                crate::config::UpstreamTls::Implicit => {
+            let tls = match server.tls {
+                crate::config::UpstreamTls::None => None,
+                crate::config::UpstreamTls::Implicit | crate::config::UpstreamTls::Starttls => {
                     let config =
                         crate::tls::client_config(p.ca_file.as_deref()).map_err(|e| err(format!("TLS setup: {e}")))?;
-                    (None, Some(tokio_rustls::TlsConnector::from(Arc::new(config))))
-                }
-                crate::config::UpstreamTls::Starttls => {
-                    let mut b = TlsParameters::builder(server.host.clone());
-                    if let Some(pem) = &ca_pem {
-                        let cert = Certificate::from_pem(pem).map_err(|e| err(format!("ca_file: {e}")))?;
-                        b = b.add_root_certificate(cert);
-                    }
-                    (Some(b.build_rustls().map_err(|e| err(format!("TLS setup: {e}")))?), None)
+                    Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
                 }
             };
-            targets.insert(p.name.clone(), Target { server, tls, implicit });
+            targets.insert(p.name.clone(), Target { server, tls });
         }
         Ok(Upstream {
             hello: ClientId::Domain(hostname.to_string()),
@@ -146,15 +133,8 @@ impl Upstream {
         let (mut conn, token_expires_at) = match self.checkout(identity).await {
             Some(p) => p,
             None => (
-                client::connect(
-                    &target.server,
-                    &client::Security { starttls: target.tls.as_ref(), implicit: target.implicit.as_ref() },
-                    &self.hello,
-                    user,
-                    &token.secret,
-                    self.timeouts,
-                )
-                .await?,
+                client::connect(&target.server, target.tls.as_ref(), &self.hello, user, &token.secret, self.timeouts)
+                    .await?,
                 token.expires_at,
             ),
         };

@@ -221,6 +221,9 @@ struct Faults {
     /// Lower-cased address → reply.
     rejected_rcpts: HashMap<String, String>,
     data_reply: Option<(String, Times)>,
+    /// Plaintext lines sent right behind the `220` to STARTTLS, in the same write (a
+    /// man in the middle injecting responses, CVE-2011-0411's mirror image).
+    inject_after_starttls: Option<String>,
     /// How long the reply to the final dot is held back (a provider scanning a large upload).
     data_delay: Duration,
     close_421_after: Option<u32>,
@@ -408,6 +411,12 @@ impl FakeSmtp {
     /// are not recorded.
     pub fn set_data_reply(&self, reply: &str, times: Times) {
         self.shared.lock().faults.data_reply = Some((reply.to_string(), times));
+    }
+
+    /// Sends `lines` (CRLF-separated, no final CRLF) in plaintext right behind the 220 to
+    /// STARTTLS: a client must discard them (RFC 3207 5), not read them as TLS-protected.
+    pub fn set_inject_after_starttls(&self, lines: Option<&str>) {
+        self.shared.lock().faults.inject_after_starttls = lines.map(str::to_string);
     }
 
     /// Holds the reply to the final dot back for `delay` (zero: answer at once).
@@ -720,7 +729,11 @@ async fn serve<S: Conn>(mut io: BufReader<S>, sess: &mut Session, sh: &Shared) -
                     send(&mut io, "554 5.5.1 Error: pipelined data after STARTTLS").await?;
                     return Ok(Flow::Closed);
                 } else {
-                    send(&mut io, "220 2.0.0 SMTP server ready").await?;
+                    let inject = sh.lock().faults.inject_after_starttls.clone();
+                    match inject {
+                        Some(extra) => send(&mut io, &format!("220 2.0.0 SMTP server ready\r\n{extra}")).await?,
+                        None => send(&mut io, "220 2.0.0 SMTP server ready").await?,
+                    }
                     return Ok(Flow::StartTls(io.into_inner()));
                 }
             }
