@@ -354,11 +354,32 @@ impl Delivery {
             from,
             to,
         });
-        if let Some(bounce_id) = self.queue.settle(rec.id, retry.then_some(rec), own).await? {
-            let to = report.as_ref().map(|r| r.2.as_str()).unwrap_or_default();
-            tracing::info!(queue_id = %rec.id, bounce_id = %bounce_id, to = %to, "bounce queued");
+        match self.queue.settle(rec.id, retry.then_some(rec), own).await {
+            Ok(Some(bounce_id)) => {
+                let to = report.as_ref().map(|r| r.2.as_str()).unwrap_or_default();
+                tracing::info!(queue_id = %rec.id, bounce_id = %bounce_id, to = %to, "bounce queued");
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(QueueError::Io(e)) => {
+                // The bounce could not be written (a full disk): keep the refused recipients
+                // queued instead of losing their report; the delivered ones are not kept, so
+                // nobody gets the message twice. They are refused and reported next time.
+                tracing::error!(queue_id = %rec.id, "cannot write the bounce ({e}); its recipients stay queued");
+                let mut keep = rec.clone();
+                if !retry {
+                    keep.rcpts.clear();
+                    self.next_try(&mut keep, &format!("bounce not written: {e}"), None);
+                }
+                keep.rcpts.extend(failed.iter().map(|f| f.address.clone()));
+                let res = self.queue.settle(rec.id, Some(&keep), None).await.map(|_| ());
+                if res.is_err() {
+                    self.queue.release(rec.id, Some(now_ms() + 60_000));
+                }
+                res
+            }
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 
     /// Where a bounce for this message goes (see the module docs); None when nobody may get one.

@@ -289,7 +289,7 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
     for (tcp, settings) in listeners {
         tasks.push(tokio::spawn(listener::serve(tcp, settings, current.clone(), stop.clone(), SHUTDOWN_GRACE)));
     }
-    let mut generation = Generation::start(&parts, &shutdown);
+    let mut generation = Generation::start(&parts, &stop);
     init_label_sets(&parts.config);
     crate::delivery::update_queue_metrics(&parts.queue);
     tracing::info!(
@@ -333,7 +333,7 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
                         *current.write().unwrap_or_else(|e| e.into_inner()) = new_parts.ctx.clone();
                         admin.reload(&new_parts);
                         generation.stop().await;
-                        generation = Generation::start(&new_parts, &shutdown);
+                        generation = Generation::start(&new_parts, &stop);
                         init_label_sets(&new_parts.config);
                         for n in &needs_restart {
                             tracing::warn!("reload: {n} changed; that takes effect at the next restart");

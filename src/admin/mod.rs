@@ -213,7 +213,7 @@ async fn require_access(State(a): State<Admin>, req: Request, next: Next) -> Res
     match view.access.check(req.headers()).await {
         auth::Verdict::Allowed => {
             if let Some(attempt) = attempt {
-                attempt.succeeded(std::time::Instant::now());
+                attempt.succeeded_sole_credential(std::time::Instant::now());
             }
             next.run(req).await
         }
@@ -320,6 +320,7 @@ async fn queue_drop(State(a): State<Admin>, Path(id): Path<String>) -> Response 
     };
     match a.queue.drop_message(id).await {
         Ok(()) => Json(serde_json::json!({ "dropped": id.to_string() })).into_response(),
+        Err(e @ crate::queue::QueueError::InFlight(_)) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
         Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
     }
 }

@@ -167,15 +167,16 @@ impl MailboxState {
         if mine.is_empty() {
             let old = state.store.scan(Tree::Imap, legacy.as_bytes())?;
             if !old.is_empty() {
+                // One atomic batch: a crash half-way must not leave some records under each key.
+                let mut changes = Vec::with_capacity(old.len() * 2);
                 for (k, v) in &old {
                     let rest = &k[legacy.len()..];
                     let mut key = state.prefix.as_bytes().to_vec();
                     key.extend_from_slice(rest);
-                    state.store.put(Tree::Imap, &key, v)?;
+                    changes.push(crate::store::Change::Put(key, v.clone()));
+                    changes.push(crate::store::Change::Remove(k.clone()));
                 }
-                for (k, _) in &old {
-                    state.store.remove(Tree::Imap, k)?;
-                }
+                state.store.apply(Tree::Imap, &changes)?;
                 state.store.commit().await?;
                 tracing::info!(
                     mailbox = legacy_name,

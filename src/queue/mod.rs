@@ -91,6 +91,8 @@ pub enum QueueError {
     Io(#[from] std::io::Error),
     #[error("no queued message {0}")]
     NotFound(MessageId),
+    #[error("message {0} is being delivered right now; try again in a moment")]
+    InFlight(MessageId),
 }
 
 #[derive(Default)]
@@ -289,7 +291,9 @@ impl Queue {
     /// Records the outcome of an attempt, durably, before the caller acts on it (answers the
     /// device, logs success): `next` is the message's updated record when recipients remain
     /// (rescheduled at its `next_attempt`), `None` when it is finished; `report` is a bounce to
-    /// queue in the same atomic batch. Returns the report's id.
+    /// queue in the same atomic batch. Returns the report's id. When the report cannot be
+    /// spooled (a full disk), nothing is recorded and the message stays in flight: the caller
+    /// decides what to commit instead.
     pub async fn settle(
         &self,
         id: MessageId,
@@ -417,17 +421,30 @@ impl Queue {
     pub async fn retry_now(&self, which: Option<MessageId>, identity: Option<&str>) -> Result<usize, QueueError> {
         let now = now_ms();
         let mut n = 0;
-        for mut r in self.list()? {
-            if which.is_some_and(|id| id != r.id) || identity.is_some_and(|i| i != r.identity) {
+        for listed in self.list()? {
+            if which.is_some_and(|id| id != listed.id) || identity.is_some_and(|i| i != listed.identity) {
                 continue;
             }
-            let in_flight = self.lock().in_flight.contains(&r.id);
-            if in_flight {
+            // Taken like an attempt, so that no attempt settles it between the read and the
+            // write below (a stale record would bring back delivered recipients).
+            if !self.lock().in_flight.insert(listed.id) {
                 continue;
             }
+            let mut r = match self.get(listed.id) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    self.lock().in_flight.remove(&listed.id);
+                    continue;
+                }
+                Err(e) => {
+                    self.release(listed.id, None);
+                    return Err(e);
+                }
+            };
             r.next_attempt = now;
-            self.put(&r)?;
-            self.schedule_at(r.id, now);
+            let put = self.put(&r);
+            self.release(r.id, Some(now));
+            put?;
             n += 1;
         }
         if let Some(id) = which {
@@ -443,8 +460,19 @@ impl Queue {
     /// Removes a message without delivering it (admin's `queue drop`): the record's removal is
     /// durable before the body goes.
     pub async fn drop_message(&self, id: MessageId) -> Result<(), QueueError> {
-        if self.get(id)?.is_none() {
-            return Err(QueueError::NotFound(id));
+        if !self.lock().in_flight.insert(id) {
+            return Err(QueueError::InFlight(id));
+        }
+        match self.get(id) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                self.lock().in_flight.remove(&id);
+                return Err(QueueError::NotFound(id));
+            }
+            Err(e) => {
+                self.release(id, None);
+                return Err(e);
+            }
         }
         self.settle(id, None, None).await?;
         Ok(())
@@ -619,5 +647,30 @@ mod tests {
         let b = now_ms();
         assert!(b >= a);
         assert!((a - chrono::Utc::now().timestamp_millis()).abs() < 60_000);
+    }
+
+    #[tokio::test]
+    async fn retry_and_drop_leave_a_message_in_flight_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let mut r = record(&q);
+        r.rcpts = vec!["a@x.test".into(), "b@x.test".into()];
+        write_body(&q, r.id).await;
+        q.accept(&r).await.unwrap();
+        // An attempt is running: the admin can neither drop nor rewrite the record under it.
+        assert!(matches!(q.drop_message(r.id).await, Err(QueueError::InFlight(_))));
+        assert_eq!(q.retry_now(None, None).await.unwrap(), 0);
+        // The attempt settles: a delivered, b left for later.
+        let mut next = r.clone();
+        next.rcpts = vec!["b@x.test".into()];
+        next.next_attempt = now_ms() + 60_000;
+        q.settle(r.id, Some(&next), None).await.unwrap();
+        assert_eq!(q.retry_now(None, None).await.unwrap(), 1);
+        assert_eq!(q.get(r.id).unwrap().unwrap().rcpts, vec!["b@x.test".to_string()], "no stale record written back");
+        assert_eq!(q.take_due(now_ms(), 10), vec![r.id]);
+        q.release(r.id, None);
+        q.drop_message(r.id).await.unwrap();
+        assert!(q.get(r.id).unwrap().is_none());
+        assert_eq!(q.depth(), 0);
     }
 }

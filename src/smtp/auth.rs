@@ -139,6 +139,14 @@ const THROTTLE_SWEEP_AT: usize = 10_000;
 /// Usernames are counted by at most this many bytes (an AUTH line may carry 12 KB).
 const MAX_USER_KEY: usize = 256;
 
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finish {
+    Failure,
+    Success,
+    SoleCredential,
+}
+
 /// Why an attempt was not reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("too many failed logins; try again later")]
@@ -157,21 +165,29 @@ impl Attempt {
     /// The PIN was right: release the reservation and clear this username's failures.
     pub fn succeeded(mut self, now: Instant) {
         self.finished = true;
-        self.throttle.finish(&self.keys, false, now);
+        self.throttle.finish(&self.keys, Finish::Success, now);
+    }
+
+    /// The credentials were right at a gate with a single credential (the admin listener):
+    /// whoever holds it may clear the address's failures too, since no other credential's
+    /// failures can be washed away with it.
+    pub fn succeeded_sole_credential(mut self, now: Instant) {
+        self.finished = true;
+        self.throttle.finish(&self.keys, Finish::SoleCredential, now);
     }
 
     /// The login failed: record it against every key; returns how long to wait before
     /// answering (growing with the failures outstanding).
     pub fn failed(mut self, now: Instant) -> Duration {
         self.finished = true;
-        self.throttle.finish(&self.keys, true, now)
+        self.throttle.finish(&self.keys, Finish::Failure, now)
     }
 }
 
 impl Drop for Attempt {
     fn drop(&mut self) {
         if !self.finished {
-            self.throttle.finish(&self.keys, true, Instant::now());
+            self.throttle.finish(&self.keys, Finish::Failure, Instant::now());
         }
     }
 }
@@ -229,7 +245,8 @@ impl AuthThrottle {
         Ok(Attempt { throttle: self.clone(), keys, finished: false })
     }
 
-    fn finish(&self, keys: &[Key], failed: bool, now: Instant) -> Duration {
+    fn finish(&self, keys: &[Key], how: Finish, now: Instant) -> Duration {
+        let failed = how == Finish::Failure;
         let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let mut outstanding = 0u32;
         for k in keys {
@@ -237,7 +254,7 @@ impl AuthThrottle {
             b.pending = b.pending.saturating_sub(1);
             if failed {
                 b.debt_until = b.debt_until.max(now) + self.limits.forgive_every;
-            } else if matches!(k, Key::User(_)) {
+            } else if matches!(k, Key::User(_)) || how == Finish::SoleCredential {
                 b.debt_until = now;
             }
             let debt = b.debt_until.saturating_duration_since(now);

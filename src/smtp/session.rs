@@ -743,7 +743,7 @@ impl Session {
         let envelope_from = if device.from == FromPolicy::Rewrite { slot.email.clone() } else { txn.from.clone() };
         let rec = QueueRecord {
             id,
-            received: now.timestamp(),
+            received: now_ms() / 1000,
             device: device.name.clone(),
             identity: device.identity.clone(),
             client: self.peer.ip().to_string(),
