@@ -1,6 +1,6 @@
 //! The configuration file: its TOML schema, defaults, and validation.
 //!
-//! The admin's interface (see DESIGN.md) is this file. Parsing happens in two steps: serde
+//! The admin's interface (README.md and config.example.toml) is this file. Parsing happens in two steps: serde
 //! turns the text into the structs below (syntax and type errors come back with their line),
 //! then [`Config::problems`] checks what serde cannot: names that refer to each other, CIDRs,
 //! files that must exist, flows a provider cannot do. Every problem names `file:line`, and

@@ -205,7 +205,7 @@ impl Delivery {
         let started = Instant::now();
         let mut result = self.upstream.send(&rec.identity, &slot.provider.name, &slot.email, &token, &env, &path).await;
         if let Err(SendError::Auth { reply, detail }) = &result {
-            // DESIGN: a refused token forces one refresh and one retry.
+            // A refused token forces one refresh and one retry (ARCHITECTURE.md, "A revoked token is loud").
             tracing::warn!(queue_id = %id, identity = %rec.identity, detail = detail.as_deref().unwrap_or(""), "upstream refused the token ({}); refreshing once", reply.describe());
             self.upstream.flush_pool(&rec.identity);
             match self.tokens.refresh_after_rejection(&rec.identity, &token).await {

@@ -3,7 +3,7 @@
 //! A device is recognised either by its AUTH username and PIN, or (when it does not log in)
 //! by the address it connects from. A device with a username must log in; a device without
 //! one is known by its `addresses` alone. A device with both may log in only from those
-//! addresses. Anything else is not a device and cannot relay (DESIGN rule 3).
+//! addresses. Anything else is not a device and cannot relay (ARCHITECTURE.md, "Never an open relay").
 //!
 //! PINs are argon2 hashes in the config, checked by a [`Verifier`] that remembers successes
 //! (a printer logs in for every scan) and bounds the checks running at once.

@@ -1,4 +1,4 @@
-//! The `mfd-relay` command: the daemon and the admin's tools (DESIGN "The admin's interface").
+//! The `mfd-relay` command: the daemon and the admin's tools (README.md, "Commands").
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -266,7 +266,7 @@ fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MFD_RELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         // async-imap traces every line it writes, the XOAUTH2 response (a bearer token)
-        // included: never, whatever MFD_RELAY_LOG says (DESIGN rule 4).
+        // included: never, whatever MFD_RELAY_LOG says (ARCHITECTURE.md, "Secrets never leave in clear").
         .add_directive("async_imap::imap_stream=off".parse().expect("a valid directive"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()

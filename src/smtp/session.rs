@@ -764,7 +764,7 @@ impl Session {
             metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "storage"]).inc();
             return DataResult::Reply(Reply::storage_failed());
         }
-        // From here on the message is durable (DESIGN rule 1).
+        // From here on the message is durable (ARCHITECTURE.md, "Durability").
         self.accepted += 1;
         self.ctx.activity.accepted(&device.name);
         metrics::MESSAGES_ACCEPTED.with_label_values(&[&device.name, &device.identity]).inc();

@@ -1,7 +1,7 @@
 //! Upstream replies: what they mean for the message, and what the admin should do.
 //!
 //! Office 365 and Gmail answer with well-known codes whose meaning is not obvious from the
-//! text (DESIGN "Errors worth translating"). Each gets a short hint that goes into the log and
+//! text (README.md, "What the printer's panel shows"). Each gets a short hint that goes into the log and
 //! into the reply the person at the printer sees.
 
 use crate::smtp::reply::{sanitize_text, Reply, Status};
@@ -42,7 +42,7 @@ impl UpstreamReply {
     }
 
     /// The reply for the device: same class, the upstream's code and text, and the hint,
-    /// so the person at the panel sees why (DESIGN rule 2).
+    /// so the person at the panel sees why (ARCHITECTURE.md, "In-session delivery").
     pub fn to_device_reply(&self) -> Reply {
         let status = self.status().unwrap_or(if self.is_permanent() { Status(5, 0, 0) } else { Status(4, 0, 0) });
         let text =

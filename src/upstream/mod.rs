@@ -1,7 +1,7 @@
 //! Delivery to the provider with SASL XOAUTH2.
 //!
 //! A STARTTLS handshake plus XOAUTH2 costs more than a small message, so each identity keeps
-//! a small pool of authenticated connections (DESIGN "Where the time goes"): a connection is
+//! a small pool of authenticated connections (ARCHITECTURE.md, "Where the time goes"): a connection is
 //! checked with RSET before reuse, closed when idle too long or when the token it logged in
 //! with is about to expire, and never shared by two transactions at once. The number of
 //! connections per identity is bounded (`relay.upstream_pool`), which also bounds how hard one
