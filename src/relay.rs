@@ -237,6 +237,7 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
     crate::metrics::init();
     let shared = open_shared(&config).await?;
     let mut parts = Arc::new(build_with(config, &shared, None)?);
+    shared.logins.use_tokens(&parts.tokens);
     let config = &parts.config;
 
     // Bind everything first, so a port in use is a clear startup error.
@@ -332,6 +333,8 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
                         // keep the one they started with.
                         *current.write().unwrap_or_else(|e| e.into_inner()) = new_parts.ctx.clone();
                         admin.reload(&new_parts);
+                        // A sign-in in progress is saved into the new identities.
+                        shared.logins.use_tokens(&new_parts.tokens);
                         generation.stop().await;
                         generation = Generation::start(&new_parts, &stop);
                         init_label_sets(&new_parts.config);

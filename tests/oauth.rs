@@ -344,3 +344,23 @@ async fn check_refuses_google_device_code_with_advice() {
     assert_eq!(code, 1);
     assert!(out.contains("config.toml:10:") && out.contains("auth_code"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_code_sign_in_pending_across_a_reload_reaches_the_new_identity() {
+    let w = World::start_with(delegated("device_code"), |_| {}).await;
+    let config = w.relay.config.clone();
+    let cli = tokio::task::spawn_blocking(move || CliProc::start(&config, &["auth", "login", "scans"])).await.unwrap();
+    let code = w.idp.wait_for_user_code(WAIT).await;
+    // The identity's settings change while the admin signs in: the reload replaces its slot.
+    let text = std::fs::read_to_string(&w.relay.config).unwrap();
+    let text = text.replacen("flow = \"device_code\"\n", "flow = \"device_code\"\nmessages_per_minute = 100\n", 1);
+    std::fs::write(&w.relay.config, text).unwrap();
+    let (rc, out, err) = w.relay.cli(&["reload"], None);
+    assert_eq!(rc, 0, "{out}{err}");
+    w.idp.approve_device(&code, SCANS);
+    let (rc, out) = tokio::task::spawn_blocking(move || cli.wait(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(rc, 0, "{out}");
+    // The running configuration's identity has the tokens: mail flows at once.
+    let r = w.send(&login(), &scan_message("after a reload", "x")).await;
+    assert!(r.ok && r.message.contains("delivered"), "{r:?}\n{}", w.relay.log());
+}

@@ -101,6 +101,9 @@ pub struct Logins {
     status: Mutex<HashMap<String, LoginStatus>>,
     /// Authorization-code sign-ins by their `state` parameter.
     codes: Mutex<PendingCodes>,
+    /// The running configuration's token manager: a sign-in that outlives a reload is saved
+    /// there, not into the manager it started with (whose slot the reload may have replaced).
+    current: std::sync::RwLock<Option<Arc<TokenManager>>>,
 }
 
 fn client(
@@ -127,6 +130,12 @@ fn client(
 impl Logins {
     pub fn status(&self, identity: &str) -> LoginStatus {
         self.status.lock().unwrap_or_else(|e| e.into_inner()).get(identity).cloned().unwrap_or(LoginStatus::None)
+    }
+
+    /// Makes `tokens` the manager that finished sign-ins are saved into (at start and on
+    /// every reload).
+    pub fn use_tokens(&self, tokens: &Arc<TokenManager>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(tokens.clone());
     }
 
     fn set(&self, identity: &str, s: LoginStatus) {
@@ -159,7 +168,7 @@ impl Logins {
                 let (me, tokens, name) = (self.clone(), tokens.clone(), identity.to_string());
                 tokio::spawn(async move {
                     let result = device_poll(tokens.http(), &slot, &details).await;
-                    me.finish(&tokens, &name, result).await;
+                    me.finish(&tokens, &name, Some(&slot), result).await;
                 });
                 Ok(start)
             }
@@ -198,7 +207,7 @@ impl Logins {
             (None, None) => Err(TokenError::NeedsLogin("the redirect carried no code".into())),
         };
         let identity = pending.identity.clone();
-        self.finish(tokens, &identity, result).await;
+        self.finish(tokens, &identity, None, result).await;
         match self.status(&identity) {
             LoginStatus::Done { account } => Ok(format!("identity \"{identity}\" signed in as {account}")),
             LoginStatus::Failed { error } => Err(error),
@@ -214,7 +223,26 @@ impl Logins {
         self.callback(tokens, &params).await
     }
 
-    async fn finish(&self, tokens: &TokenManager, identity: &str, result: Result<TokenSet, TokenError>) {
+    /// Saves a sign-in's tokens into the identity's current slot. `started` is the slot the
+    /// sign-in was made for, when a reload may have come in between: its tokens are kept only
+    /// when the identity still has the same provider and mailbox.
+    async fn finish(
+        &self,
+        tokens: &TokenManager,
+        identity: &str,
+        started: Option<&Slot>,
+        result: Result<TokenSet, TokenError>,
+    ) {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let tokens = current.as_deref().unwrap_or(tokens);
+        let result = match (result, started, tokens.slot(identity)) {
+            (Ok(_), Some(old), Ok(now)) if *old.provider != *now.provider || old.email != now.email => {
+                Err(TokenError::Config(format!(
+                    "identity \"{identity}\" changed (provider or mailbox) while signing in; sign in again"
+                )))
+            }
+            (result, _, _) => result,
+        };
         let status = match result {
             Ok(set) => match tokens.slot(identity) {
                 Ok(slot) => match tokens.sign_in(slot, set).await {
