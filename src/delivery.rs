@@ -258,6 +258,11 @@ impl Delivery {
             delivered.is_empty() && transient.is_empty() && !permanent.is_empty() && waiter.is_some_and(Waiter::claim);
         let outcome = if refuse_in_session {
             self.finish(&rec, false, &[]).await
+        } else if transient.is_empty() && permanent.is_empty() {
+            // Delivered to everyone: nobody waits for this record's removal (the device's
+            // answer does not depend on it), so it is committed off the device's path; the
+            // body goes once the removal is durable.
+            self.queue.finish_delivered(rec.id)
         } else if transient.is_empty() {
             self.finish(&rec, false, &failed_recipients(&permanent)).await
         } else {

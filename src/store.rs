@@ -236,18 +236,23 @@ impl Store {
         self.check()?;
         // Every ticket up to here was taken after its write: this flush covers them all.
         let target = self.tickets.load(Ordering::SeqCst);
+        // The folders and the database are independent: nothing is acknowledged before both
+        // are synced, so their syncs run at the same time (one disk flush's latency, not two).
         let dirs = self.sync_dirs.clone();
-        blocking(move || {
+        let folders = blocking(move || {
             for dir in &dirs {
                 sync_dir(dir).map_err(|source| StoreError::Sync { path: dir.clone(), source })?;
             }
             Ok(())
-        })
-        .await
-        .map_err(|e| self.fail(e))?;
-        self.db.flush_async().await.map_err(|e| self.fail(e.into()))?;
+        });
         let (log, log_path, blobs) = (self.log_file.clone(), self.log_path.clone(), self.blobs_dir.clone());
-        blocking(move || sync_log(&log, &log_path, &blobs)).await.map_err(|e| self.fail(e))?;
+        let database = async {
+            self.db.flush_async().await?;
+            blocking(move || sync_log(&log, &log_path, &blobs)).await
+        };
+        let (folders, database) = tokio::join!(folders, database);
+        folders.map_err(|e| self.fail(e))?;
+        database.map_err(|e| self.fail(e))?;
         *durable = target;
         Ok(())
     }

@@ -412,6 +412,9 @@ async fn kill9_right_after_a_delivery_leaves_no_record_behind() {
     let mut w = World::start(|_| {}).await;
     let r = send_blocking(w.relay.smtp_port, "scanner@printer.local", &["a@contoso.test"], "delivered", "floor3").await;
     assert!(r.contains("delivered"), "{r}");
+    // The removal is committed right after the device's 250 (off its path); a crash inside
+    // those few milliseconds would repeat this one delivery, the unavoidable case.
+    tokio::time::sleep(Duration::from_millis(150)).await;
     tokio::task::block_in_place(|| {
         w.relay.kill9();
         w.relay.spawn();
@@ -454,4 +457,49 @@ async fn send_blocking_expect_refusal(port: u16) -> String {
     })
     .await
     .unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Clocks: a wall-clock step neither expires the queue nor stalls it.
+// ---------------------------------------------------------------------------
+
+/// libfaketime (Debian's faketime package), multi-threaded flavour.
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_step_forward_does_not_bounce_the_queue() {
+    if !Path::new(FAKETIME).exists() {
+        assert!(
+            std::env::var_os("MFD_RELAY_SKIP_INTEROP").is_some(),
+            "{FAKETIME} is missing: run tests/interop/install.sh as root (or set MFD_RELAY_SKIP_INTEROP=1)"
+        );
+        return;
+    }
+    let mut w = World::start(|s| s.relay_extra.push_str("queue_lifetime = \"1h\"\n")).await;
+    // The relay's wall clock follows this file; its monotonic clock stays real.
+    let offset = w.dir.path().join("clock-offset");
+    std::fs::write(&offset, "+0").unwrap();
+    w.relay.stop();
+    for (k, v) in [
+        ("LD_PRELOAD", FAKETIME.to_string()),
+        ("FAKETIME_TIMESTAMP_FILE", offset.display().to_string()),
+        ("FAKETIME_NO_CACHE", "1".to_string()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+    ] {
+        w.relay.env.push((k.into(), v));
+    }
+    tokio::task::block_in_place(|| w.relay.spawn());
+    w.upstream.down().await;
+    let r =
+        send_blocking(w.relay.smtp_port, "scanner@printer.local", &["a@contoso.test"], "across a clock step", "floor3")
+            .await;
+    assert!(r.contains("queued"), "{r}");
+    // NTP (or a resumed VM) steps the clock two days ahead; retries keep running every 1-2 s.
+    std::fs::write(&offset, "+2d").unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    w.upstream.up().await;
+    let got = w.upstream.wait_for_messages(1, WAIT).await;
+    let text = got[0].data_str();
+    assert!(text.contains("Subject: across a clock step"), "delivered, not bounced as expired:\n{text}");
+    assert!(!w.relay.log().contains("queue lifetime exceeded"), "{}", w.relay.log());
 }

@@ -334,6 +334,25 @@ impl Queue {
         Ok(report.map(|r| r.id))
     }
 
+    /// Finishes a message delivered to every recipient: its record's removal is written now
+    /// and committed in the background (with whatever commit comes next), and the body is
+    /// removed only once that commit is done. A crash before it repeats this one delivery
+    /// (the provider's 250 came before our removal was durable), never loses or half-removes.
+    pub fn finish_delivered(self: &Arc<Self>, id: MessageId) -> Result<(), QueueError> {
+        self.store.remove(Tree::Queue, &id.0.to_be_bytes())?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            match me.store.commit().await {
+                Ok(()) => me.forget(id),
+                Err(e) => {
+                    tracing::error!(queue_id = %id, "cannot record a delivery: {e}");
+                    me.release(id, None);
+                }
+            }
+        });
+        Ok(())
+    }
+
     pub fn get(&self, id: MessageId) -> Result<Option<QueueRecord>, QueueError> {
         match self.store.get(Tree::Queue, &id.0.to_be_bytes())? {
             None => Ok(None),
