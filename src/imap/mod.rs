@@ -45,15 +45,20 @@ pub async fn reset_from_now(parts: &crate::relay::Parts, mailbox: &str) -> Resul
         .map(|m| m.get_ref())
         .find(|m| m.name.get_ref() == mailbox)
         .ok_or_else(|| format!("no [[mailbox]] named \"{mailbox}\""))?;
-    let shared = Arc::new(poller::Shared {
+    let shared = shared_of(parts);
+    let p = Poller::new(m, &parts.config.resolve(&m.spool), shared)?;
+    p.reset_from_now().await.map_err(|e| e.to_string())
+}
+
+/// What every poller of one configuration shares.
+fn shared_of(parts: &crate::relay::Parts) -> Arc<poller::Shared> {
+    Arc::new(poller::Shared {
         tokens: parts.tokens.clone(),
         store: parts.store.clone(),
         queue: parts.queue.clone(),
         activity: parts.activity.clone(),
         hostname: parts.config.relay.hostname.clone(),
-    });
-    let p = Poller::new(m, &parts.config.resolve(&m.spool), shared)?;
-    p.reset_from_now().await.map_err(|e| e.to_string())
+    })
 }
 
 /// A poller's task, which outlives the generation that started it when a reload leaves its
@@ -82,13 +87,7 @@ impl Pollers {
     /// One poller per configured mailbox. A mailbox whose configuration keeps it from running
     /// is reported (log, status page, error metric) and left out; the relay runs on.
     pub fn new(parts: &crate::relay::Parts) -> Pollers {
-        let shared = Arc::new(poller::Shared {
-            tokens: parts.tokens.clone(),
-            store: parts.store.clone(),
-            queue: parts.queue.clone(),
-            activity: parts.activity.clone(),
-            hostname: parts.config.relay.hostname.clone(),
-        });
+        let shared = shared_of(parts);
         let mut pollers = Vec::new();
         let mut watched = HashMap::new();
         for m in &parts.config.mailboxes {
