@@ -188,6 +188,14 @@ impl Session {
         conn: &mut Connection<S>,
     ) -> Result<Next, ReadError> {
         loop {
+            // A shutdown that came while a message was being received ends the session before
+            // its next command, whatever is already waiting on the socket (the select below
+            // prefers the socket, and a task out of cooperative budget may not see the signal).
+            if *self.shutdown.borrow() {
+                conn.send(&Reply::shutting_down(&self.ctx.hostname));
+                let _ = conn.flush().await;
+                return Ok(Next::Close);
+            }
             let timeout = self.read_timeout();
             let line = tokio::select! {
                 biased;
