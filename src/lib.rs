@@ -14,6 +14,7 @@ pub mod config;
 pub mod credentials;
 pub mod delivery;
 pub mod devices;
+pub mod fsutil;
 pub mod imap;
 pub mod message;
 pub mod metrics;

@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use crate::fsutil::sync_dir;
+
 /// Errors of the database layer.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -263,11 +265,6 @@ impl Store {
         self.db.flush().map_err(|e| self.fail(e.into()))?;
         sync_log(&self.log_file, &self.log_path, &self.blobs_dir).map_err(|e| self.fail(e))
     }
-}
-
-/// fsync of a directory: makes the names in it (creations, renames, removals) durable.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// fdatasync of sled's log file, then of every blob file (sled writes blobs, values too large

@@ -222,25 +222,13 @@ impl JobDirs {
 
 /// Mode of job folders: mail content is for the relay's user (and the print command it
 /// runs) only, whatever the umask.
-pub const DIR_MODE: u32 = 0o700;
+pub const DIR_MODE: u32 = crate::fsutil::DIR_MODE;
 /// Mode of job files.
-pub const FILE_MODE: u32 = 0o600;
+pub const FILE_MODE: u32 = crate::fsutil::FILE_MODE;
 
-/// Creates `path` (and missing parents) as [`DIR_MODE`]. The mode given to mkdir(2) is
-/// reduced by the umask but never widened; it is set explicitly as well, so the folder
-/// ends up exactly private even where the umask is unusual or the folder already existed.
+/// Creates `path` (and missing parents) private to the relay ([`crate::fsutil`]).
 fn create_private_dir(path: &Path) -> Result<(), JobError> {
-    let mut b = std::fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut b, DIR_MODE);
-    b.create(path).map_err(io(path))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(DIR_MODE)).map_err(io(path))?;
-    }
-    Ok(())
+    crate::fsutil::create_private_dir(path).map_err(io(path))
 }
 
 /// Writes a new file ([`FILE_MODE`]) and fsyncs it.
@@ -255,7 +243,7 @@ fn write_synced(path: &Path, data: &[u8]) -> Result<(), JobError> {
 
 /// fsyncs a directory, so that the names in it (a rename) are durable.
 fn sync_dir(path: &Path) -> Result<(), JobError> {
-    std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(io(path))
+    crate::fsutil::sync_dir(path).map_err(io(path))
 }
 
 #[cfg(test)]

@@ -516,7 +516,7 @@ impl Queue {
 /// The database is opened first: its lock keeps a second process (an offline command while
 /// the daemon runs, a second daemon on a shared volume) from touching the spool of the first.
 pub async fn open_data_dir(data_dir: &Path) -> Result<(Arc<Store>, Arc<Queue>), QueueError> {
-    spool::create_private_dir(data_dir)?;
+    crate::fsutil::create_private_dir(data_dir)?;
     let msg_dir = Spool::msg_dir_of(data_dir);
     let store = Arc::new(Store::open(data_dir, vec![msg_dir])?);
     let spool = Spool::open(data_dir)?;
@@ -546,6 +546,15 @@ mod tests {
             last_error: None,
             is_bounce: false,
         }
+    }
+
+    /// A message for a@x.test and b@x.test, accepted (so in flight).
+    async fn accepted_for_two(q: &Queue) -> QueueRecord {
+        let mut r = record(q);
+        r.rcpts = vec!["a@x.test".into(), "b@x.test".into()];
+        write_body(q, r.id).await;
+        q.accept(&r).await.unwrap();
+        r
     }
 
     async fn write_body(q: &Queue, id: MessageId) {
@@ -634,10 +643,7 @@ mod tests {
     async fn settle_shortens_and_queues_the_bounce_in_one_commit() {
         let dir = tempfile::tempdir().unwrap();
         let (_s, q) = open_data_dir(dir.path()).await.unwrap();
-        let mut r = record(&q);
-        r.rcpts = vec!["a@x.test".into(), "b@x.test".into()];
-        write_body(&q, r.id).await;
-        q.accept(&r).await.unwrap();
+        let r = accepted_for_two(&q).await;
         let mut next = r.clone();
         next.rcpts = vec!["b@x.test".into()];
         next.next_attempt = now_ms() + 60_000;
@@ -672,10 +678,7 @@ mod tests {
     async fn retry_and_drop_leave_a_message_in_flight_alone() {
         let dir = tempfile::tempdir().unwrap();
         let (_s, q) = open_data_dir(dir.path()).await.unwrap();
-        let mut r = record(&q);
-        r.rcpts = vec!["a@x.test".into(), "b@x.test".into()];
-        write_body(&q, r.id).await;
-        q.accept(&r).await.unwrap();
+        let r = accepted_for_two(&q).await;
         // An attempt is running: the admin can neither drop nor rewrite the record under it.
         assert!(matches!(q.drop_message(r.id).await, Err(QueueError::InFlight(_))));
         assert_eq!(q.retry_now(None, None).await.unwrap(), 0);

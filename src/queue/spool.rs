@@ -12,10 +12,11 @@
 //! whatever the umask: scans are often confidential.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::MessageId;
+use crate::fsutil::{create_private_dir, sync_dir, FILE_MODE};
 
 /// The spool directories.
 #[derive(Debug, Clone)]
@@ -23,13 +24,6 @@ pub struct Spool {
     msg_dir: PathBuf,
     tmp_dir: PathBuf,
     set_aside_dir: PathBuf,
-}
-
-/// Creates a folder (and its parents) readable by the relay's user only; an existing folder
-/// is made private too.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Bytes buffered before a write to the file; small messages are written in one go at the end.
@@ -68,8 +62,8 @@ impl Spool {
     /// Moves a body without a record out of the queue, durably.
     pub fn set_aside(&self, id: MessageId) -> std::io::Result<()> {
         std::fs::rename(self.path(id), self.set_aside_dir.join(id.to_string()))?;
-        crate::store::sync_dir(&self.set_aside_dir)?;
-        crate::store::sync_dir(&self.msg_dir)
+        sync_dir(&self.set_aside_dir)?;
+        sync_dir(&self.msg_dir)
     }
 
     /// Ids of the bodies set aside so far.
@@ -158,7 +152,7 @@ impl SpoolWriter {
         let (file, mut buf, res) = tokio::task::spawn_blocking(move || {
             let mut file = match file {
                 Some(f) => f,
-                None => match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
+                None => match std::fs::OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(&tmp) {
                     Ok(f) => f,
                     Err(e) => return (None, buf, Err(e)),
                 },
@@ -198,6 +192,7 @@ impl SpoolWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[tokio::test]
     async fn write_finish_and_clean_tmp() {
