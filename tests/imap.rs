@@ -175,6 +175,22 @@ impl Print {
         text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
     }
 
+    /// Delivers `raw` while the relay is down, then runs it once with the test hook that aborts
+    /// it right after the job is spooled and recorded (before `after` and the print command);
+    /// the relay is left stopped.
+    async fn crash_after_spool(&mut self, raw: &[u8]) {
+        self.wait_checked().await;
+        self.relay.kill9();
+        self.deliver(raw).await;
+        let (config, log) = (self.relay.config.clone(), self.dir.path().join("relay.log"));
+        let status = tokio::task::spawn_blocking(move || {
+            spawn_relay_until_exit(&config, &log, &[(mfd_relay::imap::TEST_CRASH_AFTER_SPOOL, "1")], WAIT)
+        })
+        .await
+        .unwrap();
+        assert!(!status.success(), "the relay aborted after the spool: {status}");
+    }
+
     /// Waits until the poller has completed at least one check in the current process.
     async fn wait_checked(&self) {
         let deadline = Instant::now() + WAIT;
@@ -419,17 +435,8 @@ async fn kill_9_between_spool_and_delete_never_duplicates() {
     let Some(mut p) = Print::start("kill_9_between_spool_and_delete_never_duplicates", ImapTls::Plain, "").await else {
         return;
     };
-    p.wait_checked().await;
-    p.relay.kill9();
-    p.deliver(&mail(ALICE, "Exactly once", &[("application/pdf", "filename=\"once.pdf\"", PDF_A)])).await;
     // The relay aborts right after the job is durable and recorded, before it deletes upstream.
-    let (config, log) = (p.relay.config.clone(), p.dir.path().join("relay.log"));
-    let status = tokio::task::spawn_blocking(move || {
-        spawn_relay_until_exit(&config, &log, &[(mfd_relay::imap::TEST_CRASH_AFTER_SPOOL, "1")], WAIT)
-    })
-    .await
-    .unwrap();
-    assert!(!status.success(), "{status}");
+    p.crash_after_spool(&mail(ALICE, "Exactly once", &[("application/pdf", "filename=\"once.pdf\"", PDF_A)])).await;
     assert!(p.relay.log().contains("aborting between spool and `after`"), "{}", p.relay.log());
     assert_eq!(p.jobs().len(), 1, "the job is on disk");
     let (_, uids) = p.upstream("INBOX").await;
@@ -657,17 +664,8 @@ async fn a_pending_print_command_runs_after_the_mail_left_the_folder() {
     else {
         return;
     };
-    p.wait_checked().await;
-    p.relay.kill9();
-    p.deliver(&mail(ALICE, "Pending", &[("application/pdf", "filename=\"pending.pdf\"", PDF_A)])).await;
     // The relay stops with the job spooled and its command pending, before `after`.
-    let (config, log) = (p.relay.config.clone(), p.dir.path().join("relay.log"));
-    let status = tokio::task::spawn_blocking(move || {
-        spawn_relay_until_exit(&config, &log, &[(mfd_relay::imap::TEST_CRASH_AFTER_SPOOL, "1")], WAIT)
-    })
-    .await
-    .unwrap();
-    assert!(!status.success(), "{status}");
+    p.crash_after_spool(&mail(ALICE, "Pending", &[("application/pdf", "filename=\"pending.pdf\"", PDF_A)])).await;
     assert_eq!(p.jobs().len(), 1);
     // Meanwhile the mail leaves the folder (as if the server had performed `after` and only
     // its OK was lost).
