@@ -3,7 +3,7 @@
 # swaks, Postfix and Dovecot (Debian packages, when run as root) and nothing from the network
 # at test time. Everything the tests start listens on 127.0.0.1 and is stopped by the test.
 #   tests/run.sh              # all tests
-#   tests/run.sh --test spine # one test file (arguments go to `cargo test`)
+#   tests/run.sh --test it spine::   # one file's tests (arguments go to `cargo test`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +16,7 @@ else
     echo "tests/run.sh: not root, so not installing packages; the interop tests need swaks, postfix, dovecot-imapd and dovecot-lmtpd" >&2
 fi
 
-# tests/abuse.rs opens 2,000 connections to check the per-address limit.
+# tests/it/abuse.rs opens 2,000 connections to check the per-address limit.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo fmt --all -- --check

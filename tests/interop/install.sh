@@ -2,7 +2,7 @@
 # Install the real servers and clients used by the tests (Debian 12, run as root):
 # Dovecot and Postfix for interop, swaks (with the Perl TLS and SASL modules it needs), curl,
 # prometheus for promtool (deploy/check.py checks the alert rules with it), and strace
-# (tests/durability.rs checks that every file of a message is synced before its 250) and
+# (tests/it/durability.rs checks that every file of a message is synced before its 250) and
 # faketime (the same file steps the relay's wall clock).
 # Idempotent: does nothing when every package is already installed.
 # Only Debian's own package mirrors are needed.

@@ -58,8 +58,6 @@ const STALL_LIMIT: Duration = Duration::from_secs(600);
 /// The JSON Office 365 sends (base64) in the 334 after a refused token.
 pub const O365_XOAUTH2_ERROR: &str =
     r#"{"status":"401","schemes":"bearer","scope":"https://outlook.office.com/SMTP.Send"}"#;
-/// The JSON Gmail sends in the same place.
-pub const GMAIL_XOAUTH2_ERROR: &str = r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#;
 
 /// Reply texts, in one place.
 pub mod replies {
@@ -94,14 +92,12 @@ pub enum Tls {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Times {
     Next(u32),
-    Always,
 }
 
 impl Times {
     /// Uses one occurrence; false when none is left.
     fn take(&mut self) -> bool {
         match self {
-            Times::Always => true,
             Times::Next(0) => false,
             Times::Next(n) => {
                 *n -= 1;
@@ -160,7 +156,6 @@ pub struct Received {
     pub user: Option<String>,
     /// Whether the connection was in TLS.
     pub tls: bool,
-    pub queue_id: String,
 }
 
 impl Received {
@@ -328,10 +323,6 @@ impl FakeSmtp {
         &self.cert
     }
 
-    pub fn tls(&self) -> Tls {
-        self.shared.config.tls
-    }
-
     // --- what happened -----------------------------------------------------
 
     /// Messages accepted so far, in order.
@@ -401,11 +392,6 @@ impl FakeSmtp {
         self.shared.lock().faults.rejected_rcpts.insert(addr.to_ascii_lowercase(), reply.to_string());
     }
 
-    /// Undoes [`reject_recipient`](Self::reject_recipient).
-    pub fn accept_recipient(&self, addr: &str) {
-        self.shared.lock().faults.rejected_rcpts.remove(&addr.to_ascii_lowercase());
-    }
-
     /// The end of DATA gets `reply` (e.g. [`replies::SEND_AS_DENIED`],
     /// [`replies::TRANSIENT`]) instead of 250, `times` times. Those messages
     /// are not recorded.
@@ -422,10 +408,6 @@ impl FakeSmtp {
     /// Holds the reply to the final dot back for `delay` (zero: answer at once).
     pub fn set_data_delay(&self, delay: Duration) {
         self.shared.lock().faults.data_delay = delay;
-    }
-
-    pub fn clear_data_reply(&self) {
-        self.shared.lock().faults.data_reply = None;
     }
 
     /// Once a connection has had `n` messages accepted, its next command
@@ -451,11 +433,6 @@ impl FakeSmtp {
     /// reset (RST) without a reply, `times` times. `None` turns it off.
     pub fn set_reset_mid_data(&self, times: Option<Times>) {
         self.shared.lock().faults.reset_mid_data = times;
-    }
-
-    /// Removes every injected fault.
-    pub fn clear_faults(&self) {
-        self.shared.lock().faults = Faults::default();
     }
 
     /// Stops listening (connects are refused) and closes every open connection.
@@ -1056,7 +1033,6 @@ async fn data<S: Conn>(
                 data,
                 user,
                 tls: sess.tls,
-                queue_id: queue_id.clone(),
             });
             queue_id
         });

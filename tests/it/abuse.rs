@@ -1,13 +1,13 @@
 //! Bad input and abuse: every case gets a clear SMTP reply (or a clean close), never a panic,
 //! a hang, an open relay or a smuggled message.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::relay::{RawClient, World};
+use crate::common::relay::{RawClient, World};
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -3,13 +3,13 @@
 //! client credentials with a certificate assertion, Google-style service accounts, refresh
 //! before expiry, revocation then re-login draining the queue, and the encrypted store.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::fake_oauth::{ClientApp, Grant};
-use common::relay::{endpoints, pin_hash, scan_message, CliProc, Env, World, CLIENT_ID, SCANS};
-use common::RsaTestKey;
+use crate::common::fake_oauth::{ClientApp, Grant};
+use crate::common::relay::{endpoints, pin_hash, scan_message, CliProc, Env, World, CLIENT_ID, SCANS};
+use crate::common::RsaTestKey;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -175,11 +175,7 @@ async fn client_credentials_with_a_certificate_assertion() {
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(300);
         params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(10);
         let c = params.self_signed(&kp).unwrap();
-        common::RsaCert {
-            cert_pem: c.pem(),
-            x5t_s256: common::b64url(common::sha256(c.der())),
-            cert_der: c.der().to_vec(),
-        }
+        common::RsaCert { cert_pem: c.pem(), x5t_s256: common::b64url(common::sha256(c.der())) }
     };
     let w = World::start_with(
         |e| {

@@ -2,13 +2,15 @@
 //! reqwest and [`FakeSmtp`] with raw tokio TCP / rustls clients, proving
 //! they behave as the relay's integration tests assume.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::fake_oauth::{AadError, ClientApp, FakeOAuth, Grant, GOOGLE_MAIL_SCOPE, MS_APP_SCOPE, MS_SMTP_SCOPE};
-use common::fake_smtp::{replies, FakeSmtp, SmtpOptions, Times, Tls};
-use common::{dot_stuff, pkce_pair, tls, unix_now, RsaTestKey, SmtpClient};
+use crate::common::fake_oauth::{
+    AadError, ClientApp, FakeOAuth, Grant, GOOGLE_MAIL_SCOPE, MS_APP_SCOPE, MS_SMTP_SCOPE,
+};
+use crate::common::fake_smtp::{replies, FakeSmtp, SmtpOptions, Times, Tls};
+use crate::common::{dot_stuff, pkce_pair, tls, unix_now, RsaTestKey, SmtpClient};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

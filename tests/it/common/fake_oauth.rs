@@ -30,7 +30,6 @@
 //! test can grep logs for leaks.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -56,7 +55,6 @@ pub const CLIENT_ASSERTION_TYPE_JWT: &str = "urn:ietf:params:oauth:client-assert
 
 /// Microsoft delegated scopes and the app-only scope, Google's Gmail scope.
 pub const MS_SMTP_SCOPE: &str = "https://outlook.office.com/SMTP.Send";
-pub const MS_IMAP_SCOPE: &str = "https://outlook.office.com/IMAP.AccessAsUser.All";
 pub const MS_APP_SCOPE: &str = "https://outlook.office365.com/.default";
 pub const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
 
@@ -181,15 +179,6 @@ impl AadError {
              2026-08-01T00:00:00Z and was inactive for 90.00:00:00.",
         )
     }
-
-    /// Conditional Access demands MFA.
-    pub fn mfa_required() -> AadError {
-        AadError::new(
-            50076,
-            "Due to a configuration change made by your administrator, or because you moved \
-             to a new location, you must use multi-factor authentication to access the resource.",
-        )
-    }
 }
 
 /// Counters, as a snapshot.
@@ -211,38 +200,21 @@ pub struct Counts {
 /// One HTTP request the provider saw, with its answer.
 #[derive(Clone, Debug)]
 pub struct SeenRequest {
-    pub method: &'static str,
     /// The request path, e.g. `/token` or `/contoso/oauth2/v2.0/token`.
     pub path: String,
-    /// Form or query parameters, in order (secrets included: it is a test).
-    pub params: Vec<(String, String)>,
     /// The client id from HTTP Basic auth, if the client used it.
     pub basic_auth_client: Option<String>,
     pub status: u16,
     /// The `error` field of an error answer.
     pub error: Option<String>,
-    pub at: Instant,
-}
-
-impl SeenRequest {
-    /// The first value of parameter `name`.
-    pub fn param(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
 }
 
 /// What is known about an access token.
 #[derive(Clone, Debug)]
 pub struct AccessTokenInfo {
-    pub account: String,
-    pub client_id: Option<String>,
     pub scope: String,
     /// The grant that produced it (`None`: issued directly by the test).
     pub grant: Option<Grant>,
-    /// Live: not revoked and not expired.
-    pub active: bool,
-    /// Time left (zero once expired).
-    pub remaining: Duration,
 }
 
 // ---------------------------------------------------------------------------
@@ -384,7 +356,6 @@ impl Drop for ServerTask {
 #[derive(Clone)]
 pub struct FakeOAuth {
     shared: Arc<Shared>,
-    addr: SocketAddr,
     _task: Arc<ServerTask>,
 }
 
@@ -410,16 +381,7 @@ impl FakeOAuth {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        FakeOAuth { shared, addr, _task: Arc::new(ServerTask(task)) }
-    }
-
-    /// `http://127.0.0.1:PORT`
-    pub fn base_url(&self) -> String {
-        self.shared.base_url.clone()
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        FakeOAuth { shared, _task: Arc::new(ServerTask(task)) }
     }
 
     /// `{base}/token` (also the `aud` that assertions must carry).
@@ -498,17 +460,6 @@ impl FakeOAuth {
         self.shared.lock().settings.invalid_grant = err;
     }
 
-    /// Like Microsoft: refresh tokens only when `offline_access` was asked
-    /// for (device code, auth code). Default off: always a refresh token.
-    pub fn set_require_offline_access(&self, on: bool) {
-        self.shared.lock().settings.require_offline_access = on;
-    }
-
-    /// Whether `/authorize` demands a PKCE `code_challenge` (default yes).
-    pub fn set_require_pkce(&self, on: bool) {
-        self.shared.lock().settings.require_pkce = on;
-    }
-
     /// The account that "signs in" at `/authorize`. `None` (the default): the
     /// user declines and the redirect carries `error=access_denied`.
     pub fn set_authorize_account(&self, email: Option<&str>) {
@@ -520,11 +471,6 @@ impl FakeOAuth {
     /// raises that code's interval by 5 s, as RFC 8628 §3.5 has it.
     pub fn set_device_poll_interval(&self, secs: u64) {
         self.shared.lock().settings.device_interval_secs = secs;
-    }
-
-    /// Lifetime of new device codes.
-    pub fn set_device_code_lifetime(&self, lifetime: Duration) {
-        self.shared.lock().settings.device_lifetime = lifetime;
     }
 
     /// The next `polls` device-code polls answer `slow_down` whatever their pace.
@@ -637,15 +583,7 @@ impl FakeOAuth {
     /// What is known about an access token, if it was ever issued.
     pub fn access_token_info(&self, token: &str) -> Option<AccessTokenInfo> {
         let st = self.shared.lock();
-        let now = Instant::now();
-        st.access.get(token).map(|r| AccessTokenInfo {
-            account: r.account.clone(),
-            client_id: r.client_id.clone(),
-            scope: r.scope.clone(),
-            grant: r.grant,
-            active: r.live(now),
-            remaining: r.expires_at.saturating_duration_since(now),
-        })
+        st.access.get(token).map(|r| AccessTokenInfo { scope: r.scope.clone(), grant: r.grant })
     }
 
     /// Whether a refresh token exists and is not revoked.
@@ -709,10 +647,6 @@ impl FakeOAuth {
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<SeenRequest> {
         self.shared.lock().requests.clone()
-    }
-
-    pub fn clear_requests(&self) {
-        self.shared.lock().requests.clear();
     }
 }
 
@@ -903,22 +837,12 @@ async fn gate(sh: &Shared) -> Option<HttpReply> {
     ))
 }
 
-fn record(
-    st: &mut State,
-    method: &'static str,
-    uri: &Uri,
-    params: Params,
-    basic: &Option<(String, String)>,
-    reply: &HttpReply,
-) {
+fn record(st: &mut State, uri: &Uri, basic: &Option<(String, String)>, reply: &HttpReply) {
     st.requests.push(SeenRequest {
-        method,
         path: uri.path().to_string(),
-        params: params.0,
         basic_auth_client: basic.as_ref().map(|(id, _)| id.clone()),
         status: reply.status.as_u16(),
         error: reply.error_field(),
-        at: Instant::now(),
     });
 }
 
@@ -932,11 +856,11 @@ async fn token_handler(AxState(sh): AxState<Arc<Shared>>, uri: Uri, headers: Hea
             let token_url = format!("{}{}", sh.base_url, uri.path());
             let mut st = sh.lock();
             let r = st.token(&params, &basic, &token_url);
-            record(&mut st, "POST", &uri, params, &basic, &r);
+            record(&mut st, &uri, &basic, &r);
             return r;
         }
     };
-    record(&mut sh.lock(), "POST", &uri, params, &basic, &reply);
+    record(&mut sh.lock(), &uri, &basic, &reply);
     reply
 }
 
@@ -951,13 +875,13 @@ async fn devicecode_handler(AxState(sh): AxState<Arc<Shared>>, uri: Uri, headers
             let mut st = sh.lock();
             st.counts.devicecode_requests += 1;
             let r = st.devicecode(&params, &basic, &token_url, &sh.base_url).unwrap_or_else(|e| e);
-            record(&mut st, "POST", &uri, params, &basic, &r);
+            record(&mut st, &uri, &basic, &r);
             drop(st);
             sh.changed.notify_waiters();
             return r;
         }
     };
-    record(&mut sh.lock(), "POST", &uri, params, &basic, &reply);
+    record(&mut sh.lock(), &uri, &basic, &reply);
     reply
 }
 
@@ -971,13 +895,12 @@ async fn authorize_handler(AxState(sh): AxState<Arc<Shared>>, uri: Uri, RawQuery
             st.authorize(&params).unwrap_or_else(|e| e)
         }
     };
-    record(&mut sh.lock(), "GET", &uri, params, &None, &reply);
+    record(&mut sh.lock(), &uri, &None, &reply);
     reply
 }
 
 async fn introspect_handler(
     AxState(sh): AxState<Arc<Shared>>,
-    method: axum::http::Method,
     uri: Uri,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
@@ -989,8 +912,7 @@ async fn introspect_handler(
     let mut st = sh.lock();
     st.counts.introspect_requests += 1;
     let reply = st.introspect(token.as_deref());
-    let m = if method == axum::http::Method::POST { "POST" } else { "GET" };
-    record(&mut st, m, &uri, params, &None, &reply);
+    record(&mut st, &uri, &None, &reply);
     reply
 }
 

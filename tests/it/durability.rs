@@ -4,13 +4,13 @@
 //! bounces go, repair at start-up, a second process on the same data directory, and the rate
 //! shaper across reloads.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::relay::{scan_message, RawClient, World, SCANS};
+use crate::common::relay::{scan_message, RawClient, World, SCANS};
 
 const WAIT: Duration = Duration::from_secs(30);
 

@@ -13,7 +13,7 @@
 //!
 //! Everything listens on loopback only and every wait is bounded in time.
 //!
-//! Typical use in a relay test (`mod common;` at the top of the test file):
+//! Typical use in a relay test (`use crate::common;` at the top of the test module):
 //!
 //! ```text
 //! let idp = FakeOAuth::start().await;
@@ -28,7 +28,6 @@
 //! let got = smtp.wait_for_messages(1, Duration::from_secs(10)).await;
 //! assert_eq!(got[0].user.as_deref(), Some("scans@contoso.com"));
 //! ```
-#![allow(dead_code)]
 
 pub mod fake_oauth;
 pub mod fake_smtp;
@@ -146,14 +145,6 @@ impl CertPair {
     }
 }
 
-/// Makes a self-signed `localhost`/`127.0.0.1` certificate and writes it to
-/// `dir` as `localhost.pem` and `localhost-key.pem`.
-pub fn localhost_cert_files(dir: &Path) -> (CertPair, PathBuf, PathBuf) {
-    let pair = CertPair::localhost();
-    let (c, k) = pair.write_pem_files(dir, "localhost");
-    (pair, c, k)
-}
-
 // ---------------------------------------------------------------------------
 // RSA keys and JWTs (client assertions, Google service accounts)
 // ---------------------------------------------------------------------------
@@ -235,7 +226,6 @@ pub struct RsaTestKey {
 #[derive(Clone, Debug)]
 pub struct RsaCert {
     pub cert_pem: String,
-    pub cert_der: Vec<u8>,
     /// `x5t#S256` header value: base64url(SHA-256(certificate DER)).
     pub x5t_s256: String,
 }
@@ -296,7 +286,7 @@ impl RsaTestKey {
         params.distinguished_name.push(rcgen::DnType::CommonName, cn.to_string());
         let cert = params.self_signed(&kp).expect("rcgen RSA cert");
         let der = cert.der().to_vec();
-        RsaCert { cert_pem: cert.pem(), x5t_s256: b64url(sha256(&der)), cert_der: der }
+        RsaCert { cert_pem: cert.pem(), x5t_s256: b64url(sha256(&der)) }
     }
 
     /// A Microsoft-style client assertion (certificate credential) for

@@ -3,18 +3,18 @@
 //! moved by exactly what was sent), the `/status` page, the admin listener's access rules, and
 //! the deployment files in `deploy/` (checked by `deploy/check.py`).
 //!
-//! `MFD_RELAY_SCREENSHOT=/tmp/status.png cargo test --test ops status_page` also renders the
+//! `MFD_RELAY_SCREENSHOT=/tmp/status.png cargo test --test it ops::status_page` also renders the
 //! status page in headless Chromium (Debian package `chromium`) and writes the screenshot.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::fake_smtp::{replies, Times};
-use common::relay::{pin_hash, scan_message, standard_sections, World, CLIENT_SECRET};
+use crate::common::fake_smtp::{replies, Times};
+use crate::common::relay::{pin_hash, scan_message, standard_sections, World, CLIENT_SECRET};
 
 const WAIT: Duration = Duration::from_secs(20);
 const ADMIN_TOKEN: &str = "ops-test-admin-token";

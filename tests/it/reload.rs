@@ -1,10 +1,10 @@
 //! Live reload (SIGHUP and `mfd-relay reload`) and graceful shutdown (SIGTERM).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::relay::{pin_hash, RawClient, World};
+use crate::common::relay::{pin_hash, RawClient, World};
 
 fn auth(user: &str) -> String {
     format!("AUTH PLAIN {}", common::b64(format!("\0{user}\x001234")))

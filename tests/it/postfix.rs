@@ -3,13 +3,11 @@
 //! endpoint), delivering into a Dovecot mailbox. Needs root and the Debian packages that
 //! tests/interop/install.sh installs (tests/run.sh does).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::fake_oauth::{ClientApp, FakeOAuth};
-use common::real::RealServers;
-use common::relay::{pin_hash, scan_message, smtplib_send, write_file, Relay, Setup, CLIENT_ID, CLIENT_SECRET};
+use crate::common::fake_oauth::{ClientApp, FakeOAuth};
+use crate::common::real::RealServers;
+use crate::common::relay::{pin_hash, scan_message, smtplib_send, write_file, Relay, Setup, CLIENT_ID, CLIENT_SECRET};
 
 const ALICE: &str = "alice@example.test";
 

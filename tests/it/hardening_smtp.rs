@@ -2,13 +2,13 @@
 //! interleaved attempts, AUTH only under TLS where required, sessions that outlive a reload,
 //! MAIL before EHLO, and clients that are no device holding connections.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use common::relay::{RawClient, World, IMPLICIT_TLS, STARTTLS};
-use common::SmtpClient;
+use crate::common::relay::{RawClient, World, IMPLICIT_TLS, STARTTLS};
+use crate::common::SmtpClient;
 
 fn auth(user: &str, pin: &str) -> String {
     format!("AUTH PLAIN {}", common::b64(format!("\0{user}\0{pin}")))

@@ -2,12 +2,12 @@
 //! durably. The real relay binary runs on loopback between a fake OAuth provider and a fake
 //! Office-365-like upstream; clients are Python's smtplib and raw sockets.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::fake_smtp::{replies, Times};
-use common::relay::{scan_message, without_trace, RawClient, World, SCANS};
+use crate::common::fake_smtp::{replies, Times};
+use crate::common::relay::{scan_message, without_trace, RawClient, World, SCANS};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -160,6 +160,22 @@ async fn upstream_permanent_refusal_reaches_the_device() {
     assert!(w.upstream.messages().is_empty());
     let (_, out, _) = w.relay.cli(&["queue", "list"], None);
     assert!(out.contains("queue is empty"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_with_smtp_auth_disabled_is_named_to_the_device() {
+    let w = World::start(|_| {}).await;
+    w.upstream.set_auth_reply(Some(replies::AUTH_DISABLED));
+    let r = w.send(&login("PLAIN"), &scan_message("auth off", "x")).await;
+    // The tenant may switch SMTP AUTH back on: the message is kept, and the device is told why.
+    assert!(r.ok && r.message.contains("queued") && r.message.contains("5.7.139"), "{r:?}");
+    let (_, out, _) = w.relay.cli(&["queue", "list"], None);
+    assert!(out.contains("SMTP AUTH is disabled for this mailbox or tenant"), "the admin's hint: {out}");
+    // Once the tenant allows SMTP AUTH again, the retry delivers it.
+    w.upstream.set_auth_reply(None);
+    w.relay.cli(&["queue", "retry", "all"], None);
+    let got = w.upstream.wait_for_messages(1, WAIT).await;
+    assert!(got[0].data_str().contains("auth off"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

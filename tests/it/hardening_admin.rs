@@ -3,14 +3,12 @@
 //! changes refused, the CLI still talking to the daemon, failed admin logins throttled, and
 //! token answers read (a quoted `expires_in`) without their secrets reaching logs or pages.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::relay::{Relay, Setup, World};
+use crate::common::relay::{Relay, Setup, World};
 
 const TOKEN: &str = "admin-token-for-tests";
 
@@ -248,8 +246,8 @@ async fn token_answers_are_read_without_echoing_their_secrets() {
 /// `x5t#S256`, the signature verified with the algorithm the header names.
 #[tokio::test]
 async fn the_fake_provider_verifies_ps256_client_assertions() {
-    use common::fake_oauth::{ClientApp, FakeOAuth, CLIENT_ASSERTION_TYPE_JWT, MS_APP_SCOPE};
-    use common::{b64url, unix_now, RsaTestKey};
+    use crate::common::fake_oauth::{ClientApp, FakeOAuth, CLIENT_ASSERTION_TYPE_JWT, MS_APP_SCOPE};
+    use crate::common::{b64url, unix_now, RsaTestKey};
     use rustls_pki_types::pem::PemObject;
 
     let idp = FakeOAuth::start().await;

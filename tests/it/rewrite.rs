@@ -3,12 +3,10 @@
 //! device's Sender or Resent-* fields, a valid header section and the body bytes unchanged;
 //! what cannot be made valid gets 554 5.6.0 (or 552 5.3.4 for an oversized header section).
 
-mod common;
-
 use std::time::Duration;
 
-use common::fake_smtp::Received;
-use common::relay::{standard_sections, without_trace, RawClient, World, SCANS};
+use crate::common::fake_smtp::Received;
+use crate::common::relay::{standard_sections, without_trace, RawClient, World, SCANS};
 
 const WAIT: Duration = Duration::from_secs(20);
 

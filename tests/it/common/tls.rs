@@ -18,12 +18,6 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Installs ring as the process default provider, for code that calls
-/// `ClientConfig::builder()` without one. Harmless if already installed.
-pub fn install_default_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 /// A TLS 1.2 + 1.3 server configuration presenting `cert`, no client auth.
 pub fn server_config(cert: &CertPair) -> Arc<ServerConfig> {
     let config = ServerConfig::builder_with_provider(provider())

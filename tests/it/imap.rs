@@ -11,14 +11,14 @@
 //! Needs root and Dovecot/Postfix (tests/interop/install.sh); `MFD_RELAY_SKIP_INTEROP=1`
 //! skips instead of failing.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::fake_oauth::{ClientApp, FakeOAuth, Grant};
-use common::real::{spawn_relay_until_exit, ImapUser, RealServers};
-use common::relay::{Relay, Setup};
+use crate::common::fake_oauth::{ClientApp, FakeOAuth, Grant};
+use crate::common::real::{spawn_relay_until_exit, ImapUser, RealServers};
+use crate::common::relay::{Relay, Setup};
 
 const PRINT: &str = "print@example.test";
 const ALICE: &str = "alice@example.test";

@@ -2,15 +2,15 @@
 //! 421, a token endpoint that is down or slow, and a full disk. In every case a message that
 //! got a 250 is delivered (at least once) and nothing half-written is queued.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::fake_smtp::Times;
-use common::relay::{scan_message, RawClient, World};
+use crate::common::fake_smtp::Times;
+use crate::common::relay::{scan_message, RawClient, World};
 
 const WAIT: Duration = Duration::from_secs(30);
 

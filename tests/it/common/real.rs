@@ -36,10 +36,7 @@ pub struct Info {
     pub ca_cert: Option<PathBuf>,
     pub maildir_root: PathBuf,
     pub dovecot_conf: PathBuf,
-    pub dovecot_log: PathBuf,
     pub postfix_log: PathBuf,
-    pub domain: String,
-    pub dovecot_version: String,
 }
 
 /// A running Dovecot + Postfix pair.
@@ -182,10 +179,6 @@ impl RealServers {
         write!(f, "\nprotocol imap {{\n  imap_capability = {capabilities}\n}}\n").expect("write dovecot.conf");
         drop(f);
         self.doveadm(&["reload"]);
-    }
-
-    pub fn dovecot_log(&self) -> String {
-        std::fs::read_to_string(&self.info.dovecot_log).unwrap_or_default()
     }
 
     /// Stops both servers; every process of the instance is gone afterwards.

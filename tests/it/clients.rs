@@ -2,13 +2,13 @@
 //! curl's smtp:// (STARTTLS, AUTH PLAIN), plus the STARTTLS command-injection check
 //! (RFC 3207 4.2, CVE-2011-0411 class).
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::relay::{World, IMPLICIT_TLS, STARTTLS};
-use common::SmtpClient;
+use crate::common::relay::{World, IMPLICIT_TLS, STARTTLS};
+use crate::common::SmtpClient;
 
 const WAIT: Duration = Duration::from_secs(20);
 

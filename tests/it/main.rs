@@ -1,0 +1,21 @@
+//! The integration tests: the real `mfd-relay` binary on loopback, driven by real clients
+//! (Python smtplib, swaks, curl) against in-process fakes of the cloud ([`common`]) and, where
+//! Debian has them, real Postfix and Dovecot. One test binary, so the fakes compile once;
+//! `cargo test --test it spine::` runs one file's tests.
+
+mod common;
+
+mod abuse;
+mod clients;
+mod durability;
+mod fakes_selftest;
+mod faults;
+mod hardening_admin;
+mod hardening_smtp;
+mod imap;
+mod oauth;
+mod ops;
+mod postfix;
+mod reload;
+mod rewrite;
+mod spine;
