@@ -58,33 +58,66 @@ impl UpstreamReply {
 }
 
 /// Hints for well-known refusals of Office 365 and Gmail.
+///
+/// The enhanced status code (RFC 3463) decides where there is one, compared as a whole: a text
+/// search for "5.2.2" would also find "5.2.252". Exchange's variants of one code differ only in
+/// the words after it, so those are matched too.
 pub fn hint(code: u16, text: &str) -> Option<&'static str> {
     let t = text.to_ascii_lowercase();
     let has = |s: &str| t.contains(s);
-    if has("5.7.139") {
-        Some("SMTP AUTH is disabled for this mailbox or tenant (security defaults); enable authenticated SMTP for the mailbox")
-    } else if has("5.2.252") || has("sendasdenied") {
-        Some("the From address is not the identity's mailbox: set from = \"rewrite\" on the device, or grant Send As")
-    } else if has("5.7.30") {
-        Some("basic authentication was refused; the provider must be reached with OAuth")
-    } else if code == 535 && (has("5.7.3") || has("5.7.8")) {
-        Some("the provider refused the token: check the app's SMTP.Send (or SMTP.SendAsApp) permission, admin consent, and the mailbox name")
-    } else if has("4.7.66") {
-        Some("the provider refused the TLS version")
-    } else if has("5.6.11") || has("barelinefeed") {
-        Some("bare LF refused upstream")
-    } else if has("5.7.57") {
-        Some("the upstream did not see an authenticated session")
-    } else if has("4.7.0") && has("throttl") || has("5.4.5") || has("4.4.2 message submission rate") {
-        Some(
-            "the mailbox's sending limit was reached; lower messages_per_minute or spread devices over more identities",
-        )
-    } else if has("5.3.4") || has("message size exceeds") {
-        Some("the message is larger than the provider accepts")
-    } else {
-        None
+    let status = Status::parse_prefix(text).map(|Status(a, b, c)| (a, b, c));
+    match status {
+        Some((5, 7, 139)) if has("security defaults") => Some(
+            "security defaults are on for the tenant: they block SMTP AUTH whatever the mailbox's own switch says; \
+             turn them off in favour of Conditional Access, or send through Graph",
+        ),
+        Some((5, 7, 139)) => Some(
+            "SMTP AUTH is disabled for this mailbox or tenant (security defaults); enable authenticated SMTP for the mailbox",
+        ),
+        Some((4, 3, 2)) => Some(
+            "Exchange allows 3 SMTP connections per mailbox at once: the relay opens fewer for a while and retries",
+        ),
+        Some((5, 2, 0)) if has("submissionquotaexceeded") => Some(
+            "the mailbox reached its daily sending limit (10,000 recipients a day): spread devices over more identities",
+        ),
+        Some((5, 2, 2)) => Some(
+            "the mailbox is full, most likely its Sent Items (every message sent by SMTP AUTH is kept there): \
+             give the scan mailbox a retention policy that empties Sent Items",
+        ),
+        Some((5, 7, 60)) => Some(
+            "the identity may not send as this From address: grant it Send As on that mailbox, or set from = \"rewrite\" on the device",
+        ),
+        Some((5, 2, 252)) => SEND_AS,
+        Some((5, 7, 30)) => BASIC_AUTH,
+        Some((5, 7, 3 | 8)) if code == 535 => TOKEN_REFUSED,
+        Some((4, 7, 66)) => Some("the provider refused the TLS version"),
+        Some((5, 6, 11)) => BARE_LF,
+        Some((5, 7, 57)) => Some("the upstream did not see an authenticated session"),
+        Some((5, 4, 5)) => RATE,
+        Some((4, 4, 2)) if has("message submission rate") => RATE,
+        Some((4, 7, 0)) if has("throttl") => RATE,
+        Some((5, 3, 4)) => TOO_BIG,
+        // No (or no known) enhanced status code: the words alone.
+        _ if has("sendasdenied") => SEND_AS,
+        _ if has("barelinefeed") => BARE_LF,
+        _ if has("message size exceeds") => TOO_BIG,
+        _ if has("concurrent connections limit") => Some(
+            "Exchange allows 3 SMTP connections per mailbox at once: the relay opens fewer for a while and retries",
+        ),
+        _ => None,
     }
 }
+
+const SEND_AS: Option<&str> =
+    Some("the From address is not the identity's mailbox: set from = \"rewrite\" on the device, or grant Send As");
+const BASIC_AUTH: Option<&str> = Some("basic authentication was refused; the provider must be reached with OAuth");
+const TOKEN_REFUSED: Option<&str> = Some(
+    "the provider refused the token: check the app's SMTP.Send (or SMTP.SendAsApp) permission, admin consent, and the mailbox name",
+);
+const BARE_LF: Option<&str> = Some("bare LF refused upstream");
+const RATE: Option<&str> =
+    Some("the mailbox's sending limit was reached; lower messages_per_minute or spread devices over more identities");
+const TOO_BIG: Option<&str> = Some("the message is larger than the provider accepts");
 
 #[cfg(test)]
 mod tests {
@@ -111,6 +144,29 @@ mod tests {
             .unwrap()
             .contains("basic"));
         assert!(hint(250, "2.0.0 OK").is_none());
+    }
+
+    #[test]
+    fn exchange_limits_and_permissions_get_their_own_hints() {
+        let h = |code, text| hint(code, text).unwrap_or_default();
+        assert!(h(432, "4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending").contains("3 SMTP connections"));
+        assert!(h(554, "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message").contains("daily sending limit"));
+        assert!(h(554, "5.2.2 mailbox full; STOREDRV.Submission.Exception:QuotaExceededException").contains("Sent Items"));
+        assert!(h(550, "5.7.60 SMTP; Client does not have permissions to send as this sender").contains("Send As"));
+        let defaults = h(535, "5.7.139 Authentication unsuccessful, user is locked by your organization's security defaults policy. Contact your administrator.");
+        assert!(defaults.contains("security defaults are on") && defaults.contains("whatever the mailbox's own switch"), "{defaults}");
+        assert!(h(535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox").contains("enable authenticated SMTP"));
+    }
+
+    #[test]
+    fn a_code_is_compared_whole() {
+        // 5.2.252 is SendAsDenied, not the full mailbox of 5.2.2.
+        assert!(hint(554, "5.2.252 SendAsDenied; x not allowed to send as y").unwrap().contains("rewrite"));
+        assert!(hint(554, "5.2.2 mailbox full").unwrap().contains("Sent Items"));
+        // A 5.2.0 that is not the quota gets no quota hint.
+        assert!(hint(554, "5.2.0 STOREDRV.Submission.Exception:OtherException").is_none());
+        // Texts without an enhanced code still get the word-based hints.
+        assert!(hint(550, "SendAsDenied").unwrap().contains("rewrite"));
     }
 
     #[test]
