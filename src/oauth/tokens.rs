@@ -9,7 +9,9 @@
 //!   lifetime when it is shorter), and at least daily for idle identities, so that a refresh
 //!   token never dies of disuse (Microsoft: 90 days).
 //! - `invalid_grant` and other "a person must act" answers put the identity in `needs_login`
-//!   loud in logs, metrics and `auth status`; its mail stays queued.
+//!   loud in logs, metrics and `auth status`; its mail stays queued. Entra sometimes answers
+//!   `invalid_grant` for a passing condition, so a refusal that names no well-known cause is
+//!   asked again once, after the usual minute of backoff, before anyone is told to sign in.
 //! - Every record is stored encrypted ([`super::vault`]) and committed to disk before it
 //!   is used: a rotated refresh token must survive a crash right after it was issued.
 
@@ -146,6 +148,10 @@ pub struct Slot {
     flights: Mutex<Flights>,
     /// Unix seconds before which the background refresher leaves a failing identity alone.
     retry_after: Mutex<(i64, u32)>,
+    /// Unix seconds of a refusal that named no certain cause (see [`doubtful_refusal`]), 0
+    /// when there is none: the provider is asked again [`DOUBT_RECHECK`] later, and a second
+    /// such answer is believed.
+    doubted_at: std::sync::atomic::AtomicI64,
 }
 
 impl Slot {
@@ -323,6 +329,7 @@ impl TokenManager {
                     generation: Default::default(),
                     flights: Default::default(),
                     retry_after: Mutex::new((0, 0)),
+                    doubted_at: Default::default(),
                 }),
             );
         }
@@ -405,6 +412,12 @@ impl TokenManager {
 
     /// Gets a new access token from the provider; the caller holds the flight lock.
     async fn refresh_locked(&self, slot: &Slot) -> Result<AccessToken, TokenError> {
+        if let Some(wait) = doubt_pending(&slot.doubted_at, now()) {
+            // The provider is asked again once the minute is over, not once per waiting caller.
+            return Err(TokenError::Transient(format!(
+                "the provider refused the refresh token with no certain cause; asking again in {wait} s"
+            )));
+        }
         let record = slot.record();
         let generation = slot.generation();
         let result = match slot.flow {
@@ -430,7 +443,7 @@ impl TokenManager {
                 .still_valid(now())
                 .ok_or_else(|| TokenError::Transient("the tokens changed during the refresh; try again".into()));
         }
-        let result = match result {
+        let result = match result.map_err(|e| second_opinion(&slot.doubted_at, now(), &slot.name, e)) {
             Ok(set) => self.save_locked(slot, set).await,
             Err(e) => {
                 self.record_failure(slot, &e).await;
@@ -496,6 +509,7 @@ impl TokenManager {
         }
         rec.last_refresh = Some(t);
         rec.last_error = None;
+        slot.doubted_at.store(0, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = self.persist(&slot.name, &rec).await {
             // Keep the newest refresh token in memory (the provider may have rotated the old
             // one away), but hand out no access token until a record is on disk.
@@ -722,6 +736,39 @@ pub fn classify_error<RE: std::error::Error + 'static>(e: RequestTokenError<RE, 
     }
 }
 
+/// Whether a refusal of a refresh token may be a passing condition: `invalid_grant` whose
+/// description names none of the well-known causes of [`explain`] (password changed, 90 days
+/// unused, MFA, ...). Entra gives such answers now and then and takes them back a minute later.
+pub fn doubtful_refusal(e: &TokenError) -> bool {
+    matches!(e, TokenError::NeedsLogin(text) if text.starts_with("invalid_grant") && explain(text).is_none())
+}
+
+/// How long after a doubtful refusal the provider is asked again.
+pub const DOUBT_RECHECK: i64 = 60;
+
+/// Seconds left before a doubted refresh token may be tried again, if any.
+fn doubt_pending(doubted_at: &std::sync::atomic::AtomicI64, now: i64) -> Option<i64> {
+    let at = doubted_at.load(std::sync::atomic::Ordering::SeqCst);
+    (at != 0 && now < at + DOUBT_RECHECK).then(|| at + DOUBT_RECHECK - now)
+}
+
+/// The first doubtful refusal becomes a passing failure, asked again [`DOUBT_RECHECK`] later;
+/// a second one in a row is believed. Any other answer ends the doubt.
+fn second_opinion(doubted_at: &std::sync::atomic::AtomicI64, now: i64, identity: &str, e: TokenError) -> TokenError {
+    use std::sync::atomic::Ordering;
+    if !doubtful_refusal(&e) || doubted_at.swap(0, Ordering::SeqCst) != 0 {
+        return e;
+    }
+    doubted_at.store(now, Ordering::SeqCst);
+    tracing::warn!(identity, "the provider refused the refresh token with no certain cause ({e}); asking again in {DOUBT_RECHECK} s before a new sign-in is needed");
+    match e {
+        TokenError::NeedsLogin(text) => {
+            TokenError::Transient(format!("{text} (asking again in {DOUBT_RECHECK} s before a new sign-in is needed)"))
+        }
+        other => other,
+    }
+}
+
 /// Classifies an OAuth error code and description (RFC 6749 5.2).
 pub fn classify_response(code: &str, description: &str) -> TokenError {
     let first_line = description.lines().next().unwrap_or("").trim();
@@ -747,6 +794,8 @@ pub fn classify_response(code: &str, description: &str) -> TokenError {
 pub fn explain(description: &str) -> Option<&'static str> {
     const KNOWN: &[(&str, &str)] = &[
         ("AADSTS700082", "the refresh token expired after 90 days without use; sign in again"),
+        // After 700082, which contains it.
+        ("AADSTS70008", "the refresh token or authorization code has expired; sign in again"),
         ("AADSTS50173", "the password was changed or the sessions were revoked; sign in again"),
         ("AADSTS7000222", "the app's client secret has expired; create a new one in Entra ID and update the config"),
         ("AADSTS7000215", "the client secret is wrong; copy the secret's value (not its id) from Entra ID"),
@@ -764,6 +813,49 @@ pub fn explain(description: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_refusals_without_a_certain_cause_are_asked_again() {
+        let refusal = |code: &str, description: &str| classify_response(code, description);
+        assert!(doubtful_refusal(&refusal(
+            "invalid_grant",
+            "AADSTS70000: The provided grant is invalid or malformed."
+        )));
+        assert!(doubtful_refusal(&refusal("invalid_grant", "Token has been expired or revoked.")));
+        for certain in [
+            "AADSTS50173: revoked",
+            "AADSTS70008: expired",
+            "AADSTS700082: inactive",
+            "AADSTS50076: MFA",
+            "AADSTS50079: enrol",
+        ] {
+            assert!(!doubtful_refusal(&refusal("invalid_grant", certain)), "{certain}");
+        }
+        assert!(!doubtful_refusal(&refusal("invalid_client", "AADSTS7000222: expired")));
+        assert!(!doubtful_refusal(&TokenError::Transient("invalid_grant: x".into())));
+    }
+
+    #[test]
+    fn a_doubtful_refusal_is_believed_the_second_time_a_minute_later() {
+        let doubted_at = std::sync::atomic::AtomicI64::new(0);
+        let doubtful =
+            || classify_response("invalid_grant", "AADSTS70000: The provided grant is invalid or malformed.");
+        let first = second_opinion(&doubted_at, 1000, "scans", doubtful());
+        assert!(
+            matches!(&first, TokenError::Transient(t) if t.contains("AADSTS70000") && t.contains("asking again")),
+            "{first:?}"
+        );
+        assert_eq!(doubt_pending(&doubted_at, 1030), Some(30), "no second request within the minute");
+        assert_eq!(doubt_pending(&doubted_at, 1060), None);
+        assert!(matches!(second_opinion(&doubted_at, 1060, "scans", doubtful()), TokenError::NeedsLogin(_)));
+        assert_eq!(doubt_pending(&doubted_at, 1061), None, "the doubt is over");
+        // A certain refusal is believed at once, and ends a doubt.
+        let certain = classify_response("invalid_grant", "AADSTS50173: revoked");
+        assert!(matches!(second_opinion(&doubted_at, 2000, "scans", certain.clone()), TokenError::NeedsLogin(_)));
+        second_opinion(&doubted_at, 3000, "scans", doubtful());
+        assert!(matches!(second_opinion(&doubted_at, 3100, "scans", certain), TokenError::NeedsLogin(_)));
+        assert_eq!(doubt_pending(&doubted_at, 3101), None);
+    }
 
     #[test]
     fn invalid_grant_needs_login_and_is_explained() {

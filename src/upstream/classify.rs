@@ -149,13 +149,24 @@ mod tests {
     #[test]
     fn exchange_limits_and_permissions_get_their_own_hints() {
         let h = |code, text| hint(code, text).unwrap_or_default();
-        assert!(h(432, "4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending").contains("3 SMTP connections"));
-        assert!(h(554, "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message").contains("daily sending limit"));
-        assert!(h(554, "5.2.2 mailbox full; STOREDRV.Submission.Exception:QuotaExceededException").contains("Sent Items"));
+        assert!(h(432, "4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending")
+            .contains("3 SMTP connections"));
+        assert!(h(
+            554,
+            "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message"
+        )
+        .contains("daily sending limit"));
+        assert!(
+            h(554, "5.2.2 mailbox full; STOREDRV.Submission.Exception:QuotaExceededException").contains("Sent Items")
+        );
         assert!(h(550, "5.7.60 SMTP; Client does not have permissions to send as this sender").contains("Send As"));
         let defaults = h(535, "5.7.139 Authentication unsuccessful, user is locked by your organization's security defaults policy. Contact your administrator.");
-        assert!(defaults.contains("security defaults are on") && defaults.contains("whatever the mailbox's own switch"), "{defaults}");
-        assert!(h(535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox").contains("enable authenticated SMTP"));
+        assert!(
+            defaults.contains("security defaults are on") && defaults.contains("whatever the mailbox's own switch"),
+            "{defaults}"
+        );
+        assert!(h(535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox")
+            .contains("enable authenticated SMTP"));
     }
 
     #[test]

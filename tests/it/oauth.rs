@@ -7,7 +7,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use crate::common::fake_oauth::{ClientApp, Grant};
+use crate::common::fake_oauth::{AadError, ClientApp, Grant};
 use crate::common::relay::{endpoints, pin_hash, scan_message, CliProc, Env, World, CLIENT_ID, SCANS};
 use crate::common::RsaTestKey;
 
@@ -278,6 +278,33 @@ async fn revocation_keeps_mail_queued_until_login_drains_it() {
     let got = w.upstream.wait_until(WAIT, "the queued message", |s| s.messages_accepted >= 2).await;
     assert!(got.messages_accepted >= 2);
     assert!(w.upstream.messages().iter().any(|m| m.data_str().contains("during revocation")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passing_invalid_grant_is_asked_again_before_anyone_must_sign_in() {
+    let w = World::start_with(delegated("device_code"), |_| {}).await;
+    w.idp.set_access_token_lifetime(Duration::from_secs(4));
+    assert_eq!(device_login(&w, true).await.0, 0);
+    // Entra refuses the next refresh with a code that names no certain cause.
+    w.idp.refuse_refreshes(1, AadError::new(70000, "The provided grant is invalid or malformed."));
+    let refused = w.idp.token_requests(Grant::RefreshToken) + 1;
+    let deadline = std::time::Instant::now() + WAIT;
+    while w.idp.token_requests(Grant::RefreshToken) < refused {
+        assert!(std::time::Instant::now() < deadline, "no refresh\n{}", w.relay.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The token has expired by now; the device's scan is kept, not refused with "sign in".
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = w.send(&login(), &scan_message("during the doubt", "kept")).await;
+    assert!(r.ok && r.message.contains("queued"), "{r:?}\n{}", w.relay.log());
+    let (_, status, _) = w.relay.cli(&["auth", "status"], None);
+    assert!(!status.contains("needs_login") && status.contains("asking again"), "{status}");
+    assert_eq!(w.idp.token_requests(Grant::RefreshToken), refused, "no second request within the minute");
+    // A minute later the provider is asked again, says yes, and the scan goes out.
+    let got = w.upstream.wait_until(Duration::from_secs(90), "the kept scan", |s| s.messages_accepted >= 1).await;
+    assert!(got.messages_accepted >= 1);
+    let (_, status, _) = w.relay.cli(&["auth", "status"], None);
+    assert!(status.contains("ready"), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

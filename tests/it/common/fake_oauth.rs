@@ -235,6 +235,8 @@ struct Settings {
     device_interval_secs: u64,
     device_lifetime: Duration,
     forced_slow_downs: u32,
+    /// The next refresh-token grants refused whatever the token, with this error.
+    passing_refusals: Option<(u32, AadError)>,
     down: bool,
     delay: Duration,
 }
@@ -253,6 +255,7 @@ impl Default for Settings {
             device_interval_secs: DEFAULT_DEVICE_POLL_INTERVAL_SECS,
             device_lifetime: DEFAULT_DEVICE_CODE_LIFETIME,
             forced_slow_downs: 0,
+            passing_refusals: None,
             down: false,
             delay: Duration::ZERO,
         }
@@ -458,6 +461,12 @@ impl FakeOAuth {
     /// The error for a revoked or unknown refresh token (default `AADSTS50173`).
     pub fn set_invalid_grant_error(&self, err: AadError) {
         self.shared.lock().settings.invalid_grant = err;
+    }
+
+    /// The next `times` refresh-token grants get `invalid_grant` with `err` although the token
+    /// is good (Entra does this now and then and takes it back a minute later).
+    pub fn refuse_refreshes(&self, times: u32, err: AadError) {
+        self.shared.lock().settings.passing_refusals = Some((times, err));
     }
 
     /// The account that "signs in" at `/authorize`. `None` (the default): the
@@ -1218,6 +1227,12 @@ impl State {
     fn grant_refresh(&mut self, p: &Params, basic: &Option<(String, String)>, token_url: &str) -> Answer {
         let (client_id, _) = self.authenticate_client(p, basic, token_url)?;
         let rt = p.get("refresh_token").ok_or_else(|| HttpReply::missing("refresh_token"))?;
+        if let Some((left, e)) = self.settings.passing_refusals.take() {
+            if left > 1 {
+                self.settings.passing_refusals = Some((left - 1, e.clone()));
+            }
+            return Err(HttpReply::bad("invalid_grant", e.code, &e.description));
+        }
         let Some(rec) = self.refresh.get(rt).filter(|r| !r.revoked) else {
             let e = &self.settings.invalid_grant;
             return Err(HttpReply::bad("invalid_grant", e.code, &e.description));
