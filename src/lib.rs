@@ -10,12 +10,14 @@
 
 pub mod activity;
 pub mod admin;
+pub mod certs;
 pub mod config;
 pub mod credentials;
 pub mod delivery;
 pub mod devices;
 pub mod fsutil;
 pub mod imap;
+pub mod legacy_tls;
 pub mod message;
 pub mod metrics;
 pub mod oauth;

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context as _};
-use chrono::Datelike;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use mfd_relay::config::{Config, ConfigError};
@@ -51,6 +50,9 @@ enum Cmd {
         /// Where to write the files.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
+        /// RSA 2048 works with every device, old printers included; ECDSA P-256 only with modern ones.
+        #[arg(long, value_enum, default_value = "rsa")]
+        key_type: mfd_relay::certs::KeyType,
     },
     /// Sign-in of identities.
     Auth {
@@ -131,7 +133,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Check => check(&cli.config),
         Cmd::HashPin => hash_pin(),
-        Cmd::MakeCert { names, dir } => make_cert(&names, &dir),
+        Cmd::MakeCert { names, dir, key_type } => make_cert(&names, &dir, key_type),
         Cmd::Run { log_format } => {
             let config = load(&cli.config)?;
             init_logs(log_format);
@@ -236,7 +238,7 @@ fn hash_pin() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn make_cert(names: &[String], dir: &Path) -> anyhow::Result<ExitCode> {
+fn make_cert(names: &[String], dir: &Path, key_type: mfd_relay::certs::KeyType) -> anyhow::Result<ExitCode> {
     let cert_path = dir.join("relay.pem");
     let key_path = dir.join("relay-key.pem");
     for p in [&cert_path, &key_path] {
@@ -244,21 +246,24 @@ fn make_cert(names: &[String], dir: &Path) -> anyhow::Result<ExitCode> {
             bail!("{} exists; not overwriting it", p.display());
         }
     }
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(names.to_vec())?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, names.first().cloned().unwrap_or_default());
-    let now = chrono::Utc::now();
-    params.not_before = rcgen::date_time_ymd(now.year(), now.month() as u8, now.day() as u8);
-    params.not_after = rcgen::date_time_ymd(now.year() + 10, now.month() as u8, 1);
-    let cert = params.self_signed(&key)?;
+    let (cert, key) = mfd_relay::certs::self_signed(names, key_type)?;
     std::fs::create_dir_all(dir)?;
-    std::fs::write(&cert_path, cert.pem())?;
+    std::fs::write(&cert_path, cert)?;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    std::io::Write::write_all(&mut opts.open(&key_path)?, key.serialize_pem().as_bytes())?;
-    println!("wrote {} and {} (self-signed, for {})", cert_path.display(), key_path.display(), names.join(", "));
+    std::io::Write::write_all(&mut opts.open(&key_path)?, key.as_bytes())?;
+    let kind = match key_type {
+        mfd_relay::certs::KeyType::Rsa => "RSA 2048",
+        mfd_relay::certs::KeyType::Ecdsa => "ECDSA P-256",
+    };
+    println!(
+        "wrote {} and {} (self-signed, {kind}, for {})",
+        cert_path.display(),
+        key_path.display(),
+        names.join(", ")
+    );
     Ok(ExitCode::SUCCESS)
 }
 
