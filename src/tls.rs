@@ -1,6 +1,6 @@
-//! TLS settings, all on rustls with the ring provider (one crypto provider, no OpenSSL):
-//! the listeners' server side, and the client side towards providers' mail servers (IMAP,
-//! SMTP with implicit TLS; lettre builds its own for STARTTLS).
+//! TLS settings on rustls with the ring provider: the listeners' server side, and the client
+//! side towards providers' mail servers (IMAP, SMTP with implicit TLS; lettre builds its own
+//! for STARTTLS). OpenSSL serves only listeners with `legacy_tls = true` ([`crate::legacy_tls`]).
 
 use std::path::Path;
 use std::sync::Arc;

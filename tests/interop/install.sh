@@ -3,12 +3,13 @@
 # Dovecot and Postfix for interop, swaks (with the Perl TLS and SASL modules it needs), curl,
 # prometheus for promtool (deploy/check.py checks the alert rules with it), and strace
 # (tests/it/durability.rs checks that every file of a message is synced before its 250) and
-# faketime (the same file steps the relay's wall clock).
+# faketime (the same file steps the relay's wall clock); libssl-dev and pkg-config, to build
+# the legacy-TLS listener against the system OpenSSL 3.
 # Idempotent: does nothing when every package is already installed.
 # Only Debian's own package mirrors are needed.
 set -eu
 
-PKGS="dovecot-imapd dovecot-lmtpd postfix swaks openssl curl libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl prometheus strace faketime"
+PKGS="dovecot-imapd dovecot-lmtpd postfix swaks openssl curl libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl prometheus strace faketime libssl-dev pkg-config"
 
 missing=""
 for p in $PKGS; do
