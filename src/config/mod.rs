@@ -262,7 +262,7 @@ impl TryFrom<RawListener> for Listener {
             (mode, _, _) => {
                 let name = if mode == TlsMode::Starttls { "starttls" } else { "implicit" };
                 let message = format!("listener {} has tls = \"{name}\" but no cert and key", l.listen.get_ref());
-                types::bad::<_, toml::de::Error>(l.listen.span(), message, ListenerTls::None)
+                types::bad::<_, toml::de::Error>(l.listen.span(), message, types::Named::Itself, ListenerTls::None)
                     .map_err(|e| e.message().to_string())?
             }
         };
@@ -493,12 +493,15 @@ impl Config {
                 }
                 // A bad value has a stand-in, which must not be reported a second time (a
                 // duplicate listener, say): the value's own problem is the one that counts.
-                let bad: std::collections::HashSet<usize> = found.iter().map(|(span, _)| span.start).collect();
+                let bad: std::collections::HashSet<usize> = found.iter().map(|(span, _, _)| span.start).collect();
                 let mut all: Vec<types::Found> = found
                     .into_iter()
-                    .map(|(span, message)| {
-                        let section = c.section_of(span.start);
-                        (span, format!("{section}{message}"))
+                    .map(|(span, message, named)| match named {
+                        types::Named::Itself => (span, message),
+                        types::Named::BySection => {
+                            let section = c.section_of(span.start);
+                            (span, format!("{section}{message}"))
+                        }
                     })
                     .collect();
                 all.extend(c.check().into_iter().filter(|(span, _)| !bad.contains(&span.start)));
@@ -750,6 +753,72 @@ flow = "device_code"
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains(":2:") && p[0].contains("require_auth_tls"), "{p:?}");
         assert!(problems("[[listener]]\nlisten = \"0.0.0.0:2525\"\nrequire_auth_tls = false\n").is_empty());
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once_with_its_section_and_line() {
+        let text = format!(
+            "{GOOD}\n[admin]\nlisten = \"localhost\"\n\n[[listener]]\nlisten = \"0.0.0.0:25:25\"\n\n[[listener]]\nlisten = \"0.0.0.0:26\"\ntls = \"implicit\"\n\n[[provider]]\nname = \"q\"\nkind = \"generic\"\nclient_id = \"c\"\ntoken_url = \"http://x/\"\nsmtp = \"mail.test\"\n\n[[device]]\nname = \"d3\"\nidentity = \"nobody\"\naddresses = [\"10.0.0.1/8\"]\nrecipients = [\"bob\"]\n\n[[mailbox]]\nname = \"m\"\nidentity = \"scans\"\nspool = \"s\"\nafter = \"archive\"\nsenders = [\"*@\"]\n"
+        );
+        let p = problems(&text);
+        let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        let has = |needle: &str, message: &str| {
+            assert!(
+                p.iter().any(|m| m.contains(&format!(":{}:", line_of(needle))) && m.contains(message)),
+                "{message} at {needle}: {p:?}"
+            )
+        };
+        has("\"localhost\"", "admin.listen \"localhost\" is not an address:port");
+        has("0.0.0.0:25:25", "listener \"0.0.0.0:25:25\" is not an address:port");
+        has("0.0.0.0:26", "listener 0.0.0.0:26 has tls = \"implicit\" but no cert and key");
+        has("\"mail.test\"", "\"mail.test\" is not host:port");
+        has("10.0.0.1/8", "device \"d3\": \"10.0.0.1/8\" has host bits set; did you mean 10.0.0.0/8?");
+        has("[\"bob\"]", "device \"d3\": recipient pattern \"bob\" should look like user@domain, *@domain or *");
+        has("\"archive\"", "mailbox \"m\": after = \"archive\" should be delete, seen or move:<folder>");
+        has("[\"*@\"]", "mailbox \"m\": sender pattern \"*@\" should look like user@domain, *@domain or *");
+        // The cross-references of the rest come with them; stand-ins add nothing.
+        has("\"nobody\"", "identity \"nobody\" is not defined");
+        assert!(p.iter().any(|m| m.contains("mailbox \"m\": provider \"p\" has no imap")), "{p:?}");
+        assert_eq!(p.len(), 10, "{p:?}");
+    }
+
+    #[test]
+    fn values_arrive_typed() {
+        let text = format!(
+            "{GOOD}\nrecipients = [\"*@Contoso.com\"]\n\n[admin]\nlisten = \"[::1]:9000\"\n\n[[listener]]\nlisten = \"127.0.0.1:2525\"\ntls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\n[[listener]]\nlisten = \"127.0.0.1:2526\"\ncert = \"c.pem\"\n\n[[mailbox]]\nname = \"m\"\nidentity = \"scans\"\nspool = \"s\"\nafter = \"move:Done\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.admin.listen.get_ref().port(), 9000);
+        assert_eq!(c.admin.redirect_uri(), "http://localhost:9000/oauth/callback");
+        let l = c.listeners[0].get_ref();
+        assert_eq!(l.listen.get_ref().to_string(), "127.0.0.1:2525");
+        match &l.tls {
+            ListenerTls::StartTls { cert, key } => {
+                assert_eq!(
+                    (cert.get_ref().as_path(), key.get_ref().as_path()),
+                    (Path::new("c.pem"), Path::new("k.pem"))
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(l.tls.mode(), TlsMode::Starttls);
+        // A cert without tls is a plain listener, as before.
+        assert_eq!(c.listeners[1].get_ref().tls, ListenerTls::None);
+        let p = c.providers[0].get_ref();
+        assert_eq!(p.smtp.as_ref().unwrap().get_ref(), &HostPort { host: "127.0.0.1".into(), port: 2 });
+        let d = c.devices[0].get_ref();
+        assert_eq!(d.addresses[1].get_ref().to_string(), "10.0.0.0/8");
+        assert_eq!(d.recipients, Some(vec![AddressPattern::Domain("Contoso.com".into())]));
+        assert_eq!(c.mailboxes[0].get_ref().after.get_ref(), &After::Move("Done".into()));
+    }
+
+    #[test]
+    fn the_example_configuration_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        if let Err(e) = Config::parse(&path, text) {
+            panic!("{e}");
+        }
     }
 
     #[test]

@@ -19,16 +19,29 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-/// A bad value found while deserializing: where, and what is wrong.
+/// A problem: where in the file, and what is wrong.
 pub(super) type Found = (Range<usize>, String);
+
+/// Whether a bad value's problem starts with the name of its `[[device]]` or `[[mailbox]]`
+/// (the value cannot name it: serde reads the section's keys in the file's order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Named {
+    /// The message says what it is about.
+    Itself,
+    /// The message is about a value of a device or a mailbox.
+    BySection,
+}
+
+/// A bad value found while deserializing.
+pub(super) type Bad = (Range<usize>, String, Named);
 
 thread_local! {
     /// The bad values of the file being read by [`collecting`] on this thread.
-    static FOUND: RefCell<Option<Vec<Found>>> = const { RefCell::new(None) };
+    static FOUND: RefCell<Option<Vec<Bad>>> = const { RefCell::new(None) };
 }
 
 /// Runs `read` (a deserialization) collecting bad values instead of stopping at the first.
-pub(super) fn collecting<T>(read: impl FnOnce() -> T) -> (T, Vec<Found>) {
+pub(super) fn collecting<T>(read: impl FnOnce() -> T) -> (T, Vec<Bad>) {
     FOUND.with(|f| *f.borrow_mut() = Some(Vec::new()));
     let out = read();
     let found = FOUND.with(|f| f.borrow_mut().take()).unwrap_or_default();
@@ -37,10 +50,15 @@ pub(super) fn collecting<T>(read: impl FnOnce() -> T) -> (T, Vec<Found>) {
 
 /// A value that did not parse: recorded (and replaced by `stand_in`) while collecting,
 /// otherwise the deserialization fails with `message`.
-pub(super) fn bad<T, E: serde::de::Error>(span: Range<usize>, message: String, stand_in: T) -> Result<T, E> {
+pub(super) fn bad<T, E: serde::de::Error>(
+    span: Range<usize>,
+    message: String,
+    named: Named,
+    stand_in: T,
+) -> Result<T, E> {
     FOUND.with(|f| match f.borrow_mut().as_mut() {
         Some(found) => {
-            found.push((span, message));
+            found.push((span, message, named));
             Ok(stand_in)
         }
         None => Err(E::custom(message)),
@@ -52,13 +70,14 @@ pub(super) fn bad<T, E: serde::de::Error>(span: Range<usize>, message: String, s
 pub(super) fn text<'de, D: Deserializer<'de>, T>(
     d: D,
     parse: impl FnOnce(&str) -> Result<T, String>,
+    named: Named,
     stand_in: T,
 ) -> Result<Spanned<T>, D::Error> {
     let s = Spanned::<String>::deserialize(d)?;
     let span = s.span();
     match parse(s.get_ref()) {
         Ok(v) => Ok(Spanned::new(span, v)),
-        Err(message) => bad(span.clone(), message, Spanned::new(span, stand_in)),
+        Err(message) => bad(span.clone(), message, named, Spanned::new(span, stand_in)),
     }
 }
 
@@ -67,12 +86,17 @@ const NO_ADDRESS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED)
 
 /// `[admin] listen`: an `address:port`.
 pub(super) fn admin_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Spanned<SocketAddr>, D::Error> {
-    text(d, |s| s.parse().map_err(|_| format!("admin.listen \"{s}\" is not an address:port")), NO_ADDRESS)
+    text(
+        d,
+        |s| s.parse().map_err(|_| format!("admin.listen \"{s}\" is not an address:port")),
+        Named::Itself,
+        NO_ADDRESS,
+    )
 }
 
 /// `[[listener]] listen`: an `address:port`.
 pub(super) fn listener_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Spanned<SocketAddr>, D::Error> {
-    text(d, |s| s.parse().map_err(|_| format!("listener \"{s}\" is not an address:port")), NO_ADDRESS)
+    text(d, |s| s.parse().map_err(|_| format!("listener \"{s}\" is not an address:port")), Named::Itself, NO_ADDRESS)
 }
 
 /// A server address, `host:port` or `[v6]:port`.
@@ -110,7 +134,7 @@ impl fmt::Display for HostPort {
 impl<'de> Deserialize<'de> for HostPort {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let stand_in = HostPort { host: "invalid".into(), port: 1 };
-        text(d, |s| HostPort::parse(s).ok_or_else(|| format!("\"{s}\" is not host:port")), stand_in)
+        text(d, |s| HostPort::parse(s).ok_or_else(|| format!("\"{s}\" is not host:port")), Named::Itself, stand_in)
             .map(Spanned::into_inner)
     }
 }
@@ -145,7 +169,7 @@ impl fmt::Display for Net {
 impl<'de> Deserialize<'de> for Net {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let stand_in = Net(IpNet::from(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
-        text(d, Net::parse, stand_in).map(Spanned::into_inner)
+        text(d, Net::parse, Named::BySection, stand_in).map(Spanned::into_inner)
     }
 }
 
@@ -205,6 +229,7 @@ fn patterns<'de, D: Deserializer<'de>>(d: D, what: &str) -> Result<Vec<AddressPa
             None => bad(
                 s.span(),
                 format!("{what} pattern \"{}\" should look like user@domain, *@domain or *", s.get_ref()),
+                Named::BySection,
                 AddressPattern::Any,
             ),
         })
@@ -268,6 +293,7 @@ impl<'de> Deserialize<'de> for After {
         text(
             d,
             |s| After::parse(s).ok_or_else(|| format!("after = \"{s}\" should be delete, seen or move:<folder>")),
+            Named::BySection,
             After::Delete,
         )
         .map(Spanned::into_inner)

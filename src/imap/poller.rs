@@ -209,9 +209,7 @@ impl Poller {
         })?;
         let after = m.after.get_ref().clone();
         if let After::Move(target) = &after {
-            let same =
-                target == &m.folder || (target.eq_ignore_ascii_case("INBOX") && m.folder.eq_ignore_ascii_case("INBOX"));
-            if same {
+            if crate::config::folder_key(target) == crate::config::folder_key(&m.folder) {
                 return Err(format!("after = \"move:{target}\" moves mail into the folder it polls, which would print every mail again and again"));
             }
         }
