@@ -1,10 +1,14 @@
 //! The configuration file: its TOML schema, defaults, and validation.
 //!
-//! The admin's interface (README.md and config.example.toml) is this file. Parsing happens in two steps: serde
-//! turns the text into the structs below (syntax and type errors come back with their line),
-//! then [`Config::problems`] checks what serde cannot: names that refer to each other, CIDRs,
-//! files that must exist, flows a provider cannot do. Every problem names `file:line`, and
-//! all of them are reported at once so the admin fixes the file in one pass.
+//! The admin's interface (README.md and config.example.toml) is this file. Parsing happens in
+//! two steps. serde turns the text into the structs below, and every value into its type
+//! ([`types`]: listen addresses, `host:port`, networks, address patterns, `after`, a
+//! listener's TLS with its certificate and key, durations, sizes), so the rest of the relay
+//! never parses configuration text again; syntax errors and bad values come back with their
+//! line. Then [`Config::problems`] ([`check`], one function per section) checks what a single
+//! value cannot: names that refer to each other, duplicates, files that must exist, flows a
+//! provider cannot do. Every problem names `file:line`, and all of them are reported at once
+//! so the admin fixes the file in one pass.
 //!
 //! Relative paths are resolved against the directory of the configuration file, so the relay
 //! behaves the same whatever directory it was started from.
@@ -819,6 +823,19 @@ flow = "device_code"
         if let Err(e) = Config::parse(&path, text) {
             panic!("{e}");
         }
+    }
+
+    #[test]
+    fn listener_keys_and_modes_keep_their_lines() {
+        let p = problems("[[listener]]\nlisten = \"0.0.0.0:2525\"\ncertificate = \"c.pem\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains(":3:") && p[0].contains("certificate"), "{p:?}");
+        let p = problems("[[listener]]\nlisten = \"0.0.0.0:2525\"\ntls = \"ssl\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains(":3:") && p[0].contains("ssl"), "{p:?}");
+        let p = problems("[[listener]]\nlisten = 2525\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains(":2:"), "{p:?}");
     }
 
     #[test]
