@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::config::{Config, FromPolicy};
+use crate::config::{AddressPattern, Config, FromPolicy};
 use crate::credentials::Verifier;
 
 /// A device from the configuration, ready for matching.
@@ -26,7 +26,7 @@ pub struct Device {
     pub username: Option<String>,
     pin_hash: Option<String>,
     /// Recipient patterns; `None` allows any recipient.
-    pub recipients: Option<Vec<String>>,
+    pub recipients: Option<Vec<AddressPattern>>,
     pub from: FromPolicy,
 }
 
@@ -35,7 +35,7 @@ impl Device {
     pub fn allows_recipient(&self, rcpt: &str) -> bool {
         match &self.recipients {
             None => true,
-            Some(pats) => pats.iter().any(|p| pattern_matches(p, rcpt)),
+            Some(pats) => pats.iter().any(|p| p.matches(rcpt)),
         }
     }
 
@@ -76,7 +76,7 @@ impl Devices {
                 Arc::new(Device {
                     name: d.name.get_ref().clone(),
                     identity: d.identity.get_ref().clone(),
-                    nets: d.addresses.iter().filter_map(|a| parse_net(a.get_ref()).ok()).collect(),
+                    nets: d.addresses.iter().map(|a| a.get_ref().0).collect(),
                     username: d.username.as_ref().map(|u| u.get_ref().clone()),
                     pin_hash: d.pin_hash.as_ref().map(|h| h.get_ref().clone()),
                     recipients: d.recipients.clone(),
@@ -156,38 +156,6 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Parses "192.168.10.31/32", "10.0.0.0/8", "fd00::/8" or a bare address (a /32 or /128).
-pub fn parse_net(s: &str) -> Result<IpNet, String> {
-    let s = s.trim();
-    if let Ok(net) = s.parse::<IpNet>() {
-        if net.trunc() != net {
-            return Err(format!("\"{s}\" has host bits set; did you mean {}?", net.trunc()));
-        }
-        return Ok(net);
-    }
-    s.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("\"{s}\" is not an address or CIDR network (like 192.168.10.31/32)"))
-}
-
-/// Recipient patterns: "*", "*@domain", "user@domain" (case-insensitive).
-pub fn valid_pattern(p: &str) -> bool {
-    p == "*"
-        || p.strip_prefix("*@").is_some_and(|d| !d.is_empty() && !d.contains('@'))
-        || crate::config::looks_like_address(p)
-}
-
-/// Whether `addr` matches a recipient or sender pattern.
-pub fn pattern_matches(pattern: &str, addr: &str) -> bool {
-    if pattern == "*" {
-        return true;
-    }
-    if let Some(domain) = pattern.strip_prefix("*@") {
-        return addr.rsplit_once('@').is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain));
-    }
-    pattern.eq_ignore_ascii_case(addr)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,12 +208,14 @@ recipients = ["*@contoso.com", "boss@else.where"]
         assert!(one.allows_recipient("boss@else.where"));
         assert!(!one.allows_recipient("other@else.where"));
         assert!(!one.allows_recipient("x@contoso.com.evil"));
+        let valid_pattern = |p: &str| AddressPattern::parse(p).is_some();
         assert!(valid_pattern("*") && valid_pattern("*@x.y") && valid_pattern("a@b"));
         assert!(!valid_pattern("*@") && !valid_pattern("bob"));
     }
 
     #[test]
     fn nets() {
+        let parse_net = crate::config::Net::parse;
         assert!(parse_net("10.0.0.0/8").is_ok());
         assert!(parse_net("10.0.0.1").is_ok());
         assert!(parse_net("fd00::/8").is_ok());

@@ -547,7 +547,7 @@ async fn login(config: &Config, identity: &str) -> anyhow::Result<ExitCode> {
             println!("The browser then returns to {redirect_uri}. If that page does not load (the browser");
             println!("runs on another computer), copy the address it ended on and paste it here:");
             if let Some((parts, _)) = &offline {
-                let addr: std::net::SocketAddr = config.admin.listen.get_ref().parse()?;
+                let addr: std::net::SocketAddr = *config.admin.listen.get_ref();
                 let tcp = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("listen on {addr} for the browser's return"))?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, TlsMode};
+use crate::config::{Config, ListenerTls};
 use crate::delivery::{Delivery, Policy};
 use crate::devices::Devices;
 use crate::oauth::provider::ProviderInfo;
@@ -208,11 +208,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
             .map(|l| {
                 let l = l.get_ref();
                 format!(
-                    "{}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}|{}|{}",
+                    "{}|{:?}|{:?}|{}|{}|{}|{:?}|{}|{}",
                     l.listen.get_ref(),
-                    l.tls,
-                    l.cert.as_ref().map(|c| c.get_ref()),
-                    l.key.as_ref().map(|k| k.get_ref()),
+                    l.tls.mode(),
+                    l.tls.files().map(|(c, k)| (c.get_ref(), k.get_ref())),
                     l.require_auth,
                     l.require_auth_tls,
                     l.max_message_size.0,
@@ -244,20 +243,20 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
     let mut listeners = Vec::new();
     for l in &config.listeners {
         let l = l.get_ref();
-        let addr = l.listen.get_ref().clone();
+        let sock = *l.listen.get_ref();
+        let addr = sock.to_string();
         let err = |message: String| StartError::Listen { addr: addr.clone(), message };
-        let sock: SocketAddr = addr.parse().map_err(|_| err("not an address:port".into()))?;
-        let acceptor = match (l.tls, &l.cert, &l.key) {
-            (TlsMode::None, _, _) => None,
-            (_, Some(c), Some(k)) => Some(
-                crate::tls::server_acceptor(&config.resolve(c.get_ref()), &config.resolve(k.get_ref())).map_err(err)?,
+        let acceptor = match &l.tls {
+            ListenerTls::None => None,
+            ListenerTls::StartTls { cert, key } | ListenerTls::Implicit { cert, key } => Some(
+                crate::tls::server_acceptor(&config.resolve(cert.get_ref()), &config.resolve(key.get_ref()))
+                    .map_err(err)?,
             ),
-            _ => return Err(err("tls needs cert and key".into())),
         };
         let tcp = tokio::net::TcpListener::bind(sock).await.map_err(|e| err(e.to_string()))?;
         let settings = Arc::new(ListenerSettings {
             name: addr.clone(),
-            tls: l.tls,
+            tls: l.tls.mode(),
             acceptor,
             require_auth: l.require_auth,
             require_auth_tls: l.require_auth_tls,
@@ -266,13 +265,10 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
             max_connections: l.max_connections.max(1),
             max_connections_per_address: l.max_connections_per_address.max(1),
         });
-        tracing::info!(listen = %tcp.local_addr().map(|a| a.to_string()).unwrap_or(addr.clone()), tls = ?l.tls, "listening for devices");
+        tracing::info!(listen = %tcp.local_addr().map(|a| a.to_string()).unwrap_or(addr.clone()), tls = ?l.tls.mode(), "listening for devices");
         listeners.push((tcp, settings));
     }
-    let admin_addr: SocketAddr = config.admin.listen.get_ref().parse().map_err(|_| StartError::Listen {
-        addr: config.admin.listen.get_ref().clone(),
-        message: "not an address:port".into(),
-    })?;
+    let admin_addr: SocketAddr = *config.admin.listen.get_ref();
     let admin_tcp = tokio::net::TcpListener::bind(admin_addr)
         .await
         .map_err(|e| StartError::Listen { addr: admin_addr.to_string(), message: e.to_string() })?;
@@ -377,7 +373,8 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
 fn init_label_sets(config: &Config) {
     use crate::metrics as m;
     for l in &config.listeners {
-        let name = l.get_ref().listen.get_ref().as_str();
+        let name = l.get_ref().listen.get_ref().to_string();
+        let name = name.as_str();
         m::SMTP_CONNECTIONS.with_label_values(&[name]);
         m::AUTH_FAILURES.with_label_values(&[name]);
         m::SMTP_SESSIONS_ACTIVE.with_label_values(&[name]);

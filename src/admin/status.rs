@@ -60,7 +60,7 @@ impl DeviceInfo {
                     name: d.name.get_ref().clone(),
                     identity: d.identity.get_ref().clone(),
                     logs_in: d.username.is_some(),
-                    addresses: d.addresses.iter().map(|a| a.get_ref().clone()).collect(),
+                    addresses: d.addresses.iter().map(|a| a.get_ref().to_string()).collect(),
                 }
             })
             .collect()

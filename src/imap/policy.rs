@@ -23,12 +23,12 @@ use mail_parser::{Message, MessagePart, MimeHeaders, PartType};
 
 use super::authres::{self, Trust};
 use super::filename::{self, Names};
-use crate::config::Mailbox;
+use crate::config::{AddressPattern, Mailbox};
 
 /// The rules of one mailbox.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    pub senders: Vec<String>,
+    pub senders: Vec<AddressPattern>,
     /// Normalised MIME types or `type/*` patterns.
     pub types: Vec<String>,
     pub max_size: u64,
@@ -249,7 +249,7 @@ pub fn sender_of(msg: &Message<'_>) -> Result<(Sender, Vec<String>), Refusal> {
 impl Policy {
     pub fn from_config(m: &Mailbox) -> Policy {
         Policy {
-            senders: m.senders.iter().map(|s| s.trim().to_string()).collect(),
+            senders: m.senders.clone(),
             types: m.types.iter().map(|t| normalise_type(t)).collect(),
             max_size: m.max_size.0,
             print_body: m.print_body,
@@ -289,7 +289,7 @@ impl Policy {
         if self.senders.is_empty() {
             return Ok(());
         }
-        match addresses.iter().find(|a| !self.senders.iter().any(|p| crate::devices::pattern_matches(p, a))) {
+        match addresses.iter().find(|a| !self.senders.iter().any(|p| p.matches(a))) {
             Some(bad) => Err(Refusal::Sender(bad.clone())),
             None => Ok(()),
         }
@@ -457,7 +457,7 @@ mod tests {
 
     fn policy() -> Policy {
         Policy {
-            senders: vec!["*@contoso.com".into(), "boss@partner.test".into()],
+            senders: ["*@contoso.com", "boss@partner.test"].into_iter().filter_map(AddressPattern::parse).collect(),
             types: vec!["application/pdf".into(), "image/*".into()],
             max_size: 1000,
             print_body: false,

@@ -207,12 +207,9 @@ impl Poller {
         let server = slot.provider.imap.clone().ok_or_else(|| {
             format!("provider \"{}\" has no imap server (set imap = \"host:port\")", slot.provider.name)
         })?;
-        let after = After::parse(m.after.get_ref())
-            .ok_or_else(|| format!("after = \"{}\" should be delete, seen or move:<folder>", m.after.get_ref()))?;
+        let after = m.after.get_ref().clone();
         if let After::Move(target) = &after {
-            let same =
-                target == &m.folder || (target.eq_ignore_ascii_case("INBOX") && m.folder.eq_ignore_ascii_case("INBOX"));
-            if same {
+            if crate::config::folder_key(target) == crate::config::folder_key(&m.folder) {
                 return Err(format!("after = \"move:{target}\" moves mail into the folder it polls, which would print every mail again and again"));
             }
         }

@@ -61,24 +61,7 @@ impl Body {
     }
 }
 
-/// What `after` does upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum After {
-    Delete,
-    Seen,
-    Move(String),
-}
-
-impl After {
-    /// Parses the config value (validated by `mfd-relay check`).
-    pub fn parse(s: &str) -> Option<After> {
-        match s {
-            "delete" => Some(After::Delete),
-            "seen" => Some(After::Seen),
-            _ => s.strip_prefix("move:").filter(|f| !f.is_empty()).map(|f| After::Move(f.to_string())),
-        }
-    }
-}
+pub use crate::config::After;
 
 /// Why an IDLE ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,15 +369,6 @@ pub fn uid_set(uids: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn after_values() {
-        assert_eq!(After::parse("delete"), Some(After::Delete));
-        assert_eq!(After::parse("seen"), Some(After::Seen));
-        assert_eq!(After::parse("move:Printed"), Some(After::Move("Printed".into())));
-        assert_eq!(After::parse("move:"), None);
-        assert_eq!(After::parse("archive"), None);
-    }
 
     #[test]
     fn uid_sets_use_ranges() {

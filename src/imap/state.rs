@@ -127,13 +127,7 @@ fn uid_key(prefix: &str, uid: u32) -> String {
 }
 
 /// The folder's name as the key uses it: INBOX is case-insensitive (RFC 3501 5.1).
-pub fn folder_key(folder: &str) -> &str {
-    if folder.eq_ignore_ascii_case("INBOX") {
-        "INBOX"
-    } else {
-        folder
-    }
-}
+pub use crate::config::folder_key;
 
 /// The key prefix of the records of `folder` of `identity`.
 pub fn folder_prefix(identity: &str, folder: &str) -> String {

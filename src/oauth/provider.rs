@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::config::{Cloud, Config, Flow, Provider, ProviderKind, UpstreamTls};
+use crate::config::{Cloud, Config, Flow, HostPort, Provider, ProviderKind, UpstreamTls};
 
 /// A mail server address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,10 +55,15 @@ fn microsoft_hosts(cloud: Cloud) -> (&'static str, &'static str, &'static str) {
     }
 }
 
-fn server(spec: Option<&str>, tls: Option<UpstreamTls>, default: Option<(&str, u16, UpstreamTls)>) -> Option<Server> {
-    match spec.and_then(crate::upstream::split_host_port) {
-        Some((host, port)) => Some(Server {
-            host,
+/// The configured server (its security by `tls`, else by its port), else the default.
+fn server(
+    spec: Option<&HostPort>,
+    tls: Option<UpstreamTls>,
+    default: Option<(&str, u16, UpstreamTls)>,
+) -> Option<Server> {
+    match spec {
+        Some(&HostPort { ref host, port }) => Some(Server {
+            host: host.clone(),
             port,
             tls: tls.unwrap_or(if port == 465 || port == 993 { UpstreamTls::Implicit } else { UpstreamTls::Starttls }),
         }),
@@ -107,8 +112,8 @@ impl ProviderInfo {
             token_url: p.token_url.clone().or(token).unwrap_or_default(),
             device_url: p.device_authorization_url.clone().or(device),
             authorize_url: p.authorization_url.clone().or(authorize),
-            smtp: server(p.smtp.as_ref().map(|s| s.get_ref().as_str()), p.smtp_tls, smtp_default),
-            imap: server(p.imap.as_ref().map(|s| s.get_ref().as_str()), p.imap_tls, imap_default),
+            smtp: server(p.smtp.as_ref().map(|s| s.get_ref()), p.smtp_tls, smtp_default),
+            imap: server(p.imap.as_ref().map(|s| s.get_ref()), p.imap_tls, imap_default),
             ca_file: path(&p.ca_file),
             client_secret: p.client_secret.clone(),
             client_secret_file: path(&p.client_secret_file),

@@ -30,8 +30,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::classify::UpstreamReply;
-use crate::config::UpstreamTls;
-use crate::oauth::provider::Server;
 
 /// How long the relay waits for the upstream.
 #[derive(Debug, Clone, Copy)]
@@ -159,14 +157,45 @@ impl AsyncTokioStream for OwnTls {
     }
 }
 
+/// How the connection to a server is secured; TLS modes carry the connector they need, so a
+/// TLS server cannot be reached without one.
+#[derive(Clone)]
+pub enum Security {
+    /// Plain TCP; only sensible on loopback (tests, a local smarthost).
+    Plain,
+    /// RFC 3207: plain greeting and EHLO, then TLS after STARTTLS.
+    StartTls(tokio_rustls::TlsConnector),
+    /// RFC 8314: TLS from the first byte.
+    Implicit(tokio_rustls::TlsConnector),
+}
+
+impl fmt::Debug for Security {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Security::Plain => "Plain",
+            Security::StartTls(_) => "StartTls",
+            Security::Implicit(_) => "Implicit",
+        })
+    }
+}
+
+/// A provider's submission server, with its TLS settings built once.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    /// For implicit TLS and STARTTLS the relay opens TLS itself, before lettre sees the
+    /// stream (see the module docs).
+    pub security: Security,
+}
+
 /// Opens a connection, secures it as the server requires, and authenticates.
 ///
 /// The TCP connection is made here rather than by lettre so that TCP_NODELAY is set: SMTP
 /// is a request/reply protocol, and Nagle's algorithm against the peer's delayed ACK would
 /// add 40 ms to the end of every message.
 pub async fn connect(
-    server: &Server,
-    tls: Option<&tokio_rustls::TlsConnector>,
+    server: &Target,
     hello: &ClientId,
     user: &str,
     token: &str,
@@ -179,11 +208,10 @@ pub async fn connect(
         Err(_) => return Err(SendError::Network(format!("connect to {}:{} timed out", server.host, server.port))),
     };
     let _ = tcp.set_nodelay(true);
-    let stream: Box<dyn AsyncTokioStream> = match (server.tls, tls) {
-        (UpstreamTls::None, _) => Box::new(tcp),
-        (_, None) => return Err(SendError::Network("no TLS settings for the provider".into())),
-        (mode, Some(connector)) => {
-            let greeting: &'static [u8] = if mode == UpstreamTls::Starttls {
+    let stream: Box<dyn AsyncTokioStream> = match &server.security {
+        Security::Plain => Box::new(tcp),
+        Security::StartTls(connector) | Security::Implicit(connector) => {
+            let greeting: &'static [u8] = if matches!(server.security, Security::StartTls(_)) {
                 match tokio::time::timeout(t.command, plaintext_starttls(&mut tcp, hello)).await {
                     Ok(Ok(())) => UPGRADED_GREETING,
                     Ok(Err(e)) => return Err(SendError::Network(format!("{}:{}: {e}", server.host, server.port))),

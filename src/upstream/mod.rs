@@ -21,9 +21,10 @@ use lettre::transport::smtp::extension::ClientId;
 use tokio::sync::Semaphore;
 
 pub use classify::UpstreamReply;
-pub use client::{Envelope, SendError, SendOutcome, Timeouts};
+pub use client::{Envelope, Security, SendError, SendOutcome, Target, Timeouts};
 
-use crate::oauth::provider::{ProviderInfo, Server};
+use crate::config::UpstreamTls;
+use crate::oauth::provider::ProviderInfo;
 use crate::oauth::tokens::AccessToken;
 
 /// A pooled connection is closed after this long unused.
@@ -31,29 +32,10 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 /// A pooled connection is not reused when its token expires within this many seconds.
 const TOKEN_MARGIN: i64 = 120;
 
-/// Splits "host:port" (or "[v6]:port").
-pub fn split_host_port(s: &str) -> Option<(String, u16)> {
-    let (host, port) = s.rsplit_once(':')?;
-    let port: u16 = port.parse().ok()?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || port == 0 {
-        return None;
-    }
-    Some((host.to_string(), port))
-}
-
 struct Pooled {
     conn: AsyncSmtpConnection,
     token_expires_at: i64,
     idle_since: Instant,
-}
-
-/// A provider's submission server, with its TLS settings built once.
-struct Target {
-    server: Server,
-    /// For implicit TLS and STARTTLS: the relay opens TLS itself, before lettre sees the
-    /// stream (see [`client::connect`]).
-    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// Errors building the upstream side from the configuration.
@@ -84,16 +66,17 @@ impl Upstream {
         let mut targets = HashMap::new();
         for p in providers {
             let Some(server) = p.smtp.clone() else { continue };
-            let err = |message: String| SetupError { provider: p.name.clone(), message };
-            let tls = match server.tls {
-                crate::config::UpstreamTls::None => None,
-                crate::config::UpstreamTls::Implicit | crate::config::UpstreamTls::Starttls => {
-                    let config =
-                        crate::tls::client_config(p.ca_file.as_deref()).map_err(|e| err(format!("TLS setup: {e}")))?;
-                    Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
-                }
+            let connector = || {
+                crate::tls::client_config(p.ca_file.as_deref())
+                    .map(|config| tokio_rustls::TlsConnector::from(Arc::new(config)))
+                    .map_err(|e| SetupError { provider: p.name.clone(), message: format!("TLS setup: {e}") })
             };
-            targets.insert(p.name.clone(), Target { server, tls });
+            let security = match server.tls {
+                UpstreamTls::None => Security::Plain,
+                UpstreamTls::Starttls => Security::StartTls(connector()?),
+                UpstreamTls::Implicit => Security::Implicit(connector()?),
+            };
+            targets.insert(p.name.clone(), Target { host: server.host, port: server.port, security });
         }
         Ok(Upstream {
             hello: ClientId::Domain(hostname.to_string()),
@@ -132,11 +115,7 @@ impl Upstream {
         let _permit = limit.acquire().await.map_err(|_| SendError::Network("shutting down".into()))?;
         let (mut conn, token_expires_at) = match self.checkout(identity).await {
             Some(p) => p,
-            None => (
-                client::connect(&target.server, target.tls.as_ref(), &self.hello, user, &token.secret, self.timeouts)
-                    .await?,
-                token.expires_at,
-            ),
+            None => (client::connect(target, &self.hello, user, &token.secret, self.timeouts).await?, token.expires_at),
         };
         let result = client::transaction(&mut conn, env, body, self.timeouts).await;
         match &result {
@@ -206,18 +185,4 @@ fn drop_connection(mut conn: AsyncSmtpConnection) {
     tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.abort()).await;
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_port() {
-        assert_eq!(split_host_port("smtp.office365.com:587"), Some(("smtp.office365.com".into(), 587)));
-        assert_eq!(split_host_port("[::1]:25"), Some(("::1".into(), 25)));
-        assert_eq!(split_host_port("host"), None);
-        assert_eq!(split_host_port("host:0"), None);
-        assert_eq!(split_host_port(":25"), None);
-    }
 }

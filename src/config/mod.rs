@@ -1,22 +1,30 @@
 //! The configuration file: its TOML schema, defaults, and validation.
 //!
-//! The admin's interface (README.md and config.example.toml) is this file. Parsing happens in two steps: serde
-//! turns the text into the structs below (syntax and type errors come back with their line),
-//! then [`Config::problems`] checks what serde cannot: names that refer to each other, CIDRs,
-//! files that must exist, flows a provider cannot do. Every problem names `file:line`, and
-//! all of them are reported at once so the admin fixes the file in one pass.
+//! The admin's interface (README.md and config.example.toml) is this file. Parsing happens in
+//! two steps. serde turns the text into the structs below, and every value into its type
+//! ([`types`]: listen addresses, `host:port`, networks, address patterns, `after`, a
+//! listener's TLS with its certificate and key, durations, sizes), so the rest of the relay
+//! never parses configuration text again; syntax errors and bad values come back with their
+//! line. Then [`Config::problems`] ([`check`], one function per section) checks what a single
+//! value cannot: names that refer to each other, duplicates, files that must exist, flows a
+//! provider cannot do. Every problem names `file:line`, and all of them are reported at once
+//! so the admin fixes the file in one pass.
 //!
 //! Relative paths are resolved against the directory of the configuration file, so the relay
 //! behaves the same whatever directory it was started from.
 
-use std::collections::HashSet;
+mod check;
+mod types;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use toml::Spanned;
+
+pub use types::{folder_key, parse_duration, parse_size, AddressPattern, After, HostPort, Net, Seconds, Size};
 
 /// A configuration problem, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +126,8 @@ impl Default for Relay {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
-    pub listen: Spanned<String>,
+    #[serde(deserialize_with = "types::admin_listen")]
+    pub listen: Spanned<SocketAddr>,
     /// Optional bearer token that every admin request except /healthz must carry.
     pub token: Option<String>,
     /// Whether /readyz stays ready while an identity needs a new sign-in.
@@ -143,15 +152,14 @@ impl Admin {
         if let Some(u) = &self.redirect_uri {
             return u.clone();
         }
-        let port = self.listen.get_ref().rsplit_once(':').map(|(_, p)| p).unwrap_or("9925");
-        format!("http://localhost:{port}/oauth/callback")
+        format!("http://localhost:{}/oauth/callback", self.listen.get_ref().port())
     }
 }
 
 impl Default for Admin {
     fn default() -> Self {
         Admin {
-            listen: Spanned::new(0..0, "127.0.0.1:9925".into()),
+            listen: Spanned::new(0..0, SocketAddr::from(([127, 0, 0, 1], 9925))),
             token: None,
             ready_when_needs_login: false,
             redirect_uri: None,
@@ -162,7 +170,7 @@ impl Default for Admin {
     }
 }
 
-/// How a device-facing listener speaks TLS.
+/// How a device-facing listener speaks TLS, as the listener's settings name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
@@ -174,31 +182,105 @@ pub enum TlsMode {
     Implicit,
 }
 
+/// A listener's TLS: the mode with the certificate and key it needs, so that a TLS listener
+/// without them cannot be configured. Written in the file as `tls`, `cert` and `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerTls {
+    /// Plain SMTP only.
+    None,
+    /// RFC 3207: plain at first, TLS after the STARTTLS command.
+    StartTls { cert: Spanned<PathBuf>, key: Spanned<PathBuf> },
+    /// RFC 8314: TLS from the first byte (port 465 style).
+    Implicit { cert: Spanned<PathBuf>, key: Spanned<PathBuf> },
+}
+
+impl ListenerTls {
+    /// The mode alone.
+    pub fn mode(&self) -> TlsMode {
+        match self {
+            ListenerTls::None => TlsMode::None,
+            ListenerTls::StartTls { .. } => TlsMode::Starttls,
+            ListenerTls::Implicit { .. } => TlsMode::Implicit,
+        }
+    }
+
+    /// The certificate chain and key files, as written (see [`Config::resolve`]).
+    pub fn files(&self) -> Option<(&Spanned<PathBuf>, &Spanned<PathBuf>)> {
+        match self {
+            ListenerTls::None => None,
+            ListenerTls::StartTls { cert, key } | ListenerTls::Implicit { cert, key } => Some((cert, key)),
+        }
+    }
+}
+
 /// `[[listener]]`: where devices connect.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawListener")]
 pub struct Listener {
-    pub listen: Spanned<String>,
-    #[serde(default)]
-    pub tls: TlsMode,
-    pub cert: Option<Spanned<PathBuf>>,
-    pub key: Option<Spanned<PathBuf>>,
+    pub listen: Spanned<SocketAddr>,
+    pub tls: ListenerTls,
     /// When true a device must AUTH; when false it may also be known by its address.
-    #[serde(default)]
     pub require_auth: bool,
     /// When true, AUTH is neither offered nor accepted before STARTTLS (RFC 4954 4); off by
     /// default for old devices that log in without TLS.
-    #[serde(default)]
     pub require_auth_tls: bool,
-    #[serde(default = "default_max_message_size")]
     pub max_message_size: Size,
-    #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    #[serde(default = "default_max_connections_per_address")]
     pub max_connections_per_address: usize,
     /// RFC 5321 4.5.3.2.7: a server should wait at least 5 minutes for a command.
-    #[serde(default = "default_command_timeout")]
     pub command_timeout: Seconds,
+}
+
+/// `[[listener]]` as written: `tls`, `cert` and `key` are separate keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    #[serde(deserialize_with = "types::listener_listen")]
+    listen: Spanned<SocketAddr>,
+    #[serde(default)]
+    tls: TlsMode,
+    cert: Option<Spanned<PathBuf>>,
+    key: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    require_auth: bool,
+    #[serde(default)]
+    require_auth_tls: bool,
+    #[serde(default = "default_max_message_size")]
+    max_message_size: Size,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_max_connections_per_address")]
+    max_connections_per_address: usize,
+    #[serde(default = "default_command_timeout")]
+    command_timeout: Seconds,
+}
+
+impl TryFrom<RawListener> for Listener {
+    type Error = String;
+
+    fn try_from(l: RawListener) -> Result<Listener, String> {
+        let tls = match (l.tls, l.cert, l.key) {
+            (TlsMode::None, _, _) => ListenerTls::None,
+            (TlsMode::Starttls, Some(cert), Some(key)) => ListenerTls::StartTls { cert, key },
+            (TlsMode::Implicit, Some(cert), Some(key)) => ListenerTls::Implicit { cert, key },
+            (mode, _, _) => {
+                let name = if mode == TlsMode::Starttls { "starttls" } else { "implicit" };
+                let message = format!("listener {} has tls = \"{name}\" but no cert and key", l.listen.get_ref());
+                types::bad::<_, toml::de::Error>(l.listen.span(), message, types::Named::Itself, ListenerTls::None)
+                    .map_err(|e| e.message().to_string())?
+            }
+        };
+        Ok(Listener {
+            listen: l.listen,
+            tls,
+            require_auth: l.require_auth,
+            require_auth_tls: l.require_auth_tls,
+            max_message_size: l.max_message_size,
+            max_connections: l.max_connections,
+            max_connections_per_address: l.max_connections_per_address,
+            command_timeout: l.command_timeout,
+        })
+    }
 }
 
 fn default_max_message_size() -> Size {
@@ -263,10 +345,10 @@ pub struct Provider {
     pub token_url: Option<String>,
     pub device_authorization_url: Option<String>,
     pub authorization_url: Option<String>,
-    /// "host:port" of the submission server; defaults by kind and cloud.
-    pub smtp: Option<Spanned<String>>,
+    /// The submission server; defaults by kind and cloud.
+    pub smtp: Option<Spanned<HostPort>>,
     pub smtp_tls: Option<UpstreamTls>,
-    pub imap: Option<Spanned<String>>,
+    pub imap: Option<Spanned<HostPort>>,
     pub imap_tls: Option<UpstreamTls>,
     /// Extra CA certificates (PEM) to trust for this provider's servers.
     pub ca_file: Option<Spanned<PathBuf>>,
@@ -329,10 +411,12 @@ pub struct Device {
     pub name: Spanned<String>,
     pub identity: Spanned<String>,
     #[serde(default)]
-    pub addresses: Vec<Spanned<String>>,
+    pub addresses: Vec<Spanned<Net>>,
     pub username: Option<Spanned<String>>,
     pub pin_hash: Option<Spanned<String>>,
-    pub recipients: Option<Vec<String>>,
+    /// Who the device may send to; `None` allows any recipient.
+    #[serde(default, deserialize_with = "types::recipient_patterns")]
+    pub recipients: Option<Vec<AddressPattern>>,
     #[serde(default)]
     pub from: FromPolicy,
 }
@@ -347,9 +431,9 @@ pub struct Mailbox {
     pub folder: String,
     pub spool: PathBuf,
     #[serde(default = "default_after")]
-    pub after: Spanned<String>,
-    #[serde(default)]
-    pub senders: Vec<String>,
+    pub after: Spanned<After>,
+    #[serde(default, deserialize_with = "types::sender_patterns")]
+    pub senders: Vec<AddressPattern>,
     #[serde(default)]
     pub types: Vec<String>,
     #[serde(default = "default_poll_interval")]
@@ -379,8 +463,8 @@ fn default_true() -> bool {
 fn default_folder() -> String {
     "INBOX".into()
 }
-fn default_after() -> Spanned<String> {
-    Spanned::new(0..0, "delete".into())
+fn default_after() -> Spanned<After> {
+    Spanned::new(0..0, After::Delete)
 }
 fn default_poll_interval() -> Seconds {
     Seconds(Duration::from_secs(60))
@@ -392,81 +476,6 @@ fn default_command_run_timeout() -> Seconds {
     Seconds(Duration::from_secs(60))
 }
 
-/// A duration written as "30s", "5m", "2h", "5d", "500ms" (or a bare number of seconds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seconds(pub Duration);
-
-impl<'de> Deserialize<'de> for Seconds {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        number_or_text(d, |n| Seconds(Duration::from_secs(n)), |t| parse_duration(t).map(Seconds))
-    }
-}
-
-/// Reads a value written either as a bare number or as text with a unit.
-fn number_or_text<'de, D: Deserializer<'de>, T>(
-    d: D,
-    number: impl FnOnce(u64) -> T,
-    text: impl FnOnce(&str) -> Result<T, String>,
-) -> Result<T, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Num(u64),
-        Text(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Num(n) => Ok(number(n)),
-        Raw::Text(t) => text(&t).map_err(serde::de::Error::custom),
-    }
-}
-
-/// A size written as "35MiB", "25MB", "512KiB" or a bare number of bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Size(pub u64);
-
-impl<'de> Deserialize<'de> for Size {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        number_or_text(d, Size, |t| parse_size(t).map(Size))
-    }
-}
-
-/// Parses "30s", "5m", "2h", "5d", "500ms", "90" (seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 =
-        num.parse().map_err(|_| format!("\"{text}\" is not a duration (like \"30s\", \"5m\", \"2h\", \"5d\")"))?;
-    let secs = |mult: u64| Duration::from_secs(n.saturating_mul(mult));
-    match unit.trim() {
-        "" | "s" => Ok(secs(1)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" | "min" => Ok(secs(60)),
-        "h" => Ok(secs(3600)),
-        "d" => Ok(secs(86400)),
-        other => Err(format!("\"{text}\": unknown unit \"{other}\" (use ms, s, m, h or d)")),
-    }
-}
-
-/// Parses "35MiB", "25MB", "512KiB", "1GiB", "1000" (bytes).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("\"{text}\" is not a size (like \"35MiB\" or \"25MB\")"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" | "k" => 1000,
-        "kib" => 1024,
-        "mb" | "m" => 1000 * 1000,
-        "mib" => 1024 * 1024,
-        "gb" | "g" => 1000 * 1000 * 1000,
-        "gib" => 1024 * 1024 * 1024,
-        _ => return Err(format!("\"{text}\": unknown unit \"{unit}\" (use B, KiB, MiB, GiB, KB, MB or GB)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("\"{text}\" is too large"))
-}
-
 /// 1-based line of a byte offset in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
@@ -474,15 +483,35 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 impl Config {
-    /// Reads and parses the file; returns syntax errors with their line. Does not validate.
+    /// Reads and parses the file into its typed values. Syntax errors come back with their
+    /// line; so do values that do not parse (every one of them, with the cross-reference
+    /// problems of the rest, so the admin fixes the file in one pass). Does not check
+    /// cross-references of a file whose values are good: see [`Config::problems`].
     pub fn parse(path: &Path, text: String) -> Result<Config, ConfigError> {
-        match toml::from_str::<Config>(&text) {
-            Ok(mut c) => {
+        match types::collecting(|| toml::from_str::<Config>(&text)) {
+            (Ok(mut c), found) => {
                 c.path = path.to_path_buf();
                 c.text = text;
-                Ok(c)
+                if found.is_empty() {
+                    return Ok(c);
+                }
+                // A bad value has a stand-in, which must not be reported a second time (a
+                // duplicate listener, say): the value's own problem is the one that counts.
+                let bad: std::collections::HashSet<usize> = found.iter().map(|(span, _, _)| span.start).collect();
+                let mut all: Vec<types::Found> = found
+                    .into_iter()
+                    .map(|(span, message, named)| match named {
+                        types::Named::Itself => (span, message),
+                        types::Named::BySection => {
+                            let section = c.section_of(span.start);
+                            (span, format!("{section}{message}"))
+                        }
+                    })
+                    .collect();
+                all.extend(c.check().into_iter().filter(|(span, _)| !bad.contains(&span.start)));
+                Err(ConfigError::Invalid(c.located(all)))
             }
-            Err(e) => {
+            (Err(e), _) => {
                 let line = e.span().map(|s| line_of(&text, s.start)).unwrap_or(1);
                 Err(ConfigError::Invalid(vec![Problem {
                     file: path.to_path_buf(),
@@ -538,320 +567,39 @@ impl Config {
         Problem { file: self.path.clone(), line: line_of(&self.text, span.start), message }
     }
 
-    /// Every semantic problem in the file, in file order.
+    /// Every cross-reference problem in the file, in file order (bad values were refused by
+    /// [`Config::parse`]).
     pub fn problems(&self) -> Vec<Problem> {
-        let mut out = Vec::new();
-        let mut p = |span: std::ops::Range<usize>, msg: String| out.push(self.problem_at(span, msg));
+        self.located(self.check())
+    }
 
-        if self.relay.hostname.trim().is_empty() || self.relay.hostname.contains(char::is_whitespace) {
-            p(0..0, "relay.hostname must be a host name without spaces".into());
-        }
-        if let Some(to) = &self.relay.bounce_to {
-            if !looks_like_address(to) {
-                p(0..0, format!("relay.bounce_to \"{to}\" is not a mail address"));
-            }
-        }
-        if self.admin.listen.get_ref().parse::<SocketAddr>().is_err() {
-            p(
-                self.admin.listen.span(),
-                format!("admin.listen \"{}\" is not an address:port", self.admin.listen.get_ref()),
-            );
-        }
-        for h in &self.admin.allowed_hosts {
-            let name = h.get_ref();
-            if name.is_empty() || name.contains(['/', ':', ' ', '@', '*']) {
-                p(h.span(), format!("admin.allowed_hosts: \"{name}\" is not a host name (no scheme, port or path)"));
-            }
-        }
-
-        match (&self.admin.basic_auth_user, &self.admin.basic_auth_password_hash) {
-            (Some(u), Some(h)) => {
-                if u.get_ref().is_empty() || u.get_ref().contains(':') {
-                    p(u.span(), "admin.basic_auth_user must be non-empty and have no ':'".into());
-                }
-                if let Err(e) = crate::credentials::check_hash(h.get_ref()) {
-                    p(h.span(), format!("admin.basic_auth_password_hash is {e}; make one with `mfd-relay hash-pin`"));
-                }
-                if self.admin.token.is_none() {
-                    p(u.span(), "admin.basic_auth_user needs admin.token too: the mfd-relay commands (queue, auth, reload) use the token".into());
-                }
-            }
-            (Some(x), None) | (None, Some(x)) => {
-                p(x.span(), "admin.basic_auth_user and admin.basic_auth_password_hash go together".into())
-            }
-            (None, None) => {}
-        }
-
-        let mut seen = HashSet::new();
-        for l in &self.listeners {
-            let l = l.get_ref();
-            match l.listen.get_ref().parse::<SocketAddr>() {
-                Err(_) => p(l.listen.span(), format!("listener \"{}\" is not an address:port", l.listen.get_ref())),
-                Ok(a) if !seen.insert(a) => p(l.listen.span(), format!("listener {a} appears twice")),
-                Ok(_) => {}
-            }
-            if l.require_auth_tls && l.tls == TlsMode::None {
-                p(
-                    l.listen.span(),
-                    format!(
-                        "listener {} has require_auth_tls = true but tls = \"none\": no device could ever log in",
-                        l.listen.get_ref()
-                    ),
-                );
-            }
-            if l.tls != TlsMode::None {
-                match (&l.cert, &l.key) {
-                    (Some(cert), Some(key)) => {
-                        for f in [cert, key] {
-                            if !self.resolve(f.get_ref()).is_file() {
-                                p(f.span(), format!("file {} does not exist", self.resolve(f.get_ref()).display()));
-                            }
-                        }
-                        if self.resolve(cert.get_ref()).is_file() && self.resolve(key.get_ref()).is_file() {
-                            if let Err(e) =
-                                crate::tls::server_acceptor(&self.resolve(cert.get_ref()), &self.resolve(key.get_ref()))
-                            {
-                                p(cert.span(), e.to_string());
-                            }
-                        }
-                    }
-                    _ => p(
-                        l.listen.span(),
-                        format!(
-                            "listener {} has tls = \"{}\" but no cert and key",
-                            l.listen.get_ref(),
-                            if l.tls == TlsMode::Starttls { "starttls" } else { "implicit" }
-                        ),
-                    ),
-                }
-            }
-        }
-
-        let mut names = HashSet::new();
-        for pr in &self.providers {
-            let pr = pr.get_ref();
-            let span = pr.name.span();
-            let name = pr.name.get_ref();
-            if !names.insert(name.clone()) {
-                p(span.clone(), format!("provider \"{name}\" is defined twice"));
-            }
-            let secrets =
-                [pr.client_secret.is_some(), pr.client_secret_file.is_some(), pr.client_certificate.is_some()]
-                    .iter()
-                    .filter(|b| **b)
-                    .count();
-            if secrets > 1 {
-                p(
-                    span.clone(),
-                    format!("provider \"{name}\": give one of client_secret, client_secret_file or client_certificate"),
-                );
-            }
-            if pr.client_certificate.is_some() != pr.client_key.is_some() {
-                p(span.clone(), format!("provider \"{name}\": client_certificate and client_key go together"));
-            }
-            for f in
-                [&pr.client_secret_file, &pr.client_certificate, &pr.client_key, &pr.service_account_file, &pr.ca_file]
-                    .into_iter()
-                    .flatten()
-            {
-                let path = self.resolve(f.get_ref());
-                if !path.is_file() {
-                    p(f.span(), format!("file {} does not exist", path.display()));
-                }
-            }
-            for hp in [&pr.smtp, &pr.imap].into_iter().flatten() {
-                if crate::upstream::split_host_port(hp.get_ref()).is_none() {
-                    p(hp.span(), format!("\"{}\" is not host:port", hp.get_ref()));
-                }
-            }
-            match pr.kind {
-                ProviderKind::Generic => {
-                    if pr.token_url.is_none() {
-                        p(span.clone(), format!("provider \"{name}\" (generic) needs token_url"));
-                    }
-                    if pr.smtp.is_none() && pr.imap.is_none() {
-                        p(
-                            span.clone(),
-                            format!("provider \"{name}\" (generic) needs smtp and/or imap = \"host:port\""),
-                        );
-                    }
-                }
-                ProviderKind::Microsoft => {
-                    if pr.tenant.is_none() && pr.token_url.is_none() {
-                        p(span.clone(), format!("provider \"{name}\" (microsoft) needs tenant (a tenant id, a domain like contoso.onmicrosoft.com, \"organizations\" or \"common\")"));
-                    }
-                }
-                ProviderKind::Google => {}
-            }
-        }
-
-        let mut names = HashSet::new();
-        for id in &self.identities {
-            let id = id.get_ref();
-            let name = id.name.get_ref();
-            if !names.insert(name.clone()) {
-                p(id.name.span(), format!("identity \"{name}\" is defined twice"));
-            }
-            if !looks_like_address(id.email.get_ref()) {
-                p(id.email.span(), format!("identity \"{name}\": \"{}\" is not a mail address", id.email.get_ref()));
-            }
-            let Some(pr) = self.provider(id.provider.get_ref()) else {
-                p(
-                    id.provider.span(),
-                    format!("identity \"{name}\": provider \"{}\" is not defined", id.provider.get_ref()),
-                );
-                continue;
-            };
-            let has_secret =
-                pr.client_secret.is_some() || pr.client_secret_file.is_some() || pr.client_certificate.is_some();
-            let flow_span = id.flow.span();
-            match (*id.flow.get_ref(), pr.kind) {
-                (Flow::DeviceCode, ProviderKind::Google) => p(
-                    flow_span.clone(),
-                    format!("identity \"{name}\": Google's device flow does not grant the Gmail scope; use flow = \"auth_code\" (browser sign-in) or \"service_account\" (Workspace)"),
-                ),
-                (Flow::ServiceAccount, k) if k != ProviderKind::Google && k != ProviderKind::Generic => p(
-                    flow_span.clone(),
-                    format!("identity \"{name}\": flow = \"service_account\" is for Google Workspace providers"),
-                ),
-                (Flow::ServiceAccount, _) if pr.service_account_file.is_none() => p(
-                    flow_span.clone(),
-                    format!("identity \"{name}\": flow = \"service_account\" needs service_account_file on provider \"{}\"", pr.name.get_ref()),
-                ),
-                (Flow::ClientCredentials, _) if !has_secret => p(
-                    flow_span.clone(),
-                    format!("identity \"{name}\": flow = \"client_credentials\" needs client_secret, client_secret_file or client_certificate on provider \"{}\"", pr.name.get_ref()),
-                ),
-                (Flow::ClientCredentials, ProviderKind::Microsoft)
-                    if matches!(pr.tenant.as_deref(), Some("common" | "organizations" | "consumers")) => p(
-                    flow_span.clone(),
-                    format!("identity \"{name}\": app-only sign-in needs a specific tenant on provider \"{}\", not \"{}\"", pr.name.get_ref(), pr.tenant.as_deref().unwrap_or_default()),
-                ),
-                _ => {}
-            }
-        }
-
-        let mut names = HashSet::new();
-        let mut users = HashSet::new();
-        for d in &self.devices {
-            let d = d.get_ref();
-            let name = d.name.get_ref();
-            if !names.insert(name.clone()) {
-                p(d.name.span(), format!("device \"{name}\" is defined twice"));
-            }
-            if self.identity(d.identity.get_ref()).is_none() {
-                p(
-                    d.identity.span(),
-                    format!("device \"{name}\": identity \"{}\" is not defined", d.identity.get_ref()),
-                );
-            }
-            for a in &d.addresses {
-                if let Err(e) = crate::devices::parse_net(a.get_ref()) {
-                    p(a.span(), format!("device \"{name}\": {e}"));
-                }
-            }
-            if d.addresses.is_empty() && d.username.is_none() {
-                p(
-                    d.name.span(),
-                    format!("device \"{name}\" has neither addresses nor username, so nothing can match it"),
-                );
-            }
-            if let Some(u) = &d.username {
-                if !users.insert(u.get_ref().to_ascii_lowercase()) {
-                    p(u.span(), format!("username \"{}\" is used by two devices", u.get_ref()));
-                }
-                match &d.pin_hash {
-                    None => p(
-                        u.span(),
-                        format!(
-                            "device \"{name}\" has a username but no pin_hash (make one with `mfd-relay hash-pin`)"
-                        ),
-                    ),
-                    Some(h) => {
-                        if let Err(e) = crate::credentials::check_hash(h.get_ref()) {
-                            p(
-                                h.span(),
-                                format!("device \"{name}\": pin_hash is {e}; make one with `mfd-relay hash-pin`"),
-                            );
-                        }
-                    }
-                }
-            }
-            for r in d.recipients.iter().flatten() {
-                if !crate::devices::valid_pattern(r) {
-                    p(
-                        d.name.span(),
-                        format!(
-                            "device \"{name}\": recipient pattern \"{r}\" should look like user@domain, *@domain or *"
-                        ),
-                    );
-                }
-            }
-        }
-
-        let mut names = HashSet::new();
-        let mut folders = HashSet::new();
-        for m in &self.mailboxes {
-            let m = m.get_ref();
-            let name = m.name.get_ref();
-            if !names.insert(name.clone()) {
-                p(m.name.span(), format!("mailbox \"{name}\" is defined twice"));
-            }
-            match self.identity(m.identity.get_ref()) {
-                None => p(
-                    m.identity.span(),
-                    format!("mailbox \"{name}\": identity \"{}\" is not defined", m.identity.get_ref()),
-                ),
-                Some(id) => {
-                    let generic_without_imap = self
-                        .provider(id.provider.get_ref())
-                        .is_some_and(|pr| pr.kind == ProviderKind::Generic && pr.imap.is_none());
-                    if generic_without_imap {
-                        p(
-                            m.identity.span(),
-                            format!(
-                                "mailbox \"{name}\": provider \"{}\" has no imap = \"host:port\"",
-                                id.provider.get_ref()
-                            ),
-                        );
-                    }
-                }
-            }
-            // IMAP names are case-sensitive, except INBOX (RFC 3501 5.1).
-            let folder = if m.folder.eq_ignore_ascii_case("INBOX") { "INBOX".to_string() } else { m.folder.clone() };
-            if !folders.insert((m.identity.get_ref().clone(), folder.clone())) {
-                p(
-                    m.name.span(),
-                    format!("mailbox \"{name}\": another mailbox already polls folder \"{}\" of identity \"{}\" (every job would print twice)", m.folder, m.identity.get_ref()),
-                );
-            }
-            if let Some(target) = m.after.get_ref().strip_prefix("move:") {
-                let target = if target.eq_ignore_ascii_case("INBOX") { "INBOX" } else { target };
-                if target == folder {
-                    p(
-                        m.after.span(),
-                        format!(
-                            "mailbox \"{name}\": after = \"{}\" moves mail into the folder being polled",
-                            m.after.get_ref()
-                        ),
-                    );
-                }
-            }
-            if let Some(cmd) = &m.command {
-                if cmd.is_empty() || !cmd.iter().any(|a| a.contains("{file}")) {
-                    p(m.name.span(), format!("mailbox \"{name}\": command should name the file to print with \"{{file}}\" (like [\"lp\", \"-d\", \"floor3\", \"{{file}}\"])"));
-                }
-            }
-            let after = m.after.get_ref();
-            if !(after == "delete" || after == "seen" || after.strip_prefix("move:").is_some_and(|f| !f.is_empty())) {
-                p(
-                    m.after.span(),
-                    format!("mailbox \"{name}\": after = \"{after}\" should be delete, seen or move:<folder>"),
-                );
-            }
-        }
+    /// Problems with their lines, in file order.
+    fn located(&self, found: Vec<types::Found>) -> Vec<Problem> {
+        let mut out: Vec<Problem> = found.into_iter().map(|(span, message)| self.problem_at(span, message)).collect();
         out.sort_by_key(|p| p.line);
         out
+    }
+
+    /// The section a bad value at `offset` is in, as the start of its problem (`device "x": `):
+    /// the closest `[[device]]` or `[[mailbox]]` header before it (a value of a device's or
+    /// a mailbox's type appears in no other section). Other values name their key themselves.
+    fn section_of(&self, offset: usize) -> String {
+        let devices = self.devices.iter().map(|d| (d.span().start, "device", d.get_ref().name.get_ref()));
+        let mailboxes = self.mailboxes.iter().map(|m| (m.span().start, "mailbox", m.get_ref().name.get_ref()));
+        let others = self
+            .listeners
+            .iter()
+            .map(|l| l.span().start)
+            .chain(self.providers.iter().map(|p| p.span().start))
+            .chain(self.identities.iter().map(|i| i.span().start))
+            .filter(|&start| start <= offset)
+            .max();
+        devices
+            .chain(mailboxes)
+            .filter(|(start, _, _)| *start <= offset && others.is_none_or(|o| o < *start))
+            .max_by_key(|(start, _, _)| *start)
+            .map(|(_, kind, name)| format!("{kind} \"{name}\": "))
+            .unwrap_or_default()
     }
 }
 
@@ -1009,6 +757,85 @@ flow = "device_code"
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains(":2:") && p[0].contains("require_auth_tls"), "{p:?}");
         assert!(problems("[[listener]]\nlisten = \"0.0.0.0:2525\"\nrequire_auth_tls = false\n").is_empty());
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once_with_its_section_and_line() {
+        let text = format!(
+            "{GOOD}\n[admin]\nlisten = \"localhost\"\n\n[[listener]]\nlisten = \"0.0.0.0:25:25\"\n\n[[listener]]\nlisten = \"0.0.0.0:26\"\ntls = \"implicit\"\n\n[[provider]]\nname = \"q\"\nkind = \"generic\"\nclient_id = \"c\"\ntoken_url = \"http://x/\"\nsmtp = \"mail.test\"\n\n[[device]]\nname = \"d3\"\nidentity = \"nobody\"\naddresses = [\"10.0.0.1/8\"]\nrecipients = [\"bob\"]\n\n[[mailbox]]\nname = \"m\"\nidentity = \"scans\"\nspool = \"s\"\nafter = \"archive\"\nsenders = [\"*@\"]\n"
+        );
+        let p = problems(&text);
+        let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        let has = |needle: &str, message: &str| {
+            assert!(
+                p.iter().any(|m| m.contains(&format!(":{}:", line_of(needle))) && m.contains(message)),
+                "{message} at {needle}: {p:?}"
+            )
+        };
+        has("\"localhost\"", "admin.listen \"localhost\" is not an address:port");
+        has("0.0.0.0:25:25", "listener \"0.0.0.0:25:25\" is not an address:port");
+        has("0.0.0.0:26", "listener 0.0.0.0:26 has tls = \"implicit\" but no cert and key");
+        has("\"mail.test\"", "\"mail.test\" is not host:port");
+        has("10.0.0.1/8", "device \"d3\": \"10.0.0.1/8\" has host bits set; did you mean 10.0.0.0/8?");
+        has("[\"bob\"]", "device \"d3\": recipient pattern \"bob\" should look like user@domain, *@domain or *");
+        has("\"archive\"", "mailbox \"m\": after = \"archive\" should be delete, seen or move:<folder>");
+        has("[\"*@\"]", "mailbox \"m\": sender pattern \"*@\" should look like user@domain, *@domain or *");
+        // The cross-references of the rest come with them; stand-ins add nothing.
+        has("\"nobody\"", "identity \"nobody\" is not defined");
+        assert!(p.iter().any(|m| m.contains("mailbox \"m\": provider \"p\" has no imap")), "{p:?}");
+        assert_eq!(p.len(), 10, "{p:?}");
+    }
+
+    #[test]
+    fn values_arrive_typed() {
+        let text = format!(
+            "{GOOD}\nrecipients = [\"*@Contoso.com\"]\n\n[admin]\nlisten = \"[::1]:9000\"\n\n[[listener]]\nlisten = \"127.0.0.1:2525\"\ntls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\n[[listener]]\nlisten = \"127.0.0.1:2526\"\ncert = \"c.pem\"\n\n[[mailbox]]\nname = \"m\"\nidentity = \"scans\"\nspool = \"s\"\nafter = \"move:Done\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.admin.listen.get_ref().port(), 9000);
+        assert_eq!(c.admin.redirect_uri(), "http://localhost:9000/oauth/callback");
+        let l = c.listeners[0].get_ref();
+        assert_eq!(l.listen.get_ref().to_string(), "127.0.0.1:2525");
+        match &l.tls {
+            ListenerTls::StartTls { cert, key } => {
+                assert_eq!(
+                    (cert.get_ref().as_path(), key.get_ref().as_path()),
+                    (Path::new("c.pem"), Path::new("k.pem"))
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(l.tls.mode(), TlsMode::Starttls);
+        // A cert without tls is a plain listener, as before.
+        assert_eq!(c.listeners[1].get_ref().tls, ListenerTls::None);
+        let p = c.providers[0].get_ref();
+        assert_eq!(p.smtp.as_ref().unwrap().get_ref(), &HostPort { host: "127.0.0.1".into(), port: 2 });
+        let d = c.devices[0].get_ref();
+        assert_eq!(d.addresses[1].get_ref().to_string(), "10.0.0.0/8");
+        assert_eq!(d.recipients, Some(vec![AddressPattern::Domain("Contoso.com".into())]));
+        assert_eq!(c.mailboxes[0].get_ref().after.get_ref(), &After::Move("Done".into()));
+    }
+
+    #[test]
+    fn the_example_configuration_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        if let Err(e) = Config::parse(&path, text) {
+            panic!("{e}");
+        }
+    }
+
+    #[test]
+    fn listener_keys_and_modes_keep_their_lines() {
+        let p = problems("[[listener]]\nlisten = \"0.0.0.0:2525\"\ncertificate = \"c.pem\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains(":3:") && p[0].contains("certificate"), "{p:?}");
+        let p = problems("[[listener]]\nlisten = \"0.0.0.0:2525\"\ntls = \"ssl\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains(":3:") && p[0].contains("ssl"), "{p:?}");
+        let p = problems("[[listener]]\nlisten = 2525\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains(":2:"), "{p:?}");
     }
 
     #[test]

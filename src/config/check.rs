@@ -1,0 +1,310 @@
+//! What serde cannot check: names that refer to each other, duplicates, files that must
+//! exist, flows a provider cannot do, settings that contradict each other. The values
+//! themselves were parsed into their types when the file was read ([`super::types`]).
+//! One function per section; each returns its problems with their spans.
+
+use std::collections::HashSet;
+
+use super::types::Found;
+use super::{folder_key, looks_like_address, After, Config, Flow, ListenerTls, ProviderKind};
+
+impl Config {
+    /// Every cross-reference problem of the file, with spans, in no particular order.
+    pub(super) fn check(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        out.extend(self.check_relay());
+        out.extend(self.check_admin());
+        out.extend(self.check_listeners());
+        out.extend(self.check_providers());
+        out.extend(self.check_identities());
+        out.extend(self.check_devices());
+        out.extend(self.check_mailboxes());
+        out
+    }
+
+    fn check_relay(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        if self.relay.hostname.trim().is_empty() || self.relay.hostname.contains(char::is_whitespace) {
+            out.push((0..0, "relay.hostname must be a host name without spaces".into()));
+        }
+        if let Some(to) = &self.relay.bounce_to {
+            if !looks_like_address(to) {
+                out.push((0..0, format!("relay.bounce_to \"{to}\" is not a mail address")));
+            }
+        }
+        out
+    }
+
+    fn check_admin(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        for h in &self.admin.allowed_hosts {
+            let name = h.get_ref();
+            if name.is_empty() || name.contains(['/', ':', ' ', '@', '*']) {
+                out.push((
+                    h.span(),
+                    format!("admin.allowed_hosts: \"{name}\" is not a host name (no scheme, port or path)"),
+                ));
+            }
+        }
+        match (&self.admin.basic_auth_user, &self.admin.basic_auth_password_hash) {
+            (Some(u), Some(h)) => {
+                if u.get_ref().is_empty() || u.get_ref().contains(':') {
+                    out.push((u.span(), "admin.basic_auth_user must be non-empty and have no ':'".into()));
+                }
+                if let Err(e) = crate::credentials::check_hash(h.get_ref()) {
+                    out.push((
+                        h.span(),
+                        format!("admin.basic_auth_password_hash is {e}; make one with `mfd-relay hash-pin`"),
+                    ));
+                }
+                if self.admin.token.is_none() {
+                    out.push((u.span(), "admin.basic_auth_user needs admin.token too: the mfd-relay commands (queue, auth, reload) use the token".into()));
+                }
+            }
+            (Some(x), None) | (None, Some(x)) => {
+                out.push((x.span(), "admin.basic_auth_user and admin.basic_auth_password_hash go together".into()))
+            }
+            (None, None) => {}
+        }
+        out
+    }
+
+    fn check_listeners(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for l in &self.listeners {
+            let l = l.get_ref();
+            let addr = l.listen.get_ref();
+            if !seen.insert(*addr) {
+                out.push((l.listen.span(), format!("listener {addr} appears twice")));
+            }
+            if l.require_auth_tls && l.tls == ListenerTls::None {
+                out.push((
+                    l.listen.span(),
+                    format!(
+                        "listener {addr} has require_auth_tls = true but tls = \"none\": no device could ever log in"
+                    ),
+                ));
+            }
+            if let Some((cert, key)) = l.tls.files() {
+                let (cert_path, key_path) = (self.resolve(cert.get_ref()), self.resolve(key.get_ref()));
+                for (f, path) in [(cert, &cert_path), (key, &key_path)] {
+                    if !path.is_file() {
+                        out.push((f.span(), format!("file {} does not exist", path.display())));
+                    }
+                }
+                if cert_path.is_file() && key_path.is_file() {
+                    if let Err(e) = crate::tls::server_acceptor(&cert_path, &key_path) {
+                        out.push((cert.span(), e.to_string()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn check_providers(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        let mut names = HashSet::new();
+        for pr in &self.providers {
+            let pr = pr.get_ref();
+            let span = pr.name.span();
+            let name = pr.name.get_ref();
+            if !names.insert(name.clone()) {
+                out.push((span.clone(), format!("provider \"{name}\" is defined twice")));
+            }
+            let secrets =
+                [pr.client_secret.is_some(), pr.client_secret_file.is_some(), pr.client_certificate.is_some()]
+                    .iter()
+                    .filter(|b| **b)
+                    .count();
+            if secrets > 1 {
+                out.push((
+                    span.clone(),
+                    format!("provider \"{name}\": give one of client_secret, client_secret_file or client_certificate"),
+                ));
+            }
+            if pr.client_certificate.is_some() != pr.client_key.is_some() {
+                out.push((span.clone(), format!("provider \"{name}\": client_certificate and client_key go together")));
+            }
+            for f in
+                [&pr.client_secret_file, &pr.client_certificate, &pr.client_key, &pr.service_account_file, &pr.ca_file]
+                    .into_iter()
+                    .flatten()
+            {
+                let path = self.resolve(f.get_ref());
+                if !path.is_file() {
+                    out.push((f.span(), format!("file {} does not exist", path.display())));
+                }
+            }
+            match pr.kind {
+                ProviderKind::Generic => {
+                    if pr.token_url.is_none() {
+                        out.push((span.clone(), format!("provider \"{name}\" (generic) needs token_url")));
+                    }
+                    if pr.smtp.is_none() && pr.imap.is_none() {
+                        out.push((
+                            span.clone(),
+                            format!("provider \"{name}\" (generic) needs smtp and/or imap = \"host:port\""),
+                        ));
+                    }
+                }
+                ProviderKind::Microsoft => {
+                    if pr.tenant.is_none() && pr.token_url.is_none() {
+                        out.push((span.clone(), format!("provider \"{name}\" (microsoft) needs tenant (a tenant id, a domain like contoso.onmicrosoft.com, \"organizations\" or \"common\")")));
+                    }
+                }
+                ProviderKind::Google => {}
+            }
+        }
+        out
+    }
+
+    fn check_identities(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        let mut names = HashSet::new();
+        for id in &self.identities {
+            let id = id.get_ref();
+            let name = id.name.get_ref();
+            if !names.insert(name.clone()) {
+                out.push((id.name.span(), format!("identity \"{name}\" is defined twice")));
+            }
+            if !looks_like_address(id.email.get_ref()) {
+                out.push((
+                    id.email.span(),
+                    format!("identity \"{name}\": \"{}\" is not a mail address", id.email.get_ref()),
+                ));
+            }
+            let Some(pr) = self.provider(id.provider.get_ref()) else {
+                out.push((
+                    id.provider.span(),
+                    format!("identity \"{name}\": provider \"{}\" is not defined", id.provider.get_ref()),
+                ));
+                continue;
+            };
+            let has_secret =
+                pr.client_secret.is_some() || pr.client_secret_file.is_some() || pr.client_certificate.is_some();
+            let flow_span = id.flow.span();
+            let problem = match (*id.flow.get_ref(), pr.kind) {
+                (Flow::DeviceCode, ProviderKind::Google) => Some(format!("identity \"{name}\": Google's device flow does not grant the Gmail scope; use flow = \"auth_code\" (browser sign-in) or \"service_account\" (Workspace)")),
+                (Flow::ServiceAccount, k) if k != ProviderKind::Google && k != ProviderKind::Generic => Some(
+                    format!("identity \"{name}\": flow = \"service_account\" is for Google Workspace providers"),
+                ),
+                (Flow::ServiceAccount, _) if pr.service_account_file.is_none() => Some(format!("identity \"{name}\": flow = \"service_account\" needs service_account_file on provider \"{}\"", pr.name.get_ref())),
+                (Flow::ClientCredentials, _) if !has_secret => Some(format!("identity \"{name}\": flow = \"client_credentials\" needs client_secret, client_secret_file or client_certificate on provider \"{}\"", pr.name.get_ref())),
+                (Flow::ClientCredentials, ProviderKind::Microsoft)
+                    if matches!(pr.tenant.as_deref(), Some("common" | "organizations" | "consumers")) =>
+                {
+                    Some(format!("identity \"{name}\": app-only sign-in needs a specific tenant on provider \"{}\", not \"{}\"", pr.name.get_ref(), pr.tenant.as_deref().unwrap_or_default()))
+                }
+                _ => None,
+            };
+            out.extend(problem.map(|m| (flow_span, m)));
+        }
+        out
+    }
+
+    fn check_devices(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        let mut names = HashSet::new();
+        let mut users = HashSet::new();
+        for d in &self.devices {
+            let d = d.get_ref();
+            let name = d.name.get_ref();
+            if !names.insert(name.clone()) {
+                out.push((d.name.span(), format!("device \"{name}\" is defined twice")));
+            }
+            if self.identity(d.identity.get_ref()).is_none() {
+                out.push((
+                    d.identity.span(),
+                    format!("device \"{name}\": identity \"{}\" is not defined", d.identity.get_ref()),
+                ));
+            }
+            if d.addresses.is_empty() && d.username.is_none() {
+                out.push((
+                    d.name.span(),
+                    format!("device \"{name}\" has neither addresses nor username, so nothing can match it"),
+                ));
+            }
+            if let Some(u) = &d.username {
+                if !users.insert(u.get_ref().to_ascii_lowercase()) {
+                    out.push((u.span(), format!("username \"{}\" is used by two devices", u.get_ref())));
+                }
+                match &d.pin_hash {
+                    None => out.push((
+                        u.span(),
+                        format!(
+                            "device \"{name}\" has a username but no pin_hash (make one with `mfd-relay hash-pin`)"
+                        ),
+                    )),
+                    Some(h) => {
+                        if let Err(e) = crate::credentials::check_hash(h.get_ref()) {
+                            out.push((
+                                h.span(),
+                                format!("device \"{name}\": pin_hash is {e}; make one with `mfd-relay hash-pin`"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn check_mailboxes(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        let mut names = HashSet::new();
+        let mut folders = HashSet::new();
+        for m in &self.mailboxes {
+            let m = m.get_ref();
+            let name = m.name.get_ref();
+            if !names.insert(name.clone()) {
+                out.push((m.name.span(), format!("mailbox \"{name}\" is defined twice")));
+            }
+            match self.identity(m.identity.get_ref()) {
+                None => out.push((
+                    m.identity.span(),
+                    format!("mailbox \"{name}\": identity \"{}\" is not defined", m.identity.get_ref()),
+                )),
+                Some(id) => {
+                    let generic_without_imap = self
+                        .provider(id.provider.get_ref())
+                        .is_some_and(|pr| pr.kind == ProviderKind::Generic && pr.imap.is_none());
+                    if generic_without_imap {
+                        out.push((
+                            m.identity.span(),
+                            format!(
+                                "mailbox \"{name}\": provider \"{}\" has no imap = \"host:port\"",
+                                id.provider.get_ref()
+                            ),
+                        ));
+                    }
+                }
+            }
+            let folder = folder_key(&m.folder);
+            if !folders.insert((m.identity.get_ref().clone(), folder.to_string())) {
+                out.push((
+                    m.name.span(),
+                    format!("mailbox \"{name}\": another mailbox already polls folder \"{}\" of identity \"{}\" (every job would print twice)", m.folder, m.identity.get_ref()),
+                ));
+            }
+            if let After::Move(target) = m.after.get_ref() {
+                if folder_key(target) == folder {
+                    out.push((
+                        m.after.span(),
+                        format!(
+                            "mailbox \"{name}\": after = \"{}\" moves mail into the folder being polled",
+                            m.after.get_ref()
+                        ),
+                    ));
+                }
+            }
+            if let Some(cmd) = &m.command {
+                if cmd.is_empty() || !cmd.iter().any(|a| a.contains("{file}")) {
+                    out.push((m.name.span(), format!("mailbox \"{name}\": command should name the file to print with \"{{file}}\" (like [\"lp\", \"-d\", \"floor3\", \"{{file}}\"])")));
+                }
+            }
+        }
+        out
+    }
+}
