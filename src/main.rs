@@ -137,6 +137,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run { log_format } => {
             let config = load(&cli.config)?;
             init_logs(log_format);
+            for advice in config.advice() {
+                tracing::warn!("{advice}");
+            }
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run(config))?;
             Ok(ExitCode::SUCCESS)
@@ -207,6 +210,9 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
                 c.devices.len(),
                 c.mailboxes.len()
             );
+            for advice in c.advice() {
+                println!("warning: {advice}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(ConfigError::Invalid(problems)) => {

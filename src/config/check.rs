@@ -5,6 +5,8 @@
 
 use std::collections::HashSet;
 
+use std::net::IpAddr;
+
 use super::types::Found;
 use super::{folder_key, looks_like_address, After, Config, Flow, ListenerTls, ProviderKind};
 
@@ -19,6 +21,47 @@ impl Config {
         out.extend(self.check_identities());
         out.extend(self.check_devices());
         out.extend(self.check_mailboxes());
+        out
+    }
+
+    /// What works but is probably not what the admin wants: printed by `check` and logged at
+    /// start and reload, never refused.
+    pub(super) fn advice_found(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        for l in self.listeners.iter().map(|l| l.get_ref()).filter(|l| *l.legacy_tls.get_ref()) {
+            let addr = l.listen.get_ref();
+            let span = l.legacy_tls.span();
+            if let Some((cert, _)) = l.tls.files() {
+                if let Ok(false) = crate::certs::is_rsa(&self.resolve(cert.get_ref())) {
+                    out.push((
+                        cert.span(),
+                        format!(
+                            "listener {addr} has legacy_tls = true but a certificate without an RSA key: devices that \
+                             speak only AES128-SHA or TLS 1.0 cannot use it; make an RSA one with `mfd-relay make-cert`"
+                        ),
+                    ));
+                }
+            }
+            if !l.require_auth_tls {
+                out.push((
+                    span,
+                    format!(
+                        "listener {addr} opens TLS to old devices but lets them log in without it \
+                         (require_auth_tls = false): set require_auth_tls = true so that no PIN crosses the LAN in clear"
+                    ),
+                ));
+            }
+            if !is_private(addr.ip()) {
+                out.push((
+                    l.listen.span(),
+                    format!(
+                        "listener {addr} speaks old TLS (legacy_tls = true) beyond private ranges: bind it to the \
+                         printers' LAN address, not {}",
+                        addr.ip()
+                    ),
+                ));
+            }
+        }
         out
     }
 
@@ -86,6 +129,12 @@ impl Config {
                     ),
                 ));
             }
+            if *l.legacy_tls.get_ref() && l.tls == ListenerTls::None {
+                out.push((
+                    l.legacy_tls.span(),
+                    format!("listener {addr} has legacy_tls = true but tls = \"none\": there is no TLS to open to old devices"),
+                ));
+            }
             if let Some((cert, key)) = l.tls.files() {
                 let (cert_path, key_path) = (self.resolve(cert.get_ref()), self.resolve(key.get_ref()));
                 for (f, path) in [(cert, &cert_path), (key, &key_path)] {
@@ -96,6 +145,10 @@ impl Config {
                 if cert_path.is_file() && key_path.is_file() {
                     if let Err(e) = crate::tls::server_acceptor(&cert_path, &key_path) {
                         out.push((cert.span(), e.to_string()));
+                    } else if *l.legacy_tls.get_ref() {
+                        if let Err(e) = crate::legacy_tls::acceptor(&cert_path, &key_path) {
+                            out.push((cert.span(), format!("legacy TLS (OpenSSL): {e}")));
+                        }
                     }
                 }
             }
@@ -306,5 +359,17 @@ impl Config {
             }
         }
         out
+    }
+}
+
+/// Loopback, RFC 1918, link-local, or IPv6 unique-local/link-local: an address only the LAN
+/// reaches. The unspecified address (all interfaces) is not.
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            v6.is_loopback() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+        }
     }
 }

@@ -224,6 +224,9 @@ pub struct Listener {
     /// When true, AUTH is neither offered nor accepted before STARTTLS (RFC 4954 4); off by
     /// default for old devices that log in without TLS.
     pub require_auth_tls: bool,
+    /// TLS 1.0/1.1 and the CBC / RSA-key-exchange suites too, through OpenSSL, for printers
+    /// older than TLS 1.2 AEAD (README.md, "Old devices and TLS"); only with `tls` set.
+    pub legacy_tls: Spanned<bool>,
     pub max_message_size: Size,
     pub max_connections: usize,
     pub max_connections_per_address: usize,
@@ -245,6 +248,8 @@ struct RawListener {
     require_auth: bool,
     #[serde(default)]
     require_auth_tls: bool,
+    #[serde(default = "not_legacy")]
+    legacy_tls: Spanned<bool>,
     #[serde(default = "default_max_message_size")]
     max_message_size: Size,
     #[serde(default = "default_max_connections")]
@@ -275,12 +280,17 @@ impl TryFrom<RawListener> for Listener {
             tls,
             require_auth: l.require_auth,
             require_auth_tls: l.require_auth_tls,
+            legacy_tls: l.legacy_tls,
             max_message_size: l.max_message_size,
             max_connections: l.max_connections,
             max_connections_per_address: l.max_connections_per_address,
             command_timeout: l.command_timeout,
         })
     }
+}
+
+fn not_legacy() -> Spanned<bool> {
+    Spanned::new(0..0, false)
 }
 
 fn default_max_message_size() -> Size {
@@ -573,6 +583,13 @@ impl Config {
         self.located(self.check())
     }
 
+    /// Settings that work but are probably not what the admin wants (a legacy-TLS listener
+    /// with an ECDSA certificate, say), with their lines: `check` prints them, `run` and
+    /// reload log them; none is refused.
+    pub fn advice(&self) -> Vec<Problem> {
+        self.located(self.advice_found())
+    }
+
     /// Problems with their lines, in file order.
     fn located(&self, found: Vec<types::Found>) -> Vec<Problem> {
         let mut out: Vec<Problem> = found.into_iter().map(|(span, message)| self.problem_at(span, message)).collect();
@@ -683,6 +700,58 @@ name = "d1"
 identity = "scans"
 addresses = ["192.168.10.31/32", "10.0.0.0/8"]
 "#;
+
+    #[test]
+    fn legacy_tls_needs_tls_and_gets_advice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, kind| {
+            let (c, k) = crate::certs::self_signed(&["relay.lan".into()], kind).expect("cert");
+            std::fs::write(dir.path().join(format!("{name}.pem")), c).expect("write");
+            std::fs::write(dir.path().join(format!("{name}-key.pem")), k).expect("write");
+        };
+        write("rsa", crate::certs::KeyType::Rsa);
+        write("ec", crate::certs::KeyType::Ecdsa);
+        let with = |listeners: &str| {
+            let text = format!("{GOOD}\n{listeners}");
+            Config::parse(&dir.path().join("config.toml"), text).expect("parses")
+        };
+        let listen = GOOD.lines().count() + 3; // an empty line, [[listener]], then listen
+        let at = |line: usize| format!(":{line}:");
+        let strings = |v: Vec<Problem>| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+
+        // Refused: nothing to relax.
+        let c = with("[[listener]]\nlisten = \"192.168.1.5:2525\"\nlegacy_tls = true\n");
+        let p = strings(c.problems());
+        assert!(
+            p.iter().any(|m| m.contains(&at(listen + 1)) && m.contains("legacy_tls = true but tls = \"none\"")),
+            "{p:?}"
+        );
+
+        // Good: RSA, on the LAN, TLS before AUTH.
+        let good = "[[listener]]\nlisten = \"192.168.1.5:2525\"\ntls = \"starttls\"\ncert = \"rsa.pem\"\nkey = \"rsa-key.pem\"\nlegacy_tls = true\nrequire_auth_tls = true\n";
+        let c = with(good);
+        assert_eq!(strings(c.problems()), Vec::<String>::new());
+        assert_eq!(strings(c.advice()), Vec::<String>::new());
+        assert!(*c.listeners[0].get_ref().legacy_tls.get_ref());
+
+        // Works, with advice for each of the three.
+        let c = with("[[listener]]\nlisten = \"0.0.0.0:465\"\ntls = \"implicit\"\ncert = \"ec.pem\"\nkey = \"ec-key.pem\"\nlegacy_tls = true\n");
+        assert_eq!(strings(c.problems()), Vec::<String>::new());
+        let a = strings(c.advice());
+        assert_eq!(a.len(), 3, "{a:?}");
+        assert!(
+            a.iter()
+                .any(|m| m.contains(&at(listen + 2)) && m.contains("without an RSA key") && m.contains("make-cert")),
+            "{a:?}"
+        );
+        assert!(a.iter().any(|m| m.contains("require_auth_tls = true")), "{a:?}");
+        assert!(a.iter().any(|m| m.contains(&at(listen)) && m.contains("beyond private ranges")), "{a:?}");
+        // A default listener gets no such advice, whatever its certificate.
+        let c = with(
+            "[[listener]]\nlisten = \"0.0.0.0:465\"\ntls = \"implicit\"\ncert = \"ec.pem\"\nkey = \"ec-key.pem\"\n",
+        );
+        assert_eq!(strings(c.advice()), Vec::<String>::new());
+    }
 
     #[test]
     fn good_config_has_no_problems() {
