@@ -39,7 +39,11 @@ enum Cmd {
         log_format: LogFormat,
     },
     /// Validate the configuration; print every problem with file:line.
-    Check,
+    Check {
+        /// Also print each provider's resolved endpoints and each identity's scopes.
+        #[arg(long, short = 'v', alias = "verbose")]
+        explain: bool,
+    },
     /// Read a PIN on standard input and print its argon2 hash for `pin_hash`.
     HashPin,
     /// Make a self-signed certificate and key for a listener (relay.pem, relay-key.pem).
@@ -131,7 +135,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Cmd::Check => check(&cli.config),
+        Cmd::Check { explain } => check(&cli.config, explain),
         Cmd::HashPin => hash_pin(),
         Cmd::MakeCert { names, dir, key_type } => make_cert(&names, &dir, key_type),
         Cmd::Run { log_format } => {
@@ -198,7 +202,7 @@ fn load(path: &Path) -> anyhow::Result<Config> {
     }
 }
 
-fn check(path: &Path) -> anyhow::Result<ExitCode> {
+fn check(path: &Path, explain: bool) -> anyhow::Result<ExitCode> {
     match Config::load(path) {
         Ok(c) => {
             println!(
@@ -212,6 +216,11 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
             );
             for advice in c.advice() {
                 println!("warning: {advice}");
+            }
+            if explain {
+                for line in mfd_relay::oauth::provider::explain_config(&c) {
+                    println!("{line}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -46,12 +46,14 @@ fn microsoft_login(cloud: Cloud) -> &'static str {
     }
 }
 
-/// (SMTP host, IMAP host, resource for scopes) of a Microsoft cloud.
+/// (SMTP host, IMAP host, resource for scopes) of a Microsoft cloud: Microsoft's "Exchange
+/// Online endpoints" per cloud. DoD has hosts of its own, not GCC High's.
 fn microsoft_hosts(cloud: Cloud) -> (&'static str, &'static str, &'static str) {
     match cloud {
         Cloud::Global => ("smtp.office365.com", "outlook.office365.com", "https://outlook.office.com"),
-        Cloud::Usgov | Cloud::UsgovDod => ("smtp.office365.us", "outlook.office365.us", "https://outlook.office365.us"),
-        Cloud::China => ("partner.outlook.cn", "partner.outlook.cn", "https://partner.outlook.cn"),
+        Cloud::Usgov => ("smtp.office365.us", "outlook.office365.us", "https://outlook.office365.us"),
+        Cloud::UsgovDod => ("outlook-dod.office365.us", "outlook-dod.office365.us", "https://outlook-dod.office365.us"),
+        Cloud::China => ("smtp.partner.outlook.cn", "partner.outlook.cn", "https://partner.outlook.cn"),
     }
 }
 
@@ -126,6 +128,35 @@ impl ProviderInfo {
         }
     }
 
+    /// What `mfd-relay check --explain` prints for this provider: every endpoint as resolved
+    /// (defaults for its kind and cloud, or the overrides), so an admin can compare them with
+    /// the tenant's.
+    pub fn explain(&self) -> Vec<String> {
+        let server = |s: &Option<Server>| match s {
+            Some(s) => format!("{}:{} ({})", s.host, s.port, upstream_tls_name(s.tls)),
+            None => "none".into(),
+        };
+        let mut out = vec![
+            format!("provider \"{}\" ({:?}, cloud {:?})", self.name, self.kind, self.cloud),
+            format!("  token:         {}", self.token_url),
+        ];
+        if let Some(u) = &self.device_url {
+            out.push(format!("  device code:   {u}"));
+        }
+        if let Some(u) = &self.authorize_url {
+            out.push(format!("  authorize:     {u}"));
+        }
+        out.push(format!("  smtp:          {}", server(&self.smtp)));
+        out.push(format!("  imap:          {}", server(&self.imap)));
+        if let Some(n) = self.messages_per_minute {
+            out.push(format!("  per identity:  {n} messages a minute"));
+        }
+        if let Some(n) = self.max_message_size {
+            out.push(format!("  message size:  {n} bytes at most"));
+        }
+        out
+    }
+
     /// The scopes an identity with this flow asks for (`imap`: a mailbox uses it too).
     pub fn scopes(&self, flow: Flow, imap: bool) -> Vec<String> {
         if let Some(s) = &self.scopes {
@@ -152,6 +183,35 @@ impl ProviderInfo {
             ProviderKind::Google => vec!["https://mail.google.com/".into()],
             ProviderKind::Generic => Vec::new(),
         }
+    }
+}
+
+/// `mfd-relay check --explain`: each provider's resolved endpoints, then each of its
+/// identities with the scopes it asks for (a mailbox's identity asks for IMAP too).
+pub fn explain_config(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in &config.providers {
+        let info = ProviderInfo::from_config(config, p.get_ref());
+        out.extend(info.explain());
+        for id in config.identities.iter().map(|i| i.get_ref()).filter(|i| i.provider.get_ref() == &info.name) {
+            let name = id.name.get_ref();
+            let imap = config.mailboxes.iter().any(|m| m.get_ref().identity.get_ref() == name);
+            let flow = *id.flow.get_ref();
+            out.push(format!(
+                "  identity \"{name}\" ({flow}, {}): scopes {}",
+                id.email.get_ref(),
+                info.scopes(flow, imap).join(" ")
+            ));
+        }
+    }
+    out
+}
+
+fn upstream_tls_name(tls: UpstreamTls) -> &'static str {
+    match tls {
+        UpstreamTls::None => "plain",
+        UpstreamTls::Starttls => "STARTTLS",
+        UpstreamTls::Implicit => "implicit TLS",
     }
 }
 
@@ -194,13 +254,30 @@ mod tests {
     fn microsoft_national_clouds_and_overrides() {
         let p = info("[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\ncloud = \"usgov-dod\"\nclient_id = \"x\"\nsmtp = \"smtp-dod.example:587\"\n");
         assert!(p.token_url.starts_with("https://login.microsoftonline.us/t/"));
-        assert_eq!(p.smtp.unwrap().host, "smtp-dod.example");
-        assert_eq!(p.imap.unwrap().host, "outlook.office365.us");
+        assert_eq!(p.smtp.as_ref().map(|s| s.host.as_str()), Some("smtp-dod.example"));
+        assert_eq!(p.imap.as_ref().map(|s| s.host.as_str()), Some("outlook-dod.office365.us"));
+        assert_eq!(p.scopes(Flow::DeviceCode, false)[0], "https://outlook-dod.office365.us/SMTP.Send");
+        assert_eq!(p.scopes(Flow::ClientCredentials, false), vec!["https://outlook-dod.office365.us/.default"]);
+        // GCC High.
+        let p = info(
+            "[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\ncloud = \"usgov\"\nclient_id = \"x\"\n",
+        );
+        assert_eq!(p.smtp.as_ref().map(|s| (s.host.as_str(), s.port)), Some(("smtp.office365.us", 587)));
+        assert_eq!(p.imap.as_ref().map(|s| (s.host.as_str(), s.port)), Some(("outlook.office365.us", 993)));
+        assert_eq!(p.scopes(Flow::AuthCode, true)[1], "https://outlook.office365.us/IMAP.AccessAsUser.All");
         let p = info(
             "[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\ncloud = \"china\"\nclient_id = \"x\"\n",
         );
         assert!(p.token_url.starts_with("https://login.partner.microsoftonline.cn/t/"));
-        assert_eq!(p.smtp.unwrap().host, "partner.outlook.cn");
+        assert_eq!(p.smtp.as_ref().map(|s| (s.host.as_str(), s.port)), Some(("smtp.partner.outlook.cn", 587)));
+        assert_eq!(p.imap.as_ref().map(|s| (s.host.as_str(), s.port)), Some(("partner.outlook.cn", 993)));
+        assert_eq!(p.scopes(Flow::DeviceCode, false)[0], "https://partner.outlook.cn/SMTP.Send");
+        let explained = p.explain().join("\n");
+        assert!(explained.contains("smtp:          smtp.partner.outlook.cn:587 (STARTTLS)"), "{explained}");
+        assert!(
+            explained.contains("token:         https://login.partner.microsoftonline.cn/t/oauth2/v2.0/token"),
+            "{explained}"
+        );
     }
 
     #[test]

@@ -479,6 +479,47 @@ async fn basic_auth_opens_the_status_page_in_a_browser() {
     assert!(format!("{out}{err}").contains("basic_auth_password_hash"), "{out}{err}");
 }
 
+#[test]
+fn check_explains_each_providers_endpoints_and_scopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        r#"
+[relay]
+hostname = "relay.test"
+data_dir = "data"
+
+[[provider]]
+name = "dod"
+kind = "microsoft"
+tenant = "contoso.onmicrosoft.us"
+cloud = "usgov-dod"
+client_id = "c"
+
+[[identity]]
+name = "scans"
+provider = "dod"
+email = "scans@contoso.us"
+flow = "device_code"
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = common::relay::run_cli(&config, &["check", "--explain"], None);
+    assert_eq!(code, 0, "{out}{err}");
+    for line in [
+        "token:         https://login.microsoftonline.us/contoso.onmicrosoft.us/oauth2/v2.0/token",
+        "smtp:          outlook-dod.office365.us:587 (STARTTLS)",
+        "imap:          outlook-dod.office365.us:993 (implicit TLS)",
+        "identity \"scans\" (device_code, scans@contoso.us): scopes https://outlook-dod.office365.us/SMTP.Send offline_access",
+    ] {
+        assert!(out.contains(line), "{line}\n{out}");
+    }
+    // Without --explain, only the verdict.
+    let (_, out, _) = common::relay::run_cli(&config, &["check"], None);
+    assert!(!out.contains("token:"), "{out}");
+}
+
 // ---------------------------------------------------------------------------
 // Deployment files
 // ---------------------------------------------------------------------------
