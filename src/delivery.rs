@@ -26,7 +26,7 @@ use crate::metrics;
 use crate::oauth::tokens::{TokenError, TokenManager};
 use crate::queue::bounce::{self, FailedRecipient};
 use crate::queue::{now_ms, MessageId, OwnMessage, Queue, QueueError, QueueRecord};
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 use crate::upstream::{Envelope, SendError, SendOutcome, Upstream, UpstreamReply};
 
 /// Retry policy and identity of the relay.

@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::connection::{Connection, ReadError};
-use super::reply::Reply;
+use super::reply;
 use super::session::{Next, Session};
 use super::Context;
 use crate::config::TlsMode;
@@ -133,7 +133,7 @@ pub async fn serve(
 /// Answers 421 and closes, without waiting for the client.
 fn refuse(mut tcp: TcpStream, settings: &ListenerSettings) {
     metrics::SMTP_REFUSED_CONNECTIONS.with_label_values(&[&settings.name]).inc();
-    let bytes = Reply::too_many_connections().to_bytes();
+    let bytes = reply::too_many_connections().to_bytes();
     tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
         let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&bytes)).await;
@@ -157,7 +157,7 @@ async fn handle(
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let mut conn = Connection::new(tls);
-                    conn.send(&Reply::greeting(&ctx.hostname));
+                    conn.send(&reply::greeting(&ctx.hostname));
                     session.run(&mut conn).await.map(|_| ())
                 }
                 Ok(Err(e)) => Err(ReadError::Io(e)),
@@ -166,7 +166,7 @@ async fn handle(
         }
         _ => {
             let mut conn = Connection::new(tcp);
-            conn.send(&Reply::greeting(&ctx.hostname));
+            conn.send(&reply::greeting(&ctx.hostname));
             match session.run(&mut conn).await {
                 Ok(Next::StartTls) => match &settings.acceptor {
                     Some(acceptor) => {

@@ -18,7 +18,7 @@ use super::command::{self, Command, ParseError};
 use super::connection::{Connection, Line, ReadError};
 use super::data::{DotDecoder, Progress};
 use super::listener::{CurrentContext, ListenerSettings};
-use super::reply::{Reply, Status};
+use super::reply::{self, Reply};
 use super::Context;
 use crate::config::{FromPolicy, TlsMode};
 use crate::delivery::Outcome;
@@ -78,21 +78,6 @@ impl NonDeviceBudget {
     fn expired(&self, now: Instant) -> bool {
         now.duration_since(self.started) >= NON_DEVICE_MAX_TIME
     }
-}
-
-/// 421 for a client that spent its budget without becoming a device.
-fn non_device_cut_off() -> Reply {
-    Reply::with(421, Status(4, 7, 0), "Not a configured device and no login; closing connection")
-}
-
-/// RFC 4954 6: AUTH before TLS where the listener requires TLS for it.
-fn encryption_required() -> Reply {
-    Reply::with(538, Status(5, 7, 11), "Encryption required for requested authentication mechanism")
-}
-
-/// 454 when a username (rather than the address) has too many failed logins.
-fn login_throttled() -> Reply {
-    Reply::with(454, Status(4, 7, 0), "Too many failed logins; try again later")
 }
 
 /// An open mail transaction (after MAIL FROM).
@@ -192,7 +177,7 @@ impl Session {
             // its next command, whatever is already waiting on the socket (the select below
             // prefers the socket, and a task out of cooperative budget may not see the signal).
             if *self.shutdown.borrow() {
-                conn.send(&Reply::shutting_down(&self.ctx.hostname));
+                conn.send(&reply::shutting_down(&self.ctx.hostname));
                 let _ = conn.flush().await;
                 return Ok(Next::Close);
             }
@@ -201,7 +186,7 @@ impl Session {
                 biased;
                 r = conn.read_line(MAX_COMMAND_LINE, timeout) => r,
                 _ = self.shutdown.changed() => {
-                    conn.send(&Reply::shutting_down(&self.ctx.hostname));
+                    conn.send(&reply::shutting_down(&self.ctx.hostname));
                     let _ = conn.flush().await;
                     return Ok(Next::Close);
                 }
@@ -210,9 +195,9 @@ impl Session {
                 Ok(l) => l,
                 Err(ReadError::Timeout) => {
                     if self.device.is_none() && self.budget.expired(Instant::now()) {
-                        conn.send(&non_device_cut_off());
+                        conn.send(&reply::non_device_cut_off());
                     } else {
-                        conn.send(&Reply::timeout(&self.ctx.hostname));
+                        conn.send(&reply::timeout(&self.ctx.hostname));
                     }
                     let _ = conn.flush().await;
                     return Err(ReadError::Timeout);
@@ -221,14 +206,14 @@ impl Session {
             };
             if self.device.is_none() && !self.budget.spend(Instant::now()) {
                 tracing::warn!(peer = %self.peer, commands = self.budget.commands, "cut off: still no device");
-                conn.send(&non_device_cut_off());
+                conn.send(&reply::non_device_cut_off());
                 let _ = conn.flush().await;
                 return Ok(Next::Close);
             }
             let (line, bare_lf) = match line {
                 Line::Text { line, bare_lf } => (line, bare_lf),
                 Line::TooLong => {
-                    if self.error(conn, Reply::line_too_long()) {
+                    if self.error(conn, reply::line_too_long()) {
                         let _ = conn.flush().await;
                         return Ok(Next::Close);
                     }
@@ -243,10 +228,10 @@ impl Session {
                 Ok(c) => c,
                 Err(e) => {
                     let reply = match e {
-                        ParseError::Unknown => Reply::unknown_command(),
-                        ParseError::Syntax(t) => Reply::syntax(t),
-                        ParseError::UnsupportedParam(t) => Reply::param_not_recognized(t),
-                        ParseError::NotImplemented(t) => Reply::not_implemented(t),
+                        ParseError::Unknown => reply::unknown_command(),
+                        ParseError::Syntax(t) => reply::syntax(t),
+                        ParseError::UnsupportedParam(t) => reply::param_not_recognized(t),
+                        ParseError::NotImplemented(t) => reply::not_implemented(t),
                     };
                     if self.error(conn, reply) {
                         let _ = conn.flush().await;
@@ -266,13 +251,13 @@ impl Session {
                 }
                 Command::Starttls => {
                     if self.listener.tls != TlsMode::Starttls || self.tls {
-                        if self.error(conn, Reply::not_implemented("STARTTLS not available")) {
+                        if self.error(conn, reply::starttls_unavailable()) {
                             let _ = conn.flush().await;
                             return Ok(Next::Close);
                         }
                         continue;
                     }
-                    conn.send(&Reply::ready_for_tls());
+                    conn.send(&reply::ready_for_tls());
                     conn.flush().await?;
                     return Ok(Next::StartTls);
                 }
@@ -292,16 +277,16 @@ impl Session {
                     conn.send(&r);
                 }
                 Command::Data => match self.txn.as_ref().map(|t| t.rcpts.len()) {
-                    None => conn.send(&Reply::bad_sequence("MAIL first")),
+                    None => conn.send(&reply::mail_first()),
                     // RFC 2920 3.1: after pipelined RCPTs that all failed.
-                    Some(0) => conn.send(&Reply::with(554, Status(5, 5, 1), "No valid recipients")),
+                    Some(0) => conn.send(&reply::no_valid_recipients()),
                     Some(_) => {
-                        conn.send(&Reply::start_data());
+                        conn.send(&reply::start_data());
                         match self.data(conn).await {
                             DataResult::Reply(r) => conn.send(&r),
                             DataResult::Abort(e) => {
                                 if matches!(e, ReadError::Timeout) {
-                                    conn.send(&Reply::timeout(&self.ctx.hostname));
+                                    conn.send(&reply::timeout(&self.ctx.hostname));
                                     let _ = conn.flush().await;
                                 }
                                 return Err(e);
@@ -311,20 +296,20 @@ impl Session {
                 },
                 Command::Rset => {
                     self.txn = None;
-                    conn.send(&Reply::reset());
+                    conn.send(&reply::reset());
                 }
-                Command::Noop => conn.send(&Reply::ok()),
+                Command::Noop => conn.send(&reply::ok()),
                 Command::Quit => {
-                    conn.send(&Reply::bye(&self.ctx.hostname));
+                    conn.send(&reply::bye(&self.ctx.hostname));
                     conn.flush().await?;
                     return Ok(Next::Close);
                 }
-                Command::Vrfy => conn.send(&Reply::vrfy()),
-                Command::Expn => conn.send(&Reply::not_implemented("EXPN not supported")),
-                Command::Help => conn.send(&Reply::help()),
+                Command::Vrfy => conn.send(&reply::vrfy()),
+                Command::Expn => conn.send(&reply::expn()),
+                Command::Help => conn.send(&reply::help()),
             }
             if self.errors >= MAX_ERRORS {
-                conn.send(&Reply::too_many_errors());
+                conn.send(&reply::too_many_errors());
                 conn.flush().await?;
                 return Ok(Next::Close);
             }
@@ -373,7 +358,7 @@ impl Session {
         self.errors += 1;
         conn.send(&reply);
         if self.errors >= MAX_ERRORS {
-            conn.send(&Reply::too_many_errors());
+            conn.send(&reply::too_many_errors());
             return true;
         }
         false
@@ -390,23 +375,11 @@ impl Session {
         }
         let host = &self.ctx.hostname;
         if !esmtp {
-            return Reply::new(250, None, format!("{host} Hello {name}"));
+            return reply::helo(host, &name);
         }
-        let mut lines: Vec<std::borrow::Cow<'static, str>> = vec![
-            format!("{host} Hello {name} [{}]", self.peer.ip()).into(),
-            format!("SIZE {}", self.size_limit()).into(),
-            "8BITMIME".into(),
-            "PIPELINING".into(),
-            "ENHANCEDSTATUSCODES".into(),
-        ];
-        if self.listener.tls == TlsMode::Starttls && !self.tls {
-            lines.push("STARTTLS".into());
-        }
-        if !self.authenticated && self.auth_possible() {
-            lines.push("AUTH PLAIN LOGIN".into());
-        }
-        lines.push("HELP".into());
-        Reply::multi(250, lines)
+        let starttls = self.listener.tls == TlsMode::Starttls && !self.tls;
+        let auth = !self.authenticated && self.auth_possible();
+        reply::ehlo(host, &name, self.peer.ip(), self.size_limit(), starttls, auth)
     }
 
     /// The device this connection is by its address, when address matching is allowed.
@@ -433,28 +406,28 @@ impl Session {
         initial: Option<String>,
     ) -> Result<Reply, ReadError> {
         if self.authenticated {
-            return Ok(Reply::bad_sequence("Already authenticated"));
+            return Ok(reply::already_authenticated());
         }
         if self.txn.is_some() {
-            return Ok(Reply::bad_sequence("AUTH not allowed during a mail transaction"));
+            return Ok(reply::auth_in_transaction());
         }
         if self.helo.is_none() {
-            return Ok(Reply::bad_sequence("Send EHLO first"));
+            return Ok(reply::greet_first());
         }
         if !self.auth_possible() {
-            return Ok(encryption_required());
+            return Ok(reply::encryption_required());
         }
         self.follow_reload();
         let ip = self.peer.ip();
         if !self.ctx.throttle.allowed(ip, Instant::now()) {
-            return Ok(self.auth_refused(Reply::auth_throttled()));
+            return Ok(self.auth_refused(reply::auth_throttled()));
         }
         let creds = match mechanism {
             "PLAIN" => {
                 let raw = match initial {
                     Some(i) => auth::decode_line(&i),
                     None => {
-                        conn.send(&Reply::auth_challenge(""));
+                        conn.send(&reply::auth_challenge(""));
                         self.auth_line(conn).await?
                     }
                 };
@@ -464,14 +437,14 @@ impl Session {
                 let user = match initial {
                     Some(i) => auth::decode_line(&i),
                     None => {
-                        conn.send(&Reply::auth_challenge(auth::LOGIN_USERNAME));
+                        conn.send(&reply::auth_challenge(auth::LOGIN_USERNAME));
                         self.auth_line(conn).await?
                     }
                 };
                 match user.and_then(auth::decode_login_field) {
                     Err(e) => Err(e),
                     Ok(username) => {
-                        conn.send(&Reply::auth_challenge(auth::LOGIN_PASSWORD));
+                        conn.send(&reply::auth_challenge(auth::LOGIN_PASSWORD));
                         self.auth_line(conn)
                             .await?
                             .and_then(auth::decode_login_field)
@@ -479,23 +452,23 @@ impl Session {
                     }
                 }
             }
-            _ => return Ok(Reply::mechanism_unsupported()),
+            _ => return Ok(reply::mechanism_unsupported()),
         };
         let creds = match creds {
             Ok(c) => c,
-            Err(DecodeError::Cancelled) => return Ok(Reply::auth_cancelled()),
-            Err(DecodeError::Base64) => return Ok(Reply::syntax("Invalid base64 in AUTH")),
+            Err(DecodeError::Cancelled) => return Ok(reply::auth_cancelled()),
+            Err(DecodeError::Base64) => return Ok(reply::bad_base64()),
             Err(DecodeError::Malformed) => {
                 return Ok(match self.ctx.throttle.begin(ip, None, Instant::now()) {
                     Ok(attempt) => self.auth_failed(attempt, "malformed credentials").await,
-                    Err(_) => self.auth_refused(Reply::auth_throttled()),
+                    Err(_) => self.auth_refused(reply::auth_throttled()),
                 });
             }
         };
         // Reserved before the PIN is checked, so parallel attempts cannot all pass.
         let attempt = match self.ctx.throttle.begin(ip, Some(&creds.username), Instant::now()) {
             Ok(a) => a,
-            Err(_) => return Ok(self.auth_refused(login_throttled())),
+            Err(_) => return Ok(self.auth_refused(reply::login_throttled())),
         };
         match self.ctx.devices.authenticate(&creds.username, &creds.password, ip).await {
             Ok(device) => {
@@ -504,13 +477,13 @@ impl Session {
                 tracing::debug!(peer = %self.peer, device = %device.name, "device logged in");
                 self.device = Some(device);
                 self.authenticated = true;
-                Ok(Reply::auth_ok())
+                Ok(reply::auth_ok())
             }
             Err(e) => {
                 if let Some(name) = self.ctx.devices.name_of_user(&creds.username) {
                     self.ctx.activity.device_error(name, &format!("login refused: {e}"));
                 }
-                let why = format!("{e} (username \"{}\")", crate::smtp::reply::sanitize_text(&creds.username, 64));
+                let why = format!("{e} (username \"{}\")", reply::sanitize_text(&creds.username, 64));
                 Ok(self.auth_failed(attempt, &why).await)
             }
         }
@@ -522,7 +495,7 @@ impl Session {
         let delay = attempt.failed(Instant::now());
         tokio::time::sleep(delay).await;
         self.errors += 1;
-        Reply::auth_failed()
+        reply::auth_failed()
     }
 
     /// AUTH refused by the throttle, without checking anything.
@@ -547,11 +520,11 @@ impl Session {
 
     fn mail(&mut self, from: Option<String>, size: Option<u64>) -> Reply {
         if self.txn.is_some() {
-            return Reply::bad_sequence("Nested MAIL command");
+            return reply::nested_mail();
         }
         // RFC 5321 4.1.4 / RFC 3207 4.2: a session greets first, and again after STARTTLS.
         if self.helo.is_none() {
-            return Reply::bad_sequence("Send EHLO first");
+            return reply::greet_first();
         }
         // A reload may have removed or changed this device since the session began.
         self.follow_reload();
@@ -561,9 +534,9 @@ impl Session {
             metrics::MESSAGES_REJECTED.with_label_values(&["unknown", "not_a_device"]).inc();
             tracing::warn!(peer = %self.peer, "refused: not a configured device");
             return match (self.listener.require_auth, self.auth_possible()) {
-                (true, true) => Reply::auth_required(),
-                (true, false) => Reply::tls_required(),
-                (false, _) => Reply::not_a_device(),
+                (true, true) => reply::auth_required(),
+                (true, false) => reply::tls_required(),
+                (false, _) => reply::not_a_device(),
             };
         };
         self.device = Some(device.clone());
@@ -574,56 +547,56 @@ impl Session {
             let limit = self.size_limit();
             if s > limit {
                 metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "too_big"]).inc();
-                return Reply::message_too_big(limit);
+                return reply::message_too_big(limit);
             }
         }
         let from = from.unwrap_or_default();
         if !from.is_empty() && from.parse::<lettre::Address>().is_err() {
-            return Reply::bad_address("Sender address not usable");
+            return reply::sender_unusable();
         }
         if self.ctx.tokens.state(&device.identity) == Some(IdentityState::NeedsLogin) {
             metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "needs_login"]).inc();
             self.ctx.activity.device_error(&device.name, "refused: its identity needs a new sign-in");
-            return Reply::needs_login(&device.identity);
+            return reply::needs_login(&device.identity);
         }
         self.txn = Some(Transaction { from, rcpts: Vec::new() });
-        Reply::sender_ok()
+        reply::sender_ok()
     }
 
     fn rcpt(&mut self, to: String) -> Reply {
         let Some(txn) = self.txn.as_mut() else {
-            return Reply::bad_sequence("MAIL first");
+            return reply::mail_first();
         };
         let Some(device) = self.device.as_ref() else {
-            return Reply::bad_sequence("MAIL first");
+            return reply::mail_first();
         };
         if txn.rcpts.len() >= self.ctx.max_recipients {
-            return Reply::too_many_recipients();
+            return reply::too_many_recipients();
         }
         if to.parse::<lettre::Address>().is_err() {
-            return Reply::bad_address("Recipient address not usable");
+            return reply::recipient_unusable();
         }
         if !device.allows_recipient(&to) {
             metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "recipient_not_allowed"]).inc();
             tracing::warn!(device = %device.name, rcpt = %to, "recipient not allowed for this device");
-            return Reply::recipient_not_allowed();
+            return reply::recipient_not_allowed();
         }
         if !txn.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&to)) {
             txn.rcpts.push(to);
         }
-        Reply::recipient_ok()
+        reply::recipient_ok()
     }
 
     /// Receives the message, spools it, commits it, and tries the upstream.
     async fn data<S: AsyncRead + AsyncWrite + Unpin>(&mut self, conn: &mut Connection<S>) -> DataResult {
         let Some(txn) = self.txn.take() else {
-            return DataResult::Reply(Reply::bad_sequence("MAIL first"));
+            return DataResult::Reply(reply::mail_first());
         };
         let Some(device) = self.device.clone() else {
-            return DataResult::Reply(Reply::bad_sequence("MAIL first"));
+            return DataResult::Reply(reply::mail_first());
         };
         let Ok(slot) = self.ctx.tokens.slot(&device.identity).cloned() else {
-            return DataResult::Reply(Reply::local_error());
+            return DataResult::Reply(reply::local_error());
         };
         let limit = self.size_limit();
         let id = self.ctx.queue.new_id();
@@ -728,25 +701,25 @@ impl Session {
             writer.abort();
             metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "too_big"]).inc();
             tracing::warn!(device = %device.name, size, limit, "message too big");
-            return DataResult::Reply(Reply::message_too_big(limit));
+            return DataResult::Reply(reply::message_too_big(limit));
         }
         if let Some(why) = refused {
             writer.abort();
             metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, why.label()]).inc();
             tracing::warn!(device = %device.name, "message refused: {why}");
-            return DataResult::Reply(Reply::message_refused(&why));
+            return DataResult::Reply(reply::message_refused(&why));
         }
         if let Some(e) = write_error {
             writer.abort();
             tracing::error!(device = %device.name, "cannot write the spool: {e}");
             metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "storage"]).inc();
-            return DataResult::Reply(Reply::storage_failed());
+            return DataResult::Reply(reply::storage_failed());
         }
         let final_size = writer.len();
         if let Err(e) = writer.finish().await {
             tracing::error!(device = %device.name, "cannot write the spool: {e}");
             metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "storage"]).inc();
-            return DataResult::Reply(Reply::storage_failed());
+            return DataResult::Reply(reply::storage_failed());
         }
         let envelope_from = if device.from == FromPolicy::Rewrite { slot.email.clone() } else { txn.from.clone() };
         let rec = QueueRecord {
@@ -770,7 +743,7 @@ impl Session {
             self.ctx.queue.spool().remove(id);
             tracing::error!(device = %device.name, "cannot queue the message: {e}");
             metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "storage"]).inc();
-            return DataResult::Reply(Reply::storage_failed());
+            return DataResult::Reply(reply::storage_failed());
         }
         // From here on the message is durable (ARCHITECTURE.md, "Durability").
         self.accepted += 1;
@@ -782,19 +755,10 @@ impl Session {
             size = final_size, rcpts = rec.rcpts.len(), bare_lf = decoder.normalised, "accepted"
         );
         let reply = match self.ctx.delivery.attempt_in_session(id).await {
-            Outcome::Delivered(up) => {
-                let text = crate::smtp::reply::sanitize_text(&up.text, 200);
-                Reply::with(250, Status(2, 0, 0), format!("OK {id} delivered: {text}"))
-            }
-            Outcome::Queued(why) => Reply::with(
-                250,
-                Status(2, 0, 0),
-                format!("OK {id} queued; delivery will be retried ({})", crate::smtp::reply::sanitize_text(&why, 120)),
-            ),
-            Outcome::Reported(what) => {
-                Reply::with(250, Status(2, 0, 0), format!("OK {id} {}", crate::smtp::reply::sanitize_text(&what, 160)))
-            }
-            Outcome::Gone => Reply::with(250, Status(2, 0, 0), format!("OK {id}")),
+            Outcome::Delivered(up) => reply::delivered(id, &up.text),
+            Outcome::Queued(why) => reply::queued(id, &why),
+            Outcome::Reported(what) => reply::reported(id, &what),
+            Outcome::Gone => reply::accepted(id),
             Outcome::Refused(r) => r,
         };
         DataResult::Reply(reply)
