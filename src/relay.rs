@@ -247,18 +247,24 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
         let addr = l.listen.get_ref().clone();
         let err = |message: String| StartError::Listen { addr: addr.clone(), message };
         let sock: SocketAddr = addr.parse().map_err(|_| err("not an address:port".into()))?;
-        let acceptor = match (l.tls, &l.cert, &l.key) {
-            (TlsMode::None, _, _) => None,
-            (_, Some(c), Some(k)) => Some(
-                crate::tls::server_acceptor(&config.resolve(c.get_ref()), &config.resolve(k.get_ref())).map_err(err)?,
-            ),
+        let tls = match (l.tls, &l.cert, &l.key) {
+            (TlsMode::None, _, _) => listener::Tls::None,
+            (mode, Some(c), Some(k)) => {
+                let acceptor = listener::Acceptor::Rustls(
+                    crate::tls::server_acceptor(&config.resolve(c.get_ref()), &config.resolve(k.get_ref()))
+                        .map_err(err)?,
+                );
+                match mode {
+                    TlsMode::Implicit => listener::Tls::Implicit(acceptor),
+                    _ => listener::Tls::StartTls(acceptor),
+                }
+            }
             _ => return Err(err("tls needs cert and key".into())),
         };
         let tcp = tokio::net::TcpListener::bind(sock).await.map_err(|e| err(e.to_string()))?;
         let settings = Arc::new(ListenerSettings {
             name: addr.clone(),
-            tls: l.tls,
-            acceptor,
+            tls,
             require_auth: l.require_auth,
             require_auth_tls: l.require_auth_tls,
             max_message_size: l.max_message_size.0,

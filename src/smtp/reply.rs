@@ -8,7 +8,7 @@
 //! refusal (`delivery::Outcome::Refused`, built by `upstream::classify`).
 //!
 //! The catalogue is written through [`catalogue!`], which also lists every name in [`ALL`]:
-//! the in-process session tests (`smtp::tests`) fail when a reply here is never produced.
+//! the in-process session tests (`smtp::transcripts`) fail when a reply here is never produced.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
