@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::connection::{Connection, ReadError};
@@ -177,7 +177,10 @@ pub async fn serve(
 }
 
 /// Answers 421 and closes, without waiting for the client.
-fn refuse(mut tcp: TcpStream, settings: &ListenerSettings) {
+pub(crate) fn refuse<S>(mut tcp: S, settings: &ListenerSettings)
+where
+    S: AsyncWrite + Unpin + Send + 'static,
+{
     metrics::SMTP_REFUSED_CONNECTIONS.with_label_values(&[&settings.name]).inc();
     let bytes = reply::too_many_connections().to_bytes();
     tokio::spawn(async move {
