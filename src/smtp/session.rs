@@ -47,6 +47,7 @@ pub const NON_DEVICE_MAX_TIME: Duration = Duration::from_secs(60);
 /// What the listener should do when the session returns.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
+    /// The session is over (QUIT, too many errors, a cut-off or a shutdown).
     Close,
     /// The client asked for TLS and got 220: wrap the stream and run the session again.
     StartTls,

@@ -40,16 +40,10 @@ const STRANGER: &str = "10.0.0.9";
 /// only, and its From is rewritten; `expired` sends as an identity that needs a new sign-in;
 /// `orphan` as an identity that is not configured.
 const CONFIG: &str = r#"
-[[provider]]
-name = "p"
-kind = "generic"
-client_id = "c"
-token_url = "http://127.0.0.1:1/t"
-smtp = "127.0.0.1:1"
 [[identity]]
 name = "i"
-provider = "p"
 email = "scans@contoso.com"
+provider = "mail"
 flow = "auth_code"
 [[device]]
 name = "lan"
@@ -373,6 +367,19 @@ impl Client {
         }
     }
 
+    /// Opens a transaction for one recipient and starts DATA, pipelined.
+    async fn start_data(&mut self, rcpt: &str) {
+        self.transcript(&format!(
+            "C: MAIL FROM:<p@printer.local>
+             C: RCPT TO:<{rcpt}>
+             C: DATA
+             S: 250 2.1.0 Sender OK
+             S: 250 2.1.5 Recipient OK
+             S: 354 *"
+        ))
+        .await;
+    }
+
     /// AUTH PLAIN with an initial response.
     async fn login(&mut self, user: &str, pin: &str) -> String {
         self.send(format!("AUTH PLAIN {}\r\n", plain(user, pin)).as_bytes()).await;
@@ -523,8 +530,8 @@ async fn every_outcome_of_the_in_session_attempt() {
             "C: MAIL FROM:<>
              C: RCPT TO:<a@example.com>
              C: DATA
-             S: 250 2.1.0 Sender OK
-             S: 250 2.1.5 Recipient OK
+             S: 250 *
+             S: 250 *
              S: 354 *
              C: Subject: x
              C:
@@ -749,19 +756,17 @@ async fn starttls_resets_the_state() {
          C: STARTTLS
          S: 502 5.5.1 STARTTLS not available
          C: AUTH PLAIN {creds}
-         S: 235 2.7.0 Authentication successful
-         C: MAIL FROM:<p@printer.local>
-         C: RCPT TO:<a@contoso.com>
-         C: DATA
-         S: 250 2.1.0 Sender OK
-         S: 250 2.1.5 Recipient OK
-         S: 354 *
-         C: Subject: tls
+         S: 235 2.7.0 Authentication successful",
+        creds = plain("scan", "1234")
+    ))
+    .await;
+    c.start_data("a@contoso.com").await;
+    c.transcript(
+        "C: Subject: tls
          C:
          C: .
          S: 250 2.0.0 OK *",
-        creds = plain("scan", "1234")
-    ))
+    )
     .await;
     assert!(w.body(1).contains("with ESMTPSA id"), "{}", w.body(1));
     // A plain listener has no STARTTLS.
@@ -834,16 +839,14 @@ async fn size_limits() {
     let ehlo = c.ehlo().await;
     assert!(ehlo.contains(&"250-SIZE 100".to_string()), "{ehlo:?}");
     let big = "x".repeat(300);
-    c.transcript(&format!(
+    c.transcript(
         "C: MAIL FROM:<p@printer.local> SIZE=1000
-         S: 552 5.3.4 Message too big (limit 100 bytes)
-         C: MAIL FROM:<p@printer.local>
-         C: RCPT TO:<a@example.com>
-         C: DATA
-         S: 250 2.1.0 Sender OK
-         S: 250 2.1.5 Recipient OK
-         S: 354 *
-         C: Subject: big
+         S: 552 5.3.4 Message too big (limit 100 bytes)",
+    )
+    .await;
+    c.start_data("a@example.com").await;
+    c.transcript(&format!(
+        "C: Subject: big
          C:
          C: {big}
          C: .
@@ -865,25 +868,15 @@ async fn headers_that_cannot_be_made_valid() {
     c.ehlo().await;
     let long = "x".repeat(1200);
     let many: String = (0..400).map(|i| format!("X-Pad-{i}: {}\r\n", "y".repeat(700))).collect();
+    c.start_data("a@example.com").await;
     c.transcript(&format!(
-        "C: MAIL FROM:<p@printer.local>
-         C: RCPT TO:<a@example.com>
-         C: DATA
-         S: 250 *
-         S: 250 *
-         S: 354 *
-         C: Subject: {long}
+        "C: Subject: {long}
          C:
          C: .
-         S: 554 5.6.0 Message refused: *
-         C: MAIL FROM:<p@printer.local>
-         C: RCPT TO:<a@example.com>
-         C: DATA
-         S: 250 *
-         S: 250 *
-         S: 354 *"
+         S: 554 5.6.0 Message refused: *"
     ))
     .await;
+    c.start_data("a@example.com").await;
     c.send(format!("{many}\r\n.\r\n").as_bytes()).await;
     c.transcript("S: 552 5.3.4 Message refused: the header section is larger than*").await;
     assert!(w.accepted().is_empty());
@@ -893,20 +886,16 @@ async fn storage_failures() {
     let w = World::plain();
     let mut c = w.connect(LAN);
     c.ehlo().await;
-    let message = "C: MAIL FROM:<p@printer.local>
-                   C: RCPT TO:<a@example.com>
-                   C: DATA
-                   S: 250 *
-                   S: 250 *
-                   S: 354 *
-                   C: Subject: s
+    let message = "C: Subject: s
                    C:
                    C: .
                    S: 452 4.3.1 Insufficient system storage; try again later";
     w.queue.fail_write.store(true, Ordering::SeqCst);
+    c.start_data("a@example.com").await;
     c.transcript(message).await;
     w.queue.fail_write.store(false, Ordering::SeqCst);
     w.queue.fail_accept.store(true, Ordering::SeqCst);
+    c.start_data("a@example.com").await;
     c.transcript(message).await;
     assert!(w.accepted().is_empty());
 }
