@@ -177,7 +177,7 @@ pub async fn serve(
 }
 
 /// Answers 421 and closes, without waiting for the client.
-pub(crate) fn refuse<S>(mut tcp: S, settings: &ListenerSettings)
+pub(crate) fn refuse<S>(mut stream: S, settings: &ListenerSettings)
 where
     S: AsyncWrite + Unpin + Send + 'static,
 {
@@ -185,7 +185,7 @@ where
     let bytes = reply::too_many_connections().to_bytes();
     tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
-        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&bytes)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&bytes)).await;
     });
 }
 
