@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
-use crate::metrics;
+use crate::metrics::{self, DeferReason};
 use crate::oauth::tokens::{TokenError, TokenManager};
 use crate::queue::bounce::{self, FailedRecipient};
 use crate::queue::{now_ms, MessageId, OwnMessage, Queue, QueueError, QueueRecord};
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 use crate::upstream::{Envelope, SendError, SendOutcome, Upstream, UpstreamReply};
 
 /// Retry policy and identity of the relay.
@@ -178,12 +178,12 @@ impl Delivery {
         }
         let Ok(slot) = self.tokens.slot(&rec.identity) else {
             tracing::error!(queue_id = %id, identity = %rec.identity, "identity no longer configured; message kept");
-            return self.defer(rec, "identity not configured", None, "config");
+            return self.defer(rec, "identity not configured", None, DeferReason::Config);
         };
         let slot = slot.clone();
         let limit = slot.messages_per_minute;
         if let Err(at) = self.shaper.try_acquire(&rec.identity, limit, now_ms()) {
-            metrics::MESSAGES_DEFERRED.with_label_values(&[&rec.identity, "rate_limit"]).inc();
+            metrics::deferred(&rec.identity, DeferReason::RateLimit);
             rec.next_attempt = at;
             let _ = self.queue.defer(&rec);
             return Outcome::Queued(format!("sending limit of {} messages a minute reached", limit.unwrap_or(0)));
@@ -195,10 +195,10 @@ impl Delivery {
                     rec,
                     &format!("identity needs a new sign-in: {why}"),
                     Some(Duration::from_secs(300)),
-                    "needs_login",
+                    DeferReason::NeedsLogin,
                 )
             }
-            Err(e) => return self.defer(rec, &e.to_string(), None, "token"),
+            Err(e) => return self.defer(rec, &e.to_string(), None, DeferReason::Token),
         };
         let path = self.queue.spool().path(id);
         let env = Envelope { from: &rec.from, rcpts: &rec.rcpts, size: rec.size, eight_bit: rec.eight_bit };
@@ -227,10 +227,12 @@ impl Delivery {
                     detail.map(|d| format!(" {d}")).unwrap_or_default()
                 );
                 tracing::error!(queue_id = %id, identity = %rec.identity, "{why}");
-                self.defer(rec, &why, None, "auth")
+                self.defer(rec, &why, None, DeferReason::Auth)
             }
-            Err(SendError::Network(e)) => self.defer(rec, &e, None, "network"),
-            Err(SendError::Rejected(r)) if !r.is_permanent() => self.defer(rec, &r.describe(), None, "upstream_4xx"),
+            Err(SendError::Network(e)) => self.defer(rec, &e, None, DeferReason::Network),
+            Err(SendError::Rejected(r)) if !r.is_permanent() => {
+                self.defer(rec, &r.describe(), None, DeferReason::Upstream4xx)
+            }
             Err(SendError::Rejected(r)) => {
                 let all: Vec<_> = rec.rcpts.iter().map(|a| (a.clone(), r.clone())).collect();
                 self.settle(rec, SendOutcome { accepted: vec![], refused: all, reply: None }, waiter, took).await
@@ -272,7 +274,7 @@ impl Delivery {
             let why = transient[0].1.describe();
             let changed = rec.rcpts.len() != total;
             if !changed && permanent.is_empty() {
-                return self.defer(rec, &why, None, "upstream_4xx");
+                return self.defer(rec, &why, None, DeferReason::Upstream4xx);
             }
             self.next_try(&mut rec, &why, None);
             self.finish(&rec, true, &failed_recipients(&permanent)).await
@@ -305,7 +307,7 @@ impl Delivery {
         }
         if !transient.is_empty() {
             let why = transient[0].1.describe();
-            metrics::MESSAGES_DEFERRED.with_label_values(&[&rec.identity, "upstream_4xx"]).inc();
+            metrics::deferred(&rec.identity, DeferReason::Upstream4xx);
             tracing::warn!(queue_id = %id, identity = %rec.identity, attempts = rec.attempts, rcpts = transient.len(), "deferred: {why}");
             return Outcome::Queued(format!(
                 "delivered to {} of {total} recipients; the others will be retried: {why}",
@@ -336,9 +338,9 @@ impl Delivery {
     }
 
     /// Keeps a message queued, with the same recipients, for a later attempt.
-    fn defer(&self, mut rec: QueueRecord, why: &str, cap: Option<Duration>, class: &str) -> Outcome {
+    fn defer(&self, mut rec: QueueRecord, why: &str, cap: Option<Duration>, class: DeferReason) -> Outcome {
         let wait = self.next_try(&mut rec, why, cap);
-        metrics::MESSAGES_DEFERRED.with_label_values(&[&rec.identity, class]).inc();
+        metrics::deferred(&rec.identity, class);
         tracing::warn!(queue_id = %rec.id, identity = %rec.identity, attempts = rec.attempts, retry_in = wait.as_secs(), "deferred: {why}");
         if let Err(e) = self.queue.defer(&rec) {
             tracing::error!(queue_id = %rec.id, "cannot update queue record: {e}");

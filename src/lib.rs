@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod queue;
 pub mod relay;
+pub mod reply;
 pub mod smtp;
 pub mod store;
 pub mod tls;

@@ -59,11 +59,11 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// A short label for metrics.
-    pub fn label(&self) -> &'static str {
+    /// The reason counted in the metrics.
+    pub fn reason(&self) -> crate::metrics::RejectReason {
         match self {
-            Refusal::HeaderTooBig => "too_big",
-            Refusal::LongLine(_) => "bad_header",
+            Refusal::HeaderTooBig => crate::metrics::RejectReason::TooBig,
+            Refusal::LongLine(_) => crate::metrics::RejectReason::BadHeader,
         }
     }
 }

@@ -188,6 +188,105 @@ pub static IMAP_LAST_SUCCESS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
+/// Why a message or recipient was refused to a device: the `reason` label of
+/// [`MESSAGES_REJECTED`]. The label is [`RejectReason::as_str`], so a reason and its label
+/// cannot drift apart, and the label set is [`RejectReason::ALL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The connection maps to no device (ARCHITECTURE.md, "Never an open relay").
+    NotADevice,
+    /// Over the size limit (SIZE= at MAIL, the DATA stream, or the header section).
+    TooBig,
+    /// A header that cannot be made valid (`message::Refusal`).
+    BadHeader,
+    /// The device's identity needs a new sign-in.
+    NeedsLogin,
+    /// The device's recipient allow-list refused the address.
+    RecipientNotAllowed,
+    /// The body or record could not be written.
+    Storage,
+}
+
+impl RejectReason {
+    /// Every reason, for label sets and tests.
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::NotADevice,
+        RejectReason::TooBig,
+        RejectReason::BadHeader,
+        RejectReason::NeedsLogin,
+        RejectReason::RecipientNotAllowed,
+        RejectReason::Storage,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::NotADevice => "not_a_device",
+            RejectReason::TooBig => "too_big",
+            RejectReason::BadHeader => "bad_header",
+            RejectReason::NeedsLogin => "needs_login",
+            RejectReason::RecipientNotAllowed => "recipient_not_allowed",
+            RejectReason::Storage => "storage",
+        }
+    }
+}
+
+/// Why a delivery attempt left a message queued: the `reason` label of
+/// [`MESSAGES_DEFERRED`], from [`DeferReason::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeferReason {
+    /// The identity's `messages_per_minute` is spent.
+    RateLimit,
+    /// The provider answered 4xx.
+    Upstream4xx,
+    /// The identity is no longer configured.
+    Config,
+    /// The identity needs a new sign-in.
+    NeedsLogin,
+    /// No access token could be had.
+    Token,
+    /// The provider refused the access token.
+    Auth,
+    /// The provider could not be reached.
+    Network,
+}
+
+impl DeferReason {
+    /// Every reason, for label sets and tests.
+    pub const ALL: [DeferReason; 7] = [
+        DeferReason::RateLimit,
+        DeferReason::Upstream4xx,
+        DeferReason::Config,
+        DeferReason::NeedsLogin,
+        DeferReason::Token,
+        DeferReason::Auth,
+        DeferReason::Network,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeferReason::RateLimit => "rate_limit",
+            DeferReason::Upstream4xx => "upstream_4xx",
+            DeferReason::Config => "config",
+            DeferReason::NeedsLogin => "needs_login",
+            DeferReason::Token => "token",
+            DeferReason::Auth => "auth",
+            DeferReason::Network => "network",
+        }
+    }
+}
+
+/// Counts a refusal to a device (`device` is "unknown" when the connection maps to none).
+pub fn rejected(device: &str, why: RejectReason) {
+    MESSAGES_REJECTED.with_label_values(&[device, why.as_str()]).inc();
+}
+
+/// Counts a deferred delivery attempt.
+pub fn deferred(identity: &str, why: DeferReason) {
+    MESSAGES_DEFERRED.with_label_values(&[identity, why.as_str()]).inc();
+}
+
 /// Touches every metric so that all of them appear on /metrics from the start.
 pub fn init() {
     BUILD_INFO.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);

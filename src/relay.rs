@@ -246,18 +246,20 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
         let sock = *l.listen.get_ref();
         let addr = sock.to_string();
         let err = |message: String| StartError::Listen { addr: addr.clone(), message };
-        let acceptor = match &l.tls {
-            ListenerTls::None => None,
-            ListenerTls::StartTls { cert, key } | ListenerTls::Implicit { cert, key } => Some(
-                crate::tls::server_acceptor(&config.resolve(cert.get_ref()), &config.resolve(key.get_ref()))
-                    .map_err(err)?,
-            ),
+        let acceptor = |cert: &toml::Spanned<std::path::PathBuf>, key: &toml::Spanned<std::path::PathBuf>| {
+            crate::tls::server_acceptor(&config.resolve(cert.get_ref()), &config.resolve(key.get_ref()))
+                .map(listener::Acceptor::Rustls)
+                .map_err(err)
+        };
+        let tls = match &l.tls {
+            ListenerTls::None => listener::Tls::None,
+            ListenerTls::StartTls { cert, key } => listener::Tls::StartTls(acceptor(cert, key)?),
+            ListenerTls::Implicit { cert, key } => listener::Tls::Implicit(acceptor(cert, key)?),
         };
         let tcp = tokio::net::TcpListener::bind(sock).await.map_err(|e| err(e.to_string()))?;
         let settings = Arc::new(ListenerSettings {
             name: addr.clone(),
-            tls: l.tls.mode(),
-            acceptor,
+            tls,
             require_auth: l.require_auth,
             require_auth_tls: l.require_auth_tls,
             max_message_size: l.max_message_size.0,

@@ -124,7 +124,7 @@ impl async_imap::Authenticator for &mut XOAuth2<'_> {
         if self.rounds == 1 && challenge.is_empty() {
             return xoauth2_response(self.user, self.token).into_bytes();
         }
-        self.error = Some(crate::smtp::reply::sanitize_text(&String::from_utf8_lossy(challenge), 300));
+        self.error = Some(crate::reply::sanitize_text(&String::from_utf8_lossy(challenge), 300));
         Vec::new()
     }
 }
@@ -232,7 +232,7 @@ pub async fn authenticate(client: Client, user: &str, token: &str) -> Result<Ses
         Err(_) => Err(ImapError::Timeout { what: "AUTHENTICATE" }),
         Ok(Ok(session)) => Ok(session),
         Ok(Err((async_imap::error::Error::No(text), _))) => {
-            Err(ImapError::AuthRejected { detail: auth.error.or(Some(crate::smtp::reply::sanitize_text(&text, 300))) })
+            Err(ImapError::AuthRejected { detail: auth.error.or(Some(crate::reply::sanitize_text(&text, 300))) })
         }
         Ok(Err((e, _))) if auth.error.is_some() => {
             tracing::debug!("AUTHENTICATE ended with {e} after an error challenge");

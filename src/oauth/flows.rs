@@ -147,10 +147,10 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<TokenAnswer, Str
             ));
         };
         let description = match map.get("error_description") {
-            Some(Value::String(d)) => crate::smtp::reply::sanitize_text(d, 500),
+            Some(Value::String(d)) => crate::reply::sanitize_text(d, 500),
             _ => String::new(),
         };
-        return Ok(TokenAnswer::Error { code: crate::smtp::reply::sanitize_text(code, 100), description });
+        return Ok(TokenAnswer::Error { code: crate::reply::sanitize_text(code, 100), description });
     }
     if !(200..300).contains(&status) {
         return Err(format!("the token endpoint answered HTTP {status} without an error object"));

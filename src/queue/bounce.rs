@@ -124,7 +124,7 @@ pub fn build(b: &Bounce<'_>) -> Vec<u8> {
 
 /// Diagnostic text on one printable line.
 fn one_line(s: &str) -> String {
-    crate::smtp::reply::sanitize_text(s, 900)
+    crate::reply::sanitize_text(s, 900)
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! retry nor expires the whole queue. Stored times are re-based when the queue is opened.
 
 pub mod bounce;
+pub mod incoming;
 pub mod spool;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::store::{Change, Store, StoreError, Tree};
+pub use incoming::Incoming;
 pub use spool::{Spool, SpoolWriter};
 
 /// A queued message's id: microseconds since the epoch at acceptance, made unique, so ids

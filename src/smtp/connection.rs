@@ -178,7 +178,7 @@ mod tests {
         );
         assert_eq!(conn.read_line(1000, t).await.unwrap(), Line::TooLong);
         assert_eq!(conn.read_line(1000, t).await.unwrap(), Line::Text { line: b"QUIT".to_vec(), bare_lf: false });
-        conn.send(&Reply::ok());
+        conn.send(&crate::smtp::reply::ok());
         assert!(matches!(conn.read_line(1000, Duration::from_millis(50)).await, Err(ReadError::Timeout)));
         // The reply was flushed before waiting.
         let mut buf = [0u8; 64];

@@ -1,13 +1,152 @@
-//! Decoding of the DATA stream (RFC 5321 4.1.1.4, 4.5.2): finds the end-of-data line,
-//! removes dot-stuffing and normalises line endings to CRLF. Pure and incremental: bytes go in
-//! as they arrive from the socket, decoded bytes come out, nothing is held but a few bytes of
-//! state, so a 30 MB scan streams through without being collected in memory.
+//! Reception of a message (RFC 5321 4.1.1.4): [`receive`] reads the DATA stream, decodes it,
+//! rewrites the header section (`crate::message`), enforces the size limit and writes the
+//! body to its sink, and returns one [`DataOutcome`]; the session only turns that into a reply.
+//!
+//! Decoding ([`DotDecoder`]) finds the end-of-data line, removes dot-stuffing (RFC 5321 4.5.2)
+//! and normalises line endings to CRLF. Pure and incremental: bytes go in as they arrive from
+//! the socket, decoded bytes come out, nothing is held but a few bytes of state, so a 30 MB
+//! scan streams through without being collected in memory.
 //!
 //! SMTP smuggling: the end of data is `<CRLF>.<CRLF>` and nothing else for a client that uses
 //! CRLF. `<LF>.<LF>` (and mixed forms) end the data only for a session that has sent bare LF
 //! throughout (old devices), decided by the session before DATA. Every bare LF or bare CR in
 //! the content becomes CRLF, and the upstream side dot-stuffs again, so no sequence inside a
 //! message can end it early or inject a second message upstream.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::connection::{Connection, ReadError};
+use super::ports::BodySink;
+use crate::message::{Changes, HeaderScanner, Refusal};
+
+/// RFC 5321 4.5.3.2.5: a server waits at least 3 minutes for each chunk of DATA.
+pub const DATA_TIMEOUT: Duration = Duration::from_secs(180);
+/// The whole DATA phase may take at most this long (a client trickling bytes is cut off).
+pub const DATA_DEADLINE: Duration = Duration::from_secs(30 * 60);
+
+/// How the reception of one message ended. Whatever the outcome, the end-of-data line was
+/// read (except for [`DataOutcome::Aborted`]), so the session can go on with the next command.
+#[derive(Debug)]
+pub enum DataOutcome {
+    /// The body is durable in its sink.
+    Spooled {
+        /// Bytes written (after the header rewrite).
+        size: u64,
+        /// The body has bytes >= 0x80.
+        eight_bit: bool,
+        /// The client sent bare LF or CR, turned into CRLF.
+        normalised: bool,
+    },
+    /// More than `limit` decoded bytes; nothing kept.
+    TooBig { size: u64 },
+    /// The header section cannot be made valid; nothing kept.
+    Refused(Refusal),
+    /// The sink failed; nothing kept.
+    StorageFailed(std::io::Error),
+    /// The connection is unusable (closed, timed out mid-DATA); nothing kept.
+    Aborted(ReadError),
+}
+
+/// What [`receive`] needs besides the connection and the sink.
+pub struct Reception<'a> {
+    /// `<LF>.<LF>` may end the data (a session that used bare LF throughout).
+    pub bare_lf_ends: bool,
+    /// The largest message taken, in decoded bytes.
+    pub limit: u64,
+    /// The header rewrite (Received, From, Message-ID, Date).
+    pub changes: &'a Changes<'a>,
+}
+
+/// Receives one message after the 354: reads to the end-of-data line, however the message
+/// turns out, so that the reply to DATA is the next thing the client reads (RFC 5321 4.1.1.4).
+pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    mut sink: Box<dyn BodySink>,
+    r: Reception<'_>,
+) -> DataOutcome {
+    let mut decoder = DotDecoder::new(r.bare_lf_ends);
+    let mut out = Vec::with_capacity(64 * 1024);
+    // The header section, until the scanner finds its end; then the rewritten start went out.
+    let mut header: Option<Vec<u8>> = Some(Vec::new());
+    let mut scanner = HeaderScanner::new();
+    // The first thing that went wrong; the rest of the data is then only read.
+    let mut failed: Option<DataOutcome> = None;
+    let mut size: u64 = 0;
+    let deadline = tokio::time::Instant::now() + DATA_DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let chunk = match conn.data_chunk(left.min(DATA_TIMEOUT)).await {
+            Ok(c) => c,
+            Err(e) => {
+                sink.abort();
+                return DataOutcome::Aborted(e);
+            }
+        };
+        let progress = decoder.feed(chunk, &mut out);
+        let consumed = match progress {
+            Progress::Done { consumed } => consumed,
+            Progress::NeedMore => chunk.len(),
+        };
+        conn.consume(consumed);
+        size += out.len() as u64;
+        if size > r.limit && !matches!(failed, Some(DataOutcome::TooBig { .. })) {
+            // Too big outranks a refusal found earlier: it is what the client can fix.
+            failed = Some(DataOutcome::TooBig { size });
+        }
+        if failed.is_none() {
+            let res = match header.as_mut() {
+                // The scanner looks at each new byte once (no rescan of the buffer).
+                Some(h) => {
+                    h.extend_from_slice(&out);
+                    match scanner
+                        .find(h)
+                        .and_then(|s| s.map(|s| crate::message::rewrite_start(h, s, r.changes)).transpose())
+                    {
+                        Ok(Some(first)) => {
+                            header = None;
+                            sink.write(&first).await
+                        }
+                        Ok(None) => Ok(()),
+                        Err(e) => {
+                            failed = Some(DataOutcome::Refused(e));
+                            Ok(())
+                        }
+                    }
+                }
+                None => sink.write(&out).await,
+            };
+            if let Err(e) = res {
+                failed = Some(DataOutcome::StorageFailed(e));
+            }
+        }
+        out.clear();
+        if matches!(progress, Progress::Done { .. }) {
+            break;
+        }
+    }
+    // The data ended in the header section: all header, or a last line without CRLF.
+    if let (Some(h), None) = (header.take(), failed.as_ref()) {
+        match scanner.finish(&h).and_then(|s| crate::message::rewrite_start(&h, s, r.changes)) {
+            Ok(first) => {
+                if let Err(e) = sink.write(&first).await {
+                    failed = Some(DataOutcome::StorageFailed(e));
+                }
+            }
+            Err(e) => failed = Some(DataOutcome::Refused(e)),
+        }
+    }
+    if let Some(f) = failed {
+        sink.abort();
+        return f;
+    }
+    let size = sink.written();
+    match sink.finish().await {
+        Ok(()) => DataOutcome::Spooled { size, eight_bit: decoder.eight_bit, normalised: decoder.normalised },
+        Err(e) => DataOutcome::StorageFailed(e),
+    }
+}
 
 /// Where the decoder is within the current line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,12 +236,8 @@ impl DotDecoder {
             State::Dot { crlf } => match b {
                 b'\r' => self.state = State::DotCr { crlf },
                 b'\n' if self.bare_lf_ends => return true,
-                b'\n' => {
-                    // "." then bare LF in a CRLF session: not an end; an empty line.
-                    self.normalised = true;
-                    out.extend_from_slice(b"\r\n");
-                    self.state = State::LineStart { crlf: false };
-                }
+                // "." then bare LF in a CRLF session: not an end; an empty line.
+                b'\n' => self.bare_ending(out),
                 // Dot-stuffing: a leading dot is removed (RFC 5321 4.5.2).
                 _ => self.line_byte(b, out),
             },
@@ -116,10 +251,7 @@ impl DotDecoder {
                     self.state = State::LineStart { crlf: true };
                 } else {
                     // ".<CR>x": the bare CR ends a line of its own.
-                    self.normalised = true;
-                    out.extend_from_slice(b"\r\n");
-                    self.state = State::LineStart { crlf: false };
-                    self.at_line_start(b, out);
+                    self.after_bare_cr(b, out);
                 }
             }
             State::Middle => self.line_byte(b, out),
@@ -128,14 +260,25 @@ impl DotDecoder {
                     out.extend_from_slice(b"\r\n");
                     self.state = State::LineStart { crlf: true };
                 } else {
-                    self.normalised = true;
-                    out.extend_from_slice(b"\r\n");
-                    self.state = State::LineStart { crlf: false };
-                    self.at_line_start(b, out);
+                    self.after_bare_cr(b, out);
                 }
             }
         }
         false
+    }
+
+    /// A bare LF or CR ended a line: it becomes CRLF, and the next line does not follow a
+    /// real CRLF (so it cannot end the data in a CRLF session).
+    fn bare_ending(&mut self, out: &mut Vec<u8>) {
+        self.normalised = true;
+        out.extend_from_slice(b"\r\n");
+        self.state = State::LineStart { crlf: false };
+    }
+
+    /// `b` followed a bare CR: the CR ended its line, `b` starts the next one.
+    fn after_bare_cr(&mut self, b: u8, out: &mut Vec<u8>) {
+        self.bare_ending(out);
+        self.at_line_start(b, out);
     }
 
     /// A byte at the start of a line that cannot be the end-of-data line any more.
@@ -153,11 +296,7 @@ impl DotDecoder {
     fn line_byte(&mut self, b: u8, out: &mut Vec<u8>) {
         match b {
             b'\r' => self.state = State::Cr,
-            b'\n' => {
-                self.normalised = true;
-                out.extend_from_slice(b"\r\n");
-                self.state = State::LineStart { crlf: false };
-            }
+            b'\n' => self.bare_ending(out),
             _ => {
                 if b >= 0x80 {
                     self.eight_bit = true;

@@ -7,26 +7,72 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 
 use super::connection::{Connection, ReadError};
-use super::reply::Reply;
+use super::reply;
 use super::session::{Next, Session};
 use super::Context;
-use crate::config::TlsMode;
 use crate::metrics;
 
 /// Time allowed for a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A byte stream a session can run on: plain TCP, or TLS from any [`Acceptor`].
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// The server side of TLS, one variant per TLS library. Today rustls only; a second backend
+/// (an OpenSSL acceptor for devices that only speak old protocol versions) is one more
+/// variant here and one more arm in [`Acceptor::accept`]: sessions only see a [`Stream`].
+#[derive(Clone)]
+pub enum Acceptor {
+    Rustls(tokio_rustls::TlsAcceptor),
+}
+
+impl Acceptor {
+    /// Runs the server handshake on `stream` (without a time limit; the caller bounds it).
+    pub async fn accept<S>(&self, stream: S) -> std::io::Result<Box<dyn Stream>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match self {
+            Acceptor::Rustls(a) => Ok(Box::new(a.accept(stream).await?)),
+        }
+    }
+}
+
+/// How a listener speaks TLS, with the acceptor where it has one: an implicit-TLS listener
+/// without an acceptor (that would serve plaintext) cannot be built.
+#[derive(Clone)]
+pub enum Tls {
+    /// Plaintext only.
+    None,
+    /// RFC 3207: plaintext at first, TLS after STARTTLS.
+    StartTls(Acceptor),
+    /// RFC 8314: TLS from the first byte.
+    Implicit(Acceptor),
+}
+
+impl Tls {
+    /// Whether STARTTLS is offered (before TLS is up).
+    pub fn offers_starttls(&self) -> bool {
+        matches!(self, Tls::StartTls(_))
+    }
+
+    /// Whether a session is TLS from its start.
+    pub fn is_implicit(&self) -> bool {
+        matches!(self, Tls::Implicit(_))
+    }
+}
+
 /// A listener's settings, shared by its sessions.
 pub struct ListenerSettings {
     /// Used as the metrics label and in logs: the configured address.
     pub name: String,
-    pub tls: TlsMode,
-    pub acceptor: Option<TlsAcceptor>,
+    pub tls: Tls,
     pub require_auth: bool,
     /// AUTH only after STARTTLS (RFC 4954 4, RFC 3207 4.2); an implicit-TLS session is TLS
     /// from the start.
@@ -131,65 +177,63 @@ pub async fn serve(
 }
 
 /// Answers 421 and closes, without waiting for the client.
-fn refuse(mut tcp: TcpStream, settings: &ListenerSettings) {
+pub(crate) fn refuse<S>(mut stream: S, settings: &ListenerSettings)
+where
+    S: AsyncWrite + Unpin + Send + 'static,
+{
     metrics::SMTP_REFUSED_CONNECTIONS.with_label_values(&[&settings.name]).inc();
-    let bytes = Reply::too_many_connections().to_bytes();
+    let bytes = reply::too_many_connections().to_bytes();
     tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
-        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&bytes)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&bytes)).await;
     });
 }
 
-/// Runs one connection: greeting, session, STARTTLS upgrade, session again.
-async fn handle(
-    tcp: TcpStream,
+/// Runs one connection: greeting, session, STARTTLS upgrade, session again. Generic over the
+/// stream so that tests drive it over an in-memory pipe.
+pub(crate) async fn handle<S>(
+    stream: S,
     peer: SocketAddr,
     settings: Arc<ListenerSettings>,
     ctx: Arc<Context>,
     current: CurrentContext,
     shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let started = std::time::Instant::now();
-    let mut session =
-        Session::new(ctx.clone(), current, settings.clone(), peer, settings.tls == TlsMode::Implicit, shutdown);
-    let result = match (settings.tls, &settings.acceptor) {
-        (TlsMode::Implicit, Some(acceptor)) => {
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    let mut conn = Connection::new(tls);
-                    conn.send(&Reply::greeting(&ctx.hostname));
-                    session.run(&mut conn).await.map(|_| ())
-                }
-                Ok(Err(e)) => Err(ReadError::Io(e)),
-                Err(_) => Err(ReadError::Timeout),
+    let mut session = Session::new(ctx.clone(), current, settings.clone(), peer, shutdown);
+    let result = match &settings.tls {
+        Tls::Implicit(acceptor) => match handshake(acceptor, stream).await {
+            Ok(tls) => {
+                let mut conn = Connection::new(tls);
+                conn.send(&reply::greeting(&ctx.hostname));
+                session.run(&mut conn).await.map(|_| ())
             }
-        }
-        _ => {
-            let mut conn = Connection::new(tcp);
-            conn.send(&Reply::greeting(&ctx.hostname));
-            match session.run(&mut conn).await {
-                Ok(Next::StartTls) => match &settings.acceptor {
-                    Some(acceptor) => {
-                        let (tcp, leftover) = conn.into_inner();
-                        if leftover > 0 {
-                            // RFC 3207 4.2 / CVE-2011-0411: plaintext pipelined after STARTTLS
-                            // is discarded, never executed inside the TLS session.
-                            tracing::warn!(peer = %peer, bytes = leftover, "discarded plaintext sent after STARTTLS");
-                        }
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => {
-                                session.reset_for_tls();
-                                let mut conn = Connection::new(tls);
-                                session.run(&mut conn).await.map(|_| ())
-                            }
-                            Ok(Err(e)) => Err(ReadError::Io(e)),
-                            Err(_) => Err(ReadError::Timeout),
-                        }
+            Err(e) => Err(e),
+        },
+        Tls::None | Tls::StartTls(_) => {
+            let mut conn = Connection::new(stream);
+            conn.send(&reply::greeting(&ctx.hostname));
+            match (session.run(&mut conn).await, &settings.tls) {
+                (Ok(Next::StartTls), Tls::StartTls(acceptor)) => {
+                    let (plain, leftover) = conn.into_inner();
+                    if leftover > 0 {
+                        // RFC 3207 4.2 / CVE-2011-0411: plaintext pipelined after STARTTLS
+                        // is discarded, never executed inside the TLS session.
+                        tracing::warn!(peer = %peer, bytes = leftover, "discarded plaintext sent after STARTTLS");
                     }
-                    None => Ok(()),
-                },
-                Ok(Next::Close) => Ok(()),
-                Err(e) => Err(e),
+                    match handshake(acceptor, plain).await {
+                        Ok(tls) => {
+                            session.reset_for_tls();
+                            let mut conn = Connection::new(tls);
+                            session.run(&mut conn).await.map(|_| ())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                (Ok(_), _) => Ok(()),
+                (Err(e), _) => Err(e),
             }
         }
     };
@@ -202,6 +246,18 @@ async fn handle(
         Err(e) => tracing::info!(
             peer = %peer, listener = %settings.name, device = %device, messages = session.accepted(), secs, "session ended: {e}"
         ),
+    }
+}
+
+/// The TLS handshake, bounded by [`TLS_HANDSHAKE_TIMEOUT`].
+async fn handshake<S>(acceptor: &Acceptor, stream: S) -> Result<Box<dyn Stream>, ReadError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(ReadError::Io(e)),
+        Err(_) => Err(ReadError::Timeout),
     }
 }
 

@@ -1,47 +1,50 @@
 //! The device-facing SMTP server (RFC 5321 with the extensions printers use).
 //!
 //! `listener` accepts connections (TLS, limits, shutdown), `session` runs one conversation as
-//! a state machine over the typed commands of `command` and the typed replies of `reply`;
-//! `auth` decodes AUTH PLAIN/LOGIN, `data` decodes the DATA stream, `connection` frames the
-//! bytes. Everything a session needs from the rest of the relay is in [`Context`].
+//! a state machine over the typed commands of `command` and the named replies of `reply`;
+//! `auth` decodes AUTH PLAIN/LOGIN, `data` receives a message (decoding, header rewrite, size
+//! limit, spool), `connection` frames the bytes. Everything a session needs from the rest of
+//! the relay is in [`Context`], as the narrow traits of `ports`, so that the tests here run
+//! whole sessions in memory.
 
 pub mod auth;
 pub mod command;
 pub mod connection;
 pub mod data;
 pub mod listener;
+pub mod ports;
 pub mod reply;
 pub mod session;
+#[cfg(test)]
+mod transcripts;
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
-use crate::delivery::Delivery;
-use crate::devices::Devices;
-use crate::oauth::tokens::TokenManager;
-use crate::queue::Queue;
+use ports::{Accept, Attempt, Identities, Verify};
 
-/// What sessions share: the relay's state, as of the current configuration.
+/// What sessions share: the relay's state, as of the current configuration. The relay fills
+/// it with `devices::Devices`, `queue::Queue`, `delivery::Delivery` and
+/// `oauth::tokens::TokenManager`; the tests with fakes.
 pub struct Context {
     pub hostname: String,
-    pub devices: Arc<Devices>,
-    pub queue: Arc<Queue>,
-    pub delivery: Arc<Delivery>,
-    pub tokens: Arc<TokenManager>,
+    /// Who a connection is.
+    pub devices: Arc<dyn Verify>,
+    /// Makes messages durable.
+    pub queue: Arc<dyn Accept>,
+    /// The in-session delivery attempt.
+    pub delivery: Arc<dyn Attempt>,
+    /// What the session must know of identities.
+    pub tokens: Arc<dyn Identities>,
     pub throttle: Arc<auth::AuthThrottle>,
     pub max_recipients: usize,
     pub activity: Arc<crate::activity::Activity>,
 }
 
 impl Context {
-    /// The largest message the identity's provider takes, if it has a limit.
-    pub fn provider_limit(&self, identity: &str) -> Option<u64> {
-        self.tokens.slot(identity).ok().and_then(|s| s.provider.max_message_size)
-    }
-
     /// The smallest provider limit over every device's identity (for EHLO before AUTH).
     pub fn smallest_provider_limit(&self) -> Option<u64> {
-        self.devices.all().iter().filter_map(|d| self.provider_limit(&d.identity)).min()
+        self.devices.all().iter().filter_map(|d| self.tokens.size_limit(&d.identity)).min()
     }
 }
 

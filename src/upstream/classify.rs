@@ -4,7 +4,7 @@
 //! text (README.md, "What the printer's panel shows"). Each gets a short hint that goes into the log and
 //! into the reply the person at the printer sees.
 
-use crate::smtp::reply::{sanitize_text, Reply, Status};
+use crate::reply::{sanitize_text, Reply, Status};
 
 /// A reply from the upstream server.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,141 @@
+//! What a session needs from the rest of the relay, as narrow traits: [`Verify`] (who is
+//! this: devices by address and by login), [`Identities`] (what the session must know of a
+//! device's identity), [`Accept`] (make a message durable) and [`Attempt`] (the in-session
+//! delivery). The real types implement them here; the in-process session tests
+//! (`smtp::transcripts`) implement them with fakes, so a whole conversation runs in memory.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+
+use crate::delivery::{Delivery, Outcome};
+use crate::devices::{AuthError, Device, Devices};
+use crate::oauth::tokens::{IdentityState, TokenManager};
+use crate::queue::{Incoming, MessageId, Queue, QueueError, QueueRecord, SpoolWriter};
+
+/// Who a connection is (ARCHITECTURE.md, "Never an open relay").
+pub trait Verify: Send + Sync {
+    /// The device a connection from `ip` is when it does not log in.
+    fn by_address(&self, ip: IpAddr) -> Option<Arc<Device>>;
+    /// After a reload: the current version of a device that logged in earlier, if its login
+    /// still holds.
+    fn still_logged_in(&self, old: &Device, ip: IpAddr) -> Option<Arc<Device>>;
+    /// The device name of a username (for the activity page).
+    fn name_of_user(&self, username: &str) -> Option<String>;
+    /// Checks AUTH credentials.
+    fn authenticate<'a>(
+        &'a self,
+        username: &'a str,
+        pin: &'a str,
+        ip: IpAddr,
+    ) -> BoxFuture<'a, Result<Arc<Device>, AuthError>>;
+    /// Every device (for the SIZE advertised before the client is known).
+    fn all(&self) -> &[Arc<Device>];
+}
+
+/// What the session must know of an identity.
+pub trait Identities: Send + Sync {
+    /// The identity's mailbox address, `None` when it is not configured.
+    fn email(&self, identity: &str) -> Option<String>;
+    /// The largest message the identity's provider takes, if it has a limit.
+    fn size_limit(&self, identity: &str) -> Option<u64>;
+    /// Its sign-in was revoked (ARCHITECTURE.md, "A revoked token is loud, not lossy").
+    fn needs_login(&self, identity: &str) -> bool;
+}
+
+/// Where a message body goes while DATA is received.
+pub trait BodySink: Send {
+    /// Appends bytes.
+    fn write<'a>(&'a mut self, bytes: &'a [u8]) -> BoxFuture<'a, std::io::Result<()>>;
+    /// Bytes written so far.
+    fn written(&self) -> u64;
+    /// Makes the body durable (ARCHITECTURE.md, "Durability").
+    fn finish(self: Box<Self>) -> BoxFuture<'static, std::io::Result<()>>;
+    /// Throws the body away.
+    fn abort(self: Box<Self>);
+}
+
+/// Makes a message durable: the queue.
+pub trait Accept: Send + Sync {
+    /// A new message id.
+    fn new_id(&self) -> MessageId;
+    /// Where the body of message `id` is written.
+    fn body(&self, id: MessageId) -> Box<dyn BodySink>;
+    /// Commits the record of a message whose body is finished; on failure the body is gone.
+    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<QueueRecord, QueueError>>;
+}
+
+/// The in-session delivery attempt (ARCHITECTURE.md, "In-session delivery").
+pub trait Attempt: Send + Sync {
+    /// Attempts a just-accepted message while the device waits.
+    fn attempt_in_session(self: Arc<Self>, id: MessageId) -> BoxFuture<'static, Outcome>;
+}
+
+impl Verify for Devices {
+    fn by_address(&self, ip: IpAddr) -> Option<Arc<Device>> {
+        Devices::by_address(self, ip)
+    }
+    fn still_logged_in(&self, old: &Device, ip: IpAddr) -> Option<Arc<Device>> {
+        Devices::still_logged_in(self, old, ip)
+    }
+    fn name_of_user(&self, username: &str) -> Option<String> {
+        Devices::name_of_user(self, username).map(str::to_string)
+    }
+    fn authenticate<'a>(
+        &'a self,
+        username: &'a str,
+        pin: &'a str,
+        ip: IpAddr,
+    ) -> BoxFuture<'a, Result<Arc<Device>, AuthError>> {
+        Box::pin(Devices::authenticate(self, username, pin, ip))
+    }
+    fn all(&self) -> &[Arc<Device>] {
+        Devices::all(self)
+    }
+}
+
+impl Identities for TokenManager {
+    fn email(&self, identity: &str) -> Option<String> {
+        self.slot(identity).ok().map(|s| s.email.clone())
+    }
+    fn size_limit(&self, identity: &str) -> Option<u64> {
+        self.slot(identity).ok().and_then(|s| s.provider.max_message_size)
+    }
+    fn needs_login(&self, identity: &str) -> bool {
+        self.state(identity) == Some(IdentityState::NeedsLogin)
+    }
+}
+
+impl BodySink for SpoolWriter {
+    fn write<'a>(&'a mut self, bytes: &'a [u8]) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(SpoolWriter::write(self, bytes))
+    }
+    fn written(&self) -> u64 {
+        SpoolWriter::len(self)
+    }
+    fn finish(self: Box<Self>) -> BoxFuture<'static, std::io::Result<()>> {
+        Box::pin(SpoolWriter::finish(*self))
+    }
+    fn abort(self: Box<Self>) {
+        SpoolWriter::abort(*self)
+    }
+}
+
+impl Accept for Queue {
+    fn new_id(&self) -> MessageId {
+        Queue::new_id(self)
+    }
+    fn body(&self, id: MessageId) -> Box<dyn BodySink> {
+        Box::new(self.spool().writer(id))
+    }
+    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<QueueRecord, QueueError>> {
+        Box::pin(self.accept_incoming(m))
+    }
+}
+
+impl Attempt for Delivery {
+    fn attempt_in_session(self: Arc<Self>, id: MessageId) -> BoxFuture<'static, Outcome> {
+        Box::pin(async move { Delivery::attempt_in_session(&self, id).await })
+    }
+}
