@@ -8,6 +8,7 @@
 //!   (or of wrong secrets) cannot exhaust memory or stall the async workers;
 //! - after waiting for a slot, looks again: a check of the same secret may just have succeeded.
 
+use crate::locks::MutexExt;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
@@ -49,11 +50,11 @@ impl Verifier {
     /// How many successes are remembered (for tests).
     #[cfg(test)]
     pub(crate) fn remembered(&self) -> usize {
-        self.remembered.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.remembered.locked().len()
     }
 
     fn is_remembered(&self, tag: &[u8; 32]) -> bool {
-        self.remembered.lock().unwrap_or_else(|e| e.into_inner()).contains(tag)
+        self.remembered.locked().contains(tag)
     }
 
     /// Whether `secret` matches `hash`; `who` (a device name, a user) scopes what is remembered.
@@ -69,7 +70,7 @@ impl Verifier {
         if !check_on_blocking_pool(hash, secret).await {
             return false;
         }
-        let mut set = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self.remembered.locked();
         if set.len() >= MAX_REMEMBERED {
             set.clear();
         }

@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod devices;
 pub mod fsutil;
 pub mod imap;
+pub mod locks;
 pub mod message;
 pub mod metrics;
 pub mod oauth;

@@ -1,5 +1,6 @@
 //! Wiring: builds every part from a validated configuration and runs them until shutdown.
 
+use crate::locks::RwLockExt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,15 +68,9 @@ pub struct Parts {
 /// Opens the data directory and the token key.
 pub async fn open_shared(config: &Config) -> Result<Shared, StartError> {
     let data_dir = config.data_dir();
-    let (store, queue) = crate::queue::open_data_dir(&data_dir).await.map_err(|e| StartError::Data {
-        path: data_dir.clone(),
-        message: match e.to_string() {
-            m if m.contains("WouldBlock") || m.contains("lock") => {
-                format!("{m} (is another mfd-relay using this data directory?)")
-            }
-            m => m,
-        },
-    })?;
+    let (store, queue) = crate::queue::open_data_dir(&data_dir)
+        .await
+        .map_err(|e| StartError::Data { path: data_dir.clone(), message: e.to_string() })?;
     let env_key = std::env::var("MFD_RELAY_KEY").ok();
     let vault = Arc::new(Vault::open(&config.key_file(), env_key.as_deref())?);
     Ok(Shared {
@@ -331,7 +326,7 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
                         let new_parts = Arc::new(new_parts);
                         // New sessions use the new configuration at once; sessions in flight
                         // keep the one they started with.
-                        *current.write().unwrap_or_else(|e| e.into_inner()) = new_parts.ctx.clone();
+                        *current.write_locked() = new_parts.ctx.clone();
                         admin.reload(&new_parts);
                         // A sign-in in progress is saved into the new identities.
                         shared.logins.use_tokens(&new_parts.tokens);

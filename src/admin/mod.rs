@@ -15,6 +15,7 @@ pub mod auth;
 pub mod guard;
 pub mod status;
 
+use crate::locks::RwLockExt;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -109,28 +110,28 @@ impl Admin {
 
     /// Lets `POST /api/reload` ask the run loop for a reload.
     pub fn set_reload(&self, tx: tokio::sync::mpsc::Sender<crate::relay::ReloadRequest>) {
-        *self.reload.write().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        *self.reload.write_locked() = Some(tx);
     }
 
     fn tokens(&self) -> Arc<TokenManager> {
-        self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.tokens.read_locked().clone()
     }
 
     /// Takes a reloaded relay: its token manager, and from its configuration the credentials,
     /// devices and mailboxes shown and the readiness rule. The listen address and redirect URI
     /// stay those of the start. A remembered basic-auth success is forgotten.
     pub fn reload(&self, parts: &Parts) {
-        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = parts.tokens.clone();
+        *self.tokens.write_locked() = parts.tokens.clone();
         self.set_view(View::from_config(&parts.config));
     }
 
     /// Replaces what the admin takes from the configuration.
     pub fn set_view(&self, view: View) {
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        *self.view.write_locked() = Arc::new(view);
     }
 
     fn view(&self) -> Arc<View> {
-        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.view.read_locked().clone()
     }
 
     pub fn router(self) -> Router {
@@ -415,7 +416,7 @@ mod tests;
 /// `POST /api/reload`: re-reads the configuration file in the daemon (like SIGHUP) and
 /// answers with what happened.
 async fn reload(State(a): State<Admin>) -> Response {
-    let tx = a.reload.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let tx = a.reload.read_locked().clone();
     let Some(tx) = tx else {
         return (StatusCode::SERVICE_UNAVAILABLE, "reload is not available here\n").into_response();
     };

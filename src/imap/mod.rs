@@ -28,6 +28,7 @@ pub mod session;
 pub mod state;
 pub mod wire;
 
+use crate::locks::RwLockExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -148,7 +149,7 @@ impl Pollers {
                 let name = p.name().to_string();
                 if let Some(r) = running.get(&name) {
                     if r.fingerprint == p.fingerprint() {
-                        *r.cell.write().unwrap_or_else(|e| e.into_inner()) = self.shared.clone();
+                        *r.cell.write_locked() = self.shared.clone();
                         tracing::info!(mailbox = %name, "mailbox poller kept running: its settings did not change");
                         continue;
                     }

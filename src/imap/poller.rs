@@ -26,6 +26,7 @@
 //! makes a crash at any point safe: the job is never written twice, `after` is applied on
 //! restart, and the print command never runs twice.
 
+use crate::locks::{MutexExt, RwLockExt};
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -272,7 +273,7 @@ impl Poller {
     }
 
     fn shared(&self) -> Arc<Shared> {
-        self.shared.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shared.read_locked().clone()
     }
 
     /// Where a reload puts the new relay parts for this poller, if it keeps it running.
@@ -804,7 +805,7 @@ impl Poller {
 fn lease(mailbox: &str) -> Arc<tokio::sync::Mutex<()>> {
     type Leases = std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
     static LEASES: std::sync::LazyLock<Leases> = std::sync::LazyLock::new(Default::default);
-    LEASES.lock().unwrap_or_else(|e| e.into_inner()).entry(mailbox.to_string()).or_default().clone()
+    LEASES.locked().entry(mailbox.to_string()).or_default().clone()
 }
 
 /// Returns when `identity` becomes ready (signed in again).

@@ -6,6 +6,7 @@
 //! App-only identities (client credentials, service accounts) need no person: "login" just
 //! fetches a first token, which proves the app registration works.
 
+use crate::locks::{MutexExt, RwLockExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -129,17 +130,17 @@ fn client(
 
 impl Logins {
     pub fn status(&self, identity: &str) -> LoginStatus {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).get(identity).cloned().unwrap_or(LoginStatus::None)
+        self.status.locked().get(identity).cloned().unwrap_or(LoginStatus::None)
     }
 
     /// Makes `tokens` the manager that finished sign-ins are saved into (at start and on
     /// every reload).
     pub fn use_tokens(&self, tokens: &Arc<TokenManager>) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(tokens.clone());
+        *self.current.write_locked() = Some(tokens.clone());
     }
 
     fn set(&self, identity: &str, s: LoginStatus) {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).insert(identity.to_string(), s);
+        self.status.locked().insert(identity.to_string(), s);
     }
 
     /// Starts a sign-in for `identity`. `redirect_uri` is where the browser comes back for
@@ -174,7 +175,7 @@ impl Logins {
             }
             Flow::AuthCode => {
                 let (url, state, verifier) = authorize_url(&slot, redirect_uri)?;
-                self.codes.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                self.codes.locked().insert(
                     state,
                     PendingCode {
                         identity: identity.to_string(),
@@ -193,7 +194,7 @@ impl Logins {
     /// The browser came back with `code` and `state` (or with an error).
     pub async fn callback(&self, tokens: &TokenManager, query: &HashMap<String, String>) -> Result<String, String> {
         let state = query.get("state").cloned().unwrap_or_default();
-        let pending = self.codes.lock().unwrap_or_else(|e| e.into_inner()).take(&state, std::time::Instant::now());
+        let pending = self.codes.locked().take(&state, std::time::Instant::now());
         let pending = pending.map_err(String::from)?;
         let result = match (query.get("code"), query.get("error")) {
             (Some(code), _) => match tokens.slot(&pending.identity) {
@@ -233,7 +234,7 @@ impl Logins {
         started: Option<&Slot>,
         result: Result<TokenSet, TokenError>,
     ) {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let current = self.current.read_locked().clone();
         let tokens = current.as_deref().unwrap_or(tokens);
         let result = match (result, started, tokens.slot(identity)) {
             (Ok(_), Some(old), Ok(now)) if *old.provider != *now.provider || old.email != now.email => {

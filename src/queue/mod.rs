@@ -17,6 +17,7 @@
 pub mod bounce;
 pub mod spool;
 
+use crate::locks::MutexExt;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
@@ -198,7 +199,7 @@ impl Queue {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Schedule> {
-        self.schedule.lock().unwrap_or_else(|e| e.into_inner())
+        self.schedule.locked()
     }
 
     pub fn spool(&self) -> &Spool {

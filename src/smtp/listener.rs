@@ -2,6 +2,7 @@
 //! graceful shutdown. Modelled on mini-redis's `Listener`: a semaphore bounds the number of
 //! connections, accept errors back off, and each connection runs its own session task.
 
+use crate::locks::{MutexExt, RwLockExt};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -43,7 +44,7 @@ struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
 
 impl PerAddress {
     fn try_add(&self, ip: IpAddr, max: usize) -> bool {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.0.locked();
         let n = m.entry(super::client_key(ip)).or_insert(0);
         if *n >= max {
             return false;
@@ -54,7 +55,7 @@ impl PerAddress {
 
     fn remove(&self, ip: IpAddr) {
         let key = super::client_key(ip);
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.0.locked();
         if let Some(n) = m.get_mut(&key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -99,7 +100,7 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let ctx = current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let ctx = current.read_locked().clone();
         let permit = match limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {

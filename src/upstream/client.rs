@@ -12,6 +12,7 @@
 //! refuses a token it first answers `334 <base64 JSON>`; the client must send an empty line
 //! to get the final 535, and that JSON is the only explanation the admin gets, so it is kept.
 
+use crate::locks::MutexExt;
 use std::fmt;
 use std::io::Read;
 use std::path::Path;
@@ -373,7 +374,7 @@ pub async fn transaction(
     let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
     let chunks = FileChunks { file, remaining: send_len, failed: failed.clone() };
     let result = timed(t.data, "the message body", conn.message_iter(chunks)).await?;
-    if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(e) = failed.locked().take() {
         // The upstream may hold a damaged copy now; the message stays queued and the
         // error is loud, since a read failure of a just-written spool file means a bad disk.
         return Err(SendError::Network(format!("reading spool file {} failed mid-message: {e}", body.display())));
@@ -405,7 +406,7 @@ impl Iterator for FileChunks {
             }
             Err(e) => {
                 // A bare CR makes the truncated message invalid for strict providers.
-                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                *self.failed.locked() = Some(e);
                 self.remaining = 0;
                 Some(b"\r".to_vec())
             }
