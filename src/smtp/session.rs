@@ -767,12 +767,15 @@ impl Session {
             last_error: None,
             is_bounce: false,
         };
-        if let Err(e) = self.ctx.queue.accept(&rec).await {
-            self.ctx.queue.spool().remove(id);
-            tracing::error!(device = %device.name, "cannot queue the message: {e}");
-            metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "storage"]).inc();
-            return DataResult::Reply(Reply::storage_failed());
-        }
+        let lease = match self.ctx.queue.accept(&rec).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                self.ctx.queue.spool().remove(id);
+                tracing::error!(device = %device.name, "cannot queue the message: {e}");
+                metrics::MESSAGES_REJECTED.with_label_values(&[&device.name, "storage"]).inc();
+                return DataResult::Reply(Reply::storage_failed());
+            }
+        };
         // From here on the message is durable (ARCHITECTURE.md, "Durability").
         self.accepted += 1;
         self.ctx.activity.accepted(&device.name);
@@ -782,7 +785,7 @@ impl Session {
             queue_id = %id, device = %device.name, identity = %device.identity, peer = %self.peer.ip(),
             size = final_size, rcpts = rec.rcpts.len(), bare_lf = decoder.normalised, "accepted"
         );
-        let reply = match self.ctx.delivery.attempt_in_session(id).await {
+        let reply = match self.ctx.delivery.attempt_in_session(lease).await {
             Outcome::Delivered(up) => {
                 let text = crate::smtp::reply::sanitize_text(&up.text, 200);
                 Reply::with(250, Status(2, 0, 0), format!("OK {id} delivered: {text}"))
