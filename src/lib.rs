@@ -15,6 +15,7 @@ pub mod credentials;
 pub mod delivery;
 pub mod devices;
 pub mod fsutil;
+pub mod generation;
 pub mod imap;
 pub mod locks;
 pub mod message;

@@ -12,8 +12,7 @@ async fn start(dir: &std::path::Path) -> (Admin, u16, tokio::sync::watch::Sender
         "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n"
     );
     let config = Config::parse(&dir.join("config.toml"), text).unwrap();
-    let parts = crate::relay::build(config).await.unwrap();
-    let admin = Admin::new(&parts);
+    let admin = ops::Offline::open(config).await.unwrap().admin();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = tcp.local_addr().unwrap().port();
     let (tx, rx) = tokio::sync::watch::channel(false);

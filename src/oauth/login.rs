@@ -102,10 +102,14 @@ pub struct Logins {
     status: Mutex<HashMap<String, LoginStatus>>,
     /// Authorization-code sign-ins by their `state` parameter.
     codes: Mutex<PendingCodes>,
-    /// The running configuration's token manager: a sign-in that outlives a reload is saved
-    /// there, not into the manager it started with (whose slot the reload may have replaced).
-    current: std::sync::RwLock<Option<Arc<TokenManager>>>,
+    /// Reads the running configuration's token manager: a sign-in that outlives a reload is
+    /// saved there, not into the manager it started with (whose slot the reload may have
+    /// replaced). Unset in a process that never reloads (the offline CLI).
+    current: std::sync::RwLock<Option<CurrentTokens>>,
 }
+
+/// Reads the current token manager (the wiring reads its generation channel).
+type CurrentTokens = Arc<dyn Fn() -> Arc<TokenManager> + Send + Sync>;
 
 fn client(
     p: &ProviderInfo,
@@ -133,10 +137,10 @@ impl Logins {
         self.status.locked().get(identity).cloned().unwrap_or(LoginStatus::None)
     }
 
-    /// Makes `tokens` the manager that finished sign-ins are saved into (at start and on
-    /// every reload).
-    pub fn use_tokens(&self, tokens: &Arc<TokenManager>) {
-        *self.current.write_locked() = Some(tokens.clone());
+    /// Saves finished sign-ins into the token manager `current` returns at that time (the
+    /// current configuration generation's; ARCHITECTURE.md, "Reload").
+    pub fn follow(&self, current: impl Fn() -> Arc<TokenManager> + Send + Sync + 'static) {
+        *self.current.write_locked() = Some(Arc::new(current));
     }
 
     fn set(&self, identity: &str, s: LoginStatus) {
@@ -234,7 +238,7 @@ impl Logins {
         started: Option<&Slot>,
         result: Result<TokenSet, TokenError>,
     ) {
-        let current = self.current.read_locked().clone();
+        let current = self.current.read_locked().clone().map(|read| read());
         let tokens = current.as_deref().unwrap_or(tokens);
         let result = match (result, started, tokens.slot(identity)) {
             (Ok(_), Some(old), Ok(now)) if *old.provider != *now.provider || old.email != now.email => {

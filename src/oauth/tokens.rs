@@ -841,7 +841,10 @@ mod tests {
              [[identity]]\nname = \"u\"\nprovider = \"p\"\nemail = \"u@example.com\"\nflow = \"device_code\"\n"
         );
         let config = Config::parse(&dir.join("config.toml"), text).unwrap();
-        let tokens = crate::relay::build(config).await.unwrap().tokens;
+        std::fs::create_dir_all(config.data_dir()).unwrap();
+        let store = Arc::new(crate::store::Store::open(&config.data_dir(), vec![]).unwrap());
+        let vault = Arc::new(crate::oauth::vault::Vault::open(&config.key_file(), None).unwrap());
+        let tokens = Arc::new(TokenManager::new(&config, store, vault, None).unwrap());
         let set = TokenSet {
             access_token: "at-old".into(),
             refresh_token: Some(rt.into()),

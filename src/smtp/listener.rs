@@ -2,7 +2,7 @@
 //! graceful shutdown. Modelled on mini-redis's `Listener`: a semaphore bounds the number of
 //! connections, accept errors back off, and each connection runs its own session task.
 
-use crate::locks::{MutexExt, RwLockExt};
+use crate::locks::MutexExt;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -65,9 +65,23 @@ impl PerAddress {
     }
 }
 
-/// The context new sessions get; a reload replaces it. Sessions in flight keep theirs for a
+/// The context new sessions get, read from the relay's current configuration generation
+/// (ARCHITECTURE.md, "Reload"); a reload replaces it. Sessions in flight keep theirs for a
 /// transaction already begun and move to the current one at their next EHLO, AUTH or MAIL.
-pub type CurrentContext = Arc<std::sync::RwLock<Arc<Context>>>;
+#[derive(Clone)]
+pub struct CurrentContext(Arc<dyn Fn() -> Arc<Context> + Send + Sync>);
+
+impl CurrentContext {
+    /// Reads the current context with `current` (the wiring reads its generation channel).
+    pub fn new(current: impl Fn() -> Arc<Context> + Send + Sync + 'static) -> CurrentContext {
+        CurrentContext(Arc::new(current))
+    }
+
+    /// The context of the current configuration.
+    pub fn get(&self) -> Arc<Context> {
+        (self.0)()
+    }
+}
 
 /// Accepts connections until `shutdown` fires, then waits (up to `grace`) for sessions in
 /// flight to finish.
@@ -100,7 +114,7 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let ctx = current.read_locked().clone();
+        let ctx = current.get();
         let permit = match limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {

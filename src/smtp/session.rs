@@ -7,7 +7,6 @@
 //! listener, which wraps the stream and runs the same session again (RFC 3207 4.2: the state
 //! is reset and the client must greet again).
 
-use crate::locks::RwLockExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -350,7 +349,7 @@ impl Session {
     /// a logged-in device must still exist with the same login, an address-matched device is
     /// matched again; otherwise the session is no longer a device.
     fn follow_reload(&mut self) {
-        let current = self.current.read_locked().clone();
+        let current = self.current.get();
         if Arc::ptr_eq(&current, &self.ctx) {
             return;
         }
