@@ -417,11 +417,12 @@ pub struct Client {
 impl Client {
     /// A client of the admin listener `config` names; `timeout` bounds each request.
     pub fn new(config: &Config, timeout: std::time::Duration) -> Result<Client, ClientError> {
-        Ok(Client {
-            base: format!("http://{}", config.admin.listen.get_ref()),
-            token: config.admin.token.clone(),
-            http: reqwest::Client::builder().timeout(timeout).build()?,
-        })
+        Client::at(format!("http://{}", config.admin.listen.get_ref()), config.admin.token.clone(), timeout)
+    }
+
+    /// A client of the admin listener at `base` (`http://host:port`), with its bearer token.
+    pub fn at(base: String, token: Option<String>, timeout: std::time::Duration) -> Result<Client, ClientError> {
+        Ok(Client { base, token, http: reqwest::Client::builder().timeout(timeout).build()? })
     }
 
     /// The admin listener's address, for messages.
