@@ -39,11 +39,17 @@ pub enum BuildError {
 /// [`Generation`] around the same `Shared`.
 #[derive(Clone)]
 pub struct Shared {
+    /// The database (holding the data directory's lock).
     pub store: Arc<crate::store::Store>,
+    /// The queue (spool and records).
     pub queue: Arc<crate::queue::Queue>,
+    /// The token key.
     pub vault: Arc<Vault>,
+    /// Sign-ins in progress.
     pub logins: Arc<crate::oauth::login::Logins>,
+    /// What devices and mailboxes did lately (the status page).
     pub activity: Arc<crate::activity::Activity>,
+    /// Failed device logins per address and username.
     pub throttle: Arc<AuthThrottle>,
     /// Per-identity send windows: kept across reloads, or each SIGHUP would allow a new burst.
     pub shaper: Arc<crate::upstream::shaper::Shaper>,
@@ -72,8 +78,11 @@ impl Shared {
 
 /// The parts of one configuration: what new sessions, admin requests and pollers use.
 pub struct Generation {
+    /// The validated configuration it was built from.
     pub config: Config,
+    /// Its identities' tokens.
     pub tokens: Arc<TokenManager>,
+    /// Its in-session attempts and retry scheduler.
     pub delivery: Arc<Delivery>,
     /// What SMTP sessions use (devices, queue, delivery, tokens, limits).
     pub smtp: Arc<Context>,

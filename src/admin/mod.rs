@@ -46,8 +46,11 @@ pub type ReloadRequest = tokio::sync::oneshot::Sender<ops::ReloadReport>;
 
 /// What the admin listener uses from the relay.
 pub struct Deps {
+    /// The queue the API lists, retries and drops from.
     pub queue: Arc<Queue>,
+    /// Sign-ins in progress (kept across reloads).
     pub logins: Arc<Logins>,
+    /// What the status page shows of devices and mailboxes.
     pub activity: Arc<Activity>,
     /// The generation channel: the current configuration and token manager.
     pub current: Current,

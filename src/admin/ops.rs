@@ -76,6 +76,7 @@ pub trait Request: Sync {
 
 /// What the queue operations act on.
 pub struct QueueOps {
+    /// The relay's queue (the daemon's, or one opened by the CLI).
     pub queue: Arc<Queue>,
 }
 
@@ -90,7 +91,9 @@ impl QueueOps {
 
 /// What the sign-in operations act on.
 pub struct AuthOps {
+    /// The current generation's token manager.
     pub tokens: Arc<TokenManager>,
+    /// Sign-ins in progress.
     pub logins: Arc<Logins>,
     /// Where the browser comes back to (the admin listener's `/oauth/callback`).
     pub redirect_uri: String,
@@ -122,6 +125,7 @@ pub struct QueueRetry {
 /// The answer to [`QueueRetry`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Retried {
+    /// How many messages were made due now.
     pub retried: usize,
 }
 
@@ -144,12 +148,14 @@ impl Request for QueueRetry {
 /// `POST /api/queue/drop/{id}`: removes a message without delivering it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QueueDrop {
+    /// The queue id (16 hex digits).
     pub id: String,
 }
 
 /// The answer to [`QueueDrop`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Dropped {
+    /// The id of the dropped message.
     pub dropped: String,
 }
 
@@ -189,6 +195,7 @@ impl Request for AuthStatus {
 /// `POST /api/auth/login/{identity}`: starts a sign-in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuthLogin {
+    /// The `[[identity]]` name.
     pub identity: String,
 }
 
@@ -210,6 +217,7 @@ impl Request for AuthLogin {
 /// `GET /api/auth/login/{identity}`: where a sign-in stands.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuthLoginStatus {
+    /// The `[[identity]]` name.
     pub identity: String,
 }
 
@@ -229,6 +237,7 @@ impl Request for AuthLoginStatus {
 /// browser ended on (pasted by the person when the redirect could not reach the relay).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuthLoginUrl {
+    /// The `[[identity]]` name (in the path, not the body).
     #[serde(skip)]
     pub identity: String,
     /// The address the browser ended on.
@@ -238,6 +247,7 @@ pub struct AuthLoginUrl {
 /// The answer to [`AuthLoginUrl`]: what happened, for the person.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Completed {
+    /// What happened, for the person.
     pub ok: String,
 }
 
@@ -262,12 +272,14 @@ impl Request for AuthLoginUrl {
 /// `POST /api/auth/logout/{identity}`: forgets an identity's stored tokens.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuthLogout {
+    /// The `[[identity]]` name.
     pub identity: String,
 }
 
 /// The answer to [`AuthLogout`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoggedOut {
+    /// The identity whose tokens were removed.
     pub logged_out: String,
 }
 
@@ -289,14 +301,17 @@ impl Request for AuthLogout {
 /// `POST /api/auth/import/{identity}`: stores a refresh token obtained elsewhere.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuthImport {
+    /// The `[[identity]]` name (in the path, not the body).
     #[serde(skip)]
     pub identity: String,
+    /// The refresh token (a secret: never logged).
     pub refresh_token: String,
 }
 
 /// The answer to [`AuthImport`]: the account the token signs in as.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Imported {
+    /// The account the token signs in as.
     pub account: String,
 }
 
@@ -321,6 +336,7 @@ impl Request for AuthImport {
 /// What a reload did (`POST /api/reload`, answered 200 when `ok`, else 422 with the same body).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReloadReport {
+    /// The new configuration runs.
     pub ok: bool,
     /// Problems that kept the new configuration from being used (file:line: message).
     pub problems: Vec<String>,
@@ -330,6 +346,7 @@ pub struct ReloadReport {
 
 /// What [`Reload`] acts on: the daemon's run loop, when there is one.
 pub struct ReloadOps {
+    /// The run loop's request channel; `None` in a process that cannot reload.
     pub reload: Option<tokio::sync::mpsc::Sender<super::ReloadRequest>>,
 }
 
@@ -358,9 +375,11 @@ impl Request for Reload {
 /// The relay's parts opened by a command while the daemon is stopped: the data directory,
 /// the token key and one configuration generation (never reloaded).
 pub struct Offline {
+    /// The data directory and what else outlives a configuration.
     pub shared: Shared,
     /// Keeps the generation channel open.
     _publish: tokio::sync::watch::Sender<Arc<Generation>>,
+    /// The generation channel (one generation).
     pub current: Current,
 }
 

@@ -70,6 +70,7 @@ pub struct Pollers {
 }
 
 impl Pollers {
+    /// The pollers of a relay; none runs before [`Pollers::run`].
     pub fn new(deps: Deps) -> Pollers {
         Pollers { deps: Arc::new(deps), running: HashMap::new() }
     }

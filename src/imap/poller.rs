@@ -169,9 +169,13 @@ fn declined(e: &PollError) -> bool {
 /// activity, and the current configuration generation, read at each use so that a poller a
 /// reload keeps running uses the new token manager and host name.
 pub struct Deps {
+    /// Where each UID's stage is recorded.
     pub store: Arc<Store>,
+    /// Where answers to refused mail are queued.
     pub queue: Arc<Queue>,
+    /// What the status page shows of each mailbox.
     pub activity: Arc<Activity>,
+    /// The generation channel.
     pub current: Current,
 }
 
