@@ -2,11 +2,12 @@
 //! last error. Kept in memory only (it is a view, not a record); bounded by the config,
 //! since entries are keyed by configured names.
 
-use crate::locks::MutexExt;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use serde::Serialize;
+
+use crate::locks::MutexExt;
 
 /// One device's recent activity.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]

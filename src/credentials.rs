@@ -8,12 +8,13 @@
 //!   (or of wrong secrets) cannot exhaust memory or stall the async workers;
 //! - after waiting for a slot, looks again: a check of the same secret may just have succeeded.
 
-use crate::locks::MutexExt;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
 use argon2::{PasswordHash, PasswordHasher, PasswordVerifier};
 use ring::hmac;
+
+use crate::locks::MutexExt;
 
 /// Successes remembered at most (32 bytes each); the set is emptied when full.
 const MAX_REMEMBERED: usize = 10_000;

@@ -26,7 +26,6 @@
 //! makes a crash at any point safe: the job is never written twice, `after` is applied on
 //! restart, and the print command never runs twice.
 
-use crate::locks::MutexExt;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +43,7 @@ use super::{filename, handoff, reply};
 use crate::activity::Activity;
 use crate::config::{Mailbox as MailboxConfig, UpstreamTls};
 use crate::generation::Current;
+use crate::locks::MutexExt;
 use crate::metrics;
 use crate::oauth::tokens::{AccessToken, TokenError, TokenManager};
 use crate::queue::Queue;

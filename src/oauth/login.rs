@@ -6,7 +6,6 @@
 //! App-only identities (client credentials, service accounts) need no person: "login" just
 //! fetches a first token, which proves the app registration works.
 
-use crate::locks::{MutexExt, RwLockExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::provider::ProviderInfo;
 use super::tokens::{classify_error, Slot, TokenError, TokenManager, TokenSet};
 use crate::config::{Flow, ProviderKind};
+use crate::locks::{MutexExt, RwLockExt};
 
 /// What the person must do to sign in, as shown by `mfd-relay auth login`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -13,7 +13,6 @@
 //! - Every record is stored encrypted ([`super::vault`]) and committed to disk before it
 //!   is used: a rotated refresh token must survive a crash right after it was issued.
 
-use crate::locks::MutexExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::provider::ProviderInfo;
 use super::vault::Vault;
 use crate::config::{Config, Flow};
+use crate::locks::MutexExt;
 use crate::metrics;
 use crate::store::{Store, Tree};
 

@@ -17,7 +17,6 @@
 pub mod bounce;
 pub mod spool;
 
-use crate::locks::MutexExt;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
@@ -29,6 +28,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::locks::MutexExt;
 use crate::store::{Change, Store, StoreError, Tree};
 pub use spool::{Spool, SpoolWriter};
 

@@ -3,13 +3,14 @@
 //!
 //! Decoding is pure; checking the credentials belongs to [`crate::devices`].
 
-use crate::locks::MutexExt;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+
+use crate::locks::MutexExt;
 
 /// Credentials a device presented.
 #[derive(Clone, PartialEq, Eq)]

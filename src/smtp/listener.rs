@@ -2,7 +2,6 @@
 //! graceful shutdown. Modelled on mini-redis's `Listener`: a semaphore bounds the number of
 //! connections, accept errors back off, and each connection runs its own session task.
 
-use crate::locks::MutexExt;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -17,6 +16,7 @@ use super::reply::Reply;
 use super::session::{Next, Session};
 use super::Context;
 use crate::config::TlsMode;
+use crate::locks::MutexExt;
 use crate::metrics;
 
 /// Time allowed for a TLS handshake.

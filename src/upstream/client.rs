@@ -12,7 +12,6 @@
 //! refuses a token it first answers `334 <base64 JSON>`; the client must send an empty line
 //! to get the final 535, and that JSON is the only explanation the admin gets, so it is kept.
 
-use crate::locks::MutexExt;
 use std::fmt;
 use std::io::Read;
 use std::path::Path;
@@ -32,6 +31,7 @@ use tokio::net::TcpStream;
 
 use super::classify::UpstreamReply;
 use crate::config::UpstreamTls;
+use crate::locks::MutexExt;
 use crate::oauth::provider::Server;
 
 /// How long the relay waits for the upstream.

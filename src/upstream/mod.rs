@@ -11,7 +11,6 @@ pub mod classify;
 pub mod client;
 pub mod shaper;
 
-use crate::locks::MutexExt;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -24,6 +23,7 @@ use tokio::sync::Semaphore;
 pub use classify::UpstreamReply;
 pub use client::{Envelope, SendError, SendOutcome, Timeouts};
 
+use crate::locks::MutexExt;
 use crate::oauth::provider::{ProviderInfo, Server};
 use crate::oauth::tokens::AccessToken;
 

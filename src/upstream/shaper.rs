@@ -5,9 +5,10 @@
 //! a sliding 60-second window and holds the excess in the queue until the window has room,
 //! instead of feeding the provider's throttle.
 
-use crate::locks::MutexExt;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+
+use crate::locks::MutexExt;
 
 /// Sliding-window counters, one per identity.
 #[derive(Default)]
