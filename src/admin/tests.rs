@@ -145,3 +145,36 @@ async fn the_cli_client_reads_the_typed_answers_of_the_api() {
     drop(closed);
     assert!(Client::at(dead, None, wait).unwrap().send(&ops::QueueList, false).await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn a_published_generation_is_what_the_admin_uses_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_with = |admin: &str| {
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n{admin}"
+        );
+        Config::parse(&dir.path().join("config.toml"), text).unwrap()
+    };
+    let first = config_with(&format!("token = \"{TOKEN}\"\n"));
+    let shared = crate::generation::Shared::open(&first).await.unwrap();
+    let generation = Generation::build(first, &shared, None).unwrap();
+    let (publish, current) = tokio::sync::watch::channel(Arc::new(generation));
+    let admin = Admin::new(Deps {
+        queue: shared.queue.clone(),
+        logins: shared.logins.clone(),
+        activity: shared.activity.clone(),
+        current: current.clone(),
+        reload: None,
+    });
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(admin.serve(tcp, rx));
+    assert_eq!(get(port, "/api/queue", None).await.0, 401, "the first generation wants the token");
+
+    // A reload publishes a generation without the token: the next request needs none.
+    let running = current.borrow().clone();
+    let next = Generation::build(config_with(""), &shared, Some(&running)).unwrap();
+    publish.send_replace(Arc::new(next));
+    assert_eq!(get(port, "/api/queue", None).await.0, 200);
+}
