@@ -7,6 +7,8 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+use crate::locks::MutexExt;
+
 /// One device's recent activity.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct DeviceActivity {
@@ -45,7 +47,7 @@ fn now() -> i64 {
 impl Activity {
     /// A connection was recognised as `device` (by login or address).
     pub fn seen(&self, device: &str, address: &str) {
-        let mut m = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.devices.locked();
         let d = m.entry(device.to_string()).or_default();
         d.last_seen = Some(now());
         d.last_address = Some(address.to_string());
@@ -54,7 +56,7 @@ impl Activity {
     /// `device` had a message accepted.
     pub fn accepted(&self, device: &str) {
         let t = now();
-        let mut m = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.devices.locked();
         let d = m.entry(device.to_string()).or_default();
         if d.day != t / 86400 {
             d.day = t / 86400;
@@ -65,14 +67,14 @@ impl Activity {
 
     /// Something went wrong for `device` (a refused login, a refused message, a bounce).
     pub fn device_error(&self, device: &str, error: &str) {
-        let mut m = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.devices.locked();
         m.entry(device.to_string()).or_default().last_error = Some((now(), error.to_string()));
     }
 
     /// A mailbox was checked successfully; `jobs` new jobs were spooled.
     pub fn mailbox_checked(&self, mailbox: &str, jobs: u64) {
         let t = now();
-        let mut m = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.mailboxes.locked();
         let b = m.entry(mailbox.to_string()).or_default();
         b.last_check = Some(t);
         if b.day != t / 86400 {
@@ -83,12 +85,12 @@ impl Activity {
     }
 
     pub fn mailbox_error(&self, mailbox: &str, error: &str) {
-        let mut m = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.mailboxes.locked();
         m.entry(mailbox.to_string()).or_default().last_error = Some((now(), error.to_string()));
     }
 
     pub fn device(&self, name: &str) -> DeviceActivity {
-        let mut d = self.devices.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned().unwrap_or_default();
+        let mut d = self.devices.locked().get(name).cloned().unwrap_or_default();
         if d.day != now() / 86400 {
             d.messages_today = 0;
         }
@@ -96,7 +98,7 @@ impl Activity {
     }
 
     pub fn mailbox(&self, name: &str) -> MailboxActivity {
-        let mut b = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned().unwrap_or_default();
+        let mut b = self.mailboxes.locked().get(name).cloned().unwrap_or_default();
         if b.day != now() / 86400 {
             b.jobs_today = 0;
         }

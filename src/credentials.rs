@@ -14,6 +14,8 @@ use std::sync::Mutex;
 use argon2::{PasswordHash, PasswordHasher, PasswordVerifier};
 use ring::hmac;
 
+use crate::locks::MutexExt;
+
 /// Successes remembered at most (32 bytes each); the set is emptied when full.
 const MAX_REMEMBERED: usize = 10_000;
 
@@ -49,11 +51,11 @@ impl Verifier {
     /// How many successes are remembered (for tests).
     #[cfg(test)]
     pub(crate) fn remembered(&self) -> usize {
-        self.remembered.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.remembered.locked().len()
     }
 
     fn is_remembered(&self, tag: &[u8; 32]) -> bool {
-        self.remembered.lock().unwrap_or_else(|e| e.into_inner()).contains(tag)
+        self.remembered.locked().contains(tag)
     }
 
     /// Whether `secret` matches `hash`; `who` (a device name, a user) scopes what is remembered.
@@ -69,7 +71,7 @@ impl Verifier {
         if !check_on_blocking_pool(hash, secret).await {
             return false;
         }
-        let mut set = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self.remembered.locked();
         if set.len() >= MAX_REMEMBERED {
             set.clear();
         }

@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use crate::metrics::{self, DeferReason};
 use crate::oauth::tokens::{TokenError, TokenManager};
 use crate::queue::bounce::{self, FailedRecipient};
-use crate::queue::{now_ms, MessageId, OwnMessage, Queue, QueueError, QueueRecord};
+use crate::queue::{now_ms, Lease, OwnMessage, Queue, QueueError, QueueRecord};
 use crate::reply::Reply;
 use crate::upstream::{Envelope, SendError, SendOutcome, Upstream, UpstreamReply};
 
@@ -119,11 +119,13 @@ impl Delivery {
     /// Attempts a just-accepted message while the device waits, for at most
     /// `in_session_timeout`; after that the attempt goes on in the background and the device
     /// is told the message is queued (see [`Waiter`]).
-    pub async fn attempt_in_session(self: &Arc<Self>, id: MessageId) -> Outcome {
+    /// `lease` is the one [`Queue::accept`] returned.
+    pub async fn attempt_in_session(self: &Arc<Self>, lease: Lease) -> Outcome {
+        let id = lease.id();
         let me = self.clone();
         let waiter = Arc::new(Waiter::default());
         let w = waiter.clone();
-        let mut task = tokio::spawn(async move { me.attempt(id, Some(&w)).await });
+        let mut task = tokio::spawn(async move { me.attempt(lease, Some(&w)).await });
         let joined = match tokio::time::timeout(self.policy.in_session_timeout, &mut task).await {
             Ok(joined) => joined,
             Err(_) if waiter.stop_waiting() => {
@@ -135,25 +137,26 @@ impl Delivery {
         match joined {
             Ok(outcome) => outcome,
             Err(join) => {
+                // The task's lease released the message as the task ended.
                 tracing::error!(queue_id = %id, "delivery task failed: {join}");
-                self.queue.release(id, Some(now_ms()));
                 Outcome::Queued("delivery will be retried".into())
             }
         }
     }
 
-    /// One delivery attempt of a message that the caller has marked in flight; `waiter` when
-    /// the device that sent it may still be waiting.
-    pub async fn attempt(&self, id: MessageId, waiter: Option<&Waiter>) -> Outcome {
+    /// One delivery attempt of the message `lease` holds; `waiter` when the device that sent
+    /// it may still be waiting. Every outcome ends the lease.
+    pub async fn attempt(&self, lease: Lease, waiter: Option<&Waiter>) -> Outcome {
+        let id = lease.id();
         let mut rec = match self.queue.get(id) {
             Ok(Some(r)) => r,
             Ok(None) => {
-                self.queue.release(id, None);
+                lease.release(None);
                 return Outcome::Gone;
             }
             Err(e) => {
                 tracing::error!(queue_id = %id, "cannot read queue record: {e}");
-                self.queue.release(id, Some(now_ms() + 60_000));
+                lease.release(Some(now_ms() + 60_000));
                 return Outcome::Queued("queue read error".into());
             }
         };
@@ -170,7 +173,7 @@ impl Delivery {
                 })
                 .collect();
             tracing::warn!(queue_id = %id, identity = %rec.identity, attempts = rec.attempts, "queue lifetime exceeded; bouncing: {why}");
-            if let Err(e) = self.finish(&rec, false, &failed).await {
+            if let Err(e) = self.finish(lease, &rec, false, &failed).await {
                 tracing::error!(queue_id = %id, "cannot record the expiry: {e}");
                 return Outcome::Queued("the outcome could not be recorded".into());
             }
@@ -178,27 +181,30 @@ impl Delivery {
         }
         let Ok(slot) = self.tokens.slot(&rec.identity) else {
             tracing::error!(queue_id = %id, identity = %rec.identity, "identity no longer configured; message kept");
-            return self.defer(rec, "identity not configured", None, DeferReason::Config);
+            return self.defer(lease, rec, "identity not configured", None, DeferReason::Config);
         };
         let slot = slot.clone();
         let limit = slot.messages_per_minute;
         if let Err(at) = self.shaper.try_acquire(&rec.identity, limit, now_ms()) {
             metrics::deferred(&rec.identity, DeferReason::RateLimit);
             rec.next_attempt = at;
-            let _ = self.queue.defer(&rec);
+            if let Err(e) = self.queue.defer(lease, &rec) {
+                tracing::error!(queue_id = %id, "cannot update queue record: {e}");
+            }
             return Outcome::Queued(format!("sending limit of {} messages a minute reached", limit.unwrap_or(0)));
         }
         let token = match self.tokens.access_token(&rec.identity).await {
             Ok(t) => t,
             Err(TokenError::NeedsLogin(why)) => {
                 return self.defer(
+                    lease,
                     rec,
                     &format!("identity needs a new sign-in: {why}"),
                     Some(Duration::from_secs(300)),
                     DeferReason::NeedsLogin,
                 )
             }
-            Err(e) => return self.defer(rec, &e.to_string(), None, DeferReason::Token),
+            Err(e) => return self.defer(lease, rec, &e.to_string(), None, DeferReason::Token),
         };
         let path = self.queue.spool().path(id);
         let env = Envelope { from: &rec.from, rcpts: &rec.rcpts, size: rec.size, eight_bit: rec.eight_bit };
@@ -219,7 +225,7 @@ impl Delivery {
         metrics::UPSTREAM_LATENCY.with_label_values(&[&rec.identity]).observe(took.as_secs_f64());
 
         match result {
-            Ok(outcome) => self.settle(rec, outcome, waiter, took).await,
+            Ok(outcome) => self.settle(lease, rec, outcome, waiter, took).await,
             Err(SendError::Auth { reply, detail }) => {
                 let why = format!(
                     "upstream refused the token: {}{}",
@@ -227,21 +233,29 @@ impl Delivery {
                     detail.map(|d| format!(" {d}")).unwrap_or_default()
                 );
                 tracing::error!(queue_id = %id, identity = %rec.identity, "{why}");
-                self.defer(rec, &why, None, DeferReason::Auth)
+                self.defer(lease, rec, &why, None, DeferReason::Auth)
             }
-            Err(SendError::Network(e)) => self.defer(rec, &e, None, DeferReason::Network),
+            Err(SendError::Network(e)) => self.defer(lease, rec, &e, None, DeferReason::Network),
             Err(SendError::Rejected(r)) if !r.is_permanent() => {
-                self.defer(rec, &r.describe(), None, DeferReason::Upstream4xx)
+                self.defer(lease, rec, &r.describe(), None, DeferReason::Upstream4xx)
             }
             Err(SendError::Rejected(r)) => {
                 let all: Vec<_> = rec.rcpts.iter().map(|a| (a.clone(), r.clone())).collect();
-                self.settle(rec, SendOutcome { accepted: vec![], refused: all, reply: None }, waiter, took).await
+                let out = SendOutcome { accepted: vec![], refused: all, reply: None };
+                self.settle(lease, rec, out, waiter, took).await
             }
         }
     }
 
     /// Applies the per-recipient result of a transaction: commits it, then reports it.
-    async fn settle(&self, mut rec: QueueRecord, out: SendOutcome, waiter: Option<&Waiter>, took: Duration) -> Outcome {
+    async fn settle(
+        &self,
+        lease: Lease,
+        mut rec: QueueRecord,
+        out: SendOutcome,
+        waiter: Option<&Waiter>,
+        took: Duration,
+    ) -> Outcome {
         let id = rec.id;
         // The reply to the final dot applies to every accepted recipient.
         let (delivered, data_refused): (Vec<String>, Vec<(String, UpstreamReply)>) = match &out.reply {
@@ -259,14 +273,14 @@ impl Delivery {
         let refuse_in_session =
             delivered.is_empty() && transient.is_empty() && !permanent.is_empty() && waiter.is_some_and(Waiter::claim);
         let outcome = if refuse_in_session {
-            self.finish(&rec, false, &[]).await
+            self.finish(lease, &rec, false, &[]).await
         } else if transient.is_empty() && permanent.is_empty() {
             // Delivered to everyone: nobody waits for this record's removal (the device's
             // answer does not depend on it), so it is committed off the device's path; the
             // body goes once the removal is durable.
-            self.queue.finish_delivered(rec.id)
+            self.queue.finish_delivered(lease)
         } else if transient.is_empty() {
-            self.finish(&rec, false, &failed_recipients(&permanent)).await
+            self.finish(lease, &rec, false, &failed_recipients(&permanent)).await
         } else {
             // Some recipients remain: the shortened record (and any bounce) is durable before
             // the next attempt can send to them, so nobody gets the message twice.
@@ -274,10 +288,10 @@ impl Delivery {
             let why = transient[0].1.describe();
             let changed = rec.rcpts.len() != total;
             if !changed && permanent.is_empty() {
-                return self.defer(rec, &why, None, DeferReason::Upstream4xx);
+                return self.defer(lease, rec, &why, None, DeferReason::Upstream4xx);
             }
             self.next_try(&mut rec, &why, None);
-            self.finish(&rec, true, &failed_recipients(&permanent)).await
+            self.finish(lease, &rec, true, &failed_recipients(&permanent)).await
         };
         if let Err(e) = outcome {
             // The store failed (and the relay is stopping): nothing of this attempt was
@@ -338,13 +352,13 @@ impl Delivery {
     }
 
     /// Keeps a message queued, with the same recipients, for a later attempt.
-    fn defer(&self, mut rec: QueueRecord, why: &str, cap: Option<Duration>, class: DeferReason) -> Outcome {
+    fn defer(&self, lease: Lease, mut rec: QueueRecord, why: &str, cap: Option<Duration>, class: DeferReason) -> Outcome {
         let wait = self.next_try(&mut rec, why, cap);
         metrics::deferred(&rec.identity, class);
         tracing::warn!(queue_id = %rec.id, identity = %rec.identity, attempts = rec.attempts, retry_in = wait.as_secs(), "deferred: {why}");
-        if let Err(e) = self.queue.defer(&rec) {
+        if let Err(e) = self.queue.defer(lease, &rec) {
+            // Scheduled anyway: only the attempt count and error are lost.
             tracing::error!(queue_id = %rec.id, "cannot update queue record: {e}");
-            self.queue.release(rec.id, Some(rec.next_attempt));
         }
         Outcome::Queued(why.to_string())
     }
@@ -352,7 +366,13 @@ impl Delivery {
     /// Commits a message's new state: with `retry`, `rec` (shortened) is tried again at its
     /// `next_attempt`, else the message is finished; a bounce for `failed` goes in the same
     /// atomic batch.
-    async fn finish(&self, rec: &QueueRecord, retry: bool, failed: &[FailedRecipient]) -> Result<(), QueueError> {
+    async fn finish(
+        &self,
+        mut lease: Lease,
+        rec: &QueueRecord,
+        retry: bool,
+        failed: &[FailedRecipient],
+    ) -> Result<(), QueueError> {
         let report = if failed.is_empty() { None } else { self.bounce(rec, failed) };
         let own = report.as_ref().map(|(body, from, to)| OwnMessage {
             body,
@@ -361,7 +381,7 @@ impl Delivery {
             from,
             to,
         });
-        match self.queue.settle(rec.id, retry.then_some(rec), own).await {
+        match self.queue.settle(&mut lease, retry.then_some(rec), own).await {
             Ok(Some(bounce_id)) => {
                 let to = report.as_ref().map(|r| r.2.as_str()).unwrap_or_default();
                 tracing::info!(queue_id = %rec.id, bounce_id = %bounce_id, to = %to, "bounce queued");
@@ -379,9 +399,9 @@ impl Delivery {
                     self.next_try(&mut keep, &format!("bounce not written: {e}"), None);
                 }
                 keep.rcpts.extend(failed.iter().map(|f| f.address.clone()));
-                let res = self.queue.settle(rec.id, Some(&keep), None).await.map(|_| ());
+                let res = self.queue.settle(&mut lease, Some(&keep), None).await.map(|_| ());
                 if res.is_err() {
-                    self.queue.release(rec.id, Some(now_ms() + 60_000));
+                    lease.release(Some(now_ms() + 60_000));
                 }
                 res
             }
@@ -436,11 +456,12 @@ impl Delivery {
         loop {
             let now = now_ms();
             let free = permits.available_permits();
-            for id in self.queue.take_due(now, free) {
+            for lease in self.queue.take_due(now, free) {
                 let Ok(permit) = permits.clone().acquire_owned().await else { return };
                 let me = self.clone();
+                // The lease goes with the task: a panicking attempt releases its message.
                 tokio::spawn(async move {
-                    me.attempt(id, None).await;
+                    me.attempt(lease, None).await;
                     drop(permit);
                 });
             }

@@ -7,6 +7,8 @@
 //! provider). Beside it: `oauth` (token manager, sign-in flows, encrypted store), `imap`
 //! (mobile print), `admin` (HTTP: metrics, health, control), `store` (the only user of sled),
 //! `config` and `metrics` (everything the admin configures and watches, each in one place).
+//! `generation` builds one configuration's parts; `relay` (the wiring, imported by no module)
+//! runs them and publishes each generation on reload.
 
 pub mod activity;
 pub mod admin;
@@ -16,8 +18,10 @@ pub mod credentials;
 pub mod delivery;
 pub mod devices;
 pub mod fsutil;
+pub mod generation;
 pub mod imap;
 pub mod legacy_tls;
+pub mod locks;
 pub mod message;
 pub mod metrics;
 pub mod oauth;

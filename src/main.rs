@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use mfd_relay::admin::ops::{self, AuthOps, Offline, QueueOps, Request};
 use mfd_relay::config::{Config, ConfigError};
-use mfd_relay::queue::{MessageId, QueueRecord};
+use mfd_relay::queue::QueueRecord;
 
 #[derive(Parser)]
 #[command(
@@ -326,76 +327,43 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Talks to the running daemon's admin listener; `None` when no daemon answers.
-async fn admin_call(
-    config: &Config,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<Option<serde_json::Value>> {
-    let url = format!("http://{}{}", config.admin.listen.get_ref(), path);
-    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build()?;
-    let mut req = if method == "POST" { client.post(&url) } else { client.get(&url) };
-    // The admin listener takes changes only as JSON (no HTML form can send that): every
-    // POST carries a JSON body, `{}` when there is nothing to say.
-    if let Some(b) = body.or_else(|| (method == "POST").then(|| serde_json::json!({}))) {
-        req = req.json(&b);
+/// How long the CLI waits for an answer of the daemon.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A client of the running daemon's admin listener.
+fn client(config: &Config) -> anyhow::Result<ops::Client> {
+    Ok(ops::Client::new(config, ADMIN_TIMEOUT)?)
+}
+
+/// A queue operation: through the running daemon, else on the data directory directly.
+async fn queue_op<R: Request<Ops = QueueOps>>(config: &Config, req: R) -> anyhow::Result<R::Answer> {
+    if let Some(answer) = client(config)?.send(&req, false).await? {
+        return Ok(answer);
     }
-    if let Some(t) = &config.admin.token {
-        req = req.bearer_auth(t);
+    // The daemon is not running: open the database directly.
+    let (ops, _store) = QueueOps::offline(config).await?;
+    Ok(req.run(&ops).await?)
+}
+
+/// A sign-in operation: through the running daemon, else on the data directory directly.
+async fn auth_op<R: Request<Ops = AuthOps>>(config: &Config, req: R) -> anyhow::Result<R::Answer> {
+    if let Some(answer) = client(config)?.send(&req, false).await? {
+        return Ok(answer);
     }
-    match req.send().await {
-        Ok(resp) => {
-            let status = resp.status();
-            let text = resp.text().await?;
-            if !status.is_success() {
-                bail!("{}", text.trim());
-            }
-            Ok(Some(serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))?))
-        }
-        Err(e) if e.is_connect() => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    let offline = Offline::open(config.clone()).await?;
+    Ok(req.run(&offline.auth_ops()).await?)
 }
 
 async fn queue(config: &Config, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
-    let (path, method) = match &cmd {
-        QueueCmd::List => ("/api/queue".to_string(), "GET"),
-        QueueCmd::Retry { id } => (format!("/api/queue/retry/{id}"), "POST"),
-        QueueCmd::Drop { id } => (format!("/api/queue/drop/{id}"), "POST"),
-    };
-    let answer = match admin_call(config, method, &path, None).await? {
-        Some(v) => v,
-        None => {
-            // The daemon is not running: open the database directly.
-            let (_store, queue) = mfd_relay::queue::open_data_dir(&config.data_dir()).await?;
-            match &cmd {
-                QueueCmd::List => serde_json::to_value(queue.list()?)?,
-                QueueCmd::Retry { id } => {
-                    let which = if id == "all" { None } else { Some(parse_id(id)?) };
-                    serde_json::json!({ "retried": queue.retry_now(which, None).await? })
-                }
-                QueueCmd::Drop { id } => {
-                    let id = parse_id(id)?;
-                    queue.drop_message(id).await?;
-                    serde_json::json!({ "dropped": id.to_string() })
-                }
-            }
-        }
-    };
     match cmd {
-        QueueCmd::List => {
-            let records: Vec<QueueRecord> = serde_json::from_value(answer)?;
-            print_queue(&records);
+        QueueCmd::List => print_queue(&queue_op(config, ops::QueueList).await?),
+        QueueCmd::Retry { id } => {
+            let answer = queue_op(config, ops::QueueRetry { which: id }).await?;
+            println!("{} message(s) will be retried now", answer.retried)
         }
-        QueueCmd::Retry { .. } => println!("{} message(s) will be retried now", answer["retried"]),
-        QueueCmd::Drop { .. } => println!("dropped {}", answer["dropped"].as_str().unwrap_or("")),
+        QueueCmd::Drop { id } => println!("dropped {}", queue_op(config, ops::QueueDrop { id }).await?.dropped),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn parse_id(s: &str) -> anyhow::Result<MessageId> {
-    s.parse().map_err(|_| anyhow!("\"{s}\" is not a queue id (16 hex digits, see `mfd-relay queue list`)"))
 }
 
 fn print_queue(records: &[QueueRecord]) {
@@ -441,12 +409,18 @@ fn human_secs(s: i64) -> String {
 /// (it holds the database's lock, and its poller would race the reset).
 async fn mailbox_reset(config: Config, name: &str) -> anyhow::Result<ExitCode> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let parts = match mfd_relay::relay::build(config).await {
-        Ok(p) => p,
+    let offline = match Offline::open(config).await {
+        Ok(o) => o,
         Err(e) => bail!("{e}\nstop the relay first (e.g. `systemctl stop mfd-relay`), run this again, then start it"),
     };
-    let (uidvalidity, uidnext) = mfd_relay::imap::reset_from_now(&parts, name).await.map_err(|e| anyhow!(e))?;
-    parts.store.flush()?;
+    let deps = mfd_relay::imap::Deps {
+        store: offline.shared.store.clone(),
+        queue: offline.shared.queue.clone(),
+        activity: offline.shared.activity.clone(),
+        current: offline.current.clone(),
+    };
+    let (uidvalidity, uidnext) = mfd_relay::imap::reset_from_now(deps, name).await.map_err(|e| anyhow!(e))?;
+    offline.shared.store.flush()?;
     println!(
         "mailbox \"{name}\": only mail from now on is printed (UIDVALIDITY {uidvalidity}, first UID {uidnext}); mail already in the folder stays there"
     );
@@ -457,11 +431,7 @@ async fn auth(config: &Config, cmd: AuthCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         AuthCmd::Login { identity } => login(config, &identity).await,
         AuthCmd::Logout { identity } => {
-            let path = format!("/api/auth/logout/{identity}");
-            if admin_call(config, "POST", &path, None).await?.is_none() {
-                let parts = mfd_relay::relay::build(config.clone()).await?;
-                parts.tokens.logout(&identity).await?;
-            }
+            auth_op(config, ops::AuthLogout { identity: identity.clone() }).await?;
             println!("identity \"{identity}\": stored tokens removed");
             Ok(ExitCode::SUCCESS)
         }
@@ -477,27 +447,13 @@ async fn auth(config: &Config, cmd: AuthCmd) -> anyhow::Result<ExitCode> {
             if token.is_empty() {
                 bail!("no refresh token given");
             }
-            let path = format!("/api/auth/import/{identity}");
-            let body = serde_json::json!({ "refresh_token": token });
-            let account = match admin_call(config, "POST", &path, Some(body)).await? {
-                Some(v) => v["account"].as_str().unwrap_or_default().to_string(),
-                None => {
-                    let parts = mfd_relay::relay::build(config.clone()).await?;
-                    parts.tokens.import_refresh_token(&identity, &token).await?.account
-                }
-            };
+            let req = ops::AuthImport { identity: identity.clone(), refresh_token: token };
+            let account = auth_op(config, req).await?.account;
             println!("identity \"{identity}\": refresh token works; signed in as {account}");
             Ok(ExitCode::SUCCESS)
         }
         AuthCmd::Status => {
-            let answer = match admin_call(config, "GET", "/api/auth/status", None).await? {
-                Some(v) => v,
-                None => {
-                    let parts = mfd_relay::relay::build(config.clone()).await?;
-                    serde_json::to_value(parts.tokens.status())?
-                }
-            };
-            let list: Vec<mfd_relay::oauth::tokens::IdentityStatus> = serde_json::from_value(answer)?;
+            let list = auth_op(config, ops::AuthStatus).await?;
             let now = chrono::Utc::now().timestamp();
             println!(
                 "{:<14}  {:<12}  {:<28}  {:<11}  {:>10}  {:>12}  last error",
@@ -523,21 +479,16 @@ async fn auth(config: &Config, cmd: AuthCmd) -> anyhow::Result<ExitCode> {
 /// `auth login`: through the running daemon, or on its own when the daemon is stopped.
 async fn login(config: &Config, identity: &str) -> anyhow::Result<ExitCode> {
     use mfd_relay::oauth::login::{LoginStart, LoginStatus};
-    let path = format!("/api/auth/login/{identity}");
-    let online = admin_call(config, "POST", &path, None).await?;
+    let client = client(config)?;
+    let begin = ops::AuthLogin { identity: identity.to_string() };
+    let online = client.send(&begin, false).await?;
     // Offline: this process plays the daemon's part (store, token manager, callback listener).
-    let offline = match online {
-        Some(_) => None,
+    let (start, offline): (LoginStart, Option<Offline>) = match online {
+        Some(start) => (start, None),
         None => {
-            let parts = mfd_relay::relay::build(config.clone()).await?;
-            let start = parts.logins.start(&parts.tokens, identity, &config.admin.redirect_uri()).await?;
-            Some((parts, start))
+            let offline = Offline::open(config.clone()).await?;
+            (begin.run(&offline.auth_ops()).await?, Some(offline))
         }
-    };
-    let start: LoginStart = match (&online, &offline) {
-        (Some(v), _) => serde_json::from_value(v.clone())?,
-        (None, Some((_, s))) => s.clone(),
-        (None, None) => unreachable!("either the daemon or this process started the sign-in"),
     };
     let email = config.identity(identity).map(|i| i.email.get_ref().clone()).unwrap_or_default();
     let mut server = None;
@@ -561,29 +512,25 @@ async fn login(config: &Config, identity: &str) -> anyhow::Result<ExitCode> {
             println!();
             println!("The browser then returns to {redirect_uri}. If that page does not load (the browser");
             println!("runs on another computer), copy the address it ended on and paste it here:");
-            if let Some((parts, _)) = &offline {
+            if let Some(offline) = &offline {
                 let addr: std::net::SocketAddr = *config.admin.listen.get_ref();
                 let tcp = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("listen on {addr} for the browser's return"))?;
-                let admin = mfd_relay::admin::Admin::new(parts);
                 let (tx, rx) = tokio::sync::watch::channel(false);
-                server = Some((tokio::spawn(admin.serve(tcp, rx)), tx));
+                server = Some((tokio::spawn(offline.admin().serve(tcp, rx)), tx));
             }
-            spawn_paste_reader(
-                config.clone(),
-                identity.to_string(),
-                offline.as_ref().map(|(p, _)| (p.logins.clone(), p.tokens.clone())),
-            );
+            spawn_paste_reader(config.clone(), identity.to_string(), offline.as_ref().map(Offline::auth_ops));
         }
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20 * 60);
+    let standing = ops::AuthLoginStatus { identity: identity.to_string() };
     let outcome = loop {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         let status: LoginStatus = match &offline {
-            Some((parts, _)) => parts.logins.status(identity),
-            None => match admin_call(config, "GET", &path, None).await? {
-                Some(v) => serde_json::from_value(v)?,
+            Some(offline) => standing.run(&offline.auth_ops()).await?,
+            None => match client.send(&standing, false).await? {
+                Some(status) => status,
                 None => bail!("the daemon stopped during the sign-in"),
             },
         };
@@ -610,15 +557,9 @@ async fn login(config: &Config, identity: &str) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Reads a pasted redirect URL from stdin and completes the sign-in with it.
-fn spawn_paste_reader(
-    config: Config,
-    identity: String,
-    offline: Option<(
-        std::sync::Arc<mfd_relay::oauth::login::Logins>,
-        std::sync::Arc<mfd_relay::oauth::tokens::TokenManager>,
-    )>,
-) {
+/// Reads a pasted redirect URL from stdin and completes the sign-in with it: in this process
+/// (`offline`), else through the daemon.
+fn spawn_paste_reader(config: Config, identity: String, offline: Option<AuthOps>) {
     tokio::spawn(async move {
         let line = tokio::task::spawn_blocking(|| {
             let mut s = String::new();
@@ -630,12 +571,13 @@ fn spawn_paste_reader(
         if url.is_empty() {
             return;
         }
+        let req = ops::AuthLoginUrl { identity, url };
         let result = match offline {
-            Some((logins, tokens)) => logins.complete_with_url(&tokens, &url).await.map_err(|e| anyhow!(e)),
-            None => {
-                let path = format!("/api/auth/login/{identity}/url");
-                admin_call(&config, "POST", &path, Some(serde_json::json!({ "url": url }))).await.map(|_| String::new())
-            }
+            Some(ops) => req.run(&ops).await.map(|_| ()).map_err(|e| anyhow!(e)),
+            None => match client(&config) {
+                Ok(c) => c.send(&req, false).await.map(|_| ()).map_err(|e| anyhow!(e)),
+                Err(e) => Err(e),
+            },
         };
         if let Err(e) = result {
             eprintln!("{e}");
@@ -645,22 +587,14 @@ fn spawn_paste_reader(
 
 /// `reload`: asks the running daemon to re-read its configuration file.
 async fn reload(config: &Config) -> anyhow::Result<ExitCode> {
-    let url = format!("http://{}/api/reload", config.admin.listen.get_ref());
-    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120)).build()?;
-    let mut req = client.post(&url).json(&serde_json::json!({}));
-    if let Some(t) = &config.admin.token {
-        req = req.bearer_auth(t);
-    }
-    let resp = match req.send().await {
-        Ok(r) => r,
-        Err(e) if e.is_connect() => bail!("the relay is not running (nothing answers on {url}); nothing to reload"),
+    let client = ops::Client::new(config, std::time::Duration::from_secs(120))?;
+    let report = match client.send(&ops::Reload, true).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            bail!("the relay is not running (nothing answers on {}/api/reload); nothing to reload", client.base())
+        }
+        Err(ops::ClientError::Refused { status, text }) => bail!("{status} {text}"),
         Err(e) => return Err(e.into()),
-    };
-    let status = resp.status();
-    let text = resp.text().await?;
-    let report: mfd_relay::relay::ReloadReport = match serde_json::from_str(&text) {
-        Ok(r) => r,
-        Err(_) => bail!("{} {}", status, text.trim()),
     };
     for p in &report.problems {
         println!("{p}");

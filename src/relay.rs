@@ -1,19 +1,16 @@
-//! Wiring: builds every part from a validated configuration and runs them until shutdown.
+//! Wiring: binds the listeners, starts every part of a validated configuration and runs them
+//! until shutdown; on reload, builds the next [`Generation`] and publishes it on the
+//! generation channel (ARCHITECTURE.md, "Reload"). No other module imports this one.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admin::ops::ReloadReport;
+use crate::admin::ReloadRequest;
 use crate::config::{Config, ListenerTls};
-use crate::delivery::{Delivery, Policy};
-use crate::devices::Devices;
-use crate::oauth::provider::ProviderInfo;
-use crate::oauth::tokens::TokenManager;
-use crate::oauth::vault::Vault;
-use crate::smtp::listener::{self, ListenerSettings};
-use crate::smtp::{auth::AuthThrottle, Context};
-use crate::upstream::Upstream;
+use crate::generation::{BuildError, Generation, Shared};
+use crate::smtp::listener::{self, CurrentContext, ListenerSettings};
 
 /// How long sessions in flight may take to finish after a shutdown request.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -23,14 +20,8 @@ const QUEUE_PARALLELISM: usize = 32;
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("data directory {path}: {message}")]
-    Data { path: PathBuf, message: String },
-    #[error("token key: {0}")]
-    Vault(#[from] crate::oauth::vault::VaultError),
-    #[error("identities: {0}")]
-    Tokens(#[from] crate::oauth::tokens::TokenError),
     #[error(transparent)]
-    Upstream(#[from] crate::upstream::SetupError),
+    Build(#[from] BuildError),
     #[error("listener {addr}: {message}")]
     Listen { addr: String, message: String },
     /// The database failed while running; the relay stopped so that it can be restarted.
@@ -38,135 +29,25 @@ pub enum StartError {
     Store(String),
 }
 
-/// What outlives a configuration: the database, queue, token key, sign-ins in progress,
-/// activity and the login throttle. A reload builds new [`Parts`] around the same `Shared`.
-#[derive(Clone)]
-pub struct Shared {
-    pub store: Arc<crate::store::Store>,
-    pub queue: Arc<crate::queue::Queue>,
-    pub vault: Arc<Vault>,
-    pub logins: Arc<crate::oauth::login::Logins>,
-    pub activity: Arc<crate::activity::Activity>,
-    pub throttle: Arc<AuthThrottle>,
-    /// Per-identity send windows: kept across reloads, or each SIGHUP would allow a new burst.
-    pub shaper: Arc<crate::upstream::shaper::Shaper>,
-}
-
-/// Everything a running relay is made of, for one configuration.
-pub struct Parts {
-    pub config: Config,
-    pub store: Arc<crate::store::Store>,
-    pub queue: Arc<crate::queue::Queue>,
-    pub tokens: Arc<TokenManager>,
-    pub delivery: Arc<Delivery>,
-    pub ctx: Arc<Context>,
-    pub logins: Arc<crate::oauth::login::Logins>,
-    pub activity: Arc<crate::activity::Activity>,
-}
-
-/// Opens the data directory and the token key.
-pub async fn open_shared(config: &Config) -> Result<Shared, StartError> {
-    let data_dir = config.data_dir();
-    let (store, queue) = crate::queue::open_data_dir(&data_dir).await.map_err(|e| StartError::Data {
-        path: data_dir.clone(),
-        message: match e.to_string() {
-            m if m.contains("WouldBlock") || m.contains("lock") => {
-                format!("{m} (is another mfd-relay using this data directory?)")
-            }
-            m => m,
-        },
-    })?;
-    let env_key = std::env::var("MFD_RELAY_KEY").ok();
-    let vault = Arc::new(Vault::open(&config.key_file(), env_key.as_deref())?);
-    Ok(Shared {
-        store,
-        queue,
-        vault,
-        logins: Default::default(),
-        activity: Default::default(),
-        throttle: Arc::new(AuthThrottle::new(crate::smtp::AUTH_LIMITS)),
-        shaper: Default::default(),
-    })
-}
-
-/// Builds every part from a validated configuration (opening the data directory).
-pub async fn build(config: Config) -> Result<Parts, StartError> {
-    let shared = open_shared(&config).await?;
-    build_with(config, &shared, None)
-}
-
-/// Builds the parts of one configuration around `shared`; `previous` (on reload) lends its
-/// identities' live token state.
-pub fn build_with(config: Config, shared: &Shared, previous: Option<&Parts>) -> Result<Parts, StartError> {
-    let tokens = Arc::new(TokenManager::new(
-        &config,
-        shared.store.clone(),
-        shared.vault.clone(),
-        previous.map(|p| p.tokens.as_ref()),
-    )?);
-    let providers: Vec<Arc<ProviderInfo>> =
-        config.providers.iter().map(|p| Arc::new(ProviderInfo::from_config(&config, p.get_ref()))).collect();
-    let timeouts = crate::upstream::Timeouts::new(config.relay.upstream_timeout.0);
-    let upstream = Arc::new(Upstream::new(&config.relay.hostname, &providers, config.relay.upstream_pool, timeouts)?);
-    let policy = Policy {
-        hostname: config.relay.hostname.clone(),
-        retry_first: config.relay.retry_first.0,
-        retry_max: config.relay.retry_max.0,
-        queue_lifetime: config.relay.queue_lifetime.0,
-        bounce_to: config.relay.bounce_to.clone(),
-        in_session_timeout: config.relay.in_session_timeout.0,
-    };
-    let delivery = Arc::new(Delivery::new(
-        policy,
-        shared.queue.clone(),
-        tokens.clone(),
-        upstream,
-        shared.activity.clone(),
-        shared.shaper.clone(),
-    ));
-    let ctx = Arc::new(Context {
-        hostname: config.relay.hostname.clone(),
-        devices: Arc::new(Devices::from_config(&config)),
-        queue: shared.queue.clone(),
-        delivery: delivery.clone(),
-        tokens: tokens.clone(),
-        throttle: shared.throttle.clone(),
-        max_recipients: config.relay.max_recipients,
-        activity: shared.activity.clone(),
-    });
-    Ok(Parts {
-        config,
-        store: shared.store.clone(),
-        queue: shared.queue.clone(),
-        tokens,
-        delivery,
-        ctx,
-        logins: shared.logins.clone(),
-        activity: shared.activity.clone(),
-    })
-}
-
-/// The background tasks of one configuration: token refresher, retry scheduler, mailbox
-/// pollers. Stopped as a whole when a reload replaces them, or at shutdown.
-struct Generation {
+/// The background tasks of one configuration: token refresher and retry scheduler. Stopped
+/// as a whole when a reload replaces them, or at shutdown. (The mailbox pollers follow the
+/// generation channel themselves: [`crate::imap::Pollers`].)
+struct Background {
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl Generation {
-    /// `shutdown` is the relay's: mailbox pollers outlive a generation that a reload ends.
-    fn start(parts: &Parts, shutdown: &tokio::sync::watch::Receiver<bool>) -> Generation {
+impl Background {
+    fn start(generation: &Generation) -> Background {
         let (stop, rx) = tokio::sync::watch::channel(false);
         let tasks = vec![
-            tokio::spawn(parts.tokens.clone().run_refresher(rx.clone())),
-            tokio::spawn(parts.delivery.clone().run(QUEUE_PARALLELISM, rx.clone())),
-            tokio::spawn(crate::imap::Pollers::new(parts).run(rx, shutdown.clone())),
+            tokio::spawn(generation.tokens.clone().run_refresher(rx.clone())),
+            tokio::spawn(generation.delivery.clone().run(QUEUE_PARALLELISM, rx)),
         ];
-        Generation { stop, tasks }
+        Background { stop, tasks }
     }
 
-    /// Stops the tasks and waits for them (bounded), so that two pollers never work on one
-    /// mailbox at the same time.
+    /// Stops the tasks and waits for them (bounded).
     async fn stop(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
@@ -176,19 +57,6 @@ impl Generation {
         }
     }
 }
-
-/// What a reload did.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ReloadReport {
-    pub ok: bool,
-    /// Problems that kept the new configuration from being used (file:line: message).
-    pub problems: Vec<String>,
-    /// Changes that only a restart applies.
-    pub needs_restart: Vec<String>,
-}
-
-/// A reload request from the admin listener, answered on the oneshot.
-pub type ReloadRequest = tokio::sync::oneshot::Sender<ReloadReport>;
 
 /// Settings only a restart applies (listeners, data directory, key, admin address).
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
@@ -232,12 +100,15 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
 /// admin listener) re-reads the configuration file: a file with problems is refused and the
 /// running configuration stays; a good one replaces devices, identities, providers and
 /// mailboxes without dropping sessions in flight (they finish with what they started with).
+///
+/// Each configuration becomes one [`Generation`], published once on the generation channel
+/// that listeners, admin, pollers and sign-ins read (ARCHITECTURE.md, "Reload").
 pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), StartError> {
     crate::metrics::init();
-    let shared = open_shared(&config).await?;
-    let mut parts = Arc::new(build_with(config, &shared, None)?);
-    shared.logins.use_tokens(&parts.tokens);
-    let config = &parts.config;
+    let shared = Shared::open(&config).await?;
+    let (publish, current) = tokio::sync::watch::channel(Arc::new(Generation::build(config, &shared, None)?));
+    let first = current.borrow().clone();
+    let config = &first.config;
 
     // Bind everything first, so a port in use is a clear startup error.
     let mut listeners = Vec::new();
@@ -280,24 +151,41 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
     // ARCHITECTURE.md, "Durability").
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
-    let current = Arc::new(std::sync::RwLock::new(parts.ctx.clone()));
+    // A sign-in that outlives a reload is saved into the current generation's identities.
+    let for_logins = current.clone();
+    shared.logins.follow(move || for_logins.borrow().tokens.clone());
     let mut tasks = Vec::new();
-    let admin = crate::admin::Admin::new(&parts);
-    admin.set_reload(reload_tx);
-    tasks.push(tokio::spawn(admin.clone().serve(admin_tcp, stop.clone())));
+    let admin = crate::admin::Admin::new(crate::admin::Deps {
+        queue: shared.queue.clone(),
+        logins: shared.logins.clone(),
+        activity: shared.activity.clone(),
+        current: current.clone(),
+        reload: Some(reload_tx),
+    });
+    tasks.push(tokio::spawn(admin.serve(admin_tcp, stop.clone())));
     for (tcp, settings) in listeners {
-        tasks.push(tokio::spawn(listener::serve(tcp, settings, current.clone(), stop.clone(), SHUTDOWN_GRACE)));
+        let generations = current.clone();
+        let ctx = CurrentContext::new(move || generations.borrow().smtp.clone());
+        tasks.push(tokio::spawn(listener::serve(tcp, settings, ctx, stop.clone(), SHUTDOWN_GRACE)));
     }
-    let mut generation = Generation::start(&parts, &stop);
-    init_label_sets(&parts.config);
-    crate::delivery::update_queue_metrics(&parts.queue);
+    let pollers = crate::imap::Pollers::new(crate::imap::Deps {
+        store: shared.store.clone(),
+        queue: shared.queue.clone(),
+        activity: shared.activity.clone(),
+        current: current.clone(),
+    });
+    tasks.push(tokio::spawn(pollers.run(stop.clone())));
+    let mut background = Background::start(&first);
+    init_label_sets(&first.config);
+    crate::delivery::update_queue_metrics(&shared.queue);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        devices = parts.config.devices.len(),
-        identities = parts.config.identities.len(),
-        queued = parts.queue.depth(),
+        devices = first.config.devices.len(),
+        identities = first.config.identities.len(),
+        queued = shared.queue.depth(),
         "mfd-relay running"
     );
+    drop(first);
 
     let mut hangup = hangup_signal();
     loop {
@@ -307,7 +195,8 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
             _ = hangup.recv() => None,
             Some(r) = reload_rx.recv() => Some(r),
         };
-        let report = match Config::load(&parts.config.path) {
+        let running = current.borrow().clone();
+        let report = match Config::load(&running.config.path) {
             Err(e) => {
                 let problems: Vec<String> = match e {
                     crate::config::ConfigError::Invalid(v) => v.iter().map(|p| p.to_string()).collect(),
@@ -319,33 +208,29 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
                 ReloadReport { ok: false, problems, needs_restart: vec![] }
             }
             Ok(new_config) => {
-                let needs_restart = restart_only_changes(&parts.config, &new_config);
-                match build_with(new_config, &shared, Some(&parts)) {
+                let needs_restart = restart_only_changes(&running.config, &new_config);
+                match Generation::build(new_config, &shared, Some(&running)) {
                     Err(e) => {
                         tracing::error!("reload refused, the running configuration stays: {e}");
                         ReloadReport { ok: false, problems: vec![e.to_string()], needs_restart }
                     }
-                    Ok(new_parts) => {
-                        let new_parts = Arc::new(new_parts);
-                        // New sessions use the new configuration at once; sessions in flight
-                        // keep the one they started with.
-                        *current.write().unwrap_or_else(|e| e.into_inner()) = new_parts.ctx.clone();
-                        admin.reload(&new_parts);
-                        // A sign-in in progress is saved into the new identities.
-                        shared.logins.use_tokens(&new_parts.tokens);
-                        generation.stop().await;
-                        generation = Generation::start(&new_parts, &stop);
-                        init_label_sets(&new_parts.config);
+                    Ok(next) => {
+                        let next = Arc::new(next);
+                        // New sessions, admin requests, pollers and sign-ins use it at once;
+                        // sessions in flight keep the one they started with.
+                        publish.send_replace(next.clone());
+                        background.stop().await;
+                        background = Background::start(&next);
+                        init_label_sets(&next.config);
                         for n in &needs_restart {
                             tracing::warn!("reload: {n} changed; that takes effect at the next restart");
                         }
                         tracing::info!(
-                            devices = new_parts.config.devices.len(),
-                            identities = new_parts.config.identities.len(),
-                            mailboxes = new_parts.config.mailboxes.len(),
+                            devices = next.config.devices.len(),
+                            identities = next.config.identities.len(),
+                            mailboxes = next.config.mailboxes.len(),
                             "configuration reloaded"
                         );
-                        parts = new_parts;
                         ReloadReport { ok: true, problems: vec![], needs_restart }
                     }
                 }
@@ -356,14 +241,14 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
         }
     }
     stop_tx.send_replace(true);
-    generation.stop().await;
+    background.stop().await;
     for t in tasks {
         let _ = t.await;
     }
-    if let Some(why) = parts.store.failure() {
+    if let Some(why) = shared.store.failure() {
         return Err(StartError::Store(why.to_string()));
     }
-    if let Err(e) = parts.store.flush() {
+    if let Err(e) = shared.store.flush() {
         tracing::error!("final database flush failed: {e}");
     }
     tracing::info!("mfd-relay stopped");

@@ -36,6 +36,11 @@ pub enum StoreError {
     Sync { path: PathBuf, source: std::io::Error },
     #[error("corrupt record {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    /// Another process (a running daemon, an offline command) holds the data directory.
+    #[error("database {path} is locked: another mfd-relay uses this data directory")]
+    Locked { path: PathBuf },
+    #[error("database lock {path}: {source}")]
+    Lock { path: PathBuf, source: std::io::Error },
     /// An earlier write or sync failed; the process must restart (see the module docs).
     #[error("database unusable since an earlier failure ({0}); the relay is restarting")]
     Failed(String),
@@ -80,13 +85,37 @@ pub struct Store {
     /// Why the store became unusable, once it has.
     failure: OnceLock<String>,
     failed_tx: tokio::sync::watch::Sender<bool>,
+    /// Holds the data directory's lock for as long as the store is open.
+    _lock: std::fs::File,
+}
+
+/// Takes the exclusive lock of a data directory (`dir/db.lock`, created private).
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("db.lock");
+    let err = |source| StoreError::Lock { path: path.clone(), source };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(crate::fsutil::FILE_MODE)
+        .open(&path)
+        .map_err(err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked { path }),
+        Err(std::fs::TryLockError::Error(e)) => Err(err(e)),
+    }
 }
 
 impl Store {
     /// Opens (or creates) the database in `dir/db`. `sync_dirs` are fsynced on every commit.
-    /// sled takes an exclusive lock on the database: a second process fails here, before it
-    /// has touched anything else under `dir`.
+    /// The store first takes an exclusive lock on `dir/db.lock` ([`StoreError::Locked`] when
+    /// another process holds it): a second process fails here, before it has touched anything
+    /// else under `dir`. (sled locks its own files too, but reports that only as error text.)
     pub fn open(dir: &Path, sync_dirs: Vec<PathBuf>) -> Result<Store, StoreError> {
+        let lock = lock_data_dir(dir)?;
         let path = dir.join("db");
         let db = sled::Config::new()
             .path(&path)
@@ -119,6 +148,7 @@ impl Store {
             durable: tokio::sync::Mutex::new(0),
             failure: OnceLock::new(),
             failed_tx: tokio::sync::watch::channel(false).0,
+            _lock: lock,
         })
     }
 
@@ -320,6 +350,14 @@ mod tests {
         s.remove(Tree::Queue, &1u64.to_be_bytes()).unwrap();
         assert_eq!(s.get(Tree::Queue, &1u64.to_be_bytes()).unwrap(), None);
         assert_eq!(s.scan(Tree::Imap, b"m/").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_second_open_of_a_data_directory_is_locked_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path(), vec![]).unwrap();
+        assert!(matches!(Store::open(dir.path(), vec![]), Err(StoreError::Locked { .. })));
+        drop(first);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,15 +8,19 @@
 //! Access ([`auth`]): open when neither `[admin] token` nor basic auth is configured;
 //! otherwise every route but `/healthz`, `/` and the OAuth callback needs a bearer token or
 //! basic-auth credentials; failed logins are throttled per address like device logins.
-//! What the admin takes from the configuration is one [`View`], replaced as a whole by
-//! [`Admin::reload`].
+//! What the admin takes from the configuration is one [`View`], built once per configuration
+//! generation (read from the generation channel, ARCHITECTURE.md "Reload").
+//!
+//! The actions themselves (queue, sign-in, reload) are in [`ops`], shared with the offline
+//! CLI, together with the request and answer types that the CLI sends and reads.
 
 pub mod auth;
 pub mod guard;
+pub mod ops;
 pub mod status;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -27,27 +31,51 @@ use axum::{Json, Router};
 
 use crate::activity::Activity;
 use crate::config::Config;
+use crate::generation::{Current, Generation};
+use crate::locks::MutexExt;
 use crate::oauth::login::Logins;
 use crate::oauth::tokens::{IdentityState, TokenManager};
-use crate::queue::{MessageId, Queue};
-use crate::relay::Parts;
+use crate::queue::Queue;
 use auth::Access;
+use ops::Request as _;
 use status::{DeviceInfo, MailboxInfo};
+
+/// A reload request from the admin listener to the daemon's run loop, answered on the
+/// oneshot.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<ops::ReloadReport>;
+
+/// What the admin listener uses from the relay.
+pub struct Deps {
+    /// The queue the API lists, retries and drops from.
+    pub queue: Arc<Queue>,
+    /// Sign-ins in progress (kept across reloads).
+    pub logins: Arc<Logins>,
+    /// What the status page shows of devices and mailboxes.
+    pub activity: Arc<Activity>,
+    /// The generation channel: the current configuration and token manager.
+    pub current: Current,
+    /// Where `POST /api/reload` sends its request (the daemon's run loop); `None` where
+    /// there is nothing to reload (the offline CLI's callback listener).
+    pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
+}
+
+/// The [`View`] of one generation, with the generation it was built from.
+type ViewCache = Mutex<Option<(Arc<Generation>, Arc<View>)>>;
 
 /// Shared state of the admin handlers.
 #[derive(Clone)]
 pub struct Admin {
     queue: Arc<Queue>,
-    /// The current token manager (a reload replaces it).
-    tokens: Arc<RwLock<Arc<TokenManager>>>,
     logins: Arc<Logins>,
     activity: Arc<Activity>,
+    current: Current,
     redirect_uri: Arc<String>,
     /// Unix seconds when the admin (and so the relay) started.
     started: i64,
-    view: Arc<RwLock<Arc<View>>>,
-    /// Where `POST /api/reload` sends its request (the daemon's run loop).
-    reload: Arc<RwLock<Option<tokio::sync::mpsc::Sender<crate::relay::ReloadRequest>>>>,
+    /// The view of the generation it was built from (built at the first request after a
+    /// reload).
+    view: Arc<ViewCache>,
+    reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
     /// Failed admin logins per address (kept across reloads).
     throttle: Arc<crate::smtp::auth::AuthThrottle>,
 }
@@ -93,44 +121,49 @@ fn basic_auth(admin: &crate::config::Admin) -> Option<(String, String)> {
 }
 
 impl Admin {
-    pub fn new(parts: &Parts) -> Admin {
+    /// The redirect URI is the first generation's: the browser comes back to the address the
+    /// relay started with.
+    pub fn new(deps: Deps) -> Admin {
+        let redirect_uri = deps.current.borrow().config.admin.redirect_uri();
         Admin {
-            queue: parts.queue.clone(),
-            tokens: Arc::new(RwLock::new(parts.tokens.clone())),
-            logins: parts.logins.clone(),
-            activity: parts.activity.clone(),
-            redirect_uri: Arc::new(parts.config.admin.redirect_uri()),
+            queue: deps.queue,
+            logins: deps.logins,
+            activity: deps.activity,
+            current: deps.current,
+            redirect_uri: Arc::new(redirect_uri),
             started: chrono::Utc::now().timestamp(),
-            view: Arc::new(RwLock::new(Arc::new(View::from_config(&parts.config)))),
-            reload: Arc::default(),
+            view: Arc::default(),
+            reload: deps.reload,
             throttle: Arc::new(crate::smtp::auth::AuthThrottle::new(crate::smtp::AUTH_LIMITS)),
         }
     }
 
-    /// Lets `POST /api/reload` ask the run loop for a reload.
-    pub fn set_reload(&self, tx: tokio::sync::mpsc::Sender<crate::relay::ReloadRequest>) {
-        *self.reload.write().unwrap_or_else(|e| e.into_inner()) = Some(tx);
-    }
-
+    /// The current generation's token manager.
     fn tokens(&self) -> Arc<TokenManager> {
-        self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current.borrow().tokens.clone()
     }
 
-    /// Takes a reloaded relay: its token manager, and from its configuration the credentials,
-    /// devices and mailboxes shown and the readiness rule. The listen address and redirect URI
-    /// stay those of the start. A remembered basic-auth success is forgotten.
-    pub fn reload(&self, parts: &Parts) {
-        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = parts.tokens.clone();
-        self.set_view(View::from_config(&parts.config));
-    }
-
-    /// Replaces what the admin takes from the configuration.
+    /// Replaces what the admin takes from the current configuration, until the next
+    /// generation (tests).
     pub fn set_view(&self, view: View) {
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        let generation = self.current.borrow().clone();
+        *self.view.locked() = Some((generation, Arc::new(view)));
     }
 
+    /// What the admin takes from the current generation's configuration: the credentials,
+    /// devices and mailboxes shown and the readiness rule. Built once per generation, so a
+    /// reload forgets a remembered basic-auth success.
     fn view(&self) -> Arc<View> {
-        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+        let generation = self.current.borrow().clone();
+        let mut cached = self.view.locked();
+        if let Some((built_for, view)) = &*cached {
+            if Arc::ptr_eq(built_for, &generation) {
+                return view.clone();
+            }
+        }
+        let view = Arc::new(View::from_config(&generation.config));
+        *cached = Some((generation, view.clone()));
+        view
     }
 
     pub fn router(self) -> Router {
@@ -292,89 +325,74 @@ async fn status_page(State(a): State<Admin>) -> Response {
     }
 }
 
-async fn queue_list(State(a): State<Admin>) -> Response {
-    match a.queue.list() {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+/// Runs one operation of [`ops`] and answers with its typed answer as JSON, or its error's
+/// status and text.
+async fn answer<R: ops::Request>(ops: &R::Ops, req: R) -> Response {
+    match req.run(ops).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            error(status, e)
+        }
     }
 }
 
-async fn queue_retry(State(a): State<Admin>, Path(id): Path<String>) -> Response {
-    let which = if id == "all" {
-        None
-    } else {
-        match id.parse::<MessageId>() {
-            Ok(m) => Some(m),
-            Err(_) => return (StatusCode::BAD_REQUEST, format!("\"{id}\" is not a queue id\n")).into_response(),
-        }
-    };
-    match a.queue.retry_now(which, None).await {
-        Ok(n) => Json(serde_json::json!({ "retried": n })).into_response(),
-        Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+impl Admin {
+    fn queue_ops(&self) -> ops::QueueOps {
+        ops::QueueOps { queue: self.queue.clone() }
     }
+
+    fn auth_ops(&self) -> ops::AuthOps {
+        ops::AuthOps { tokens: self.tokens(), logins: self.logins.clone(), redirect_uri: self.redirect_uri.to_string() }
+    }
+}
+
+async fn queue_list(State(a): State<Admin>) -> Response {
+    answer(&a.queue_ops(), ops::QueueList).await
+}
+
+async fn queue_retry(State(a): State<Admin>, Path(which): Path<String>) -> Response {
+    answer(&a.queue_ops(), ops::QueueRetry { which }).await
 }
 
 async fn queue_drop(State(a): State<Admin>, Path(id): Path<String>) -> Response {
-    let Ok(id) = id.parse::<MessageId>() else {
-        return (StatusCode::BAD_REQUEST, format!("\"{id}\" is not a queue id\n")).into_response();
-    };
-    match a.queue.drop_message(id).await {
-        Ok(()) => Json(serde_json::json!({ "dropped": id.to_string() })).into_response(),
-        Err(e @ crate::queue::QueueError::InFlight(_)) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
-        Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
-    }
+    answer(&a.queue_ops(), ops::QueueDrop { id }).await
 }
 
 async fn auth_status(State(a): State<Admin>) -> Response {
-    Json(a.tokens().status()).into_response()
+    answer(&a.auth_ops(), ops::AuthStatus).await
 }
 
 fn error(status: StatusCode, e: impl std::fmt::Display) -> Response {
     (status, format!("{e}\n")).into_response()
 }
 
-async fn auth_login(State(a): State<Admin>, Path(id): Path<String>) -> Response {
-    match a.logins.start(&a.tokens(), &id, &a.redirect_uri).await {
-        Ok(start) => Json(start).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
-    }
+async fn auth_login(State(a): State<Admin>, Path(identity): Path<String>) -> Response {
+    answer(&a.auth_ops(), ops::AuthLogin { identity }).await
 }
 
-async fn auth_login_status(State(a): State<Admin>, Path(id): Path<String>) -> Response {
-    Json(a.logins.status(&id)).into_response()
+async fn auth_login_status(State(a): State<Admin>, Path(identity): Path<String>) -> Response {
+    answer(&a.auth_ops(), ops::AuthLoginStatus { identity }).await
 }
 
-/// Body of `POST /api/auth/login/{id}/url`: the address the browser ended on.
-#[derive(serde::Deserialize)]
-struct RedirectedUrl {
-    url: String,
+async fn auth_login_url(
+    State(a): State<Admin>,
+    Path(identity): Path<String>,
+    Json(body): Json<ops::AuthLoginUrl>,
+) -> Response {
+    answer(&a.auth_ops(), ops::AuthLoginUrl { identity, ..body }).await
 }
 
-async fn auth_login_url(State(a): State<Admin>, Json(body): Json<RedirectedUrl>) -> Response {
-    match a.logins.complete_with_url(&a.tokens(), &body.url).await {
-        Ok(msg) => Json(serde_json::json!({ "ok": msg })).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
-    }
+async fn auth_logout(State(a): State<Admin>, Path(identity): Path<String>) -> Response {
+    answer(&a.auth_ops(), ops::AuthLogout { identity }).await
 }
 
-async fn auth_logout(State(a): State<Admin>, Path(id): Path<String>) -> Response {
-    match a.tokens().logout(&id).await {
-        Ok(()) => Json(serde_json::json!({ "logged_out": id })).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
-    }
-}
-
-/// Body of `POST /api/auth/import/{id}`.
-#[derive(serde::Deserialize)]
-struct ImportToken {
-    refresh_token: String,
-}
-
-async fn auth_import(State(a): State<Admin>, Path(id): Path<String>, Json(body): Json<ImportToken>) -> Response {
-    match a.tokens().import_refresh_token(&id, body.refresh_token.trim()).await {
-        Ok(t) => Json(serde_json::json!({ "account": t.account })).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
-    }
+async fn auth_import(
+    State(a): State<Admin>,
+    Path(identity): Path<String>,
+    Json(body): Json<ops::AuthImport>,
+) -> Response {
+    answer(&a.auth_ops(), ops::AuthImport { identity, ..body }).await
 }
 
 /// The browser's return from the provider (authorization code flow). No admin token: the
@@ -413,21 +431,13 @@ pub fn html_escape(s: &str) -> String {
 mod tests;
 
 /// `POST /api/reload`: re-reads the configuration file in the daemon (like SIGHUP) and
-/// answers with what happened.
+/// answers with what happened: 200 when the new configuration runs, 422 when it was refused.
 async fn reload(State(a): State<Admin>) -> Response {
-    let tx = a.reload.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let Some(tx) = tx else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "reload is not available here\n").into_response();
-    };
-    let (reply, rx) = tokio::sync::oneshot::channel();
-    if tx.send(reply).await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "the relay is shutting down\n").into_response();
-    }
-    match rx.await {
+    match ops::Reload.run(&ops::ReloadOps { reload: a.reload.clone() }).await {
         Ok(report) => {
             let status = if report.ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
             (status, Json(report)).into_response()
         }
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the relay is shutting down\n").into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }

@@ -12,8 +12,7 @@ async fn start(dir: &std::path::Path) -> (Admin, u16, tokio::sync::watch::Sender
         "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n"
     );
     let config = Config::parse(&dir.join("config.toml"), text).unwrap();
-    let parts = crate::relay::build(config).await.unwrap();
-    let admin = Admin::new(&parts);
+    let admin = ops::Offline::open(config).await.unwrap().admin();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = tcp.local_addr().unwrap().port();
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -104,4 +103,78 @@ async fn basic_auth_lets_a_person_in() {
     // A reload without basic auth takes it away again.
     admin.set_view(View::from_config(&config));
     assert_eq!(get(port, "/status", Some(&basic("admin", "s3cret pass"))).await.0, 200, "open: no credentials set");
+}
+
+#[tokio::test]
+async fn the_cli_client_reads_the_typed_answers_of_the_api() {
+    use ops::{Client, ClientError};
+    let dir = tempfile::tempdir().unwrap();
+    let (_admin, port, _stop) = start(dir.path()).await;
+    let wait = std::time::Duration::from_secs(10);
+    let c = Client::at(format!("http://127.0.0.1:{port}"), Some(TOKEN.into()), wait).unwrap();
+    assert!(c.send(&ops::QueueList, false).await.unwrap().unwrap().is_empty());
+    // A POST from the client passes the guard (JSON body) and the access check (token).
+    assert_eq!(c.send(&ops::QueueRetry { which: "all".into() }, false).await.unwrap().unwrap().retried, 0);
+    let refused = |r: Result<Option<ops::Dropped>, ClientError>| match r {
+        Err(ClientError::Refused { status, text }) => (status.as_u16(), text),
+        other => panic!("{other:?}"),
+    };
+    let (status, text) = refused(c.send(&ops::QueueDrop { id: "nope".into() }, false).await);
+    assert_eq!(status, 400);
+    assert!(text.starts_with("\"nope\" is not a queue id"), "{text}");
+    let (status, text) = refused(c.send(&ops::QueueDrop { id: "0000000000000001".into() }, false).await);
+    assert_eq!((status, text.as_str()), (404, "no queued message 0000000000000001"));
+    // A process that cannot reload says so.
+    match c.send(&ops::Reload, true).await {
+        Err(ClientError::Refused { status, text }) => {
+            assert_eq!((status.as_u16(), text.as_str()), (503, "reload is not available here"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without the token: the API's own refusal text.
+    let anonymous = Client::at(format!("http://127.0.0.1:{port}"), None, wait).unwrap();
+    match anonymous.send(&ops::QueueList, false).await {
+        Err(ClientError::Refused { status, text }) => {
+            assert_eq!((status.as_u16(), text.as_str()), (401, "admin token required"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing listening: no daemon, so the CLI works on the data directory instead.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    assert!(Client::at(dead, None, wait).unwrap().send(&ops::QueueList, false).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_published_generation_is_what_the_admin_uses_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_with = |admin: &str| {
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n{admin}"
+        );
+        Config::parse(&dir.path().join("config.toml"), text).unwrap()
+    };
+    let first = config_with(&format!("token = \"{TOKEN}\"\n"));
+    let shared = crate::generation::Shared::open(&first).await.unwrap();
+    let generation = Generation::build(first, &shared, None).unwrap();
+    let (publish, current) = tokio::sync::watch::channel(Arc::new(generation));
+    let admin = Admin::new(Deps {
+        queue: shared.queue.clone(),
+        logins: shared.logins.clone(),
+        activity: shared.activity.clone(),
+        current: current.clone(),
+        reload: None,
+    });
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(admin.serve(tcp, rx));
+    assert_eq!(get(port, "/api/queue", None).await.0, 401, "the first generation wants the token");
+
+    // A reload publishes a generation without the token: the next request needs none.
+    let running = current.borrow().clone();
+    let next = Generation::build(config_with(""), &shared, Some(&running)).unwrap();
+    publish.send_replace(Arc::new(next));
+    assert_eq!(get(port, "/api/queue", None).await.0, 200);
 }

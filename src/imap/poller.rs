@@ -42,6 +42,8 @@ use super::state::{self, Handoff, MailboxState, Stage, UidRecord};
 use super::{filename, handoff, reply};
 use crate::activity::Activity;
 use crate::config::{Mailbox as MailboxConfig, UpstreamTls};
+use crate::generation::Current;
+use crate::locks::MutexExt;
 use crate::metrics;
 use crate::oauth::tokens::{AccessToken, TokenError, TokenManager};
 use crate::queue::Queue;
@@ -163,13 +165,30 @@ fn declined(e: &PollError) -> bool {
     )
 }
 
-/// The parts of the relay a poller uses.
-pub struct Shared {
-    pub tokens: Arc<TokenManager>,
+/// The parts of the relay a poller uses: the database, the queue (answers to refused mail),
+/// activity, and the current configuration generation, read at each use so that a poller a
+/// reload keeps running uses the new token manager and host name.
+pub struct Deps {
+    /// Where each UID's stage is recorded.
     pub store: Arc<Store>,
+    /// Where answers to refused mail are queued.
     pub queue: Arc<Queue>,
+    /// What the status page shows of each mailbox.
     pub activity: Arc<Activity>,
-    pub hostname: String,
+    /// The generation channel.
+    pub current: Current,
+}
+
+impl Deps {
+    /// The current generation's token manager.
+    fn tokens(&self) -> Arc<TokenManager> {
+        self.current.borrow().tokens.clone()
+    }
+
+    /// The relay's host name in the current generation.
+    fn hostname(&self) -> String {
+        self.current.borrow().config.relay.hostname.clone()
+    }
 }
 
 /// One `[[mailbox]]`'s poller.
@@ -188,22 +207,25 @@ pub struct Poller {
     connector: Connector,
     dirs: JobDirs,
     state: MailboxState,
-    shared: SharedCell,
+    deps: Arc<Deps>,
     /// The settings this poller was built from, to tell whether a reload changed them.
     fingerprint: String,
     crash_after_spool: bool,
 }
 
-/// The relay parts a poller uses, replaced in place when a reload keeps the poller running.
-pub type SharedCell = Arc<std::sync::RwLock<Arc<Shared>>>;
-
 impl Poller {
-    /// Builds the poller of `m`; `spool` is its resolved spool directory. An error names what
-    /// in the configuration keeps it from running.
-    pub fn new(m: &MailboxConfig, spool: &std::path::Path, shared: Arc<Shared>) -> Result<Poller, String> {
+    /// Builds the poller of `m`; `spool` is its resolved spool directory, `tokens` the token
+    /// manager of the generation it is built for. An error names what in the configuration
+    /// keeps it from running.
+    pub fn new(
+        m: &MailboxConfig,
+        spool: &std::path::Path,
+        tokens: &TokenManager,
+        deps: Arc<Deps>,
+    ) -> Result<Poller, String> {
         let name = m.name.get_ref().clone();
         let identity = m.identity.get_ref().clone();
-        let slot = shared.tokens.slot(&identity).map_err(|e| e.to_string())?;
+        let slot = tokens.slot(&identity).map_err(|e| e.to_string())?;
         let server = slot.provider.imap.clone().ok_or_else(|| {
             format!("provider \"{}\" has no imap server (set imap = \"host:port\")", slot.provider.name)
         })?;
@@ -259,22 +281,13 @@ impl Poller {
             reply_refused: m.reply_refused,
             connector,
             dirs: JobDirs::new(spool, &dir_name),
-            state: MailboxState::new(shared.store.clone(), &state::folder_prefix(&identity, &m.folder)),
+            state: MailboxState::new(deps.store.clone(), &state::folder_prefix(&identity, &m.folder)),
             crash_after_spool: std::env::var_os(TEST_CRASH_AFTER_SPOOL).is_some_and(|v| v == "1"),
             name,
             identity,
             fingerprint,
-            shared: Arc::new(std::sync::RwLock::new(shared)),
+            deps,
         })
-    }
-
-    fn shared(&self) -> Arc<Shared> {
-        self.shared.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Where a reload puts the new relay parts for this poller, if it keeps it running.
-    pub fn shared_cell(&self) -> SharedCell {
-        self.shared.clone()
     }
 
     /// The settings the poller runs with: a reload that leaves them unchanged keeps it running.
@@ -289,7 +302,7 @@ impl Poller {
     /// `mailbox reset --from-now`: logs in, reads the folder's UIDNEXT and records it, so
     /// that only mail arriving from now on is printed. Returns (UIDVALIDITY, UIDNEXT).
     pub async fn reset_from_now(&self) -> Result<(u32, u32), PollError> {
-        MailboxState::open(self.shared().store.clone(), &self.identity, &self.folder, &self.name).await?;
+        MailboxState::open(self.deps.store.clone(), &self.identity, &self.folder, &self.name).await?;
         let (session, _) = self.login().await?;
         let mut mb = Mailbox::open(session, &self.folder).await?;
         // UIDNEXT from SELECT (RFC 3501 7.3.1 OK [UIDNEXT]); without it, one past the highest
@@ -329,7 +342,7 @@ impl Poller {
             failures = failures.saturating_add(1);
             self.report(&err);
             // Subscribed here, not once: a reload may have replaced the token manager.
-            let mut ready = self.shared().tokens.subscribe_ready();
+            let mut ready = self.deps.tokens().subscribe_ready();
             let needs_login = matches!(err, PollError::Token(TokenError::NeedsLogin(_)));
             let wait = if needs_login {
                 NEEDS_LOGIN_WAIT
@@ -355,7 +368,7 @@ impl Poller {
         if !*prepared {
             self.dirs.prepare()?;
             // Moves records an older relay kept under the section's name.
-            MailboxState::open(self.shared().store.clone(), &self.identity, &self.folder, &self.name).await?;
+            MailboxState::open(self.deps.store.clone(), &self.identity, &self.folder, &self.name).await?;
             *prepared = true;
         }
         self.session(shutdown, failures).await
@@ -363,7 +376,7 @@ impl Poller {
 
     fn report(&self, e: &PollError) {
         metrics::IMAP_ERRORS.with_label_values(&[&self.name]).inc();
-        self.shared().activity.mailbox_error(&self.name, &e.to_string());
+        self.deps.activity.mailbox_error(&self.name, &e.to_string());
         match e {
             PollError::Token(TokenError::NeedsLogin(why)) => {
                 tracing::error!(mailbox = %self.name, identity = %self.identity, "mailbox not checked: the identity needs a new sign-in ({why}); run `mfd-relay auth login {}`", self.identity)
@@ -374,7 +387,7 @@ impl Poller {
 
     /// XOAUTH2 login; a refused token gets one refresh and one retry.
     async fn login(&self) -> Result<(Session, AccessToken), PollError> {
-        let token = self.shared().tokens.access_token(&self.identity).await?;
+        let token = self.deps.tokens().access_token(&self.identity).await?;
         let conn = self.connector.connect().await?;
         match client::authenticate(conn, &self.user, &token.secret).await {
             Ok(s) => Ok((s, token)),
@@ -385,7 +398,7 @@ impl Poller {
                     server_says = %detail.as_deref().unwrap_or("-"),
                     "the IMAP server refused the token; getting a new one and trying once more"
                 );
-                let token = self.shared().tokens.refresh_after_rejection(&self.identity, &token).await?;
+                let token = self.deps.tokens().refresh_after_rejection(&self.identity, &token).await?;
                 let conn = self.connector.connect().await?;
                 let session = client::authenticate(conn, &self.user, &token.secret).await?;
                 Ok((session, token))
@@ -424,7 +437,7 @@ impl Poller {
             let Checked { jobs, troubled } = self.check(&mut mb, shutdown).await?;
             *failures = 0;
             metrics::IMAP_LAST_SUCCESS.with_label_values(&[&self.name]).set(unix_now());
-            self.shared().activity.mailbox_checked(&self.name, jobs);
+            self.deps.activity.mailbox_checked(&self.name, jobs);
             if *shutdown.borrow() {
                 mb.logout().await;
                 return Ok(End::Shutdown);
@@ -700,12 +713,13 @@ impl Poller {
         metrics::IMAP_JOBS.with_label_values(&[&self.name, "refused"]).inc();
         let sender = about.sender.as_deref().unwrap_or("(unknown sender)");
         tracing::warn!(mailbox = %self.name, uid, sender, reason = %reason, "mail refused, not printed");
-        self.shared().activity.mailbox_error(&self.name, &format!("refused a mail from {sender}: {reason}"));
+        self.deps.activity.mailbox_error(&self.name, &format!("refused a mail from {sender}: {reason}"));
         if self.reply_refused {
             match (&about.sender, about.answerable) {
                 (Some(to), true) => {
                     let safe_name: String = self.name.chars().filter(char::is_ascii_alphanumeric).collect();
                     let unique = format!("{safe_name}.{uid}.{}", chrono::Utc::now().timestamp_micros());
+                    let hostname = self.deps.hostname();
                     let answer = reply::Answer {
                         from: &self.user,
                         to,
@@ -713,11 +727,11 @@ impl Poller {
                         subject: about.subject.as_deref(),
                         message_id: about.message_id.as_deref(),
                         reason: &reason,
-                        hostname: &self.shared().hostname,
+                        hostname: &hostname,
                         now: chrono::Utc::now(),
                         unique: &unique,
                     };
-                    if let Err(e) = reply::queue(&self.shared().queue, &self.identity, &self.name, &answer).await {
+                    if let Err(e) = reply::queue(&self.deps.queue, &self.identity, &self.name, &answer).await {
                         tracing::error!(mailbox = %self.name, uid, "cannot queue the answer to a refused mail: {e}");
                     }
                 }
@@ -749,7 +763,7 @@ impl Poller {
                     (None, false, code) => format!("exit code {}: {}", code.unwrap_or(-1), r.stderr),
                 };
                 tracing::warn!(mailbox = %self.name, job = %name, file = %f.name, "print command failed: {why}");
-                self.shared()
+                self.deps
                     .activity
                     .mailbox_error(&self.name, &format!("print command failed for {name}/{}: {why}", f.name));
             }
@@ -801,7 +815,7 @@ impl Poller {
 fn lease(mailbox: &str) -> Arc<tokio::sync::Mutex<()>> {
     type Leases = std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
     static LEASES: std::sync::LazyLock<Leases> = std::sync::LazyLock::new(Default::default);
-    LEASES.lock().unwrap_or_else(|e| e.into_inner()).entry(mailbox.to_string()).or_default().clone()
+    LEASES.locked().entry(mailbox.to_string()).or_default().clone()
 }
 
 /// Returns when `identity` becomes ready (signed in again).

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::provider::ProviderInfo;
 use super::tokens::{classify_error, Slot, TokenError, TokenManager, TokenSet};
 use crate::config::{Flow, ProviderKind};
+use crate::locks::{MutexExt, RwLockExt};
 
 /// What the person must do to sign in, as shown by `mfd-relay auth login`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -101,10 +102,14 @@ pub struct Logins {
     status: Mutex<HashMap<String, LoginStatus>>,
     /// Authorization-code sign-ins by their `state` parameter.
     codes: Mutex<PendingCodes>,
-    /// The running configuration's token manager: a sign-in that outlives a reload is saved
-    /// there, not into the manager it started with (whose slot the reload may have replaced).
-    current: std::sync::RwLock<Option<Arc<TokenManager>>>,
+    /// Reads the running configuration's token manager: a sign-in that outlives a reload is
+    /// saved there, not into the manager it started with (whose slot the reload may have
+    /// replaced). Unset in a process that never reloads (the offline CLI).
+    current: std::sync::RwLock<Option<CurrentTokens>>,
 }
+
+/// Reads the current token manager (the wiring reads its generation channel).
+type CurrentTokens = Arc<dyn Fn() -> Arc<TokenManager> + Send + Sync>;
 
 fn client(
     p: &ProviderInfo,
@@ -129,17 +134,17 @@ fn client(
 
 impl Logins {
     pub fn status(&self, identity: &str) -> LoginStatus {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).get(identity).cloned().unwrap_or(LoginStatus::None)
+        self.status.locked().get(identity).cloned().unwrap_or(LoginStatus::None)
     }
 
-    /// Makes `tokens` the manager that finished sign-ins are saved into (at start and on
-    /// every reload).
-    pub fn use_tokens(&self, tokens: &Arc<TokenManager>) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(tokens.clone());
+    /// Saves finished sign-ins into the token manager `current` returns at that time (the
+    /// current configuration generation's; ARCHITECTURE.md, "Reload").
+    pub fn follow(&self, current: impl Fn() -> Arc<TokenManager> + Send + Sync + 'static) {
+        *self.current.write_locked() = Some(Arc::new(current));
     }
 
     fn set(&self, identity: &str, s: LoginStatus) {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).insert(identity.to_string(), s);
+        self.status.locked().insert(identity.to_string(), s);
     }
 
     /// Starts a sign-in for `identity`. `redirect_uri` is where the browser comes back for
@@ -174,7 +179,7 @@ impl Logins {
             }
             Flow::AuthCode => {
                 let (url, state, verifier) = authorize_url(&slot, redirect_uri)?;
-                self.codes.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                self.codes.locked().insert(
                     state,
                     PendingCode {
                         identity: identity.to_string(),
@@ -193,7 +198,7 @@ impl Logins {
     /// The browser came back with `code` and `state` (or with an error).
     pub async fn callback(&self, tokens: &TokenManager, query: &HashMap<String, String>) -> Result<String, String> {
         let state = query.get("state").cloned().unwrap_or_default();
-        let pending = self.codes.lock().unwrap_or_else(|e| e.into_inner()).take(&state, std::time::Instant::now());
+        let pending = self.codes.locked().take(&state, std::time::Instant::now());
         let pending = pending.map_err(String::from)?;
         let result = match (query.get("code"), query.get("error")) {
             (Some(code), _) => match tokens.slot(&pending.identity) {
@@ -233,7 +238,7 @@ impl Logins {
         started: Option<&Slot>,
         result: Result<TokenSet, TokenError>,
     ) {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let current = self.current.read_locked().clone().map(|read| read());
         let tokens = current.as_deref().unwrap_or(tokens);
         let result = match (result, started, tokens.slot(identity)) {
             (Ok(_), Some(old), Ok(now)) if *old.provider != *now.provider || old.email != now.email => {

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::provider::ProviderInfo;
 use super::vault::Vault;
 use crate::config::{Config, Flow};
+use crate::locks::MutexExt;
 use crate::metrics;
 use crate::store::{Store, Tree};
 
@@ -156,7 +157,7 @@ pub struct Slot {
 
 impl Slot {
     fn record(&self) -> TokenRecord {
-        self.record.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.record.locked().clone()
     }
 
     fn generation(&self) -> u64 {
@@ -164,12 +165,12 @@ impl Slot {
     }
 
     fn flights_done(&self) -> u64 {
-        self.flights.lock().unwrap_or_else(|e| e.into_inner()).done
+        self.flights.locked().done
     }
 
     /// The failure of a refresh that finished after `seen` attempts, if the last one failed.
     fn failure_since(&self, seen: u64) -> Option<TokenError> {
-        let f = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        let f = self.flights.locked();
         if f.done > seen {
             f.failure.clone()
         } else {
@@ -178,7 +179,7 @@ impl Slot {
     }
 
     fn flight_finished(&self, failure: Option<TokenError>) {
-        let mut f = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.flights.locked();
         f.done += 1;
         f.failure = failure;
     }
@@ -194,7 +195,7 @@ impl Slot {
     }
 
     fn token_in_memory(&self, now: i64, before_refresh: bool) -> Option<AccessToken> {
-        let r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.record.locked();
         let (Some(t), Some(exp)) = (&r.access_token, r.expires_at) else { return None };
         let due = before_refresh && now >= r.refresh_at.unwrap_or(exp);
         (now + MIN_VALIDITY < exp && !due).then(|| AccessToken {
@@ -359,7 +360,7 @@ impl TokenManager {
 
     /// The state of an identity now.
     pub fn state(&self, name: &str) -> Option<IdentityState> {
-        self.slots.get(name).map(|s| s.record.lock().unwrap_or_else(|e| e.into_inner()).state)
+        self.slots.get(name).map(|s| s.record.locked().state)
     }
 
     /// A valid access token for `name`, refreshing if needed.
@@ -513,16 +514,16 @@ impl TokenManager {
         if let Err(e) = self.persist(&slot.name, &rec).await {
             // Keep the newest refresh token in memory (the provider may have rotated the old
             // one away), but hand out no access token until a record is on disk.
-            let mut r = slot.record.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = slot.record.locked();
             r.refresh_token = rec.refresh_token;
             r.access_token = None;
             r.last_error = Some(format!("cannot store tokens: {e}"));
             tracing::error!(identity = %slot.name, "cannot store new tokens: {e}");
             return Err(TokenError::Transient(format!("cannot store tokens: {e}")));
         }
-        *slot.record.lock().unwrap_or_else(|e| e.into_inner()) = rec;
+        *slot.record.locked() = rec;
         slot.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        *slot.retry_after.lock().unwrap_or_else(|e| e.into_inner()) = (0, 0);
+        *slot.retry_after.locked() = (0, 0);
         metrics::IDENTITY_STATE.with_label_values(&[&slot.name]).set(state_value(IdentityState::Ready));
         metrics::TOKEN_EXPIRY.with_label_values(&[&slot.name]).set(expires_at as f64);
         if was != IdentityState::Ready {
@@ -534,7 +535,7 @@ impl TokenManager {
 
     async fn record_failure(&self, slot: &Slot, e: &TokenError) {
         let rec = {
-            let mut r = slot.record.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = slot.record.locked();
             r.last_error = Some(e.to_string());
             match e {
                 TokenError::NeedsLogin(_) => {
@@ -550,7 +551,7 @@ impl TokenManager {
             r.clone()
         };
         {
-            let mut ra = slot.retry_after.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ra = slot.retry_after.locked();
             ra.1 = ra.1.saturating_add(1);
             ra.0 = now() + (30i64 << ra.1.min(6)).min(1800);
         }
@@ -613,7 +614,7 @@ impl TokenManager {
         let _flight = slot.flight.lock().await;
         self.store.remove(Tree::Tokens, name.as_bytes()).map_err(|e| TokenError::Config(e.to_string()))?;
         self.store.commit().await.map_err(|e| TokenError::Config(e.to_string()))?;
-        *slot.record.lock().unwrap_or_else(|e| e.into_inner()) = TokenRecord::default();
+        *slot.record.locked() = TokenRecord::default();
         slot.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         metrics::IDENTITY_STATE.with_label_values(&[name]).set(state_value(IdentityState::NeedsLogin));
         Ok(())
@@ -663,7 +664,7 @@ impl TokenManager {
                 if r.state == IdentityState::NeedsLogin && !app_only {
                     continue;
                 }
-                let (retry_after, _) = *slot.retry_after.lock().unwrap_or_else(|e| e.into_inner());
+                let (retry_after, _) = *slot.retry_after.locked();
                 if t < retry_after {
                     continue;
                 }
@@ -932,7 +933,10 @@ mod tests {
              [[identity]]\nname = \"u\"\nprovider = \"p\"\nemail = \"u@example.com\"\nflow = \"device_code\"\n"
         );
         let config = Config::parse(&dir.join("config.toml"), text).unwrap();
-        let tokens = crate::relay::build(config).await.unwrap().tokens;
+        std::fs::create_dir_all(config.data_dir()).unwrap();
+        let store = Arc::new(crate::store::Store::open(&config.data_dir(), vec![]).unwrap());
+        let vault = Arc::new(crate::oauth::vault::Vault::open(&config.key_file(), None).unwrap());
+        let tokens = Arc::new(TokenManager::new(&config, store, vault, None).unwrap());
         let set = TokenSet {
             access_token: "at-old".into(),
             refresh_token: Some(rt.into()),

@@ -1,7 +1,7 @@
 //! A message a device just sent: its queue record is built here, and committed by
 //! [`Queue::accept_incoming`] (ARCHITECTURE.md, "Durability": only then may the device get 250).
 
-use super::{now_ms, MessageId, Queue, QueueError, QueueRecord};
+use super::{now_ms, Lease, MessageId, Queue, QueueError, QueueRecord};
 
 /// What the session knows of a message whose body is finished in the spool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,13 +55,15 @@ impl Queue {
     /// Commits an incoming message's record (its body must be finished in the spool); on
     /// failure the body is removed, since the device will be told to send it again. Like
     /// [`Queue::accept`], the message is left in flight for the in-session attempt.
-    pub async fn accept_incoming(&self, m: &Incoming) -> Result<QueueRecord, QueueError> {
+    pub async fn accept_incoming(&self, m: &Incoming) -> Result<Lease, QueueError> {
         let rec = m.record();
-        if let Err(e) = self.accept(&rec).await {
-            self.spool().remove(m.id);
-            return Err(e);
+        match self.accept(&rec).await {
+            Ok(lease) => Ok(lease),
+            Err(e) => {
+                self.spool().remove(m.id);
+                Err(e)
+            }
         }
-        Ok(rec)
     }
 }
 

@@ -29,6 +29,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::locks::MutexExt;
 use crate::store::{Change, Store, StoreError, Tree};
 pub use incoming::Incoming;
 pub use spool::{Spool, SpoolWriter};
@@ -102,8 +103,102 @@ struct Schedule {
     /// (due time in [`now_ms`] milliseconds, id), earliest first.
     due: BTreeSet<(i64, MessageId)>,
     at: HashMap<MessageId, i64>,
-    /// Being attempted now: not due, whatever their time.
+    /// Being attempted now (each held by one [`Lease`]): not due, whatever their time.
     in_flight: HashSet<MessageId>,
+}
+
+impl Schedule {
+    /// Makes `id` due at `at` ([`now_ms`] milliseconds), replacing its earlier time.
+    fn set(&mut self, id: MessageId, at: i64) {
+        if let Some(old) = self.at.insert(id, at) {
+            self.due.remove(&(old, id));
+        }
+        self.due.insert((at, id));
+    }
+
+    /// Forgets `id` altogether (a finished message).
+    fn forget(&mut self, id: MessageId) {
+        self.in_flight.remove(&id);
+        if let Some(at) = self.at.remove(&id) {
+            self.due.remove(&(at, id));
+        }
+    }
+}
+
+/// How long after an attempt that ended without an outcome (its [`Lease`] dropped, e.g. by a
+/// panic) the message is due again: soon, but not at once, so that a message whose attempt
+/// panics every time does not spin.
+pub const ABANDONED_RETRY_MS: i64 = 60_000;
+
+/// A message taken for an attempt (or for an admin's retry or drop): while its lease lives,
+/// no one else takes the message, so the in-session attempt, the scheduler and the admin never
+/// work on one message at once (ARCHITECTURE.md, "Durability").
+///
+/// A lease ends through the queue's outcome methods ([`Queue::settle`], [`Queue::defer`],
+/// [`Queue::finish_delivered`]) or [`Lease::release`]. A lease dropped otherwise (the task
+/// holding it panicked or was cancelled) releases the message itself, due again after
+/// [`ABANDONED_RETRY_MS`]: nothing stays marked in flight until a restart.
+#[must_use = "a dropped lease releases its message at once"]
+pub struct Lease {
+    id: MessageId,
+    schedule: Arc<Mutex<Schedule>>,
+    wake: Arc<Notify>,
+    /// Still marks the message in flight (false once ended).
+    held: bool,
+}
+
+impl Lease {
+    /// A lease that belongs to no queue, for a fake queue (the in-process session tests):
+    /// ending or dropping it changes nothing anywhere.
+    pub fn unqueued(id: MessageId) -> Lease {
+        Lease { id, schedule: Default::default(), wake: Default::default(), held: true }
+    }
+
+    /// The message this lease holds.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// Ends the attempt; `next` schedules the message again ([`now_ms`] milliseconds), `None`
+    /// leaves it unscheduled until the next start (its record is gone, or the store failed).
+    pub fn release(mut self, next: Option<i64>) {
+        self.end(next);
+    }
+
+    fn end(&mut self, next: Option<i64>) {
+        if !std::mem::replace(&mut self.held, false) {
+            return;
+        }
+        let mut s = self.schedule.locked();
+        s.in_flight.remove(&self.id);
+        if let Some(at) = next {
+            s.set(self.id, at);
+            drop(s);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Ends the lease of a finished message: it leaves the schedule.
+    fn end_finished(&mut self) {
+        if std::mem::replace(&mut self.held, false) {
+            self.schedule.locked().forget(self.id);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.held {
+            tracing::warn!(queue_id = %self.id, "an attempt ended without an outcome; the message is due again in {} s", ABANDONED_RETRY_MS / 1000);
+            self.end(Some(now_ms() + ABANDONED_RETRY_MS));
+        }
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease").field("id", &self.id).field("held", &self.held).finish()
+    }
 }
 
 /// A message the relay writes itself (a bounce, an answer to a refused print job).
@@ -121,11 +216,12 @@ pub struct OwnMessage<'a> {
 pub struct Queue {
     store: Arc<Store>,
     spool: Spool,
-    schedule: Mutex<Schedule>,
+    /// Shared with the [`Lease`]s, which end themselves.
+    schedule: Arc<Mutex<Schedule>>,
     last_id: AtomicU64,
     set_aside: AtomicUsize,
     /// Woken when a message becomes due earlier than the scheduler thought.
-    pub wake: Notify,
+    pub wake: Arc<Notify>,
 }
 
 /// Stored times further ahead than this were computed under a clock that has since stepped
@@ -159,10 +255,10 @@ impl Queue {
         let q = Queue {
             store,
             spool,
-            schedule: Mutex::new(Schedule::default()),
+            schedule: Arc::default(),
             last_id: AtomicU64::new(0),
             set_aside: AtomicUsize::new(0),
-            wake: Notify::new(),
+            wake: Arc::default(),
         };
         let records = q.list()?;
         let known: HashSet<MessageId> = records.iter().map(|r| r.id).collect();
@@ -200,7 +296,15 @@ impl Queue {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Schedule> {
-        self.schedule.lock().unwrap_or_else(|e| e.into_inner())
+        self.schedule.locked()
+    }
+
+    /// Takes `id` for an attempt; `None` when someone else holds it.
+    fn try_lease(&self, id: MessageId) -> Option<Lease> {
+        if !self.lock().in_flight.insert(id) {
+            return None;
+        }
+        Some(Lease { id, schedule: self.schedule.clone(), wake: self.wake.clone(), held: true })
     }
 
     pub fn spool(&self) -> &Spool {
@@ -241,17 +345,16 @@ impl Queue {
     }
 
     /// Makes an accepted message durable (its body must already be finished in the spool).
-    /// The message is marked in flight: the caller attempts it, then calls [`Queue::release`],
-    /// [`Queue::defer`] or [`Queue::settle`].
-    pub async fn accept(&self, r: &QueueRecord) -> Result<(), QueueError> {
+    /// Returns the message's [`Lease`]: the caller attempts it first.
+    pub async fn accept(&self, r: &QueueRecord) -> Result<Lease, QueueError> {
+        let lease = self.try_lease(r.id).ok_or(QueueError::InFlight(r.id))?;
         self.put(r)?;
-        self.lock().in_flight.insert(r.id);
         if let Err(e) = self.store.commit().await {
-            self.lock().in_flight.remove(&r.id);
+            lease.release(None);
             let _ = self.store.remove(Tree::Queue, &r.id.0.to_be_bytes());
             return Err(e.into());
         }
-        Ok(())
+        Ok(lease)
     }
 
     /// Spools a message the relay writes itself and returns its record (not yet stored).
@@ -293,15 +396,16 @@ impl Queue {
     /// Records the outcome of an attempt, durably, before the caller acts on it (answers the
     /// device, logs success): `next` is the message's updated record when recipients remain
     /// (rescheduled at its `next_attempt`), `None` when it is finished; `report` is a bounce to
-    /// queue in the same atomic batch. Returns the report's id. When the report cannot be
-    /// spooled (a full disk), nothing is recorded and the message stays in flight: the caller
-    /// decides what to commit instead.
+    /// queue in the same atomic batch. Returns the report's id. Ends the lease, except when
+    /// the report cannot be spooled (a full disk, [`QueueError::Io`]): then nothing is
+    /// recorded and the caller still holds the lease and decides what to commit instead.
     pub async fn settle(
         &self,
-        id: MessageId,
+        lease: &mut Lease,
         next: Option<&QueueRecord>,
         report: Option<OwnMessage<'_>>,
     ) -> Result<Option<MessageId>, QueueError> {
+        let id = lease.id();
         let report = match report {
             Some(m) => Some(self.spool_own(&m).await?),
             None => None,
@@ -323,12 +427,15 @@ impl Queue {
         {
             // The store is failing (and the relay stopping): leave every file where it is;
             // the restart finds what became durable.
-            self.release(id, None);
+            lease.end(None);
             return Err(e.into());
         }
         match next {
-            Some(n) => self.release(id, Some(n.next_attempt)),
-            None => self.forget(id),
+            Some(n) => lease.end(Some(n.next_attempt)),
+            None => {
+                self.spool.remove(id);
+                lease.end_finished();
+            }
         }
         if let Some(r) = &report {
             self.schedule_at(r.id, r.next_attempt);
@@ -340,15 +447,23 @@ impl Queue {
     /// and committed in the background (with whatever commit comes next), and the body is
     /// removed only once that commit is done. A crash before it repeats this one delivery
     /// (the provider's 250 came before our removal was durable), never loses or half-removes.
-    pub fn finish_delivered(self: &Arc<Self>, id: MessageId) -> Result<(), QueueError> {
-        self.store.remove(Tree::Queue, &id.0.to_be_bytes())?;
+    pub fn finish_delivered(self: &Arc<Self>, mut lease: Lease) -> Result<(), QueueError> {
+        let id = lease.id();
+        if let Err(e) = self.store.remove(Tree::Queue, &id.0.to_be_bytes()) {
+            // The store is failing (fail-stop): the restart repeats this delivery.
+            lease.release(None);
+            return Err(e.into());
+        }
         let me = self.clone();
         tokio::spawn(async move {
             match me.store.commit().await {
-                Ok(()) => me.forget(id),
+                Ok(()) => {
+                    me.spool.remove(id);
+                    lease.end_finished();
+                }
                 Err(e) => {
                     tracing::error!(queue_id = %id, "cannot record a delivery: {e}");
-                    me.release(id, None);
+                    lease.release(None);
                 }
             }
         });
@@ -377,45 +492,22 @@ impl Queue {
     }
 
     /// Saves a changed attempt count, error and time (after a deferral with the same
-    /// recipients) and schedules it. Not committed: losing this update in a crash only means
-    /// an earlier retry. A change of recipients goes through [`Queue::settle`].
-    pub fn defer(&self, r: &QueueRecord) -> Result<(), QueueError> {
-        self.put(r)?;
-        self.release(r.id, Some(r.next_attempt));
-        Ok(())
-    }
-
-    /// Removes the body of a finished message whose record removal is durable, and forgets
-    /// its schedule.
-    fn forget(&self, id: MessageId) {
-        self.spool.remove(id);
-        let mut s = self.lock();
-        s.in_flight.remove(&id);
-        if let Some(at) = s.at.remove(&id) {
-            s.due.remove(&(at, id));
-        }
-    }
-
-    /// Ends an attempt; `next` schedules the message again ([`now_ms`] milliseconds).
-    pub fn release(&self, id: MessageId, next: Option<i64>) {
-        self.lock().in_flight.remove(&id);
-        if let Some(at) = next {
-            self.schedule_at(id, at);
-        }
+    /// recipients) and ends the lease, scheduling the message at its `next_attempt` (also when
+    /// the save failed). Not committed: losing this update in a crash only means an earlier
+    /// retry. A change of recipients goes through [`Queue::settle`].
+    pub fn defer(&self, lease: Lease, r: &QueueRecord) -> Result<(), QueueError> {
+        let put = self.put(r);
+        lease.release(Some(r.next_attempt));
+        put
     }
 
     fn schedule_at(&self, id: MessageId, at: i64) {
-        let mut s = self.lock();
-        if let Some(old) = s.at.insert(id, at) {
-            s.due.remove(&(old, id));
-        }
-        s.due.insert((at, id));
-        drop(s);
+        self.lock().set(id, at);
         self.wake.notify_one();
     }
 
-    /// Takes up to `max` messages due at `now` and marks them in flight.
-    pub fn take_due(&self, now: i64, max: usize) -> Vec<MessageId> {
+    /// Takes up to `max` messages due at `now`, each with its lease.
+    pub fn take_due(&self, now: i64, max: usize) -> Vec<Lease> {
         let mut s = self.lock();
         let mut out = Vec::new();
         while out.len() < max {
@@ -429,7 +521,10 @@ impl Queue {
                 out.push(id);
             }
         }
-        out
+        drop(s);
+        out.into_iter()
+            .map(|id| Lease { id, schedule: self.schedule.clone(), wake: self.wake.clone(), held: true })
+            .collect()
     }
 
     /// When the earliest scheduled message is due ([`now_ms`] milliseconds).
@@ -448,23 +543,21 @@ impl Queue {
             }
             // Taken like an attempt, so that no attempt settles it between the read and the
             // write below (a stale record would bring back delivered recipients).
-            if !self.lock().in_flight.insert(listed.id) {
-                continue;
-            }
+            let Some(lease) = self.try_lease(listed.id) else { continue };
             let mut r = match self.get(listed.id) {
                 Ok(Some(r)) => r,
                 Ok(None) => {
-                    self.lock().in_flight.remove(&listed.id);
+                    lease.release(None);
                     continue;
                 }
                 Err(e) => {
-                    self.release(listed.id, None);
+                    lease.release(None);
                     return Err(e);
                 }
             };
             r.next_attempt = now;
             let put = self.put(&r);
-            self.release(r.id, Some(now));
+            lease.release(Some(now));
             put?;
             n += 1;
         }
@@ -481,21 +574,19 @@ impl Queue {
     /// Removes a message without delivering it (admin's `queue drop`): the record's removal is
     /// durable before the body goes.
     pub async fn drop_message(&self, id: MessageId) -> Result<(), QueueError> {
-        if !self.lock().in_flight.insert(id) {
-            return Err(QueueError::InFlight(id));
-        }
+        let mut lease = self.try_lease(id).ok_or(QueueError::InFlight(id))?;
         match self.get(id) {
             Ok(Some(_)) => {}
             Ok(None) => {
-                self.lock().in_flight.remove(&id);
+                lease.release(None);
                 return Err(QueueError::NotFound(id));
             }
             Err(e) => {
-                self.release(id, None);
+                lease.release(None);
                 return Err(e);
             }
         }
-        self.settle(id, None, None).await?;
+        self.settle(&mut lease, None, None).await?;
         Ok(())
     }
 
@@ -550,13 +641,17 @@ mod tests {
         }
     }
 
-    /// A message for a@x.test and b@x.test, accepted (so in flight).
-    async fn accepted_for_two(q: &Queue) -> QueueRecord {
+    /// A message for a@x.test and b@x.test, accepted (so in flight: the lease holds it).
+    async fn accepted_for_two(q: &Queue) -> (QueueRecord, Lease) {
         let mut r = record(q);
         r.rcpts = vec!["a@x.test".into(), "b@x.test".into()];
         write_body(q, r.id).await;
-        q.accept(&r).await.unwrap();
-        r
+        let lease = q.accept(&r).await.unwrap();
+        (r, lease)
+    }
+
+    fn ids(leases: &[Lease]) -> Vec<MessageId> {
+        leases.iter().map(Lease::id).collect()
     }
 
     async fn write_body(q: &Queue, id: MessageId) {
@@ -571,18 +666,19 @@ mod tests {
         let (_store, q) = open_data_dir(dir.path()).await.unwrap();
         let r = record(&q);
         write_body(&q, r.id).await;
-        q.accept(&r).await.unwrap();
+        let lease = q.accept(&r).await.unwrap();
         assert!(q.take_due(i64::MAX, 10).is_empty(), "in flight, not due");
         let mut r2 = r.clone();
         r2.attempts = 1;
         r2.next_attempt = 1000;
-        q.defer(&r2).unwrap();
+        q.defer(lease, &r2).unwrap();
         assert!(q.take_due(999, 10).is_empty());
         assert_eq!(q.next_due(), Some(1000));
-        assert_eq!(q.take_due(1000, 10), vec![r.id]);
+        let mut taken = q.take_due(1000, 10);
+        assert_eq!(ids(&taken), vec![r.id]);
         assert!(q.take_due(i64::MAX, 10).is_empty(), "taken once");
         assert_eq!(q.get(r.id).unwrap().unwrap().attempts, 1);
-        q.settle(r.id, None, None).await.unwrap();
+        q.settle(&mut taken[0], None, None).await.unwrap();
         assert_eq!(q.depth(), 0);
         assert!(!q.spool().path(r.id).exists());
     }
@@ -595,7 +691,7 @@ mod tests {
             let (_s, q) = open_data_dir(dir.path()).await.unwrap();
             let r = record(&q);
             write_body(&q, r.id).await;
-            q.accept(&r).await.unwrap();
+            let _lease = q.accept(&r).await.unwrap();
             kept = r.id;
             // A body whose record never made it (crash before the commit).
             write_body(&q, q.new_id()).await;
@@ -603,7 +699,7 @@ mod tests {
         let (_s, q) = open_data_dir(dir.path()).await.unwrap();
         assert_eq!(q.spool().ids().unwrap(), vec![kept]);
         assert_eq!(q.set_aside_count(), 1, "the body without a record is kept aside, not deleted");
-        assert_eq!(q.take_due(i64::MAX, 10), vec![kept]);
+        assert_eq!(ids(&q.take_due(i64::MAX, 10)), vec![kept]);
         assert!(q.new_id() > kept, "ids keep increasing after a restart");
     }
 
@@ -626,11 +722,11 @@ mod tests {
             let (_s, q) = open_data_dir(dir.path()).await.unwrap();
             let r = record(&q);
             write_body(&q, r.id).await;
-            q.accept(&r).await.unwrap();
+            let _lease = q.accept(&r).await.unwrap();
             id = r.id;
             let r2 = record(&q);
             write_body(&q, r2.id).await;
-            q.accept(&r2).await.unwrap();
+            let _lease2 = q.accept(&r2).await.unwrap();
             kept = r2.id;
             // A crash after the body was removed but before the record's removal was durable.
             q.spool().remove(id);
@@ -645,12 +741,12 @@ mod tests {
     async fn settle_shortens_and_queues_the_bounce_in_one_commit() {
         let dir = tempfile::tempdir().unwrap();
         let (_s, q) = open_data_dir(dir.path()).await.unwrap();
-        let r = accepted_for_two(&q).await;
+        let (r, mut lease) = accepted_for_two(&q).await;
         let mut next = r.clone();
         next.rcpts = vec!["b@x.test".into()];
         next.next_attempt = now_ms() + 60_000;
         let report = OwnMessage { body: b"report", identity: "i", device: "d", from: "i@x.test", to: "i@x.test" };
-        let bounce = q.settle(r.id, Some(&next), Some(report)).await.unwrap().unwrap();
+        let bounce = q.settle(&mut lease, Some(&next), Some(report)).await.unwrap().unwrap();
         drop(q);
         drop(_s);
         let (_s, q) = open_data_dir(dir.path()).await.unwrap();
@@ -680,7 +776,7 @@ mod tests {
     async fn retry_and_drop_leave_a_message_in_flight_alone() {
         let dir = tempfile::tempdir().unwrap();
         let (_s, q) = open_data_dir(dir.path()).await.unwrap();
-        let r = accepted_for_two(&q).await;
+        let (r, mut lease) = accepted_for_two(&q).await;
         // An attempt is running: the admin can neither drop nor rewrite the record under it.
         assert!(matches!(q.drop_message(r.id).await, Err(QueueError::InFlight(_))));
         assert_eq!(q.retry_now(None, None).await.unwrap(), 0);
@@ -688,13 +784,46 @@ mod tests {
         let mut next = r.clone();
         next.rcpts = vec!["b@x.test".into()];
         next.next_attempt = now_ms() + 60_000;
-        q.settle(r.id, Some(&next), None).await.unwrap();
+        q.settle(&mut lease, Some(&next), None).await.unwrap();
         assert_eq!(q.retry_now(None, None).await.unwrap(), 1);
         assert_eq!(q.get(r.id).unwrap().unwrap().rcpts, vec!["b@x.test".to_string()], "no stale record written back");
-        assert_eq!(q.take_due(now_ms(), 10), vec![r.id]);
-        q.release(r.id, None);
+        let taken = q.take_due(now_ms(), 10);
+        assert_eq!(ids(&taken), vec![r.id]);
+        taken.into_iter().for_each(|l| l.release(None));
         q.drop_message(r.id).await.unwrap();
         assert!(q.get(r.id).unwrap().is_none());
         assert_eq!(q.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_lease_frees_its_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let (r, lease) = accepted_for_two(&q).await;
+        assert!(matches!(q.drop_message(r.id).await, Err(QueueError::InFlight(_))), "held");
+        drop(lease);
+        // Free again, and due again (a little later, so that a failing attempt does not spin).
+        assert!(q.take_due(now_ms(), 10).is_empty(), "not at once");
+        let taken = q.take_due(now_ms() + ABANDONED_RETRY_MS + 1000, 10);
+        assert_eq!(ids(&taken), vec![r.id]);
+        drop(taken);
+        q.drop_message(r.id).await.unwrap();
+        assert_eq!(q.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_attempt_frees_its_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let (r, lease) = accepted_for_two(&q).await;
+        let attempt = tokio::spawn(async move {
+            let _held = lease;
+            panic!("an attempt that panics");
+        });
+        assert!(attempt.await.unwrap_err().is_panic());
+        assert_eq!(q.depth(), 1, "still queued");
+        assert_eq!(ids(&q.take_due(i64::MAX, 10)), vec![r.id], "no longer in flight");
+        assert_eq!(q.retry_now(Some(r.id), None).await.unwrap(), 1);
+        q.drop_message(r.id).await.unwrap();
     }
 }

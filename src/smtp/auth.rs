@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
+use crate::locks::MutexExt;
+
 /// Credentials a device presented.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -223,7 +225,7 @@ impl AuthThrottle {
     /// Whether this address may start an AUTH exchange now (a cheap early answer; the
     /// attempt itself is reserved with [`AuthThrottle::begin`]).
     pub fn allowed(&self, ip: IpAddr, now: Instant) -> bool {
-        let map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.entries.locked();
         Self::keys(ip, None).iter().all(|k| map.get(k).is_none_or(|b| self.fits(b, now)))
     }
 
@@ -231,7 +233,7 @@ impl AuthThrottle {
     /// even be decoded), before the PIN is verified.
     pub fn begin(self: &Arc<Self>, ip: IpAddr, username: Option<&str>, now: Instant) -> Result<Attempt, Throttled> {
         let keys = Self::keys(ip, username);
-        let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.entries.locked();
         if map.len() >= THROTTLE_SWEEP_AT {
             map.retain(|_, b| b.pending > 0 || b.debt_until > now);
         }
@@ -247,7 +249,7 @@ impl AuthThrottle {
 
     fn finish(&self, keys: &[Key], how: Finish, now: Instant) -> Duration {
         let failed = how == Finish::Failure;
-        let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.entries.locked();
         let mut outstanding = 0u32;
         for k in keys {
             let b = map.entry(k.clone()).or_insert(Bucket { debt_until: now, pending: 1 });

@@ -15,6 +15,7 @@ use super::connection::{Connection, ReadError};
 use super::reply;
 use super::session::{Next, Session};
 use super::Context;
+use crate::locks::MutexExt;
 use crate::metrics;
 
 /// Time allowed for a TLS handshake.
@@ -89,7 +90,7 @@ struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
 
 impl PerAddress {
     fn try_add(&self, ip: IpAddr, max: usize) -> bool {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.0.locked();
         let n = m.entry(super::client_key(ip)).or_insert(0);
         if *n >= max {
             return false;
@@ -100,7 +101,7 @@ impl PerAddress {
 
     fn remove(&self, ip: IpAddr) {
         let key = super::client_key(ip);
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.0.locked();
         if let Some(n) = m.get_mut(&key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -110,9 +111,23 @@ impl PerAddress {
     }
 }
 
-/// The context new sessions get; a reload replaces it. Sessions in flight keep theirs for a
+/// The context new sessions get, read from the relay's current configuration generation
+/// (ARCHITECTURE.md, "Reload"); a reload replaces it. Sessions in flight keep theirs for a
 /// transaction already begun and move to the current one at their next EHLO, AUTH or MAIL.
-pub type CurrentContext = Arc<std::sync::RwLock<Arc<Context>>>;
+#[derive(Clone)]
+pub struct CurrentContext(Arc<dyn Fn() -> Arc<Context> + Send + Sync>);
+
+impl CurrentContext {
+    /// Reads the current context with `current` (the wiring reads its generation channel).
+    pub fn new(current: impl Fn() -> Arc<Context> + Send + Sync + 'static) -> CurrentContext {
+        CurrentContext(Arc::new(current))
+    }
+
+    /// The context of the current configuration.
+    pub fn get(&self) -> Arc<Context> {
+        (self.0)()
+    }
+}
 
 /// Accepts connections until `shutdown` fires, then waits (up to `grace`) for sessions in
 /// flight to finish.
@@ -145,7 +160,7 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let ctx = current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let ctx = current.get();
         let permit = match limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {

@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use crate::delivery::{Delivery, Outcome};
 use crate::devices::{AuthError, Device, Devices};
 use crate::oauth::tokens::{IdentityState, TokenManager};
-use crate::queue::{Incoming, MessageId, Queue, QueueError, QueueRecord, SpoolWriter};
+use crate::queue::{Incoming, Lease, MessageId, Queue, QueueError, SpoolWriter};
 
 /// Who a connection is (ARCHITECTURE.md, "Never an open relay").
 pub trait Verify: Send + Sync {
@@ -62,14 +62,15 @@ pub trait Accept: Send + Sync {
     fn new_id(&self) -> MessageId;
     /// Where the body of message `id` is written.
     fn body(&self, id: MessageId) -> Box<dyn BodySink>;
-    /// Commits the record of a message whose body is finished; on failure the body is gone.
-    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<QueueRecord, QueueError>>;
+    /// Commits the record of a message whose body is finished, and holds it for the
+    /// in-session attempt; on failure the body is gone.
+    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<Lease, QueueError>>;
 }
 
 /// The in-session delivery attempt (ARCHITECTURE.md, "In-session delivery").
 pub trait Attempt: Send + Sync {
     /// Attempts a just-accepted message while the device waits.
-    fn attempt_in_session(self: Arc<Self>, id: MessageId) -> BoxFuture<'static, Outcome>;
+    fn attempt_in_session(self: Arc<Self>, lease: Lease) -> BoxFuture<'static, Outcome>;
 }
 
 impl Verify for Devices {
@@ -129,13 +130,13 @@ impl Accept for Queue {
     fn body(&self, id: MessageId) -> Box<dyn BodySink> {
         Box::new(self.spool().writer(id))
     }
-    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<QueueRecord, QueueError>> {
+    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<Lease, QueueError>> {
         Box::pin(self.accept_incoming(m))
     }
 }
 
 impl Attempt for Delivery {
-    fn attempt_in_session(self: Arc<Self>, id: MessageId) -> BoxFuture<'static, Outcome> {
-        Box::pin(async move { Delivery::attempt_in_session(&self, id).await })
+    fn attempt_in_session(self: Arc<Self>, lease: Lease) -> BoxFuture<'static, Outcome> {
+        Box::pin(async move { Delivery::attempt_in_session(&self, lease).await })
     }
 }

@@ -380,7 +380,7 @@ impl Session {
     /// a logged-in device must still exist with the same login, an address-matched device is
     /// matched again; otherwise the session is no longer a device.
     fn follow_reload(&mut self) {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let current = self.current.get();
         if Arc::ptr_eq(&current, &self.ctx) {
             return;
         }
@@ -706,11 +706,14 @@ impl Session {
             size,
             eight_bit,
         };
-        if let Err(e) = self.ctx.queue.accept(&incoming).await {
-            tracing::error!(device = %device.name, "cannot queue the message: {e}");
-            metrics::rejected(&device.name, RejectReason::Storage);
-            return Ok(reply::storage_failed());
-        }
+        let lease = match self.ctx.queue.accept(&incoming).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::error!(device = %device.name, "cannot queue the message: {e}");
+                metrics::rejected(&device.name, RejectReason::Storage);
+                return Ok(reply::storage_failed());
+            }
+        };
         // From here on the message is durable (ARCHITECTURE.md, "Durability").
         self.accepted += 1;
         self.ctx.activity.accepted(&device.name);
@@ -720,7 +723,7 @@ impl Session {
             queue_id = %id, device = %device.name, identity = %device.identity, peer = %self.peer.ip(),
             size, rcpts = incoming.rcpts.len(), bare_lf = normalised, "accepted"
         );
-        Ok(match self.ctx.delivery.clone().attempt_in_session(id).await {
+        Ok(match self.ctx.delivery.clone().attempt_in_session(lease).await {
             Outcome::Delivered(up) => reply::delivered(id, &up.text),
             Outcome::Queued(why) => reply::queued(id, &why),
             Outcome::Reported(what) => reply::reported(id, &what),

@@ -27,7 +27,7 @@ use super::Context;
 use crate::config::Config;
 use crate::delivery::Outcome;
 use crate::devices::{AuthError, Device, Devices};
-use crate::queue::{Incoming, MessageId, QueueError, QueueRecord};
+use crate::queue::{Incoming, Lease, MessageId, QueueError};
 use crate::upstream::UpstreamReply;
 
 const HOST: &str = "relay.test";
@@ -177,13 +177,13 @@ impl Accept for FakeQueue {
         let fail = self.fail_write.load(Ordering::SeqCst);
         Box::new(MemSink { id, buf: Vec::new(), fail, bodies: self.bodies.clone() })
     }
-    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<QueueRecord, QueueError>> {
+    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<Lease, QueueError>> {
         Box::pin(async move {
             if self.fail_accept.load(Ordering::SeqCst) {
                 return Err(QueueError::Io(std::io::Error::other("sync failed")));
             }
             self.accepted.lock().unwrap().push(m.clone());
-            Ok(m.record())
+            Ok(Lease::unqueued(m.id))
         })
     }
 }
@@ -192,7 +192,7 @@ impl Accept for FakeQueue {
 struct FakeDelivery(Mutex<Outcome>);
 
 impl Attempt for FakeDelivery {
-    fn attempt_in_session(self: Arc<Self>, _id: MessageId) -> BoxFuture<'static, Outcome> {
+    fn attempt_in_session(self: Arc<Self>, _lease: Lease) -> BoxFuture<'static, Outcome> {
         let outcome = self.0.lock().unwrap().clone();
         Box::pin(async move { outcome })
     }
@@ -207,6 +207,8 @@ struct World {
     delivery: Arc<FakeDelivery>,
     identities: Arc<FakeIdentities>,
     current: CurrentContext,
+    /// What `current` reads: a reload replaces it.
+    slot: Arc<RwLock<Arc<Context>>>,
     settings: Arc<ListenerSettings>,
 }
 
@@ -264,8 +266,10 @@ impl World {
             max_connections: 10,
             max_connections_per_address: 10,
         });
-        let current = Arc::new(RwLock::new(ctx.clone()));
-        World { ctx, queue, delivery, identities, current, settings }
+        let slot = Arc::new(RwLock::new(ctx.clone()));
+        let read = slot.clone();
+        let current = CurrentContext::new(move || read.read().unwrap().clone());
+        World { ctx, queue, delivery, identities, current, slot, settings }
     }
 
     fn plain() -> World {
@@ -942,7 +946,7 @@ async fn a_reload_that_removes_the_device() {
         max_recipients: 3,
         activity: Default::default(),
     });
-    *w.current.write().unwrap() = next;
+    *w.slot.write().unwrap() = next;
     c.transcript(
         "C: MAIL FROM:<p@printer.local>
          S: 550 5.7.1 Relaying denied*",

@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::classify::UpstreamReply;
+use crate::locks::MutexExt;
 
 /// How long the relay waits for the upstream.
 #[derive(Debug, Clone, Copy)]
@@ -401,7 +402,7 @@ pub async fn transaction(
     let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
     let chunks = FileChunks { file, remaining: send_len, failed: failed.clone() };
     let result = timed(t.data, "the message body", conn.message_iter(chunks)).await?;
-    if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(e) = failed.locked().take() {
         // The upstream may hold a damaged copy now; the message stays queued and the
         // error is loud, since a read failure of a just-written spool file means a bad disk.
         return Err(SendError::Network(format!("reading spool file {} failed mid-message: {e}", body.display())));
@@ -433,7 +434,7 @@ impl Iterator for FileChunks {
             }
             Err(e) => {
                 // A bare CR makes the truncated message invalid for strict providers.
-                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                *self.failed.locked() = Some(e);
                 self.remaining = 0;
                 Some(b"\r".to_vec())
             }

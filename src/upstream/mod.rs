@@ -25,6 +25,7 @@ pub use client::{Envelope, Security, SendError, SendOutcome, Target, Timeouts};
 
 use crate::config::UpstreamTls;
 use crate::oauth::provider::ProviderInfo;
+use crate::locks::MutexExt;
 use crate::oauth::tokens::AccessToken;
 
 /// A pooled connection is closed after this long unused.
@@ -90,8 +91,7 @@ impl Upstream {
 
     fn limit(&self, identity: &str) -> Arc<Semaphore> {
         self.limits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .entry(identity.to_string())
             .or_insert_with(|| Arc::new(Semaphore::new(self.pool_size)))
             .clone()
@@ -132,7 +132,7 @@ impl Upstream {
         let now = chrono::Utc::now().timestamp();
         loop {
             let candidate = {
-                let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pools = self.pools.locked();
                 pools.get_mut(identity).and_then(|v| v.pop())
             }?;
             let fresh = candidate.idle_since.elapsed() < POOL_IDLE && candidate.token_expires_at > now + TOKEN_MARGIN;
@@ -145,7 +145,7 @@ impl Upstream {
     }
 
     fn checkin(&self, identity: &str, conn: AsyncSmtpConnection, token_expires_at: i64) {
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pools = self.pools.locked();
         let v = pools.entry(identity.to_string()).or_default();
         if v.len() < self.pool_size {
             v.push(Pooled { conn, token_expires_at, idle_since: Instant::now() });
@@ -157,7 +157,7 @@ impl Upstream {
 
     /// Closes every pooled connection of an identity (after its token was refused).
     pub fn flush_pool(&self, identity: &str) {
-        let conns = self.pools.lock().unwrap_or_else(|e| e.into_inner()).remove(identity).unwrap_or_default();
+        let conns = self.pools.locked().remove(identity).unwrap_or_default();
         for p in conns {
             drop_connection(p.conn);
         }
@@ -167,7 +167,7 @@ impl Upstream {
     pub fn close_idle(&self) {
         let mut stale = Vec::new();
         {
-            let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pools = self.pools.locked();
             for v in pools.values_mut() {
                 let (keep, old): (Vec<_>, Vec<_>) = v.drain(..).partition(|p| p.idle_since.elapsed() < POOL_IDLE);
                 *v = keep;

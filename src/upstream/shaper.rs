@@ -8,6 +8,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
+use crate::locks::MutexExt;
+
 /// Sliding-window counters, one per identity.
 #[derive(Default)]
 pub struct Shaper {
@@ -21,7 +23,7 @@ impl Shaper {
     /// happened in the last minute; otherwise returns when the next slot frees up.
     pub fn try_acquire(&self, identity: &str, per_minute: Option<u32>, now: i64) -> Result<(), i64> {
         let Some(limit) = per_minute else { return Ok(()) };
-        let mut map = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.windows.locked();
         let w = map.entry(identity.to_string()).or_default();
         while w.front().is_some_and(|&t| t <= now - WINDOW_MS) {
             w.pop_front();

@@ -1,0 +1,475 @@
+//! The admin operations, written once for both of their callers: the admin listener's JSON API
+//! ([`super::Admin`]) and the CLI (`mfd-relay queue ...`, `auth ...`, `reload`), which asks the
+//! running daemon through that API and, when no daemon answers, performs the same operation on
+//! the data directory itself (sled lets only one process open the database).
+//!
+//! Each operation is one [`Request`] type: its route, its body, its typed answer, and what it
+//! does ([`Request::run`]) on the parts it needs ([`QueueOps`] or [`AuthOps`]). The server
+//! answers with the answer type as JSON, the [`Client`] reads the same type back.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::generation::{BuildError, Current, Generation, Shared};
+use crate::oauth::login::{LoginStart, LoginStatus, Logins};
+use crate::oauth::tokens::{IdentityStatus, TokenManager};
+use crate::queue::{MessageId, Queue, QueueError, QueueRecord};
+use crate::store::Store;
+
+/// Why an operation failed; the kind decides the HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// A malformed request, or one the configuration refuses (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// No such message (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The message is being delivered right now (409).
+    #[error("{0}")]
+    Busy(String),
+    /// The relay cannot do it now (500, 503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl OpError {
+    /// The HTTP status the admin API answers this error with.
+    pub fn status(&self) -> u16 {
+        match self {
+            OpError::Invalid(_) => 400,
+            OpError::NotFound(_) => 404,
+            OpError::Busy(_) => 409,
+            OpError::Unavailable(_) => 503,
+        }
+    }
+}
+
+/// Parses a queue id as the CLI and the API take it.
+fn parse_id(s: &str) -> Result<MessageId, OpError> {
+    s.parse()
+        .map_err(|_| OpError::Invalid(format!("\"{s}\" is not a queue id (16 hex digits, see `mfd-relay queue list`)")))
+}
+
+/// One admin operation: its route, its body, its answer, and what it does.
+pub trait Request: Sync {
+    /// What the operation answers (the JSON body of a success).
+    type Answer: Serialize + DeserializeOwned + Send;
+    /// The parts of the relay it acts on.
+    type Ops: Sync;
+    /// A change (POST, through the admin guard) rather than a read (GET).
+    const POST: bool;
+    /// Its path under the admin listener.
+    fn path(&self) -> String;
+    /// The JSON body of a POST (`{}` when there is nothing to say: the admin listener takes
+    /// changes only as JSON, which no HTML form can send).
+    fn body(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
+    /// Performs the operation.
+    fn run(&self, ops: &Self::Ops) -> impl Future<Output = Result<Self::Answer, OpError>> + Send;
+}
+
+/// What the queue operations act on.
+pub struct QueueOps {
+    /// The relay's queue (the daemon's, or one opened by the CLI).
+    pub queue: Arc<Queue>,
+}
+
+impl QueueOps {
+    /// Opens the data directory (the daemon is stopped). The store stays open as long as
+    /// the returned value lives.
+    pub async fn offline(config: &Config) -> Result<(QueueOps, Arc<Store>), QueueError> {
+        let (store, queue) = crate::queue::open_data_dir(&config.data_dir()).await?;
+        Ok((QueueOps { queue }, store))
+    }
+}
+
+/// What the sign-in operations act on.
+pub struct AuthOps {
+    /// The current generation's token manager.
+    pub tokens: Arc<TokenManager>,
+    /// Sign-ins in progress.
+    pub logins: Arc<Logins>,
+    /// Where the browser comes back to (the admin listener's `/oauth/callback`).
+    pub redirect_uri: String,
+}
+
+/// `GET /api/queue`: queued messages, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueList;
+
+impl Request for QueueList {
+    type Answer = Vec<QueueRecord>;
+    type Ops = QueueOps;
+    const POST: bool = false;
+    fn path(&self) -> String {
+        "/api/queue".into()
+    }
+    async fn run(&self, ops: &QueueOps) -> Result<Vec<QueueRecord>, OpError> {
+        ops.queue.list().map_err(|e| OpError::Unavailable(e.to_string()))
+    }
+}
+
+/// `POST /api/queue/retry/{id|all}`: makes a message (or every one) due now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueRetry {
+    /// A queue id, or `all`.
+    pub which: String,
+}
+
+/// The answer to [`QueueRetry`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Retried {
+    /// How many messages were made due now.
+    pub retried: usize,
+}
+
+impl Request for QueueRetry {
+    type Answer = Retried;
+    type Ops = QueueOps;
+    const POST: bool = true;
+    fn path(&self) -> String {
+        format!("/api/queue/retry/{}", self.which)
+    }
+    async fn run(&self, ops: &QueueOps) -> Result<Retried, OpError> {
+        let which = if self.which == "all" { None } else { Some(parse_id(&self.which)?) };
+        match ops.queue.retry_now(which, None).await {
+            Ok(retried) => Ok(Retried { retried }),
+            Err(e) => Err(OpError::NotFound(e.to_string())),
+        }
+    }
+}
+
+/// `POST /api/queue/drop/{id}`: removes a message without delivering it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueDrop {
+    /// The queue id (16 hex digits).
+    pub id: String,
+}
+
+/// The answer to [`QueueDrop`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dropped {
+    /// The id of the dropped message.
+    pub dropped: String,
+}
+
+impl Request for QueueDrop {
+    type Answer = Dropped;
+    type Ops = QueueOps;
+    const POST: bool = true;
+    fn path(&self) -> String {
+        format!("/api/queue/drop/{}", self.id)
+    }
+    async fn run(&self, ops: &QueueOps) -> Result<Dropped, OpError> {
+        let id = parse_id(&self.id)?;
+        match ops.queue.drop_message(id).await {
+            Ok(()) => Ok(Dropped { dropped: id.to_string() }),
+            Err(e @ QueueError::InFlight(_)) => Err(OpError::Busy(e.to_string())),
+            Err(e) => Err(OpError::NotFound(e.to_string())),
+        }
+    }
+}
+
+/// `GET /api/auth/status`: each identity's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthStatus;
+
+impl Request for AuthStatus {
+    type Answer = Vec<IdentityStatus>;
+    type Ops = AuthOps;
+    const POST: bool = false;
+    fn path(&self) -> String {
+        "/api/auth/status".into()
+    }
+    async fn run(&self, ops: &AuthOps) -> Result<Vec<IdentityStatus>, OpError> {
+        Ok(ops.tokens.status())
+    }
+}
+
+/// `POST /api/auth/login/{identity}`: starts a sign-in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthLogin {
+    /// The `[[identity]]` name.
+    pub identity: String,
+}
+
+impl Request for AuthLogin {
+    type Answer = LoginStart;
+    type Ops = AuthOps;
+    const POST: bool = true;
+    fn path(&self) -> String {
+        format!("/api/auth/login/{}", self.identity)
+    }
+    async fn run(&self, ops: &AuthOps) -> Result<LoginStart, OpError> {
+        ops.logins
+            .start(&ops.tokens, &self.identity, &ops.redirect_uri)
+            .await
+            .map_err(|e| OpError::Invalid(e.to_string()))
+    }
+}
+
+/// `GET /api/auth/login/{identity}`: where a sign-in stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthLoginStatus {
+    /// The `[[identity]]` name.
+    pub identity: String,
+}
+
+impl Request for AuthLoginStatus {
+    type Answer = LoginStatus;
+    type Ops = AuthOps;
+    const POST: bool = false;
+    fn path(&self) -> String {
+        format!("/api/auth/login/{}", self.identity)
+    }
+    async fn run(&self, ops: &AuthOps) -> Result<LoginStatus, OpError> {
+        Ok(ops.logins.status(&self.identity))
+    }
+}
+
+/// `POST /api/auth/login/{identity}/url`: completes a browser sign-in with the address the
+/// browser ended on (pasted by the person when the redirect could not reach the relay).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthLoginUrl {
+    /// The `[[identity]]` name (in the path, not the body).
+    #[serde(skip)]
+    pub identity: String,
+    /// The address the browser ended on.
+    pub url: String,
+}
+
+/// The answer to [`AuthLoginUrl`]: what happened, for the person.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Completed {
+    /// What happened, for the person.
+    pub ok: String,
+}
+
+impl Request for AuthLoginUrl {
+    type Answer = Completed;
+    type Ops = AuthOps;
+    const POST: bool = true;
+    fn path(&self) -> String {
+        format!("/api/auth/login/{}/url", self.identity)
+    }
+    fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "url": self.url })
+    }
+    async fn run(&self, ops: &AuthOps) -> Result<Completed, OpError> {
+        match ops.logins.complete_with_url(&ops.tokens, &self.url).await {
+            Ok(ok) => Ok(Completed { ok }),
+            Err(e) => Err(OpError::Invalid(e.to_string())),
+        }
+    }
+}
+
+/// `POST /api/auth/logout/{identity}`: forgets an identity's stored tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthLogout {
+    /// The `[[identity]]` name.
+    pub identity: String,
+}
+
+/// The answer to [`AuthLogout`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoggedOut {
+    /// The identity whose tokens were removed.
+    pub logged_out: String,
+}
+
+impl Request for AuthLogout {
+    type Answer = LoggedOut;
+    type Ops = AuthOps;
+    const POST: bool = true;
+    fn path(&self) -> String {
+        format!("/api/auth/logout/{}", self.identity)
+    }
+    async fn run(&self, ops: &AuthOps) -> Result<LoggedOut, OpError> {
+        match ops.tokens.logout(&self.identity).await {
+            Ok(()) => Ok(LoggedOut { logged_out: self.identity.clone() }),
+            Err(e) => Err(OpError::Invalid(e.to_string())),
+        }
+    }
+}
+
+/// `POST /api/auth/import/{identity}`: stores a refresh token obtained elsewhere.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthImport {
+    /// The `[[identity]]` name (in the path, not the body).
+    #[serde(skip)]
+    pub identity: String,
+    /// The refresh token (a secret: never logged).
+    pub refresh_token: String,
+}
+
+/// The answer to [`AuthImport`]: the account the token signs in as.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Imported {
+    /// The account the token signs in as.
+    pub account: String,
+}
+
+impl Request for AuthImport {
+    type Answer = Imported;
+    type Ops = AuthOps;
+    const POST: bool = true;
+    fn path(&self) -> String {
+        format!("/api/auth/import/{}", self.identity)
+    }
+    fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "refresh_token": self.refresh_token })
+    }
+    async fn run(&self, ops: &AuthOps) -> Result<Imported, OpError> {
+        match ops.tokens.import_refresh_token(&self.identity, self.refresh_token.trim()).await {
+            Ok(t) => Ok(Imported { account: t.account }),
+            Err(e) => Err(OpError::Invalid(e.to_string())),
+        }
+    }
+}
+
+/// What a reload did (`POST /api/reload`, answered 200 when `ok`, else 422 with the same body).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// The new configuration runs.
+    pub ok: bool,
+    /// Problems that kept the new configuration from being used (file:line: message).
+    pub problems: Vec<String>,
+    /// Changes that only a restart applies.
+    pub needs_restart: Vec<String>,
+}
+
+/// What [`Reload`] acts on: the daemon's run loop, when there is one.
+pub struct ReloadOps {
+    /// The run loop's request channel; `None` in a process that cannot reload.
+    pub reload: Option<tokio::sync::mpsc::Sender<super::ReloadRequest>>,
+}
+
+/// `POST /api/reload`: re-reads the configuration file in the daemon (like SIGHUP).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reload;
+
+impl Request for Reload {
+    type Answer = ReloadReport;
+    type Ops = ReloadOps;
+    const POST: bool = true;
+    fn path(&self) -> String {
+        "/api/reload".into()
+    }
+    async fn run(&self, ops: &ReloadOps) -> Result<ReloadReport, OpError> {
+        let Some(tx) = ops.reload.clone() else {
+            return Err(OpError::Unavailable("reload is not available here".into()));
+        };
+        let shutting_down = || OpError::Unavailable("the relay is shutting down".into());
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send(reply).await.map_err(|_| shutting_down())?;
+        rx.await.map_err(|_| shutting_down())
+    }
+}
+
+/// The relay's parts opened by a command while the daemon is stopped: the data directory,
+/// the token key and one configuration generation (never reloaded).
+pub struct Offline {
+    /// The data directory and what else outlives a configuration.
+    pub shared: Shared,
+    /// Keeps the generation channel open.
+    _publish: tokio::sync::watch::Sender<Arc<Generation>>,
+    /// The generation channel (one generation).
+    pub current: Current,
+}
+
+impl Offline {
+    /// Opens the data directory (failing with [`crate::store::StoreError::Locked`] inside
+    /// while the daemon runs) and builds the configuration's parts.
+    pub async fn open(config: Config) -> Result<Offline, BuildError> {
+        let shared = Shared::open(&config).await?;
+        let (publish, current) = Generation::build(config, &shared, None)?.publish_once();
+        Ok(Offline { shared, _publish: publish, current })
+    }
+
+    /// The sign-in operations on these parts.
+    pub fn auth_ops(&self) -> AuthOps {
+        let generation = self.current.borrow().clone();
+        AuthOps {
+            tokens: generation.tokens.clone(),
+            logins: self.shared.logins.clone(),
+            redirect_uri: generation.config.admin.redirect_uri(),
+        }
+    }
+
+    /// An admin listener on these parts (the browser's return of an offline sign-in).
+    pub fn admin(&self) -> super::Admin {
+        super::Admin::new(super::Deps {
+            queue: self.shared.queue.clone(),
+            logins: self.shared.logins.clone(),
+            activity: self.shared.activity.clone(),
+            current: self.current.clone(),
+            reload: None,
+        })
+    }
+}
+
+/// Why the client could not get an answer from the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    /// The daemon refused the request: its status and text.
+    #[error("{text}")]
+    Refused { status: reqwest::StatusCode, text: String },
+    #[error("unexpected answer from {url}: {source}")]
+    Answer { url: String, source: serde_json::Error },
+}
+
+/// Talks to the running daemon's admin listener.
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client of the admin listener `config` names; `timeout` bounds each request.
+    pub fn new(config: &Config, timeout: std::time::Duration) -> Result<Client, ClientError> {
+        Client::at(format!("http://{}", config.admin.listen.get_ref()), config.admin.token.clone(), timeout)
+    }
+
+    /// A client of the admin listener at `base` (`http://host:port`), with its bearer token.
+    pub fn at(base: String, token: Option<String>, timeout: std::time::Duration) -> Result<Client, ClientError> {
+        Ok(Client { base, token, http: reqwest::Client::builder().timeout(timeout).build()? })
+    }
+
+    /// The admin listener's address, for messages.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends `req` to the daemon: `None` when no daemon answers. `answer_on_error`: the
+    /// answer type also comes with an error status (a refused reload's report).
+    pub async fn send<R: Request>(&self, req: &R, answer_on_error: bool) -> Result<Option<R::Answer>, ClientError> {
+        let url = format!("{}{}", self.base, req.path());
+        let mut r = if R::POST { self.http.post(&url).json(&req.body()) } else { self.http.get(&url) };
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        let resp = match r.send().await {
+            Ok(resp) => resp,
+            Err(e) if e.is_connect() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            return match serde_json::from_str(&text) {
+                Ok(answer) if answer_on_error => Ok(Some(answer)),
+                _ => Err(ClientError::Refused { status, text: text.trim().to_string() }),
+            };
+        }
+        serde_json::from_str(&text).map(Some).map_err(|source| ClientError::Answer { url, source })
+    }
+}
