@@ -352,7 +352,14 @@ impl Delivery {
     }
 
     /// Keeps a message queued, with the same recipients, for a later attempt.
-    fn defer(&self, lease: Lease, mut rec: QueueRecord, why: &str, cap: Option<Duration>, class: DeferReason) -> Outcome {
+    fn defer(
+        &self,
+        lease: Lease,
+        mut rec: QueueRecord,
+        why: &str,
+        cap: Option<Duration>,
+        class: DeferReason,
+    ) -> Outcome {
         let wait = self.next_try(&mut rec, why, cap);
         metrics::deferred(&rec.identity, class);
         tracing::warn!(queue_id = %rec.id, identity = %rec.identity, attempts = rec.attempts, retry_in = wait.as_secs(), "deferred: {why}");

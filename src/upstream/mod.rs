@@ -24,8 +24,8 @@ pub use classify::UpstreamReply;
 pub use client::{Envelope, Security, SendError, SendOutcome, Target, Timeouts};
 
 use crate::config::UpstreamTls;
-use crate::oauth::provider::ProviderInfo;
 use crate::locks::MutexExt;
+use crate::oauth::provider::ProviderInfo;
 use crate::oauth::tokens::AccessToken;
 
 /// A pooled connection is closed after this long unused.
