@@ -504,14 +504,8 @@ async fn login(config: &Config, identity: &str) -> anyhow::Result<ExitCode> {
             println!("and sign in as {email}. The code is valid for {} minutes. Waiting...", expires_in / 60);
         }
         LoginStart::AuthCode { url, redirect_uri } => {
-            println!(
-                "To sign in identity \"{identity}\" ({email}), open this address in a browser and sign in as {email}:"
-            );
-            println!();
-            println!("{url}");
-            println!();
-            println!("The browser then returns to {redirect_uri}. If that page does not load (the browser");
-            println!("runs on another computer), copy the address it ended on and paste it here:");
+            // Offline, this process takes the browser's return: listen before the address is
+            // shown, or a quick browser finds nobody there.
             if let Some(offline) = &offline {
                 let addr: std::net::SocketAddr = *config.admin.listen.get_ref();
                 let tcp = tokio::net::TcpListener::bind(addr)
@@ -520,6 +514,14 @@ async fn login(config: &Config, identity: &str) -> anyhow::Result<ExitCode> {
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 server = Some((tokio::spawn(offline.admin().serve(tcp, rx)), tx));
             }
+            println!(
+                "To sign in identity \"{identity}\" ({email}), open this address in a browser and sign in as {email}:"
+            );
+            println!();
+            println!("{url}");
+            println!();
+            println!("The browser then returns to {redirect_uri}. If that page does not load (the browser");
+            println!("runs on another computer), copy the address it ended on and paste it here:");
             spawn_paste_reader(config.clone(), identity.to_string(), offline.as_ref().map(Offline::auth_ops));
         }
     }
