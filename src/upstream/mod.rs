@@ -4,8 +4,12 @@
 //! a small pool of authenticated connections (ARCHITECTURE.md, "Where the time goes"): a connection is
 //! checked with RSET before reuse, closed when idle too long or when the token it logged in
 //! with is about to expire, and never shared by two transactions at once. The number of
-//! connections per identity is bounded (`relay.upstream_pool`), which also bounds how hard one
-//! mailbox hits the provider.
+//! connections per identity is bounded (`relay.upstream_pool`, at most 3 for Microsoft:
+//! Exchange Online refuses a mailbox's 4th concurrent SMTP AUTH connection with
+//! `432 4.3.2`), in-session attempts and the queue runner together. Should the provider still
+//! answer `432 4.3.2` (another program uses the mailbox too), the identity opens one
+//! connection fewer for [`SHRINK_FOR`] and the send waits for one of its own connections
+//! instead: the message does not fail for it.
 
 pub mod classify;
 pub mod client;
@@ -13,6 +17,7 @@ pub mod shaper;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +28,7 @@ use tokio::sync::Semaphore;
 pub use classify::UpstreamReply;
 pub use client::{Envelope, Security, SendError, SendOutcome, Target, Timeouts};
 
-use crate::config::UpstreamTls;
+use crate::config::{ProviderKind, UpstreamTls};
 use crate::locks::MutexExt;
 use crate::oauth::provider::ProviderInfo;
 use crate::oauth::tokens::AccessToken;
@@ -32,6 +37,54 @@ use crate::oauth::tokens::AccessToken;
 const POOL_IDLE: Duration = Duration::from_secs(60);
 /// A pooled connection is not reused when its token expires within this many seconds.
 const TOKEN_MARGIN: i64 = 120;
+/// Exchange Online's concurrent SMTP AUTH connections per mailbox.
+pub const EXCHANGE_CONNECTIONS: usize = 3;
+/// How long an identity keeps one connection fewer after the provider said it has too many.
+pub const SHRINK_FOR: Duration = Duration::from_secs(300);
+/// A send refused for too many connections waits for a connection of its own this many times.
+const CONCURRENCY_RETRIES: usize = 3;
+
+/// The connections one identity may have open: a semaphore whose size can shrink for a while.
+struct Limit {
+    permits: Arc<Semaphore>,
+    /// Permits not taken away by [`Limit::shrink`].
+    size: Arc<AtomicUsize>,
+}
+
+impl Limit {
+    fn new(size: usize) -> Limit {
+        Limit { permits: Arc::new(Semaphore::new(size)), size: Arc::new(AtomicUsize::new(size)) }
+    }
+
+    /// One connection fewer for [`SHRINK_FOR`] (never fewer than one): the permit is taken as
+    /// soon as a connection is free and given back later.
+    fn shrink(&self, identity: &str) {
+        let Ok(was) = self.size.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n > 1).then(|| n - 1)) else {
+            return;
+        };
+        tracing::warn!(
+            identity,
+            connections = was - 1,
+            "the provider has too many connections for this mailbox: one fewer for {} s",
+            SHRINK_FOR.as_secs()
+        );
+        let (permits, size) = (self.permits.clone(), self.size.clone());
+        tokio::spawn(async move {
+            if let Ok(p) = permits.clone().acquire_owned().await {
+                p.forget();
+                tokio::time::sleep(SHRINK_FOR).await;
+                permits.add_permits(1);
+            }
+            size.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// A provider's server and how many connections each of its identities may open.
+struct Route {
+    target: Target,
+    pool_size: usize,
+}
 
 struct Pooled {
     conn: AsyncSmtpConnection,
@@ -50,11 +103,10 @@ pub struct SetupError {
 /// The upstream side: one target per provider, one pool per identity.
 pub struct Upstream {
     hello: ClientId,
-    targets: HashMap<String, Target>,
-    pool_size: usize,
+    routes: HashMap<String, Route>,
     timeouts: Timeouts,
     pools: Mutex<HashMap<String, Vec<Pooled>>>,
-    limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    limits: Mutex<HashMap<String, Arc<Limit>>>,
 }
 
 impl Upstream {
@@ -64,7 +116,7 @@ impl Upstream {
         pool_size: usize,
         timeouts: Timeouts,
     ) -> Result<Upstream, SetupError> {
-        let mut targets = HashMap::new();
+        let mut routes = HashMap::new();
         for p in providers {
             let Some(server) = p.smtp.clone() else { continue };
             let connector = || {
@@ -77,23 +129,27 @@ impl Upstream {
                 UpstreamTls::Starttls => Security::StartTls(connector()?),
                 UpstreamTls::Implicit => Security::Implicit(connector()?),
             };
-            targets.insert(p.name.clone(), Target { host: server.host, port: server.port, security });
+            let target = Target { host: server.host, port: server.port, security };
+            let pool_size = match p.kind {
+                ProviderKind::Microsoft => pool_size.clamp(1, EXCHANGE_CONNECTIONS),
+                _ => pool_size.max(1),
+            };
+            routes.insert(p.name.clone(), Route { target, pool_size });
         }
         Ok(Upstream {
             hello: ClientId::Domain(hostname.to_string()),
-            targets,
-            pool_size: pool_size.max(1),
+            routes,
             timeouts,
             pools: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
         })
     }
 
-    fn limit(&self, identity: &str) -> Arc<Semaphore> {
+    fn limit(&self, identity: &str, size: usize) -> Arc<Limit> {
         self.limits
             .locked()
             .entry(identity.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.pool_size)))
+            .or_insert_with(|| Arc::new(Limit::new(size)))
             .clone()
     }
 
@@ -107,24 +163,44 @@ impl Upstream {
         env: &Envelope<'_>,
         body: &Path,
     ) -> Result<SendOutcome, SendError> {
-        let target = self
-            .targets
+        let route = self
+            .routes
             .get(provider)
             .ok_or_else(|| SendError::Network(format!("provider \"{provider}\" has no smtp server")))?;
-        let limit = self.limit(identity);
-        let _permit = limit.acquire().await.map_err(|_| SendError::Network("shutting down".into()))?;
-        let (mut conn, token_expires_at) = match self.checkout(identity).await {
-            Some(p) => p,
-            None => (client::connect(target, &self.hello, user, &token.secret, self.timeouts).await?, token.expires_at),
-        };
-        let result = client::transaction(&mut conn, env, body, self.timeouts).await;
-        match &result {
-            // The connection is healthy after a normal outcome or a refused transaction.
-            Ok(_) => self.checkin(identity, conn, token_expires_at),
-            Err(SendError::Rejected(r)) if r.code != 421 => self.checkin(identity, conn, token_expires_at),
-            Err(_) => drop_connection(conn),
+        let limit = self.limit(identity, route.pool_size);
+        let mut tries = 0;
+        loop {
+            let permit = limit.permits.acquire().await.map_err(|_| SendError::Network("shutting down".into()))?;
+            let (mut conn, token_expires_at) = match self.checkout(identity).await {
+                Some(p) => p,
+                None => match client::connect(&route.target, &self.hello, user, &token.secret, self.timeouts).await {
+                    Ok(conn) => (conn, token.expires_at),
+                    // Too many connections for this mailbox: open fewer, and wait for one of
+                    // ours to be free rather than fail the message.
+                    Err(SendError::Rejected(r)) if too_many_connections(&r) && tries < CONCURRENCY_RETRIES => {
+                        tries += 1;
+                        drop(permit);
+                        limit.shrink(identity);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            let result = client::transaction(&mut conn, env, body, self.timeouts).await;
+            match &result {
+                Err(SendError::Rejected(r)) if too_many_connections(r) => {
+                    limit.shrink(identity);
+                    drop_connection(conn);
+                }
+                // The connection is healthy after a normal outcome or a refused transaction.
+                Ok(_) => self.checkin(identity, conn, token_expires_at, route.pool_size),
+                Err(SendError::Rejected(r)) if r.code != 421 => {
+                    self.checkin(identity, conn, token_expires_at, route.pool_size)
+                }
+                Err(_) => drop_connection(conn),
+            }
+            return result;
         }
-        result
     }
 
     /// A pooled connection that still works, if any.
@@ -144,10 +220,10 @@ impl Upstream {
         }
     }
 
-    fn checkin(&self, identity: &str, conn: AsyncSmtpConnection, token_expires_at: i64) {
+    fn checkin(&self, identity: &str, conn: AsyncSmtpConnection, token_expires_at: i64, pool_size: usize) {
         let mut pools = self.pools.locked();
         let v = pools.entry(identity.to_string()).or_default();
-        if v.len() < self.pool_size {
+        if v.len() < pool_size {
             v.push(Pooled { conn, token_expires_at, idle_since: Instant::now() });
         } else {
             drop(pools);
@@ -178,6 +254,12 @@ impl Upstream {
             drop_connection(p.conn);
         }
     }
+}
+
+/// Exchange's `432 4.3.2 Concurrent connections limit exceeded` (and its "sender thread
+/// limit" variant at the end of DATA): the mailbox has too many connections open at once.
+pub fn too_many_connections(reply: &UpstreamReply) -> bool {
+    reply.code == 432 || matches!(reply.status(), Some(s) if (s.0, s.1, s.2) == (4, 3, 2))
 }
 
 /// QUITs a connection in the background; nobody waits for it.
