@@ -146,11 +146,7 @@ impl Upstream {
     }
 
     fn limit(&self, identity: &str, size: usize) -> Arc<Limit> {
-        self.limits
-            .locked()
-            .entry(identity.to_string())
-            .or_insert_with(|| Arc::new(Limit::new(size)))
-            .clone()
+        self.limits.locked().entry(identity.to_string()).or_insert_with(|| Arc::new(Limit::new(size))).clone()
     }
 
     /// Sends one message as `identity` (XOAUTH2 user `user`) through `provider`'s server.
@@ -267,4 +263,50 @@ fn drop_connection(mut conn: AsyncSmtpConnection) {
     tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.abort()).await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn providers(text: &str) -> Vec<Arc<ProviderInfo>> {
+        let c = crate::config::Config::parse(Path::new("/etc/mfd/c.toml"), text.to_string()).expect("parses");
+        c.providers.iter().map(|p| Arc::new(ProviderInfo::from_config(&c, p.get_ref()))).collect()
+    }
+
+    #[test]
+    fn exchange_gets_at_most_three_connections_per_identity() {
+        let p = providers(
+            "[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"x\"\n\n\
+             [[provider]]\nname = \"g\"\nkind = \"generic\"\nclient_id = \"x\"\ntoken_url = \"http://127.0.0.1:9/t\"\nsmtp = \"127.0.0.1:25\"\nsmtp_tls = \"none\"\n",
+        );
+        let pool = |size| Upstream::new("relay.test", &p, size, Timeouts::new(Duration::from_secs(5))).expect("builds");
+        let sizes = |u: &Upstream| (u.routes["m"].pool_size, u.routes["g"].pool_size);
+        assert_eq!(sizes(&pool(4)), (3, 4));
+        assert_eq!(sizes(&pool(8)), (3, 8));
+        assert_eq!(sizes(&pool(2)), (2, 2));
+        assert_eq!(sizes(&pool(0)), (1, 1));
+    }
+
+    #[test]
+    fn a_432_4_3_2_is_too_many_connections() {
+        assert!(too_many_connections(&UpstreamReply::new(432, "4.3.2 Concurrent connections limit exceeded.")));
+        assert!(too_many_connections(&UpstreamReply::new(
+            452,
+            "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"
+        )));
+        assert!(!too_many_connections(&UpstreamReply::new(451, "4.3.0 Temporary server error")));
+        assert!(!too_many_connections(&UpstreamReply::new(535, "5.7.3 Authentication unsuccessful")));
+    }
+
+    #[tokio::test]
+    async fn a_limit_shrinks_for_a_while_but_never_to_nothing() {
+        let limit = Limit::new(2);
+        limit.shrink("scans");
+        tokio::task::yield_now().await;
+        assert_eq!(limit.size.load(Ordering::SeqCst), 1);
+        assert_eq!(limit.permits.available_permits(), 1, "one permit taken away");
+        limit.shrink("scans");
+        assert_eq!(limit.size.load(Ordering::SeqCst), 1, "never below one");
+    }
 }
