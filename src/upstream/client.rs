@@ -327,8 +327,11 @@ async fn authenticate(conn: &mut AsyncSmtpConnection, user: &str, token: &str, t
             Err(SendError::Auth { reply, detail })
         }
         Ok(r) if r.code().severity == lettre::transport::smtp::response::Severity::PositiveCompletion => Ok(()),
+        // Not the token: the mailbox has too many connections (the pool handles it).
+        Ok(r) if super::too_many_connections(&reply_of(&r)) => Err(SendError::Rejected(reply_of(&r))),
         Ok(r) => Err(SendError::Auth { reply: reply_of(&r), detail: None }),
         Err(e) => match from_lettre(e) {
+            SendError::Rejected(reply) if super::too_many_connections(&reply) => Err(SendError::Rejected(reply)),
             SendError::Rejected(reply) => Err(SendError::Auth { reply, detail: None }),
             other => Err(other),
         },

@@ -4,8 +4,12 @@
 //! a small pool of authenticated connections (ARCHITECTURE.md, "Where the time goes"): a connection is
 //! checked with RSET before reuse, closed when idle too long or when the token it logged in
 //! with is about to expire, and never shared by two transactions at once. The number of
-//! connections per identity is bounded (`relay.upstream_pool`), which also bounds how hard one
-//! mailbox hits the provider.
+//! connections per identity is bounded (`relay.upstream_pool`, at most 3 for Microsoft:
+//! Exchange Online refuses a mailbox's 4th concurrent SMTP AUTH connection with
+//! `432 4.3.2`), in-session attempts and the queue runner together. Should the provider still
+//! answer `432 4.3.2` (another program uses the mailbox too), the identity opens one
+//! connection fewer for [`SHRINK_FOR`] and the send waits for one of its own connections
+//! instead: the message does not fail for it.
 
 pub mod classify;
 pub mod client;
@@ -13,6 +17,7 @@ pub mod shaper;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +28,7 @@ use tokio::sync::Semaphore;
 pub use classify::UpstreamReply;
 pub use client::{Envelope, Security, SendError, SendOutcome, Target, Timeouts};
 
-use crate::config::UpstreamTls;
+use crate::config::{ProviderKind, UpstreamTls};
 use crate::locks::MutexExt;
 use crate::oauth::provider::ProviderInfo;
 use crate::oauth::tokens::AccessToken;
@@ -32,6 +37,54 @@ use crate::oauth::tokens::AccessToken;
 const POOL_IDLE: Duration = Duration::from_secs(60);
 /// A pooled connection is not reused when its token expires within this many seconds.
 const TOKEN_MARGIN: i64 = 120;
+/// Exchange Online's concurrent SMTP AUTH connections per mailbox.
+pub const EXCHANGE_CONNECTIONS: usize = 3;
+/// How long an identity keeps one connection fewer after the provider said it has too many.
+pub const SHRINK_FOR: Duration = Duration::from_secs(300);
+/// A send refused for too many connections waits for a connection of its own this many times.
+const CONCURRENCY_RETRIES: usize = 3;
+
+/// The connections one identity may have open: a semaphore whose size can shrink for a while.
+struct Limit {
+    permits: Arc<Semaphore>,
+    /// Permits not taken away by [`Limit::shrink`].
+    size: Arc<AtomicUsize>,
+}
+
+impl Limit {
+    fn new(size: usize) -> Limit {
+        Limit { permits: Arc::new(Semaphore::new(size)), size: Arc::new(AtomicUsize::new(size)) }
+    }
+
+    /// One connection fewer for [`SHRINK_FOR`] (never fewer than one): the permit is taken as
+    /// soon as a connection is free and given back later.
+    fn shrink(&self, identity: &str) {
+        let Ok(was) = self.size.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n > 1).then(|| n - 1)) else {
+            return;
+        };
+        tracing::warn!(
+            identity,
+            connections = was - 1,
+            "the provider has too many connections for this mailbox: one fewer for {} s",
+            SHRINK_FOR.as_secs()
+        );
+        let (permits, size) = (self.permits.clone(), self.size.clone());
+        tokio::spawn(async move {
+            if let Ok(p) = permits.clone().acquire_owned().await {
+                p.forget();
+                tokio::time::sleep(SHRINK_FOR).await;
+                permits.add_permits(1);
+            }
+            size.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// A provider's server and how many connections each of its identities may open.
+struct Route {
+    target: Target,
+    pool_size: usize,
+}
 
 struct Pooled {
     conn: AsyncSmtpConnection,
@@ -50,11 +103,10 @@ pub struct SetupError {
 /// The upstream side: one target per provider, one pool per identity.
 pub struct Upstream {
     hello: ClientId,
-    targets: HashMap<String, Target>,
-    pool_size: usize,
+    routes: HashMap<String, Route>,
     timeouts: Timeouts,
     pools: Mutex<HashMap<String, Vec<Pooled>>>,
-    limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    limits: Mutex<HashMap<String, Arc<Limit>>>,
 }
 
 impl Upstream {
@@ -64,7 +116,7 @@ impl Upstream {
         pool_size: usize,
         timeouts: Timeouts,
     ) -> Result<Upstream, SetupError> {
-        let mut targets = HashMap::new();
+        let mut routes = HashMap::new();
         for p in providers {
             let Some(server) = p.smtp.clone() else { continue };
             let connector = || {
@@ -77,24 +129,24 @@ impl Upstream {
                 UpstreamTls::Starttls => Security::StartTls(connector()?),
                 UpstreamTls::Implicit => Security::Implicit(connector()?),
             };
-            targets.insert(p.name.clone(), Target { host: server.host, port: server.port, security });
+            let target = Target { host: server.host, port: server.port, security };
+            let pool_size = match p.kind {
+                ProviderKind::Microsoft => pool_size.clamp(1, EXCHANGE_CONNECTIONS),
+                _ => pool_size.max(1),
+            };
+            routes.insert(p.name.clone(), Route { target, pool_size });
         }
         Ok(Upstream {
             hello: ClientId::Domain(hostname.to_string()),
-            targets,
-            pool_size: pool_size.max(1),
+            routes,
             timeouts,
             pools: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
         })
     }
 
-    fn limit(&self, identity: &str) -> Arc<Semaphore> {
-        self.limits
-            .locked()
-            .entry(identity.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.pool_size)))
-            .clone()
+    fn limit(&self, identity: &str, size: usize) -> Arc<Limit> {
+        self.limits.locked().entry(identity.to_string()).or_insert_with(|| Arc::new(Limit::new(size))).clone()
     }
 
     /// Sends one message as `identity` (XOAUTH2 user `user`) through `provider`'s server.
@@ -107,24 +159,44 @@ impl Upstream {
         env: &Envelope<'_>,
         body: &Path,
     ) -> Result<SendOutcome, SendError> {
-        let target = self
-            .targets
+        let route = self
+            .routes
             .get(provider)
             .ok_or_else(|| SendError::Network(format!("provider \"{provider}\" has no smtp server")))?;
-        let limit = self.limit(identity);
-        let _permit = limit.acquire().await.map_err(|_| SendError::Network("shutting down".into()))?;
-        let (mut conn, token_expires_at) = match self.checkout(identity).await {
-            Some(p) => p,
-            None => (client::connect(target, &self.hello, user, &token.secret, self.timeouts).await?, token.expires_at),
-        };
-        let result = client::transaction(&mut conn, env, body, self.timeouts).await;
-        match &result {
-            // The connection is healthy after a normal outcome or a refused transaction.
-            Ok(_) => self.checkin(identity, conn, token_expires_at),
-            Err(SendError::Rejected(r)) if r.code != 421 => self.checkin(identity, conn, token_expires_at),
-            Err(_) => drop_connection(conn),
+        let limit = self.limit(identity, route.pool_size);
+        let mut tries = 0;
+        loop {
+            let permit = limit.permits.acquire().await.map_err(|_| SendError::Network("shutting down".into()))?;
+            let (mut conn, token_expires_at) = match self.checkout(identity).await {
+                Some(p) => p,
+                None => match client::connect(&route.target, &self.hello, user, &token.secret, self.timeouts).await {
+                    Ok(conn) => (conn, token.expires_at),
+                    // Too many connections for this mailbox: open fewer, and wait for one of
+                    // ours to be free rather than fail the message.
+                    Err(SendError::Rejected(r)) if too_many_connections(&r) && tries < CONCURRENCY_RETRIES => {
+                        tries += 1;
+                        drop(permit);
+                        limit.shrink(identity);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            let result = client::transaction(&mut conn, env, body, self.timeouts).await;
+            match &result {
+                Err(SendError::Rejected(r)) if too_many_connections(r) => {
+                    limit.shrink(identity);
+                    drop_connection(conn);
+                }
+                // The connection is healthy after a normal outcome or a refused transaction.
+                Ok(_) => self.checkin(identity, conn, token_expires_at, route.pool_size),
+                Err(SendError::Rejected(r)) if r.code != 421 => {
+                    self.checkin(identity, conn, token_expires_at, route.pool_size)
+                }
+                Err(_) => drop_connection(conn),
+            }
+            return result;
         }
-        result
     }
 
     /// A pooled connection that still works, if any.
@@ -144,10 +216,10 @@ impl Upstream {
         }
     }
 
-    fn checkin(&self, identity: &str, conn: AsyncSmtpConnection, token_expires_at: i64) {
+    fn checkin(&self, identity: &str, conn: AsyncSmtpConnection, token_expires_at: i64, pool_size: usize) {
         let mut pools = self.pools.locked();
         let v = pools.entry(identity.to_string()).or_default();
-        if v.len() < self.pool_size {
+        if v.len() < pool_size {
             v.push(Pooled { conn, token_expires_at, idle_since: Instant::now() });
         } else {
             drop(pools);
@@ -180,9 +252,61 @@ impl Upstream {
     }
 }
 
+/// Exchange's `432 4.3.2 Concurrent connections limit exceeded` (and its "sender thread
+/// limit" variant at the end of DATA): the mailbox has too many connections open at once.
+pub fn too_many_connections(reply: &UpstreamReply) -> bool {
+    reply.code == 432 || matches!(reply.status(), Some(s) if (s.0, s.1, s.2) == (4, 3, 2))
+}
+
 /// QUITs a connection in the background; nobody waits for it.
 fn drop_connection(mut conn: AsyncSmtpConnection) {
     tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.abort()).await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn providers(text: &str) -> Vec<Arc<ProviderInfo>> {
+        let c = crate::config::Config::parse(Path::new("/etc/mfd/c.toml"), text.to_string()).expect("parses");
+        c.providers.iter().map(|p| Arc::new(ProviderInfo::from_config(&c, p.get_ref()))).collect()
+    }
+
+    #[test]
+    fn exchange_gets_at_most_three_connections_per_identity() {
+        let p = providers(
+            "[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"x\"\n\n\
+             [[provider]]\nname = \"g\"\nkind = \"generic\"\nclient_id = \"x\"\ntoken_url = \"http://127.0.0.1:9/t\"\nsmtp = \"127.0.0.1:25\"\nsmtp_tls = \"none\"\n",
+        );
+        let pool = |size| Upstream::new("relay.test", &p, size, Timeouts::new(Duration::from_secs(5))).expect("builds");
+        let sizes = |u: &Upstream| (u.routes["m"].pool_size, u.routes["g"].pool_size);
+        assert_eq!(sizes(&pool(4)), (3, 4));
+        assert_eq!(sizes(&pool(8)), (3, 8));
+        assert_eq!(sizes(&pool(2)), (2, 2));
+        assert_eq!(sizes(&pool(0)), (1, 1));
+    }
+
+    #[test]
+    fn a_432_4_3_2_is_too_many_connections() {
+        assert!(too_many_connections(&UpstreamReply::new(432, "4.3.2 Concurrent connections limit exceeded.")));
+        assert!(too_many_connections(&UpstreamReply::new(
+            452,
+            "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"
+        )));
+        assert!(!too_many_connections(&UpstreamReply::new(451, "4.3.0 Temporary server error")));
+        assert!(!too_many_connections(&UpstreamReply::new(535, "5.7.3 Authentication unsuccessful")));
+    }
+
+    #[tokio::test]
+    async fn a_limit_shrinks_for_a_while_but_never_to_nothing() {
+        let limit = Limit::new(2);
+        limit.shrink("scans");
+        tokio::task::yield_now().await;
+        assert_eq!(limit.size.load(Ordering::SeqCst), 1);
+        assert_eq!(limit.permits.available_permits(), 1, "one permit taken away");
+        limit.shrink("scans");
+        assert_eq!(limit.size.load(Ordering::SeqCst), 1, "never below one");
+    }
 }

@@ -179,6 +179,27 @@ async fn a_tenant_with_smtp_auth_disabled_is_named_to_the_device() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_with_too_many_connections_costs_no_message() {
+    // The relay may open 6 connections, the Exchange-like upstream takes 3 per mailbox and
+    // answers the 4th AUTH with 432 4.3.2: the relay opens fewer and waits for its own.
+    let w = World::start(|s| s.relay_extra.push_str("upstream_pool = 6\n")).await;
+    w.upstream.set_data_delay(Duration::from_millis(400));
+    // Five at once: the AUTH throttle holds a sixth concurrent login from one address.
+    let bodies: Vec<Vec<u8>> = (0..5).map(|i| scan_message(&format!("at once {i}"), "x")).collect();
+    let args = login("PLAIN");
+    let sends = bodies.iter().map(|b| w.send(&args, b));
+    let results = futures_util::future::join_all(sends).await;
+    for r in &results {
+        assert!(r.ok && r.message.contains("delivered"), "no message waits for a retry: {r:?}\n{}", w.relay.log());
+    }
+    let stats = w.upstream.stats();
+    assert!(stats.concurrency_refusals >= 1, "the test reached the limit: {stats:?}");
+    assert!(stats.max_connections_of_a_user <= 3, "{stats:?}");
+    assert_eq!(stats.messages_accepted, 5);
+    assert!(w.relay.log().contains("too many connections for this mailbox"), "{}", w.relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_then_back_delivers_from_the_queue() {
     let w = World::start(|_| {}).await;
     w.upstream.down().await;

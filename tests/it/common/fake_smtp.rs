@@ -55,6 +55,9 @@ const MAX_RECIPIENTS: usize = 500;
 /// A stalled connection is held at most this long.
 const STALL_LIMIT: Duration = Duration::from_secs(600);
 
+/// Exchange Online's limit of concurrent SMTP AUTH connections per mailbox.
+pub const EXCHANGE_CONNECTIONS_PER_USER: usize = 3;
+
 /// The JSON Office 365 sends (base64) in the 334 after a refused token.
 pub const O365_XOAUTH2_ERROR: &str =
     r#"{"status":"401","schemes":"bearer","scope":"https://outlook.office.com/SMTP.Send"}"#;
@@ -72,6 +75,8 @@ pub mod replies {
         to send as printer@contoso.com; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied";
     pub const AUTH_DISABLED: &str = "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication \
         is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.";
+    pub const TOO_MANY_CONNECTIONS: &str = "432 4.3.2 Concurrent connections limit exceeded. Visit \
+        https://aka.ms/concurrent_sending for more information. [Hostname=FAKE0001]";
     pub const TRANSIENT: &str = "451 4.3.0 Temporary server error. Please try again later";
     pub const CLOSING_421: &str = "421 4.7.0 Temporary server error. Please try again later. PRX4 closing connection";
 }
@@ -122,6 +127,9 @@ pub struct SmtpOptions {
     pub idle_timeout: Duration,
     /// JSON sent (base64) in the 334 challenge after a refused token.
     pub xoauth2_error_json: String,
+    /// Connections one user may have authenticated at once; the next AUTH gets
+    /// [`replies::TOO_MANY_CONNECTIONS`] (Exchange Online: 3).
+    pub max_connections_per_user: usize,
 }
 
 impl SmtpOptions {
@@ -134,6 +142,7 @@ impl SmtpOptions {
             max_size: DEFAULT_MAX_SIZE,
             idle_timeout: Duration::from_secs(30),
             xoauth2_error_json: O365_XOAUTH2_ERROR.to_string(),
+            max_connections_per_user: EXCHANGE_CONNECTIONS_PER_USER,
         }
     }
 }
@@ -205,6 +214,10 @@ pub struct SmtpStats {
     pub recipients_rejected: u64,
     pub resets_mid_data: u64,
     pub closed_with_421: u64,
+    /// AUTHs refused with `432 4.3.2` for too many connections of one user.
+    pub concurrency_refusals: u64,
+    /// The most connections one user had authenticated at once.
+    pub max_connections_of_a_user: u64,
 }
 
 // ---------------------------------------------------------------------------
@@ -231,6 +244,8 @@ struct Faults {
 struct Inner {
     faults: Faults,
     stats: SmtpStats,
+    /// Authenticated connections per user (lower-cased), now.
+    connections_of: HashMap<String, usize>,
     messages: Vec<Received>,
     auth: Vec<AuthAttempt>,
 }
@@ -244,6 +259,7 @@ struct Config {
     max_size: usize,
     idle_timeout: Duration,
     xoauth2_error_json: String,
+    max_connections_per_user: usize,
 }
 
 struct Shared {
@@ -300,6 +316,7 @@ impl FakeSmtp {
                 max_size: opts.max_size,
                 idle_timeout: opts.idle_timeout,
                 xoauth2_error_json: opts.xoauth2_error_json,
+                max_connections_per_user: opts.max_connections_per_user,
             },
             inner: Mutex::new(Inner::default()),
             changed: Notify::new(),
@@ -556,6 +573,7 @@ async fn handle_connection(tcp: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
             sess.tls = true;
             sess.helo = None;
             sess.user = None;
+            sess.counted = None;
             sess.tx = None;
             let _ = serve(BufReader::new(stream), &mut sess, &sh).await;
         }
@@ -575,6 +593,39 @@ async fn hold_silently(mut tcp: TcpStream) {
     .await;
 }
 
+/// One authenticated connection of a user, counted against the per-user limit while it lives.
+struct Counted {
+    sh: Arc<Shared>,
+    user: String,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.sh.update(|i| {
+            if let Some(n) = i.connections_of.get_mut(&self.user) {
+                *n = n.saturating_sub(1);
+            }
+        });
+    }
+}
+
+/// Takes one of `user`'s connections, unless the user has the most allowed already.
+fn count_connection(sh: &Arc<Shared>, user: &str) -> Option<Counted> {
+    let user = user.to_ascii_lowercase();
+    let limit = sh.config.max_connections_per_user;
+    sh.update(|i| {
+        let n = i.connections_of.entry(user.clone()).or_default();
+        if *n >= limit {
+            i.stats.concurrency_refusals += 1;
+            return None;
+        }
+        *n += 1;
+        i.stats.max_connections_of_a_user = i.stats.max_connections_of_a_user.max(*n as u64);
+        Some(())
+    })?;
+    Some(Counted { sh: sh.clone(), user })
+}
+
 /// One SMTP conversation (RFC 5321 §3, §4.1.4 for ordering).
 struct Session {
     conn: u64,
@@ -584,6 +635,8 @@ struct Session {
     helo: Option<String>,
     /// The authenticated XOAUTH2 user.
     user: Option<String>,
+    /// This connection's place in its user's count of connections (given back when dropped).
+    counted: Option<Counted>,
     tx: Option<Transaction>,
     /// Messages accepted on this connection.
     accepted: u32,
@@ -597,7 +650,7 @@ struct Transaction {
 
 impl Session {
     fn new(conn: u64, peer: SocketAddr) -> Session {
-        Session { conn, peer, greeted: false, tls: false, helo: None, user: None, tx: None, accepted: 0 }
+        Session { conn, peer, greeted: false, tls: false, helo: None, user: None, counted: None, tx: None, accepted: 0 }
     }
 }
 
@@ -647,7 +700,7 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(io: &mut BufReader<S>, reply: &
 }
 
 /// Serves commands until QUIT, EOF, an error, or STARTTLS.
-async fn serve<S: Conn>(mut io: BufReader<S>, sess: &mut Session, sh: &Shared) -> io::Result<Flow<S>> {
+async fn serve<S: Conn>(mut io: BufReader<S>, sess: &mut Session, sh: &Arc<Shared>) -> io::Result<Flow<S>> {
     let cfg = &sh.config;
     let host = cfg.hostname.as_str();
     if !sess.greeted {
@@ -769,7 +822,7 @@ fn ehlo_reply(verb: &str, sess: &Session, cfg: &Config) -> String {
 async fn auth<S: Conn>(
     io: &mut BufReader<S>,
     sess: &mut Session,
-    sh: &Shared,
+    sh: &Arc<Shared>,
     arg: &str,
 ) -> io::Result<Option<String>> {
     let cfg = &sh.config;
@@ -827,24 +880,27 @@ async fn auth<S: Conn>(
     (attempt.user, attempt.token) = parse_xoauth2(&decoded);
 
     let forced = sh.lock().faults.auth_reply.clone();
-    if let Some(reply) = forced {
-        attempt.success = reply.starts_with('2');
-        if attempt.success {
-            sess.user = attempt.user.clone();
+    // The validator may lock FakeOAuth's state: call it with ours unlocked.
+    let valid = forced.is_none()
+        && match (&attempt.user, &attempt.token) {
+            (Some(u), Some(t)) => (cfg.validator)(u, t),
+            _ => false,
+        };
+    if valid || forced.as_deref().is_some_and(|r| r.starts_with('2')) {
+        // Exchange counts a mailbox's authenticated connections: the one too many is refused.
+        match count_connection(sh, attempt.user.as_deref().unwrap_or("")) {
+            Some(counted) => {
+                sess.counted = Some(counted);
+                sess.user = attempt.user.clone();
+                attempt.success = true;
+                attempt.final_reply = forced.unwrap_or_else(|| replies::AUTH_OK.to_string());
+            }
+            None => attempt.final_reply = replies::TOO_MANY_CONNECTIONS.to_string(),
         }
-        attempt.final_reply = reply;
         return Ok(Some(record_auth(sh, attempt)));
     }
-
-    // The validator may lock FakeOAuth's state: call it with ours unlocked.
-    let valid = match (&attempt.user, &attempt.token) {
-        (Some(u), Some(t)) => (cfg.validator)(u, t),
-        _ => false,
-    };
-    if valid {
-        sess.user = attempt.user.clone();
-        attempt.success = true;
-        attempt.final_reply = replies::AUTH_OK.to_string();
+    if let Some(reply) = forced {
+        attempt.final_reply = reply;
         return Ok(Some(record_auth(sh, attempt)));
     }
 
