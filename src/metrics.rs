@@ -46,6 +46,13 @@ pub static SMTP_REFUSED_CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| 
 });
 pub static SMTP_SESSIONS_ACTIVE: LazyLock<IntGaugeVec> =
     LazyLock::new(|| gauge("mfd_relay_smtp_sessions_active", "Open device sessions, by listener.", &["listener"]));
+pub static SMTP_TLS_SESSIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_smtp_tls_sessions_total",
+        "Device sessions that completed a TLS handshake, by listener and protocol version (TLSv1 ... TLSv1.3).",
+        &["listener", "version"],
+    )
+});
 pub static AUTH_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter("mfd_relay_auth_failures_total", "Failed device logins (AUTH), by listener.", &["listener"])
 });
@@ -293,6 +300,7 @@ pub fn init() {
     LazyLock::force(&SMTP_CONNECTIONS);
     LazyLock::force(&SMTP_REFUSED_CONNECTIONS);
     LazyLock::force(&SMTP_SESSIONS_ACTIVE);
+    LazyLock::force(&SMTP_TLS_SESSIONS);
     LazyLock::force(&AUTH_FAILURES);
     LazyLock::force(&MESSAGES_ACCEPTED);
     LazyLock::force(&MESSAGES_REJECTED);

@@ -117,10 +117,17 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
         let sock = *l.listen.get_ref();
         let addr = sock.to_string();
         let err = |message: String| StartError::Listen { addr: addr.clone(), message };
+        let legacy = *l.legacy_tls.get_ref();
         let acceptor = |cert: &toml::Spanned<std::path::PathBuf>, key: &toml::Spanned<std::path::PathBuf>| {
-            crate::tls::server_acceptor(&config.resolve(cert.get_ref()), &config.resolve(key.get_ref()))
-                .map(listener::Acceptor::Rustls)
-                .map_err(err)
+            let (cert, key) = (config.resolve(cert.get_ref()), config.resolve(key.get_ref()));
+            if legacy {
+                // Old devices only (README.md, "Old devices and TLS"): OpenSSL at security level 0.
+                crate::legacy_tls::acceptor(&cert, &key)
+                    .map(|a| listener::Acceptor::OpenSsl(Arc::new(a)))
+                    .map_err(|e| err(e.to_string()))
+            } else {
+                crate::tls::server_acceptor(&cert, &key).map(listener::Acceptor::Rustls).map_err(err)
+            }
         };
         let tls = match &l.tls {
             ListenerTls::None => listener::Tls::None,

@@ -25,22 +25,48 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-/// The server side of TLS, one variant per TLS library. Today rustls only; a second backend
-/// (an OpenSSL acceptor for devices that only speak old protocol versions) is one more
-/// variant here and one more arm in [`Acceptor::accept`]: sessions only see a [`Stream`].
+/// The server side of TLS, one variant per TLS library: sessions only see a [`Stream`].
 #[derive(Clone)]
 pub enum Acceptor {
+    /// TLS 1.2 and 1.3 with AEAD suites: every listener but a legacy one.
     Rustls(tokio_rustls::TlsAcceptor),
+    /// OpenSSL, TLS 1.0 and up with CBC / RSA-key-exchange suites: a `legacy_tls` listener
+    /// ([`crate::legacy_tls`]).
+    OpenSsl(Arc<openssl::ssl::SslAcceptor>),
+}
+
+/// What a TLS handshake agreed on, for the session's log line and the per-version count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// "TLSv1", "TLSv1.1", "TLSv1.2" or "TLSv1.3".
+    pub version: String,
+    pub cipher: String,
 }
 
 impl Acceptor {
     /// Runs the server handshake on `stream` (without a time limit; the caller bounds it).
-    pub async fn accept<S>(&self, stream: S) -> std::io::Result<Box<dyn Stream>>
+    pub async fn accept<S>(&self, stream: S) -> std::io::Result<(Box<dyn Stream>, Negotiated)>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         match self {
-            Acceptor::Rustls(a) => Ok(Box::new(a.accept(stream).await?)),
+            Acceptor::Rustls(a) => {
+                let tls = a.accept(stream).await?;
+                let conn = tls.get_ref().1;
+                let version = match conn.protocol_version() {
+                    Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+                    Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+                    Some(other) => format!("{other:?}"),
+                    None => "unknown".to_string(),
+                };
+                let cipher = conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+                Ok((Box::new(tls), Negotiated { version, cipher }))
+            }
+            Acceptor::OpenSsl(a) => {
+                let tls = crate::legacy_tls::accept(a, stream).await.map_err(std::io::Error::other)?;
+                let (version, cipher) = crate::legacy_tls::negotiated(tls.ssl());
+                Ok((Box::new(tls), Negotiated { version: version.to_string(), cipher }))
+            }
         }
     }
 }
@@ -218,9 +244,11 @@ pub(crate) async fn handle<S>(
 {
     let started = std::time::Instant::now();
     let mut session = Session::new(ctx.clone(), current, settings.clone(), peer, shutdown);
+    let mut negotiated = None;
     let result = match &settings.tls {
-        Tls::Implicit(acceptor) => match handshake(acceptor, stream).await {
-            Ok(tls) => {
+        Tls::Implicit(acceptor) => match handshake(acceptor, stream, peer, &settings.name).await {
+            Ok((tls, n)) => {
+                negotiated = Some(n);
                 let mut conn = Connection::new(tls);
                 conn.send(&reply::greeting(&ctx.hostname));
                 session.run(&mut conn).await.map(|_| ())
@@ -238,8 +266,9 @@ pub(crate) async fn handle<S>(
                         // is discarded, never executed inside the TLS session.
                         tracing::warn!(peer = %peer, bytes = leftover, "discarded plaintext sent after STARTTLS");
                     }
-                    match handshake(acceptor, plain).await {
-                        Ok(tls) => {
+                    match handshake(acceptor, plain, peer, &settings.name).await {
+                        Ok((tls, n)) => {
+                            negotiated = Some(n);
                             session.reset_for_tls();
                             let mut conn = Connection::new(tls);
                             session.run(&mut conn).await.map(|_| ())
@@ -254,24 +283,46 @@ pub(crate) async fn handle<S>(
     };
     let device = session.device_name().unwrap_or("-").to_string();
     let secs = started.elapsed().as_secs_f64();
+    // Which devices still speak which TLS: the admin plans their replacement from this.
+    let (tls, cipher) = match &negotiated {
+        Some(n) => (n.version.as_str(), n.cipher.as_str()),
+        None => ("none", ""),
+    };
     match result {
         Ok(()) | Err(ReadError::Closed) => tracing::info!(
-            peer = %peer, listener = %settings.name, device = %device, messages = session.accepted(), secs, "session closed"
+            peer = %peer, listener = %settings.name, device = %device, tls = %tls, cipher = %cipher, messages = session.accepted(), secs,
+            "session closed"
         ),
         Err(e) => tracing::info!(
-            peer = %peer, listener = %settings.name, device = %device, messages = session.accepted(), secs, "session ended: {e}"
+            peer = %peer, listener = %settings.name, device = %device, tls = %tls, cipher = %cipher, messages = session.accepted(), secs,
+            "session ended: {e}"
         ),
     }
 }
 
-/// The TLS handshake, bounded by [`TLS_HANDSHAKE_TIMEOUT`].
-async fn handshake<S>(acceptor: &Acceptor, stream: S) -> Result<Box<dyn Stream>, ReadError>
+/// The TLS handshake, bounded by [`TLS_HANDSHAKE_TIMEOUT`]; counted by protocol version.
+async fn handshake<S>(
+    acceptor: &Acceptor,
+    stream: S,
+    peer: SocketAddr,
+    listener: &str,
+) -> Result<(Box<dyn Stream>, Negotiated), ReadError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(e)) => Err(ReadError::Io(e)),
+        Ok(Ok((tls, n))) => {
+            metrics::SMTP_TLS_SESSIONS.with_label_values(&[listener, &n.version]).inc();
+            Ok((tls, n))
+        }
+        Ok(Err(e)) => {
+            let hint = match acceptor {
+                Acceptor::Rustls(_) => " (a device that speaks only TLS 1.0/1.1 or CBC suites needs a legacy_tls listener: README.md, \"Old devices and TLS\")",
+                Acceptor::OpenSsl(_) => "",
+            };
+            tracing::warn!(peer = %peer, listener, "TLS handshake failed: {e}{hint}");
+            Err(ReadError::Io(e))
+        }
         Err(_) => Err(ReadError::Timeout),
     }
 }

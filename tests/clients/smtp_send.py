@@ -28,17 +28,40 @@ def main():
     p.add_argument("--user")
     p.add_argument("--password")
     p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--tls-version", choices=["1.0", "1.1", "1.2", "1.3"],
+                   help="offer this TLS version only, like an old printer")
+    p.add_argument("--ciphers", help="offer these (TLS 1.2 and older) suites only, e.g. AES128-SHA")
     a = p.parse_args()
     to = a.to or ["someone@contoso.test"]
     with open(a.body, "rb") as f:
         body = f.read()
 
+    def tls_context():
+        ctx = ssl.create_default_context(cafile=a.cafile)
+        if a.tls_version:
+            # An old device: one protocol version, old suites; OpenSSL 3 needs security level 0.
+            v = {"1.0": ssl.TLSVersion.TLSv1, "1.1": ssl.TLSVersion.TLSv1_1,
+                 "1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}[a.tls_version]
+            ctx.minimum_version = v
+            ctx.maximum_version = v
+        if a.ciphers:
+            ctx.set_ciphers(a.ciphers + ":@SECLEVEL=0")
+        elif a.tls_version in ("1.0", "1.1"):
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        return ctx
+
+    negotiated = {}
+
+    def note_tls(sock):
+        negotiated["tls_version"] = sock.version()
+        negotiated["cipher"] = sock.cipher()[0]
+
     stage = "connect"
     try:
         source = (a.source, 0) if a.source else None
         if a.implicit_tls:
-            ctx = ssl.create_default_context(cafile=a.cafile)
-            s = smtplib.SMTP_SSL(a.host, a.port, timeout=a.timeout, source_address=source, context=ctx)
+            s = smtplib.SMTP_SSL(a.host, a.port, timeout=a.timeout, source_address=source, context=tls_context())
+            note_tls(s.sock)
         else:
             s = smtplib.SMTP(a.host, a.port, timeout=a.timeout, source_address=source)
         stage = "hello"
@@ -50,8 +73,8 @@ def main():
             raise smtplib.SMTPResponseException(code, msg)
         if a.starttls:
             stage = "starttls"
-            ctx = ssl.create_default_context(cafile=a.cafile)
-            s.starttls(context=ctx)
+            s.starttls(context=tls_context())
+            note_tls(s.sock)
             s.ehlo("printer.lan")
         if a.auth:
             stage = "auth"
@@ -83,7 +106,7 @@ def main():
             s.quit()
         except smtplib.SMTPException:
             pass
-        print(json.dumps({"ok": True, "code": code, "message": msg.decode("utf-8", "replace"), "stage": "done"}))
+        print(json.dumps({"ok": True, "code": code, "message": msg.decode("utf-8", "replace"), "stage": "done", **negotiated}))
     except smtplib.SMTPRecipientsRefused as e:
         code, msg = next(iter(e.recipients.values()))
         print(json.dumps({"ok": False, "code": code, "message": msg.decode("utf-8", "replace"), "stage": stage}))

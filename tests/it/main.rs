@@ -13,6 +13,7 @@ mod faults;
 mod hardening_admin;
 mod hardening_smtp;
 mod imap;
+mod legacy_tls;
 mod oauth;
 mod ops;
 mod postfix;

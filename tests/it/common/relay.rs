@@ -227,6 +227,11 @@ pub struct SendResult {
     pub code: Option<u16>,
     pub message: String,
     pub stage: String,
+    /// With TLS: the protocol version ("TLSv1" ... "TLSv1.3") and suite the client got.
+    #[serde(default)]
+    pub tls_version: Option<String>,
+    #[serde(default)]
+    pub cipher: Option<String>,
 }
 
 /// Sends a message with Python's smtplib (tests/clients/smtp_send.py). `args` are the
