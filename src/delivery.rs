@@ -209,14 +209,18 @@ impl Delivery {
         let path = self.queue.spool().path(id);
         let env = Envelope { from: &rec.from, rcpts: &rec.rcpts, size: rec.size, eight_bit: rec.eight_bit };
         let started = Instant::now();
-        let mut result = self.upstream.send(&rec.identity, &slot.provider.name, &slot.email, &token, &env, &path).await;
+        // XOAUTH2's user is the token's owner: for a delegate who signed in for a shared
+        // mailbox that is the delegate, and the shared address only goes in MAIL FROM and
+        // From (Exchange answers `535 5.7.3` to user=shared with a delegate's token).
+        let mut result =
+            self.upstream.send(&rec.identity, &slot.provider.name, &token.account, &token, &env, &path).await;
         if let Err(SendError::Auth { reply, detail }) = &result {
             // A refused token forces one refresh and one retry (ARCHITECTURE.md, "A revoked token is loud").
             tracing::warn!(queue_id = %id, identity = %rec.identity, detail = detail.as_deref().unwrap_or(""), "upstream refused the token ({}); refreshing once", reply.describe());
             self.upstream.flush_pool(&rec.identity);
             match self.tokens.refresh_after_rejection(&rec.identity, &token).await {
                 Ok(t2) => {
-                    result = self.upstream.send(&rec.identity, &slot.provider.name, &slot.email, &t2, &env, &path).await
+                    result = self.upstream.send(&rec.identity, &slot.provider.name, &t2.account, &t2, &env, &path).await
                 }
                 Err(e) => tracing::warn!(identity = %rec.identity, "refresh after rejection failed: {e}"),
             }

@@ -550,6 +550,12 @@ async fn login(config: &Config, identity: &str) -> anyhow::Result<ExitCode> {
     match outcome {
         Ok(account) => {
             println!("Signed in as {account}. Tokens are stored encrypted; the relay refreshes them from now on.");
+            if !account.eq_ignore_ascii_case(&email) {
+                println!(
+                    "{account} is not {email}: fine when {email} is a shared mailbox that {account} may Send As \
+                     (the relay logs in as {account} and sends from {email}); otherwise sign in again as {email}."
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

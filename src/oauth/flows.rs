@@ -214,12 +214,28 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<TokenAnswer, Str
             refresh_token,
             expires_in: expires_in.map(Duration::from_secs),
             scopes,
-            account: None,
+            account: map.get("id_token").and_then(Value::as_str).and_then(id_token_account),
         })),
         _ => {
             Err(format!("the token endpoint answered HTTP {status} with fields that do not fit: {}", wrong.join(", ")))
         }
     }
+}
+
+/// The account a person signed in with, from the OpenID Connect ID token that came with the
+/// tokens: `preferred_username` (Entra), else `upn`, else `email`. The ID token came straight
+/// from the token endpoint over TLS, which OpenID Connect Core 3.1.3.7 accepts in place of its
+/// signature; it names the account and grants nothing.
+pub fn id_token_account(id_token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = id_token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    ["preferred_username", "upn", "email"]
+        .iter()
+        .filter_map(|k| claims.get(k).and_then(serde_json::Value::as_str))
+        .map(|a| crate::reply::sanitize_text(a, 200))
+        .find(|a| a.contains('@') && !a.contains(char::is_whitespace))
 }
 
 /// POSTs a form to a token endpoint and reads the answer; transport trouble and unreadable
@@ -281,6 +297,30 @@ pub async fn post_token(http: &reqwest::Client, url: &str, form: &[(&str, &str)]
 
 #[cfg(test)]
 mod tests {
+
+    fn id_token(claims: &str) -> String {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", b64(r#"{"alg":"RS256","typ":"JWT"}"#), b64(claims))
+    }
+
+    #[test]
+    fn the_signed_in_account_comes_from_the_id_token() {
+        let t = id_token(r#"{"preferred_username":"alice@contoso.com","upn":"x@y","email":"z@w"}"#);
+        assert_eq!(id_token_account(&t).as_deref(), Some("alice@contoso.com"));
+        assert_eq!(id_token_account(&id_token(r#"{"upn":"bob@contoso.com"}"#)).as_deref(), Some("bob@contoso.com"));
+        assert_eq!(id_token_account(&id_token(r#"{"email":"carol@gmail.com"}"#)).as_deref(), Some("carol@gmail.com"));
+        // Not an address, or not a JWT: no account.
+        assert_eq!(id_token_account(&id_token(r#"{"preferred_username":"Alice Smith"}"#)), None);
+        assert_eq!(id_token_account("not a jwt"), None);
+        assert_eq!(id_token_account("a.!!!.c"), None);
+        let body = format!(r#"{{"access_token":"at","expires_in":3600,"id_token":"{t}"}}"#);
+        assert!(matches!(
+            parse_token_response(200, body.as_bytes()),
+            Ok(TokenAnswer::Tokens(TokenSet { account: Some(ref a), .. })) if a == "alice@contoso.com"
+        ));
+    }
+
     use super::*;
 
     const AT: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOi-secret-access";

@@ -176,7 +176,9 @@ impl ProviderInfo {
                     if imap {
                         v.push(format!("{resource}/IMAP.AccessAsUser.All"));
                     }
-                    v.push("offline_access".into());
+                    // openid + profile: an ID token names who signed in (a delegate of a
+                    // shared mailbox signs in as themselves; XOAUTH2 needs that account).
+                    v.extend(["offline_access", "openid", "profile"].map(String::from));
                     v
                 }
             }
@@ -244,7 +246,9 @@ mod tests {
             vec![
                 "https://outlook.office.com/SMTP.Send",
                 "https://outlook.office.com/IMAP.AccessAsUser.All",
-                "offline_access"
+                "offline_access",
+                "openid",
+                "profile"
             ]
         );
         assert_eq!(p.scopes(Flow::ClientCredentials, false), vec!["https://outlook.office365.com/.default"]);

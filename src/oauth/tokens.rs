@@ -497,6 +497,14 @@ impl TokenManager {
         let mut rec = slot.record();
         let was = rec.state;
         let account = set.account.clone().or_else(|| rec.account.clone()).unwrap_or_else(|| slot.email.clone());
+        if rec.account.as_deref() != Some(account.as_str()) && !account.eq_ignore_ascii_case(&slot.email) {
+            tracing::warn!(
+                identity = %slot.name, account = %account, mailbox = %slot.email,
+                "signed in as another account than the identity's mailbox: fine for a shared mailbox \
+                 (the relay logs in as the account and sends from the mailbox; the account needs Send As on it), \
+                 otherwise sign in again as the mailbox"
+            );
+        }
         rec.state = IdentityState::Ready;
         rec.account = Some(account.clone());
         if set.refresh_token.is_some() {

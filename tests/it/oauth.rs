@@ -42,6 +42,11 @@ fn login() -> Vec<&'static str> {
 /// Runs `auth login scans`, approves the device code at the fake provider, returns the
 /// exit code and output.
 async fn device_login(w: &World, approve: bool) -> (i32, String) {
+    device_login_as(w, approve.then_some(SCANS)).await
+}
+
+/// [`device_login`], approved by `account` (`None`: denied).
+async fn device_login_as(w: &World, account: Option<&str>) -> (i32, String) {
     let config = w.relay.config.clone();
     let mut cli =
         tokio::task::spawn_blocking(move || CliProc::start(&config, &["auth", "login", "scans"])).await.unwrap();
@@ -53,10 +58,9 @@ async fn device_login(w: &World, approve: bool) -> (i32, String) {
     .await
     .unwrap();
     assert!(line.contains(&code), "the CLI shows the user code: {line}");
-    if approve {
-        w.idp.approve_device(&code, SCANS);
-    } else {
-        w.idp.deny_device(&code);
+    match account {
+        Some(account) => w.idp.approve_device(&code, account),
+        None => w.idp.deny_device(&code),
     }
     tokio::task::spawn_blocking(move || cli.wait(Duration::from_secs(60))).await.unwrap()
 }
@@ -305,6 +309,35 @@ async fn a_passing_invalid_grant_is_asked_again_before_anyone_must_sign_in() {
     assert!(got.messages_accepted >= 1);
     let (_, status, _) = w.relay.cli(&["auth", "status"], None);
     assert!(status.contains("ready"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delegate_signs_in_for_a_shared_mailbox_and_xoauth2_names_the_delegate() {
+    // scans@ is a shared mailbox: no one signs in as it; alice has Send As on it.
+    const ALICE: &str = "alice@contoso.test";
+    let w = World::start_with(
+        |e| {
+            let credentials = format!("client_id = \"{CLIENT_ID}\"\n");
+            let scopes = "\"https://outlook.office.com/SMTP.Send\", \"offline_access\", \"openid\", \"profile\"";
+            sections(e, &credentials, scopes, "device_code")
+        },
+        |_| {},
+    )
+    .await;
+    let (code, out) = device_login_as(&w, Some(ALICE)).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("Signed in as {ALICE}")) && out.contains("shared mailbox"), "{out}");
+    let (_, status, _) = w.relay.cli(&["auth", "status"], None);
+    assert!(status.contains(ALICE), "who actually signed in: {status}");
+
+    let r = w.send(&login(), &scan_message("from the shared mailbox", "x")).await;
+    assert!(r.ok && r.message.contains("delivered"), "{r:?}\n{}", w.relay.log());
+    let got = w.upstream.wait_for_messages(1, WAIT).await;
+    // XOAUTH2 user= the token's owner; the shared address only in MAIL FROM.
+    assert_eq!(got[0].user.as_deref(), Some(ALICE));
+    assert_eq!(got[0].from, SCANS);
+    assert_eq!(w.upstream.stats().auth_failures, 0, "right the first time");
+    assert!(w.relay.log().contains("fine for a shared mailbox"), "{}", w.relay.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

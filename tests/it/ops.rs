@@ -511,7 +511,7 @@ flow = "device_code"
         "token:         https://login.microsoftonline.us/contoso.onmicrosoft.us/oauth2/v2.0/token",
         "smtp:          outlook-dod.office365.us:587 (STARTTLS)",
         "imap:          outlook-dod.office365.us:993 (implicit TLS)",
-        "identity \"scans\" (device_code, scans@contoso.us): scopes https://outlook-dod.office365.us/SMTP.Send offline_access",
+        "identity \"scans\" (device_code, scans@contoso.us): scopes https://outlook-dod.office365.us/SMTP.Send offline_access openid profile",
     ] {
         assert!(out.contains(line), "{line}\n{out}");
     }

@@ -659,6 +659,19 @@ impl FakeOAuth {
     }
 }
 
+/// An ID token as Entra's v2.0 endpoint shapes it (the relay reads it from the token endpoint
+/// over TLS and checks no signature, so this one has none worth checking).
+fn id_token(account: &str) -> String {
+    let claims = json!({
+        "aud": "relay-app",
+        "iss": "https://login.microsoftonline.com/fake/v2.0",
+        "preferred_username": account,
+        "name": "Signed In Person",
+        "tid": "fake",
+    });
+    format!("{}.{}.", b64url(br#"{"alg":"none","typ":"JWT"}"#), b64url(claims.to_string().as_bytes()))
+}
+
 fn normalise_user_code(code: &str) -> String {
     code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect()
 }
@@ -987,6 +1000,10 @@ impl State {
         });
         if with_refresh {
             body["refresh_token"] = Value::String(self.new_refresh_token(account, client_id, scope));
+        }
+        // OpenID Connect: asked for `openid`, Entra adds an ID token naming who signed in.
+        if scope.split_whitespace().any(|s| s == "openid") {
+            body["id_token"] = Value::String(id_token(account));
         }
         HttpReply::ok(body)
     }
