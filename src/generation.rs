@@ -118,16 +118,17 @@ impl Generation {
             policy,
             shared.queue.clone(),
             tokens.clone(),
-            upstream,
+            upstream.clone(),
             shared.activity.clone(),
             shared.shaper.clone(),
         ));
+        let identities = Arc::new(crate::smtp::ports::SessionIdentities { tokens: tokens.clone(), upstream });
         let smtp = Arc::new(Context {
             hostname: config.relay.hostname.clone(),
             devices: Arc::new(Devices::from_config(&config)),
             queue: shared.queue.clone(),
             delivery: delivery.clone(),
-            tokens: tokens.clone(),
+            tokens: identities,
             throttle: shared.throttle.clone(),
             max_recipients: config.relay.max_recipients,
             activity: shared.activity.clone(),

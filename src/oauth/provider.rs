@@ -35,6 +35,9 @@ pub struct ProviderInfo {
     /// Messages per minute per identity; `None` is unlimited.
     pub messages_per_minute: Option<u32>,
     pub max_message_size: Option<u64>,
+    /// `max_message_size` is the admin's, not the kind's default: it overrides what the
+    /// server advertises.
+    pub size_configured: bool,
 }
 
 /// Login host of a Microsoft cloud.
@@ -125,6 +128,23 @@ impl ProviderInfo {
             scopes: p.scopes.clone(),
             messages_per_minute: p.messages_per_minute.or(messages_per_minute).filter(|n| *n > 0),
             max_message_size: p.max_message_size.map(|s| s.0).or(max_message_size),
+            size_configured: p.max_message_size.is_some(),
+        }
+    }
+
+    /// The largest message to accept for this provider: the configured `max_message_size`;
+    /// else the SIZE its server advertised in EHLO (RFC 1870; Gmail: 35882577, more than the
+    /// 25 MiB default), for Microsoft never above the 35 MiB default, because Exchange Online
+    /// advertises its tenant-wide maximum (150 MB) while a mailbox takes 35 MB unless its admin
+    /// raised it; else the kind's default.
+    pub fn size_limit(&self, advertised: Option<u64>) -> Option<u64> {
+        if self.size_configured {
+            return self.max_message_size;
+        }
+        match (advertised, self.kind) {
+            (Some(a), ProviderKind::Microsoft) => Some(self.max_message_size.map_or(a, |d| d.min(a))),
+            (Some(a), _) => Some(a),
+            (None, _) => self.max_message_size,
         }
     }
 
@@ -255,6 +275,24 @@ mod tests {
     }
 
     #[test]
+    fn the_size_limit_is_the_admins_else_the_servers_else_the_default() {
+        let ms = info("[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"x\"\n");
+        let mib35 = 35 * 1024 * 1024;
+        // Exchange advertises its tenant-wide maximum: it only ever lowers the default.
+        assert_eq!(ms.size_limit(Some(157_286_400)), Some(mib35));
+        assert_eq!(ms.size_limit(Some(10_000_000)), Some(10_000_000));
+        assert_eq!(ms.size_limit(None), Some(mib35));
+        // The admin's value wins over both.
+        let raised = info("[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"x\"\nmax_message_size = \"150MB\"\n");
+        assert_eq!(raised.size_limit(Some(157_286_400)), Some(150_000_000));
+        let g = info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\nmax_message_size = \"20MB\"\n");
+        assert_eq!(g.size_limit(Some(35_882_577)), Some(20_000_000));
+        // A generic server: whatever it advertises.
+        let t = info("[[provider]]\nname = \"t\"\nkind = \"generic\"\nclient_id = \"x\"\ntoken_url = \"http://127.0.0.1:9/t\"\nsmtp = \"127.0.0.1:2526\"\n");
+        assert_eq!((t.size_limit(None), t.size_limit(Some(1000))), (None, Some(1000)));
+    }
+
+    #[test]
     fn microsoft_national_clouds_and_overrides() {
         let p = info("[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\ncloud = \"usgov-dod\"\nclient_id = \"x\"\nsmtp = \"smtp-dod.example:587\"\n");
         assert!(p.token_url.starts_with("https://login.microsoftonline.us/t/"));
@@ -291,6 +329,9 @@ mod tests {
         assert_eq!(p.smtp.as_ref().unwrap().host, "smtp.gmail.com");
         assert_eq!(p.scopes(Flow::AuthCode, true), vec!["https://mail.google.com/"]);
         assert_eq!(p.max_message_size, Some(25 * 1024 * 1024));
+        // Gmail advertises more than the 25 MiB default: that counts, once seen.
+        assert_eq!(p.size_limit(None), Some(25 * 1024 * 1024));
+        assert_eq!(p.size_limit(Some(35_882_577)), Some(35_882_577));
         let p = info("[[provider]]\nname = \"t\"\nkind = \"generic\"\nclient_id = \"x\"\ntoken_url = \"http://127.0.0.1:9/token\"\nsmtp = \"127.0.0.1:2526\"\nsmtp_tls = \"none\"\nca_file = \"ca.pem\"\n");
         assert_eq!(p.smtp, Some(Server { host: "127.0.0.1".into(), port: 2526, tls: UpstreamTls::None }));
         assert_eq!(p.ca_file, Some(PathBuf::from("/etc/mfd/ca.pem")));

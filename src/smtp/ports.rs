@@ -13,6 +13,7 @@ use crate::delivery::{Delivery, Outcome};
 use crate::devices::{AuthError, Device, Devices};
 use crate::oauth::tokens::{IdentityState, TokenManager};
 use crate::queue::{Incoming, Lease, MessageId, Queue, QueueError, SpoolWriter};
+use crate::upstream::Upstream;
 
 /// Who a connection is (ARCHITECTURE.md, "Never an open relay").
 pub trait Verify: Send + Sync {
@@ -96,15 +97,23 @@ impl Verify for Devices {
     }
 }
 
-impl Identities for TokenManager {
+/// The identities as a session sees them: the token manager's, with each provider's size limit
+/// as its server advertised it ([`crate::oauth::provider::ProviderInfo::size_limit`]).
+pub struct SessionIdentities {
+    pub tokens: Arc<TokenManager>,
+    pub upstream: Arc<Upstream>,
+}
+
+impl Identities for SessionIdentities {
     fn email(&self, identity: &str) -> Option<String> {
-        self.slot(identity).ok().map(|s| s.email.clone())
+        self.tokens.slot(identity).ok().map(|s| s.email.clone())
     }
     fn size_limit(&self, identity: &str) -> Option<u64> {
-        self.slot(identity).ok().and_then(|s| s.provider.max_message_size)
+        let slot = self.tokens.slot(identity).ok()?;
+        slot.provider.size_limit(self.upstream.advertised_size(&slot.provider.name))
     }
     fn needs_login(&self, identity: &str) -> bool {
-        self.state(identity) == Some(IdentityState::NeedsLogin)
+        self.tokens.state(identity) == Some(IdentityState::NeedsLogin)
     }
 }
 

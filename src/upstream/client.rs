@@ -201,8 +201,9 @@ pub async fn connect(
     user: &str,
     token: &str,
     t: Timeouts,
-) -> Result<AsyncSmtpConnection, SendError> {
+) -> Result<(AsyncSmtpConnection, Option<u64>), SendError> {
     let addr = (server.host.as_str(), server.port);
+    let mut advertised = None;
     let mut tcp = match tokio::time::timeout(t.command, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(SendError::Network(format!("connect to {}:{}: {e}", server.host, server.port))),
@@ -214,7 +215,10 @@ pub async fn connect(
         Security::StartTls(connector) | Security::Implicit(connector) => {
             let greeting: &'static [u8] = if matches!(server.security, Security::StartTls(_)) {
                 match tokio::time::timeout(t.command, plaintext_starttls(&mut tcp, hello)).await {
-                    Ok(Ok(())) => UPGRADED_GREETING,
+                    Ok(Ok(size)) => {
+                        advertised = size;
+                        UPGRADED_GREETING
+                    }
                     Ok(Err(e)) => return Err(SendError::Network(format!("{}:{}: {e}", server.host, server.port))),
                     Err(_) => return Err(SendError::Network(format!("STARTTLS with {} timed out", server.host))),
                 }
@@ -232,7 +236,17 @@ pub async fn connect(
     };
     let mut conn = timed(t.command, "the greeting", AsyncSmtpConnection::connect_with_transport(stream, hello)).await?;
     authenticate(&mut conn, user, token, t).await?;
-    Ok(conn)
+    Ok((conn, advertised))
+}
+
+/// The limit in an EHLO reply's `SIZE` keyword (RFC 1870 4), if it has one; `SIZE` alone or
+/// `SIZE 0` means no fixed limit.
+pub fn ehlo_size(lines: &[String]) -> Option<u64> {
+    lines.iter().skip(1).find_map(|l| {
+        let mut words = l.split_whitespace();
+        words.next().filter(|k| k.eq_ignore_ascii_case("SIZE"))?;
+        words.next()?.parse::<u64>().ok().filter(|n| *n > 0)
+    })
 }
 
 /// Longest reply accepted in the plaintext phase (a greeting or an EHLO reply).
@@ -240,7 +254,8 @@ const MAX_PLAINTEXT_REPLY: usize = 16 * 1024;
 
 /// The plaintext phase of STARTTLS on the bare socket: greeting, EHLO, STARTTLS, 220. Bytes
 /// the server sent behind its 220 are dropped here, never read as part of the TLS session.
-async fn plaintext_starttls(tcp: &mut TcpStream, hello: &ClientId) -> Result<(), String> {
+/// Returns the EHLO's SIZE (Gmail: 35882577), which the session uses as the provider's limit.
+async fn plaintext_starttls(tcp: &mut TcpStream, hello: &ClientId) -> Result<Option<u64>, String> {
     let mut buf = Vec::new();
     let (code, _) = read_reply(tcp, &mut buf).await?;
     if code != 220 {
@@ -254,6 +269,7 @@ async fn plaintext_starttls(tcp: &mut TcpStream, hello: &ClientId) -> Result<(),
     if !lines.iter().skip(1).any(|l| l.split_whitespace().next().is_some_and(|k| k.eq_ignore_ascii_case("STARTTLS"))) {
         return Err("does not offer STARTTLS".into());
     }
+    let size = ehlo_size(&lines);
     if !buf.is_empty() {
         return Err("sent data before STARTTLS was asked for".into());
     }
@@ -269,7 +285,7 @@ async fn plaintext_starttls(tcp: &mut TcpStream, hello: &ClientId) -> Result<(),
             "discarded what the provider sent after its STARTTLS 220 (plaintext injection?)"
         );
     }
-    Ok(())
+    Ok(size)
 }
 
 /// Reads one SMTP reply (RFC 5321 4.2.1) from `tcp`, keeping bytes read past it in `buf`;
@@ -448,6 +464,18 @@ impl Iterator for FileChunks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ehlo_size_is_read() {
+        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let gmail = lines(&["smtp.gmail.com at your service", "SIZE 35882577", "8BITMIME", "STARTTLS"]);
+        assert_eq!(ehlo_size(&gmail), Some(35_882_577));
+        assert_eq!(ehlo_size(&lines(&["x", "SIZE", "STARTTLS"])), None, "no fixed limit");
+        assert_eq!(ehlo_size(&lines(&["x", "size 0"])), None);
+        assert_eq!(ehlo_size(&lines(&["x", "SIZE lots"])), None);
+        // The greeting line is not a keyword.
+        assert_eq!(ehlo_size(&lines(&["SIZE 5 is my name", "PIPELINING"])), None);
+    }
 
     #[test]
     fn xoauth2_string() {

@@ -107,6 +107,8 @@ pub struct Upstream {
     timeouts: Timeouts,
     pools: Mutex<HashMap<String, Vec<Pooled>>>,
     limits: Mutex<HashMap<String, Arc<Limit>>>,
+    /// The SIZE each provider's server advertised in EHLO (RFC 1870), by provider name.
+    advertised: Mutex<HashMap<String, u64>>,
 }
 
 impl Upstream {
@@ -142,6 +144,7 @@ impl Upstream {
             timeouts,
             pools: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
+            advertised: Mutex::new(HashMap::new()),
         })
     }
 
@@ -170,7 +173,12 @@ impl Upstream {
             let (mut conn, token_expires_at) = match self.checkout(identity).await {
                 Some(p) => p,
                 None => match client::connect(&route.target, &self.hello, user, &token.secret, self.timeouts).await {
-                    Ok(conn) => (conn, token.expires_at),
+                    Ok((conn, size)) => {
+                        if let Some(size) = size {
+                            self.advertised.locked().insert(provider.to_string(), size);
+                        }
+                        (conn, token.expires_at)
+                    }
                     // Too many connections for this mailbox: open fewer, and wait for one of
                     // ours to be free rather than fail the message.
                     Err(SendError::Rejected(r)) if too_many_connections(&r) && tries < CONCURRENCY_RETRIES => {
@@ -197,6 +205,11 @@ impl Upstream {
             }
             return result;
         }
+    }
+
+    /// The message size `provider`'s server advertised in its last EHLO, if known.
+    pub fn advertised_size(&self, provider: &str) -> Option<u64> {
+        self.advertised.locked().get(provider).copied()
     }
 
     /// A pooled connection that still works, if any.

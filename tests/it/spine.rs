@@ -200,6 +200,30 @@ async fn a_mailbox_with_too_many_connections_costs_no_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_providers_ehlo_size_becomes_the_limit_devices_see() {
+    // The listener would take 100 MiB; the provider advertises 35 MiB (SIZE 36700160).
+    let w = World::start(|s| s.listener_extra.push_str("max_message_size = \"100MiB\"\n")).await;
+    let port = w.relay.smtp_port;
+    let ehlo = move || {
+        tokio::task::spawn_blocking(move || {
+            let mut c = RawClient::connect(port);
+            let auth = format!("AUTH PLAIN {}", common::b64(b"\0floor3\x001234"));
+            c.cmd("EHLO x", "\r\n");
+            assert!(c.cmd(&auth, "\r\n").starts_with("235"));
+            c.cmd("EHLO x", "\r\n")
+        })
+    };
+    // Not yet known: the listener's limit.
+    let before = ehlo().await.unwrap();
+    assert!(before.contains("SIZE 104857600"), "{before}");
+    let r = w.send(&login("PLAIN"), &scan_message("learn", "x")).await;
+    assert!(r.ok, "{r:?}");
+    // Seen in the provider's EHLO: a scan it would refuse is refused in session instead.
+    let after = ehlo().await.unwrap();
+    assert!(after.contains("SIZE 36700160"), "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_then_back_delivers_from_the_queue() {
     let w = World::start(|_| {}).await;
     w.upstream.down().await;
