@@ -20,7 +20,10 @@
 //! the sink offer STARTTLS with a fresh self-signed certificate for 127.0.0.1 and the relay use
 //! it (ca_file), so upstream TLS is paid as in production; `MFD_BENCH_USER` and
 //! `MFD_BENCH_PASSWORD` set the devices' AUTH PLAIN login (default `bench` and `4711`; the
-//! relay's config follows them).
+//! relay's config follows them). `MFD_BENCH_SINK_PER_USER=3` makes the sink refuse a user's
+//! 4th concurrent authenticated connection with `432 4.3.2`, as Exchange Online does, and
+//! `MFD_BENCH_PROVIDER_KIND=microsoft` makes the relay's provider Exchange-like (per-minute
+//! shaping off); each scenario then also prints how many AUTHs the sink refused.
 //!
 //! Another server in the relay's place (a peer such as emailproxy): `MFD_BENCH_PEER="command
 //! args"` is started instead of mfd-relay once the sink and the token endpoint are up, with
@@ -197,6 +200,14 @@ async fn run_scenario(s: &Scenario, relay: &RelayProc, sink: &Sink) {
             format!("  ({failed} timed out after {}s)", MESSAGE_TIMEOUT.as_secs())
         }
     );
+    if let Some(limit) = sink.users.limit {
+        println!(
+            "{:<16} sink allows {limit} connections per user: {} AUTHs refused with 432 4.3.2, at most {} at once",
+            "",
+            sink.users.refused.swap(0, Ordering::SeqCst),
+            sink.users.peak.swap(0, Ordering::SeqCst)
+        );
+    }
 }
 
 /// Opens `n` device connections that greet and then stay idle; reports the memory they cost.
@@ -333,6 +344,8 @@ impl Client {
 struct Sink {
     port: u16,
     count: Arc<AtomicU64>,
+    /// Authenticated connections per user, like Exchange's 3 per mailbox.
+    users: Arc<Users>,
     /// The sink's self-signed certificate, for clients to trust, when it offers STARTTLS.
     ca_file: Option<PathBuf>,
 }
@@ -360,39 +373,85 @@ impl SinkTls {
     }
 }
 
+/// `MFD_BENCH_SINK_PER_USER=3`: the sink refuses a user's 4th concurrent authenticated
+/// connection with `432 4.3.2`, as Exchange Online does.
+#[derive(Default)]
+struct Users {
+    limit: Option<usize>,
+    now: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    refused: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl Users {
+    /// Counts a new authenticated connection of `user`; false when it is one too many.
+    fn take(&self, user: &str) -> bool {
+        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
+        let n = now.entry(user.to_string()).or_default();
+        if self.limit.is_some_and(|l| *n >= l) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return false;
+        }
+        *n += 1;
+        self.peak.fetch_max(*n as u64, Ordering::SeqCst);
+        true
+    }
+
+    fn give_back(&self, user: &str) {
+        if let Some(n) = self.now.lock().unwrap_or_else(|e| e.into_inner()).get_mut(user) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// The `user=` of an XOAUTH2 initial response (base64).
+fn xoauth2_user(b64: &str) -> String {
+    let raw = base64::engine::general_purpose::STANDARD.decode(b64.trim()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&raw);
+    text.split('\x01').find_map(|f| f.strip_prefix("user=")).unwrap_or("").to_string()
+}
+
 impl Sink {
     async fn start(tls: Option<SinkTls>) -> Sink {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
         let port = l.local_addr().expect("addr").port();
         let count = Arc::new(AtomicU64::new(0));
+        let limit = std::env::var("MFD_BENCH_SINK_PER_USER").ok().and_then(|v| v.parse().ok());
+        let users = Arc::new(Users { limit, ..Users::default() });
         let ca_file = tls.as_ref().map(|t| t.ca_file.clone());
         let acceptor = tls.map(|t| t.acceptor);
-        let c = count.clone();
+        let (c, u) = (count.clone(), users.clone());
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
-                let (c, acceptor) = (c.clone(), acceptor.clone());
+                let (c, u, acceptor) = (c.clone(), u.clone(), acceptor.clone());
                 tokio::spawn(async move {
-                    let _ = sink_session(s, c, acceptor).await;
+                    let mut user = None;
+                    let _ = sink_session(s, c, &u, &mut user, acceptor).await;
+                    if let Some(user) = user {
+                        u.give_back(&user);
+                    }
                 });
             }
         });
-        Sink { port, count, ca_file }
+        Sink { port, count, users, ca_file }
     }
 }
 
 async fn sink_session(
     s: TcpStream,
     count: Arc<AtomicU64>,
+    users: &Users,
+    user: &mut Option<String>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let _ = s.set_nodelay(true);
     let mut s = BufReader::with_capacity(256 * 1024, s);
     s.write_all(b"220 sink.bench ESMTP\r\n").await?;
-    if sink_dialogue(&mut s, &count, tls.is_some()).await? {
+    if sink_dialogue(&mut s, &count, users, user, tls.is_some()).await? {
         if let Some(tls) = tls {
             // Whatever was pipelined after STARTTLS goes with the buffer (RFC 3207).
             let s = tls.accept(s.into_inner()).await?;
-            sink_dialogue(&mut BufReader::with_capacity(256 * 1024, s), &count, false).await?;
+            sink_dialogue(&mut BufReader::with_capacity(256 * 1024, s), &count, users, user, false).await?;
         }
     }
     Ok(())
@@ -403,6 +462,8 @@ async fn sink_session(
 async fn sink_dialogue<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut BufReader<S>,
     count: &AtomicU64,
+    users: &Users,
+    user: &mut Option<String>,
     starttls: bool,
 ) -> std::io::Result<bool> {
     let mut line = String::new();
@@ -422,15 +483,25 @@ async fn sink_dialogue<S: AsyncRead + AsyncWrite + Unpin>(
             }
             "AUTH" => {
                 // "AUTH XOAUTH2" without an initial response sends the token after a 334.
-                if line.split_whitespace().count() < 3 {
-                    s.write_all(b"334 \r\n").await?;
-                    s.flush().await?;
-                    line.clear();
-                    if s.read_line(&mut line).await? == 0 {
-                        return Ok(false);
+                let response = match line.split_whitespace().nth(2) {
+                    Some(ir) => ir.to_string(),
+                    None => {
+                        s.write_all(b"334 \r\n").await?;
+                        s.flush().await?;
+                        line.clear();
+                        if s.read_line(&mut line).await? == 0 {
+                            return Ok(false);
+                        }
+                        line.trim().to_string()
                     }
+                };
+                let who = xoauth2_user(&response);
+                if users.take(&who) {
+                    *user = Some(who);
+                    b"235 2.7.0 Authentication successful\r\n"
+                } else {
+                    b"432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information.\r\n"
                 }
-                b"235 2.7.0 Authentication successful\r\n"
             }
             "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 2.0.0 OK\r\n",
             "QUIT" => {
@@ -521,6 +592,12 @@ impl RelayProc {
             Some(ca) => format!("smtp_tls = \"starttls\"\nca_file = \"{}\"", ca.display()),
             None => "smtp_tls = \"none\"".to_string(),
         };
+        // MFD_BENCH_PROVIDER_KIND=microsoft: the provider is Exchange-like (at most 3 connections
+        // per identity), its per-minute shaping off so that the sink's speed is what counts.
+        let kind = match std::env::var("MFD_BENCH_PROVIDER_KIND").as_deref() {
+            Ok("microsoft") => "microsoft\"\ntenant = \"bench\"\nmessages_per_minute = 0",
+            _ => "generic",
+        };
         let config = format!(
             r#"[relay]
 hostname = "relay.bench"
@@ -538,7 +615,7 @@ max_message_size = "64MiB"
 
 [[provider]]
 name = "sink"
-kind = "generic"
+kind = "{kind}"
 client_id = "bench"
 client_secret = "bench"
 token_url = "http://127.0.0.1:{token_port}/token"

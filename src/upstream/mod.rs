@@ -42,7 +42,9 @@ pub const EXCHANGE_CONNECTIONS: usize = 3;
 /// How long an identity keeps one connection fewer after the provider said it has too many.
 pub const SHRINK_FOR: Duration = Duration::from_secs(300);
 /// A send refused for too many connections waits for a connection of its own this many times.
-const CONCURRENCY_RETRIES: usize = 3;
+const CONCURRENCY_RETRIES: usize = 10;
+/// How long such a send waits for one of its identity's connections to come back to the pool.
+const CONCURRENCY_WAIT: Duration = Duration::from_secs(2);
 
 /// The connections one identity may have open: a semaphore whose size can shrink for a while.
 struct Limit {
@@ -109,6 +111,8 @@ pub struct Upstream {
     limits: Mutex<HashMap<String, Arc<Limit>>>,
     /// The SIZE each provider's server advertised in EHLO (RFC 1870), by provider name.
     advertised: Mutex<HashMap<String, u64>>,
+    /// Signalled whenever a connection goes back to a pool.
+    returned: tokio::sync::Notify,
 }
 
 impl Upstream {
@@ -145,6 +149,7 @@ impl Upstream {
             pools: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
             advertised: Mutex::new(HashMap::new()),
+            returned: tokio::sync::Notify::new(),
         })
     }
 
@@ -180,11 +185,13 @@ impl Upstream {
                         (conn, token.expires_at)
                     }
                     // Too many connections for this mailbox: open fewer, and wait for one of
-                    // ours to be free rather than fail the message.
+                    // ours to come back to the pool rather than fail the message.
                     Err(SendError::Rejected(r)) if too_many_connections(&r) && tries < CONCURRENCY_RETRIES => {
                         tries += 1;
+                        let returned = self.returned.notified();
                         drop(permit);
                         limit.shrink(identity);
+                        let _ = tokio::time::timeout(CONCURRENCY_WAIT, returned).await;
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -234,6 +241,8 @@ impl Upstream {
         let v = pools.entry(identity.to_string()).or_default();
         if v.len() < pool_size {
             v.push(Pooled { conn, token_expires_at, idle_since: Instant::now() });
+            drop(pools);
+            self.returned.notify_waiters();
         } else {
             drop(pools);
             drop_connection(conn);
