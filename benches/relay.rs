@@ -131,7 +131,7 @@ async fn run_scenario(s: &Scenario, relay: &RelayProc, sink: &Sink) {
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..s.clients {
+    for client in 0..s.clients {
         let (body, next, port, n, reuse) = (body.clone(), next.clone(), relay.port, messages as u64, s.reuse);
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut failed, mut last) = (Vec::new(), 0, Duration::ZERO);
@@ -140,7 +140,7 @@ async fn run_scenario(s: &Scenario, relay: &RelayProc, sink: &Sink) {
                 let t = Instant::now();
                 let sent = tokio::time::timeout(MESSAGE_TIMEOUT, async {
                     if conn.is_none() {
-                        conn = Some(Client::connect(port).await);
+                        conn = Some(Client::connect(port, client).await);
                     }
                     let c = conn.as_mut().expect("connected");
                     c.send_message(&body).await;
@@ -202,7 +202,7 @@ async fn run_scenario(s: &Scenario, relay: &RelayProc, sink: &Sink) {
     );
     if let Some(limit) = sink.users.limit {
         println!(
-            "{:<16} sink allows {limit} connections per user: {} AUTHs refused with 432 4.3.2, at most {} at once",
+            "{:<16} sink allows {limit} connections per user: {} AUTHs refused with 432 4.3.2; most of one user's at a login: {}",
             "",
             sink.users.refused.swap(0, Ordering::SeqCst),
             sink.users.peak.swap(0, Ordering::SeqCst)
@@ -216,9 +216,9 @@ async fn idle_connections(relay: &RelayProc, n: usize) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(relay.pid());
     let mut conns = Vec::new();
-    for _ in 0..n {
+    for i in 0..n {
         let greeted = tokio::time::timeout(MESSAGE_TIMEOUT, async {
-            let mut c = Client::connect(relay.port).await;
+            let mut c = Client::connect(relay.port, i).await;
             c.cmd("EHLO idle.bench\r\n").await;
             c
         })
@@ -265,6 +265,18 @@ fn make_body(size: usize) -> Vec<u8> {
     b
 }
 
+/// Devices configured in the relay: one per client of the largest scenario.
+const DEVICES: usize = 64;
+
+/// The username of device `i` (a peer under test has one login for all).
+fn device_user(user: &str, i: usize) -> String {
+    if std::env::var_os("MFD_BENCH_PEER").is_some() {
+        user.to_string()
+    } else {
+        format!("{user}{i}")
+    }
+}
+
 /// A printer-like SMTP client.
 struct Client {
     r: BufReader<tokio::net::tcp::OwnedReadHalf>,
@@ -273,14 +285,20 @@ struct Client {
 }
 
 impl Client {
-    async fn connect(port: u16) -> Client {
-        let s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect to relay");
+    /// Connects as device `n` (its username, and its own address 127.0.1.n).
+    async fn connect(port: u16, n: usize) -> Client {
+        let i = n % DEVICES;
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        let from = std::net::Ipv4Addr::new(127, 0, 1, 1 + i as u8);
+        socket.bind((from, 0).into()).expect("bind a loopback source address");
+        let s = socket.connect(([127, 0, 0, 1], port).into()).await.expect("connect to relay");
         let _ = s.set_nodelay(true);
         let (r, w) = s.into_split();
         let mut c = Client { r: BufReader::new(r), w, line: String::new() };
         c.expect("220").await;
         c.cmd("EHLO printer.bench\r\n").await;
         let (user, password) = login();
+        let user = device_user(user, i);
         let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
         let r = c.cmd(&format!("AUTH PLAIN {auth}\r\n")).await;
         assert!(r.starts_with("235"), "AUTH: {r}");
@@ -595,9 +613,20 @@ impl RelayProc {
         // MFD_BENCH_PROVIDER_KIND=microsoft: the provider is Exchange-like (at most 3 connections
         // per identity), its per-minute shaping off so that the sink's speed is what counts.
         let kind = match std::env::var("MFD_BENCH_PROVIDER_KIND").as_deref() {
-            Ok("microsoft") => "microsoft\"\ntenant = \"bench\"\nmessages_per_minute = 0",
-            _ => "generic",
+            Ok("microsoft") => "kind = \"microsoft\"\ntenant = \"bench\"\nmessages_per_minute = 0",
+            _ => "kind = \"generic\"",
         };
+        // One device per client (as many printers, each with its login): the relay holds at most
+        // 5 logins in flight per username and per address (the AUTH throttle), so the clients
+        // also come from their own loopback addresses.
+        let devices: String = (0..DEVICES)
+            .map(|i| {
+                format!(
+                    "[[device]]\nname = \"bench{i}\"\nidentity = \"scans\"\nusername = \"{}\"\npin_hash = \"{hash}\"\n\n",
+                    device_user(user, i)
+                )
+            })
+            .collect();
         let config = format!(
             r#"[relay]
 hostname = "relay.bench"
@@ -615,7 +644,7 @@ max_message_size = "64MiB"
 
 [[provider]]
 name = "sink"
-kind = "{kind}"
+{kind}
 client_id = "bench"
 client_secret = "bench"
 token_url = "http://127.0.0.1:{token_port}/token"
@@ -628,12 +657,7 @@ provider = "sink"
 email = "scans@contoso.test"
 flow = "client_credentials"
 
-[[device]]
-name = "bench"
-identity = "scans"
-username = "{user}"
-pin_hash = "{hash}"
-"#
+{devices}"#
         );
         let path = dir.join("config.toml");
         std::fs::write(&path, config).expect("write config");

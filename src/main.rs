@@ -124,6 +124,15 @@ fn main() -> ExitCode {
     unsafe {
         libc::umask(0o077);
     }
+    // Each argon2 PIN check allocates 19 MiB. glibc raises its mmap threshold after such a block
+    // is freed, so later ones come from the heap and stay there: 64 printers logging in once
+    // left the relay at 270 MiB (BENCHMARKS.md). A fixed 4 MiB threshold gives them back, and
+    // keeps the smaller DATA buffers on the heap.
+    // SAFETY: mallopt only tunes this process's allocator; called before any thread.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,
