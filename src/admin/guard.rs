@@ -26,8 +26,8 @@ use axum::response::{IntoResponse, Response};
 /// The host names and addresses the listener answers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPolicy {
-    /// The listen address (None: unparsable, only names then).
-    listen: Option<IpAddr>,
+    /// The listen address.
+    listen: IpAddr,
     /// Lower-case names: `localhost`, the redirect URI's host, `allowed_hosts`.
     names: Vec<String>,
 }
@@ -83,7 +83,7 @@ fn host_part(authority: &str) -> Option<String> {
 impl HostPolicy {
     /// `listen`: the `[admin] listen` address; `redirect_uri`: where sign-ins come back;
     /// `allowed`: `[admin] allowed_hosts`.
-    pub fn new(listen: &str, redirect_uri: &str, allowed: &[String]) -> HostPolicy {
+    pub fn new(listen: SocketAddr, redirect_uri: &str, allowed: &[String]) -> HostPolicy {
         let mut names = vec!["localhost".to_string()];
         let redirect_host = url::Url::parse(redirect_uri).ok().and_then(|u| u.host_str().map(str::to_string));
         for n in redirect_host.iter().chain(allowed) {
@@ -93,17 +93,14 @@ impl HostPolicy {
                 }
             }
         }
-        HostPolicy { listen: listen.parse::<SocketAddr>().ok().map(|a| a.ip()), names }
+        HostPolicy { listen: listen.ip(), names }
     }
 
     /// Whether a `Host` header value names this listener.
     pub fn host_allowed(&self, host: &str) -> bool {
         let Some(h) = host_part(host) else { return false };
         if let Ok(ip) = h.parse::<IpAddr>() {
-            return ip.is_loopback()
-                || Some(ip) == self.listen
-                || self.listen.is_some_and(|l| l.is_unspecified())
-                || self.names.contains(&h);
+            return ip.is_loopback() || ip == self.listen || self.listen.is_unspecified() || self.names.contains(&h);
         }
         self.names.contains(&h)
     }
@@ -171,6 +168,10 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("an address")
+    }
+
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -180,7 +181,7 @@ mod tests {
     }
 
     fn loopback() -> HostPolicy {
-        HostPolicy::new("127.0.0.1:9925", "http://localhost:9925/oauth/callback", &["relay.example.com".into()])
+        HostPolicy::new(addr("127.0.0.1:9925"), "http://localhost:9925/oauth/callback", &["relay.example.com".into()])
     }
 
     #[test]
@@ -209,10 +210,10 @@ mod tests {
             assert!(!p.host_allowed(bad), "{bad}");
         }
         // Listening everywhere: any IP literal (cannot be rebound), still no foreign names.
-        let any = HostPolicy::new("0.0.0.0:9925", "http://relay.lan:9925/oauth/callback", &[]);
+        let any = HostPolicy::new(addr("0.0.0.0:9925"), "http://relay.lan:9925/oauth/callback", &[]);
         assert!(any.host_allowed("10.0.0.5:9925") && any.host_allowed("relay.lan"));
         assert!(!any.host_allowed("attacker.example"));
-        let lan = HostPolicy::new("192.0.2.7:9925", "http://localhost:9925/oauth/callback", &[]);
+        let lan = HostPolicy::new(addr("192.0.2.7:9925"), "http://localhost:9925/oauth/callback", &[]);
         assert!(lan.host_allowed("192.0.2.7:9925") && !lan.host_allowed("192.0.2.8:9925"));
     }
 

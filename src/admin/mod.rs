@@ -95,7 +95,7 @@ impl View {
         View {
             access: Access::new(config.admin.token.clone(), basic_auth(&config.admin)),
             hosts: guard::HostPolicy::new(
-                &config.admin.listen.get_ref().to_string(),
+                *config.admin.listen.get_ref(),
                 &config.admin.redirect_uri(),
                 &config.admin.allowed_hosts.iter().map(|h| h.get_ref().clone()).collect::<Vec<_>>(),
             ),

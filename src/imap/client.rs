@@ -22,6 +22,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::UpstreamTls;
 use crate::oauth::provider::Server;
+use crate::upstream::Security;
 
 /// TCP connect, TLS handshake and greeting, each.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -129,10 +130,10 @@ impl async_imap::Authenticator for &mut XOAuth2<'_> {
     }
 }
 
-/// Opens connections to one IMAP server.
+/// Opens connections to one IMAP server; its TLS mode carries the connector it needs.
 pub struct Connector {
     server: Server,
-    tls: Option<TlsConnector>,
+    security: Security,
 }
 
 /// The rustls configuration: ring, webpki roots plus the extra CA file (PEM).
@@ -150,11 +151,13 @@ async fn within<T>(
 
 impl Connector {
     pub fn new(server: Server, ca_file: Option<&std::path::Path>) -> Result<Connector, ImapError> {
-        let tls = match server.tls {
-            UpstreamTls::None => None,
-            _ => Some(TlsConnector::from(Arc::new(tls_config(ca_file)?))),
+        let connector = || Ok::<_, ImapError>(TlsConnector::from(Arc::new(tls_config(ca_file)?)));
+        let security = match server.tls {
+            UpstreamTls::None => Security::Plain,
+            UpstreamTls::Starttls => Security::StartTls(connector()?),
+            UpstreamTls::Implicit => Security::Implicit(connector()?),
         };
-        Ok(Connector { server, tls })
+        Ok(Connector { server, security })
     }
 
     pub fn server(&self) -> &Server {
@@ -165,8 +168,7 @@ impl Connector {
         format!("{}:{}", self.server.host, self.server.port)
     }
 
-    async fn handshake(&self, tcp: TcpStream) -> Result<Stream, ImapError> {
-        let Some(connector) = &self.tls else { return Ok(Stream::Plain(tcp)) };
+    async fn handshake(&self, tcp: TcpStream, connector: &TlsConnector) -> Result<Stream, ImapError> {
         let name = ServerName::try_from(self.server.host.clone())
             .map_err(|e| ImapError::TlsSetup(format!("server name {}: {e}", self.server.host)))?;
         let tls = within("TLS handshake", CONNECT_TIMEOUT, async {
@@ -186,8 +188,8 @@ impl Connector {
         })
         .await?;
         let _ = tcp.set_nodelay(true);
-        match self.server.tls {
-            UpstreamTls::Starttls => {
+        match &self.security {
+            Security::StartTls(connector) => {
                 let mut plain = async_imap::Client::new(Stream::Plain(tcp));
                 greeting(&mut plain).await?;
                 within("STARTTLS", CONNECT_TIMEOUT, async {
@@ -202,12 +204,17 @@ impl Connector {
                 let Stream::Plain(tcp) = plain.into_inner() else {
                     return Err(ImapError::Unexpected("STARTTLS on a TLS stream".into()));
                 };
-                let stream = self.handshake(tcp).await?;
+                let stream = self.handshake(tcp, connector).await?;
                 Ok(async_imap::Client::new(stream))
             }
-            UpstreamTls::Implicit | UpstreamTls::None => {
-                let stream = self.handshake(tcp).await?;
+            Security::Implicit(connector) => {
+                let stream = self.handshake(tcp, connector).await?;
                 let mut client = async_imap::Client::new(stream);
+                greeting(&mut client).await?;
+                Ok(client)
+            }
+            Security::Plain => {
+                let mut client = async_imap::Client::new(Stream::Plain(tcp));
                 greeting(&mut client).await?;
                 Ok(client)
             }
