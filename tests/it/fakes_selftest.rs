@@ -884,3 +884,44 @@ async fn lettre_client_interop() {
     assert!(!last.success);
     assert!(!last.sent_empty_line(), "lettre: {err}; challenge reply {:?}", last.challenge_reply);
 }
+
+/// Exchange Online: a mailbox has at most 3 authenticated SMTP connections at once; the 4th
+/// AUTH gets `432 4.3.2`, and a closed connection frees its place.
+#[tokio::test]
+async fn a_mailbox_has_at_most_three_connections() {
+    let smtp = FakeSmtp::start(SmtpOptions::new(Tls::None, common::fake_smtp::accept_any_token())).await;
+    let login = |user: &'static str| {
+        let port = smtp.port();
+        async move {
+            let (mut c, _) = SmtpClient::connect(port).await;
+            c.cmd_expect("EHLO relay.test", 250).await;
+            let r = c.cmd(&format!("AUTH XOAUTH2 {}", common::xoauth2_b64(user, "t"))).await;
+            (c, r)
+        }
+    };
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let (c, r) = login("scans@contoso.test").await;
+        assert_eq!(r.code, 235, "{}", r.wire());
+        open.push(c);
+    }
+    let (_, r) = login("scans@contoso.test").await;
+    assert_eq!(r.code, 432, "{}", r.wire());
+    assert!(r.wire().contains("4.3.2 Concurrent connections limit exceeded"), "{}", r.wire());
+    // Another mailbox is counted on its own.
+    assert_eq!(login("other@contoso.test").await.1.code, 235);
+    // One closes: its place is free again.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (c, r) = login("scans@contoso.test").await;
+        if r.code == 235 {
+            open.push(c);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the closed connection's place never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = smtp.stats();
+    assert_eq!((stats.concurrency_refusals >= 1, stats.max_connections_of_a_user), (true, 3));
+}
