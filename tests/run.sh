@@ -20,5 +20,7 @@ fi
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo fmt --all -- --check
+# ARCHITECTURE.md: the top-level modules of src/ import each other without a cycle.
+python3 tests/module_cycles.py
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked "$@"
