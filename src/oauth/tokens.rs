@@ -765,7 +765,9 @@ fn doubt_pending(doubted_at: &std::sync::atomic::AtomicI64, now: i64) -> Option<
 /// a second one in a row is believed. Any other answer ends the doubt.
 fn second_opinion(doubted_at: &std::sync::atomic::AtomicI64, now: i64, identity: &str, e: TokenError) -> TokenError {
     use std::sync::atomic::Ordering;
-    if !doubtful_refusal(&e) || doubted_at.swap(0, Ordering::SeqCst) != 0 {
+    // Whatever the answer, the doubt it answers is over.
+    let was_doubted = doubted_at.swap(0, Ordering::SeqCst) != 0;
+    if was_doubted || !doubtful_refusal(&e) {
         return e;
     }
     doubted_at.store(now, Ordering::SeqCst);
@@ -864,6 +866,11 @@ mod tests {
         second_opinion(&doubted_at, 3000, "scans", doubtful());
         assert!(matches!(second_opinion(&doubted_at, 3100, "scans", certain), TokenError::NeedsLogin(_)));
         assert_eq!(doubt_pending(&doubted_at, 3101), None);
+        // "In a row": a passing network failure in between ends the doubt, so a doubtful
+        // refusal after it is asked again rather than believed.
+        second_opinion(&doubted_at, 4000, "scans", doubtful());
+        second_opinion(&doubted_at, 4070, "scans", TokenError::Transient("connection reset".into()));
+        assert!(matches!(second_opinion(&doubted_at, 4080, "scans", doubtful()), TokenError::Transient(_)));
     }
 
     #[test]
