@@ -70,30 +70,44 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.admin.listen.get_ref() != new.admin.listen.get_ref() {
         out.push("admin.listen".to_string());
     }
-    let listeners = |c: &Config| -> Vec<String> {
-        c.listeners
-            .iter()
-            .map(|l| {
-                let l = l.get_ref();
-                format!(
-                    "{}|{:?}|{:?}|{}|{}|{}|{:?}|{}|{}",
-                    l.listen.get_ref(),
-                    l.tls.mode(),
-                    l.tls.files().map(|(c, k)| (c.get_ref(), k.get_ref())),
-                    l.require_auth,
-                    l.require_auth_tls,
-                    l.max_message_size.0,
-                    l.command_timeout.0,
-                    l.max_connections,
-                    l.max_connections_per_address
-                )
-            })
-            .collect()
-    };
-    if listeners(old) != listeners(new) {
+    // Every setting of a listener is read when it is bound (ARCHITECTURE.md, "Reload").
+    if old.listeners != new.listeners {
         out.push("[[listener]] sections".to_string());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(listener: &str) -> Config {
+        let text = format!("[[listener]]\nlisten = \"127.0.0.1:2525\"\n{listener}");
+        Config::parse(std::path::Path::new("/etc/mfd/c.toml"), text).expect("parses")
+    }
+
+    #[test]
+    fn any_listener_setting_needs_a_restart() {
+        let base = config("tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n");
+        assert!(
+            restart_only_changes(&base, &config("tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n")).is_empty()
+        );
+        // Lines moving (a comment added) change no setting.
+        assert!(restart_only_changes(
+            &base,
+            &config("# old printers\n\ntls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n")
+        )
+        .is_empty());
+        for changed in [
+            "tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nlegacy_tls = true\n",
+            "tls = \"implicit\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+            "tls = \"starttls\"\ncert = \"other.pem\"\nkey = \"k.pem\"\n",
+            "tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nrequire_auth_tls = true\n",
+            "tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nmax_connections = 7\n",
+        ] {
+            assert_eq!(restart_only_changes(&base, &config(changed)), vec!["[[listener]] sections"], "{changed}");
+        }
+    }
 }
 
 /// Runs the relay until `shutdown` becomes true. SIGHUP (or `mfd-relay reload`, through the
@@ -215,6 +229,9 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
                 ReloadReport { ok: false, problems, needs_restart: vec![] }
             }
             Ok(new_config) => {
+                for advice in new_config.advice() {
+                    tracing::warn!("{advice}");
+                }
                 let needs_restart = restart_only_changes(&running.config, &new_config);
                 match Generation::build(new_config, &shared, Some(&running)) {
                     Err(e) => {

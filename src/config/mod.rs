@@ -213,8 +213,9 @@ impl ListenerTls {
     }
 }
 
-/// `[[listener]]`: where devices connect.
-#[derive(Debug, Clone, Deserialize)]
+/// `[[listener]]`: where devices connect. Equal when every setting is (spans aside): a
+/// listener that differs in any way needs a restart.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "RawListener")]
 pub struct Listener {
     pub listen: Spanned<SocketAddr>,
