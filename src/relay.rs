@@ -77,39 +77,6 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(listener: &str) -> Config {
-        let text = format!("[[listener]]\nlisten = \"127.0.0.1:2525\"\n{listener}");
-        Config::parse(std::path::Path::new("/etc/mfd/c.toml"), text).expect("parses")
-    }
-
-    #[test]
-    fn any_listener_setting_needs_a_restart() {
-        let base = config("tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n");
-        assert!(
-            restart_only_changes(&base, &config("tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n")).is_empty()
-        );
-        // Lines moving (a comment added) change no setting.
-        assert!(restart_only_changes(
-            &base,
-            &config("# old printers\n\ntls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n")
-        )
-        .is_empty());
-        for changed in [
-            "tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nlegacy_tls = true\n",
-            "tls = \"implicit\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
-            "tls = \"starttls\"\ncert = \"other.pem\"\nkey = \"k.pem\"\n",
-            "tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nrequire_auth_tls = true\n",
-            "tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nmax_connections = 7\n",
-        ] {
-            assert_eq!(restart_only_changes(&base, &config(changed)), vec!["[[listener]] sections"], "{changed}");
-        }
-    }
-}
-
 /// Runs the relay until `shutdown` becomes true. SIGHUP (or `mfd-relay reload`, through the
 /// admin listener) re-reads the configuration file: a file with problems is refused and the
 /// running configuration stays; a good one replaces devices, identities, providers and
@@ -334,4 +301,37 @@ fn hangup_signal() -> tokio::sync::mpsc::Receiver<()> {
     }
     std::mem::forget(tx);
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(listener: &str) -> Config {
+        let text = format!("[[listener]]\nlisten = \"127.0.0.1:2525\"\n{listener}");
+        Config::parse(std::path::Path::new("/etc/mfd/c.toml"), text).expect("parses")
+    }
+
+    #[test]
+    fn any_listener_setting_needs_a_restart() {
+        let base = config("tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n");
+        assert!(
+            restart_only_changes(&base, &config("tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n")).is_empty()
+        );
+        // Lines moving (a comment added) change no setting.
+        assert!(restart_only_changes(
+            &base,
+            &config("# old printers\n\ntls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n")
+        )
+        .is_empty());
+        for changed in [
+            "tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nlegacy_tls = true\n",
+            "tls = \"implicit\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+            "tls = \"starttls\"\ncert = \"other.pem\"\nkey = \"k.pem\"\n",
+            "tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nrequire_auth_tls = true\n",
+            "tls = \"starttls\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nmax_connections = 7\n",
+        ] {
+            assert_eq!(restart_only_changes(&base, &config(changed)), vec!["[[listener]] sections"], "{changed}");
+        }
+    }
 }
