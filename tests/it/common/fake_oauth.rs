@@ -690,6 +690,16 @@ struct HttpReply {
 type Answer = Result<HttpReply, HttpReply>;
 
 impl HttpReply {
+    /// Entra's answer to a device code or authorization code used a second time.
+    fn already_redeemed() -> HttpReply {
+        HttpReply::bad(
+            "invalid_grant",
+            54005,
+            "OAuth2 Authorization code was already redeemed, please retry with a new valid \
+             code or use an existing refresh token.",
+        )
+    }
+
     fn ok(body: Value) -> HttpReply {
         HttpReply { status: StatusCode::OK, body: Some(body), location: None }
     }
@@ -1291,12 +1301,7 @@ impl State {
             ));
         }
         if d.state == DeviceState::Redeemed {
-            return Err(HttpReply::bad(
-                "invalid_grant",
-                54005,
-                "OAuth2 Authorization code was already redeemed, please retry with a new valid \
-                 code or use an existing refresh token.",
-            ));
+            return Err(HttpReply::already_redeemed());
         }
         if now >= d.expires_at {
             return Err(HttpReply::bad(
@@ -1357,12 +1362,7 @@ impl State {
             return Err(expired());
         };
         if rec.used {
-            return Err(HttpReply::bad(
-                "invalid_grant",
-                54005,
-                "OAuth2 Authorization code was already redeemed, please retry with a new valid \
-                 code or use an existing refresh token.",
-            ));
+            return Err(HttpReply::already_redeemed());
         }
         if now >= rec.expires_at {
             return Err(expired());
