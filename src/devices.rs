@@ -59,6 +59,9 @@ pub enum AuthError {
 pub struct Devices {
     devices: Vec<Arc<Device>>,
     by_user: HashMap<String, usize>,
+    /// The identities in use, each once: an EHLO before AUTH looks at these, not at every
+    /// device (thousands of address-mapped printers share a handful of identities).
+    identities: Vec<String>,
     pins: Verifier,
 }
 
@@ -89,9 +92,18 @@ impl Devices {
             .enumerate()
             .filter_map(|(i, d)| d.username.as_ref().map(|u| (u.to_ascii_lowercase(), i)))
             .collect();
-        Devices { devices, by_user, pins: Verifier::new(ARGON2_PARALLEL) }
+        let mut identities: Vec<String> = devices.iter().map(|d| d.identity.clone()).collect();
+        identities.sort();
+        identities.dedup();
+        Devices { devices, by_user, identities, pins: Verifier::new(ARGON2_PARALLEL) }
     }
 
+    /// The identities the devices use, each once.
+    pub fn identities(&self) -> &[String] {
+        &self.identities
+    }
+
+    /// Every device, in file order.
     pub fn all(&self) -> &[Arc<Device>] {
         &self.devices
     }

@@ -44,7 +44,7 @@ pub struct Context {
 impl Context {
     /// The smallest provider limit over every device's identity (for EHLO before AUTH).
     pub fn smallest_provider_limit(&self) -> Option<u64> {
-        self.devices.all().iter().filter_map(|d| self.tokens.size_limit(&d.identity)).min()
+        self.devices.identities().iter().filter_map(|i| self.tokens.size_limit(i)).min()
     }
 }
 

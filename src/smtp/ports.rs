@@ -31,8 +31,9 @@ pub trait Verify: Send + Sync {
         pin: &'a str,
         ip: IpAddr,
     ) -> BoxFuture<'a, Result<Arc<Device>, AuthError>>;
-    /// Every device (for the SIZE advertised before the client is known).
-    fn all(&self) -> &[Arc<Device>];
+    /// The identities the devices use, each once (for the SIZE advertised before the client
+    /// is known).
+    fn identities(&self) -> &[String];
 }
 
 /// What the session must know of an identity.
@@ -92,8 +93,8 @@ impl Verify for Devices {
     ) -> BoxFuture<'a, Result<Arc<Device>, AuthError>> {
         Box::pin(Devices::authenticate(self, username, pin, ip))
     }
-    fn all(&self) -> &[Arc<Device>] {
-        Devices::all(self)
+    fn identities(&self) -> &[String] {
+        Devices::identities(self)
     }
 }
 

@@ -103,8 +103,8 @@ impl Verify for FakeDevices {
             }
         })
     }
-    fn all(&self) -> &[Arc<Device>] {
-        self.0.all()
+    fn identities(&self) -> &[String] {
+        self.0.identities()
     }
 }
 
