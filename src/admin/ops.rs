@@ -134,7 +134,7 @@ impl Request for QueueRetry {
     type Ops = QueueOps;
     const POST: bool = true;
     fn path(&self) -> String {
-        format!("/api/queue/retry/{}", self.which)
+        format!("/api/queue/retry/{}", segment(&self.which))
     }
     async fn run(&self, ops: &QueueOps) -> Result<Retried, OpError> {
         let which = if self.which == "all" { None } else { Some(parse_id(&self.which)?) };
@@ -164,7 +164,7 @@ impl Request for QueueDrop {
     type Ops = QueueOps;
     const POST: bool = true;
     fn path(&self) -> String {
-        format!("/api/queue/drop/{}", self.id)
+        format!("/api/queue/drop/{}", segment(&self.id))
     }
     async fn run(&self, ops: &QueueOps) -> Result<Dropped, OpError> {
         let id = parse_id(&self.id)?;
@@ -204,7 +204,7 @@ impl Request for AuthLogin {
     type Ops = AuthOps;
     const POST: bool = true;
     fn path(&self) -> String {
-        format!("/api/auth/login/{}", self.identity)
+        format!("/api/auth/login/{}", segment(&self.identity))
     }
     async fn run(&self, ops: &AuthOps) -> Result<LoginStart, OpError> {
         ops.logins
@@ -226,7 +226,7 @@ impl Request for AuthLoginStatus {
     type Ops = AuthOps;
     const POST: bool = false;
     fn path(&self) -> String {
-        format!("/api/auth/login/{}", self.identity)
+        format!("/api/auth/login/{}", segment(&self.identity))
     }
     async fn run(&self, ops: &AuthOps) -> Result<LoginStatus, OpError> {
         Ok(ops.logins.status(&self.identity))
@@ -256,7 +256,7 @@ impl Request for AuthLoginUrl {
     type Ops = AuthOps;
     const POST: bool = true;
     fn path(&self) -> String {
-        format!("/api/auth/login/{}/url", self.identity)
+        format!("/api/auth/login/{}/url", segment(&self.identity))
     }
     fn body(&self) -> serde_json::Value {
         serde_json::json!({ "url": self.url })
@@ -288,7 +288,7 @@ impl Request for AuthLogout {
     type Ops = AuthOps;
     const POST: bool = true;
     fn path(&self) -> String {
-        format!("/api/auth/logout/{}", self.identity)
+        format!("/api/auth/logout/{}", segment(&self.identity))
     }
     async fn run(&self, ops: &AuthOps) -> Result<LoggedOut, OpError> {
         match ops.tokens.logout(&self.identity).await {
@@ -320,7 +320,7 @@ impl Request for AuthImport {
     type Ops = AuthOps;
     const POST: bool = true;
     fn path(&self) -> String {
-        format!("/api/auth/import/{}", self.identity)
+        format!("/api/auth/import/{}", segment(&self.identity))
     }
     fn body(&self) -> serde_json::Value {
         serde_json::json!({ "refresh_token": self.refresh_token })
@@ -471,5 +471,31 @@ impl Client {
             };
         }
         serde_json::from_str(&text).map(Some).map_err(|source| ClientError::Answer { url, source })
+    }
+}
+
+/// `s` as one path segment: what a person typed (a queue id, an identity) can never become
+/// another route (`queue drop ../../reload`). Unreserved characters stay (RFC 3986 2.3).
+fn segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_person_typed_stays_one_path_segment() {
+        let drop = QueueDrop { id: "../../reload".into() };
+        assert_eq!(drop.path(), "/api/queue/drop/..%2F..%2Freload");
+        let retry = QueueRetry { which: "all".into() };
+        assert_eq!(retry.path(), "/api/queue/retry/all");
+        let login = AuthLogin { identity: "scans floor 3?x=1".into() };
+        assert_eq!(login.path(), "/api/auth/login/scans%20floor%203%3Fx%3D1");
     }
 }
