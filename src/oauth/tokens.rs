@@ -470,8 +470,13 @@ impl TokenManager {
     async fn refresh_grant(&self, slot: &Slot, refresh_token: &str) -> Result<TokenSet, TokenError> {
         // RFC 6749 6.
         let mut form = vec![("grant_type", "refresh_token".to_string()), ("refresh_token", refresh_token.to_string())];
-        if !slot.scopes.is_empty() {
-            form.push(("scope", slot.scopes.join(" ")));
+        // The OpenID scopes only name who signs in (the account is kept from the sign-in), and a
+        // refresh may ask for no more than its sign-in granted: an identity signed in before
+        // the relay asked for them must go on refreshing (Entra answers AADSTS70000 otherwise).
+        let scopes: Vec<&str> =
+            slot.scopes.iter().map(String::as_str).filter(|s| !matches!(*s, "openid" | "profile" | "email")).collect();
+        if !scopes.is_empty() {
+            form.push(("scope", scopes.join(" ")));
         }
         let mut set = super::flows::client_token_request(&self.http, &slot.provider, form).await?;
         // No new refresh token in the answer: keep the old one (RFC 6749 6).

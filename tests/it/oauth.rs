@@ -324,6 +324,8 @@ async fn a_delegate_signs_in_for_a_shared_mailbox_and_xoauth2_names_the_delegate
         |_| {},
     )
     .await;
+    // Short-lived tokens: the background refresher renews them within seconds.
+    w.idp.set_access_token_lifetime(Duration::from_secs(4));
     let (code, out) = device_login_as(&w, Some(ALICE)).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("Signed in as {ALICE}")) && out.contains("shared mailbox"), "{out}");
@@ -338,6 +340,43 @@ async fn a_delegate_signs_in_for_a_shared_mailbox_and_xoauth2_names_the_delegate
     assert_eq!(got[0].from, SCANS);
     assert_eq!(w.upstream.stats().auth_failures, 0, "right the first time");
     assert!(w.relay.log().contains("fine for a shared mailbox"), "{}", w.relay.log());
+
+    // A refresh brings no ID token: the account from the sign-in stays.
+    let deadline = std::time::Instant::now() + WAIT;
+    while w.idp.tokens_issued(Grant::RefreshToken) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no refresh\n{}", w.relay.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = w.send(&login(), &scan_message("after a refresh", "x")).await;
+    assert!(r.ok && r.message.contains("delivered"), "{r:?}\n{}", w.relay.log());
+    let got = w.upstream.wait_for_messages(2, WAIT).await;
+    assert_eq!(got[1].user.as_deref(), Some(ALICE));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_signed_in_before_openid_was_asked_for_keeps_refreshing() {
+    // Signed in with the scopes of an older relay (no openid/profile), then the relay asks for
+    // them too: Entra refuses a refresh that asks for more than the sign-in granted.
+    let w = World::start_with(delegated("device_code"), |_| {}).await;
+    w.idp.set_access_token_lifetime(Duration::from_secs(4));
+    assert_eq!(device_login(&w, true).await.0, 0);
+    let config = std::fs::read_to_string(&w.relay.config).unwrap().replace(
+        "\"https://outlook.office.com/SMTP.Send\", \"offline_access\"",
+        "\"https://outlook.office.com/SMTP.Send\", \"offline_access\", \"openid\", \"profile\"",
+    );
+    std::fs::write(&w.relay.config, config).unwrap();
+    let (code, out, err) = w.relay.cli(&["reload"], None);
+    assert_eq!(code, 0, "{out}{err}");
+    let before = w.idp.tokens_issued(Grant::RefreshToken);
+    let deadline = std::time::Instant::now() + WAIT;
+    while w.idp.tokens_issued(Grant::RefreshToken) <= before {
+        assert!(std::time::Instant::now() < deadline, "no refresh succeeded\n{}", w.relay.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, status, _) = w.relay.cli(&["auth", "status"], None);
+    assert!(status.contains("ready") && !status.contains("needs_login"), "{status}");
+    let r = w.send(&login(), &scan_message("after the upgrade", "x")).await;
+    assert!(r.ok && r.message.contains("delivered"), "{r:?}\n{}", w.relay.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

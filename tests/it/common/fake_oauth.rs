@@ -1273,6 +1273,15 @@ impl State {
         }
         let account = rec.account.clone();
         let scope = p.get("scope").unwrap_or(&rec.scope).to_string();
+        // Entra: a refresh may ask only for scopes granted at sign-in.
+        if scope.split_whitespace().any(|s| !rec.scope.split_whitespace().any(|g| g == s)) {
+            return Err(HttpReply::bad(
+                "invalid_grant",
+                70000,
+                "The request was denied because one or more scopes requested are unauthorized or expired. \
+                 The user must first sign in and grant the client application access to the requested scope.",
+            ));
+        }
         self.check_scope(&scope)?;
         let rotate = self.settings.rotate_refresh_tokens;
         Ok(self.issue(Grant::RefreshToken, &account, Some(&client_id), &scope, rotate))
