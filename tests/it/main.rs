@@ -16,6 +16,7 @@ mod imap;
 mod legacy_tls;
 mod oauth;
 mod ops;
+mod pipelining;
 mod postfix;
 mod reload;
 mod rewrite;
