@@ -21,3 +21,4 @@ mod postfix;
 mod reload;
 mod rewrite;
 mod spine;
+mod test_send;
