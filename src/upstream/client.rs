@@ -238,9 +238,12 @@ pub async fn connect(
         }
     };
     let _ = tcp.set_nodelay(true);
-    emit(obs, "connect", true, started, || match tcp.peer_addr() {
-        Ok(a) => format!("{}:{} ({a})", server.host, server.port),
-        Err(_) => format!("{}:{}", server.host, server.port),
+    emit(obs, "connect", true, started, || {
+        let name = format!("{}:{}", server.host, server.port);
+        match tcp.peer_addr() {
+            Ok(a) if a.to_string() != name => format!("{name} ({a})"),
+            _ => name,
+        }
     });
     let started = Instant::now();
     let stream: Box<dyn AsyncTokioStream> = match &server.security {
