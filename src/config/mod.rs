@@ -1058,6 +1058,55 @@ listen = "127.0.0.1:2525"
     }
 
     #[test]
+    fn notify_parses_and_its_mistakes_have_lines_without_the_secret() {
+        let good = format!(
+            "{GOOD}{LISTENER}\n[notify]\nemail = \"it@contoso.com\"\ncheck_every = \"1s\"\nwebhooks = [\n  {{ url = \"https://prod.logic.azure.com/workflows/x?sig=TOKEN1\", format = \"teams\" }},\n  {{ url = \"https://hooks.slack.com/services/T/B/TOKEN2\", format = \"slack\" }},\n  {{ url = \"http://127.0.0.1:8080/hook\" }},\n]\n"
+        );
+        assert_eq!(problems(&good), Vec::<String>::new());
+        let c = parse(&good).unwrap();
+        assert!(c.notify.enabled());
+        assert_eq!(c.notify.check_every.get_ref().0, Duration::from_secs(1));
+        assert_eq!(c.notify.remind_every.get_ref().0, Duration::from_secs(86400));
+        let formats: Vec<_> = c.notify.webhooks.iter().map(|w| w.get_ref().format).collect();
+        assert_eq!(formats, vec![WebhookFormat::Teams, WebhookFormat::Slack, WebhookFormat::Json]);
+        assert!(!format!("{:?}", c.notify).contains("TOKEN"), "Debug shows hosts only");
+        assert!(!parse(GOOD).unwrap().notify.enabled());
+
+        let bad = format!(
+            "{GOOD}{LISTENER}\n[notify]\nemail = \"IT <it@contoso.com>\"\ncheck_every = \"0s\"\nremind_every = \"10m\"\nwebhooks = [\n  {{ url = \"http://hooks.example.com/x?TOKEN3\" }},\n  {{ url = \"ftp://files.example.com/TOKEN4\", format = \"json\" }},\n  {{ url = \"not a url TOKEN5\" }},\n]\n"
+        );
+        let p = problems(&bad);
+        let line_of = |needle: &str| bad.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        let has = |needle: &str, message: &str| {
+            assert!(
+                p.iter().any(|m| m.contains(&format!(":{}:", line_of(needle))) && m.contains(message)),
+                "{message} at {needle}: {p:?}"
+            )
+        };
+        has("IT <it@", "notify.email \"IT <it@contoso.com>\" is not a mail address");
+        has("\"0s\"", "notify.check_every should be between 1s and 1h");
+        has("\"10m\"", "notify.remind_every should be at least 1h");
+        has("TOKEN3", "notify.webhooks: http://hooks.example.com must use https");
+        has("TOKEN4", "url scheme \"ftp\" should be https");
+        has("TOKEN5", "notify.webhooks: url is not a URL");
+        assert_eq!(p.len(), 6, "{p:?}");
+        assert!(p.iter().all(|m| !m.contains("TOKEN")), "a webhook URL is a secret: {p:?}");
+
+        // A format name that does not exist, with its line.
+        let text = format!("{GOOD}{LISTENER}\n[notify]\nwebhooks = [{{ url = \"https://x.test/h\", format = \"discord\" }}]\n");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains(&format!(":{}:", line_of_text(&text, "discord"))) && p[0].contains("discord"), "{p:?}");
+        // Mail needs someone to send it.
+        let p = problems(&format!("{LISTENER}\n[notify]\nemail = \"it@contoso.com\"\n"));
+        assert!(p.len() == 1 && p[0].contains("notify.email needs an [[identity]]"), "{p:?}");
+    }
+
+    fn line_of_text(text: &str, needle: &str) -> usize {
+        text.lines().position(|l| l.contains(needle)).unwrap() + 1
+    }
+
+    #[test]
     fn relative_paths_follow_the_config_file() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.data_dir(), PathBuf::from("/nonexistent/./data"));
