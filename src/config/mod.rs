@@ -1093,7 +1093,9 @@ listen = "127.0.0.1:2525"
         assert!(p.iter().all(|m| !m.contains("TOKEN")), "a webhook URL is a secret: {p:?}");
 
         // A format name that does not exist, with its line.
-        let text = format!("{GOOD}{LISTENER}\n[notify]\nwebhooks = [{{ url = \"https://x.test/h\", format = \"discord\" }}]\n");
+        let text = format!(
+            "{GOOD}{LISTENER}\n[notify]\nwebhooks = [{{ url = \"https://x.test/h\", format = \"discord\" }}]\n"
+        );
         let p = problems(&text);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains(&format!(":{}:", line_of_text(&text, "discord"))) && p[0].contains("discord"), "{p:?}");

@@ -312,6 +312,7 @@ pub async fn run(deps: Deps, mut stop: watch::Receiver<bool>) {
     let mut outbox: Vec<Event> = Vec::new();
     let mut unique = 0u64;
     let mut warned_no_sender = false;
+    let mut current = deps.current.clone();
     loop {
         let gen = deps.current.borrow().clone();
         let notify = &gen.config.notify;
@@ -379,8 +380,16 @@ pub async fn run(deps: Deps, mut stop: watch::Receiver<bool>) {
                 None => outbox.clear(),
             }
         }
+        // A reload may turn notifications on or shorten the interval: look at once.
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
+            changed = current.changed() => {
+                if changed.is_err() {
+                    // The relay is stopping (no more generations): wait for `stop`.
+                    let _ = stop.changed().await;
+                    return;
+                }
+            }
             _ = stop.changed() => return,
         }
     }

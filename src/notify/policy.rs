@@ -351,11 +351,18 @@ pub fn step(prev: &State, observed: &[Condition], now: i64, policy: Policy) -> (
 pub fn choose_sender(identities: &[IdentitySnap], state: &State) -> Option<String> {
     let troubled: HashSet<&str> =
         state.conditions.values().filter(|t| t.active).filter_map(|t| t.condition.identity.as_deref()).collect();
+    // One that was in trouble today (and recovered) comes last.
+    let recent: HashSet<&str> = state
+        .conditions
+        .values()
+        .filter(|t| !t.starts.is_empty())
+        .filter_map(|t| t.condition.identity.as_deref())
+        .collect();
     identities
         .iter()
         .filter(|i| i.state == IdentityState::Ready && i.can_send && !troubled.contains(i.name.as_str()))
+        .min_by_key(|i| (recent.contains(i.name.as_str()), i.name.as_str()))
         .map(|i| i.name.clone())
-        .min()
 }
 
 #[cfg(test)]
@@ -522,8 +529,15 @@ mod tests {
         let snap = snapshot(T0, vec![identity("a-failing", IdentityState::NeedsLogin)]);
         (state, _) = step(&state, &observe(&snap), T0, POLICY);
         assert_eq!(choose_sender(&ids, &state).as_deref(), Some("b-healthy"));
-        // Without the condition, the first ready identity by name.
+        // Without the condition, the first ready identity by name; one that recovered today
+        // comes after the others.
         assert_eq!(choose_sender(&ids, &State::default()).as_deref(), Some("a-failing"));
+        let snap = snapshot(T0 + 60, vec![identity("a-failing", IdentityState::Ready)]);
+        let (recovered, _) = step(&state, &observe(&snap), T0 + 60, POLICY);
+        let (recovered, events) = step(&recovered, &observe(&snap), T0 + 120, POLICY);
+        assert_eq!(events.len(), 1, "cleared");
+        assert_eq!(choose_sender(&ids, &recovered).as_deref(), Some("b-healthy"));
+        assert_eq!(choose_sender(&ids[..1], &recovered).as_deref(), Some("a-failing"));
         // An identity that is not ready, or cannot send (IMAP only), is never chosen.
         let mut only = vec![identity("x", IdentityState::Error), identity("y", IdentityState::Ready)];
         only[1].can_send = false;

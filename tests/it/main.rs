@@ -14,6 +14,7 @@ mod hardening_admin;
 mod hardening_smtp;
 mod imap;
 mod legacy_tls;
+mod notify;
 mod oauth;
 mod ops;
 mod postfix;
