@@ -6,6 +6,7 @@
 mod common;
 
 mod abuse;
+mod check;
 mod clients;
 mod durability;
 mod fakes_selftest;
