@@ -80,12 +80,16 @@ pub fn status_url(config: &Config) -> String {
     if listen.ip().is_unspecified() {
         return format!("http://{}:{}/status", config.relay.hostname, listen.port());
     }
-    let url = format!("http://{listen}/status");
-    if listen.ip().is_loopback() {
-        format!("{url} (on the relay's host, or through ssh -L {}:{listen})", listen.port())
-    } else {
-        url
-    }
+    format!("http://{listen}/status")
+}
+
+/// Where a loopback status page can be opened from, said beside its link.
+pub fn status_note(config: &Config) -> Option<String> {
+    let listen = *config.admin.listen.get_ref();
+    let named = config.admin.allowed_hosts.first().is_some()
+        || config.admin.redirect_uri.as_deref().is_some_and(|u| !u.contains("localhost") && !u.contains("127.0.0.1"));
+    (listen.ip().is_loopback() && !named)
+        .then(|| format!("on the relay's host, or through ssh -L {}:{listen} relay-host", listen.port()))
 }
 
 /// Reads client certificates' expiry, at most hourly per file.
@@ -332,6 +336,7 @@ pub async fn run(deps: Deps, mut stop: watch::Receiver<bool>) {
             let ctx = render::Context {
                 hostname: gen.config.relay.hostname.clone(),
                 status_url: Some(status_url(&gen.config)),
+                status_note: status_note(&gen.config),
             };
             let urls: Vec<String> =
                 notify.webhooks.iter().map(|w| w.get_ref().url.get_ref().0.as_str().to_string()).collect();
@@ -426,8 +431,10 @@ mod tests {
 
     #[test]
     fn the_status_page_link_is_one_a_person_can_open() {
-        assert!(status_url(&config("listen = \"127.0.0.1:9925\""))
-            .starts_with("http://127.0.0.1:9925/status (on the relay's host"));
+        let local = config("listen = \"127.0.0.1:9925\"");
+        assert_eq!(status_url(&local), "http://127.0.0.1:9925/status");
+        assert!(status_note(&local).unwrap().contains("ssh -L 9925:127.0.0.1:9925"));
+        assert_eq!(status_note(&config("listen = \"0.0.0.0:9925\"")), None);
         assert_eq!(status_url(&config("listen = \"0.0.0.0:9925\"")), "http://relay.lan:9925/status");
         assert_eq!(status_url(&config("listen = \"192.168.1.5:9925\"")), "http://192.168.1.5:9925/status");
         assert_eq!(

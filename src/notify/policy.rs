@@ -468,7 +468,7 @@ mod tests {
         let starts = events.iter().filter(|e| e.change == Change::Started).count();
         let clears = events.iter().filter(|e| e.change == Change::Cleared).count();
         assert_eq!((starts, clears), (MAX_STARTS_PER_DAY, MAX_STARTS_PER_DAY), "{:?}", changes(&events));
-        assert!(events.iter().filter(|e| e.change == Change::Started).last().unwrap().flapping);
+        assert!(events.iter().rfind(|e| e.change == Change::Started).unwrap().flapping);
         // A day later, still flapping: announced again (the day's count is over).
         let mut state = state;
         let mut later = Vec::new();

@@ -13,8 +13,10 @@ use crate::config::WebhookFormat;
 pub struct Context {
     /// `[relay] hostname`: which relay speaks.
     pub hostname: String,
-    /// The status page, and where it can be opened from.
+    /// The status page.
     pub status_url: Option<String>,
+    /// Where it can be opened from (a loopback listener).
+    pub status_note: Option<String>,
 }
 
 /// No line breaks or other controls in what goes into one line (a header, a title).
@@ -103,8 +105,14 @@ pub fn text(e: &Event, ctx: &Context) -> String {
             );
         }
     }
-    if let Some(url) = &ctx.status_url {
-        let _ = writeln!(t, "Status page: {url}");
+    match (&ctx.status_url, &ctx.status_note) {
+        (Some(url), Some(note)) => {
+            let _ = writeln!(t, "Status page: {url} ({note})");
+        }
+        (Some(url), None) => {
+            let _ = writeln!(t, "Status page: {url}");
+        }
+        _ => {}
     }
     t
 }
@@ -174,21 +182,18 @@ pub fn webhook(format: WebhookFormat, e: &Event, ctx: &Context) -> serde_json::V
         // Adaptive Cards found in `attachments`.
         WebhookFormat::Teams => {
             let color = if e.change == Change::Cleared { "Good" } else { "Attention" };
-            let mut card_body = vec![
-                json!({"type": "TextBlock", "text": title, "weight": "Bolder", "size": "Medium", "wrap": true, "color": color}),
-                json!({"type": "TextBlock", "text": details, "wrap": true}),
-            ];
             let mut card = json!({
                 "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
                 "type": "AdaptiveCard",
                 "version": "1.4",
+                "body": [
+                    {"type": "TextBlock", "text": title, "weight": "Bolder", "size": "Medium", "wrap": true, "color": color},
+                    {"type": "TextBlock", "text": details, "wrap": true},
+                ],
             });
             if let Some(url) = &ctx.status_url {
-                if url.starts_with("http") {
-                    card["actions"] = json!([{"type": "Action.OpenUrl", "title": "Status page", "url": url}]);
-                }
+                card["actions"] = json!([{"type": "Action.OpenUrl", "title": "Status page", "url": url}]);
             }
-            card["body"] = serde_json::Value::Array(std::mem::take(&mut card_body));
             json!({
                 "type": "message",
                 "summary": title,
@@ -231,7 +236,11 @@ mod tests {
     }
 
     fn ctx() -> Context {
-        Context { hostname: "relay.test".into(), status_url: Some("http://127.0.0.1:9925/status".into()) }
+        Context {
+            hostname: "relay.test".into(),
+            status_url: Some("http://127.0.0.1:9925/status".into()),
+            status_note: Some("on the relay's host".into()),
+        }
     }
 
     #[test]
@@ -239,7 +248,7 @@ mod tests {
         let t = text(&event(Change::Started), &ctx());
         assert!(t.starts_with("PROBLEM: Identity \"office\" needs a sign-in\n"), "{t}");
         assert!(t.contains("mfd-relay auth login office"), "{t}");
-        assert!(t.contains("Status page: http://127.0.0.1:9925/status"), "{t}");
+        assert!(t.contains("Status page: http://127.0.0.1:9925/status (on the relay's host)"), "{t}");
         assert!(t.contains("Details: AADSTS50173: the grant was revoked  Injected: header"), "{t}");
         let t = text(&event(Change::Cleared), &ctx());
         assert!(t.starts_with("RESOLVED: Identity \"office\" is signed in again\n"), "{t}");
