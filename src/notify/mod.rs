@@ -86,9 +86,7 @@ pub fn status_url(config: &Config) -> String {
 /// Where a loopback status page can be opened from, said beside its link.
 pub fn status_note(config: &Config) -> Option<String> {
     let listen = *config.admin.listen.get_ref();
-    let named = config.admin.allowed_hosts.first().is_some()
-        || config.admin.redirect_uri.as_deref().is_some_and(|u| !u.contains("localhost") && !u.contains("127.0.0.1"));
-    (listen.ip().is_loopback() && !named)
+    (listen.ip().is_loopback() && status_url(config) == format!("http://{listen}/status"))
         .then(|| format!("on the relay's host, or through ssh -L {}:{listen} relay-host", listen.port()))
 }
 
@@ -305,86 +303,126 @@ pub fn init_metrics() {
     }
 }
 
+/// The runner's memory between checks.
+struct Notifier {
+    deps: Deps,
+    path: PathBuf,
+    state: State,
+    certs: Certificates,
+    webhooks: Webhooks,
+    /// Events waiting for a healthy identity to mail them.
+    outbox: Vec<Event>,
+    /// Makes each mail's Message-ID unique.
+    mails: u64,
+    warned_no_sender: bool,
+}
+
+impl Notifier {
+    /// One check: snapshot, policy, then what changed goes out.
+    async fn tick(&mut self, gen: &crate::generation::Generation) {
+        let notify = &gen.config.notify;
+        let t = now();
+        let snap = snapshot(&self.deps, gen, &mut self.certs, t);
+        let policy = Policy { remind_every: notify.remind_every.get_ref().0.as_secs() as i64 };
+        let (next, events) = policy::step(&self.state, &policy::observe(&snap), t, policy);
+        if next != self.state {
+            if let Err(e) = save_state(&self.path, &next).await {
+                tracing::warn!("{}: {e}", self.path.display());
+            }
+            self.state = next;
+        }
+        let ctx = render::Context {
+            hostname: gen.config.relay.hostname.clone(),
+            status_url: Some(status_url(&gen.config)),
+            status_note: status_note(&gen.config),
+        };
+        let urls: Vec<String> =
+            notify.webhooks.iter().map(|w| w.get_ref().url.get_ref().0.as_str().to_string()).collect();
+        self.webhooks.keep_only(&urls);
+        let backoff = notify.check_every.get_ref().0.clamp(Duration::from_secs(1), Duration::from_secs(60));
+        for e in &events {
+            tracing::info!(condition = %e.condition.key(), change = e.change.as_str(), "{}", render::title(e));
+            for w in notify.webhooks.iter().map(|w| w.get_ref()) {
+                let body = serde_json::to_vec(&render::webhook(w.format, e, &ctx)).unwrap_or_default();
+                self.webhooks.send(Job { url: w.url.get_ref().clone(), format: w.format, body, backoff });
+            }
+        }
+        match &notify.email {
+            Some(to) => {
+                self.outbox.extend(events);
+                self.mail_outbox(gen, &snap, to.get_ref(), &ctx, t).await;
+            }
+            None => self.outbox.clear(),
+        }
+    }
+
+    /// Queues the waiting events as one mail, through a healthy identity if there is one.
+    async fn mail_outbox(
+        &mut self,
+        gen: &crate::generation::Generation,
+        snap: &Snapshot,
+        to: &str,
+        ctx: &render::Context,
+        t: i64,
+    ) {
+        if self.outbox.len() > MAX_OUTBOX {
+            let dropped = self.outbox.len() - MAX_OUTBOX;
+            self.outbox.drain(..dropped);
+            tracing::warn!("{dropped} notification mail(s) dropped: no identity could send them");
+            metrics::NOTIFICATIONS.with_label_values(&["email", "failed"]).inc_by(dropped as u64);
+        }
+        if self.outbox.is_empty() {
+            return;
+        }
+        let Some(identity) = policy::choose_sender(&snap.identities, &self.state) else {
+            if !self.warned_no_sender {
+                self.warned_no_sender = true;
+                tracing::warn!("notification mail waits: no healthy identity can send it now");
+            }
+            return;
+        };
+        self.warned_no_sender = false;
+        self.mails += 1;
+        let from = gen.config.identity(&identity).map(|i| i.email.get_ref().clone()).unwrap_or_default();
+        let body = render::mail(&self.outbox, ctx, &from, to, t, self.mails);
+        let message = OwnMessage { body: &body, identity: &identity, device: "notify", from: &from, to };
+        match self.deps.queue.enqueue_own(message).await {
+            Ok(id) => {
+                tracing::info!(queue_id = %id, identity, notifications = self.outbox.len(), "notification mail queued");
+                metrics::NOTIFICATIONS.with_label_values(&["email", "sent"]).inc();
+                self.outbox.clear();
+            }
+            Err(e) => {
+                tracing::warn!("notification mail not queued (kept for the next check): {e}");
+                metrics::NOTIFICATIONS.with_label_values(&["email", "failed"]).inc();
+            }
+        }
+    }
+}
+
 /// Runs until `stop`: looks every `check_every` (of the current configuration) and sends
 /// what changed. Does nothing while `[notify]` names nobody.
 pub async fn run(deps: Deps, mut stop: watch::Receiver<bool>) {
     init_metrics();
     let path = deps.data_dir.join("notify.json");
-    let mut state = load_state(&path);
-    let mut certs = Certificates::default();
-    let mut webhooks = Webhooks::new();
-    let mut outbox: Vec<Event> = Vec::new();
-    let mut unique = 0u64;
-    let mut warned_no_sender = false;
     let mut current = deps.current.clone();
+    let mut n = Notifier {
+        state: load_state(&path),
+        path,
+        deps,
+        certs: Certificates::default(),
+        webhooks: Webhooks::new(),
+        outbox: Vec::new(),
+        mails: 0,
+        warned_no_sender: false,
+    };
     loop {
-        let gen = deps.current.borrow().clone();
-        let notify = &gen.config.notify;
-        let every = notify.check_every.get_ref().0.max(Duration::from_secs(1));
-        if notify.enabled() {
-            let t = now();
-            let snap = snapshot(&deps, &gen, &mut certs, t);
-            let observed = policy::observe(&snap);
-            let policy = Policy { remind_every: notify.remind_every.get_ref().0.as_secs() as i64 };
-            let (next, events) = policy::step(&state, &observed, t, policy);
-            if next != state {
-                if let Err(e) = save_state(&path, &next).await {
-                    tracing::warn!("{}: {e}", path.display());
-                }
-                state = next;
-            }
-            let ctx = render::Context {
-                hostname: gen.config.relay.hostname.clone(),
-                status_url: Some(status_url(&gen.config)),
-                status_note: status_note(&gen.config),
-            };
-            let urls: Vec<String> =
-                notify.webhooks.iter().map(|w| w.get_ref().url.get_ref().0.as_str().to_string()).collect();
-            webhooks.keep_only(&urls);
-            for e in &events {
-                tracing::info!(condition = %e.condition.key(), change = e.change.as_str(), "{}", render::title(e));
-                for w in &notify.webhooks {
-                    let w = w.get_ref();
-                    let body = serde_json::to_vec(&render::webhook(w.format, e, &ctx)).unwrap_or_default();
-                    let backoff = every.clamp(Duration::from_secs(1), Duration::from_secs(60));
-                    webhooks.send(Job { url: w.url.get_ref().clone(), format: w.format, body, backoff });
-                }
-            }
-            match &notify.email {
-                Some(to) => {
-                    outbox.extend(events);
-                    if outbox.len() > MAX_OUTBOX {
-                        let dropped = outbox.len() - MAX_OUTBOX;
-                        outbox.drain(..dropped);
-                        tracing::warn!("{dropped} notification mail(s) dropped: no identity could send them");
-                        metrics::NOTIFICATIONS.with_label_values(&["email", "failed"]).inc_by(dropped as u64);
-                    }
-                    if !outbox.is_empty() {
-                        match policy::choose_sender(&snap.identities, &state) {
-                            Some(identity) => {
-                                warned_no_sender = false;
-                                unique += 1;
-                                match mail(&deps.queue, &gen.config, &identity, to.get_ref(), &outbox, &ctx, t, unique)
-                                    .await
-                                {
-                                    Ok(()) => outbox.clear(),
-                                    Err(e) => {
-                                        tracing::warn!("notification mail not queued (kept for the next check): {e}");
-                                        metrics::NOTIFICATIONS.with_label_values(&["email", "failed"]).inc();
-                                    }
-                                }
-                            }
-                            None if !warned_no_sender => {
-                                warned_no_sender = true;
-                                tracing::warn!("notification mail waits: no healthy identity can send it now");
-                            }
-                            None => {}
-                        }
-                    }
-                }
-                None => outbox.clear(),
-            }
+        let gen = current.borrow_and_update().clone();
+        if gen.config.notify.enabled() {
+            n.tick(&gen).await;
         }
+        let every = gen.config.notify.check_every.get_ref().0.max(Duration::from_secs(1));
+        drop(gen);
         // A reload may turn notifications on or shorten the interval: look at once.
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -398,26 +436,6 @@ pub async fn run(deps: Deps, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
     }
-}
-
-/// Queues one mail for `events` through `identity`.
-#[allow(clippy::too_many_arguments)]
-async fn mail(
-    queue: &Queue,
-    config: &Config,
-    identity: &str,
-    to: &str,
-    events: &[Event],
-    ctx: &render::Context,
-    now: i64,
-    unique: u64,
-) -> Result<(), crate::queue::QueueError> {
-    let from = config.identity(identity).map(|i| i.email.get_ref().clone()).unwrap_or_default();
-    let body = render::mail(events, ctx, &from, to, now, unique);
-    let id = queue.enqueue_own(OwnMessage { body: &body, identity, device: "notify", from: &from, to }).await?;
-    tracing::info!(queue_id = %id, identity, notifications = events.len(), "notification mail queued");
-    metrics::NOTIFICATIONS.with_label_values(&["email", "sent"]).inc();
-    Ok(())
 }
 
 #[cfg(test)]
