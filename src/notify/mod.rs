@@ -467,6 +467,31 @@ mod tests {
         );
     }
 
+    /// A receiver that accepts connections and never answers: the notifier still never waits;
+    /// what does not fit in the webhook's queue is dropped and counted.
+    #[tokio::test]
+    async fn a_stuck_webhook_never_makes_the_notifier_wait() {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = WebhookUrl(url::Url::parse(&format!("http://{}/hook", tcp.local_addr().unwrap())).unwrap());
+        let failed = || metrics::NOTIFICATIONS.with_label_values(&["slack", "failed"]).get();
+        let before = failed();
+        let mut w = Webhooks::new();
+        let start = std::time::Instant::now();
+        for _ in 0..WEBHOOK_QUEUE + 11 {
+            let job = Job {
+                url: url.clone(),
+                format: WebhookFormat::Slack,
+                body: b"{}".to_vec(),
+                backoff: Duration::from_secs(1),
+            };
+            w.send(job);
+        }
+        assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+        // One may be in the worker's hands already, WEBHOOK_QUEUE wait, the rest are dropped.
+        let dropped = failed() - before;
+        assert!((10..=11).contains(&dropped), "{dropped}");
+    }
+
     #[test]
     fn a_webhook_url_is_shown_by_its_host_only() {
         let u = WebhookUrl(
