@@ -160,11 +160,9 @@ fn snapshot(deps: &Deps, gen: &crate::generation::Generation, certs: &mut Certif
         .map(|m| {
             let m = m.get_ref();
             let name = m.name.get_ref().clone();
-            MailboxSnap {
-                last_check: deps.activity.mailbox(&name).last_check,
-                poll_interval: m.poll_interval.0.as_secs() as i64,
-                name,
-            }
+            // We do not know whether the server has IDLE: allow for either.
+            let quiet = m.poll_interval.0.max(crate::imap::poller::IDLE_RENEW).as_secs() as i64;
+            MailboxSnap { last_check: deps.activity.mailbox(&name).last_check, quiet, name }
         })
         .collect();
     Snapshot {

@@ -18,7 +18,8 @@ pub const REFRESH_FAILING_AFTER: i64 = 15 * 60;
 pub const QUEUE_AGE: i64 = 30 * 60;
 /// A client certificate expiring within this is news.
 pub const CERT_WARNING: i64 = 30 * 86400;
-/// A mailbox not checked for this long (or three poll intervals, when longer) is news.
+/// A mailbox not checked for this long beyond the longest a healthy one goes without a
+/// check ([`MailboxSnap::quiet`]) is news.
 pub const MAILBOX_STALE: i64 = 15 * 60;
 /// A condition is over when it was absent at this many checks in a row.
 pub const CLEAR_AFTER_CHECKS: u32 = 2;
@@ -103,8 +104,10 @@ pub struct MailboxSnap {
     pub name: String,
     /// Unix seconds of the last successful check.
     pub last_check: Option<i64>,
-    /// Its poll interval, in seconds.
-    pub poll_interval: i64,
+    /// The longest a healthy mailbox goes without a successful check, in seconds: its poll
+    /// interval, or the IDLE renewal when the server pushes news (a quiet folder is checked
+    /// only then).
+    pub quiet: i64,
 }
 
 /// One provider's client certificate in a snapshot.
@@ -183,7 +186,7 @@ pub fn observe(s: &Snapshot) -> Vec<Condition> {
         }
     }
     for m in &s.mailboxes {
-        let limit = MAILBOX_STALE.max(3 * m.poll_interval);
+        let limit = m.quiet + MAILBOX_STALE;
         let detail = match m.last_check {
             Some(t) if s.now - t > limit => format!("last successful check {}", utc(t)),
             None if s.now - s.started > limit => {
@@ -504,10 +507,12 @@ mod tests {
             // A certificate no app-only identity signs with is nobody's problem.
             CertSnap { provider: "unused".into(), not_after: Some(T0 + DAY), identities: vec![] },
         ];
+        // Quiet for at most 25 minutes (IDLE renewal), or 10 (polling): news 15 minutes later.
         s.mailboxes = vec![
-            MailboxSnap { name: "print".into(), last_check: Some(T0 - 16 * 60), poll_interval: 60 },
-            MailboxSnap { name: "slow".into(), last_check: Some(T0 - 16 * 60), poll_interval: 600 },
-            MailboxSnap { name: "never".into(), last_check: None, poll_interval: 60 },
+            MailboxSnap { name: "print".into(), last_check: Some(T0 - 41 * 60), quiet: 25 * 60 },
+            MailboxSnap { name: "quiet".into(), last_check: Some(T0 - 39 * 60), quiet: 25 * 60 },
+            MailboxSnap { name: "slow".into(), last_check: Some(T0 - 24 * 60), quiet: 10 * 60 },
+            MailboxSnap { name: "never".into(), last_check: None, quiet: 25 * 60 },
         ];
         let keys: Vec<String> = observe(&s).iter().map(Condition::key).collect();
         assert_eq!(keys, vec!["certificate_expiring:app", "mailbox_stale:print", "mailbox_stale:never"]);
@@ -517,7 +522,7 @@ mod tests {
         let keys: Vec<String> = observe(&s).iter().map(Condition::key).collect();
         assert!(keys.contains(&"queue_old:".to_string()), "{keys:?}");
         // A mailbox never checked right after the start is no news yet.
-        s.started = T0 - 60;
+        s.started = T0 - 39 * 60;
         assert!(!observe(&s).iter().any(|c| c.subject == "never"));
     }
 
