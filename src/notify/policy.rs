@@ -328,12 +328,19 @@ pub fn step(prev: &State, observed: &[Condition], now: i64, policy: Policy) -> (
             events.push(event(Change::Reminder, t, false));
         }
     }
+    // An identity whose failing refreshes turned into "needs a sign-in" has not recovered.
+    let troubled: HashSet<&str> = observed.iter().filter_map(|c| c.identity.as_deref()).collect();
     for (key, t) in next.conditions.iter_mut() {
         if !t.active || seen.contains(key) {
             continue;
         }
         t.missing += 1;
-        if !t.announced {
+        if t.condition.identity.as_deref().is_some_and(|i| troubled.contains(i)) {
+            // Superseded by another condition of the same identity: no "cleared".
+            t.active = false;
+            t.announced = false;
+            t.quiet = false;
+        } else if !t.announced {
             // Never announced: forget it (a refresh failing must fail 15 minutes in a row).
             t.active = false;
         } else if t.missing >= CLEAR_AFTER_CHECKS {
@@ -447,6 +454,25 @@ mod tests {
         let (_, events) = run((0..31).map(|m| T0 + m * 60), |_| IdentityState::Error);
         assert_eq!(changes(&events), vec![(Change::Started, "refresh_failing:office".into())]);
         assert_eq!(events[0].at, T0 + REFRESH_FAILING_AFTER);
+    }
+
+    #[test]
+    fn failing_refreshes_that_turn_into_a_sign_in_are_not_cleared() {
+        // Failing 20 minutes, then the provider says the grant is gone, then a sign-in.
+        let state_at = |t: i64| match t - T0 {
+            d if d < 20 * 60 => IdentityState::Error,
+            d if d < 40 * 60 => IdentityState::NeedsLogin,
+            _ => IdentityState::Ready,
+        };
+        let (_, events) = run((0..50).map(|m| T0 + m * 60), state_at);
+        assert_eq!(
+            changes(&events),
+            vec![
+                (Change::Started, "refresh_failing:office".into()),
+                (Change::Started, "needs_login:office".into()),
+                (Change::Cleared, "needs_login:office".into()),
+            ]
+        );
     }
 
     #[test]
