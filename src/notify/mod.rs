@@ -186,7 +186,8 @@ fn load_state(path: &std::path::Path) -> State {
     }
 }
 
-/// Writes the state aside and renames it into place (a crash leaves the old or the new file).
+/// Writes the state aside and renames it into place (a crashing process leaves the old or the
+/// new file; after a power cut an unreadable file only means a fresh start).
 async fn save_state(path: &std::path::Path, state: &State) -> std::io::Result<()> {
     let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("json.tmp");
