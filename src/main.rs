@@ -295,7 +295,9 @@ fn signed_in_identities(config: &Config) -> SignIns {
         Ok(s) => s,
         Err(StoreError::Locked { .. }) => {
             return SignIns::Unknown(
-                "the relay is running and holds its database; `mfd-relay auth status` shows each identity".into(),
+                "the relay is running and holds its database (or another mfd-relay command does); \
+                 `mfd-relay auth status` shows each identity"
+                    .into(),
             )
         }
         Err(e) => return SignIns::Unknown(e.to_string()),
