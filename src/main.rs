@@ -249,6 +249,17 @@ fn check(path: &Path, explain: bool) -> anyhow::Result<ExitCode> {
             for advice in c.advice() {
                 println!("warning: {advice}");
             }
+            match signed_in_identities(&c) {
+                SignIns::NotNeeded => {}
+                SignIns::Known(names) => {
+                    for advice in c.sign_in_advice(&names) {
+                        println!("warning: {advice}");
+                    }
+                }
+                SignIns::Unknown(why) => {
+                    println!("note: whether devices' identities have signed in was not checked: {why}")
+                }
+            }
             if explain {
                 for line in mfd_relay::oauth::provider::explain_config(&c) {
                     println!("{line}");
@@ -266,6 +277,58 @@ fn check(path: &Path, explain: bool) -> anyhow::Result<ExitCode> {
             println!("{e}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// What `check` knows about sign-ins from the data directory.
+enum SignIns {
+    /// No device uses an identity that needs a person's sign-in.
+    NotNeeded,
+    /// The identities that have stored tokens.
+    Known(std::collections::HashSet<String>),
+    /// The token store could not be read (why).
+    Unknown(String),
+}
+
+/// Which identities have stored tokens, from the data directory, creating nothing: a data
+/// directory without a database means no sign-in yet. The database is opened only when the
+/// daemon does not hold it (sled has no read-only mode, and the data directory's lock keeps
+/// a second process out), so with the daemon running the answer is unknown.
+fn signed_in_identities(config: &Config) -> SignIns {
+    use mfd_relay::config::Flow;
+    use mfd_relay::store::{Store, StoreError, Tree};
+    let delegated = config.devices.iter().any(|d| {
+        config
+            .identity(d.get_ref().identity.get_ref())
+            .is_some_and(|i| matches!(i.flow.get_ref(), Flow::DeviceCode | Flow::AuthCode))
+    });
+    if !delegated {
+        return SignIns::NotNeeded;
+    }
+    let data_dir = config.data_dir();
+    match std::fs::metadata(data_dir.join("db")) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return SignIns::Unknown(format!("{} is not a database", data_dir.join("db").display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return SignIns::Known(Default::default()),
+        // Another user's data directory (0700): say so rather than guess.
+        Err(e) => return SignIns::Unknown(format!("{}: {e}", data_dir.display())),
+    }
+    let store = match Store::open(&data_dir, Vec::new()) {
+        Ok(s) => s,
+        Err(StoreError::Locked { .. }) => {
+            return SignIns::Unknown(
+                "the relay is running and holds its database (or another mfd-relay command does); \
+                 `mfd-relay auth status` shows each identity"
+                    .into(),
+            )
+        }
+        Err(e) => return SignIns::Unknown(e.to_string()),
+    };
+    match store.scan(Tree::Tokens, b"") {
+        Ok(records) => {
+            SignIns::Known(records.into_iter().map(|(k, _)| String::from_utf8_lossy(&k).into_owned()).collect())
+        }
+        Err(e) => SignIns::Unknown(e.to_string()),
     }
 }
 

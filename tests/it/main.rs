@@ -6,6 +6,7 @@
 mod common;
 
 mod abuse;
+mod check;
 mod clients;
 mod durability;
 mod fakes_selftest;
@@ -14,6 +15,7 @@ mod hardening_admin;
 mod hardening_smtp;
 mod imap;
 mod legacy_tls;
+mod notify;
 mod oauth;
 mod ops;
 mod pipelining;
