@@ -338,6 +338,10 @@
     var d = b.dataset;
     switch (d.act) {
       case "close": b.closest(".card").remove(); break;
+      case "refresh":
+        refresh();
+        if (refreshWanted) document.getElementById("refresh").textContent = "the refresh waits for the open confirmation";
+        break;
       case "signin": signIn(d.id, d.mailbox || d.id); break;
       case "token": fetchToken(d.id); break;
       case "retry":

@@ -397,7 +397,8 @@ pub fn render(s: &Status) -> String {
          <title>mfd-relay status: {host}</title><style>{STYLE}</style></head><body>\
          <header><h1>mfd-relay <span>{host}</span></h1>\
          <p>version {version} · up {up} · <span id=updated>updated {updated}</span> · \
-         <span id=refresh>this page reloads every {REFRESH_SECONDS} s</span></p></header>\
+         <span id=refresh>this page reloads every {REFRESH_SECONDS} s</span> \
+         <button type=button hidden data-js data-act=refresh>Refresh now</button></p></header>\
          <section id=actions aria-live=polite>{signin}</section><main><div id=data>",
         host = e(&s.hostname),
         version = e(&s.version),

@@ -20,3 +20,4 @@ mod postfix;
 mod reload;
 mod rewrite;
 mod spine;
+mod status_page;
