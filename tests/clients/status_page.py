@@ -74,7 +74,11 @@ class Page:
                 "Network.setExtraHTTPHeaders", {"headers": {"Authorization": "Basic " + token}}
             )
 
-    def shot(self, name):
+    def shot(self, name, show=None):
+        """A screenshot, with the element `show` (CSS) scrolled into the middle of the view."""
+        if show:
+            for el in self.many(show)[:1]:
+                self.d.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
         self.shots += 1
         path = os.path.join(self.args.out, f"{self.shots:02d}-{name}.png")
         self.d.save_screenshot(path)
@@ -164,7 +168,7 @@ def run(p, args):
     )
     row = p.one("#identity-desk").text
     assert args.device_mailbox in row, row
-    p.shot("device-code-signed-in")
+    p.shot("device-code-signed-in", "#identities")
 
     # --- queue: retry one, drop one (cancel once), retry all --------------------------------
     ids = args.queued.split(",")
@@ -179,7 +183,7 @@ def run(p, args):
         "the retried message attempted again",
         lambda: {qid(m["id"]): m["attempts"] for m in p.queue()}.get(first, 0) > attempts[first],
     )
-    p.shot("queue-retried")
+    p.shot("queue-retried", "#queue-table")
 
     p.click(f"button[data-act=drop][data-id='{second}']")
     p.wait("the confirmation", lambda: p.many(f"tr[data-msg='{second}'] .confirm"))
@@ -188,7 +192,7 @@ def run(p, args):
     time.sleep(0.5)
     assert p.many(f"tr[data-msg='{second}'] .confirm"), "the confirmation survived a refresh"
     assert "waits" in p.one("#refresh").text, p.one("#refresh").text
-    p.shot("drop-confirmation")
+    p.shot("drop-confirmation", ".confirm")
     p.click(f"tr[data-msg='{second}'] button[data-act=drop-no]")
     p.wait("the Drop button back", lambda: p.many(f"button[data-act=drop][data-id='{second}']"))
     assert second in p.queue_ids(), "Cancel dropped nothing"
@@ -197,7 +201,7 @@ def run(p, args):
     p.card(f"Message {second} was dropped")
     p.wait("the dropped row gone", lambda: not p.many(f"tr[data-msg='{second}']"))
     assert second not in p.queue_ids()
-    p.shot("queue-dropped")
+    p.shot("queue-dropped", "#queue-table")
 
     say("WAIT", "retry-all")
     go()
@@ -206,7 +210,7 @@ def run(p, args):
     p.wait("the queue to drain", lambda: p.queue_ids() == [])
     p.click("button[data-act=refresh]")
     p.wait("the empty queue on the page", lambda: "Nothing waits" in p.one("#data").text)
-    p.shot("queue-empty")
+    p.shot("queue-empty", "#queue")
 
     # --- test mail: each step as it arrives ------------------------------------------------
     field = p.one("input[data-device=floor3]")
@@ -226,7 +230,7 @@ def run(p, args):
     else:
         c = p.card("no test-mail API")
         assert title in c.text, c.text
-    p.shot("test-mail")
+    p.shot("test-mail", "#actions")
 
     # --- auth code: to the provider and back to /status with the result ------------------
     p.click("button[data-act=signin][data-id=web]")
