@@ -403,7 +403,9 @@ pub fn render(s: &Status) -> String {
         host = e(&s.hostname),
         version = e(&s.version),
         up = e(&span(s.now - s.started)),
-        updated = e(&chrono::DateTime::from_timestamp(s.now, 0).map(|t| t.format("%H:%M:%S UTC").to_string()).unwrap_or_default()),
+        updated = e(&chrono::DateTime::from_timestamp(s.now, 0)
+            .map(|t| t.format("%H:%M:%S UTC").to_string())
+            .unwrap_or_default()),
         signin = s.signin.as_ref().map(|(name, st)| signin_card(name, st)).unwrap_or_default(),
     );
     let problems = problems(s);
@@ -435,9 +437,11 @@ pub fn render(s: &Status) -> String {
 /// from the sign-in itself.
 fn signin_card(name: &str, st: &LoginStatus) -> String {
     let (class, title, text) = match st {
-        LoginStatus::Done { account } => {
-            ("ok", "Signed in", format!("Identity \"{name}\" signed in as {account}. The relay refreshes its token from now on."))
-        }
+        LoginStatus::Done { account } => (
+            "ok",
+            "Signed in",
+            format!("Identity \"{name}\" signed in as {account}. The relay refreshes its token from now on."),
+        ),
         LoginStatus::Failed { error } => ("bad", "Sign-in failed", format!("Identity \"{name}\": {}", cut(error))),
         LoginStatus::Pending => ("", "Sign-in in progress", format!("Identity \"{name}\" is still signing in.")),
         LoginStatus::None => ("bad", "No sign-in", format!("No sign-in of identity \"{name}\" was started here.")),
@@ -762,7 +766,11 @@ mod tests {
             hostname: "relay.contoso.lan".into(),
             version: "0.1.0".into(),
             started: NOW - 3 * 3600 - 300,
-            identities: vec![IdentityRow { status: identity("scans", "ready", "device_code"), queued: 0, sign_in: LoginStatus::None }],
+            identities: vec![IdentityRow {
+                status: identity("scans", "ready", "device_code"),
+                queued: 0,
+                sign_in: LoginStatus::None,
+            }],
             devices: vec![DeviceRow {
                 info: DeviceInfo {
                     name: "floor3-canon".into(),
@@ -823,7 +831,10 @@ mod tests {
         assert!(problems(&s).is_empty(), "{:?}", problems(&s));
         let page = render(&s);
         assert!(page.starts_with("<!doctype html>"));
-        assert!(page.contains("<noscript><meta http-equiv=refresh content=30></noscript>"), "reloads without JavaScript");
+        assert!(
+            page.contains("<noscript><meta http-equiv=refresh content=30></noscript>"),
+            "reloads without JavaScript"
+        );
         assert!(page.contains("All good."));
         assert!(page.contains("relay.contoso.lan") && page.contains("up 3 h 5 min"));
         assert!(page.contains("<b>scans</b>") && page.contains("scans@contoso.com"));
@@ -842,7 +853,11 @@ mod tests {
     #[test]
     fn problems_are_called_out_with_what_to_do() {
         let mut s = healthy();
-        s.identities.push(IdentityRow { status: identity("print", "needs_login", "device_code"), queued: 2, sign_in: LoginStatus::None });
+        s.identities.push(IdentityRow {
+            status: identity("print", "needs_login", "device_code"),
+            queued: 2,
+            sign_in: LoginStatus::None,
+        });
         let mut app = identity("app", "needs_login", "client_credentials");
         app.last_error = Some("AADSTS7000222: the client secret has expired".into());
         s.identities.push(IdentityRow { status: app, queued: 0, sign_in: LoginStatus::None });
@@ -995,7 +1010,10 @@ mod tests {
         assert!(page.contains("<tr data-msg=\"00000000000000AB\">"), "{page}");
         assert!(page.contains("data-act=retry data-id=\"00000000000000AB\">Retry</button>"));
         assert!(page.contains("class=danger data-act=drop data-id=\"00000000000000AB\">Drop…</button>"));
-        assert!(page.contains("<code>mfd-relay queue retry all</code>"), "the commands stay for a page without JavaScript");
+        assert!(
+            page.contains("<code>mfd-relay queue retry all</code>"),
+            "the commands stay for a page without JavaScript"
+        );
         assert!(page.contains("<input type=email hidden data-js data-device=\"floor3-canon\""), "{page}");
         assert!(page.contains("data-act=test data-device=\"floor3-canon\">Send test mail</button>"));
         // An empty queue has nothing to retry.
