@@ -145,7 +145,14 @@
         if (a.flow === "device_code") return followDeviceCode(c, id, mailbox, a);
         if (a.flow === "auth_code") {
           if (!webUrl(a.url)) throw new Error("the provider's address is not a web address");
-          c.line("Going to the provider; after signing in as " + mailbox + " you come back to this page.");
+          var back = "";
+          try { back = new URL(a.redirect_uri).origin; } catch (e) { /* shown as is below */ }
+          if (back && back !== location.origin) {
+            c.line("Going to the provider; after signing in as " + mailbox + " the browser comes back to " +
+              back + "/status (the relay's redirect URI), which may ask for the admin password again.");
+          } else {
+            c.line("Going to the provider; after signing in as " + mailbox + " you come back to this page.");
+          }
           location.assign(a.url);
           return;
         }

@@ -424,11 +424,11 @@ pub fn render(s: &Status) -> String {
     devices(&mut h, s);
     queue(&mut h, s);
     mailboxes(&mut h, s);
-    let _ = write!(
+    let _ = writeln!(
         h,
         "</div><footer>Times are UTC. Machine-readable: <a href=\"/metrics\">/metrics</a> · \
          <a href=\"/api/auth/status\">/api/auth/status</a> · <a href=\"/api/queue\">/api/queue</a> · \
-         <a href=\"/readyz\">/readyz</a></footer></main><script>{SCRIPT}</script></body></html>\n",
+         <a href=\"/readyz\">/readyz</a></footer></main><script>{SCRIPT}</script></body></html>",
     );
     h
 }
