@@ -141,6 +141,8 @@ def run(p, args):
     # The script is running (the page's CSP allows it by its hash): buttons are shown.
     p.wait("the script's buttons", lambda: p.one("button[data-act=token][data-id=scans]").is_displayed())
     assert p.one("#refresh").text.startswith("refreshed every"), p.one("#refresh").text
+    # With scripting on, the <noscript> meta refresh is inert: no reload can cut an action short.
+    assert d.execute_script("return document.querySelector('meta[http-equiv=refresh]')") is None
     p.shot("status-page")
 
     # --- an app-only identity: a token now ------------------------------------------------
