@@ -304,7 +304,8 @@ pub fn problems(s: &Status) -> Vec<String> {
             if i.queued > 0 { format!(" {} queued message(s) wait for it.", i.queued) } else { String::new() };
         match st.state.as_str() {
             "needs_login" if delegated(&st.flow) => out.push(format!(
-                "Identity <b>{}</b> needs a sign-in: run <code>mfd-relay auth login {}</code>.{}",
+                "Identity <b>{}</b> needs a sign-in: run <code>mfd-relay auth login {}</code>\
+                 <span hidden data-js> or press <b>Sign in</b> in its row below</span>.{}",
                 e(&st.name),
                 e(&st.name),
                 e(&waiting)
