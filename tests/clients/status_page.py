@@ -3,8 +3,9 @@
 
 Each action of the page, in order: a token for an app-only identity, a device-code sign-in
 (followed while the page refreshes), queue retry / drop (with its confirmation, cancelled
-once) / retry all, a test mail, and last an authorization-code sign-in (it leaves the page
-for the provider and comes back to /status). A screenshot of each state goes to --out.
+once) / retry all, a test mail, then an authorization-code sign-in (it leaves the page for
+the provider and comes back to /status), and last the page with scripting off (read-only,
+the commands shown). A screenshot of each state goes to --out.
 
 Talks to the Rust test on stdout/stdin, one line each:
   SCREENSHOT <path>      a screenshot was written
@@ -242,6 +243,15 @@ def run(p, args):
     assert "Signed in" in result.text, result.text
     p.wait("the web identity ready", lambda: "ready" in p.one("#identity-web").text)
     p.shot("auth-code-signed-in")
+
+    # --- without JavaScript: read-only, the commands shown, the meta refresh on ---------------
+    d.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": True})
+    d.get(base + "/status")
+    assert not [b for b in p.many("button") if b.is_displayed()], "no buttons without JavaScript"
+    assert "mfd-relay auth login desk" in p.one("#identities").text, p.one("#identities").text
+    assert p.many("meta[http-equiv=refresh]"), "the page reloads itself without JavaScript"
+    p.shot("without-javascript")
+    d.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": False})
 
     # Nothing went wrong in the page itself (CSP refusals, script errors).
     logs = [e for e in d.get_log("browser") if e.get("level") == "SEVERE"]
