@@ -30,5 +30,6 @@ pub mod relay;
 pub mod reply;
 pub mod smtp;
 pub mod store;
+pub mod testsend;
 pub mod tls;
 pub mod upstream;
