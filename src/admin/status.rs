@@ -598,7 +598,7 @@ fn test_mail(device: &str) -> String {
         "<input type=email hidden data-js data-device=\"{d}\" placeholder=\"recipient@example.com\" \
          aria-label=\"Test mail recipient for {d}\" autocomplete=email>\
          <button type=button hidden data-js data-act=test data-device=\"{d}\">Send test mail</button>\
-         <noscript><small class=dim>needs JavaScript</small></noscript>"
+         <noscript><code>mfd-relay test --device {d} --to &lt;address&gt;</code></noscript>"
     )
 }
 
@@ -1017,6 +1017,8 @@ mod tests {
         );
         assert!(page.contains("<input type=email hidden data-js data-device=\"floor3-canon\""), "{page}");
         assert!(page.contains("data-act=test data-device=\"floor3-canon\">Send test mail</button>"));
+        assert!(page
+            .contains("<noscript><code>mfd-relay test --device floor3-canon --to &lt;address&gt;</code></noscript>"));
         // An empty queue has nothing to retry.
         assert!(!render(&healthy()).contains("data-act=retry-all>"));
     }
