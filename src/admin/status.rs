@@ -311,7 +311,8 @@ pub fn problems(s: &Status) -> Vec<String> {
                 e(&waiting)
             )),
             "needs_login" => out.push(format!(
-                "Identity <b>{}</b> (app-only) cannot get a token: {}. Check the app's secret or certificate and its consent in the provider's portal.{}",
+                "Identity <b>{}</b> (app-only) cannot get a token: {}. Check the app's secret or certificate and its consent in the provider's portal\
+                 <span hidden data-js>, then press <b>Fetch a token now</b> in its row below</span>.{}",
                 e(&st.name),
                 e(&cut(st.last_error.as_deref().unwrap_or("no token yet"))),
                 e(&waiting)
