@@ -16,7 +16,7 @@ const STEPS: [&str; 8] = ["token", "connect", "tls", "auth", "mail", "rcpt", "da
 
 /// The standard world plus `nobody`, an identity that was never signed in, and its device.
 async fn world() -> World {
-    World::start_with(
+    let w = World::start_with(
         |e| {
             format!(
                 "{}\n{}\n[[identity]]\nname = \"nobody\"\nprovider = \"fake\"\nemail = \"nobody@contoso.test\"\nflow = \"device_code\"\n\n\
@@ -27,7 +27,18 @@ async fn world() -> World {
         },
         |_| {},
     )
-    .await
+    .await;
+    // The harness waits for the SMTP listener; the CLI must find the admin listener too, or it
+    // would test offline (and find the database locked by the daemon).
+    let port = w.relay.admin_port;
+    tokio::task::block_in_place(|| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "no admin listener on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    w
 }
 
 fn test_cli(w: &World, args: &[&str]) -> (i32, String) {
@@ -135,7 +146,18 @@ async fn size_attaches_a_pdf_of_that_many_bytes() {
 
 /// One HTTP/1.1 request on loopback; returns (status, head in lower case, body).
 fn request(port: u16, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // The harness waits for the SMTP listener; the admin listener may bind a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("admin listener on {port}: {e}"),
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut req = format!(
         "POST /api/test HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",

@@ -7,8 +7,12 @@
 //! connection tasks, so aborting it ([`FakeSmtp::down`], drop) closes the
 //! port and every open connection at once. A connection is one [`Session`]
 //! served by [`serve`], generic over the stream so the same code runs on
-//! plain TCP, after STARTTLS and on implicit TLS. Commands are handled one
-//! line at a time as they arrive, which is all pipelining (RFC 2920) needs.
+//! plain TCP, after STARTTLS and on implicit TLS. EHLO offers PIPELINING (RFC
+//! 2920) as Exchange does (`SmtpOptions::pipelining = false` turns the keyword
+//! off); commands are taken from the read buffer one line at a time and
+//! answered in order, as a real server does. Every command is logged with the
+//! flight (the read from the socket) that brought it ([`FakeSmtp::commands`]),
+//! and each accepted message says how many flights its envelope took.
 //! Test-visible state (faults, counters, recorded messages and AUTH
 //! exchanges) lives behind one mutex shared with the [`FakeSmtp`] handle and
 //! is updated *before* the reply that reports it is written, so a test that
