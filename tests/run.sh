@@ -12,8 +12,12 @@ if [ "$(id -u)" = 0 ]; then
     # deploy/check.py validates the Kubernetes manifests against the API models with it.
     python3 -m pip install --quiet --disable-pip-version-check kubernetes \
         || echo "tests/run.sh: could not install the kubernetes models; deploy/check.py skips that check" >&2
+    # tests/it/status_page.rs drives Chromium through the status page with selenium (it uses
+    # Debian's chromedriver from install.sh; selenium-manager downloads nothing).
+    python3 -m pip install --quiet --disable-pip-version-check selenium \
+        || echo "tests/run.sh: could not install selenium; tests/it/status_page.rs will fail" >&2
 else
-    echo "tests/run.sh: not root, so not installing packages; the interop tests need swaks, postfix, dovecot-imapd and dovecot-lmtpd" >&2
+    echo "tests/run.sh: not root, so not installing packages; the interop tests need swaks, postfix, dovecot-imapd and dovecot-lmtpd, the status-page test chromium, chromium-driver and python3-selenium (pip)" >&2
 fi
 
 # tests/it/abuse.rs opens 2,000 connections to check the per-address limit.

@@ -78,6 +78,9 @@ pub struct Admin {
     reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
     /// Failed admin logins per address (kept across reloads).
     throttle: Arc<crate::smtp::auth::AuthThrottle>,
+    /// The browser's return from a sign-in goes on to `/status`, which shows the result
+    /// (the daemon); off in the CLI's own callback listener, which stops once signed in.
+    callback_to_status: bool,
 }
 
 /// What the admin listener takes from the configuration.
@@ -135,7 +138,16 @@ impl Admin {
             view: Arc::default(),
             reload: deps.reload,
             throttle: Arc::new(crate::smtp::auth::AuthThrottle::new(crate::smtp::AUTH_LIMITS)),
+            callback_to_status: true,
         }
+    }
+
+    /// The browser's return from a sign-in ends on its own page ("You can close this
+    /// window") instead of going on to `/status`: for the CLI's listener, which stops once
+    /// the sign-in is done.
+    pub fn callback_page_only(mut self) -> Admin {
+        self.callback_to_status = false;
+        self
     }
 
     /// The current generation's token manager.
@@ -293,7 +305,9 @@ async fn metrics(State(a): State<Admin>) -> Response {
 }
 
 /// The status page: collected off the async workers (it scans the queue records).
-async fn status_page(State(a): State<Admin>) -> Response {
+/// `?signin=<identity>` (where the browser lands after a sign-in) shows that identity's
+/// sign-in result at the top.
+async fn status_page(State(a): State<Admin>, Query(q): Query<HashMap<String, String>>) -> Response {
     let page = tokio::task::spawn_blocking(move || {
         let view = a.view();
         let tokens = a.tokens();
@@ -305,6 +319,8 @@ async fn status_page(State(a): State<Admin>) -> Response {
             activity: &a.activity,
             devices: &view.devices,
             mailboxes: &view.mailboxes,
+            logins: &a.logins,
+            signin: q.get("signin").map(String::as_str),
         };
         status::render(&status::collect(&sources, chrono::Utc::now().timestamp()))
     })
@@ -313,8 +329,9 @@ async fn status_page(State(a): State<Admin>) -> Response {
         Ok(page) => (
             [
                 (header::CACHE_CONTROL, "no-store"),
-                // Inline CSS only: any script that slipped into a value would not run.
-                (header::CONTENT_SECURITY_POLICY, "default-src 'none'; style-src 'unsafe-inline'"),
+                // Inline CSS and the page's own script (by its hash) only: any script that
+                // slipped into a value would not run.
+                (header::CONTENT_SECURITY_POLICY, status::content_security_policy()),
                 (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
                 (header::X_FRAME_OPTIONS, "DENY"),
                 (header::REFERRER_POLICY, "no-referrer"),
@@ -399,7 +416,14 @@ async fn auth_import(
 /// The browser's return from the provider (authorization code flow). No admin token: the
 /// browser cannot send one; the one-time `state` is what authorises this request.
 async fn oauth_callback(State(a): State<Admin>, Query(q): Query<HashMap<String, String>>) -> Response {
-    let (status, title, text) = match a.logins.callback(&a.tokens(), &q).await {
+    let (identity, outcome) = a.logins.callback_of(&a.tokens(), &q).await;
+    if let (Some(identity), true) = (identity, a.callback_to_status) {
+        // The status page reads the result from the sign-in itself, not from the URL: a link
+        // cannot make it say anything but the identity's real state.
+        let to: String = url::form_urlencoded::byte_serialize(identity.as_bytes()).collect();
+        return Redirect::to(&format!("/status?signin={to}#identities")).into_response();
+    }
+    let (status, title, text) = match outcome {
         Ok(msg) => (StatusCode::OK, "Signed in", msg),
         Err(e) => (StatusCode::BAD_REQUEST, "Sign-in failed", e),
     };

@@ -437,6 +437,7 @@ impl Offline {
             current: self.current.clone(),
             reload: None,
         })
+        .callback_page_only()
     }
 }
 

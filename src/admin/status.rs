@@ -1,8 +1,17 @@
 //! The status page (`GET /status`): what a person looks at first when a printer complains.
 //! Identities with their token state and expiry, devices with last seen / messages today /
 //! last error, the queue with its oldest messages, and the mobile-print mailboxes with their
-//! last check, on one plain HTML page (a little inline CSS, no JavaScript) that reloads
-//! itself every [`REFRESH_SECONDS`].
+//! last check, on one HTML page (inline CSS) that is refreshed every [`REFRESH_SECONDS`].
+//!
+//! The page also acts (issue 16): its one inline script ([`SCRIPT`], `status.js`, allowed by
+//! its hash in [`content_security_policy`]) signs identities in (following a device code, or
+//! going to the provider and back through `/oauth/callback`), fetches a token for app-only
+//! identities, retries and drops queued messages, and sends a test mail per device, all
+//! through the JSON API with the same guard as the CLI (same-origin JSON POSTs). Without
+//! JavaScript the page stays what it was: read-only, reloaded by a `<meta>` refresh, the
+//! commands to type shown. With it, the script refreshes only the data part (`#data`) and
+//! never while a confirmation is open or a field is being typed in; what an action shows
+//! lives outside it (`#actions`), so a refresh cannot end a sign-in being followed.
 //!
 //! [`collect`] gathers a [`Status`] from the running parts; [`render`] is a pure function of
 //! it (no clock, no I/O), so the page is tested as text below. Every value goes through
@@ -15,11 +24,30 @@ use std::fmt::Write as _;
 use crate::activity::{Activity, DeviceActivity, MailboxActivity};
 use crate::admin::html_escape;
 use crate::config::Config;
+use crate::oauth::login::{LoginStatus, Logins};
 use crate::oauth::tokens::{IdentityStatus, TokenManager};
 use crate::queue::{Queue, QueueRecord};
 
-/// The page reloads itself this often (a `<meta http-equiv=refresh>`).
+/// The page is refreshed this often (by its script, else by a `<meta http-equiv=refresh>`).
 pub const REFRESH_SECONDS: u32 = 30;
+/// The page's script: its actions and its refresh. Inline, allowed by its hash only.
+pub const SCRIPT: &str = include_str!("status.js");
+
+/// The page's Content-Security-Policy: inline CSS, [`SCRIPT`] by its SHA-256 (no other
+/// script, inline or not, runs: a value that slipped through unescaped stays inert), requests
+/// to the listener itself only, no forms, no frames.
+pub fn content_security_policy() -> &'static str {
+    static CSP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CSP.get_or_init(|| {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(SCRIPT.as_bytes()));
+        format!(
+            "default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{hash}'; connect-src 'self'; \
+             base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+    })
+}
 /// Queued messages listed on the page, oldest first; `mfd-relay queue list` has them all.
 pub const QUEUE_ROWS: usize = 10;
 /// A message queued longer than this is called out at the top of the page.
@@ -103,6 +131,9 @@ pub struct Status {
     pub devices: Vec<DeviceRow>,
     pub queue: QueueView,
     pub mailboxes: Vec<MailboxRow>,
+    /// The sign-in whose result the page was opened to show (`/status?signin=<identity>`,
+    /// where `/oauth/callback` sends the browser): the identity and where its sign-in stands.
+    pub signin: Option<(String, LoginStatus)>,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +141,8 @@ pub struct IdentityRow {
     pub status: IdentityStatus,
     /// Messages in the queue for this identity.
     pub queued: usize,
+    /// Its last sign-in started in this process (from the page or the CLI).
+    pub sign_in: LoginStatus,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +179,10 @@ pub struct Sources<'a> {
     pub activity: &'a Activity,
     pub devices: &'a [DeviceInfo],
     pub mailboxes: &'a [MailboxInfo],
+    /// Sign-ins in progress or done.
+    pub logins: &'a Logins,
+    /// The identity named by `?signin=`, if any (shown only when it is configured).
+    pub signin: Option<&'a str>,
 }
 
 /// Reads the current state (a scan of the queue records: run it off the async workers).
@@ -157,15 +194,20 @@ pub fn collect(src: &Sources<'_>, now: i64) -> Status {
         }
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
-    let identities = src
+    let identities: Vec<IdentityRow> = src
         .tokens
         .status()
         .into_iter()
         .map(|status| {
             let queued = records.iter().filter(|r| r.identity == status.name).count();
-            IdentityRow { status, queued }
+            let sign_in = src.logins.status(&status.name);
+            IdentityRow { status, queued, sign_in }
         })
         .collect();
+    let signin = src
+        .signin
+        .and_then(|name| identities.iter().find(|i| i.status.name == name))
+        .map(|i| (i.status.name.clone(), i.sign_in.clone()));
     let devices =
         src.devices.iter().map(|d| DeviceRow { info: d.clone(), activity: src.activity.device(&d.name) }).collect();
     let mailboxes =
@@ -186,6 +228,7 @@ pub fn collect(src: &Sources<'_>, now: i64) -> Status {
             set_aside_dir: src.queue.spool().set_aside_dir().display().to_string(),
         },
         mailboxes,
+        signin,
     }
 }
 
@@ -261,13 +304,15 @@ pub fn problems(s: &Status) -> Vec<String> {
             if i.queued > 0 { format!(" {} queued message(s) wait for it.", i.queued) } else { String::new() };
         match st.state.as_str() {
             "needs_login" if delegated(&st.flow) => out.push(format!(
-                "Identity <b>{}</b> needs a sign-in: run <code>mfd-relay auth login {}</code>.{}",
+                "Identity <b>{}</b> needs a sign-in: run <code>mfd-relay auth login {}</code>\
+                 <span hidden data-js> or press <b>Sign in</b> in its row below</span>.{}",
                 e(&st.name),
                 e(&st.name),
                 e(&waiting)
             )),
             "needs_login" => out.push(format!(
-                "Identity <b>{}</b> (app-only) cannot get a token: {}. Check the app's secret or certificate and its consent in the provider's portal.{}",
+                "Identity <b>{}</b> (app-only) cannot get a token: {}. Check the app's secret or certificate and its consent in the provider's portal\
+                 <span hidden data-js>, then press <b>Fetch a token now</b> in its row below</span>.{}",
                 e(&st.name),
                 e(&cut(st.last_error.as_deref().unwrap_or("no token yet"))),
                 e(&waiting)
@@ -330,7 +375,18 @@ small,.dim{color:#57606a}small{font-size:12px}\
 .summary{border-radius:6px;padding:8px 14px;margin:16px 0 4px;border:1px solid #4ac26b;background:#dafbe1}\
 .summary.bad{border-color:#ff8182;background:#ffebe9}.summary ul{margin:4px 0;padding-left:20px}\
 code{font:12px ui-monospace,\"DejaVu Sans Mono\",monospace;background:#eaeef2;padding:1px 4px;border-radius:4px}\
-footer{margin-top:24px;font-size:12px;color:#57606a}footer a{color:#0969da}";
+footer{margin-top:24px;font-size:12px;color:#57606a}footer a{color:#0969da}\
+button{font:inherit;font-size:12px;padding:2px 10px;border:1px solid #d0d7de;border-radius:6px;background:#f6f8fa;color:#24292f;cursor:pointer;white-space:nowrap}\
+button:hover{background:#eaeef2}button:disabled{opacity:.55;cursor:default}\
+button.primary{background:#1f883d;border-color:#1a7f37;color:#fff}button.danger{color:#a40e26}\
+input{font:inherit;font-size:12px;padding:2px 6px;border:1px solid #d0d7de;border-radius:6px;width:15em}\
+td.act{white-space:nowrap}td.act>*{margin:1px 2px}\
+#actions{max-width:1400px;padding:0 24px}\
+.card{background:#fff;border:1px solid #d0d7de;border-left:4px solid #0969da;border-radius:6px;padding:8px 14px;margin:12px 0 0}\
+.card.ok{border-left-color:#1f883d;background:#fff}.card.bad{border-left-color:#cf222e;background:#fff}\
+.card h3{font-size:14px;margin:0 0 4px;display:flex;justify-content:space-between;gap:12px}\
+.card p{margin:4px 0}.card .usercode{font-size:20px;letter-spacing:2px;padding:2px 8px}\
+.card ol{margin:4px 0;padding-left:22px}.card li.bad{color:#a40e26}.card li small{margin-left:6px}";
 
 /// The page.
 pub fn render(s: &Status) -> String {
@@ -339,14 +395,20 @@ pub fn render(s: &Status) -> String {
         h,
         "<!doctype html><html lang=en><head><meta charset=utf-8>\
          <meta name=viewport content=\"width=device-width,initial-scale=1\">\
-         <meta http-equiv=refresh content={REFRESH_SECONDS}>\
+         <noscript><meta http-equiv=refresh content={REFRESH_SECONDS}></noscript>\
          <title>mfd-relay status: {host}</title><style>{STYLE}</style></head><body>\
          <header><h1>mfd-relay <span>{host}</span></h1>\
-         <p>version {version} · up {up} · updated {updated} · this page reloads every {REFRESH_SECONDS} s</p></header><main>",
+         <p>version {version} · up {up} · <span id=updated>updated {updated}</span> · \
+         <span id=refresh>this page reloads every {REFRESH_SECONDS} s</span> \
+         <button type=button hidden data-js data-act=refresh>Refresh now</button></p></header>\
+         <section id=actions aria-live=polite>{signin}</section><main><div id=data>",
         host = e(&s.hostname),
         version = e(&s.version),
         up = e(&span(s.now - s.started)),
-        updated = e(&chrono::DateTime::from_timestamp(s.now, 0).map(|t| t.format("%H:%M:%S UTC").to_string()).unwrap_or_default()),
+        updated = e(&chrono::DateTime::from_timestamp(s.now, 0)
+            .map(|t| t.format("%H:%M:%S UTC").to_string())
+            .unwrap_or_default()),
+        signin = s.signin.as_ref().map(|(name, st)| signin_card(name, st)).unwrap_or_default(),
     );
     let problems = problems(s);
     if problems.is_empty() {
@@ -364,12 +426,55 @@ pub fn render(s: &Status) -> String {
     devices(&mut h, s);
     queue(&mut h, s);
     mailboxes(&mut h, s);
-    h.push_str(
-        "<footer>Times are UTC. Machine-readable: <a href=\"/metrics\">/metrics</a> · \
+    let _ = writeln!(
+        h,
+        "</div><footer>Times are UTC. Machine-readable: <a href=\"/metrics\">/metrics</a> · \
          <a href=\"/api/auth/status\">/api/auth/status</a> · <a href=\"/api/queue\">/api/queue</a> · \
-         <a href=\"/readyz\">/readyz</a></footer></main></body></html>\n",
+         <a href=\"/readyz\">/readyz</a></footer></main><script>{SCRIPT}</script></body></html>",
     );
     h
+}
+
+/// The result of the sign-in the browser came back from (`/status?signin=<identity>`), read
+/// from the sign-in itself.
+fn signin_card(name: &str, st: &LoginStatus) -> String {
+    let (class, title, text) = match st {
+        LoginStatus::Done { account } => (
+            "ok",
+            "Signed in",
+            format!("Identity \"{name}\" signed in as {account}. The relay refreshes its token from now on."),
+        ),
+        LoginStatus::Failed { error } => ("bad", "Sign-in failed", format!("Identity \"{name}\": {}", cut(error))),
+        LoginStatus::Pending => ("", "Sign-in in progress", format!("Identity \"{name}\" is still signing in.")),
+        LoginStatus::None => ("bad", "No sign-in", format!("No sign-in of identity \"{name}\" was started here.")),
+    };
+    format!(
+        "<div class=\"card {class}\" id=signin-result><h3><span>{}</span>\
+         <button type=button hidden data-js data-act=close aria-label=Close>×</button></h3><p>{}</p></div>",
+        e(title),
+        e(&text)
+    )
+}
+
+/// What a person can do about an identity: sign in (delegated flows) or fetch a token
+/// (app-only). The buttons appear with the script; the command is there for everyone.
+fn identity_actions(st: &IdentityStatus) -> String {
+    let name = e(&st.name);
+    let button = if delegated(&st.flow) {
+        let (class, label) = if st.state == "needs_login" { ("primary", "Sign in") } else { ("", "Sign in again") };
+        format!(
+            "<button type=button hidden data-js class=\"{class}\" data-act=signin data-id=\"{name}\" \
+             data-mailbox=\"{}\" data-flow=\"{}\">{label}</button>",
+            e(&st.mailbox),
+            e(&st.flow)
+        )
+    } else {
+        let class = if st.state == "ready" { "" } else { "primary" };
+        format!(
+            "<button type=button hidden data-js class=\"{class}\" data-act=token data-id=\"{name}\">Fetch a token now</button>"
+        )
+    };
+    format!("{button}<noscript><code>mfd-relay auth login {name}</code></noscript>")
 }
 
 fn identities(h: &mut String, s: &Status) {
@@ -379,16 +484,32 @@ fn identities(h: &mut String, s: &Status) {
         return;
     }
     h.push_str(
-        "<table><tr><th>Identity</th><th>Account</th><th>Provider · sign-in</th><th>State</th>\
-         <th>Access token</th><th>Last refresh</th><th class=n>Queued</th><th>Last error</th></tr>",
+        "<table id=identities><tr><th>Identity</th><th>Mailbox · signed in as</th><th>Provider · sign-in</th><th>State</th>\
+         <th>Access token</th><th>Last refresh</th><th class=n>Queued</th><th>Last error</th><th>Actions</th></tr>",
     );
     for i in &s.identities {
         let st = &i.status;
-        let state = match st.state.as_str() {
+        let mut state = match st.state.as_str() {
             "ready" => badge("ok", "ready"),
             "needs_login" => badge("bad", "needs sign-in"),
             "error" => badge("warn", "refresh failing"),
             other => badge("warn", other),
+        };
+        if i.sign_in == LoginStatus::Pending {
+            let _ = write!(state, "<br>{}", badge("warn", "signing in"));
+        }
+        // Who the tokens were issued to, next to the mailbox the relay sends from: a person
+        // may sign in with another account (a shared mailbox needs Send As for it).
+        let mailbox = if st.mailbox.is_empty() { &st.account } else { &st.mailbox };
+        let account = if !st.signed_in {
+            "<br><small class=dim>no token yet</small>".to_string()
+        } else if st.account.eq_ignore_ascii_case(mailbox) {
+            format!("<br><small>signed in as {}</small>", e(&st.account))
+        } else {
+            format!(
+                "<br><small>signed in as <b>{}</b> (another account: it needs Send As on the mailbox)</small>",
+                e(&st.account)
+            )
         };
         let token = match st.expires_at {
             Some(t) if t > s.now => {
@@ -399,6 +520,12 @@ fn identities(h: &mut String, s: &Status) {
         };
         let mut error =
             st.last_error.as_deref().map(|x| format!("<span class=err>{}</span>", e(&cut(x)))).unwrap_or_default();
+        if let LoginStatus::Failed { error: why } = &i.sign_in {
+            if !error.is_empty() {
+                error.push_str("<br>");
+            }
+            let _ = write!(error, "<span class=err>last sign-in failed: {}</span>", e(&cut(why)));
+        }
         if st.state == "needs_login" && delegated(&st.flow) {
             if !error.is_empty() {
                 error.push_str("<br>");
@@ -407,14 +534,16 @@ fn identities(h: &mut String, s: &Status) {
         }
         let _ = write!(
             h,
-            "<tr><td><b>{}</b></td><td>{}</td><td>{} · {}</td><td>{state}</td><td>{token}</td><td>{}</td>\
-             <td class=n>{}</td><td class=e>{error}</td></tr>",
+            "<tr id=\"identity-{}\"><td><b>{}</b></td><td>{}{account}</td><td>{} · {}</td><td>{state}</td><td>{token}</td><td>{}</td>\
+             <td class=n>{}</td><td class=e>{error}</td><td class=act>{}</td></tr>",
             e(&st.name),
-            e(&st.account),
+            e(&st.name),
+            e(mailbox),
             e(&st.provider),
             e(&st.flow.replace('_', " ")),
             when(s.now, st.last_refresh),
             i.queued,
+            identity_actions(st),
         );
     }
     h.push_str("</table>");
@@ -427,8 +556,8 @@ fn devices(h: &mut String, s: &Status) {
         return;
     }
     h.push_str(
-        "<table><tr><th>Device</th><th>Identity</th><th>Recognised by</th><th>Last seen</th>\
-         <th class=n>Messages today</th><th>Last error</th></tr>",
+        "<table id=devices><tr><th>Device</th><th>Identity</th><th>Recognised by</th><th>Last seen</th>\
+         <th class=n>Messages today</th><th>Last error</th><th>Test mail</th></tr>",
     );
     for d in &s.devices {
         let addrs = e(&d.info.addresses.join(", "));
@@ -451,13 +580,27 @@ fn devices(h: &mut String, s: &Status) {
         };
         let _ = write!(
             h,
-            "<tr><td><b>{}</b></td><td>{}</td><td>{by}</td><td>{seen}</td><td class=n>{}</td>{error}</tr>",
+            "<tr><td><b>{}</b></td><td>{}</td><td>{by}</td><td>{seen}</td><td class=n>{}</td>{error}\
+             <td class=act>{}</td></tr>",
             e(&d.info.name),
             e(&d.info.identity),
             a.messages_today,
+            test_mail(&d.info.name),
         );
     }
     h.push_str("</table>");
+}
+
+/// The test-mail field and button of a device (shown with the script): the relay sends a
+/// small message as that device would, through its identity, and shows each step.
+fn test_mail(device: &str) -> String {
+    let d = e(device);
+    format!(
+        "<input type=email hidden data-js data-device=\"{d}\" placeholder=\"recipient@example.com\" \
+         aria-label=\"Test mail recipient for {d}\" autocomplete=email>\
+         <button type=button hidden data-js data-act=test data-device=\"{d}\">Send test mail</button>\
+         <noscript><code>mfd-relay test --device {d} --to &lt;address&gt;</code></noscript>"
+    )
 }
 
 /// "512 B", "12.3 KiB", "4.0 MiB".
@@ -480,7 +623,7 @@ fn queue(h: &mut String, s: &Status) {
         None if q.error.is_some() => format!("{} messages", q.depth),
         None => "empty".into(),
     };
-    let _ = write!(h, "<h2>Queue <small>{summary}</small></h2>");
+    let _ = write!(h, "<h2 id=queue>Queue <small>{summary}</small></h2>");
     if let Some(err) = &q.error {
         let _ = write!(h, "<p class=err>Cannot read the queue: {}</p>", e(err));
     }
@@ -501,8 +644,11 @@ fn queue(h: &mut String, s: &Status) {
         return;
     }
     h.push_str(
-        "<table><tr><th>ID</th><th>Received</th><th>Device → identity</th><th class=n>Recipients</th>\
-         <th class=n>Size</th><th class=n>Attempts</th><th>Next attempt</th><th>Last error</th></tr>",
+        "<p><button type=button hidden data-js data-act=retry-all>Retry all now</button> \
+         <small class=dim>Commands: <code>mfd-relay queue retry all</code> · <code>mfd-relay queue retry &lt;id&gt;</code> · \
+         <code>mfd-relay queue drop &lt;id&gt;</code></small></p>\
+         <table id=queue-table><tr><th>ID</th><th>Received</th><th>Device → identity</th><th class=n>Recipients</th>\
+         <th class=n>Size</th><th class=n>Attempts</th><th>Next attempt</th><th>Last error</th><th>Actions</th></tr>",
     );
     for r in &q.oldest {
         let next = r.next_attempt / 1000;
@@ -513,9 +659,10 @@ fn queue(h: &mut String, s: &Status) {
         };
         let _ = write!(
             h,
-            "<tr><td><code>{}</code></td><td>{}</td><td>{} → {}</td><td class=n>{}</td><td class=n>{}</td>\
-             <td class=n>{}</td><td>{next}</td><td class=\"e err\">{}</td></tr>",
-            e(&r.id.to_string()),
+            "<tr data-msg=\"{id}\"><td><code>{id}</code></td><td>{}</td><td>{} → {}</td><td class=n>{}</td><td class=n>{}</td>\
+             <td class=n>{}</td><td>{next}</td><td class=\"e err\">{}</td>\
+             <td class=act><button type=button hidden data-js data-act=retry data-id=\"{id}\">Retry</button>\
+             <button type=button hidden data-js class=danger data-act=drop data-id=\"{id}\">Drop…</button></td></tr>",
             when(s.now, Some(r.received)),
             e(&r.device),
             e(&r.identity),
@@ -523,6 +670,7 @@ fn queue(h: &mut String, s: &Status) {
             e(&size(r.size)),
             r.attempts,
             e(&cut(r.last_error.as_deref().unwrap_or(""))),
+            id = e(&r.id.to_string()),
         );
     }
     h.push_str("</table>");
@@ -584,6 +732,8 @@ mod tests {
             provider: "contoso".into(),
             flow: flow.into(),
             account: format!("{name}@contoso.com"),
+            mailbox: format!("{name}@contoso.com"),
+            signed_in: state == "ready",
             state: state.into(),
             expires_at: (state == "ready").then_some(NOW + 3120),
             last_refresh: Some(NOW - 600),
@@ -618,7 +768,11 @@ mod tests {
             hostname: "relay.contoso.lan".into(),
             version: "0.1.0".into(),
             started: NOW - 3 * 3600 - 300,
-            identities: vec![IdentityRow { status: identity("scans", "ready", "device_code"), queued: 0 }],
+            identities: vec![IdentityRow {
+                status: identity("scans", "ready", "device_code"),
+                queued: 0,
+                sign_in: LoginStatus::None,
+            }],
             devices: vec![DeviceRow {
                 info: DeviceInfo {
                     name: "floor3-canon".into(),
@@ -649,6 +803,7 @@ mod tests {
                     a
                 },
             }],
+            signin: None,
         }
     }
 
@@ -678,7 +833,10 @@ mod tests {
         assert!(problems(&s).is_empty(), "{:?}", problems(&s));
         let page = render(&s);
         assert!(page.starts_with("<!doctype html>"));
-        assert!(page.contains("<meta http-equiv=refresh content=30>"));
+        assert!(
+            page.contains("<noscript><meta http-equiv=refresh content=30></noscript>"),
+            "reloads without JavaScript"
+        );
         assert!(page.contains("All good."));
         assert!(page.contains("relay.contoso.lan") && page.contains("up 3 h 5 min"));
         assert!(page.contains("<b>scans</b>") && page.contains("scans@contoso.com"));
@@ -690,19 +848,24 @@ mod tests {
         assert!(page.contains("<td class=n>7</td>"), "messages today");
         assert!(page.contains("Queue <small>empty</small>"));
         assert!(page.contains("<b>print</b>") && page.contains("INBOX") && page.contains("30 s ago"));
-        assert!(!page.contains("<script"), "no JavaScript");
+        assert_eq!(page.matches("<script").count(), 1, "the page's own script only");
+        assert!(page.contains(&format!("<script>{SCRIPT}</script>")));
     }
 
     #[test]
     fn problems_are_called_out_with_what_to_do() {
         let mut s = healthy();
-        s.identities.push(IdentityRow { status: identity("print", "needs_login", "device_code"), queued: 2 });
+        s.identities.push(IdentityRow {
+            status: identity("print", "needs_login", "device_code"),
+            queued: 2,
+            sign_in: LoginStatus::None,
+        });
         let mut app = identity("app", "needs_login", "client_credentials");
         app.last_error = Some("AADSTS7000222: the client secret has expired".into());
-        s.identities.push(IdentityRow { status: app, queued: 0 });
+        s.identities.push(IdentityRow { status: app, queued: 0, sign_in: LoginStatus::None });
         let mut failing = identity("gmail", "error", "auth_code");
         failing.last_error = Some("token endpoint: timeout".into());
-        s.identities.push(IdentityRow { status: failing, queued: 0 });
+        s.identities.push(IdentityRow { status: failing, queued: 0, sign_in: LoginStatus::None });
         s.queue = QueueView {
             depth: 14,
             oldest: vec![record(1, NOW - 7200), record(2, NOW - 60)],
@@ -757,10 +920,132 @@ mod tests {
         r.device = evil.into();
         r.last_error = Some(evil.into());
         s.queue = QueueView { depth: 1, oldest: vec![r], error: Some(evil.into()), ..Default::default() };
+        s.identities[0].status.name = evil.into();
+        s.identities[0].status.mailbox = evil.into();
+        s.devices[0].info.name = evil.into();
+        s.signin = Some((evil.into(), LoginStatus::Failed { error: evil.into() }));
         let page = render(&s);
+        // The one <script> is the page's own; no value opened another, nor left an attribute
+        // (data-id, data-device, aria-label) through a quote.
+        let page = page.replace(&format!("<script>{SCRIPT}</script>"), "");
         assert!(!page.contains("<script"), "{page}");
         assert!(!page.contains("\"x\""));
+        assert!(page.contains("data-id=\"&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;\""), "{page}");
+        assert!(page.contains("data-device=\"&lt;script&gt;"), "{page}");
         assert!(page.contains("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;"));
+    }
+
+    #[test]
+    fn each_identity_offers_its_sign_in_or_a_token_request() {
+        let mut s = healthy();
+        s.identities = vec![
+            IdentityRow {
+                status: identity("desk", "needs_login", "device_code"),
+                queued: 0,
+                sign_in: LoginStatus::None,
+            },
+            IdentityRow { status: identity("web", "ready", "auth_code"), queued: 0, sign_in: LoginStatus::Pending },
+            IdentityRow {
+                status: identity("app", "ready", "client_credentials"),
+                queued: 0,
+                sign_in: LoginStatus::Failed { error: "AADSTS70000: scope".into() },
+            },
+        ];
+        s.identities[0].status.mailbox = "frontdesk@contoso.com".into();
+        let page = render(&s);
+        assert!(
+            page.contains(
+                "<button type=button hidden data-js class=\"primary\" data-act=signin data-id=\"desk\" \
+                 data-mailbox=\"frontdesk@contoso.com\" data-flow=\"device_code\">Sign in</button>"
+            ),
+            "{page}"
+        );
+        assert!(page.contains("data-act=signin data-id=\"web\" data-mailbox=\"web@contoso.com\" data-flow=\"auth_code\">Sign in again</button>"));
+        assert!(page.contains("data-act=token data-id=\"app\">Fetch a token now</button>"), "{page}");
+        // Without JavaScript the buttons stay hidden and the command is there instead.
+        for name in ["desk", "web", "app"] {
+            assert!(page.contains(&format!("<noscript><code>mfd-relay auth login {name}</code></noscript>")), "{name}");
+        }
+        assert!(!page.contains("data-act=token data-id=\"desk\""), "a delegated identity gets no token button");
+        assert!(page.contains("<span class=\"b warn\">signing in</span>"), "a sign-in in progress");
+        assert!(page.contains("last sign-in failed: AADSTS70000: scope"), "{page}");
+    }
+
+    #[test]
+    fn who_signed_in_is_shown_next_to_the_mailbox() {
+        let mut s = healthy();
+        s.identities[0].status.mailbox = "scans@contoso.com".into();
+        s.identities[0].status.account = "alice@contoso.com".into();
+        let page = render(&s);
+        assert!(
+            page.contains("<td>scans@contoso.com<br><small>signed in as <b>alice@contoso.com</b> (another account"),
+            "{page}"
+        );
+        s.identities[0].status.account = "Scans@Contoso.com".into();
+        assert!(render(&s).contains("<td>scans@contoso.com<br><small>signed in as Scans@Contoso.com</small></td>"));
+        s.identities[0].status.signed_in = false;
+        s.identities[0].status.account = "scans@contoso.com".into();
+        assert!(render(&s).contains("<td>scans@contoso.com<br><small class=dim>no token yet</small></td>"));
+    }
+
+    #[test]
+    fn the_result_of_a_sign_in_is_shown_from_the_sign_in_itself() {
+        let mut s = healthy();
+        s.signin = Some(("scans".into(), LoginStatus::Done { account: "alice@contoso.com".into() }));
+        let page = render(&s);
+        let actions = &page[page.find("<section id=actions").unwrap()..page.find("<main>").unwrap()];
+        assert!(actions.contains("<div class=\"card ok\" id=signin-result><h3><span>Signed in</span>"), "{actions}");
+        assert!(actions.contains("Identity &quot;scans&quot; signed in as alice@contoso.com."), "{actions}");
+        s.signin = Some(("scans".into(), LoginStatus::Failed { error: "access_denied: declined".into() }));
+        let page = render(&s);
+        assert!(page.contains("<span>Sign-in failed</span>") && page.contains("access_denied: declined"));
+        s.signin = None;
+        assert!(render(&s).contains("<section id=actions aria-live=polite></section>"));
+    }
+
+    #[test]
+    fn queued_messages_can_be_retried_and_dropped_and_devices_tested() {
+        let mut s = healthy();
+        s.queue = QueueView { depth: 1, oldest: vec![record(0xab, NOW - 10)], error: None, ..Default::default() };
+        let page = render(&s);
+        assert!(page.contains("<button type=button hidden data-js data-act=retry-all>Retry all now</button>"));
+        assert!(page.contains("<tr data-msg=\"00000000000000AB\">"), "{page}");
+        assert!(page.contains("data-act=retry data-id=\"00000000000000AB\">Retry</button>"));
+        assert!(page.contains("class=danger data-act=drop data-id=\"00000000000000AB\">Drop…</button>"));
+        assert!(
+            page.contains("<code>mfd-relay queue retry all</code>"),
+            "the commands stay for a page without JavaScript"
+        );
+        assert!(page.contains("<input type=email hidden data-js data-device=\"floor3-canon\""), "{page}");
+        assert!(page.contains("data-act=test data-device=\"floor3-canon\">Send test mail</button>"));
+        assert!(page
+            .contains("<noscript><code>mfd-relay test --device floor3-canon --to &lt;address&gt;</code></noscript>"));
+        // An empty queue has nothing to retry.
+        assert!(!render(&healthy()).contains("data-act=retry-all>"));
+    }
+
+    #[test]
+    fn the_script_runs_by_its_hash_and_only_refreshes_the_data_part() {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let csp = content_security_policy();
+        let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(SCRIPT.as_bytes()));
+        assert!(csp.starts_with("default-src 'none'; style-src 'unsafe-inline'; "), "{csp}");
+        assert!(csp.contains(&format!("script-src 'sha256-{hash}';")), "{csp}");
+        assert!(csp.contains("connect-src 'self'") && csp.contains("form-action 'none'"), "{csp}");
+        assert!(!csp.contains("unsafe-eval") && !csp.contains("script-src 'unsafe-inline'"), "{csp}");
+        // The script ends where the page means it to, and never writes markup.
+        assert!(!SCRIPT.to_ascii_lowercase().contains("</script"));
+        for sink in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("] {
+            assert!(!SCRIPT.contains(sink), "{sink} in status.js");
+        }
+        // What the script refreshes and where it reports are the page's own ids.
+        let page = render(&healthy());
+        for id in ["id=data", "id=actions", "id=updated", "id=refresh"] {
+            assert!(page.contains(id), "{id}");
+        }
+        let data = &page[page.find("<div id=data>").unwrap()..page.find("<footer>").unwrap()];
+        assert!(data.contains("Identities") && data.contains("Queue") && !data.contains("id=actions"));
     }
 
     #[test]

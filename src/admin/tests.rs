@@ -178,3 +178,46 @@ async fn a_published_generation_is_what_the_admin_uses_next() {
     publish.send_replace(Arc::new(next));
     assert_eq!(get(port, "/api/queue", None).await.0, 200);
 }
+
+#[tokio::test]
+async fn the_return_from_a_sign_in_goes_on_to_the_status_page_with_its_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+                [[provider]]\nname = \"idp\"\nkind = \"generic\"\nclient_id = \"app\"\n\
+                token_url = \"http://127.0.0.1:9/token\"\nauthorization_url = \"http://127.0.0.1:9/authorize\"\n\
+                scopes = [\"mail\"]\nsmtp = \"127.0.0.1:25\"\n\n\
+                [[identity]]\nname = \"web desk\"\nprovider = \"idp\"\nemail = \"web@contoso.test\"\nflow = \"auth_code\"\n";
+    let config = Config::parse(&dir.path().join("config.toml"), text.into()).unwrap();
+    let offline = ops::Offline::open(config).await.unwrap();
+    // The daemon's listener (the offline CLI's own one keeps its "close this window" page).
+    let admin = Admin::new(Deps {
+        queue: offline.shared.queue.clone(),
+        logins: offline.shared.logins.clone(),
+        activity: offline.shared.activity.clone(),
+        current: offline.current.clone(),
+        reload: None,
+    });
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(admin.serve(tcp, rx));
+
+    // A browser sign-in started (no network: only its address is made), then declined.
+    let start = ops::AuthLogin { identity: "web desk".into() }.run(&offline.auth_ops()).await.unwrap();
+    let crate::oauth::login::LoginStart::AuthCode { url, .. } = start else { panic!("{start:?}") };
+    let state = url::Url::parse(&url).unwrap().query_pairs().find(|(k, _)| k == "state").unwrap().1.to_string();
+    let (code, head, _) =
+        get(port, &format!("/oauth/callback?state={state}&error=access_denied&error_description=declined"), None).await;
+    assert_eq!(code, 303, "{head}");
+    assert!(head.contains("location: /status?signin=web+desk#identities"), "{head}");
+    // The page shows what the sign-in itself says, whatever the link says.
+    let (code, _, page) = get(port, "/status?signin=web+desk", None).await;
+    assert_eq!(code, 200);
+    assert!(page.contains("<span>Sign-in failed</span>") && page.contains("access_denied: declined"), "{page}");
+    let (_, _, page) = get(port, "/status?signin=nobody", None).await;
+    assert!(!page.contains("id=signin-result"), "an identity that is not configured shows nothing");
+    // A state used once, or never issued, stays an error page: nothing to show on /status.
+    let (code, _, page) = get(port, &format!("/oauth/callback?state={state}&code=x"), None).await;
+    assert_eq!(code, 400);
+    assert!(page.contains("Sign-in failed") && page.contains("unknown or already used"), "{page}");
+}

@@ -197,9 +197,22 @@ impl Logins {
 
     /// The browser came back with `code` and `state` (or with an error).
     pub async fn callback(&self, tokens: &TokenManager, query: &HashMap<String, String>) -> Result<String, String> {
+        self.callback_of(tokens, query).await.1
+    }
+
+    /// [`Logins::callback`], with the identity the `state` belonged to (`None` when the
+    /// state is unknown or expired), so that the status page can show that identity's result.
+    pub async fn callback_of(
+        &self,
+        tokens: &TokenManager,
+        query: &HashMap<String, String>,
+    ) -> (Option<String>, Result<String, String>) {
         let state = query.get("state").cloned().unwrap_or_default();
         let pending = self.codes.locked().take(&state, std::time::Instant::now());
-        let pending = pending.map_err(String::from)?;
+        let pending = match pending {
+            Ok(p) => p,
+            Err(e) => return (None, Err(e.to_string())),
+        };
         let result = match (query.get("code"), query.get("error")) {
             (Some(code), _) => match tokens.slot(&pending.identity) {
                 Ok(slot) => exchange_code(tokens.http(), slot, code, &pending.verifier, &pending.redirect_uri).await,
@@ -213,11 +226,12 @@ impl Logins {
         };
         let identity = pending.identity.clone();
         self.finish(tokens, &identity, None, result).await;
-        match self.status(&identity) {
+        let outcome = match self.status(&identity) {
             LoginStatus::Done { account } => Ok(format!("identity \"{identity}\" signed in as {account}")),
             LoginStatus::Failed { error } => Err(error),
             _ => Err("sign-in did not complete".into()),
-        }
+        };
+        (Some(identity), outcome)
     }
 
     /// Completes an authorization-code sign-in from the URL the browser was redirected to

@@ -213,7 +213,15 @@ pub struct IdentityStatus {
     pub name: String,
     pub provider: String,
     pub flow: String,
+    /// The account the tokens were issued to (from the ID token of a sign-in), or the
+    /// configured mailbox before any token.
     pub account: String,
+    /// The configured mailbox (`[[identity]] email`): the relay sends from it.
+    #[serde(default)]
+    pub mailbox: String,
+    /// Whether `account` comes from a token (some sign-in or token request succeeded).
+    #[serde(default)]
+    pub signed_in: bool,
     pub state: String,
     pub expires_at: Option<i64>,
     pub last_refresh: Option<i64>,
@@ -667,6 +675,8 @@ impl TokenManager {
                     provider: s.provider.name.clone(),
                     flow: s.flow.to_string(),
                     account: r.account.clone().unwrap_or_else(|| s.email.clone()),
+                    mailbox: s.email.clone(),
+                    signed_in: r.account.is_some(),
                     state: r.state.as_str().into(),
                     expires_at: r.expires_at.filter(|_| r.access_token.is_some()),
                     last_refresh: r.last_refresh,

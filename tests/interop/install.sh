@@ -4,12 +4,14 @@
 # prometheus for promtool (deploy/check.py checks the alert rules with it), and strace
 # (tests/it/durability.rs checks that every file of a message is synced before its 250) and
 # faketime (the same file steps the relay's wall clock); libssl-dev and pkg-config, to build
-# the legacy-TLS listener against the system OpenSSL 3.
+# the legacy-TLS listener against the system OpenSSL 3; chromium and chromium-driver, the
+# headless browser tests/it/status_page.rs clicks through the status page with (selenium
+# drives Debian's /usr/bin/chromedriver, so nothing is downloaded at test time).
 # Idempotent: does nothing when every package is already installed.
 # Only Debian's own package mirrors are needed.
 set -eu
 
-PKGS="dovecot-imapd dovecot-lmtpd postfix swaks openssl curl libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl prometheus strace faketime libssl-dev pkg-config"
+PKGS="dovecot-imapd dovecot-lmtpd postfix swaks openssl curl libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl prometheus strace faketime libssl-dev pkg-config chromium chromium-driver"
 
 missing=""
 for p in $PKGS; do

@@ -23,4 +23,5 @@ mod postfix;
 mod reload;
 mod rewrite;
 mod spine;
+mod status_page;
 mod test_send;
