@@ -98,30 +98,90 @@ pub enum QueueError {
     InFlight(MessageId),
 }
 
+/// The in-memory schedule: when each queued message is due, under its identity, and which
+/// messages are being attempted. Records stay on disk; this holds only ids, times and a shared
+/// name per identity, so it stays small at any depth and lets the runner pick an identity's
+/// due messages (and `retry` pick an identity's messages) without reading the store.
 #[derive(Default)]
 struct Schedule {
-    /// (due time in [`now_ms`] milliseconds, id), earliest first.
-    due: BTreeSet<(i64, MessageId)>,
-    at: HashMap<MessageId, i64>,
+    /// Per identity: (due time in [`now_ms`] milliseconds, id), earliest first. An identity
+    /// whose upstream is saturated does not hide another identity's due messages.
+    due: HashMap<Arc<str>, BTreeSet<(i64, MessageId)>>,
+    /// Each scheduled message's time and identity.
+    at: HashMap<MessageId, (i64, Arc<str>)>,
     /// Being attempted now (each held by one [`Lease`]): not due, whatever their time.
-    in_flight: HashSet<MessageId>,
+    in_flight: HashMap<MessageId, Arc<str>>,
+    /// One shared name per identity (the entries above point at it).
+    names: HashSet<Arc<str>>,
 }
 
 impl Schedule {
-    /// Makes `id` due at `at` ([`now_ms`] milliseconds), replacing its earlier time.
-    fn set(&mut self, id: MessageId, at: i64) {
-        if let Some(old) = self.at.insert(id, at) {
-            self.due.remove(&(old, id));
+    /// The shared name of `identity`.
+    fn intern(&mut self, identity: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(identity) {
+            return n.clone();
         }
-        self.due.insert((at, id));
+        let n: Arc<str> = Arc::from(identity);
+        self.names.insert(n.clone());
+        n
+    }
+
+    /// Makes `id` due at `at` ([`now_ms`] milliseconds) under `identity`, replacing its
+    /// earlier time.
+    fn set(&mut self, id: MessageId, at: i64, identity: Arc<str>) {
+        self.unschedule(id);
+        self.due.entry(identity.clone()).or_default().insert((at, id));
+        self.at.insert(id, (at, identity));
+    }
+
+    /// Takes `id` off the schedule (not off the in-flight set); returns its identity.
+    fn unschedule(&mut self, id: MessageId) -> Option<Arc<str>> {
+        let (at, identity) = self.at.remove(&id)?;
+        if let Some(set) = self.due.get_mut(&identity) {
+            set.remove(&(at, id));
+            if set.is_empty() {
+                self.due.remove(&identity);
+            }
+        }
+        Some(identity)
+    }
+
+    /// Marks `id` in flight (taking it off the schedule); `None` when it already is. The
+    /// identity is the scheduled one, else `identity`.
+    fn take(&mut self, id: MessageId, identity: Option<&str>) -> Option<Arc<str>> {
+        if self.in_flight.contains_key(&id) {
+            return None;
+        }
+        let name = match self.unschedule(id) {
+            Some(n) => n,
+            None => self.intern(identity.unwrap_or_default()),
+        };
+        self.in_flight.insert(id, name.clone());
+        Some(name)
     }
 
     /// Forgets `id` altogether (a finished message).
     fn forget(&mut self, id: MessageId) {
         self.in_flight.remove(&id);
-        if let Some(at) = self.at.remove(&id) {
-            self.due.remove(&(at, id));
+        self.unschedule(id);
+    }
+
+    /// Takes up to `max` of `identity`'s messages due at `now`, earliest first.
+    fn take_due_for(&mut self, identity: &str, now: i64, max: usize) -> Vec<(MessageId, Arc<str>)> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(&(at, id)) = self.due.get(identity).and_then(|set| set.first()) else { break };
+            if at > now {
+                break;
+            }
+            if let Some(name) = self.take(id, None) {
+                out.push((id, name));
+            } else {
+                // In flight and scheduled at once cannot happen; never loop on it.
+                self.unschedule(id);
+            }
         }
+        out
     }
 }
 
@@ -141,6 +201,8 @@ pub const ABANDONED_RETRY_MS: i64 = 60_000;
 #[must_use = "a dropped lease releases its message at once"]
 pub struct Lease {
     id: MessageId,
+    /// The message's identity (it is scheduled under it again).
+    identity: Arc<str>,
     schedule: Arc<Mutex<Schedule>>,
     wake: Arc<Notify>,
     /// Still marks the message in flight (false once ended).
@@ -151,12 +213,17 @@ impl Lease {
     /// A lease that belongs to no queue, for a fake queue (the in-process session tests):
     /// ending or dropping it changes nothing anywhere.
     pub fn unqueued(id: MessageId) -> Lease {
-        Lease { id, schedule: Default::default(), wake: Default::default(), held: true }
+        Lease { id, identity: Arc::from(""), schedule: Default::default(), wake: Default::default(), held: true }
     }
 
     /// The message this lease holds.
     pub fn id(&self) -> MessageId {
         self.id
+    }
+
+    /// The identity the message is sent as.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// Ends the attempt; `next` schedules the message again ([`now_ms`] milliseconds), `None`
@@ -172,7 +239,7 @@ impl Lease {
         let mut s = self.schedule.locked();
         s.in_flight.remove(&self.id);
         if let Some(at) = next {
-            s.set(self.id, at);
+            s.set(self.id, at, self.identity.clone());
             drop(s);
             self.wake.notify_one();
         }
@@ -222,6 +289,29 @@ pub struct Queue {
     set_aside: AtomicUsize,
     /// Woken when a message becomes due earlier than the scheduler thought.
     pub wake: Arc<Notify>,
+    /// Delivered messages whose record removal waits for the next commit
+    /// ([`Queue::finish_delivered`]).
+    delivered: Mutex<DeliveredBatch>,
+}
+
+/// Delivered messages waiting for the commit of their record's removal: one task commits
+/// them in batches, so a fast drain costs one commit per batch, not a task and a commit per
+/// message.
+#[derive(Default)]
+struct DeliveredBatch {
+    leases: Vec<Lease>,
+    /// A task is committing batches right now.
+    committing: bool,
+}
+
+/// A queued record's fields that the schedule needs, read at start-up without the rest
+/// (recipients, errors): opening a deep queue does not hold its records in memory.
+#[derive(Deserialize)]
+struct Head {
+    id: MessageId,
+    device: String,
+    identity: String,
+    next_attempt: i64,
 }
 
 /// Stored times further ahead than this were computed under a clock that has since stepped
@@ -250,7 +340,9 @@ impl Queue {
     /// Opens the queue and repairs what a crash can leave behind: a record whose body is gone
     /// (the body was removed, the record's removal was not yet durable) is removed; a body
     /// without a record is never deleted (it may be a message that was acknowledged under a
-    /// failing disk) but moved to `spool/set-aside` and reported. Then loads the schedule.
+    /// failing disk) but moved to `spool/set-aside` and reported. The records are streamed
+    /// into the schedule one at a time (only id, identity and time are kept), so opening a
+    /// deep queue costs neither the memory of its records nor a second scan.
     pub async fn open(store: Arc<Store>, spool: Spool) -> Result<Queue, QueueError> {
         let q = Queue {
             store,
@@ -259,20 +351,37 @@ impl Queue {
             last_id: AtomicU64::new(0),
             set_aside: AtomicUsize::new(0),
             wake: Arc::default(),
+            delivered: Mutex::default(),
         };
-        let records = q.list()?;
-        let known: HashSet<MessageId> = records.iter().map(|r| r.id).collect();
-        for id in q.spool.ids()? {
-            if !known.contains(&id) {
-                tracing::warn!(queue_id = %id, dir = %q.spool.set_aside_dir().display(), "message file without a queue record (a crash before its 250, or a damaged database); moved aside for the admin to check, not delivered");
-                q.spool.set_aside(id)?;
+        let now = now_ms();
+        let mut missing = Vec::new();
+        let mut max_id = 0;
+        {
+            let mut s = q.lock();
+            for item in q.store.iter(Tree::Queue) {
+                let (k, v) = item?;
+                let head = match serde_json::from_slice::<Head>(&v) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        // Its body (if any) is set aside below: nothing is lost unseen.
+                        tracing::error!(key = ?k, error = %e, "unreadable queue record skipped");
+                        continue;
+                    }
+                };
+                max_id = max_id.max(head.id.0);
+                if !q.spool.path(head.id).exists() {
+                    tracing::warn!(queue_id = %head.id, device = %head.device, "queue record without its message file (delivered or dropped just before a crash); record removed");
+                    missing.push(Change::Remove(k));
+                    continue;
+                }
+                let name = s.intern(&head.identity);
+                s.set(head.id, rebase_due(head.next_attempt, now), name);
             }
         }
-        let mut missing = Vec::new();
-        for r in &records {
-            if !q.spool.path(r.id).exists() {
-                tracing::warn!(queue_id = %r.id, device = %r.device, "queue record without its message file (delivered or dropped just before a crash); record removed");
-                missing.push(Change::Remove(r.id.0.to_be_bytes().to_vec()));
+        for id in q.spool.ids()? {
+            if !q.lock().at.contains_key(&id) {
+                tracing::warn!(queue_id = %id, dir = %q.spool.set_aside_dir().display(), "message file without a queue record (a crash before its 250, or a damaged database); moved aside for the admin to check, not delivered");
+                q.spool.set_aside(id)?;
             }
         }
         if !missing.is_empty() {
@@ -281,17 +390,7 @@ impl Queue {
         }
         q.set_aside.store(q.spool.set_aside_ids()?.len(), Ordering::SeqCst);
         crate::metrics::QUEUE_SET_ASIDE.set(q.set_aside.load(Ordering::SeqCst) as i64);
-        let now = now_ms();
-        let mut s = q.lock();
-        for r in records.iter().filter(|r| q.spool.path(r.id).exists()) {
-            let due = rebase_due(r.next_attempt, now);
-            s.due.insert((due, r.id));
-            s.at.insert(r.id, due);
-        }
-        drop(s);
-        if let Some(max) = records.iter().map(|r| r.id.0).max() {
-            q.last_id.store(max, Ordering::SeqCst);
-        }
+        q.last_id.store(max_id, Ordering::SeqCst);
         Ok(q)
     }
 
@@ -299,12 +398,15 @@ impl Queue {
         self.schedule.locked()
     }
 
-    /// Takes `id` for an attempt; `None` when someone else holds it.
-    fn try_lease(&self, id: MessageId) -> Option<Lease> {
-        if !self.lock().in_flight.insert(id) {
-            return None;
-        }
-        Some(Lease { id, schedule: self.schedule.clone(), wake: self.wake.clone(), held: true })
+    fn lease(&self, id: MessageId, identity: Arc<str>) -> Lease {
+        Lease { id, identity, schedule: self.schedule.clone(), wake: self.wake.clone(), held: true }
+    }
+
+    /// Takes `id` for an attempt; `None` when someone else holds it. `identity` is the
+    /// message's when it is not scheduled (a new message).
+    fn try_lease(&self, id: MessageId, identity: Option<&str>) -> Option<Lease> {
+        let name = self.lock().take(id, identity)?;
+        Some(self.lease(id, name))
     }
 
     pub fn spool(&self) -> &Spool {
@@ -347,7 +449,7 @@ impl Queue {
     /// Makes an accepted message durable (its body must already be finished in the spool).
     /// Returns the message's [`Lease`]: the caller attempts it first.
     pub async fn accept(&self, r: &QueueRecord) -> Result<Lease, QueueError> {
-        let lease = self.try_lease(r.id).ok_or(QueueError::InFlight(r.id))?;
+        let lease = self.try_lease(r.id, Some(&r.identity)).ok_or(QueueError::InFlight(r.id))?;
         self.put(r)?;
         if let Err(e) = self.store.commit().await {
             lease.release(None);
@@ -389,7 +491,7 @@ impl Queue {
         let r = self.spool_own(&m).await?;
         self.put(&r)?;
         self.store.commit().await?;
-        self.schedule_at(r.id, r.next_attempt);
+        self.schedule_at(r.id, r.next_attempt, &r.identity);
         Ok(r.id)
     }
 
@@ -438,36 +540,63 @@ impl Queue {
             }
         }
         if let Some(r) = &report {
-            self.schedule_at(r.id, r.next_attempt);
+            self.schedule_at(r.id, r.next_attempt, &r.identity);
         }
         Ok(report.map(|r| r.id))
     }
 
     /// Finishes a message delivered to every recipient: its record's removal is written now
-    /// and committed in the background (with whatever commit comes next), and the body is
-    /// removed only once that commit is done. A crash before it repeats this one delivery
-    /// (the provider's 250 came before our removal was durable), never loses or half-removes.
-    pub fn finish_delivered(self: &Arc<Self>, mut lease: Lease) -> Result<(), QueueError> {
+    /// and committed in the background, batched with the other deliveries finished meanwhile
+    /// (one commit per batch), and the body is removed only once that commit is done. Until
+    /// then the lease holds the message. A crash before it repeats this one delivery (the
+    /// provider's 250 came before our removal was durable), never loses or half-removes.
+    pub fn finish_delivered(self: &Arc<Self>, lease: Lease) -> Result<(), QueueError> {
         let id = lease.id();
         if let Err(e) = self.store.remove(Tree::Queue, &id.0.to_be_bytes()) {
             // The store is failing (fail-stop): the restart repeats this delivery.
             lease.release(None);
             return Err(e.into());
         }
-        let me = self.clone();
-        tokio::spawn(async move {
-            match me.store.commit().await {
+        let start = {
+            let mut d = self.delivered.locked();
+            d.leases.push(lease);
+            !std::mem::replace(&mut d.committing, true)
+        };
+        if start {
+            let me = self.clone();
+            tokio::spawn(async move { me.commit_delivered().await });
+        }
+        Ok(())
+    }
+
+    /// Commits the removals of delivered messages in batches until none is waiting. Each
+    /// batch is taken before its commit starts, so every removal in it was written before
+    /// the commit and is covered by it.
+    async fn commit_delivered(&self) {
+        loop {
+            let batch = {
+                let mut d = self.delivered.locked();
+                if d.leases.is_empty() {
+                    d.committing = false;
+                    return;
+                }
+                std::mem::take(&mut d.leases)
+            };
+            match self.store.commit().await {
                 Ok(()) => {
-                    me.spool.remove(id);
-                    lease.end_finished();
+                    for mut lease in batch {
+                        self.spool.remove(lease.id());
+                        lease.end_finished();
+                    }
                 }
                 Err(e) => {
-                    tracing::error!(queue_id = %id, "cannot record a delivery: {e}");
-                    lease.release(None);
+                    for lease in batch {
+                        tracing::error!(queue_id = %lease.id(), "cannot record a delivery: {e}");
+                        lease.release(None);
+                    }
                 }
             }
-        });
-        Ok(())
+        }
     }
 
     pub fn get(&self, id: MessageId) -> Result<Option<QueueRecord>, QueueError> {
@@ -479,10 +608,29 @@ impl Queue {
         }
     }
 
-    /// Every queued record, oldest first.
+    /// Every queued record, oldest first. Loads them all: for tests and small queues only;
+    /// listings page ([`Queue::page`]).
+    #[cfg(test)]
     pub fn list(&self) -> Result<Vec<QueueRecord>, QueueError> {
         let mut out = Vec::new();
-        for (k, v) in self.store.scan(Tree::Queue, b"")? {
+        for item in self.store.iter(Tree::Queue) {
+            let (k, v) = item?;
+            match serde_json::from_slice::<QueueRecord>(&v) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::error!(key = ?k, error = %e, "unreadable queue record skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// At most `limit` queued records, oldest first (ids sort by
+    /// arrival), starting after the message `after`: a listing reads one page of the store,
+    /// never the whole queue. `after` need not be queued any more (a cursor stays valid while
+    /// messages leave).
+    pub fn page(&self, after: Option<MessageId>, limit: usize) -> Result<Vec<QueueRecord>, QueueError> {
+        let key = after.map(|id| id.0.to_be_bytes());
+        let mut out = Vec::new();
+        for (k, v) in self.store.page(Tree::Queue, key.as_ref().map(|k| &k[..]), limit)? {
             match serde_json::from_slice::<QueueRecord>(&v) {
                 Ok(r) => out.push(r),
                 Err(e) => tracing::error!(key = ?k, error = %e, "unreadable queue record skipped"),
@@ -501,50 +649,72 @@ impl Queue {
         put
     }
 
-    fn schedule_at(&self, id: MessageId, at: i64) {
-        self.lock().set(id, at);
+    fn schedule_at(&self, id: MessageId, at: i64, identity: &str) {
+        let mut s = self.lock();
+        let name = s.intern(identity);
+        s.set(id, at, name);
+        drop(s);
         self.wake.notify_one();
     }
 
-    /// Takes up to `max` messages due at `now`, each with its lease.
+    /// Takes up to `max` messages due at `now`, earliest first whatever their identity, each
+    /// with its lease.
     pub fn take_due(&self, now: i64, max: usize) -> Vec<Lease> {
         let mut s = self.lock();
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(&(at, id)) = s.due.iter().next() else { break };
+            let earliest = s.due.iter().filter_map(|(name, set)| set.first().map(|&(at, _)| (at, name.clone()))).min();
+            let Some((at, name)) = earliest else { break };
             if at > now {
                 break;
             }
-            s.due.remove(&(at, id));
-            s.at.remove(&id);
-            if s.in_flight.insert(id) {
-                out.push(id);
-            }
+            out.extend(s.take_due_for(&name, now, 1));
         }
         drop(s);
-        out.into_iter()
-            .map(|id| Lease { id, schedule: self.schedule.clone(), wake: self.wake.clone(), held: true })
-            .collect()
+        out.into_iter().map(|(id, name)| self.lease(id, name)).collect()
+    }
+
+    /// Takes up to `max` of `identity`'s messages due at `now`, earliest first, each with its
+    /// lease: the runner feeds each identity up to its own limit.
+    pub fn take_due_for(&self, identity: &str, now: i64, max: usize) -> Vec<Lease> {
+        let taken = self.lock().take_due_for(identity, now, max);
+        taken.into_iter().map(|(id, name)| self.lease(id, name)).collect()
+    }
+
+    /// Each identity with scheduled messages and when its earliest one is due ([`now_ms`]
+    /// milliseconds). One entry per identity, not per message.
+    pub fn due_heads(&self) -> Vec<(Arc<str>, i64)> {
+        let s = self.lock();
+        s.due.iter().filter_map(|(name, set)| set.first().map(|&(at, _)| (name.clone(), at))).collect()
     }
 
     /// When the earliest scheduled message is due ([`now_ms`] milliseconds).
     pub fn next_due(&self) -> Option<i64> {
-        self.lock().due.iter().next().map(|(at, _)| *at)
+        self.lock().due.values().filter_map(|set| set.first().map(|&(at, _)| at)).min()
     }
 
     /// Makes queued messages due now: one id, or all of them (`None`), or those of one
-    /// identity. Returns how many.
+    /// identity. Returns how many. Walks the in-memory schedule (which knows each message's
+    /// identity), not the store, and rewrites one record at a time: memory stays flat at any
+    /// depth. Messages being attempted are left alone.
     pub async fn retry_now(&self, which: Option<MessageId>, identity: Option<&str>) -> Result<usize, QueueError> {
         let now = now_ms();
-        let mut n = 0;
-        for listed in self.list()? {
-            if which.is_some_and(|id| id != listed.id) || identity.is_some_and(|i| i != listed.identity) {
-                continue;
+        let ids: Vec<MessageId> = match which {
+            Some(id) => vec![id],
+            None => {
+                let s = self.lock();
+                match identity {
+                    Some(i) => s.due.get(i).map(|set| set.iter().map(|&(_, id)| id).collect()).unwrap_or_default(),
+                    None => s.at.keys().copied().collect(),
+                }
             }
+        };
+        let mut n = 0;
+        for id in ids {
             // Taken like an attempt, so that no attempt settles it between the read and the
             // write below (a stale record would bring back delivered recipients).
-            let Some(lease) = self.try_lease(listed.id) else { continue };
-            let mut r = match self.get(listed.id) {
+            let Some(mut lease) = self.try_lease(id, None) else { continue };
+            let mut r = match self.get(id) {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     lease.release(None);
@@ -555,8 +725,20 @@ impl Queue {
                     return Err(e);
                 }
             };
-            r.next_attempt = now;
-            let put = self.put(&r);
+            if identity.is_some_and(|i| i != r.identity) {
+                lease.release(None);
+                continue;
+            }
+            if *lease.identity != *r.identity {
+                // Not scheduled before (one id named by the admin): schedule it under its own.
+                lease.identity = self.lock().intern(&r.identity);
+            }
+            let put = if r.next_attempt > now {
+                r.next_attempt = now;
+                self.put(&r)
+            } else {
+                Ok(())
+            };
             lease.release(Some(now));
             put?;
             n += 1;
@@ -574,7 +756,7 @@ impl Queue {
     /// Removes a message without delivering it (admin's `queue drop`): the record's removal is
     /// durable before the body goes.
     pub async fn drop_message(&self, id: MessageId) -> Result<(), QueueError> {
-        let mut lease = self.try_lease(id).ok_or(QueueError::InFlight(id))?;
+        let mut lease = self.try_lease(id, None).ok_or(QueueError::InFlight(id))?;
         match self.get(id) {
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -602,6 +784,13 @@ impl Queue {
     pub fn depth(&self) -> usize {
         let s = self.lock();
         s.at.len() + s.in_flight.len()
+    }
+
+    /// Queued messages (scheduled or being attempted) of one identity, counted from the
+    /// schedule.
+    pub fn depth_of(&self, identity: &str) -> usize {
+        let s = self.lock();
+        s.due.get(identity).map_or(0, BTreeSet::len) + s.in_flight.values().filter(|n| ***n == *identity).count()
     }
 }
 
