@@ -1015,4 +1015,131 @@ mod tests {
         assert_eq!(q.retry_now(Some(r.id), None).await.unwrap(), 1);
         q.drop_message(r.id).await.unwrap();
     }
+
+    /// A message of `identity`, due at `at`, committed and scheduled.
+    async fn queued_for(q: &Queue, identity: &str, at: i64) -> QueueRecord {
+        let mut r = record(q);
+        r.identity = identity.into();
+        r.next_attempt = at;
+        write_body(q, r.id).await;
+        let lease = q.accept(&r).await.unwrap();
+        q.defer(lease, &r).unwrap();
+        r
+    }
+
+    #[tokio::test]
+    async fn one_identity_s_backlog_does_not_hide_another_s_due_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let mut backlog = Vec::new();
+        for i in 0..50 {
+            backlog.push(queued_for(&q, "busy", 1000 + i).await.id);
+        }
+        let other = queued_for(&q, "quiet", 5000).await.id;
+        let mut heads = q.due_heads();
+        heads.sort();
+        assert_eq!(heads, vec![(Arc::from("busy"), 1000), (Arc::from("quiet"), 5000)]);
+        // The busy identity is served up to its own limit, earliest first...
+        assert_eq!(ids(&q.take_due_for("busy", 10_000, 3)), backlog[..3].to_vec());
+        // ...and the other identity's message is reached at once, behind 47 earlier ones.
+        let quiet = q.take_due_for("quiet", 10_000, 3);
+        assert_eq!(ids(&quiet), vec![other]);
+        assert_eq!(quiet[0].identity(), "quiet");
+        assert!(q.take_due_for("quiet", 10_000, 3).is_empty(), "taken once");
+        assert_eq!(q.depth_of("busy"), 50, "in flight counts as queued");
+        assert_eq!(q.depth_of("quiet"), 1);
+        assert_eq!(q.depth(), 51);
+        // A released message goes back under its own identity.
+        quiet.into_iter().for_each(|l| l.release(Some(7000)));
+        assert!(q.due_heads().contains(&(Arc::from("quiet"), 7000)));
+    }
+
+    #[tokio::test]
+    async fn retry_by_identity_walks_the_schedule_not_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let later = now_ms() + 3_600_000;
+        let a1 = queued_for(&q, "a", later).await;
+        let a2 = queued_for(&q, "a", later).await;
+        let b = queued_for(&q, "b", later).await;
+        // A record of identity a that the schedule does not know: a retry of a's mail that
+        // scanned the store would find and schedule it.
+        let mut stray = record(&q);
+        stray.identity = "a".into();
+        stray.next_attempt = later;
+        q.put(&stray).unwrap();
+        assert_eq!(q.retry_now(None, Some("a")).await.unwrap(), 2);
+        let now = now_ms();
+        let mut taken = ids(&q.take_due(now, 10));
+        taken.sort();
+        assert_eq!(taken, vec![a1.id, a2.id], "a's scheduled mail, nothing else");
+        assert!(q.get(a1.id).unwrap().unwrap().next_attempt <= now, "the new time is stored too");
+        assert_eq!(q.get(b.id).unwrap().unwrap().next_attempt, later, "b untouched");
+        assert_eq!(q.get(stray.id).unwrap().unwrap().next_attempt, later, "the store was not scanned");
+        // One id the admin names is found even when it is not scheduled.
+        assert_eq!(q.retry_now(Some(stray.id), None).await.unwrap(), 1);
+        assert_eq!(q.depth_of("a"), 3);
+    }
+
+    #[tokio::test]
+    async fn pages_follow_a_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let mut all = Vec::new();
+        for _ in 0..5 {
+            all.push(queued_for(&q, "i", 0).await.id);
+        }
+        let page_ids = |v: Vec<QueueRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(page_ids(q.page(None, 2).unwrap()), all[..2]);
+        assert_eq!(page_ids(q.page(Some(all[1]), 2).unwrap()), all[2..4]);
+        assert_eq!(page_ids(q.page(Some(all[3]), 2).unwrap()), all[4..]);
+        // The cursor's own message left the queue meanwhile: the next page is the same.
+        q.drop_message(all[3]).await.unwrap();
+        assert_eq!(page_ids(q.page(Some(all[3]), 2).unwrap()), all[4..]);
+        assert!(q.page(Some(all[4]), 2).unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivered_messages_are_committed_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let mut done = Vec::new();
+        for _ in 0..200 {
+            let r = record(&q);
+            write_body(&q, r.id).await;
+            let lease = q.accept(&r).await.unwrap();
+            q.finish_delivered(lease).unwrap();
+            done.push(r.id);
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while q.depth() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(q.depth(), 0, "every lease ended once its removal was durable");
+        assert!(done.iter().all(|id| !q.spool().path(*id).exists()), "bodies removed");
+        assert!(q.page(None, 10).unwrap().is_empty());
+        drop(q);
+        drop(_s);
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        assert_eq!(q.depth(), 0, "and durable");
+        assert_eq!(q.set_aside_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn opening_streams_a_deep_queue_into_the_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut kept = Vec::new();
+        {
+            let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+            for i in 0..300 {
+                kept.push(queued_for(&q, if i % 3 == 0 { "x" } else { "y" }, 1000 + i).await.id);
+            }
+        }
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        assert_eq!((q.depth(), q.depth_of("x"), q.depth_of("y")), (300, 100, 200));
+        let mut heads = q.due_heads();
+        heads.sort();
+        assert_eq!(heads, vec![(Arc::from("x"), 1000), (Arc::from("y"), 1001)]);
+        assert_eq!(ids(&q.take_due(i64::MAX, 1000)), kept, "earliest first across identities");
+    }
 }
