@@ -19,4 +19,5 @@ mod ops;
 mod postfix;
 mod reload;
 mod rewrite;
+mod scale;
 mod spine;
