@@ -62,6 +62,7 @@ async fn a_backlog_drains_at_the_upstream_s_speed_and_lists_in_pages() {
     assert_eq!(code, 0, "{out}{err}");
     let got = w.upstream.wait_for_messages(N, Duration::from_secs(30)).await;
     let took = started.elapsed();
+    eprintln!("drained {N} messages in {took:?}");
     assert_eq!(got.len(), N, "{}", w.relay.log());
     assert!(took < Duration::from_secs(8), "{N} messages took {took:?}");
     let mut subjects: Vec<String> = got
