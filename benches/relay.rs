@@ -114,6 +114,7 @@ async fn main() {
     if filter.is_empty() || filter.iter().any(|f| "idle-1000".contains(f.as_str())) {
         idle_connections(&relay, 1000).await;
     }
+    drain_scenarios(&filter, &relay, &sink, dir.path()).await;
     let after = rss_kib(relay.pid());
     println!();
     println!("RSS after all scenarios: {:.1} MiB", after as f64 / 1024.0);
@@ -252,6 +253,175 @@ async fn idle_connections(relay: &RelayProc, n: usize) {
     for mut c in conns {
         c.quit().await;
     }
+}
+
+/// A drain scenario: `messages` queued while the upstream refuses, then drained.
+struct Drain {
+    name: &'static str,
+    messages: usize,
+    clients: usize,
+}
+
+const DRAINS: &[Drain] = &[
+    Drain { name: "drain", messages: 50_000, clients: 16 },
+    Drain { name: "drain-100k", messages: 100_000, clients: 16 },
+];
+
+/// While set, the sink refuses mail as a provider that is down or refusing does: a new
+/// connection gets `421` at once, an open one `451` to MAIL.
+static SINK_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// A connection to a closed sink: one 421 greeting, then the sink hangs up.
+async fn sink_closed<S: AsyncWrite + Unpin>(mut s: S) -> std::io::Result<()> {
+    s.write_all(b"421 4.3.0 sink.bench is not accepting mail right now\r\n").await?;
+    s.flush().await
+}
+
+/// Runs the drain scenarios the filter selects (all of them without a filter): the relay
+/// queues a backlog while the sink refuses, the sink comes back, the admin runs
+/// `queue retry all`, and the backlog drains. Prints acceptance rate, RSS at depth and during
+/// `queue list` and `queue retry all`, drain rate and peak RSS during the drain. Only for
+/// mfd-relay (a peer has no queue CLI).
+async fn drain_scenarios(filter: &[String], relay: &RelayProc, sink: &Sink, dir: &Path) {
+    let selected: Vec<&Drain> =
+        DRAINS.iter().filter(|d| filter.is_empty() || filter.iter().any(|f| d.name.contains(f.as_str()))).collect();
+    if selected.is_empty() || std::env::var_os("MFD_BENCH_PEER").is_some() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<12} {:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>13}",
+        "drain", "messages", "accept/s", "RSS depth", "RSS list", "retry all", "RSS retry", "drain/s", "peak drain"
+    );
+    for d in selected {
+        drain(d, relay, sink, &dir.join("config.toml")).await;
+    }
+}
+
+/// One drain scenario (see [`drain_scenarios`]).
+async fn drain(d: &Drain, relay: &RelayProc, sink: &Sink, config: &Path) {
+    let scale: f64 = std::env::var("MFD_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let messages = ((d.messages as f64 * scale) as usize).max(1);
+    let body = Arc::new(make_body(2 * 1024));
+    let pid = relay.pid();
+    let before = sink.count.load(Ordering::SeqCst);
+
+    // 1. The backlog: the sink refuses, every message is acknowledged as queued.
+    SINK_CLOSED.store(true, Ordering::SeqCst);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..d.clients {
+        let (body, next, port) = (body.clone(), next.clone(), relay.port);
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0usize;
+            while next.fetch_add(1, Ordering::SeqCst) < messages as u64 {
+                let sent = tokio::time::timeout(MESSAGE_TIMEOUT, async {
+                    let mut c = Client::connect(port, client).await;
+                    c.send_message(&body).await;
+                    c.quit().await;
+                })
+                .await;
+                done += usize::from(sent.is_ok());
+            }
+            done
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        accepted += t.await.expect("client task");
+    }
+    let accept_rate = accepted as f64 / started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at_depth = rss_kib(pid);
+
+    // 2. `queue list` at depth (the default page).
+    let (list_rss, list_out, _) = cli_sampled(config, &["queue", "list"], pid).await;
+    let listed_total = list_out.lines().last().unwrap_or_default().to_string();
+
+    // 3. The sink is back; the admin retries everything; the backlog drains.
+    SINK_CLOSED.store(false, Ordering::SeqCst);
+    reset_peak(pid);
+    let drain_sampler = RssSampler::start(pid);
+    let started = Instant::now();
+    let cpu_before = cpu_secs(pid);
+    let (retry_rss, retry_out, retry_took) = cli_sampled(config, &["queue", "retry", "all"], pid).await;
+    let want = before + accepted as u64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut last = sink.count.load(Ordering::SeqCst);
+    let mut last_change = Instant::now();
+    while last < want && Instant::now() < deadline && last_change.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = sink.count.load(Ordering::SeqCst);
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        }
+    }
+    let drain_took = started.elapsed();
+    let drain_cpu = cpu_secs(pid) - cpu_before;
+    let drained = (last - before) as usize;
+    let peak = drain_sampler.stop().max(peak_kib(pid));
+    let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
+    println!(
+        "{:<12} {:>9} {:>11.0} {:>11} {:>11} {:>10.2}s {:>11} {:>11.0} {:>13}{}",
+        d.name,
+        accepted,
+        accept_rate,
+        mib(at_depth),
+        mib(list_rss),
+        retry_took.as_secs_f64(),
+        mib(retry_rss),
+        drained as f64 / drain_took.as_secs_f64(),
+        mib(peak),
+        if drained == accepted { String::new() } else { format!("  (sink got {drained} of {accepted})") }
+    );
+    println!("{:<12} queue list: {listed_total}; retry: {}", "", retry_out.trim());
+    println!(
+        "{:<12} drain took {:.1} s and {drain_cpu:.1} s of the relay's CPU: {:.0} messages per CPU second (load-independent)",
+        "",
+        drain_took.as_secs_f64(),
+        drained as f64 / drain_cpu.max(1e-9)
+    );
+    // Let the last removals commit before the next scenario.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// CPU time (user + system) a process has used, in seconds (`/proc/<pid>/stat`, 100 ticks/s).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(11) + field(12)) / 100.0
+}
+
+/// Runs the relay's CLI with `config` (off the async workers, which serve the sink) while
+/// sampling the relay's RSS: (peak RSS in KiB while it ran, its stdout, how long it took).
+async fn cli_sampled(config: &Path, args: &[&str], pid: u32) -> (u64, String, Duration) {
+    let config = config.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || cli_sampled_blocking(&config, &args, pid)).await.expect("CLI thread")
+}
+
+fn cli_sampled_blocking(config: &Path, args: &[String], pid: u32) -> (u64, String, Duration) {
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_mfd-relay"));
+    let sampler = RssSampler::start(pid);
+    let started = Instant::now();
+    let out = Command::new(binary)
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .env("MFD_RELAY_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the relay's CLI");
+    let took = started.elapsed();
+    let peak = sampler.stop();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{args:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    (peak, stdout, took)
 }
 
 /// A message of about `size` bytes: headers and base64-like lines, as a scan is.
@@ -464,6 +634,9 @@ async fn sink_session(
 ) -> std::io::Result<()> {
     let _ = s.set_nodelay(true);
     let mut s = BufReader::with_capacity(256 * 1024, s);
+    if SINK_CLOSED.load(Ordering::SeqCst) {
+        return sink_closed(s).await;
+    }
     s.write_all(b"220 sink.bench ESMTP\r\n").await?;
     if sink_dialogue(&mut s, &count, users, user, tls.is_some()).await? {
         if let Some(tls) = tls {
@@ -521,6 +694,7 @@ async fn sink_dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                     b"432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information.\r\n"
                 }
             }
+            "MAIL" if SINK_CLOSED.load(Ordering::SeqCst) => b"451 4.3.0 sink.bench is not accepting mail right now\r\n",
             "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 2.0.0 OK\r\n",
             "QUIT" => {
                 s.write_all(b"221 2.0.0 Bye\r\n").await?;

@@ -658,6 +658,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_identity_never_runs_more_attempts_than_its_pool() {
+        let slots = Arc::new(Slots::new(5));
+        let busy: Arc<str> = Arc::from("busy");
+        let quiet: Arc<str> = Arc::from("quiet");
+        assert_eq!(slots.free_for("busy", 3), Some(3));
+        let held: Vec<Slot> = (0..3).map(|_| slots.take(&busy)).collect();
+        assert_eq!(slots.free_for("busy", 3), None, "at its pool size");
+        // A saturated identity does not keep another from its share of the total...
+        assert_eq!(slots.free_for("quiet", 3), Some(2));
+        let other: Vec<Slot> = (0..2).map(|_| slots.take(&quiet)).collect();
+        // ...and the total is a cap too.
+        assert_eq!(slots.free_for("third", 3), None);
+        drop(other);
+        assert_eq!(slots.free_for("third", 3), Some(2));
+        drop(held);
+        assert_eq!(slots.free_for("busy", 3), Some(3));
+        assert!(slots.running.locked().1.is_empty(), "nothing counted once all ended");
+    }
+
+    #[tokio::test]
+    async fn the_end_of_an_attempt_wakes_the_runner_at_once() {
+        let slots = Arc::new(Slots::new(1));
+        let slot = slots.take(&Arc::from("i"));
+        let s = slots.clone();
+        let ended = tokio::spawn(async move { tokio::task::spawn_blocking(move || drop(slot)).await });
+        // Woken by the release, not by a timer (the runner's longest sleep is a second).
+        tokio::time::timeout(Duration::from_millis(200), s.freed.notified()).await.expect("woken");
+        ended.await.unwrap().unwrap();
+        assert_eq!(slots.free_for("i", 1), Some(1));
+    }
+
+    #[test]
+    fn microsoft_identities_attempt_at_most_three_at_once() {
+        assert_eq!(pool_size(ProviderKind::Microsoft, 8), 3);
+        assert_eq!(pool_size(ProviderKind::Microsoft, 2), 2);
+        assert_eq!(pool_size(ProviderKind::Generic, 8), 8);
+        assert_eq!(pool_size(ProviderKind::Generic, 0), 1);
+    }
+
+    #[test]
     fn backoff_doubles_and_caps() {
         let first = Duration::from_secs(30);
         let max = Duration::from_secs(1800);

@@ -154,8 +154,7 @@ impl Request for QueueList {
         let after = self.after.as_deref().map(parse_id).transpose()?;
         let limit = self.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
         // One more than the page, to know whether another page follows.
-        let mut messages =
-            ops.queue.page(after, limit + 1).map_err(|e| OpError::Unavailable(e.to_string()))?;
+        let mut messages = ops.queue.page(after, limit + 1).map_err(|e| OpError::Unavailable(e.to_string()))?;
         let next_after = if messages.len() > limit {
             messages.truncate(limit);
             messages.last().map(|r| r.id.to_string())
