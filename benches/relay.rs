@@ -11,6 +11,14 @@
 //! message. The sink answers XOAUTH2 with 235 and counts messages; the token endpoint is a
 //! tiny in-process HTTP server. Results go to BENCHMARKS.md by hand.
 //!
+//! The drain scenarios (`cargo bench --bench relay -- drain`; `drain` is 50,000 messages,
+//! `drain-100k` 100,000, both scaled by `MFD_BENCH_SCALE`) queue a backlog while the sink
+//! refuses (421 to a new connection, 451 to MAIL on an open one), then bring the sink back and
+//! run `mfd-relay queue retry all` through the admin API, and print the acceptance rate, RSS at
+//! depth, RSS during `queue list` and `queue retry all`, the drain rate (from the retry to the
+//! last delivery) and the peak RSS of the drain, and the relay's CPU seconds for the drain
+//! (messages per CPU second do not depend on what else runs on the machine).
+//!
 //! msg/s counts the messages delivered over the time to the last delivery; a message that gets no
 //! answer for 30 s (a printer's patience) is reported as timed out instead of hanging the run.
 //!
