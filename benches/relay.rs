@@ -13,7 +13,7 @@
 //!
 //! The drain scenarios (`cargo bench --bench relay -- drain`; `drain` is 50,000 messages,
 //! `drain-100k` 100,000, both scaled by `MFD_BENCH_SCALE`) queue a backlog while the sink
-//! refuses (421 to a new connection, 451 to MAIL on an open one), then bring the sink back and
+//! refuses (421 to a new connection, 451 to MAIL, RCPT and DATA on an open one), then bring the sink back and
 //! run `mfd-relay queue retry all` through the admin API, and print the acceptance rate, RSS at
 //! depth, RSS during `queue list` and `queue retry all`, the drain rate (from the retry to the
 //! last delivery) and the peak RSS of the drain, and the relay's CPU seconds for the drain
@@ -32,6 +32,10 @@
 //! 4th concurrent authenticated connection with `432 4.3.2`, as Exchange Online does, and
 //! `MFD_BENCH_PROVIDER_KIND=microsoft` makes the relay's provider Exchange-like (per-minute
 //! shaping off); each scenario then also prints how many AUTHs the sink refused.
+//! `MFD_BENCH_SINK_RTT_MS=30` puts a WAN between relay and sink: the replies to each flight of
+//! commands leave one RTT after it came (the `wan` scenario uses 30 ms unless this is set);
+//! the sink offers PIPELINING unless `MFD_BENCH_SINK_PIPELINING=0`, and honours pipelined
+//! commands either way.
 //!
 //! Another server in the relay's place (a peer such as emailproxy): `MFD_BENCH_PEER="command
 //! args"` is started instead of mfd-relay once the sink and the token endpoint are up, with
@@ -121,6 +125,9 @@ async fn main() {
     }
     if filter.is_empty() || filter.iter().any(|f| "idle-1000".contains(f.as_str())) {
         idle_connections(&relay, 1000).await;
+    }
+    if filter.is_empty() || filter.iter().any(|f| "wan".contains(f.as_str())) {
+        wan(&relay, &sink).await;
     }
     drain_scenarios(&filter, &relay, &sink, dir.path()).await;
     let after = rss_kib(relay.pid());
@@ -276,7 +283,7 @@ const DRAINS: &[Drain] = &[
 ];
 
 /// While set, the sink refuses mail as a provider that is down or refusing does: a new
-/// connection gets `421` at once, an open one `451` to MAIL.
+/// connection gets `421` at once, an open one `451` to MAIL, RCPT and DATA.
 static SINK_CLOSED: AtomicBool = AtomicBool::new(false);
 
 /// A connection to a closed sink: one 421 greeting, then the sink hangs up.
@@ -432,6 +439,63 @@ fn cli_sampled_blocking(config: &Path, args: &[String], pid: u32) -> (u64, Strin
     (peak, stdout, took)
 }
 
+/// Messages of the `wan` scenario (times `MFD_BENCH_SCALE`).
+const WAN_MESSAGES: usize = 300;
+
+/// `wan`: the provider is a WAN away (`MFD_BENCH_SINK_RTT_MS`, 30 ms unless set); one printer
+/// sends 2 KiB scans one connection after another. Reports the in-session wait the printer
+/// sees, from the end of its data to the 250 (the relay's commit and its whole upstream
+/// transaction on a pooled connection), with PIPELINING offered or not
+/// (`MFD_BENCH_SINK_PIPELINING=0`).
+async fn wan(relay: &RelayProc, sink: &Sink) {
+    let before = sink.wire.rtt_ms.load(Ordering::SeqCst);
+    if std::env::var_os("MFD_BENCH_SINK_RTT_MS").is_none() {
+        sink.wire.rtt_ms.store(30, Ordering::SeqCst);
+    }
+    let scale: f64 = std::env::var("MFD_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let messages = ((WAN_MESSAGES as f64 * scale) as usize).max(1);
+    let body = make_body(2 * 1024);
+    // A first message opens and pools the upstream connection (connect, TLS, AUTH: not measured).
+    let mut c = Client::connect(relay.port, 0).await;
+    c.send_message(&body).await;
+    c.quit().await;
+    let (mut lat, mut failed) = (Vec::new(), 0);
+    let started = Instant::now();
+    for _ in 0..messages {
+        let sent = tokio::time::timeout(MESSAGE_TIMEOUT, async {
+            let mut c = Client::connect(relay.port, 0).await;
+            let waited = c.send_message_timed(&body).await;
+            c.quit().await;
+            waited
+        })
+        .await;
+        match sent {
+            Ok(d) => lat.push(d),
+            Err(_) => failed += 1,
+        }
+    }
+    let elapsed = started.elapsed();
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default()
+    };
+    let rtt = sink.wire.rtt_ms.load(Ordering::SeqCst);
+    println!(
+        "{:<16} {:>8} {:>7} {:>9} {:>11.1} {:>9.2} {:>9.2} {:>11}  (RTT {rtt} ms to the sink, PIPELINING {}; p50/p99: DATA's end to 250){}",
+        format!("wan-{rtt}ms"),
+        human_size(body.len()),
+        1,
+        lat.len(),
+        lat.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        pct(0.50).as_secs_f64() * 1000.0,
+        pct(0.99).as_secs_f64() * 1000.0,
+        "-",
+        if sink.wire.pipelining { "offered" } else { "not offered" },
+        if failed == 0 { String::new() } else { format!("  ({failed} timed out)") }
+    );
+    sink.wire.rtt_ms.store(before, Ordering::SeqCst);
+}
+
 /// A message of about `size` bytes: headers and base64-like lines, as a scan is.
 fn make_body(size: usize) -> Vec<u8> {
     let mut b = b"From: scanner@printer.lan\r\nTo: boss@contoso.test\r\nSubject: bench scan\r\nDate: Thu, 26 Nov 2026 06:00:00 +0000\r\nMessage-ID: <bench@printer>\r\nMIME-Version: 1.0\r\n\r\n".to_vec();
@@ -521,6 +585,25 @@ impl Client {
         assert!(r.starts_with("250"), "DATA: {r}");
     }
 
+    /// Sends one message like [`Client::send_message`]; returns the time from the end of its
+    /// data (the final dot written) to the 250: the in-session wait the printer sees.
+    async fn send_message_timed(&mut self, body: &[u8]) -> Duration {
+        self.w
+            .write_all(b"MAIL FROM:<scanner@printer.lan>\r\nRCPT TO:<boss@contoso.test>\r\nDATA\r\n")
+            .await
+            .expect("write");
+        self.expect("250").await;
+        self.expect("250").await;
+        self.expect("354").await;
+        for chunk in body.chunks(256 * 1024) {
+            self.w.write_all(chunk).await.expect("write body");
+        }
+        let end = Instant::now();
+        let r = self.reply().await;
+        assert!(r.starts_with("250"), "DATA: {r}");
+        end.elapsed()
+    }
+
     async fn quit(&mut self) {
         let _ = self.w.write_all(b"QUIT\r\n").await;
         let _ = self.reply_or_eof().await;
@@ -540,6 +623,9 @@ impl Client {
 struct Sink {
     port: u16,
     count: Arc<AtomicU64>,
+    /// The network between relay and provider: `MFD_BENCH_SINK_RTT_MS` (each flight of
+    /// replies waits this long) and `MFD_BENCH_SINK_PIPELINING=0` (PIPELINING not offered).
+    wire: Arc<Wire>,
     /// Authenticated connections per user, like Exchange's 3 per mailbox.
     users: Arc<Users>,
     /// The sink's self-signed certificate, for clients to trust, when it offers STARTTLS.
@@ -567,6 +653,42 @@ impl SinkTls {
             .expect("sink TLS config");
         SinkTls { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca_file }
     }
+}
+
+/// A WAN between the relay and the provider, as the sink plays it.
+struct Wire {
+    /// Round-trip time in ms: the replies to a flight of commands (everything the client sent
+    /// before waiting) leave this long after the flight came, all at once, as over a WAN.
+    rtt_ms: AtomicU64,
+    /// Whether EHLO offers PIPELINING (RFC 2920); pipelined commands are honoured either way.
+    pipelining: bool,
+}
+
+impl Wire {
+    fn from_env() -> Wire {
+        let rtt = std::env::var("MFD_BENCH_SINK_RTT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let pipelining = std::env::var("MFD_BENCH_SINK_PIPELINING").map_or(true, |v| v != "0");
+        Wire { rtt_ms: AtomicU64::new(rtt), pipelining }
+    }
+
+    fn rtt(&self) -> Duration {
+        Duration::from_millis(self.rtt_ms.load(Ordering::SeqCst))
+    }
+}
+
+/// Sends the replies gathered for one flight, one RTT after the flight came.
+async fn reply_to_flight<S: AsyncWrite + Unpin>(s: &mut S, out: &mut Vec<u8>, wire: &Wire) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let rtt = wire.rtt();
+    if !rtt.is_zero() {
+        tokio::time::sleep(rtt).await;
+    }
+    s.write_all(out).await?;
+    s.flush().await?;
+    out.clear();
+    Ok(())
 }
 
 /// `MFD_BENCH_SINK_PER_USER=3`: the sink refuses a user's 4th concurrent authenticated
@@ -616,20 +738,21 @@ impl Sink {
         let users = Arc::new(Users { limit, ..Users::default() });
         let ca_file = tls.as_ref().map(|t| t.ca_file.clone());
         let acceptor = tls.map(|t| t.acceptor);
-        let (c, u) = (count.clone(), users.clone());
+        let wire = Arc::new(Wire::from_env());
+        let (c, u, w) = (count.clone(), users.clone(), wire.clone());
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
-                let (c, u, acceptor) = (c.clone(), u.clone(), acceptor.clone());
+                let (c, u, w, acceptor) = (c.clone(), u.clone(), w.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     let mut user = None;
-                    let _ = sink_session(s, c, &u, &mut user, acceptor).await;
+                    let _ = sink_session(s, c, &u, &mut user, acceptor, &w).await;
                     if let Some(user) = user {
                         u.give_back(&user);
                     }
                 });
             }
         });
-        Sink { port, count, users, ca_file }
+        Sink { port, count, wire, users, ca_file }
     }
 }
 
@@ -639,45 +762,64 @@ async fn sink_session(
     users: &Users,
     user: &mut Option<String>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    wire: &Wire,
 ) -> std::io::Result<()> {
     let _ = s.set_nodelay(true);
     let mut s = BufReader::with_capacity(256 * 1024, s);
     if SINK_CLOSED.load(Ordering::SeqCst) {
         return sink_closed(s).await;
     }
-    s.write_all(b"220 sink.bench ESMTP\r\n").await?;
-    if sink_dialogue(&mut s, &count, users, user, tls.is_some()).await? {
+    // The greeting comes one RTT after the connect (SYN, SYN-ACK, then the 220).
+    reply_to_flight(&mut s, &mut b"220 sink.bench ESMTP\r\n".to_vec(), wire).await?;
+    if sink_dialogue(&mut s, &count, users, user, tls.is_some(), wire).await? {
         if let Some(tls) = tls {
             // Whatever was pipelined after STARTTLS goes with the buffer (RFC 3207).
             let s = tls.accept(s.into_inner()).await?;
-            sink_dialogue(&mut BufReader::with_capacity(256 * 1024, s), &count, users, user, false).await?;
+            let mut s = BufReader::with_capacity(256 * 1024, s);
+            sink_dialogue(&mut s, &count, users, user, false, wire).await?;
         }
     }
     Ok(())
 }
 
 /// Serves SMTP commands until QUIT or EOF; returns true after answering STARTTLS (offered only
-/// when `starttls`), for the caller to continue over TLS.
+/// when `starttls`), for the caller to continue over TLS. Commands are read from the buffer
+/// one at a time and their replies gathered until the client's flight is used up (RFC 2920
+/// 3.1, as Postfix does); then they go out together, one RTT after the flight came.
 async fn sink_dialogue<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut BufReader<S>,
     count: &AtomicU64,
     users: &Users,
     user: &mut Option<String>,
     starttls: bool,
+    wire: &Wire,
 ) -> std::io::Result<bool> {
     let mut line = String::new();
+    let mut out = Vec::new();
     loop {
+        if s.buffer().is_empty() {
+            reply_to_flight(s.get_mut(), &mut out, wire).await?;
+        }
         line.clear();
         if s.read_line(&mut line).await? == 0 {
             return Ok(false);
         }
         let cmd = line.get(..4).unwrap_or("").to_ascii_uppercase();
         let reply: &[u8] = match cmd.as_str() {
-            "EHLO" if starttls => b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 157286400\r\n250-STARTTLS\r\n250 AUTH XOAUTH2\r\n",
-            "EHLO" => b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 157286400\r\n250 AUTH XOAUTH2\r\n",
+            "EHLO" => {
+                out.extend_from_slice(b"250-sink.bench\r\n");
+                if wire.pipelining {
+                    out.extend_from_slice(b"250-PIPELINING\r\n");
+                }
+                out.extend_from_slice(b"250-8BITMIME\r\n250-SIZE 157286400\r\n");
+                if starttls {
+                    out.extend_from_slice(b"250-STARTTLS\r\n");
+                }
+                b"250 AUTH XOAUTH2\r\n"
+            }
             "STAR" if starttls => {
-                s.write_all(b"220 2.0.0 Ready to start TLS\r\n").await?;
-                s.flush().await?;
+                out.extend_from_slice(b"220 2.0.0 Ready to start TLS\r\n");
+                reply_to_flight(s.get_mut(), &mut out, wire).await?;
                 return Ok(true);
             }
             "AUTH" => {
@@ -685,8 +827,8 @@ async fn sink_dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                 let response = match line.split_whitespace().nth(2) {
                     Some(ir) => ir.to_string(),
                     None => {
-                        s.write_all(b"334 \r\n").await?;
-                        s.flush().await?;
+                        out.extend_from_slice(b"334 \r\n");
+                        reply_to_flight(s.get_mut(), &mut out, wire).await?;
                         line.clear();
                         if s.read_line(&mut line).await? == 0 {
                             return Ok(false);
@@ -702,24 +844,28 @@ async fn sink_dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                     b"432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information.\r\n"
                 }
             }
-            "MAIL" if SINK_CLOSED.load(Ordering::SeqCst) => b"451 4.3.0 sink.bench is not accepting mail right now\r\n",
+            // Closed (the drain scenarios): a pipelined flight gets 451 for each command, and
+            // DATA no 354, so no body is read or counted.
+            "MAIL" | "RCPT" | "DATA" if SINK_CLOSED.load(Ordering::SeqCst) => {
+                b"451 4.3.0 sink.bench is not accepting mail right now\r\n"
+            }
             "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 2.0.0 OK\r\n",
             "QUIT" => {
-                s.write_all(b"221 2.0.0 Bye\r\n").await?;
-                s.flush().await?;
+                out.extend_from_slice(b"221 2.0.0 Bye\r\n");
+                reply_to_flight(s.get_mut(), &mut out, wire).await?;
                 return Ok(false);
             }
             "DATA" => {
-                s.write_all(b"354 go ahead\r\n").await?;
-                s.flush().await?;
+                // The 354 answers the flight that ended with DATA (RFC 2920: DATA is last).
+                out.extend_from_slice(b"354 go ahead\r\n");
+                reply_to_flight(s.get_mut(), &mut out, wire).await?;
                 read_until_dot(s).await?;
                 count.fetch_add(1, Ordering::SeqCst);
                 b"250 2.0.0 OK queued\r\n"
             }
             _ => b"500 5.5.1 what\r\n",
         };
-        s.write_all(reply).await?;
-        s.flush().await?;
+        out.extend_from_slice(reply);
     }
 }
 

@@ -176,6 +176,8 @@ mod tests {
     fn devices(extra: &str) -> Devices {
         let text = format!(
             r#"
+[[listener]]
+listen = "127.0.0.1:2525"
 [[provider]]
 name = "p"
 kind = "generic"

@@ -86,6 +86,8 @@ pub struct Generation {
     pub delivery: Arc<Delivery>,
     /// What SMTP sessions use (devices, queue, delivery, tokens, limits).
     pub smtp: Arc<Context>,
+    /// The providers' servers and connection pools (`mfd-relay test` sends through them too).
+    pub upstream: Arc<Upstream>,
 }
 
 /// The receiving end of the generation channel: always holds the current generation.
@@ -123,7 +125,8 @@ impl Generation {
             shared.activity.clone(),
             shared.shaper.clone(),
         ));
-        let identities = Arc::new(crate::smtp::ports::SessionIdentities { tokens: tokens.clone(), upstream });
+        let identities =
+            Arc::new(crate::smtp::ports::SessionIdentities { tokens: tokens.clone(), upstream: upstream.clone() });
         let smtp = Arc::new(Context {
             hostname: config.relay.hostname.clone(),
             devices: Arc::new(Devices::from_config(&config)),
@@ -134,7 +137,7 @@ impl Generation {
             max_recipients: config.relay.max_recipients,
             activity: shared.activity.clone(),
         });
-        Ok(Generation { config, tokens, delivery, smtp })
+        Ok(Generation { config, tokens, delivery, smtp, upstream })
     }
 
     /// A channel holding only `self`, for a process that never reloads (the offline CLI,

@@ -5,7 +5,8 @@
 //! `smtp` (listener → session) → `devices` (who is this, which identity) → `queue` (spool +
 //! durable record) → `delivery` (in-session first, then retries) → `upstream` (XOAUTH2 to the
 //! provider). Beside it: `oauth` (token manager, sign-in flows, encrypted store), `imap`
-//! (mobile print), `admin` (HTTP: metrics, health, control), `store` (the only user of sled),
+//! (mobile print), `admin` (HTTP: metrics, health, control), `notify` (the admin told by mail
+//! or webhook), `store` (the only user of sled),
 //! `config` and `metrics` (everything the admin configures and watches, each in one place).
 //! `generation` builds one configuration's parts; `relay` (the wiring, imported by no module)
 //! runs them and publishes each generation on reload.
@@ -24,11 +25,13 @@ pub mod legacy_tls;
 pub mod locks;
 pub mod message;
 pub mod metrics;
+pub mod notify;
 pub mod oauth;
 pub mod queue;
 pub mod relay;
 pub mod reply;
 pub mod smtp;
 pub mod store;
+pub mod testsend;
 pub mod tls;
 pub mod upstream;

@@ -75,6 +75,23 @@ enum Cmd {
         #[command(subcommand)]
         command: MailboxCmd,
     },
+    /// Send one test message exactly as a device would, printing each step and the provider's
+    /// replies (through the running relay, else on its own).
+    Test {
+        /// The [[device]] to send as.
+        #[arg(long)]
+        device: String,
+        /// The recipient.
+        #[arg(long)]
+        to: String,
+        /// Attach this many random bytes as a PDF (e.g. 2MB, 512KiB).
+        #[arg(long, value_parser = parse_size_arg)]
+        size: Option<u64>,
+    },
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    mfd_relay::config::parse_size(s)
 }
 
 #[derive(Subcommand)]
@@ -193,6 +210,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(mailbox_reset(config, &name))
         }
+        Cmd::Test { device, to, size } => {
+            let config = load(&cli.config)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(test_send(config, mfd_relay::testsend::TestSend { device, to, size }))
+        }
         Cmd::Auth { command } => {
             let config = load(&cli.config)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -233,6 +255,17 @@ fn check(path: &Path, explain: bool) -> anyhow::Result<ExitCode> {
             for advice in c.advice() {
                 println!("warning: {advice}");
             }
+            match signed_in_identities(&c) {
+                SignIns::NotNeeded => {}
+                SignIns::Known(names) => {
+                    for advice in c.sign_in_advice(&names) {
+                        println!("warning: {advice}");
+                    }
+                }
+                SignIns::Unknown(why) => {
+                    println!("note: whether devices' identities have signed in was not checked: {why}")
+                }
+            }
             if explain {
                 for line in mfd_relay::oauth::provider::explain_config(&c) {
                     println!("{line}");
@@ -250,6 +283,58 @@ fn check(path: &Path, explain: bool) -> anyhow::Result<ExitCode> {
             println!("{e}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// What `check` knows about sign-ins from the data directory.
+enum SignIns {
+    /// No device uses an identity that needs a person's sign-in.
+    NotNeeded,
+    /// The identities that have stored tokens.
+    Known(std::collections::HashSet<String>),
+    /// The token store could not be read (why).
+    Unknown(String),
+}
+
+/// Which identities have stored tokens, from the data directory, creating nothing: a data
+/// directory without a database means no sign-in yet. The database is opened only when the
+/// daemon does not hold it (sled has no read-only mode, and the data directory's lock keeps
+/// a second process out), so with the daemon running the answer is unknown.
+fn signed_in_identities(config: &Config) -> SignIns {
+    use mfd_relay::config::Flow;
+    use mfd_relay::store::{Store, StoreError, Tree};
+    let delegated = config.devices.iter().any(|d| {
+        config
+            .identity(d.get_ref().identity.get_ref())
+            .is_some_and(|i| matches!(i.flow.get_ref(), Flow::DeviceCode | Flow::AuthCode))
+    });
+    if !delegated {
+        return SignIns::NotNeeded;
+    }
+    let data_dir = config.data_dir();
+    match std::fs::metadata(data_dir.join("db")) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return SignIns::Unknown(format!("{} is not a database", data_dir.join("db").display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return SignIns::Known(Default::default()),
+        // Another user's data directory (0700): say so rather than guess.
+        Err(e) => return SignIns::Unknown(format!("{}: {e}", data_dir.display())),
+    }
+    let store = match Store::open(&data_dir, Vec::new()) {
+        Ok(s) => s,
+        Err(StoreError::Locked { .. }) => {
+            return SignIns::Unknown(
+                "the relay is running and holds its database (or another mfd-relay command does); \
+                 `mfd-relay auth status` shows each identity"
+                    .into(),
+            )
+        }
+        Err(e) => return SignIns::Unknown(e.to_string()),
+    };
+    match store.scan(Tree::Tokens, b"") {
+        Ok(records) => {
+            SignIns::Known(records.into_iter().map(|(k, _)| String::from_utf8_lossy(&k).into_owned()).collect())
+        }
+        Err(e) => SignIns::Unknown(e.to_string()),
     }
 }
 
@@ -646,4 +731,60 @@ async fn reload(config: &Config) -> anyhow::Result<ExitCode> {
         println!("reload refused; the relay keeps running with its previous configuration");
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// How long `mfd-relay test` waits for the running relay's whole answer (a large test
+/// message over a slow line takes a while).
+const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(900);
+
+/// `mfd-relay test`: through the running daemon (its token state, its pools' limits), else
+/// with the configuration and data directory opened here. Exit 0 when the provider accepted
+/// the message, 1 otherwise.
+async fn test_send(config: Config, req: mfd_relay::testsend::TestSend) -> anyhow::Result<ExitCode> {
+    use mfd_relay::testsend::Event;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut result = None;
+    let client = ops::Client::new(&config, TEST_TIMEOUT)?;
+    let through_daemon = client
+        .test_send(&req, |event| match event {
+            Event::Step(step) => print_step(&step),
+            Event::Result(r) => result = Some(r),
+        })
+        .await;
+    let result = match through_daemon {
+        Ok(Some(())) => result.ok_or_else(|| anyhow!("the relay's answer ended before the result"))?,
+        Err(ops::ClientError::Refused { text, .. }) => bail!("{text}"),
+        Err(e) => return Err(e.into()),
+        Ok(None) => {
+            println!("(the relay is not running: testing with {} on its own)", config.data_dir().display());
+            let offline = Offline::open(config).await?;
+            let generation = offline.current.borrow().clone();
+            let observer = std::sync::Arc::new(Printer);
+            req.run(&ops::TestOps { generation, observer }).await?
+        }
+    };
+    if result.delivered {
+        println!("delivered: {}", result.reply);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("FAILED: {}", result.reply);
+    if let Some(hint) = &result.hint {
+        println!("hint: {hint}");
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+/// Prints each step of an offline test as it finishes.
+struct Printer;
+
+impl mfd_relay::upstream::Observer for Printer {
+    fn step(&self, step: mfd_relay::upstream::Step) {
+        print_step(&step);
+    }
+}
+
+fn print_step(step: &mfd_relay::upstream::Step) {
+    use std::io::Write;
+    println!("{:<7} {:<4} {:>6} ms  {}", step.name, if step.ok { "ok" } else { "FAIL" }, step.ms, step.detail);
+    let _ = std::io::stdout().flush();
 }

@@ -321,7 +321,16 @@ pub fn init() {
     LazyLock::force(&IMAP_JOBS);
     LazyLock::force(&IMAP_ERRORS);
     LazyLock::force(&IMAP_LAST_SUCCESS);
+    LazyLock::force(&NOTIFICATIONS);
 }
+
+pub static NOTIFICATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_notifications_total",
+        "Notifications to the admin ([notify]), by channel (email, json, teams, slack) and result (sent: mail queued or webhook answered 2xx; failed: given up).",
+        &["channel", "result"],
+    )
+});
 
 /// The text exposition of every metric.
 pub fn render() -> String {

@@ -163,6 +163,15 @@ pub async fn run(config: Config, mut shutdown: tokio::sync::watch::Receiver<bool
         current: current.clone(),
     });
     tasks.push(tokio::spawn(pollers.run(stop.clone())));
+    // Tells the admin ([notify]); follows the generation channel like the pollers.
+    let notify = crate::notify::Deps {
+        queue: shared.queue.clone(),
+        activity: shared.activity.clone(),
+        current: current.clone(),
+        data_dir: config.data_dir(),
+        started: chrono::Utc::now().timestamp(),
+    };
+    tasks.push(tokio::spawn(crate::notify::run(notify, stop.clone())));
     let mut background = Background::start(&first);
     init_label_sets(&first.config);
     crate::delivery::update_queue_metrics(&shared.queue);

@@ -180,6 +180,7 @@ impl Admin {
             .route("/api/auth/logout/{id}", post(auth_logout))
             .route("/api/auth/import/{id}", post(auth_import))
             .route("/api/reload", post(reload))
+            .route("/api/test", post(test_send))
             .route_layer(middleware::from_fn_with_state(self.clone(), require_access));
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
@@ -441,4 +442,37 @@ async fn reload(State(a): State<Admin>) -> Response {
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
+}
+
+/// `POST /api/test`: one test message as a device would send it, its steps streamed as
+/// `application/x-ndjson` as they finish, the result last (README.md, "mfd-relay test"). A
+/// request the configuration refuses (unknown device, recipient outside its allow-list) gets
+/// 400 with `{"error": ...}` before anything is sent.
+async fn test_send(State(a): State<Admin>, Json(req): Json<crate::testsend::TestSend>) -> Response {
+    use crate::testsend::{Channel, Event};
+    let generation = a.current.borrow().clone();
+    if let Err(e) = crate::testsend::check(&generation, &req) {
+        return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": e.to_string() }))).into_response();
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let observer = Arc::new(Channel(tx.clone()));
+    // The test runs to its end even if the browser goes away (it is one message, never retried).
+    tokio::spawn(async move {
+        let result = match req.run(&ops::TestOps { generation, observer }).await {
+            Ok(result) => result,
+            Err(e) => crate::testsend::TestResult { delivered: false, reply: e.to_string(), hint: None },
+        };
+        let _ = tx.send(Event::Result(result));
+    });
+    let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        let mut line = serde_json::to_string(&event).unwrap_or_default();
+        line.push('\n');
+        Some((Ok::<_, std::convert::Infallible>(line), rx))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson"), (header::CACHE_CONTROL, "no-store")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
 }

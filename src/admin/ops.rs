@@ -422,6 +422,32 @@ impl Request for Reload {
     }
 }
 
+/// What [`crate::testsend::TestSend`] acts on: a configuration generation (the daemon's
+/// current one, or one opened offline), and who watches the steps.
+pub struct TestOps {
+    pub generation: Arc<Generation>,
+    pub observer: Arc<dyn crate::upstream::Observer>,
+}
+
+/// `POST /api/test`: sends one test message as a device would (`mfd-relay test`). The API
+/// streams the steps as `application/x-ndjson` ([`crate::testsend::Event`] per line) and ends
+/// with the answer; [`Client::test_send`] reads them as they come.
+impl Request for crate::testsend::TestSend {
+    type Answer = crate::testsend::TestResult;
+    type Ops = TestOps;
+    const POST: bool = true;
+    fn path(&self) -> String {
+        "/api/test".into()
+    }
+    fn body(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+    async fn run(&self, ops: &TestOps) -> Result<crate::testsend::TestResult, OpError> {
+        let device = crate::testsend::check(&ops.generation, self).map_err(|e| OpError::Invalid(e.to_string()))?;
+        Ok(crate::testsend::run(&ops.generation, &device, self, ops.observer.as_ref()).await)
+    }
+}
+
 /// The relay's parts opened by a command while the daemon is stopped: the data directory,
 /// the token key and one configuration generation (never reloaded).
 pub struct Offline {
@@ -522,6 +548,55 @@ impl Client {
         }
         serde_json::from_str(&text).map(Some).map_err(|source| ClientError::Answer { url, source })
     }
+}
+
+impl Client {
+    /// Sends a test through the daemon, handing each step and then the result to `each` as
+    /// the lines arrive; `None` when no daemon answers.
+    pub async fn test_send(
+        &self,
+        req: &crate::testsend::TestSend,
+        mut each: impl FnMut(crate::testsend::Event),
+    ) -> Result<Option<()>, ClientError> {
+        let url = format!("{}{}", self.base, req.path());
+        let mut r = self.http.post(&url).json(&req.body());
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        let mut resp = match r.send().await {
+            Ok(resp) => resp,
+            Err(e) if e.is_connect() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await?;
+            return Err(ClientError::Refused { status, text: refusal_text(&text) });
+        }
+        let mut buf = Vec::new();
+        while let Some(chunk) = resp.chunk().await? {
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let event = serde_json::from_str(line.trim())
+                    .map_err(|source| ClientError::Answer { url: url.clone(), source })?;
+                each(event);
+            }
+        }
+        Ok(Some(()))
+    }
+}
+
+/// The text of a refusal: the `error` of a JSON body, else the body.
+fn refusal_text(text: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| text.trim().to_string())
 }
 
 /// `s` as one path segment: what a person typed (a queue id, an identity) can never become

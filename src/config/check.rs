@@ -15,19 +15,21 @@ impl Config {
     pub(super) fn check(&self) -> Vec<Found> {
         let mut out = Vec::new();
         out.extend(self.check_relay());
+        out.extend(self.check_nothing_to_do());
         out.extend(self.check_admin());
         out.extend(self.check_listeners());
         out.extend(self.check_providers());
         out.extend(self.check_identities());
         out.extend(self.check_devices());
         out.extend(self.check_mailboxes());
+        out.extend(self.check_notify());
         out
     }
 
     /// What works but is probably not what the admin wants: printed by `check` and logged at
     /// start and reload, never refused.
     pub(super) fn advice_found(&self) -> Vec<Found> {
-        let mut out = Vec::new();
+        let mut out = self.advice_unused();
         for l in self.listeners.iter().map(|l| l.get_ref()).filter(|l| *l.legacy_tls.get_ref()) {
             let addr = l.listen.get_ref();
             let span = l.legacy_tls.span();
@@ -61,6 +63,74 @@ impl Config {
                     ),
                 ));
             }
+        }
+        out
+    }
+
+    /// A file that starts a relay which can do nothing: no listener for devices and no
+    /// mailbox to poll (an empty file, say). A relay for mobile print alone has no listener,
+    /// which is only advice ([`Config::advice_unused`]).
+    fn check_nothing_to_do(&self) -> Vec<Found> {
+        if self.listeners.is_empty() && self.mailboxes.is_empty() {
+            return vec![(
+                0..0,
+                "no [[listener]]: the relay would accept mail from no device (add one, e.g. listen = \"0.0.0.0:2525\")"
+                    .into(),
+            )];
+        }
+        Vec::new()
+    }
+
+    /// A setup that runs but cannot relay anything, or carries what nothing uses.
+    fn advice_unused(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        if self.listeners.is_empty() && !self.mailboxes.is_empty() {
+            out.push((
+                0..0,
+                "no [[listener]]: devices cannot send mail through this relay (only mobile print runs)".into(),
+            ));
+        }
+        if !self.listeners.is_empty() && self.devices.is_empty() {
+            out.push((
+                self.listeners[0].get_ref().listen.span(),
+                "no [[device]]: every connection is refused (550 5.7.1 not a configured device); add a [[device]] \
+                 with the printer's address or username"
+                    .into(),
+            ));
+        }
+        for id in &self.identities {
+            let id = id.get_ref();
+            let name = id.name.get_ref();
+            let used = self.devices.iter().any(|d| d.get_ref().identity.get_ref() == name)
+                || self.mailboxes.iter().any(|m| m.get_ref().identity.get_ref() == name);
+            if !used {
+                out.push((id.name.span(), format!("identity \"{name}\" is used by no [[device]] or [[mailbox]]")));
+            }
+        }
+        out
+    }
+
+    /// Devices whose identity has never signed in (`signed_in`: the identities with stored
+    /// tokens). App-only identities need no sign-in.
+    pub(super) fn sign_in_advice_found(&self, signed_in: &HashSet<String>) -> Vec<Found> {
+        let mut out = Vec::new();
+        for d in &self.devices {
+            let d = d.get_ref();
+            let identity = d.identity.get_ref();
+            let Some(id) = self.identity(identity) else { continue };
+            if matches!(id.flow.get_ref(), Flow::ClientCredentials | Flow::ServiceAccount)
+                || signed_in.contains(identity)
+            {
+                continue;
+            }
+            out.push((
+                d.identity.span(),
+                format!(
+                    "device \"{}\": identity \"{identity}\" has never signed in, so its mail gets 451 4.7.0 until \
+                     someone runs `mfd-relay auth login {identity}`",
+                    d.name.get_ref()
+                ),
+            ));
         }
         out
     }
@@ -360,6 +430,63 @@ impl Config {
         }
         out
     }
+}
+
+impl Config {
+    fn check_notify(&self) -> Vec<Found> {
+        let n = &self.notify;
+        let mut out = Vec::new();
+        if let Some(email) = &n.email {
+            if !is_plain_address(email.get_ref()) {
+                out.push((
+                    email.span(),
+                    format!(
+                        "notify.email \"{}\" is not a mail address (one address, like it@contoso.com)",
+                        email.get_ref()
+                    ),
+                ));
+            } else if self.identities.is_empty() {
+                out.push((email.span(), "notify.email needs an [[identity]] to send through".into()));
+            }
+        }
+        for w in &n.webhooks {
+            let url = w.get_ref().url.get_ref();
+            let span = w.get_ref().url.span();
+            match url.0.scheme() {
+                "https" => {}
+                "http" if url.is_loopback() => {}
+                "http" => out.push((
+                    span.clone(),
+                    format!("notify.webhooks: {} must use https (plain http only to this machine)", url.shown()),
+                )),
+                other => out.push((span.clone(), format!("notify.webhooks: url scheme \"{other}\" should be https"))),
+            }
+            if url.0.host_str().is_none_or(str::is_empty) && url.0.scheme().starts_with("http") {
+                out.push((span, "notify.webhooks: url has no host".into()));
+            }
+        }
+        let every = n.check_every.get_ref().0;
+        if every < std::time::Duration::from_secs(1) || every > std::time::Duration::from_secs(3600) {
+            out.push((n.check_every.span(), "notify.check_every should be between 1s and 1h".into()));
+        }
+        if n.remind_every.get_ref().0 < std::time::Duration::from_secs(3600) {
+            out.push((n.remind_every.span(), "notify.remind_every should be at least 1h".into()));
+        }
+        out
+    }
+}
+
+/// One plain `local@domain` address: no display name, brackets, list or spaces.
+fn is_plain_address(s: &str) -> bool {
+    let Some((local, domain)) = s.rsplit_once('@') else { return false };
+    !local.is_empty()
+        && !domain.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !s.contains(|c: char| c.is_whitespace() || c.is_control() || "<>,;:\"()[]\\".contains(c))
+        && !local.contains('@')
+        && s.is_ascii()
 }
 
 /// Loopback, RFC 1918, link-local, or IPv6 unique-local/link-local: an address only the LAN

@@ -24,7 +24,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use types::{folder_key, parse_duration, parse_size, AddressPattern, After, HostPort, Net, Seconds, Size};
+pub use types::{
+    folder_key, parse_duration, parse_size, AddressPattern, After, HostPort, Net, Seconds, Size, WebhookUrl,
+};
 
 /// A configuration problem, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +69,8 @@ pub struct Config {
     pub devices: Vec<Spanned<Device>>,
     #[serde(default, rename = "mailbox")]
     pub mailboxes: Vec<Spanned<Mailbox>>,
+    #[serde(default)]
+    pub notify: Notify,
     /// Where the file was read from (paths in it are relative to its directory).
     #[serde(skip)]
     pub path: PathBuf,
@@ -166,6 +170,72 @@ impl Default for Admin {
             basic_auth_user: None,
             basic_auth_password_hash: None,
             allowed_hosts: Vec::new(),
+        }
+    }
+}
+
+/// `[notify]`: who hears about what needs a person, without Prometheus (README.md,
+/// "Notifications"): an e-mail address and/or webhooks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Notify {
+    /// Mail goes here, sent as the relay's own message through a healthy identity.
+    pub email: Option<Spanned<String>>,
+    pub webhooks: Vec<Spanned<Webhook>>,
+    /// How often conditions are looked at.
+    pub check_every: Spanned<Seconds>,
+    /// A condition that lasts is announced again this often.
+    pub remind_every: Spanned<Seconds>,
+}
+
+impl Notify {
+    /// Whether anyone is to be told anything.
+    pub fn enabled(&self) -> bool {
+        self.email.is_some() || !self.webhooks.is_empty()
+    }
+}
+
+impl Default for Notify {
+    fn default() -> Self {
+        Notify {
+            email: None,
+            webhooks: Vec::new(),
+            check_every: Spanned::new(0..0, Seconds(Duration::from_secs(60))),
+            remind_every: Spanned::new(0..0, Seconds(Duration::from_secs(24 * 3600))),
+        }
+    }
+}
+
+/// One webhook of `[notify]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    #[serde(deserialize_with = "types::webhook_url")]
+    pub url: Spanned<WebhookUrl>,
+    #[serde(default)]
+    pub format: WebhookFormat,
+}
+
+/// What a webhook's receiver understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    /// A plain JSON object (for scripts, n8n, a ticket system).
+    #[default]
+    Json,
+    /// Microsoft Teams (a Workflows "when a webhook request is received" flow): an Adaptive Card.
+    Teams,
+    /// A Slack incoming webhook: `{"text": ...}`.
+    Slack,
+}
+
+impl WebhookFormat {
+    /// The name in the file, and the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookFormat::Json => "json",
+            WebhookFormat::Teams => "teams",
+            WebhookFormat::Slack => "slack",
         }
     }
 }
@@ -591,6 +661,12 @@ impl Config {
         self.located(self.advice_found())
     }
 
+    /// Devices whose identity has never signed in, given the identities that have stored
+    /// tokens (read from the data directory by `check`): warnings, with the device's line.
+    pub fn sign_in_advice(&self, signed_in: &std::collections::HashSet<String>) -> Vec<Problem> {
+        self.located(self.sign_in_advice_found(signed_in))
+    }
+
     /// Problems with their lines, in file order.
     fn located(&self, found: Vec<types::Found>) -> Vec<Problem> {
         let mut out: Vec<Problem> = found.into_iter().map(|(span, message)| self.problem_at(span, message)).collect();
@@ -702,6 +778,9 @@ identity = "scans"
 addresses = ["192.168.10.31/32", "10.0.0.0/8"]
 "#;
 
+    /// A listener for the tests that need a whole relay (GOOD has none, so that tests can add theirs).
+    const LISTENER: &str = "\n[[listener]]\nlisten = \"127.0.0.1:2525\"\n";
+
     #[test]
     fn legacy_tls_needs_tls_and_gets_advice() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -756,13 +835,13 @@ addresses = ["192.168.10.31/32", "10.0.0.0/8"]
 
     #[test]
     fn good_config_has_no_problems() {
-        assert_eq!(problems(GOOD), Vec::<String>::new());
+        assert_eq!(problems(&format!("{GOOD}{LISTENER}")), Vec::<String>::new());
     }
 
     #[test]
     fn references_and_cidrs_are_checked_with_lines() {
         let text = format!(
-            "{GOOD}\n[[device]]\nname = \"d2\"\nidentity = \"nope\"\naddresses = [\"300.1.1.1/32\"]\nusername = \"u\"\n\n[[device]]\nname = \"d2\"\nidentity = \"scans\"\naddresses = [\"10.1.1.1\"]\n"
+            "{GOOD}{LISTENER}\n[[device]]\nname = \"d2\"\nidentity = \"nope\"\naddresses = [\"300.1.1.1/32\"]\nusername = \"u\"\n\n[[device]]\nname = \"d2\"\nidentity = \"scans\"\naddresses = [\"10.1.1.1\"]\n"
         );
         let p = problems(&text);
         let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
@@ -793,6 +872,8 @@ name = "i"
 provider = "g"
 email = "a@b.c"
 flow = "device_code"
+[[listener]]
+listen = "127.0.0.1:2525"
 "#;
         let p = problems(text);
         assert_eq!(p.len(), 1, "{p:?}");
@@ -906,6 +987,125 @@ flow = "device_code"
         let p = problems("[[listener]]\nlisten = 2525\n");
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains(":2:"), "{p:?}");
+    }
+
+    fn advice(text: &str) -> Vec<String> {
+        parse(text).expect("parses").advice().iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn an_empty_file_is_a_problem_not_an_ok() {
+        for text in ["", "[relay]\nhostname = \"relay.test\"\n"] {
+            let p = problems(text);
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert!(p[0].starts_with("/nonexistent/config.toml:1: no [[listener]]"), "{p:?}");
+        }
+        // A relay for mobile print alone needs no listener: only advice.
+        let text = format!("{GOOD}\n[[mailbox]]\nname = \"m\"\nidentity = \"scans\"\nspool = \"s\"\n")
+            .replace("smtp = \"127.0.0.1:2\"", "imap = \"127.0.0.1:2\"");
+        assert_eq!(problems(&text), Vec::<String>::new());
+        let a = advice(&text);
+        assert!(a.iter().any(|m| m.contains("no [[listener]]: devices cannot send")), "{a:?}");
+    }
+
+    #[test]
+    fn no_device_and_unused_identities_are_warnings() {
+        let good = format!("{GOOD}{LISTENER}");
+        assert_eq!(advice(&good), Vec::<String>::new());
+        // No device: every connection would be refused.
+        let start = GOOD.find("[[device]]").unwrap();
+        let text = &format!("{}{LISTENER}", &GOOD[..start]);
+        assert_eq!(problems(text), Vec::<String>::new());
+        let a = advice(text);
+        let line = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        assert!(
+            a.iter().any(|m| m.contains(&format!(":{}:", line("127.0.0.1:2525"))) && m.contains("no [[device]]")),
+            "{a:?}"
+        );
+        assert!(
+            a.iter().any(|m| m.contains(&format!(":{}:", line("name = \"scans\"")))
+                && m.contains("identity \"scans\" is used by no [[device]] or [[mailbox]]")),
+            "{a:?}"
+        );
+        assert_eq!(a.len(), 2, "{a:?}");
+        // An identity a mailbox uses is used.
+        let text = format!("{good}\n[[identity]]\nname = \"print\"\nprovider = \"p\"\nemail = \"print@example.test\"\nflow = \"client_credentials\"\n");
+        let a = advice(&text);
+        assert!(a.len() == 1 && a[0].contains("identity \"print\" is used by no"), "{a:?}");
+        let text = text.replace("smtp_tls = \"none\"", "smtp_tls = \"none\"\nimap = \"127.0.0.1:3\"")
+            + "\n[[mailbox]]\nname = \"m\"\nidentity = \"print\"\nspool = \"s\"\n";
+        assert_eq!(advice(&text), Vec::<String>::new());
+    }
+
+    #[test]
+    fn devices_whose_identity_never_signed_in_are_warnings() {
+        let text = GOOD.replace("flow = \"client_credentials\"", "flow = \"device_code\"");
+        let c = parse(&text).unwrap();
+        let none = std::collections::HashSet::new();
+        let a: Vec<String> = c.sign_in_advice(&none).iter().map(|p| p.to_string()).collect();
+        let line = text.lines().position(|l| l.contains("identity = \"scans\"")).unwrap() + 1;
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert!(
+            a[0].contains(&format!(":{line}:"))
+                && a[0].contains("device \"d1\": identity \"scans\" has never signed in")
+                && a[0].contains("mfd-relay auth login scans"),
+            "{a:?}"
+        );
+        let signed: std::collections::HashSet<String> = ["scans".to_string()].into();
+        assert!(c.sign_in_advice(&signed).is_empty());
+        // App-only identities need nobody's sign-in.
+        assert!(parse(GOOD).unwrap().sign_in_advice(&none).is_empty());
+    }
+
+    #[test]
+    fn notify_parses_and_its_mistakes_have_lines_without_the_secret() {
+        let good = format!(
+            "{GOOD}{LISTENER}\n[notify]\nemail = \"it@contoso.com\"\ncheck_every = \"1s\"\nwebhooks = [\n  {{ url = \"https://prod.logic.azure.com/workflows/x?sig=TOKEN1\", format = \"teams\" }},\n  {{ url = \"https://hooks.slack.com/services/T/B/TOKEN2\", format = \"slack\" }},\n  {{ url = \"http://127.0.0.1:8080/hook\" }},\n]\n"
+        );
+        assert_eq!(problems(&good), Vec::<String>::new());
+        let c = parse(&good).unwrap();
+        assert!(c.notify.enabled());
+        assert_eq!(c.notify.check_every.get_ref().0, Duration::from_secs(1));
+        assert_eq!(c.notify.remind_every.get_ref().0, Duration::from_secs(86400));
+        let formats: Vec<_> = c.notify.webhooks.iter().map(|w| w.get_ref().format).collect();
+        assert_eq!(formats, vec![WebhookFormat::Teams, WebhookFormat::Slack, WebhookFormat::Json]);
+        assert!(!format!("{:?}", c.notify).contains("TOKEN"), "Debug shows hosts only");
+        assert!(!parse(GOOD).unwrap().notify.enabled());
+
+        let bad = format!(
+            "{GOOD}{LISTENER}\n[notify]\nemail = \"IT <it@contoso.com>\"\ncheck_every = \"0s\"\nremind_every = \"10m\"\nwebhooks = [\n  {{ url = \"http://hooks.example.com/x?TOKEN3\" }},\n  {{ url = \"ftp://files.example.com/TOKEN4\", format = \"json\" }},\n  {{ url = \"not a url TOKEN5\" }},\n]\n"
+        );
+        let p = problems(&bad);
+        let line_of = |needle: &str| bad.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        let has = |needle: &str, message: &str| {
+            assert!(
+                p.iter().any(|m| m.contains(&format!(":{}:", line_of(needle))) && m.contains(message)),
+                "{message} at {needle}: {p:?}"
+            )
+        };
+        has("IT <it@", "notify.email \"IT <it@contoso.com>\" is not a mail address");
+        has("\"0s\"", "notify.check_every should be between 1s and 1h");
+        has("\"10m\"", "notify.remind_every should be at least 1h");
+        has("TOKEN3", "notify.webhooks: http://hooks.example.com must use https");
+        has("TOKEN4", "url scheme \"ftp\" should be https");
+        has("TOKEN5", "notify.webhooks: url is not a URL");
+        assert_eq!(p.len(), 6, "{p:?}");
+        assert!(p.iter().all(|m| !m.contains("TOKEN")), "a webhook URL is a secret: {p:?}");
+
+        // A format name that does not exist, with its line.
+        let text = format!(
+            "{GOOD}{LISTENER}\n[notify]\nwebhooks = [{{ url = \"https://x.test/h\", format = \"discord\" }}]\n"
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains(&format!(":{}:", line_of_text(&text, "discord"))) && p[0].contains("discord"), "{p:?}");
+        // Mail needs someone to send it.
+        let p = problems(&format!("{LISTENER}\n[notify]\nemail = \"it@contoso.com\"\n"));
+        assert!(p.len() == 1 && p[0].contains("notify.email needs an [[identity]]"), "{p:?}");
+    }
+
+    fn line_of_text(text: &str, needle: &str) -> usize {
+        text.lines().position(|l| l.contains(needle)).unwrap() + 1
     }
 
     #[test]

@@ -99,6 +99,56 @@ pub(super) fn listener_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Spanned
     text(d, |s| s.parse().map_err(|_| format!("listener \"{s}\" is not an address:port")), Named::Itself, NO_ADDRESS)
 }
 
+/// A webhook's address. It usually carries a token in its path or query, so it is shown
+/// (Debug, Display, logs, problems) as its scheme and host only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookUrl(pub url::Url);
+
+impl WebhookUrl {
+    /// What may be shown of it: `https://host` (host only, never path or query).
+    pub fn shown(&self) -> String {
+        format!("{}://{}", self.0.scheme(), self.0.host_str().unwrap_or("?"))
+    }
+
+    /// Whether it names this machine (127.0.0.0/8, ::1 or localhost): the only place plain
+    /// http is allowed (a test's fake receiver, a local bridge).
+    pub fn is_loopback(&self) -> bool {
+        match self.0.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            None => false,
+        }
+    }
+}
+
+impl fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WebhookUrl({})", self.shown())
+    }
+}
+
+impl fmt::Display for WebhookUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown())
+    }
+}
+
+/// `[notify] webhooks = [{ url = ... }]`: a URL (its problem never repeats it: it is a secret).
+pub(super) fn webhook_url<'de, D: Deserializer<'de>>(d: D) -> Result<Spanned<WebhookUrl>, D::Error> {
+    let stand_in = WebhookUrl(url::Url::parse("https://invalid.invalid/").expect("a valid URL"));
+    text(
+        d,
+        |s| {
+            url::Url::parse(s)
+                .map(WebhookUrl)
+                .map_err(|e| format!("notify.webhooks: url is not a URL ({e}); it should look like https://host/path"))
+        },
+        Named::Itself,
+        stand_in,
+    )
+}
+
 /// A server address, `host:port` or `[v6]:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPort {

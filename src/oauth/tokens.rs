@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use oauth2::basic::BasicErrorResponse;
 use oauth2::RequestTokenError;
 use rustls_pki_types::pem::PemObject;
@@ -229,7 +230,21 @@ pub struct TokenManager {
     ready: tokio::sync::broadcast::Sender<String>,
     /// Client certificates to watch: (provider, certificate file).
     certificates: Vec<(String, std::path::PathBuf)>,
+    /// Token requests in flight at once, for every identity together (see
+    /// [`TOKEN_REQUESTS_AT_ONCE`]); shared by every configuration generation.
+    requests: Arc<tokio::sync::Semaphore>,
 }
+
+/// At most this many token requests are out at once. A large site starts with hundreds of
+/// identities and mailboxes that all want a token in the same second; unbounded, that is a
+/// burst the provider throttles (Entra answers 429 to a tenant's burst) and as many TLS
+/// handshakes on the relay's two cores. Sixteen at ~100 ms each still gets 1,000 identities
+/// their tokens in seconds (BENCHMARKS.md, "A fleet").
+pub const TOKEN_REQUESTS_AT_ONCE: usize = 16;
+
+/// The background refresher refreshes this many identities at once (fewer than
+/// [`TOKEN_REQUESTS_AT_ONCE`], so that a device's on-demand request always finds a slot).
+const REFRESHES_AT_ONCE: usize = 8;
 
 /// Warn this long before a client certificate expires.
 const CERT_WARNING: i64 = 30 * 24 * 3600;
@@ -342,7 +357,11 @@ impl TokenManager {
         };
         let certificates =
             providers.values().filter_map(|p| p.client_certificate.clone().map(|c| (p.name.clone(), c))).collect();
-        Ok(TokenManager { store, vault, http, slots, ready, certificates })
+        let requests = match previous {
+            Some(p) => p.requests.clone(),
+            None => Arc::new(tokio::sync::Semaphore::new(TOKEN_REQUESTS_AT_ONCE)),
+        };
+        Ok(TokenManager { store, vault, http, slots, ready, certificates, requests })
     }
 
     pub fn slot(&self, name: &str) -> Result<&Arc<Slot>, TokenError> {
@@ -421,6 +440,8 @@ impl TokenManager {
         }
         let record = slot.record();
         let generation = slot.generation();
+        // Closed never: the semaphore lives as long as the manager.
+        let permit = self.requests.acquire().await;
         let result = match slot.flow {
             Flow::ClientCredentials => super::flows::client_credentials(&self.http, slot).await,
             Flow::ServiceAccount => super::flows::service_account(&self.http, slot).await,
@@ -431,6 +452,7 @@ impl TokenManager {
                 }
             },
         };
+        drop(permit);
         metrics::TOKEN_REFRESHES
             .with_label_values(&[slot.name.as_str(), if result.is_ok() { "ok" } else { "error" }])
             .inc();
@@ -657,6 +679,31 @@ impl TokenManager {
         v
     }
 
+    /// Whether the background refresher should refresh `slot` at `t`: then the record as it
+    /// was seen, to tell whether someone else refreshed before the refresher got to it.
+    fn refresh_due(slot: &Slot, t: i64) -> Option<TokenRecord> {
+        let r = slot.record();
+        let app_only = matches!(slot.flow, Flow::ClientCredentials | Flow::ServiceAccount);
+        // A delegated identity that needs a sign-in waits for a person; an app-only one is
+        // retried (with backoff), since consent or a secret may be fixed in the provider's
+        // portal without touching the relay.
+        if r.state == IdentityState::NeedsLogin && !app_only {
+            return None;
+        }
+        let (retry_after, _) = *slot.retry_after.locked();
+        if t < retry_after {
+            return None;
+        }
+        let due = match (r.refresh_at, r.last_refresh) {
+            (Some(at), _) if t >= at => true,
+            (_, Some(last)) => t >= last + REFRESH_IDLE,
+            // App-only identities fetch their first token at startup.
+            (None, None) => app_only,
+            _ => false,
+        };
+        (due && (r.refresh_token.is_some() || app_only)).then_some(r)
+    }
+
     /// Keeps every identity's token fresh until `shutdown` fires: refreshes ahead of expiry
     /// (with jitter, chosen when the token was stored), refreshes idle identities daily, and
     /// backs off after failures.
@@ -668,39 +715,26 @@ impl TokenManager {
                 self.check_certificates(t);
                 certs_checked = Some(t);
             }
-            for slot in self.slots.values() {
-                let r = slot.record();
-                let app_only = matches!(slot.flow, Flow::ClientCredentials | Flow::ServiceAccount);
-                // A delegated identity that needs a sign-in waits for a person; an app-only
-                // one is retried (with backoff), since consent or a secret may be fixed
-                // in the provider's portal without touching the relay.
-                if r.state == IdentityState::NeedsLogin && !app_only {
-                    continue;
-                }
-                let (retry_after, _) = *slot.retry_after.locked();
-                if t < retry_after {
-                    continue;
-                }
-                let due = match (r.refresh_at, r.last_refresh) {
-                    (Some(at), _) if t >= at => true,
-                    (_, Some(last)) => t >= last + REFRESH_IDLE,
-                    // App-only identities fetch their first token at startup.
-                    (None, None) => matches!(slot.flow, Flow::ClientCredentials | Flow::ServiceAccount),
-                    _ => false,
-                };
-                let has_grant =
-                    r.refresh_token.is_some() || matches!(slot.flow, Flow::ClientCredentials | Flow::ServiceAccount);
-                if due && has_grant {
+            let due: Vec<_> =
+                self.slots.values().filter_map(|slot| Self::refresh_due(slot, t).map(|seen| (slot, seen))).collect();
+            // Several at once (a fleet's tokens are often due together, and one slow answer
+            // must not hold up the rest), never more than REFRESHES_AT_ONCE.
+            let me: &TokenManager = &self;
+            let round =
+                futures_util::stream::iter(due).for_each_concurrent(REFRESHES_AT_ONCE, |(slot, seen)| async move {
                     let _flight = slot.flight.lock().await;
                     // Someone may have refreshed (or signed out) while we waited.
                     let now_rec = slot.record();
-                    if now_rec.last_refresh != r.last_refresh || now_rec.refresh_token != r.refresh_token {
-                        continue;
+                    if now_rec.last_refresh != seen.last_refresh || now_rec.refresh_token != seen.refresh_token {
+                        return;
                     }
-                    if let Err(e) = self.refresh_locked(slot).await {
+                    if let Err(e) = me.refresh_locked(slot).await {
                         tracing::debug!(identity = %slot.name, "background refresh: {e}");
                     }
-                }
+                });
+            tokio::select! {
+                _ = round => {}
+                _ = shutdown.changed() => return,
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -941,6 +975,100 @@ mod tests {
         let url = format!("http://{}/token", tcp.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(tcp, app).await });
         (ep, url)
+    }
+
+    /// A client-credentials token endpoint that answers after `delay` and counts the requests
+    /// in flight: (most at once, in all, url).
+    async fn counting_endpoint(delay: Duration) -> (Arc<[std::sync::atomic::AtomicUsize; 3]>, String) {
+        use axum::routing::post;
+        use std::sync::atomic::Ordering::SeqCst;
+        let counts: Arc<[std::sync::atomic::AtomicUsize; 3]> = Arc::default();
+        let c = counts.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            post(move || {
+                let c = c.clone();
+                async move {
+                    let now = c[0].fetch_add(1, SeqCst) + 1;
+                    c[1].fetch_max(now, SeqCst);
+                    c[2].fetch_add(1, SeqCst);
+                    tokio::time::sleep(delay).await;
+                    c[0].fetch_sub(1, SeqCst);
+                    (
+                        [("content-type", "application/json")],
+                        r#"{"access_token":"at","token_type":"Bearer","expires_in":3600}"#,
+                    )
+                }
+            }),
+        );
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", tcp.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(tcp, app).await });
+        (counts, url)
+    }
+
+    /// A token manager with `n` app-only identities "a0".. on one provider.
+    fn fleet(dir: &std::path::Path, token_url: &str, n: usize) -> Arc<TokenManager> {
+        let mut text = format!(
+            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n\
+             [[listener]]\nlisten = \"127.0.0.1:2525\"\n\n\
+             [[provider]]\nname = \"p\"\nkind = \"generic\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+             token_url = \"{token_url}\"\nsmtp = \"127.0.0.1:9\"\nsmtp_tls = \"none\"\n\n"
+        );
+        for i in 0..n {
+            text.push_str(&format!(
+                "[[identity]]\nname = \"a{i}\"\nprovider = \"p\"\nemail = \"a{i}@example.com\"\nflow = \"client_credentials\"\n\n"
+            ));
+        }
+        let config = Config::parse(&dir.join("config.toml"), text).unwrap();
+        std::fs::create_dir_all(config.data_dir()).unwrap();
+        let store = Arc::new(crate::store::Store::open(&config.data_dir(), vec![]).unwrap());
+        let vault = Arc::new(crate::oauth::vault::Vault::open(&config.key_file(), None).unwrap());
+        Arc::new(TokenManager::new(&config, store, vault, None).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_fleet_asking_for_tokens_at_once_is_not_a_thundering_herd() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (counts, url) = counting_endpoint(Duration::from_millis(50)).await;
+        let tokens = fleet(dir.path(), &url, 64);
+        // 64 mailboxes start together, each wanting its identity's first token.
+        let asks: Vec<_> = (0..64)
+            .map(|i| {
+                let t = tokens.clone();
+                tokio::spawn(async move { t.access_token(&format!("a{i}")).await })
+            })
+            .collect();
+        for a in asks {
+            tokio::time::timeout(Duration::from_secs(20), a).await.unwrap().unwrap().unwrap();
+        }
+        assert_eq!(counts[2].load(SeqCst), 64);
+        let most = counts[1].load(SeqCst);
+        assert!(most <= TOKEN_REQUESTS_AT_ONCE, "{most} token requests at once");
+        assert!(most > 1, "requests for different identities go out in parallel");
+    }
+
+    #[tokio::test]
+    async fn the_refresher_fetches_a_fleet_s_tokens_several_at_a_time() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (counts, url) = counting_endpoint(Duration::from_millis(100)).await;
+        let tokens = fleet(dir.path(), &url, 40);
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let started = std::time::Instant::now();
+        let refresher = tokio::spawn(tokens.clone().run_refresher(shutdown));
+        while counts[2].load(SeqCst) < 40 || counts[0].load(SeqCst) > 0 {
+            assert!(started.elapsed() < Duration::from_secs(20), "refresher too slow");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // One at a time, 40 requests of 100 ms would take 4 s.
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        let most = counts[1].load(SeqCst);
+        assert!((2..=REFRESHES_AT_ONCE).contains(&most), "{most} refreshes at once");
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), refresher).await.unwrap().unwrap();
+        assert_eq!(counts[2].load(SeqCst), 40, "each identity fetched once");
     }
 
     /// A token manager with one delegated identity "u" whose tokens are `rt` and an access

@@ -15,7 +15,8 @@
 use std::fmt;
 use std::io::Read;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use lettre::address::Address;
@@ -30,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::classify::UpstreamReply;
+use super::trace::{emit, Observer};
 use crate::locks::MutexExt;
 
 /// How long the relay waits for the upstream.
@@ -190,6 +192,20 @@ pub struct Target {
     pub security: Security,
 }
 
+/// An authenticated connection and what its server offered in EHLO (after TLS).
+pub struct Connection {
+    conn: AsyncSmtpConnection,
+    /// RFC 2920: the server takes MAIL, RCPT and DATA in one flight.
+    pub pipelining: bool,
+}
+
+impl Connection {
+    /// QUITs without waiting long for the answer.
+    pub async fn abort(&mut self) {
+        self.conn.abort().await
+    }
+}
+
 /// Opens a connection, secures it as the server requires, and authenticates.
 ///
 /// The TCP connection is made here rather than by lettre so that TCP_NODELAY is set: SMTP
@@ -201,17 +217,40 @@ pub async fn connect(
     user: &str,
     token: &str,
     t: Timeouts,
-) -> Result<(AsyncSmtpConnection, Option<u64>), SendError> {
+    obs: &dyn Observer,
+) -> Result<(Connection, Option<u64>), SendError> {
     let addr = (server.host.as_str(), server.port);
     let mut advertised = None;
+    let started = Instant::now();
+    let failed = |step: &str, since: Instant, e: SendError| {
+        emit(obs, step, false, since, || e.to_string());
+        e
+    };
     let mut tcp = match tokio::time::timeout(t.command, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(SendError::Network(format!("connect to {}:{}: {e}", server.host, server.port))),
-        Err(_) => return Err(SendError::Network(format!("connect to {}:{} timed out", server.host, server.port))),
+        Ok(Err(e)) => {
+            let e = SendError::Network(format!("connect to {}:{}: {e}", server.host, server.port));
+            return Err(failed("connect", started, e));
+        }
+        Err(_) => {
+            let e = SendError::Network(format!("connect to {}:{} timed out", server.host, server.port));
+            return Err(failed("connect", started, e));
+        }
     };
     let _ = tcp.set_nodelay(true);
+    emit(obs, "connect", true, started, || {
+        let name = format!("{}:{}", server.host, server.port);
+        match tcp.peer_addr() {
+            Ok(a) if a.to_string() != name => format!("{name} ({a})"),
+            _ => name,
+        }
+    });
+    let started = Instant::now();
     let stream: Box<dyn AsyncTokioStream> = match &server.security {
-        Security::Plain => Box::new(tcp),
+        Security::Plain => {
+            emit(obs, "tls", true, started, || "none: plain SMTP (loopback or a local smarthost only)".into());
+            Box::new(tcp)
+        }
         Security::StartTls(connector) | Security::Implicit(connector) => {
             let greeting: &'static [u8] = if matches!(server.security, Security::StartTls(_)) {
                 match tokio::time::timeout(t.command, plaintext_starttls(&mut tcp, hello)).await {
@@ -219,8 +258,14 @@ pub async fn connect(
                         advertised = size;
                         UPGRADED_GREETING
                     }
-                    Ok(Err(e)) => return Err(SendError::Network(format!("{}:{}: {e}", server.host, server.port))),
-                    Err(_) => return Err(SendError::Network(format!("STARTTLS with {} timed out", server.host))),
+                    Ok(Err(e)) => {
+                        let e = SendError::Network(format!("{}:{}: {e}", server.host, server.port));
+                        return Err(failed("tls", started, e));
+                    }
+                    Err(_) => {
+                        let e = SendError::Network(format!("STARTTLS with {} timed out", server.host));
+                        return Err(failed("tls", started, e));
+                    }
                 }
             } else {
                 b""
@@ -228,15 +273,131 @@ pub async fn connect(
             let name = rustls_pki_types::ServerName::try_from(server.host.clone())
                 .map_err(|e| SendError::Network(format!("{}: {e}", server.host)))?;
             match tokio::time::timeout(t.command, connector.connect(name, tcp)).await {
-                Ok(Ok(tls)) => Box::new(OwnTls { tls, greeting }),
-                Ok(Err(e)) => return Err(SendError::Network(format!("TLS with {}: {e}", server.host))),
-                Err(_) => return Err(SendError::Network(format!("TLS with {} timed out", server.host))),
+                Ok(Ok(tls)) => {
+                    emit(obs, "tls", true, started, || {
+                        let how = if greeting.is_empty() { "implicit TLS" } else { "STARTTLS" };
+                        format!("{how}, {}", describe_tls(tls.get_ref().1))
+                    });
+                    Box::new(OwnTls { tls, greeting })
+                }
+                Ok(Err(e)) => {
+                    return Err(failed("tls", started, SendError::Network(format!("TLS with {}: {e}", server.host))))
+                }
+                Err(_) => {
+                    return Err(failed(
+                        "tls",
+                        started,
+                        SendError::Network(format!("TLS with {} timed out", server.host)),
+                    ))
+                }
             }
         }
     };
-    let mut conn = timed(t.command, "the greeting", AsyncSmtpConnection::connect_with_transport(stream, hello)).await?;
-    authenticate(&mut conn, user, token, t).await?;
+    let started = Instant::now();
+    // lettre parses the EHLO reply but keeps neither PIPELINING nor SIZE: the stream keeps a
+    // copy of what the server says until then.
+    let seen = Arc::new(std::sync::Mutex::new(Some(Vec::new())));
+    let stream = Box::new(Sniffed { inner: stream, seen: seen.clone() });
+    let conn = timed(t.command, "the greeting", AsyncSmtpConnection::connect_with_transport(stream, hello))
+        .await
+        .map_err(|e| failed("auth", started, e))?;
+    let ehlo = ehlo_lines(&seen.locked().take().unwrap_or_default());
+    // RFC 3207 4.2: what the server offered inside TLS is what counts for PIPELINING.
+    let pipelining = ehlo.iter().skip(1).any(|l| keyword(l).eq_ignore_ascii_case("PIPELINING"));
+    let mut conn = Connection { conn, pipelining };
+    match authenticate(&mut conn.conn, user, token, t).await {
+        Ok(r) => emit(obs, "auth", true, started, || {
+            let offers = ehlo.iter().skip(1).map(|l| keyword(l)).collect::<Vec<_>>().join(" ");
+            format!("EHLO offers {offers}; AUTH XOAUTH2 as {user}: {}", r.describe())
+        }),
+        Err(e) => return Err(failed("auth", started, e)),
+    }
     Ok((conn, advertised))
+}
+
+/// The first word of an EHLO keyword line.
+fn keyword(line: &str) -> &str {
+    line.split_whitespace().next().unwrap_or("")
+}
+
+/// The text of each line of the last `250` reply in what a server said up to its EHLO reply
+/// (its greeting comes first and is skipped).
+fn ehlo_lines(seen: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(seen);
+    let mut lines = Vec::new();
+    for l in text.lines() {
+        if l.starts_with("250") {
+            lines.push(l.get(4..).unwrap_or_default().trim_end().to_string());
+        } else {
+            lines.clear();
+        }
+    }
+    lines
+}
+
+/// The TLS version, cipher suite and the server certificate's subject, for `mfd-relay test`.
+fn describe_tls(session: &rustls::ClientConnection) -> String {
+    let version = session.protocol_version().map(|v| format!("{v:?}")).unwrap_or_else(|| "?".into());
+    let suite = session.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_else(|| "?".into());
+    let subject = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|der| openssl::x509::X509::from_der(der).ok())
+        .map(|x| {
+            x.subject_name()
+                .entries()
+                .map(|e| {
+                    let key = e.object().nid().short_name().unwrap_or("?");
+                    let value = e.data().to_string().unwrap_or_default();
+                    format!("{key}={value}")
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_else(|| "(no certificate)".into());
+    format!("{version}, {suite}, certificate subject: {subject}")
+}
+
+/// The stream lettre reads from, keeping a copy of what is read while `seen` holds a buffer
+/// (the greeting and the EHLO reply; at most [`MAX_PLAINTEXT_REPLY`] bytes).
+#[derive(Debug)]
+struct Sniffed {
+    inner: Box<dyn AsyncTokioStream>,
+    seen: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl AsyncRead for Sniffed {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut me.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            if let Some(seen) = me.seen.locked().as_mut() {
+                let new = &buf.filled()[before..];
+                let room = MAX_PLAINTEXT_REPLY.saturating_sub(seen.len());
+                seen.extend_from_slice(&new[..new.len().min(room)]);
+            }
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Sniffed {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for Sniffed {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.peer_addr()
+    }
 }
 
 /// The limit in an EHLO reply's `SIZE` keyword (RFC 1870 4), if it has one; `SIZE` alone or
@@ -318,7 +479,12 @@ async fn read_reply(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(u16, Vec<
 
 /// `AUTH XOAUTH2` with the initial response; on a 334 challenge, keeps the decoded JSON,
 /// answers with an empty line and reports the final reply.
-async fn authenticate(conn: &mut AsyncSmtpConnection, user: &str, token: &str, t: Timeouts) -> Result<(), SendError> {
+async fn authenticate(
+    conn: &mut AsyncSmtpConnection,
+    user: &str,
+    token: &str,
+    t: Timeouts,
+) -> Result<UpstreamReply, SendError> {
     let line = format!("AUTH XOAUTH2 {}", xoauth2(user, token));
     let first = tokio::time::timeout(t.command, conn.command(Line(&line)))
         .await
@@ -342,7 +508,9 @@ async fn authenticate(conn: &mut AsyncSmtpConnection, user: &str, token: &str, t
             };
             Err(SendError::Auth { reply, detail })
         }
-        Ok(r) if r.code().severity == lettre::transport::smtp::response::Severity::PositiveCompletion => Ok(()),
+        Ok(r) if r.code().severity == lettre::transport::smtp::response::Severity::PositiveCompletion => {
+            Ok(reply_of(&r))
+        }
         // Not the token: the mailbox has too many connections (the pool handles it).
         Ok(r) if super::too_many_connections(&reply_of(&r)) => Err(SendError::Rejected(reply_of(&r))),
         Ok(r) => Err(SendError::Auth { reply: reply_of(&r), detail: None }),
@@ -355,8 +523,8 @@ async fn authenticate(conn: &mut AsyncSmtpConnection, user: &str, token: &str, t
 }
 
 /// Checks a pooled connection before reuse (and resets any leftover transaction).
-pub async fn reset(conn: &mut AsyncSmtpConnection) -> bool {
-    matches!(tokio::time::timeout(Duration::from_secs(10), conn.command(Rset)).await, Ok(Ok(_)))
+pub async fn reset(conn: &mut Connection) -> bool {
+    matches!(tokio::time::timeout(Duration::from_secs(10), conn.conn.command(Rset)).await, Ok(Ok(_)))
 }
 
 /// Envelope of one transaction.
@@ -373,45 +541,100 @@ fn address(a: &str) -> Result<Address, SendError> {
     })
 }
 
+/// Why a transaction did not give an outcome.
+pub enum TxError {
+    /// A pooled connection turned out dead at the RSET that opened the flight; nothing of
+    /// this message was sent or accepted, so another connection may take it.
+    Stale(String),
+    Send(SendError),
+}
+
+impl From<SendError> for TxError {
+    fn from(e: SendError) -> TxError {
+        TxError::Send(e)
+    }
+}
+
+/// A flight of commands written as they are (lettre's `command` writes any `Display` in one
+/// write and reads the first reply).
+struct Raw<'a>(&'a str);
+
+impl fmt::Display for Raw<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
 /// Sends one message on an authenticated connection. The body streams from `body` (which
 /// holds the message with CRLF line endings, not dot-stuffed); lettre stuffs dots.
+///
+/// When the server offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA go in one write
+/// (behind an RSET when `reset`: a pooled connection is checked by that RSET's reply instead
+/// of a round trip of its own), and their replies are read in order: a message costs two
+/// round trips, this flight and the body. Otherwise one command at a time, as RFC 5321 has it.
+/// `reset` is ignored without PIPELINING (the pool checked the connection with RSET already).
 pub async fn transaction(
-    conn: &mut AsyncSmtpConnection,
+    conn: &mut Connection,
     env: &Envelope<'_>,
     body: &Path,
     t: Timeouts,
-) -> Result<SendOutcome, SendError> {
+    reset: bool,
+    obs: &dyn Observer,
+) -> Result<SendOutcome, TxError> {
     let from = if env.from.is_empty() { None } else { Some(address(env.from)?) };
     let mut params = vec![MailParameter::Size(env.size as usize)];
     if env.eight_bit {
         params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
-    timed(t.command, "MAIL", conn.command(Mail::new(from, params))).await?;
-
-    let mut accepted = Vec::new();
+    let mail = Mail::new(from, params);
+    // Recipients the upstream cannot even parse are refused here, never sent.
+    let mut sendable = Vec::new();
     let mut refused = Vec::new();
     for rcpt in env.rcpts {
-        let addr = match address(rcpt) {
-            Ok(a) => a,
-            Err(SendError::Rejected(r)) => {
-                refused.push((rcpt.clone(), r));
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        match timed(t.command, "RCPT", conn.command(Rcpt::new(addr, vec![]))).await {
-            Ok(_) => accepted.push(rcpt.clone()),
-            Err(SendError::Rejected(r)) if r.code == 421 => return Err(SendError::Rejected(r)),
+        match address(rcpt) {
+            Ok(a) => sendable.push((rcpt.clone(), a)),
             Err(SendError::Rejected(r)) => refused.push((rcpt.clone(), r)),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
-    if accepted.is_empty() {
-        let _ = reset(conn).await;
-        return Ok(SendOutcome { accepted, refused, reply: None });
-    }
-    timed(t.command, "DATA", conn.command(Data)).await?;
+    let accepted = if conn.pipelining {
+        if sendable.is_empty() {
+            return Ok(SendOutcome { accepted: Vec::new(), refused, reply: None });
+        }
+        match pipelined_envelope(conn, &mail, &sendable, &mut refused, t, reset, obs).await? {
+            Some(accepted) => accepted,
+            None => return Ok(SendOutcome { accepted: Vec::new(), refused, reply: None }),
+        }
+    } else {
+        let c = &mut conn.conn;
+        let started = Instant::now();
+        let r = timed(t.command, "MAIL", c.command(&mail)).await;
+        emit(obs, "mail", r.is_ok(), started, || outcome_text(&r));
+        r?;
+        let mut accepted = Vec::new();
+        for (rcpt, addr) in sendable {
+            let started = Instant::now();
+            let r = timed(t.command, "RCPT", c.command(Rcpt::new(addr, vec![]))).await;
+            emit(obs, "rcpt", r.is_ok(), started, || format!("<{rcpt}>: {}", outcome_text(&r)));
+            match r {
+                Ok(_) => accepted.push(rcpt),
+                Err(SendError::Rejected(r)) if r.code == 421 => return Err(SendError::Rejected(r).into()),
+                Err(SendError::Rejected(r)) => refused.push((rcpt, r)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if accepted.is_empty() {
+            let _ = self::reset(conn).await;
+            return Ok(SendOutcome { accepted, refused, reply: None });
+        }
+        let started = Instant::now();
+        let r = timed(t.command, "DATA", conn.conn.command(Data)).await;
+        emit(obs, "data", r.is_ok(), started, || outcome_text(&r));
+        r?;
+        accepted
+    };
 
+    let started = Instant::now();
     let file =
         std::fs::File::open(body).map_err(|e| SendError::Network(format!("spool file {}: {e}", body.display())))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -420,13 +643,101 @@ pub async fn transaction(
     let send_len = if len >= 2 { len - 2 } else { len };
     let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
     let chunks = FileChunks { file, remaining: send_len, failed: failed.clone() };
-    let result = timed(t.data, "the message body", conn.message_iter(chunks)).await?;
+    let result = timed(t.data, "the message body", conn.conn.message_iter(chunks)).await;
+    emit(obs, "final", result.is_ok(), started, || format!("{} bytes sent; {}", send_len, outcome_text(&result)));
+    let result = result?;
     if let Some(e) = failed.locked().take() {
         // The upstream may hold a damaged copy now; the message stays queued and the
         // error is loud, since a read failure of a just-written spool file means a bad disk.
-        return Err(SendError::Network(format!("reading spool file {} failed mid-message: {e}", body.display())));
+        let e = SendError::Network(format!("reading spool file {} failed mid-message: {e}", body.display()));
+        return Err(e.into());
     }
     Ok(SendOutcome { accepted, refused, reply: Some(reply_of(&result)) })
+}
+
+/// The reply (or failure) of a command, for a step's detail.
+fn outcome_text(r: &Result<Response, SendError>) -> String {
+    match r {
+        Ok(r) => reply_of(r).describe(),
+        Err(SendError::Rejected(r)) => r.describe(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// RFC 2920: `[RSET] MAIL RCPT... DATA` in one write, then every reply in order (each
+/// command's reply must be read, refused or not, or the next transaction would read them).
+/// Returns the accepted recipients once DATA got its 354, `None` when no recipient was
+/// accepted (DATA was refused as RFC 2920 3.1 says, and no message text is sent).
+async fn pipelined_envelope(
+    conn: &mut Connection,
+    mail: &Mail,
+    rcpts: &[(String, Address)],
+    refused: &mut Vec<(String, UpstreamReply)>,
+    t: Timeouts,
+    reset: bool,
+    obs: &dyn Observer,
+) -> Result<Option<Vec<String>>, TxError> {
+    let mut flight = String::new();
+    if reset {
+        flight.push_str("RSET\r\n");
+    }
+    flight.push_str(&mail.to_string());
+    for (_, addr) in rcpts {
+        flight.push_str(&Rcpt::new(addr.clone(), vec![]).to_string());
+    }
+    flight.push_str("DATA\r\n");
+    let c = &mut conn.conn;
+    let started = Instant::now();
+    // The write and the first reply; then one reply per command, in order.
+    let first = timed(t.command, "the pipelined envelope", c.command(Raw(&flight))).await;
+    let mail_reply = if reset {
+        match first {
+            Ok(_) => {}
+            // Nothing of this message reached the server: another connection may take it.
+            Err(SendError::Network(e)) => return Err(TxError::Stale(e)),
+            Err(SendError::Rejected(r)) => return Err(TxError::Stale(r.describe())),
+            Err(e) => return Err(e.into()),
+        }
+        timed(t.command, "MAIL", c.read_response()).await
+    } else {
+        first
+    };
+    emit(obs, "mail", mail_reply.is_ok(), started, || outcome_text(&mail_reply));
+    // A 421 anywhere: the server is closing the connection, no more replies will come.
+    if let Err(SendError::Rejected(r)) = &mail_reply {
+        if r.code == 421 {
+            return Err(SendError::Rejected(r.clone()).into());
+        }
+    }
+    let mut accepted = Vec::new();
+    for (rcpt, _) in rcpts {
+        let r = timed(t.command, "RCPT", c.read_response()).await;
+        emit(obs, "rcpt", r.is_ok(), started, || format!("<{rcpt}>: {}", outcome_text(&r)));
+        match r {
+            Ok(_) => accepted.push(rcpt.clone()),
+            Err(SendError::Rejected(r)) if r.code == 421 => return Err(SendError::Rejected(r).into()),
+            Err(SendError::Rejected(r)) => refused.push((rcpt.clone(), r)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let data = timed(t.command, "DATA", c.read_response()).await;
+    emit(obs, "data", data.is_ok(), started, || outcome_text(&data));
+    let go_ahead = match &data {
+        Ok(_) => true,
+        Err(SendError::Rejected(_)) => false,
+        Err(e) => return Err(e.clone().into()),
+    };
+    if go_ahead && (mail_reply.is_err() || accepted.is_empty()) {
+        // A server that says 354 with no transaction or no recipient: end the (empty) text at
+        // once, send nothing of the message, and forget its answer.
+        let _ = timed(t.command, "DATA", c.command(Raw(".\r\n"))).await;
+    }
+    mail_reply?;
+    if accepted.is_empty() {
+        return Ok(None);
+    }
+    data?;
+    Ok(Some(accepted))
 }
 
 /// Reads the spool file in chunks for lettre's `message_iter`. The reads are synchronous:

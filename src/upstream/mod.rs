@@ -14,6 +14,7 @@
 pub mod classify;
 pub mod client;
 pub mod shaper;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,12 +22,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::extension::ClientId;
 use tokio::sync::Semaphore;
 
 pub use classify::UpstreamReply;
-pub use client::{Envelope, Security, SendError, SendOutcome, Target, Timeouts};
+pub use client::{Connection, Envelope, Security, SendError, SendOutcome, Target, Timeouts};
+pub use trace::{NoTrace, Observer, Step};
 
 use crate::config::{ProviderKind, UpstreamTls};
 use crate::locks::MutexExt;
@@ -88,8 +89,15 @@ struct Route {
     pool_size: usize,
 }
 
+/// Whether a send may use a pooled connection.
+#[derive(Clone, Copy)]
+enum Fresh {
+    Pooled,
+    Always,
+}
+
 struct Pooled {
-    conn: AsyncSmtpConnection,
+    conn: Connection,
     token_expires_at: i64,
     idle_since: Instant,
 }
@@ -167,6 +175,38 @@ impl Upstream {
         env: &Envelope<'_>,
         body: &Path,
     ) -> Result<SendOutcome, SendError> {
+        self.send_observed(identity, provider, user, token, env, body, Fresh::Pooled, &NoTrace).await
+    }
+
+    /// [`Upstream::send`] on a connection of its own (never a pooled one, and closed after),
+    /// reporting each step to `obs`: `mfd-relay test` shows connect, TLS and AUTH as a
+    /// device's first message would meet them.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_traced(
+        &self,
+        identity: &str,
+        provider: &str,
+        user: &str,
+        token: &AccessToken,
+        env: &Envelope<'_>,
+        body: &Path,
+        obs: &dyn Observer,
+    ) -> Result<SendOutcome, SendError> {
+        self.send_observed(identity, provider, user, token, env, body, Fresh::Always, obs).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send_observed(
+        &self,
+        identity: &str,
+        provider: &str,
+        user: &str,
+        token: &AccessToken,
+        env: &Envelope<'_>,
+        body: &Path,
+        fresh: Fresh,
+        obs: &dyn Observer,
+    ) -> Result<SendOutcome, SendError> {
         let route = self
             .routes
             .get(provider)
@@ -175,34 +215,53 @@ impl Upstream {
         let mut tries = 0;
         loop {
             let permit = limit.permits.acquire().await.map_err(|_| SendError::Network("shutting down".into()))?;
-            let (mut conn, token_expires_at) = match self.checkout(identity).await {
-                Some(p) => p,
-                None => match client::connect(&route.target, &self.hello, user, &token.secret, self.timeouts).await {
-                    Ok((conn, size)) => {
-                        if let Some(size) = size {
-                            self.advertised.locked().insert(provider.to_string(), size);
-                        }
-                        (conn, token.expires_at)
-                    }
-                    // Too many connections for this mailbox: open fewer, and wait for one of
-                    // ours to come back to the pool rather than fail the message.
-                    Err(SendError::Rejected(r)) if too_many_connections(&r) && tries < CONCURRENCY_RETRIES => {
-                        tries += 1;
-                        let returned = self.returned.notified();
-                        drop(permit);
-                        limit.shrink(identity);
-                        let _ = tokio::time::timeout(CONCURRENCY_WAIT, returned).await;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                },
+            let pooled = match fresh {
+                Fresh::Pooled => self.checkout(identity).await,
+                Fresh::Always => None,
             };
-            let result = client::transaction(&mut conn, env, body, self.timeouts).await;
+            let reused = pooled.is_some();
+            let (mut conn, token_expires_at) = match pooled {
+                Some(p) => p,
+                None => {
+                    match client::connect(&route.target, &self.hello, user, &token.secret, self.timeouts, obs).await {
+                        Ok((conn, size)) => {
+                            if let Some(size) = size {
+                                self.advertised.locked().insert(provider.to_string(), size);
+                            }
+                            (conn, token.expires_at)
+                        }
+                        // Too many connections for this mailbox: open fewer, and wait for one of
+                        // ours to come back to the pool rather than fail the message.
+                        Err(SendError::Rejected(r)) if too_many_connections(&r) && tries < CONCURRENCY_RETRIES => {
+                            tries += 1;
+                            let returned = self.returned.notified();
+                            drop(permit);
+                            limit.shrink(identity);
+                            let _ = tokio::time::timeout(CONCURRENCY_WAIT, returned).await;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            let result = match client::transaction(&mut conn, env, body, self.timeouts, reused, obs).await {
+                Ok(o) => Ok(o),
+                Err(client::TxError::Send(e)) => Err(e),
+                // The pooled connection died while idle; nothing was sent: take another.
+                Err(client::TxError::Stale(why)) => {
+                    tracing::debug!(identity, "pooled connection unusable ({why}); opening another");
+                    drop_connection(conn);
+                    drop(permit);
+                    continue;
+                }
+            };
             match &result {
                 Err(SendError::Rejected(r)) if too_many_connections(r) => {
                     limit.shrink(identity);
                     drop_connection(conn);
                 }
+                // A test's connection is not kept: the next test shows connect, TLS and AUTH.
+                _ if matches!(fresh, Fresh::Always) => drop_connection(conn),
                 // The connection is healthy after a normal outcome or a refused transaction.
                 Ok(_) => self.checkin(identity, conn, token_expires_at, route.pool_size),
                 Err(SendError::Rejected(r)) if r.code != 421 => {
@@ -219,8 +278,9 @@ impl Upstream {
         self.advertised.locked().get(provider).copied()
     }
 
-    /// A pooled connection that still works, if any.
-    async fn checkout(&self, identity: &str) -> Option<(AsyncSmtpConnection, i64)> {
+    /// A pooled connection that still works, if any. One that pipelines is checked by the RSET
+    /// at the head of its next flight (`client::transaction`), not by a round trip here.
+    async fn checkout(&self, identity: &str) -> Option<(Connection, i64)> {
         let now = chrono::Utc::now().timestamp();
         loop {
             let candidate = {
@@ -229,14 +289,14 @@ impl Upstream {
             }?;
             let fresh = candidate.idle_since.elapsed() < POOL_IDLE && candidate.token_expires_at > now + TOKEN_MARGIN;
             let mut p = candidate;
-            if fresh && client::reset(&mut p.conn).await {
+            if fresh && (p.conn.pipelining || client::reset(&mut p.conn).await) {
                 return Some((p.conn, p.token_expires_at));
             }
             drop_connection(p.conn);
         }
     }
 
-    fn checkin(&self, identity: &str, conn: AsyncSmtpConnection, token_expires_at: i64, pool_size: usize) {
+    fn checkin(&self, identity: &str, conn: Connection, token_expires_at: i64, pool_size: usize) {
         let mut pools = self.pools.locked();
         let v = pools.entry(identity.to_string()).or_default();
         if v.len() < pool_size {
@@ -281,7 +341,7 @@ pub fn too_many_connections(reply: &UpstreamReply) -> bool {
 }
 
 /// QUITs a connection in the background; nobody waits for it.
-fn drop_connection(mut conn: AsyncSmtpConnection) {
+fn drop_connection(mut conn: Connection) {
     tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.abort()).await;
     });

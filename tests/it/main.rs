@@ -6,6 +6,7 @@
 mod common;
 
 mod abuse;
+mod check;
 mod clients;
 mod durability;
 mod fakes_selftest;
@@ -14,10 +15,13 @@ mod hardening_admin;
 mod hardening_smtp;
 mod imap;
 mod legacy_tls;
+mod notify;
 mod oauth;
 mod ops;
+mod pipelining;
 mod postfix;
 mod reload;
 mod rewrite;
 mod scale;
 mod spine;
+mod test_send;

@@ -502,6 +502,9 @@ name = "scans"
 provider = "dod"
 email = "scans@contoso.us"
 flow = "device_code"
+
+[[listener]]
+listen = "127.0.0.1:2525"
 "#,
     )
     .unwrap();

@@ -86,3 +86,51 @@ async fn printer_mail_reaches_dovecot_through_real_postfix_with_xoauth2() {
     assert!(postfix_log.contains("SASL XOAUTH2 authentication failed"), "{postfix_log}");
     relay.stop();
 }
+
+/// Postfix offers PIPELINING: the relay's pipelined envelopes (the second behind an RSET on the
+/// pooled connection) are taken as a real server takes them, and Postfix sees nothing improper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_envelopes_and_a_pooled_connection_work_with_real_postfix() {
+    let idp = FakeOAuth::start().await;
+    idp.register_client(ClientApp::public(CLIENT_ID).secret(CLIENT_SECRET).app_account(ALICE));
+    let introspect = idp.introspect_url();
+    let Some(real) = tokio::task::block_in_place(|| RealServers::start("postfix pipelining", &introspect)) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sections = format!(
+        "[[provider]]\nname = \"postfix\"\nkind = \"generic\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"\nscopes = [\"https://outlook.office365.com/.default\"]\nsmtp = \"127.0.0.1:{}\"\nsmtp_tls = \"none\"\n\n\
+         [[identity]]\nname = \"alice\"\nprovider = \"postfix\"\nemail = \"{ALICE}\"\nflow = \"client_credentials\"\n\n\
+         [[device]]\nname = \"floor3\"\nidentity = \"alice\"\nusername = \"floor3\"\npin_hash = \"{}\"\nfrom = \"keep\"\n",
+        idp.token_url(),
+        real.info.smtp_port,
+        pin_hash()
+    );
+    let setup = Setup::new(sections);
+    let path = dir.path().to_path_buf();
+    let mut relay = tokio::task::block_in_place(|| Relay::start(&path, &setup));
+    for subject in ["pipelined one", "pipelined two"] {
+        let body = write_file(dir.path(), &format!("{subject}.eml"), &scan_message(subject, "scanned page"));
+        let port = relay.smtp_port;
+        let r = tokio::task::block_in_place(|| {
+            smtplib_send(port, &["--auth", "PLAIN", "--user", "floor3", "--password", "1234", "--to", ALICE], &body)
+        });
+        assert!(r.ok && r.message.contains("delivered"), "{subject}: {r:?}\n{}", relay.log());
+        tokio::task::block_in_place(|| wait_for_mail(&real, subject));
+    }
+    // The relay's stop closes its pooled connection: Postfix then logs what that one
+    // connection carried, both messages (the second behind an RSET).
+    relay.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let postfix_log = loop {
+        let log = std::fs::read_to_string(&real.info.postfix_log).unwrap_or_default();
+        if log.lines().any(|l| l.contains("disconnect from") && l.contains(" auth=1 ")) || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!postfix_log.contains("improper command pipelining"), "{postfix_log}");
+    let session = postfix_log.lines().find(|l| l.contains("disconnect from") && l.contains(" auth=1 "));
+    let session = session.unwrap_or_else(|| panic!("no disconnect line:\n{postfix_log}"));
+    assert!(session.contains(" mail=2 ") && session.contains(" data=2 ") && session.contains(" rset=1 "), "{session}");
+}

@@ -183,7 +183,9 @@ async fn a_mailbox_with_too_many_connections_costs_no_message() {
     // The relay may open 6 connections, the Exchange-like upstream takes 3 per mailbox and
     // answers the 4th AUTH with 432 4.3.2: the relay opens fewer and waits for its own.
     let w = World::start(|s| s.relay_extra.push_str("upstream_pool = 6\n")).await;
-    w.upstream.set_data_delay(Duration::from_millis(400));
+    // Long enough that five clients started one after another (each a Python process, slow
+    // to start on a loaded machine) are all in session together.
+    w.upstream.set_data_delay(Duration::from_millis(1500));
     // Five at once: the AUTH throttle holds a sixth concurrent login from one address.
     let bodies: Vec<Vec<u8>> = (0..5).map(|i| scan_message(&format!("at once {i}"), "x")).collect();
     let args = login("PLAIN");

@@ -7,8 +7,12 @@
 //! connection tasks, so aborting it ([`FakeSmtp::down`], drop) closes the
 //! port and every open connection at once. A connection is one [`Session`]
 //! served by [`serve`], generic over the stream so the same code runs on
-//! plain TCP, after STARTTLS and on implicit TLS. Commands are handled one
-//! line at a time as they arrive, which is all pipelining (RFC 2920) needs.
+//! plain TCP, after STARTTLS and on implicit TLS. EHLO offers PIPELINING (RFC
+//! 2920) as Exchange does (`SmtpOptions::pipelining = false` turns the keyword
+//! off); commands are taken from the read buffer one line at a time and
+//! answered in order, as a real server does. Every command is logged with the
+//! flight (the read from the socket) that brought it ([`FakeSmtp::commands`]),
+//! and each accepted message says how many flights its envelope took.
 //! Test-visible state (faults, counters, recorded messages and AUTH
 //! exchanges) lives behind one mutex shared with the [`FakeSmtp`] handle and
 //! is updated *before* the reply that reports it is written, so a test that
@@ -130,6 +134,8 @@ pub struct SmtpOptions {
     /// Connections one user may have authenticated at once; the next AUTH gets
     /// [`replies::TOO_MANY_CONNECTIONS`] (Exchange Online: 3).
     pub max_connections_per_user: usize,
+    /// Whether EHLO offers `PIPELINING` (RFC 2920), as Exchange Online and Gmail do.
+    pub pipelining: bool,
 }
 
 impl SmtpOptions {
@@ -143,6 +149,7 @@ impl SmtpOptions {
             idle_timeout: Duration::from_secs(30),
             xoauth2_error_json: O365_XOAUTH2_ERROR.to_string(),
             max_connections_per_user: EXCHANGE_CONNECTIONS_PER_USER,
+            pipelining: true,
         }
     }
 }
@@ -165,6 +172,9 @@ pub struct Received {
     pub user: Option<String>,
     /// Whether the connection was in TLS.
     pub tls: bool,
+    /// Flights the envelope took: separate reads that brought its MAIL, RCPT and DATA
+    /// commands (1 when pipelined, 2 + recipients when not).
+    pub envelope_flights: usize,
 }
 
 impl Received {
@@ -218,6 +228,21 @@ pub struct SmtpStats {
     pub concurrency_refusals: u64,
     /// The most connections one user had authenticated at once.
     pub max_connections_of_a_user: u64,
+    /// Lines read as commands that are none (`500 5.3.3`): message text sent after a refused DATA.
+    pub unrecognized_commands: u64,
+}
+
+/// One command line as the server read it.
+#[derive(Clone, Debug)]
+pub struct Command {
+    pub conn: u64,
+    /// The read that brought it, counted per connection from 1: commands a client pipelined
+    /// in one write share a flight.
+    pub flight: u64,
+    /// The verb, upper-cased (`MAIL`, `RCPT`, ...); never the arguments (AUTH carries a token).
+    pub verb: String,
+    /// The reply's code (for DATA: the reply to the message text, when one was sent).
+    pub code: u16,
 }
 
 // ---------------------------------------------------------------------------
@@ -248,6 +273,7 @@ struct Inner {
     connections_of: HashMap<String, usize>,
     messages: Vec<Received>,
     auth: Vec<AuthAttempt>,
+    commands: Vec<Command>,
 }
 
 /// Fixed at start.
@@ -260,6 +286,7 @@ struct Config {
     idle_timeout: Duration,
     xoauth2_error_json: String,
     max_connections_per_user: usize,
+    pipelining: bool,
 }
 
 struct Shared {
@@ -317,6 +344,7 @@ impl FakeSmtp {
                 idle_timeout: opts.idle_timeout,
                 xoauth2_error_json: opts.xoauth2_error_json,
                 max_connections_per_user: opts.max_connections_per_user,
+                pipelining: opts.pipelining,
             },
             inner: Mutex::new(Inner::default()),
             changed: Notify::new(),
@@ -349,6 +377,11 @@ impl FakeSmtp {
 
     pub fn clear_messages(&self) {
         self.shared.lock().messages.clear();
+    }
+
+    /// Every command line read so far, in order, with the flight that brought it.
+    pub fn commands(&self) -> Vec<Command> {
+        self.shared.lock().commands.clone()
     }
 
     /// Every AUTH exchange so far, in order.
@@ -640,17 +673,32 @@ struct Session {
     tx: Option<Transaction>,
     /// Messages accepted on this connection.
     accepted: u32,
+    /// Reads that brought commands so far; the current command came with the last one.
+    flight: u64,
 }
 
 struct Transaction {
     from: String,
     params: Vec<String>,
     rcpts: Vec<String>,
+    /// The flights its MAIL, RCPT and DATA commands came in.
+    flights: Vec<u64>,
 }
 
 impl Session {
     fn new(conn: u64, peer: SocketAddr) -> Session {
-        Session { conn, peer, greeted: false, tls: false, helo: None, user: None, counted: None, tx: None, accepted: 0 }
+        Session {
+            conn,
+            peer,
+            greeted: false,
+            tls: false,
+            helo: None,
+            user: None,
+            counted: None,
+            tx: None,
+            accepted: 0,
+            flight: 0,
+        }
     }
 }
 
@@ -709,6 +757,11 @@ async fn serve<S: Conn>(mut io: BufReader<S>, sess: &mut Session, sh: &Arc<Share
     }
     let mut line = Vec::new();
     loop {
+        // Commands are taken from the buffer one at a time (RFC 2920 3.1); one that needs a
+        // fresh read from the socket starts a new flight.
+        if io.buffer().is_empty() {
+            sess.flight += 1;
+        }
         match read_line(&mut io, &mut line, MAX_COMMAND_LINE, cfg.idle_timeout).await? {
             Read::Line => {}
             Read::Eof => return Ok(Flow::Closed),
@@ -759,6 +812,8 @@ async fn serve<S: Conn>(mut io: BufReader<S>, sess: &mut Session, sh: &Arc<Share
                     send(&mut io, "554 5.5.1 Error: pipelined data after STARTTLS").await?;
                     return Ok(Flow::Closed);
                 } else {
+                    let (conn, flight) = (sess.conn, sess.flight);
+                    sh.update(|i| i.commands.push(Command { conn, flight, verb: verb.clone(), code: 220 }));
                     let inject = sh.lock().faults.inject_after_starttls.clone();
                     match inject {
                         Some(extra) => send(&mut io, &format!("220 2.0.0 SMTP server ready\r\n{extra}")).await?,
@@ -788,8 +843,13 @@ async fn serve<S: Conn>(mut io: BufReader<S>, sess: &mut Session, sh: &Arc<Share
                 send(&mut io, "221 2.0.0 Service closing transmission channel").await?;
                 return Ok(Flow::Closed);
             }
-            _ => "500 5.3.3 Unrecognized command".to_string(),
+            _ => {
+                sh.update(|i| i.stats.unrecognized_commands += 1);
+                "500 5.3.3 Unrecognized command".to_string()
+            }
         };
+        let code = reply.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+        sh.update(|i| i.commands.push(Command { conn: sess.conn, flight: sess.flight, verb: verb.clone(), code }));
         send(&mut io, &reply).await?;
     }
 }
@@ -799,12 +859,11 @@ fn ehlo_reply(verb: &str, sess: &Session, cfg: &Config) -> String {
     if verb == "HELO" {
         return greeting;
     }
-    let mut keywords = vec![
-        format!("SIZE {}", cfg.max_size),
-        "PIPELINING".to_string(),
-        "8BITMIME".to_string(),
-        "ENHANCEDSTATUSCODES".to_string(),
-    ];
+    let mut keywords = vec![format!("SIZE {}", cfg.max_size)];
+    if cfg.pipelining {
+        keywords.push("PIPELINING".to_string());
+    }
+    keywords.extend(["8BITMIME".to_string(), "ENHANCEDSTATUSCODES".to_string()]);
     if cfg.tls == Tls::StartTls && !sess.tls {
         keywords.push("STARTTLS".to_string());
     }
@@ -996,7 +1055,7 @@ fn mail(sess: &mut Session, cfg: &Config, arg: &str) -> String {
         }
         kept.push(p.to_string());
     }
-    sess.tx = Some(Transaction { from, params: kept, rcpts: Vec::new() });
+    sess.tx = Some(Transaction { from, params: kept, rcpts: Vec::new(), flights: vec![sess.flight] });
     "250 2.1.0 Sender OK".into()
 }
 
@@ -1004,6 +1063,7 @@ fn rcpt(sess: &mut Session, sh: &Shared, arg: &str) -> String {
     let Some(tx) = sess.tx.as_mut() else {
         return "503 5.5.1 Need MAIL command".into();
     };
+    tx.flights.push(sess.flight);
     let Some((to, _params)) = strip_prefix_ci(arg, "TO:").and_then(parse_path) else {
         return "501 5.5.4 Syntax: RCPT TO:<address>".into();
     };
@@ -1044,6 +1104,9 @@ async fn data<S: Conn>(
         Some(_) if !arg.is_empty() => return Ok(Some("501 5.5.4 Syntax: DATA".into())),
         Some(_) => {}
     }
+    if let Some(tx) = sess.tx.as_mut() {
+        tx.flights.push(sess.flight);
+    }
     let reset = sh.lock().faults.reset_mid_data.as_mut().is_some_and(Times::take);
     send(io, "354 Start mail input; end with <CRLF>.<CRLF>").await?;
     let end = read_message(io, cfg, reset).await?;
@@ -1081,7 +1144,10 @@ async fn data<S: Conn>(
         let queue_id = sh.update(|i| {
             i.stats.messages_accepted += 1;
             let queue_id = format!("FAKE{:06}", i.stats.messages_accepted);
+            let mut flights = tx.flights.clone();
+            flights.dedup();
             i.messages.push(Received {
+                envelope_flights: flights.len(),
                 conn: sess.conn,
                 from: tx.from,
                 mail_params: tx.params,

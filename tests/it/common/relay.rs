@@ -400,11 +400,23 @@ impl World {
 
     /// Fakes plus a relay whose sections `sections` writes (given the fakes), then `tweak`.
     pub async fn start_with(sections: impl FnOnce(&Env<'_>) -> String, tweak: impl FnOnce(&mut Setup)) -> World {
+        Self::start_upstream(|_| {}, sections, tweak).await
+    }
+
+    /// [`World::start_with`] with the fake upstream's options changed by `upstream` first
+    /// (e.g. `pipelining = false`).
+    pub async fn start_upstream(
+        upstream: impl FnOnce(&mut super::fake_smtp::SmtpOptions),
+        sections: impl FnOnce(&Env<'_>) -> String,
+        tweak: impl FnOnce(&mut Setup),
+    ) -> World {
         use super::fake_oauth::{ClientApp, FakeOAuth};
         use super::fake_smtp::{FakeSmtp, SmtpOptions, Tls};
         let idp = FakeOAuth::start().await;
         idp.register_client(ClientApp::public(CLIENT_ID).secret(CLIENT_SECRET).app_account(SCANS));
-        let upstream = FakeSmtp::start(SmtpOptions::new(Tls::StartTls, idp.token_validator())).await;
+        let mut opts = SmtpOptions::new(Tls::StartTls, idp.token_validator());
+        upstream(&mut opts);
+        let upstream = FakeSmtp::start(opts).await;
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = upstream.cert().write_pem_files(dir.path(), "upstream");
         let relay_cert = super::CertPair::localhost();
