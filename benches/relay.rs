@@ -11,6 +11,14 @@
 //! message. The sink answers XOAUTH2 with 235 and counts messages; the token endpoint is a
 //! tiny in-process HTTP server. Results go to BENCHMARKS.md by hand.
 //!
+//! The drain scenarios (`cargo bench --bench relay -- drain`; `drain` is 50,000 messages,
+//! `drain-100k` 100,000, both scaled by `MFD_BENCH_SCALE`) queue a backlog while the sink
+//! refuses (421 to a new connection, 451 to MAIL, RCPT and DATA on an open one), then bring the sink back and
+//! run `mfd-relay queue retry all` through the admin API, and print the acceptance rate, RSS at
+//! depth, RSS during `queue list` and `queue retry all`, the drain rate (from the retry to the
+//! last delivery) and the peak RSS of the drain, and the relay's CPU seconds for the drain
+//! (messages per CPU second do not depend on what else runs on the machine).
+//!
 //! msg/s counts the messages delivered over the time to the last delivery; a message that gets no
 //! answer for 30 s (a printer's patience) is reported as timed out instead of hanging the run.
 //!
@@ -121,6 +129,7 @@ async fn main() {
     if filter.is_empty() || filter.iter().any(|f| "wan".contains(f.as_str())) {
         wan(&relay, &sink).await;
     }
+    drain_scenarios(&filter, &relay, &sink, dir.path()).await;
     let after = rss_kib(relay.pid());
     println!();
     println!("RSS after all scenarios: {:.1} MiB", after as f64 / 1024.0);
@@ -259,6 +268,175 @@ async fn idle_connections(relay: &RelayProc, n: usize) {
     for mut c in conns {
         c.quit().await;
     }
+}
+
+/// A drain scenario: `messages` queued while the upstream refuses, then drained.
+struct Drain {
+    name: &'static str,
+    messages: usize,
+    clients: usize,
+}
+
+const DRAINS: &[Drain] = &[
+    Drain { name: "drain", messages: 50_000, clients: 16 },
+    Drain { name: "drain-100k", messages: 100_000, clients: 16 },
+];
+
+/// While set, the sink refuses mail as a provider that is down or refusing does: a new
+/// connection gets `421` at once, an open one `451` to MAIL, RCPT and DATA.
+static SINK_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// A connection to a closed sink: one 421 greeting, then the sink hangs up.
+async fn sink_closed<S: AsyncWrite + Unpin>(mut s: S) -> std::io::Result<()> {
+    s.write_all(b"421 4.3.0 sink.bench is not accepting mail right now\r\n").await?;
+    s.flush().await
+}
+
+/// Runs the drain scenarios the filter selects (all of them without a filter): the relay
+/// queues a backlog while the sink refuses, the sink comes back, the admin runs
+/// `queue retry all`, and the backlog drains. Prints acceptance rate, RSS at depth and during
+/// `queue list` and `queue retry all`, drain rate and peak RSS during the drain. Only for
+/// mfd-relay (a peer has no queue CLI).
+async fn drain_scenarios(filter: &[String], relay: &RelayProc, sink: &Sink, dir: &Path) {
+    let selected: Vec<&Drain> =
+        DRAINS.iter().filter(|d| filter.is_empty() || filter.iter().any(|f| d.name.contains(f.as_str()))).collect();
+    if selected.is_empty() || std::env::var_os("MFD_BENCH_PEER").is_some() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<12} {:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>13}",
+        "drain", "messages", "accept/s", "RSS depth", "RSS list", "retry all", "RSS retry", "drain/s", "peak drain"
+    );
+    for d in selected {
+        drain(d, relay, sink, &dir.join("config.toml")).await;
+    }
+}
+
+/// One drain scenario (see [`drain_scenarios`]).
+async fn drain(d: &Drain, relay: &RelayProc, sink: &Sink, config: &Path) {
+    let scale: f64 = std::env::var("MFD_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let messages = ((d.messages as f64 * scale) as usize).max(1);
+    let body = Arc::new(make_body(2 * 1024));
+    let pid = relay.pid();
+    let before = sink.count.load(Ordering::SeqCst);
+
+    // 1. The backlog: the sink refuses, every message is acknowledged as queued.
+    SINK_CLOSED.store(true, Ordering::SeqCst);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..d.clients {
+        let (body, next, port) = (body.clone(), next.clone(), relay.port);
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0usize;
+            while next.fetch_add(1, Ordering::SeqCst) < messages as u64 {
+                let sent = tokio::time::timeout(MESSAGE_TIMEOUT, async {
+                    let mut c = Client::connect(port, client).await;
+                    c.send_message(&body).await;
+                    c.quit().await;
+                })
+                .await;
+                done += usize::from(sent.is_ok());
+            }
+            done
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        accepted += t.await.expect("client task");
+    }
+    let accept_rate = accepted as f64 / started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at_depth = rss_kib(pid);
+
+    // 2. `queue list` at depth (the default page).
+    let (list_rss, list_out, _) = cli_sampled(config, &["queue", "list"], pid).await;
+    let listed_total = list_out.lines().last().unwrap_or_default().to_string();
+
+    // 3. The sink is back; the admin retries everything; the backlog drains.
+    SINK_CLOSED.store(false, Ordering::SeqCst);
+    reset_peak(pid);
+    let drain_sampler = RssSampler::start(pid);
+    let started = Instant::now();
+    let cpu_before = cpu_secs(pid);
+    let (retry_rss, retry_out, retry_took) = cli_sampled(config, &["queue", "retry", "all"], pid).await;
+    let want = before + accepted as u64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut last = sink.count.load(Ordering::SeqCst);
+    let mut last_change = Instant::now();
+    while last < want && Instant::now() < deadline && last_change.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = sink.count.load(Ordering::SeqCst);
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        }
+    }
+    let drain_took = started.elapsed();
+    let drain_cpu = cpu_secs(pid) - cpu_before;
+    let drained = (last - before) as usize;
+    let peak = drain_sampler.stop().max(peak_kib(pid));
+    let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
+    println!(
+        "{:<12} {:>9} {:>11.0} {:>11} {:>11} {:>10.2}s {:>11} {:>11.0} {:>13}{}",
+        d.name,
+        accepted,
+        accept_rate,
+        mib(at_depth),
+        mib(list_rss),
+        retry_took.as_secs_f64(),
+        mib(retry_rss),
+        drained as f64 / drain_took.as_secs_f64(),
+        mib(peak),
+        if drained == accepted { String::new() } else { format!("  (sink got {drained} of {accepted})") }
+    );
+    println!("{:<12} queue list: {listed_total}; retry: {}", "", retry_out.trim());
+    println!(
+        "{:<12} drain took {:.1} s and {drain_cpu:.1} s of the relay's CPU: {:.0} messages per CPU second (load-independent)",
+        "",
+        drain_took.as_secs_f64(),
+        drained as f64 / drain_cpu.max(1e-9)
+    );
+    // Let the last removals commit before the next scenario.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// CPU time (user + system) a process has used, in seconds (`/proc/<pid>/stat`, 100 ticks/s).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(11) + field(12)) / 100.0
+}
+
+/// Runs the relay's CLI with `config` (off the async workers, which serve the sink) while
+/// sampling the relay's RSS: (peak RSS in KiB while it ran, its stdout, how long it took).
+async fn cli_sampled(config: &Path, args: &[&str], pid: u32) -> (u64, String, Duration) {
+    let config = config.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || cli_sampled_blocking(&config, &args, pid)).await.expect("CLI thread")
+}
+
+fn cli_sampled_blocking(config: &Path, args: &[String], pid: u32) -> (u64, String, Duration) {
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_mfd-relay"));
+    let sampler = RssSampler::start(pid);
+    let started = Instant::now();
+    let out = Command::new(binary)
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .env("MFD_RELAY_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the relay's CLI");
+    let took = started.elapsed();
+    let peak = sampler.stop();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{args:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    (peak, stdout, took)
 }
 
 /// Messages of the `wan` scenario (times `MFD_BENCH_SCALE`).
@@ -588,6 +766,9 @@ async fn sink_session(
 ) -> std::io::Result<()> {
     let _ = s.set_nodelay(true);
     let mut s = BufReader::with_capacity(256 * 1024, s);
+    if SINK_CLOSED.load(Ordering::SeqCst) {
+        return sink_closed(s).await;
+    }
     // The greeting comes one RTT after the connect (SYN, SYN-ACK, then the 220).
     reply_to_flight(&mut s, &mut b"220 sink.bench ESMTP\r\n".to_vec(), wire).await?;
     if sink_dialogue(&mut s, &count, users, user, tls.is_some(), wire).await? {
@@ -662,6 +843,11 @@ async fn sink_dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                 } else {
                     b"432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information.\r\n"
                 }
+            }
+            // Closed (the drain scenarios): a pipelined flight gets 451 for each command, and
+            // DATA no 354, so no body is read or counted.
+            "MAIL" | "RCPT" | "DATA" if SINK_CLOSED.load(Ordering::SeqCst) => {
+                b"451 4.3.0 sink.bench is not accepting mail right now\r\n"
             }
             "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 2.0.0 OK\r\n",
             "QUIT" => {

@@ -16,12 +16,15 @@
 //! device's recipient allow-list, else to the identity's own mailbox: a device must not be able
 //! to make the identity mail arbitrary outside addresses.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 
+use crate::config::ProviderKind;
+use crate::locks::MutexExt;
 use crate::metrics::{self, DeferReason};
 use crate::oauth::tokens::{TokenError, TokenManager};
 use crate::queue::bounce::{self, FailedRecipient};
@@ -38,6 +41,9 @@ pub struct Policy {
     pub queue_lifetime: Duration,
     pub bounce_to: Option<String>,
     pub in_session_timeout: Duration,
+    /// `relay.upstream_pool`: connections per identity (at most 3 for Microsoft), which is
+    /// also how many queued messages of one identity the runner attempts at once.
+    pub upstream_pool: usize,
 }
 
 /// What became of one attempt.
@@ -65,6 +71,9 @@ pub struct Delivery {
     /// Shared by every configuration generation: a reload must not grant a new burst.
     shaper: Arc<crate::upstream::shaper::Shaper>,
     activity: Arc<crate::activity::Activity>,
+    /// Identities whose sending limit is used up, and until when ([`now_ms`]): the runner
+    /// leaves their queued mail alone until then instead of taking and deferring each message.
+    rate_held: Mutex<HashMap<String, i64>>,
 }
 
 /// Whether the device that sent a message still waits for the outcome of its first attempt.
@@ -113,7 +122,7 @@ impl Delivery {
         activity: Arc<crate::activity::Activity>,
         shaper: Arc<crate::upstream::shaper::Shaper>,
     ) -> Delivery {
-        Delivery { policy, queue, tokens, upstream, shaper, activity }
+        Delivery { policy, queue, tokens, upstream, shaper, activity, rate_held: Mutex::default() }
     }
 
     /// Attempts a just-accepted message while the device waits, for at most
@@ -187,6 +196,7 @@ impl Delivery {
         let limit = slot.messages_per_minute;
         if let Err(at) = self.shaper.try_acquire(&rec.identity, limit, now_ms()) {
             metrics::deferred(&rec.identity, DeferReason::RateLimit);
+            self.rate_held.locked().insert(rec.identity.clone(), at);
             rec.next_attempt = at;
             if let Err(e) = self.queue.defer(lease, &rec) {
                 tracing::error!(queue_id = %id, "cannot update queue record: {e}");
@@ -460,33 +470,84 @@ impl Delivery {
         Some((body, slot.email.clone(), to))
     }
 
-    /// Retries queued messages until `shutdown` fires.
+    /// How many queued messages of `identity` the runner attempts at once: its upstream
+    /// pool (`relay.upstream_pool`, at most [`crate::upstream::EXCHANGE_CONNECTIONS`] for
+    /// Microsoft, as `upstream` sizes it); one for an identity no longer configured.
+    pub fn identity_limit(&self, identity: &str) -> usize {
+        match self.tokens.slot(identity) {
+            Ok(slot) => pool_size(slot.provider.kind, self.policy.upstream_pool),
+            Err(_) => 1,
+        }
+    }
+
+    /// Until when ([`now_ms`]) `identity`'s sending limit holds its queued mail, if it does.
+    fn rate_held_until(&self, identity: &str, now: i64) -> Option<i64> {
+        let mut held = self.rate_held.locked();
+        match held.get(identity) {
+            Some(&at) if at > now => Some(at),
+            Some(_) => {
+                held.remove(identity);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Retries queued messages until `shutdown` fires: at most `max_parallel` attempts at
+    /// once, and per identity at most its [`Delivery::identity_limit`], so a slow or refusing
+    /// identity holds only its own share and never the others' due mail. The runner sleeps
+    /// until the next message is due, and wakes at once when an attempt ends (a slot frees),
+    /// when a message becomes due earlier, or when an identity is ready again.
     pub async fn run(self: Arc<Self>, max_parallel: usize, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let permits = Arc::new(Semaphore::new(max_parallel.max(1)));
+        let slots = Arc::new(Slots::new(max_parallel));
         let mut ready = self.tokens.subscribe_ready();
+        let mut housekeeping = Instant::now();
+        let mut round = 0usize;
         loop {
             let now = now_ms();
-            let free = permits.available_permits();
-            for lease in self.queue.take_due(now, free) {
-                let Ok(permit) = permits.clone().acquire_owned().await else { return };
-                let me = self.clone();
-                // The lease goes with the task: a panicking attempt releases its message.
-                tokio::spawn(async move {
-                    me.attempt(lease, None).await;
-                    drop(permit);
-                });
+            let mut heads = self.queue.due_heads();
+            // Identities take turns at the first free slots.
+            heads.sort_unstable();
+            round = round.wrapping_add(1);
+            if !heads.is_empty() {
+                let turn = round % heads.len();
+                heads.rotate_left(turn);
             }
-            self.upstream.close_idle();
-            update_queue_metrics(&self.queue);
-            let wait = match self.queue.next_due() {
-                Some(at) if permits.available_permits() > 0 => {
-                    Duration::from_millis((at - now_ms()).clamp(0, 1000) as u64)
+            let mut next: Option<i64> = None;
+            for (identity, due) in heads {
+                let limit = self.identity_limit(&identity);
+                let Some(free) = slots.free_for(&identity, limit) else {
+                    // Saturated: the end of one of its attempts wakes the runner.
+                    continue;
+                };
+                let start = self.rate_held_until(&identity, now).map_or(due, |held| held.max(due));
+                if start > now {
+                    next = Some(next.map_or(start, |n| n.min(start)));
+                    continue;
                 }
-                _ => Duration::from_secs(1),
-            };
+                for lease in self.queue.take_due_for(&identity, now, free) {
+                    let slot = slots.take(&identity);
+                    let me = self.clone();
+                    // The lease goes with the task: a panicking attempt releases its message,
+                    // and its slot (dropped with the task) wakes the runner.
+                    tokio::spawn(async move {
+                        let _slot = slot;
+                        me.attempt(lease, None).await;
+                    });
+                }
+            }
+            if housekeeping.elapsed() >= HOUSEKEEPING {
+                housekeeping = Instant::now();
+                self.upstream.close_idle();
+                update_queue_metrics(&self.queue);
+            }
+            // Never longer than the housekeeping period; not a pace: every event that can
+            // make work wakes the runner at once.
+            let wait = next.map_or(HOUSEKEEPING, |at| Duration::from_millis((at - now_ms()).clamp(0, 1000) as u64));
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.queue.wake.notified() => {}
+                _ = slots.freed.notified() => {}
                 Ok(identity) = ready.recv() => {
                     match self.queue.retry_now(None, Some(&identity)).await {
                         Ok(n) if n > 0 => tracing::info!(identity = %identity, messages = n, "identity ready again; retrying its queued mail"),
@@ -497,6 +558,70 @@ impl Delivery {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+/// How often the runner closes idle upstream connections and updates the queue metrics.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// The upstream pool size of an identity of `kind` (as [`crate::upstream::Upstream::new`]
+/// computes it): Exchange Online refuses a mailbox's 4th concurrent connection.
+fn pool_size(kind: ProviderKind, configured: usize) -> usize {
+    match kind {
+        ProviderKind::Microsoft => configured.clamp(1, crate::upstream::EXCHANGE_CONNECTIONS),
+        _ => configured.max(1),
+    }
+}
+
+/// The runner's attempts in flight, in all and per identity. A [`Slot`] counts one attempt
+/// and gives it back when dropped (also by a panicking attempt), waking the runner.
+struct Slots {
+    max: usize,
+    running: Mutex<(usize, HashMap<Arc<str>, usize>)>,
+    /// Signalled whenever a slot is given back.
+    freed: Notify,
+}
+
+impl Slots {
+    fn new(max: usize) -> Slots {
+        Slots { max: max.max(1), running: Mutex::default(), freed: Notify::new() }
+    }
+
+    /// How many more attempts `identity` may start now (at most `limit` at once, within the
+    /// total); `None` when it may start none.
+    fn free_for(&self, identity: &str, limit: usize) -> Option<usize> {
+        let r = self.running.locked();
+        let own = r.1.get(identity).copied().unwrap_or(0);
+        let free = limit.saturating_sub(own).min(self.max.saturating_sub(r.0));
+        (free > 0).then_some(free)
+    }
+
+    fn take(self: &Arc<Self>, identity: &Arc<str>) -> Slot {
+        let mut r = self.running.locked();
+        r.0 += 1;
+        *r.1.entry(identity.clone()).or_default() += 1;
+        Slot { slots: self.clone(), identity: identity.clone() }
+    }
+}
+
+/// One attempt counted in [`Slots`].
+struct Slot {
+    slots: Arc<Slots>,
+    identity: Arc<str>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut r = self.slots.running.locked();
+        r.0 = r.0.saturating_sub(1);
+        if let Some(n) = r.1.get_mut(&self.identity) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                r.1.remove(&self.identity);
+            }
+        }
+        drop(r);
+        self.slots.freed.notify_one();
     }
 }
 
@@ -531,6 +656,46 @@ fn read_header(path: &std::path::Path) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_identity_never_runs_more_attempts_than_its_pool() {
+        let slots = Arc::new(Slots::new(5));
+        let busy: Arc<str> = Arc::from("busy");
+        let quiet: Arc<str> = Arc::from("quiet");
+        assert_eq!(slots.free_for("busy", 3), Some(3));
+        let held: Vec<Slot> = (0..3).map(|_| slots.take(&busy)).collect();
+        assert_eq!(slots.free_for("busy", 3), None, "at its pool size");
+        // A saturated identity does not keep another from its share of the total...
+        assert_eq!(slots.free_for("quiet", 3), Some(2));
+        let other: Vec<Slot> = (0..2).map(|_| slots.take(&quiet)).collect();
+        // ...and the total is a cap too.
+        assert_eq!(slots.free_for("third", 3), None);
+        drop(other);
+        assert_eq!(slots.free_for("third", 3), Some(2));
+        drop(held);
+        assert_eq!(slots.free_for("busy", 3), Some(3));
+        assert!(slots.running.locked().1.is_empty(), "nothing counted once all ended");
+    }
+
+    #[tokio::test]
+    async fn the_end_of_an_attempt_wakes_the_runner_at_once() {
+        let slots = Arc::new(Slots::new(1));
+        let slot = slots.take(&Arc::from("i"));
+        let s = slots.clone();
+        let ended = tokio::spawn(async move { tokio::task::spawn_blocking(move || drop(slot)).await });
+        // Woken by the release, not by a timer (the runner's longest sleep is a second).
+        tokio::time::timeout(Duration::from_millis(200), s.freed.notified()).await.expect("woken");
+        ended.await.unwrap().unwrap();
+        assert_eq!(slots.free_for("i", 1), Some(1));
+    }
+
+    #[test]
+    fn microsoft_identities_attempt_at_most_three_at_once() {
+        assert_eq!(pool_size(ProviderKind::Microsoft, 8), 3);
+        assert_eq!(pool_size(ProviderKind::Microsoft, 2), 2);
+        assert_eq!(pool_size(ProviderKind::Generic, 8), 8);
+        assert_eq!(pool_size(ProviderKind::Generic, 0), 1);
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

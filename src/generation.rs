@@ -115,6 +115,7 @@ impl Generation {
             queue_lifetime: config.relay.queue_lifetime.0,
             bounce_to: config.relay.bounce_to.clone(),
             in_session_timeout: config.relay.in_session_timeout.0,
+            upstream_pool: config.relay.upstream_pool,
         };
         let delivery = Arc::new(Delivery::new(
             policy,

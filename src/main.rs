@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use mfd_relay::admin::ops::{self, AuthOps, Offline, QueueOps, Request};
 use mfd_relay::config::{Config, ConfigError};
-use mfd_relay::queue::QueueRecord;
 
 #[derive(Parser)]
 #[command(
@@ -125,8 +124,15 @@ enum AuthCmd {
 
 #[derive(Subcommand)]
 enum QueueCmd {
-    /// Queued messages, oldest first.
-    List,
+    /// Queued messages, oldest first, one page at a time.
+    List {
+        /// Start after this queue id (the last one of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Messages per page (default 100, at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Try a message (or `all`) again now.
     Retry { id: String },
     /// Remove a message without delivering it.
@@ -450,7 +456,7 @@ async fn auth_op<R: Request<Ops = AuthOps>>(config: &Config, req: R) -> anyhow::
 
 async fn queue(config: &Config, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        QueueCmd::List => print_queue(&queue_op(config, ops::QueueList).await?),
+        QueueCmd::List { after, limit } => print_queue(&queue_op(config, ops::QueueList { after, limit }).await?),
         QueueCmd::Retry { id } => {
             let answer = queue_op(config, ops::QueueRetry { which: id }).await?;
             println!("{} message(s) will be retried now", answer.retried)
@@ -460,9 +466,14 @@ async fn queue(config: &Config, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_queue(records: &[QueueRecord]) {
+fn print_queue(page: &ops::QueuePage) {
+    let records = &page.messages;
     if records.is_empty() {
-        println!("queue is empty");
+        if page.total == 0 {
+            println!("queue is empty");
+        } else {
+            println!("no queued message on this page ({} queued in all)", page.total);
+        }
         return;
     }
     let now = chrono::Utc::now();
@@ -487,6 +498,15 @@ fn print_queue(records: &[QueueRecord]) {
         if let Some(e) = &r.last_error {
             println!("{:>16}  last error: {e}", "");
         }
+    }
+    match &page.next_after {
+        Some(next) => println!(
+            "{} shown of {} queued; next page: mfd-relay queue list --after {next}{}",
+            records.len(),
+            page.total,
+            if page.limit == ops::DEFAULT_PAGE { String::new() } else { format!(" --limit {}", page.limit) }
+        ),
+        None => println!("{} shown of {} queued", records.len(), page.total),
     }
 }
 

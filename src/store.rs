@@ -231,6 +231,12 @@ impl Store {
             .collect()
     }
 
+    /// Every record of a tree in key order, one at a time: for a walk over a tree too large
+    /// to hold in memory (opening a deep queue).
+    pub fn iter(&self, t: Tree) -> impl Iterator<Item = Result<Record, StoreError>> + '_ {
+        self.tree(t).iter().map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.fail(e.into())))
+    }
+
     /// Records of a tree in key order, starting after `after` (or at the start), at most
     /// `limit` of them: for listings that must not load a whole large tree.
     pub fn page(&self, t: Tree, after: Option<&[u8]>, limit: usize) -> Result<Vec<Record>, StoreError> {

@@ -365,8 +365,9 @@ impl Admin {
     }
 }
 
-async fn queue_list(State(a): State<Admin>) -> Response {
-    answer(&a.queue_ops(), ops::QueueList).await
+/// `GET /api/queue[?after=<id>&limit=<n>]`: one page (see [`ops::QueueList`]).
+async fn queue_list(State(a): State<Admin>, Query(page): Query<ops::QueueList>) -> Response {
+    answer(&a.queue_ops(), page).await
 }
 
 async fn queue_retry(State(a): State<Admin>, Path(which): Path<String>) -> Response {

@@ -99,19 +99,69 @@ pub struct AuthOps {
     pub redirect_uri: String,
 }
 
-/// `GET /api/queue`: queued messages, oldest first.
+/// Messages in one page of a listing when the request names no `limit`.
+pub const DEFAULT_PAGE: usize = 100;
+/// The most messages one page may hold.
+pub const MAX_PAGE: usize = 1000;
+
+/// `GET /api/queue[?after=<id>&limit=<n>]`: one page of queued messages, oldest first. A page
+/// reads only its own records from the store, so listing a deep queue costs no memory; the
+/// next page starts after the last id of this one (a cursor, which stays valid while messages
+/// leave the queue, unlike an offset).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct QueueList {
+    /// Start after this queue id (the previous page's `next_after`); from the oldest without.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// At most this many messages ([`DEFAULT_PAGE`] without, at most [`MAX_PAGE`]).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// The answer to [`QueueList`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct QueueList;
+pub struct QueuePage {
+    /// This page's messages, oldest first.
+    pub messages: Vec<QueueRecord>,
+    /// Messages queued in all (waiting or being attempted), not only on this page.
+    pub total: usize,
+    /// The page size used.
+    pub limit: usize,
+    /// Pass as `after` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
+}
 
 impl Request for QueueList {
-    type Answer = Vec<QueueRecord>;
+    type Answer = QueuePage;
     type Ops = QueueOps;
     const POST: bool = false;
     fn path(&self) -> String {
-        "/api/queue".into()
+        let mut query = Vec::new();
+        if let Some(a) = &self.after {
+            query.push(format!("after={}", segment(a)));
+        }
+        if let Some(l) = self.limit {
+            query.push(format!("limit={l}"));
+        }
+        if query.is_empty() {
+            "/api/queue".into()
+        } else {
+            format!("/api/queue?{}", query.join("&"))
+        }
     }
-    async fn run(&self, ops: &QueueOps) -> Result<Vec<QueueRecord>, OpError> {
-        ops.queue.list().map_err(|e| OpError::Unavailable(e.to_string()))
+    async fn run(&self, ops: &QueueOps) -> Result<QueuePage, OpError> {
+        let after = self.after.as_deref().map(parse_id).transpose()?;
+        let limit = self.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+        // One more than the page, to know whether another page follows.
+        let mut messages = ops.queue.page(after, limit + 1).map_err(|e| OpError::Unavailable(e.to_string()))?;
+        let next_after = if messages.len() > limit {
+            messages.truncate(limit);
+            messages.last().map(|r| r.id.to_string())
+        } else {
+            None
+        };
+        Ok(QueuePage { messages, total: ops.queue.depth(), limit, next_after })
     }
 }
 

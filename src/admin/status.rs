@@ -185,13 +185,12 @@ pub struct Sources<'a> {
     pub signin: Option<&'a str>,
 }
 
-/// Reads the current state (a scan of the queue records: run it off the async workers).
+/// Reads the current state (a page of the queue records: run it off the async workers).
 pub fn collect(src: &Sources<'_>, now: i64) -> Status {
-    let (records, error) = match src.queue.list() {
-        Ok(mut v) => {
-            v.sort_by_key(|r| (r.received, r.id));
-            (v, None)
-        }
+    // One page of the oldest records (ids sort by arrival) and counts from the in-memory
+    // schedule: the page never loads the whole queue.
+    let (records, error) = match src.queue.page(None, QUEUE_ROWS) {
+        Ok(v) => (v, None),
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
     let identities: Vec<IdentityRow> = src
@@ -199,7 +198,7 @@ pub fn collect(src: &Sources<'_>, now: i64) -> Status {
         .status()
         .into_iter()
         .map(|status| {
-            let queued = records.iter().filter(|r| r.identity == status.name).count();
+            let queued = src.queue.depth_of(&status.name);
             let sign_in = src.logins.status(&status.name);
             IdentityRow { status, queued, sign_in }
         })
@@ -212,7 +211,7 @@ pub fn collect(src: &Sources<'_>, now: i64) -> Status {
         src.devices.iter().map(|d| DeviceRow { info: d.clone(), activity: src.activity.device(&d.name) }).collect();
     let mailboxes =
         src.mailboxes.iter().map(|m| MailboxRow { info: m.clone(), activity: src.activity.mailbox(&m.name) }).collect();
-    let depth = if error.is_some() { src.queue.depth() } else { records.len() };
+    let depth = src.queue.depth();
     Status {
         now,
         hostname: src.hostname.to_string(),
@@ -222,7 +221,7 @@ pub fn collect(src: &Sources<'_>, now: i64) -> Status {
         devices,
         queue: QueueView {
             depth,
-            oldest: records.into_iter().take(QUEUE_ROWS).collect(),
+            oldest: records,
             error,
             set_aside: src.queue.set_aside_count(),
             set_aside_dir: src.queue.spool().set_aside_dir().display().to_string(),

@@ -65,7 +65,7 @@ async fn token_only_protects_everything_but_health_and_tells_a_browser_what_to_d
     let (_, head, body) = get(port, "/status", None).await;
     assert!(head.contains("content-type: text/html"), "{head}");
     assert!(body.contains("basic_auth_user") && body.contains("mfd-relay hash-pin"), "{body}");
-    assert_eq!(get(port, "/api/queue", Some(&bearer)).await.2, "[]");
+    assert_eq!(get(port, "/api/queue", Some(&bearer)).await.2, r#"{"messages":[],"total":0,"limit":100}"#);
 }
 
 #[tokio::test]
@@ -112,7 +112,8 @@ async fn the_cli_client_reads_the_typed_answers_of_the_api() {
     let (_admin, port, _stop) = start(dir.path()).await;
     let wait = std::time::Duration::from_secs(10);
     let c = Client::at(format!("http://127.0.0.1:{port}"), Some(TOKEN.into()), wait).unwrap();
-    assert!(c.send(&ops::QueueList, false).await.unwrap().unwrap().is_empty());
+    let page = c.send(&ops::QueueList::default(), false).await.unwrap().unwrap();
+    assert!(page.messages.is_empty() && page.total == 0 && page.next_after.is_none(), "{page:?}");
     // A POST from the client passes the guard (JSON body) and the access check (token).
     assert_eq!(c.send(&ops::QueueRetry { which: "all".into() }, false).await.unwrap().unwrap().retried, 0);
     let refused = |r: Result<Option<ops::Dropped>, ClientError>| match r {
@@ -133,7 +134,7 @@ async fn the_cli_client_reads_the_typed_answers_of_the_api() {
     }
     // Without the token: the API's own refusal text.
     let anonymous = Client::at(format!("http://127.0.0.1:{port}"), None, wait).unwrap();
-    match anonymous.send(&ops::QueueList, false).await {
+    match anonymous.send(&ops::QueueList::default(), false).await {
         Err(ClientError::Refused { status, text }) => {
             assert_eq!((status.as_u16(), text.as_str()), (401, "admin token required"))
         }
@@ -143,7 +144,7 @@ async fn the_cli_client_reads_the_typed_answers_of_the_api() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    assert!(Client::at(dead, None, wait).unwrap().send(&ops::QueueList, false).await.unwrap().is_none());
+    assert!(Client::at(dead, None, wait).unwrap().send(&ops::QueueList::default(), false).await.unwrap().is_none());
 }
 
 #[tokio::test]

@@ -98,30 +98,90 @@ pub enum QueueError {
     InFlight(MessageId),
 }
 
+/// The in-memory schedule: when each queued message is due, under its identity, and which
+/// messages are being attempted. Records stay on disk; this holds only ids, times and a shared
+/// name per identity, so it stays small at any depth and lets the runner pick an identity's
+/// due messages (and `retry` pick an identity's messages) without reading the store.
 #[derive(Default)]
 struct Schedule {
-    /// (due time in [`now_ms`] milliseconds, id), earliest first.
-    due: BTreeSet<(i64, MessageId)>,
-    at: HashMap<MessageId, i64>,
+    /// Per identity: (due time in [`now_ms`] milliseconds, id), earliest first. An identity
+    /// whose upstream is saturated does not hide another identity's due messages.
+    due: HashMap<Arc<str>, BTreeSet<(i64, MessageId)>>,
+    /// Each scheduled message's time and identity.
+    at: HashMap<MessageId, (i64, Arc<str>)>,
     /// Being attempted now (each held by one [`Lease`]): not due, whatever their time.
-    in_flight: HashSet<MessageId>,
+    in_flight: HashMap<MessageId, Arc<str>>,
+    /// One shared name per identity (the entries above point at it).
+    names: HashSet<Arc<str>>,
 }
 
 impl Schedule {
-    /// Makes `id` due at `at` ([`now_ms`] milliseconds), replacing its earlier time.
-    fn set(&mut self, id: MessageId, at: i64) {
-        if let Some(old) = self.at.insert(id, at) {
-            self.due.remove(&(old, id));
+    /// The shared name of `identity`.
+    fn intern(&mut self, identity: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(identity) {
+            return n.clone();
         }
-        self.due.insert((at, id));
+        let n: Arc<str> = Arc::from(identity);
+        self.names.insert(n.clone());
+        n
+    }
+
+    /// Makes `id` due at `at` ([`now_ms`] milliseconds) under `identity`, replacing its
+    /// earlier time.
+    fn set(&mut self, id: MessageId, at: i64, identity: Arc<str>) {
+        self.unschedule(id);
+        self.due.entry(identity.clone()).or_default().insert((at, id));
+        self.at.insert(id, (at, identity));
+    }
+
+    /// Takes `id` off the schedule (not off the in-flight set); returns its identity.
+    fn unschedule(&mut self, id: MessageId) -> Option<Arc<str>> {
+        let (at, identity) = self.at.remove(&id)?;
+        if let Some(set) = self.due.get_mut(&identity) {
+            set.remove(&(at, id));
+            if set.is_empty() {
+                self.due.remove(&identity);
+            }
+        }
+        Some(identity)
+    }
+
+    /// Marks `id` in flight (taking it off the schedule); `None` when it already is. The
+    /// identity is the scheduled one, else `identity`.
+    fn take(&mut self, id: MessageId, identity: Option<&str>) -> Option<Arc<str>> {
+        if self.in_flight.contains_key(&id) {
+            return None;
+        }
+        let name = match self.unschedule(id) {
+            Some(n) => n,
+            None => self.intern(identity.unwrap_or_default()),
+        };
+        self.in_flight.insert(id, name.clone());
+        Some(name)
     }
 
     /// Forgets `id` altogether (a finished message).
     fn forget(&mut self, id: MessageId) {
         self.in_flight.remove(&id);
-        if let Some(at) = self.at.remove(&id) {
-            self.due.remove(&(at, id));
+        self.unschedule(id);
+    }
+
+    /// Takes up to `max` of `identity`'s messages due at `now`, earliest first.
+    fn take_due_for(&mut self, identity: &str, now: i64, max: usize) -> Vec<(MessageId, Arc<str>)> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(&(at, id)) = self.due.get(identity).and_then(|set| set.first()) else { break };
+            if at > now {
+                break;
+            }
+            if let Some(name) = self.take(id, None) {
+                out.push((id, name));
+            } else {
+                // In flight and scheduled at once cannot happen; never loop on it.
+                self.unschedule(id);
+            }
         }
+        out
     }
 }
 
@@ -141,6 +201,8 @@ pub const ABANDONED_RETRY_MS: i64 = 60_000;
 #[must_use = "a dropped lease releases its message at once"]
 pub struct Lease {
     id: MessageId,
+    /// The message's identity (it is scheduled under it again).
+    identity: Arc<str>,
     schedule: Arc<Mutex<Schedule>>,
     wake: Arc<Notify>,
     /// Still marks the message in flight (false once ended).
@@ -151,12 +213,17 @@ impl Lease {
     /// A lease that belongs to no queue, for a fake queue (the in-process session tests):
     /// ending or dropping it changes nothing anywhere.
     pub fn unqueued(id: MessageId) -> Lease {
-        Lease { id, schedule: Default::default(), wake: Default::default(), held: true }
+        Lease { id, identity: Arc::from(""), schedule: Default::default(), wake: Default::default(), held: true }
     }
 
     /// The message this lease holds.
     pub fn id(&self) -> MessageId {
         self.id
+    }
+
+    /// The identity the message is sent as.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// Ends the attempt; `next` schedules the message again ([`now_ms`] milliseconds), `None`
@@ -172,7 +239,7 @@ impl Lease {
         let mut s = self.schedule.locked();
         s.in_flight.remove(&self.id);
         if let Some(at) = next {
-            s.set(self.id, at);
+            s.set(self.id, at, self.identity.clone());
             drop(s);
             self.wake.notify_one();
         }
@@ -222,6 +289,29 @@ pub struct Queue {
     set_aside: AtomicUsize,
     /// Woken when a message becomes due earlier than the scheduler thought.
     pub wake: Arc<Notify>,
+    /// Delivered messages whose record removal waits for the next commit
+    /// ([`Queue::finish_delivered`]).
+    delivered: Mutex<DeliveredBatch>,
+}
+
+/// Delivered messages waiting for the commit of their record's removal: one task commits
+/// them in batches, so a fast drain costs one commit per batch, not a task and a commit per
+/// message.
+#[derive(Default)]
+struct DeliveredBatch {
+    leases: Vec<Lease>,
+    /// A task is committing batches right now.
+    committing: bool,
+}
+
+/// A queued record's fields that the schedule needs, read at start-up without the rest
+/// (recipients, errors): opening a deep queue does not hold its records in memory.
+#[derive(Deserialize)]
+struct Head {
+    id: MessageId,
+    device: String,
+    identity: String,
+    next_attempt: i64,
 }
 
 /// Stored times further ahead than this were computed under a clock that has since stepped
@@ -250,7 +340,9 @@ impl Queue {
     /// Opens the queue and repairs what a crash can leave behind: a record whose body is gone
     /// (the body was removed, the record's removal was not yet durable) is removed; a body
     /// without a record is never deleted (it may be a message that was acknowledged under a
-    /// failing disk) but moved to `spool/set-aside` and reported. Then loads the schedule.
+    /// failing disk) but moved to `spool/set-aside` and reported. The records are streamed
+    /// into the schedule one at a time (only id, identity and time are kept), so opening a
+    /// deep queue costs neither the memory of its records nor a second scan.
     pub async fn open(store: Arc<Store>, spool: Spool) -> Result<Queue, QueueError> {
         let q = Queue {
             store,
@@ -259,20 +351,37 @@ impl Queue {
             last_id: AtomicU64::new(0),
             set_aside: AtomicUsize::new(0),
             wake: Arc::default(),
+            delivered: Mutex::default(),
         };
-        let records = q.list()?;
-        let known: HashSet<MessageId> = records.iter().map(|r| r.id).collect();
-        for id in q.spool.ids()? {
-            if !known.contains(&id) {
-                tracing::warn!(queue_id = %id, dir = %q.spool.set_aside_dir().display(), "message file without a queue record (a crash before its 250, or a damaged database); moved aside for the admin to check, not delivered");
-                q.spool.set_aside(id)?;
+        let now = now_ms();
+        let mut missing = Vec::new();
+        let mut max_id = 0;
+        {
+            let mut s = q.lock();
+            for item in q.store.iter(Tree::Queue) {
+                let (k, v) = item?;
+                let head = match serde_json::from_slice::<Head>(&v) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        // Its body (if any) is set aside below: nothing is lost unseen.
+                        tracing::error!(key = ?k, error = %e, "unreadable queue record skipped");
+                        continue;
+                    }
+                };
+                max_id = max_id.max(head.id.0);
+                if !q.spool.path(head.id).exists() {
+                    tracing::warn!(queue_id = %head.id, device = %head.device, "queue record without its message file (delivered or dropped just before a crash); record removed");
+                    missing.push(Change::Remove(k));
+                    continue;
+                }
+                let name = s.intern(&head.identity);
+                s.set(head.id, rebase_due(head.next_attempt, now), name);
             }
         }
-        let mut missing = Vec::new();
-        for r in &records {
-            if !q.spool.path(r.id).exists() {
-                tracing::warn!(queue_id = %r.id, device = %r.device, "queue record without its message file (delivered or dropped just before a crash); record removed");
-                missing.push(Change::Remove(r.id.0.to_be_bytes().to_vec()));
+        for id in q.spool.ids()? {
+            if !q.lock().at.contains_key(&id) {
+                tracing::warn!(queue_id = %id, dir = %q.spool.set_aside_dir().display(), "message file without a queue record (a crash before its 250, or a damaged database); moved aside for the admin to check, not delivered");
+                q.spool.set_aside(id)?;
             }
         }
         if !missing.is_empty() {
@@ -281,17 +390,7 @@ impl Queue {
         }
         q.set_aside.store(q.spool.set_aside_ids()?.len(), Ordering::SeqCst);
         crate::metrics::QUEUE_SET_ASIDE.set(q.set_aside.load(Ordering::SeqCst) as i64);
-        let now = now_ms();
-        let mut s = q.lock();
-        for r in records.iter().filter(|r| q.spool.path(r.id).exists()) {
-            let due = rebase_due(r.next_attempt, now);
-            s.due.insert((due, r.id));
-            s.at.insert(r.id, due);
-        }
-        drop(s);
-        if let Some(max) = records.iter().map(|r| r.id.0).max() {
-            q.last_id.store(max, Ordering::SeqCst);
-        }
+        q.last_id.store(max_id, Ordering::SeqCst);
         Ok(q)
     }
 
@@ -299,12 +398,15 @@ impl Queue {
         self.schedule.locked()
     }
 
-    /// Takes `id` for an attempt; `None` when someone else holds it.
-    fn try_lease(&self, id: MessageId) -> Option<Lease> {
-        if !self.lock().in_flight.insert(id) {
-            return None;
-        }
-        Some(Lease { id, schedule: self.schedule.clone(), wake: self.wake.clone(), held: true })
+    fn lease(&self, id: MessageId, identity: Arc<str>) -> Lease {
+        Lease { id, identity, schedule: self.schedule.clone(), wake: self.wake.clone(), held: true }
+    }
+
+    /// Takes `id` for an attempt; `None` when someone else holds it. `identity` is the
+    /// message's when it is not scheduled (a new message).
+    fn try_lease(&self, id: MessageId, identity: Option<&str>) -> Option<Lease> {
+        let name = self.lock().take(id, identity)?;
+        Some(self.lease(id, name))
     }
 
     pub fn spool(&self) -> &Spool {
@@ -347,7 +449,7 @@ impl Queue {
     /// Makes an accepted message durable (its body must already be finished in the spool).
     /// Returns the message's [`Lease`]: the caller attempts it first.
     pub async fn accept(&self, r: &QueueRecord) -> Result<Lease, QueueError> {
-        let lease = self.try_lease(r.id).ok_or(QueueError::InFlight(r.id))?;
+        let lease = self.try_lease(r.id, Some(&r.identity)).ok_or(QueueError::InFlight(r.id))?;
         self.put(r)?;
         if let Err(e) = self.store.commit().await {
             lease.release(None);
@@ -389,7 +491,7 @@ impl Queue {
         let r = self.spool_own(&m).await?;
         self.put(&r)?;
         self.store.commit().await?;
-        self.schedule_at(r.id, r.next_attempt);
+        self.schedule_at(r.id, r.next_attempt, &r.identity);
         Ok(r.id)
     }
 
@@ -438,36 +540,63 @@ impl Queue {
             }
         }
         if let Some(r) = &report {
-            self.schedule_at(r.id, r.next_attempt);
+            self.schedule_at(r.id, r.next_attempt, &r.identity);
         }
         Ok(report.map(|r| r.id))
     }
 
     /// Finishes a message delivered to every recipient: its record's removal is written now
-    /// and committed in the background (with whatever commit comes next), and the body is
-    /// removed only once that commit is done. A crash before it repeats this one delivery
-    /// (the provider's 250 came before our removal was durable), never loses or half-removes.
-    pub fn finish_delivered(self: &Arc<Self>, mut lease: Lease) -> Result<(), QueueError> {
+    /// and committed in the background, batched with the other deliveries finished meanwhile
+    /// (one commit per batch), and the body is removed only once that commit is done. Until
+    /// then the lease holds the message. A crash before it repeats this one delivery (the
+    /// provider's 250 came before our removal was durable), never loses or half-removes.
+    pub fn finish_delivered(self: &Arc<Self>, lease: Lease) -> Result<(), QueueError> {
         let id = lease.id();
         if let Err(e) = self.store.remove(Tree::Queue, &id.0.to_be_bytes()) {
             // The store is failing (fail-stop): the restart repeats this delivery.
             lease.release(None);
             return Err(e.into());
         }
-        let me = self.clone();
-        tokio::spawn(async move {
-            match me.store.commit().await {
+        let start = {
+            let mut d = self.delivered.locked();
+            d.leases.push(lease);
+            !std::mem::replace(&mut d.committing, true)
+        };
+        if start {
+            let me = self.clone();
+            tokio::spawn(async move { me.commit_delivered().await });
+        }
+        Ok(())
+    }
+
+    /// Commits the removals of delivered messages in batches until none is waiting. Each
+    /// batch is taken before its commit starts, so every removal in it was written before
+    /// the commit and is covered by it.
+    async fn commit_delivered(&self) {
+        loop {
+            let batch = {
+                let mut d = self.delivered.locked();
+                if d.leases.is_empty() {
+                    d.committing = false;
+                    return;
+                }
+                std::mem::take(&mut d.leases)
+            };
+            match self.store.commit().await {
                 Ok(()) => {
-                    me.spool.remove(id);
-                    lease.end_finished();
+                    for mut lease in batch {
+                        self.spool.remove(lease.id());
+                        lease.end_finished();
+                    }
                 }
                 Err(e) => {
-                    tracing::error!(queue_id = %id, "cannot record a delivery: {e}");
-                    lease.release(None);
+                    for lease in batch {
+                        tracing::error!(queue_id = %lease.id(), "cannot record a delivery: {e}");
+                        lease.release(None);
+                    }
                 }
             }
-        });
-        Ok(())
+        }
     }
 
     pub fn get(&self, id: MessageId) -> Result<Option<QueueRecord>, QueueError> {
@@ -479,10 +608,29 @@ impl Queue {
         }
     }
 
-    /// Every queued record, oldest first.
+    /// Every queued record, oldest first. Loads them all: for tests and small queues only;
+    /// listings page ([`Queue::page`]).
+    #[cfg(test)]
     pub fn list(&self) -> Result<Vec<QueueRecord>, QueueError> {
         let mut out = Vec::new();
-        for (k, v) in self.store.scan(Tree::Queue, b"")? {
+        for item in self.store.iter(Tree::Queue) {
+            let (k, v) = item?;
+            match serde_json::from_slice::<QueueRecord>(&v) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::error!(key = ?k, error = %e, "unreadable queue record skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// At most `limit` queued records, oldest first (ids sort by
+    /// arrival), starting after the message `after`: a listing reads one page of the store,
+    /// never the whole queue. `after` need not be queued any more (a cursor stays valid while
+    /// messages leave).
+    pub fn page(&self, after: Option<MessageId>, limit: usize) -> Result<Vec<QueueRecord>, QueueError> {
+        let key = after.map(|id| id.0.to_be_bytes());
+        let mut out = Vec::new();
+        for (k, v) in self.store.page(Tree::Queue, key.as_ref().map(|k| &k[..]), limit)? {
             match serde_json::from_slice::<QueueRecord>(&v) {
                 Ok(r) => out.push(r),
                 Err(e) => tracing::error!(key = ?k, error = %e, "unreadable queue record skipped"),
@@ -501,50 +649,72 @@ impl Queue {
         put
     }
 
-    fn schedule_at(&self, id: MessageId, at: i64) {
-        self.lock().set(id, at);
+    fn schedule_at(&self, id: MessageId, at: i64, identity: &str) {
+        let mut s = self.lock();
+        let name = s.intern(identity);
+        s.set(id, at, name);
+        drop(s);
         self.wake.notify_one();
     }
 
-    /// Takes up to `max` messages due at `now`, each with its lease.
+    /// Takes up to `max` messages due at `now`, earliest first whatever their identity, each
+    /// with its lease.
     pub fn take_due(&self, now: i64, max: usize) -> Vec<Lease> {
         let mut s = self.lock();
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(&(at, id)) = s.due.iter().next() else { break };
+            let earliest = s.due.iter().filter_map(|(name, set)| set.first().map(|&(at, _)| (at, name.clone()))).min();
+            let Some((at, name)) = earliest else { break };
             if at > now {
                 break;
             }
-            s.due.remove(&(at, id));
-            s.at.remove(&id);
-            if s.in_flight.insert(id) {
-                out.push(id);
-            }
+            out.extend(s.take_due_for(&name, now, 1));
         }
         drop(s);
-        out.into_iter()
-            .map(|id| Lease { id, schedule: self.schedule.clone(), wake: self.wake.clone(), held: true })
-            .collect()
+        out.into_iter().map(|(id, name)| self.lease(id, name)).collect()
+    }
+
+    /// Takes up to `max` of `identity`'s messages due at `now`, earliest first, each with its
+    /// lease: the runner feeds each identity up to its own limit.
+    pub fn take_due_for(&self, identity: &str, now: i64, max: usize) -> Vec<Lease> {
+        let taken = self.lock().take_due_for(identity, now, max);
+        taken.into_iter().map(|(id, name)| self.lease(id, name)).collect()
+    }
+
+    /// Each identity with scheduled messages and when its earliest one is due ([`now_ms`]
+    /// milliseconds). One entry per identity, not per message.
+    pub fn due_heads(&self) -> Vec<(Arc<str>, i64)> {
+        let s = self.lock();
+        s.due.iter().filter_map(|(name, set)| set.first().map(|&(at, _)| (name.clone(), at))).collect()
     }
 
     /// When the earliest scheduled message is due ([`now_ms`] milliseconds).
     pub fn next_due(&self) -> Option<i64> {
-        self.lock().due.iter().next().map(|(at, _)| *at)
+        self.lock().due.values().filter_map(|set| set.first().map(|&(at, _)| at)).min()
     }
 
     /// Makes queued messages due now: one id, or all of them (`None`), or those of one
-    /// identity. Returns how many.
+    /// identity. Returns how many. Walks the in-memory schedule (which knows each message's
+    /// identity), not the store, and rewrites one record at a time: memory stays flat at any
+    /// depth. Messages being attempted are left alone.
     pub async fn retry_now(&self, which: Option<MessageId>, identity: Option<&str>) -> Result<usize, QueueError> {
         let now = now_ms();
-        let mut n = 0;
-        for listed in self.list()? {
-            if which.is_some_and(|id| id != listed.id) || identity.is_some_and(|i| i != listed.identity) {
-                continue;
+        let ids: Vec<MessageId> = match which {
+            Some(id) => vec![id],
+            None => {
+                let s = self.lock();
+                match identity {
+                    Some(i) => s.due.get(i).map(|set| set.iter().map(|&(_, id)| id).collect()).unwrap_or_default(),
+                    None => s.at.keys().copied().collect(),
+                }
             }
+        };
+        let mut n = 0;
+        for id in ids {
             // Taken like an attempt, so that no attempt settles it between the read and the
             // write below (a stale record would bring back delivered recipients).
-            let Some(lease) = self.try_lease(listed.id) else { continue };
-            let mut r = match self.get(listed.id) {
+            let Some(mut lease) = self.try_lease(id, None) else { continue };
+            let mut r = match self.get(id) {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     lease.release(None);
@@ -555,8 +725,20 @@ impl Queue {
                     return Err(e);
                 }
             };
-            r.next_attempt = now;
-            let put = self.put(&r);
+            if identity.is_some_and(|i| i != r.identity) {
+                lease.release(None);
+                continue;
+            }
+            if *lease.identity != *r.identity {
+                // Not scheduled before (one id named by the admin): schedule it under its own.
+                lease.identity = self.lock().intern(&r.identity);
+            }
+            let put = if r.next_attempt > now {
+                r.next_attempt = now;
+                self.put(&r)
+            } else {
+                Ok(())
+            };
             lease.release(Some(now));
             put?;
             n += 1;
@@ -574,7 +756,7 @@ impl Queue {
     /// Removes a message without delivering it (admin's `queue drop`): the record's removal is
     /// durable before the body goes.
     pub async fn drop_message(&self, id: MessageId) -> Result<(), QueueError> {
-        let mut lease = self.try_lease(id).ok_or(QueueError::InFlight(id))?;
+        let mut lease = self.try_lease(id, None).ok_or(QueueError::InFlight(id))?;
         match self.get(id) {
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -602,6 +784,13 @@ impl Queue {
     pub fn depth(&self) -> usize {
         let s = self.lock();
         s.at.len() + s.in_flight.len()
+    }
+
+    /// Queued messages (scheduled or being attempted) of one identity, counted from the
+    /// schedule.
+    pub fn depth_of(&self, identity: &str) -> usize {
+        let s = self.lock();
+        s.due.get(identity).map_or(0, BTreeSet::len) + s.in_flight.values().filter(|n| ***n == *identity).count()
     }
 }
 
@@ -825,5 +1014,132 @@ mod tests {
         assert_eq!(ids(&q.take_due(i64::MAX, 10)), vec![r.id], "no longer in flight");
         assert_eq!(q.retry_now(Some(r.id), None).await.unwrap(), 1);
         q.drop_message(r.id).await.unwrap();
+    }
+
+    /// A message of `identity`, due at `at`, committed and scheduled.
+    async fn queued_for(q: &Queue, identity: &str, at: i64) -> QueueRecord {
+        let mut r = record(q);
+        r.identity = identity.into();
+        r.next_attempt = at;
+        write_body(q, r.id).await;
+        let lease = q.accept(&r).await.unwrap();
+        q.defer(lease, &r).unwrap();
+        r
+    }
+
+    #[tokio::test]
+    async fn one_identity_s_backlog_does_not_hide_another_s_due_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let mut backlog = Vec::new();
+        for i in 0..50 {
+            backlog.push(queued_for(&q, "busy", 1000 + i).await.id);
+        }
+        let other = queued_for(&q, "quiet", 5000).await.id;
+        let mut heads = q.due_heads();
+        heads.sort();
+        assert_eq!(heads, vec![(Arc::from("busy"), 1000), (Arc::from("quiet"), 5000)]);
+        // The busy identity is served up to its own limit, earliest first...
+        assert_eq!(ids(&q.take_due_for("busy", 10_000, 3)), backlog[..3].to_vec());
+        // ...and the other identity's message is reached at once, behind 47 earlier ones.
+        let quiet = q.take_due_for("quiet", 10_000, 3);
+        assert_eq!(ids(&quiet), vec![other]);
+        assert_eq!(quiet[0].identity(), "quiet");
+        assert!(q.take_due_for("quiet", 10_000, 3).is_empty(), "taken once");
+        assert_eq!(q.depth_of("busy"), 50, "in flight counts as queued");
+        assert_eq!(q.depth_of("quiet"), 1);
+        assert_eq!(q.depth(), 51);
+        // A released message goes back under its own identity.
+        quiet.into_iter().for_each(|l| l.release(Some(7000)));
+        assert!(q.due_heads().contains(&(Arc::from("quiet"), 7000)));
+    }
+
+    #[tokio::test]
+    async fn retry_by_identity_walks_the_schedule_not_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let later = now_ms() + 3_600_000;
+        let a1 = queued_for(&q, "a", later).await;
+        let a2 = queued_for(&q, "a", later).await;
+        let b = queued_for(&q, "b", later).await;
+        // A record of identity a that the schedule does not know: a retry of a's mail that
+        // scanned the store would find and schedule it.
+        let mut stray = record(&q);
+        stray.identity = "a".into();
+        stray.next_attempt = later;
+        q.put(&stray).unwrap();
+        assert_eq!(q.retry_now(None, Some("a")).await.unwrap(), 2);
+        let now = now_ms();
+        let mut taken = ids(&q.take_due(now, 10));
+        taken.sort();
+        assert_eq!(taken, vec![a1.id, a2.id], "a's scheduled mail, nothing else");
+        assert!(q.get(a1.id).unwrap().unwrap().next_attempt <= now, "the new time is stored too");
+        assert_eq!(q.get(b.id).unwrap().unwrap().next_attempt, later, "b untouched");
+        assert_eq!(q.get(stray.id).unwrap().unwrap().next_attempt, later, "the store was not scanned");
+        // One id the admin names is found even when it is not scheduled.
+        assert_eq!(q.retry_now(Some(stray.id), None).await.unwrap(), 1);
+        assert_eq!(q.depth_of("a"), 3);
+    }
+
+    #[tokio::test]
+    async fn pages_follow_a_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let mut all = Vec::new();
+        for _ in 0..5 {
+            all.push(queued_for(&q, "i", 0).await.id);
+        }
+        let page_ids = |v: Vec<QueueRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(page_ids(q.page(None, 2).unwrap()), all[..2]);
+        assert_eq!(page_ids(q.page(Some(all[1]), 2).unwrap()), all[2..4]);
+        assert_eq!(page_ids(q.page(Some(all[3]), 2).unwrap()), all[4..]);
+        // The cursor's own message left the queue meanwhile: the next page is the same.
+        q.drop_message(all[3]).await.unwrap();
+        assert_eq!(page_ids(q.page(Some(all[3]), 2).unwrap()), all[4..]);
+        assert!(q.page(Some(all[4]), 2).unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivered_messages_are_committed_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        let mut done = Vec::new();
+        for _ in 0..200 {
+            let r = record(&q);
+            write_body(&q, r.id).await;
+            let lease = q.accept(&r).await.unwrap();
+            q.finish_delivered(lease).unwrap();
+            done.push(r.id);
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while q.depth() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(q.depth(), 0, "every lease ended once its removal was durable");
+        assert!(done.iter().all(|id| !q.spool().path(*id).exists()), "bodies removed");
+        assert!(q.page(None, 10).unwrap().is_empty());
+        drop(q);
+        drop(_s);
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        assert_eq!(q.depth(), 0, "and durable");
+        assert_eq!(q.set_aside_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn opening_streams_a_deep_queue_into_the_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut kept = Vec::new();
+        {
+            let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+            for i in 0..300 {
+                kept.push(queued_for(&q, if i % 3 == 0 { "x" } else { "y" }, 1000 + i).await.id);
+            }
+        }
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        assert_eq!((q.depth(), q.depth_of("x"), q.depth_of("y")), (300, 100, 200));
+        let mut heads = q.due_heads();
+        heads.sort();
+        assert_eq!(heads, vec![(Arc::from("x"), 1000), (Arc::from("y"), 1001)]);
+        assert_eq!(ids(&q.take_due(i64::MAX, 1000)), kept, "earliest first across identities");
     }
 }

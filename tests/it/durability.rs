@@ -263,7 +263,7 @@ async fn a_failed_database_sync_stops_the_relay_and_loses_nothing() {
     assert!(subjects.iter().any(|s| s.contains("before the fault")), "{subjects:?}");
     assert!(subjects.iter().any(|s| s.contains("after the fault")), "{subjects:?}");
     let (_, body) = w.relay.admin_get("/api/queue");
-    assert_eq!(body.trim(), "[]", "no phantom record");
+    assert!(queue_is_empty(&body), "no phantom record: {body}");
     w.relay.stop();
 }
 
@@ -333,7 +333,7 @@ async fn start_up_repairs_records_without_bodies_and_sets_bodies_without_records
     std::fs::write(data.join("spool/msg/00000000000000AB"), scan_message("orphan", "x")).unwrap();
     tokio::task::block_in_place(|| w.relay.spawn());
     let (_, queue) = w.relay.admin_get("/api/queue");
-    assert_eq!(queue.trim(), "[]", "the record without a body is gone: {queue}");
+    assert!(queue_is_empty(&queue), "the record without a body is gone: {queue}");
     assert!(data.join("spool/set-aside/00000000000000AB").exists(), "kept, not deleted");
     assert!(!data.join("spool/msg/00000000000000AB").exists());
     let (_, metrics) = w.relay.admin_get("/metrics");
@@ -420,7 +420,7 @@ async fn kill9_right_after_a_delivery_leaves_no_record_behind() {
         w.relay.spawn();
     });
     let (_, queue) = w.relay.admin_get("/api/queue");
-    assert_eq!(queue.trim(), "[]", "a delivered message is not listed after a crash: {queue}");
+    assert!(queue_is_empty(&queue), "a delivered message is not listed after a crash: {queue}");
     assert!(!w.relay.log().contains("without its message file"), "the removal was durable before the body went");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(w.upstream.messages().len(), 1, "and it is not sent again");
@@ -439,7 +439,7 @@ async fn kill9_right_after_a_refusal_neither_retries_nor_bounces() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(w.upstream.messages().is_empty(), "no retry and no bounce for a refusal the device saw");
     let (_, queue) = w.relay.admin_get("/api/queue");
-    assert_eq!(queue.trim(), "[]", "{queue}");
+    assert!(queue_is_empty(&queue), "{queue}");
 }
 
 /// One message to a recipient the upstream refuses; returns the reply to the final dot.
@@ -502,4 +502,10 @@ async fn a_wall_clock_step_forward_does_not_bounce_the_queue() {
     let text = got[0].data_str();
     assert!(text.contains("Subject: across a clock step"), "delivered, not bounced as expired:\n{text}");
     assert!(!w.relay.log().contains("queue lifetime exceeded"), "{}", w.relay.log());
+}
+
+/// The admin API's answer (`GET /api/queue`) lists no message and counts none.
+fn queue_is_empty(answer: &str) -> bool {
+    let v: serde_json::Value = serde_json::from_str(answer).unwrap_or_default();
+    v["total"] == 0 && v["messages"].as_array().is_some_and(Vec::is_empty)
 }

@@ -22,6 +22,7 @@ mod pipelining;
 mod postfix;
 mod reload;
 mod rewrite;
+mod scale;
 mod spine;
 mod status_page;
 mod test_send;
