@@ -103,6 +103,15 @@ impl Relay {
             assert!(Instant::now() < deadline, "mfd-relay did not listen within 15 s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The admin listener is bound by its own task and may come a moment after SMTP: a test
+        // that asks it right away must not find it closed.
+        let admin = format!("listen = \"127.0.0.1:{}\"", self.admin_port);
+        if std::fs::read_to_string(&self.config).is_ok_and(|c| c.contains(&admin)) {
+            while TcpStream::connect(("127.0.0.1", self.admin_port)).is_err() {
+                assert!(Instant::now() < deadline, "the admin listener did not listen within 15 s:\n{}", self.log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     /// The process id (for signals).
