@@ -3,8 +3,6 @@
 //! changes refused, the CLI still talking to the daemon, failed admin logins throttled, and
 //! token answers read (a quoted `expires_in`) without their secrets reaching logs or pages.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,24 +10,7 @@ use crate::common::relay::{Relay, Setup, World};
 
 const TOKEN: &str = "admin-token-for-tests";
 
-/// One HTTP/1.1 request on loopback with the given headers (Host included by the caller);
-/// returns (status, head in lower case, body).
-fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, head.to_ascii_lowercase(), body.to_string())
-}
+use crate::common::relay::http_request as request;
 
 /// Restarts the relay with `lines` added to its `[admin]` section.
 fn with_admin_keys(relay: &mut Relay, lines: &str) {

@@ -29,26 +29,43 @@ fn wait_for_mail(real: &RealServers, needle: &str) -> Vec<u8> {
     }
 }
 
+/// The relay delivering as `alice` (client credentials at the fake provider) through real
+/// Postfix, which checks XOAUTH2 with Dovecot; a device `floor3` logs in with PIN 1234.
+struct PostfixRelay {
+    idp: FakeOAuth,
+    real: RealServers,
+    dir: tempfile::TempDir,
+    relay: Relay,
+}
+
+impl PostfixRelay {
+    /// None (the test is skipped) when Postfix and Dovecot are not installed.
+    async fn start(what: &str) -> Option<PostfixRelay> {
+        let idp = FakeOAuth::start().await;
+        idp.register_client(ClientApp::public(CLIENT_ID).secret(CLIENT_SECRET).app_account(ALICE));
+        let introspect = idp.introspect_url();
+        let real = tokio::task::block_in_place(|| RealServers::start(what, &introspect))?;
+        let dir = tempfile::tempdir().unwrap();
+        let sections = format!(
+            "[[provider]]\nname = \"postfix\"\nkind = \"generic\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"\nscopes = [\"https://outlook.office365.com/.default\"]\nsmtp = \"127.0.0.1:{}\"\nsmtp_tls = \"none\"\n\n\
+             [[identity]]\nname = \"alice\"\nprovider = \"postfix\"\nemail = \"{ALICE}\"\nflow = \"client_credentials\"\n\n\
+             [[device]]\nname = \"floor3\"\nidentity = \"alice\"\nusername = \"floor3\"\npin_hash = \"{}\"\nfrom = \"keep\"\n",
+            idp.token_url(),
+            real.info.smtp_port,
+            pin_hash()
+        );
+        let setup = Setup::new(sections);
+        let path = dir.path().to_path_buf();
+        let relay = tokio::task::block_in_place(|| Relay::start(&path, &setup));
+        Some(PostfixRelay { idp, real, dir, relay })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn printer_mail_reaches_dovecot_through_real_postfix_with_xoauth2() {
-    let idp = FakeOAuth::start().await;
-    idp.register_client(ClientApp::public(CLIENT_ID).secret(CLIENT_SECRET).app_account(ALICE));
-    let introspect = idp.introspect_url();
-    let Some(real) = tokio::task::block_in_place(|| RealServers::start("postfix interop", &introspect)) else {
+    let Some(PostfixRelay { idp, real, dir, mut relay }) = PostfixRelay::start("postfix interop").await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let sections = format!(
-        "[[provider]]\nname = \"postfix\"\nkind = \"generic\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"\nscopes = [\"https://outlook.office365.com/.default\"]\nsmtp = \"127.0.0.1:{}\"\nsmtp_tls = \"none\"\n\n\
-         [[identity]]\nname = \"alice\"\nprovider = \"postfix\"\nemail = \"{ALICE}\"\nflow = \"client_credentials\"\n\n\
-         [[device]]\nname = \"floor3\"\nidentity = \"alice\"\nusername = \"floor3\"\npin_hash = \"{}\"\nfrom = \"keep\"\n",
-        idp.token_url(),
-        real.info.smtp_port,
-        pin_hash()
-    );
-    let setup = Setup::new(sections);
-    let path = dir.path().to_path_buf();
-    let mut relay = tokio::task::block_in_place(|| Relay::start(&path, &setup));
 
     // A printer-like client: plain SMTP with AUTH PLAIN to the relay.
     let send = |relay: &Relay, subject: &str| {
@@ -91,24 +108,9 @@ async fn printer_mail_reaches_dovecot_through_real_postfix_with_xoauth2() {
 /// pooled connection) are taken as a real server takes them, and Postfix sees nothing improper.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_envelopes_and_a_pooled_connection_work_with_real_postfix() {
-    let idp = FakeOAuth::start().await;
-    idp.register_client(ClientApp::public(CLIENT_ID).secret(CLIENT_SECRET).app_account(ALICE));
-    let introspect = idp.introspect_url();
-    let Some(real) = tokio::task::block_in_place(|| RealServers::start("postfix pipelining", &introspect)) else {
+    let Some(PostfixRelay { idp: _idp, real, dir, mut relay }) = PostfixRelay::start("postfix pipelining").await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let sections = format!(
-        "[[provider]]\nname = \"postfix\"\nkind = \"generic\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ntoken_url = \"{}\"\nscopes = [\"https://outlook.office365.com/.default\"]\nsmtp = \"127.0.0.1:{}\"\nsmtp_tls = \"none\"\n\n\
-         [[identity]]\nname = \"alice\"\nprovider = \"postfix\"\nemail = \"{ALICE}\"\nflow = \"client_credentials\"\n\n\
-         [[device]]\nname = \"floor3\"\nidentity = \"alice\"\nusername = \"floor3\"\npin_hash = \"{}\"\nfrom = \"keep\"\n",
-        idp.token_url(),
-        real.info.smtp_port,
-        pin_hash()
-    );
-    let setup = Setup::new(sections);
-    let path = dir.path().to_path_buf();
-    let mut relay = tokio::task::block_in_place(|| Relay::start(&path, &setup));
     for subject in ["pipelined one", "pipelined two"] {
         let body = write_file(dir.path(), &format!("{subject}.eml"), &scan_message(subject, "scanned page"));
         let port = relay.smtp_port;

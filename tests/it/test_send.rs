@@ -2,8 +2,6 @@
 //! each step printed as it happens with the provider's own replies; through the running
 //! daemon and with the daemon stopped; a refusal exits 1 with its reply and the relay's hint.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -28,16 +26,6 @@ async fn world() -> World {
         |_| {},
     )
     .await;
-    // The harness waits for the SMTP listener; the CLI must find the admin listener too, or it
-    // would test offline (and find the database locked by the daemon).
-    let port = w.relay.admin_port;
-    tokio::task::block_in_place(|| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "no admin listener on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    });
     w
 }
 
@@ -145,36 +133,10 @@ async fn size_attaches_a_pdf_of_that_many_bytes() {
     assert_eq!(bytes.len(), 200_000);
 }
 
-/// One HTTP/1.1 request on loopback; returns (status, head in lower case, body).
+/// `POST /api/test` with the given headers; returns (status, head in lower case, body).
 fn request(port: u16, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
-    // The harness waits for the SMTP listener; the admin listener may bind a moment later.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut s = loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
-            Err(e) if std::time::Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => panic!("admin listener on {port}: {e}"),
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!(
-        "POST /api/test HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, head.to_ascii_lowercase(), body.to_string())
+    let headers: Vec<(&str, &str)> = [("Host", "127.0.0.1")].into_iter().chain(headers.iter().copied()).collect();
+    crate::common::relay::http_request(port, "POST", "/api/test", &headers, body)
 }
 
 /// The body of a chunked answer, de-chunked.
