@@ -304,16 +304,6 @@ struct DeliveredBatch {
     committing: bool,
 }
 
-/// A queued record's fields that the schedule needs, read at start-up without the rest
-/// (recipients, errors): opening a deep queue does not hold its records in memory.
-#[derive(Deserialize)]
-struct Head {
-    id: MessageId,
-    device: String,
-    identity: String,
-    next_attempt: i64,
-}
-
 /// Stored times further ahead than this were computed under a clock that has since stepped
 /// back (or by hand): such a message is due at once rather than after the step.
 const MAX_STORED_WAIT_MS: i64 = 6 * 3600 * 1000;
@@ -360,7 +350,9 @@ impl Queue {
             let mut s = q.lock();
             for item in q.store.iter(Tree::Queue) {
                 let (k, v) = item?;
-                let head = match serde_json::from_slice::<Head>(&v) {
+                // The whole record is read, not only the fields the schedule keeps: one that
+                // cannot be read whole could neither be attempted nor dropped, and would spin.
+                let head = match serde_json::from_slice::<QueueRecord>(&v) {
                     Ok(h) => h,
                     Err(e) => {
                         // Its body (if any) is set aside below: nothing is lost unseen.
@@ -901,6 +893,24 @@ mod tests {
         assert!(b > a);
         assert_eq!(a.to_string().parse::<MessageId>().unwrap(), a);
         assert_eq!(a.to_string().len(), 16);
+    }
+
+    #[tokio::test]
+    async fn a_record_readable_only_in_part_is_not_scheduled_and_its_body_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let id;
+        {
+            let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+            id = q.new_id();
+            write_body(&q, id).await;
+            // The fields the schedule needs are fine; the recipients are not.
+            let damaged = format!(r#"{{"id":{},"device":"d","identity":"i","next_attempt":0,"rcpts":5}}"#, id.0);
+            q.store.put(Tree::Queue, &id.0.to_be_bytes(), damaged.as_bytes()).unwrap();
+            q.store.commit().await.unwrap();
+        }
+        let (_s, q) = open_data_dir(dir.path()).await.unwrap();
+        assert_eq!(q.depth(), 0, "never attempted (it could only fail, every minute, forever)");
+        assert_eq!(q.set_aside_count(), 1, "its body is kept aside for the admin");
     }
 
     #[tokio::test]
