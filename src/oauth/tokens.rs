@@ -250,6 +250,9 @@ pub struct TokenManager {
 /// their tokens in seconds (BENCHMARKS.md, "A fleet").
 pub const TOKEN_REQUESTS_AT_ONCE: usize = 16;
 
+/// At shutdown, refreshes already under way get this long to store their answer.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// The background refresher refreshes this many identities at once (fewer than
 /// [`TOKEN_REQUESTS_AT_ONCE`], so that a device's on-demand request always finds a slot).
 const REFRESHES_AT_ONCE: usize = 8;
@@ -742,9 +745,15 @@ impl TokenManager {
                         tracing::debug!(identity = %slot.name, "background refresh: {e}");
                     }
                 });
+            tokio::pin!(round);
             tokio::select! {
-                _ = round => {}
-                _ = shutdown.changed() => return,
+                _ = &mut round => {}
+                _ = shutdown.changed() => {
+                    // A refresh past the provider's answer must still store it (a rotated
+                    // refresh token lives only there): let the round end, within a bound.
+                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, round).await;
+                    return;
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
