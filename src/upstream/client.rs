@@ -709,9 +709,15 @@ async fn pipelined_envelope(
             return Err(SendError::Rejected(r.clone()).into());
         }
     }
+    // A server that refused MAIL and then closed: its refusal is the answer, not the
+    // closed connection that follows (the caller drops the connection on any error).
+    let or_mail_refusal = |e: SendError| match (&e, &mail_reply) {
+        (SendError::Network(_), Err(SendError::Rejected(m))) => SendError::Rejected(m.clone()),
+        _ => e,
+    };
     let mut accepted = Vec::new();
     for (rcpt, _) in rcpts {
-        let r = timed(t.command, "RCPT", c.read_response()).await;
+        let r = timed(t.command, "RCPT", c.read_response()).await.map_err(or_mail_refusal);
         emit(obs, "rcpt", r.is_ok(), started, || format!("<{rcpt}>: {}", outcome_text(&r)));
         match r {
             Ok(_) => accepted.push(rcpt.clone()),
@@ -720,10 +726,16 @@ async fn pipelined_envelope(
             Err(e) => return Err(e.into()),
         }
     }
-    let data = timed(t.command, "DATA", c.read_response()).await;
+    let data = timed(t.command, "DATA", c.read_response()).await.map_err(or_mail_refusal);
     emit(obs, "data", data.is_ok(), started, || outcome_text(&data));
     let go_ahead = match &data {
-        Ok(_) => true,
+        Ok(r) if reply_of(r).code == 354 => true,
+        // Any other "positive" reply to DATA is out of step with our commands (RFC 5321
+        // 4.3.2: DATA's go-ahead is 354): never send the body into it.
+        Ok(r) => {
+            let e = SendError::Network(format!("the server answered DATA with {}", reply_of(r).describe()));
+            return Err(e.into());
+        }
         Err(SendError::Rejected(_)) => false,
         Err(e) => return Err(e.clone().into()),
     };
