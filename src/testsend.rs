@@ -91,6 +91,12 @@ pub fn check(generation: &Generation, req: &TestSend) -> Result<Device, TestErro
 
 /// Sends the test message as `device` through `upstream`, reporting each step to `obs`.
 pub async fn run(generation: &Generation, device: &Device, req: &TestSend, obs: &dyn Observer) -> TestResult {
+    // One test at a time: a large `size` costs hundreds of MiB while it is built and sent,
+    // and the admin API must not be able to multiply that.
+    static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let Ok(_running) = ONE_AT_A_TIME.try_acquire() else {
+        return failed("another test message is being sent; try again when it is done".into(), None);
+    };
     let upstream = &generation.upstream;
     let identity = device.identity.as_str();
     let tokens = &generation.tokens;
@@ -220,14 +226,18 @@ pub fn compose(device: &str, from: &str, to: &str, size: u64, hostname: &str) ->
         "--{boundary}\r\nContent-Type: application/pdf; name=\"mfd-relay-test.pdf\"\r\n\
          Content-Disposition: attachment; filename=\"mfd-relay-test.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
     ));
-    let mut bytes = vec![0u8; size as usize];
-    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
     use base64::Engine;
-    let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
-    // RFC 2045 6.8: lines of at most 76 characters.
-    for line in encoded.as_bytes().chunks(76) {
-        m.push_str(std::str::from_utf8(line).unwrap_or_default());
+    // RFC 2045 6.8: lines of at most 76 characters, i.e. 57 bytes each; encoded line by line,
+    // so that neither the random bytes nor their encoding exist twice in memory.
+    m.reserve((size as usize).div_ceil(57) * 78 + 64);
+    let mut line = [0u8; 57];
+    let mut left = size as usize;
+    while left > 0 {
+        let n = left.min(57);
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut line[..n]);
+        base64::engine::general_purpose::STANDARD.encode_string(&line[..n], &mut m);
         m.push_str("\r\n");
+        left -= n;
     }
     m.push_str(&format!("--{boundary}--\r\n"));
     m.into_bytes()
