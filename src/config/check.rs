@@ -30,6 +30,19 @@ impl Config {
     /// start and reload, never refused.
     pub(super) fn advice_found(&self) -> Vec<Found> {
         let mut out = self.advice_unused();
+        let admin = self.admin.listen.get_ref();
+        if self.admin.token.is_none() && self.admin.basic_auth_user.is_none() && !admin.ip().is_loopback() {
+            // Fine behind a network policy (the Kubernetes manifests), never on an open LAN:
+            // whoever reaches it may drop queued mail, sign identities in and send test mail.
+            out.push((
+                self.admin.listen.span(),
+                format!(
+                    "admin listener {admin} is reachable beyond this host and asks for no credentials: anyone who \
+                     reaches it can drop queued mail, sign identities in and send test mail as any device; set \
+                     admin.token (and basic_auth for the status page), or make sure a firewall limits who connects"
+                ),
+            ));
+        }
         for l in self.listeners.iter().map(|l| l.get_ref()).filter(|l| *l.legacy_tls.get_ref()) {
             let addr = l.listen.get_ref();
             let span = l.legacy_tls.span();

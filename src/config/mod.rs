@@ -994,6 +994,16 @@ listen = "127.0.0.1:2525"
     }
 
     #[test]
+    fn an_admin_listener_open_beyond_this_host_without_credentials_is_advised_against() {
+        let open = advice(&format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:9925\"\n"));
+        assert!(open.iter().any(|m| m.contains("asks for no credentials") && m.contains("admin.token")), "{open:?}");
+        let with_token = advice(&format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:9925\"\ntoken = \"t\"\n"));
+        assert!(!with_token.iter().any(|m| m.contains("asks for no credentials")), "{with_token:?}");
+        let loopback = advice(&format!("{GOOD}\n[admin]\nlisten = \"127.0.0.1:9925\"\n"));
+        assert!(!loopback.iter().any(|m| m.contains("asks for no credentials")), "{loopback:?}");
+    }
+
+    #[test]
     fn an_empty_file_is_a_problem_not_an_ok() {
         for text in ["", "[relay]\nhostname = \"relay.test\"\n"] {
             let p = problems(text);
