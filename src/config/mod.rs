@@ -558,6 +558,38 @@ fn default_command_run_timeout() -> Seconds {
 }
 
 /// 1-based line of a byte offset in `text`.
+/// A parser's message without the string values it quotes (`invalid type: string "…"`): a
+/// value in the wrong place may be a secret (a webhook URL with its token, a client secret),
+/// and the message goes to the log, `check`'s output and the reload report. The line number
+/// still says where it is.
+fn without_quoted_strings(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find("string \"") {
+        out.push_str(&rest[..i + "string".len()]);
+        let after = &rest[i + "string \"".len()..];
+        // The value ends at the next unescaped quote; without one, drop the rest.
+        let mut end = None;
+        let mut escaped = false;
+        for (j, ch) in after.char_indices() {
+            match ch {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = Some(j);
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        match end {
+            Some(j) => rest = &after[j + 1..],
+            None => rest = "",
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
     text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
@@ -597,7 +629,7 @@ impl Config {
                 Err(ConfigError::Invalid(vec![Problem {
                     file: path.to_path_buf(),
                     line,
-                    message: e.message().trim().to_string(),
+                    message: without_quoted_strings(e.message().trim()),
                 }]))
             }
         }
@@ -991,6 +1023,21 @@ listen = "127.0.0.1:2525"
 
     fn advice(text: &str) -> Vec<String> {
         parse(text).expect("parses").advice().iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn a_string_in_the_wrong_place_is_not_quoted_back() {
+        let secret = "https://hooks.slack.com/services/T0/B0/SECRETSECRET";
+        let text = format!("{GOOD}\n[notify]\nwebhooks = [\"{secret}\"]\n");
+        let p = problems(&text);
+        assert!(!p.is_empty());
+        assert!(p.iter().all(|m| !m.contains("SECRETSECRET")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("invalid type: string")), "{p:?}");
+        assert_eq!(
+            without_quoted_strings(r#"invalid type: string "a\"b", expected x"#),
+            "invalid type: string, expected x"
+        );
+        assert_eq!(without_quoted_strings("expected a table"), "expected a table");
     }
 
     #[test]
