@@ -250,6 +250,7 @@ impl Delivery {
                 self.defer(lease, rec, &why, None, DeferReason::Auth)
             }
             Err(SendError::Network(e)) => self.defer(lease, rec, &e, None, DeferReason::Network),
+            Err(SendError::Throttled { reply, retry_after }) => self.throttled(lease, rec, &reply, retry_after),
             Err(SendError::Rejected(r)) if !r.is_permanent() => {
                 self.defer(lease, rec, &r.describe(), None, DeferReason::Upstream4xx)
             }
@@ -382,6 +383,22 @@ impl Delivery {
             tracing::error!(queue_id = %rec.id, "cannot update queue record: {e}");
         }
         Outcome::Queued(why.to_string())
+    }
+
+    /// Keeps a message queued because the provider is throttling its mailbox: the next attempt
+    /// is when the provider's `Retry-After` says, not after the failure backoff (throttling is
+    /// not the message's fault, and its attempts are not counted).
+    fn throttled(&self, lease: Lease, mut rec: QueueRecord, reply: &UpstreamReply, retry_after: Duration) -> Outcome {
+        let why = reply.describe();
+        let wait = retry_after.max(Duration::from_secs(1));
+        rec.next_attempt = now_ms() + wait.as_millis() as i64;
+        rec.last_error = Some(why.clone());
+        metrics::deferred(&rec.identity, DeferReason::Throttled);
+        tracing::warn!(queue_id = %rec.id, identity = %rec.identity, retry_in = wait.as_secs(), "throttled: {why}");
+        if let Err(e) = self.queue.defer(lease, &rec) {
+            tracing::error!(queue_id = %rec.id, "cannot update queue record: {e}");
+        }
+        Outcome::Queued(format!("the provider is throttling this mailbox: {why}"))
     }
 
     /// Commits a message's new state: with `retry`, `rec` (shortened) is tried again at its

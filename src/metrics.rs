@@ -256,11 +256,13 @@ pub enum DeferReason {
     Auth,
     /// The provider could not be reached.
     Network,
+    /// The provider is throttling the mailbox (HTTP 429/503 with `Retry-After`).
+    Throttled,
 }
 
 impl DeferReason {
     /// Every reason, for label sets and tests.
-    pub const ALL: [DeferReason; 7] = [
+    pub const ALL: [DeferReason; 8] = [
         DeferReason::RateLimit,
         DeferReason::Upstream4xx,
         DeferReason::Config,
@@ -268,6 +270,7 @@ impl DeferReason {
         DeferReason::Token,
         DeferReason::Auth,
         DeferReason::Network,
+        DeferReason::Throttled,
     ];
 
     /// The metric label.
@@ -280,6 +283,7 @@ impl DeferReason {
             DeferReason::Token => "token",
             DeferReason::Auth => "auth",
             DeferReason::Network => "network",
+            DeferReason::Throttled => "throttled",
         }
     }
 }

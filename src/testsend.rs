@@ -177,6 +177,13 @@ pub async fn run(generation: &Generation, device: &Device, req: &TestSend, obs: 
             },
             hint: reply.hint().map(str::to_string),
         },
+        Err(SendError::Throttled { reply, retry_after }) => failed(
+            format!("{} {}", reply.code, reply.text),
+            Some(format!(
+                "the provider is throttling this mailbox; the relay would keep the message queued and try again in {} s",
+                retry_after.as_secs()
+            )),
+        ),
         Err(SendError::Network(e)) => failed(
             e,
             Some("the provider could not be reached; the relay would keep the message queued and retry".into()),

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use super::types::Found;
-use super::{folder_key, looks_like_address, After, Config, Flow, ListenerTls, ProviderKind};
+use super::{folder_key, looks_like_address, After, Config, Flow, ListenerTls, ProviderKind, SendVia};
 
 impl Config {
     /// Every cross-reference problem of the file, with spans, in no particular order.
@@ -292,6 +292,13 @@ impl Config {
                 }
                 ProviderKind::Google => {}
             }
+            // Bearer tokens travel to these URLs: https, or plain http to this machine only.
+            for (key, url) in [("graph_url", &pr.graph_url), ("gmail_api_url", &pr.gmail_api_url)] {
+                let Some(url) = url else { continue };
+                if let Some(why) = api_url_problem(url.get_ref()) {
+                    out.push((url.span(), format!("provider \"{name}\": {key} {why}")));
+                }
+            }
         }
         out
     }
@@ -336,6 +343,27 @@ impl Config {
                 _ => None,
             };
             out.extend(problem.map(|m| (flow_span, m)));
+            if let Some(via) = &id.send_via {
+                let wrong = match (*via.get_ref(), pr.kind) {
+                    (SendVia::Graph, k) if k != ProviderKind::Microsoft => {
+                        Some("Microsoft Graph is for kind = \"microsoft\" providers")
+                    }
+                    (SendVia::GmailApi, k) if k != ProviderKind::Google => {
+                        Some("the Gmail API is for kind = \"google\" providers")
+                    }
+                    _ => None,
+                };
+                if let Some(why) = wrong {
+                    out.push((
+                        via.span(),
+                        format!(
+                            "identity \"{name}\": send_via = \"{}\" does not fit provider \"{}\": {why}",
+                            via.get_ref(),
+                            pr.name.get_ref()
+                        ),
+                    ));
+                }
+            }
         }
         out
     }
@@ -511,5 +539,25 @@ fn is_private(ip: IpAddr) -> bool {
             let first = v6.segments()[0];
             v6.is_loopback() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
         }
+    }
+}
+
+/// Why an API base URL is unusable, if it is: it must parse, and be https unless it points
+/// at this machine (the tests' fakes).
+fn api_url_problem(text: &str) -> Option<String> {
+    let url = match url::Url::parse(text) {
+        Ok(u) => u,
+        Err(e) => return Some(format!("is not a URL: {e}")),
+    };
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => return Some("has no host".into()),
+    };
+    match url.scheme() {
+        "https" => None,
+        "http" if loopback => None,
+        _ => Some("must use https (plain http only to this machine)".into()),
     }
 }

@@ -439,6 +439,10 @@ pub struct Provider {
     pub max_message_size: Option<Size>,
     /// Scopes to request instead of the provider's defaults.
     pub scopes: Option<Vec<String>>,
+    /// Microsoft Graph's base URL (identities with `send_via = "graph"`); defaults per cloud.
+    pub graph_url: Option<Spanned<String>>,
+    /// The Gmail API's base URL (identities with `send_via = "gmail_api"`).
+    pub gmail_api_url: Option<Spanned<String>>,
 }
 
 /// How an identity is signed in.
@@ -472,6 +476,45 @@ pub struct Identity {
     pub flow: Spanned<Flow>,
     /// Overrides the provider's `messages_per_minute` for this mailbox.
     pub messages_per_minute: Option<u32>,
+    /// How mail from this identity goes upstream (default: SMTP with XOAUTH2).
+    pub send_via: Option<Spanned<SendVia>>,
+}
+
+impl Identity {
+    /// How mail from this identity goes upstream.
+    pub fn send_via(&self) -> SendVia {
+        self.send_via.as_ref().map(|v| *v.get_ref()).unwrap_or_default()
+    }
+}
+
+/// `[[identity]] send_via`: the upstream path of an identity's mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SendVia {
+    /// SMTP submission with SASL XOAUTH2.
+    #[default]
+    Smtp,
+    /// Microsoft Graph `sendMail` (and drafts with upload sessions for large scans).
+    Graph,
+    /// The Gmail API's `messages.send`.
+    GmailApi,
+}
+
+impl SendVia {
+    /// The metric label and the config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendVia::Smtp => "smtp",
+            SendVia::Graph => "graph",
+            SendVia::GmailApi => "gmail_api",
+        }
+    }
+}
+
+impl fmt::Display for SendVia {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What the relay does with a device's sender address.

@@ -3,7 +3,30 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::{Cloud, Config, Flow, HostPort, Provider, ProviderKind, UpstreamTls};
+
+/// What an access token is for. An Entra token is for one resource: an identity that reads
+/// a mailbox over IMAP and sends through Graph holds one token of each, from the same grant.
+/// Google's and generic providers' tokens carry every granted scope: they have only `Mail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resource {
+    /// Exchange Online (SMTP, IMAP) for Microsoft; the one token of a Google or generic identity.
+    Mail,
+    /// Microsoft Graph.
+    Graph,
+}
+
+impl Resource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resource::Mail => "mail",
+            Resource::Graph => "graph",
+        }
+    }
+}
 
 /// A mail server address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +61,20 @@ pub struct ProviderInfo {
     /// `max_message_size` is the admin's, not the kind's default: it overrides what the
     /// server advertises.
     pub size_configured: bool,
+    /// Microsoft Graph's base URL, without a trailing slash (Microsoft providers).
+    pub graph_url: Option<String>,
+    /// The Gmail API's base URL, without a trailing slash (Google providers).
+    pub gmail_api_url: Option<String>,
+}
+
+/// Microsoft Graph's host in each national cloud.
+fn graph_host(cloud: Cloud) -> &'static str {
+    match cloud {
+        Cloud::Global => "https://graph.microsoft.com",
+        Cloud::Usgov => "https://graph.microsoft.us",
+        Cloud::UsgovDod => "https://dod-graph.microsoft.us",
+        Cloud::China => "https://microsoftgraph.chinacloudapi.cn",
+    }
 }
 
 /// Login host of a Microsoft cloud.
@@ -129,6 +166,18 @@ impl ProviderInfo {
             messages_per_minute: p.messages_per_minute.or(messages_per_minute).filter(|n| *n > 0),
             max_message_size: p.max_message_size.map(|s| s.0).or(max_message_size),
             size_configured: p.max_message_size.is_some(),
+            graph_url: p
+                .graph_url
+                .as_ref()
+                .map(|u| u.get_ref().clone())
+                .or_else(|| (p.kind == ProviderKind::Microsoft).then(|| graph_host(p.cloud).to_string()))
+                .map(|u| u.trim_end_matches('/').to_string()),
+            gmail_api_url: p
+                .gmail_api_url
+                .as_ref()
+                .map(|u| u.get_ref().clone())
+                .or_else(|| (p.kind == ProviderKind::Google).then(|| "https://gmail.googleapis.com".to_string()))
+                .map(|u| u.trim_end_matches('/').to_string()),
         }
     }
 

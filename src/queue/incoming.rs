@@ -47,6 +47,7 @@ impl Incoming {
             next_attempt: now,
             last_error: None,
             is_bounce: false,
+            progress: crate::upstream::api::Progress::None,
         }
     }
 }

@@ -31,6 +31,7 @@ use tokio::sync::Notify;
 
 use crate::locks::MutexExt;
 use crate::store::{Change, Store, StoreError, Tree};
+use crate::upstream::api::Progress;
 pub use incoming::Incoming;
 pub use spool::{Spool, SpoolWriter};
 
@@ -83,6 +84,10 @@ pub struct QueueRecord {
     /// This message is itself a bounce: it is never bounced again.
     #[serde(default)]
     pub is_bounce: bool,
+    /// A send through an HTTP API that a restart must continue, not repeat (a Graph draft
+    /// and its finished uploads, a Gmail upload session).
+    #[serde(default, skip_serializing_if = "Progress::is_none")]
+    pub progress: Progress,
 }
 
 /// Errors of the queue.
@@ -473,6 +478,7 @@ impl Queue {
             next_attempt: now_ms(),
             last_error: None,
             is_bounce: true,
+            progress: Progress::None,
         })
     }
 
@@ -629,6 +635,15 @@ impl Queue {
             }
         }
         Ok(out)
+    }
+
+    /// Commits a message's record while its delivery is under way (the lease stays held):
+    /// the resumable state of a long send is durable before the step it protects.
+    pub async fn save_progress(&self, lease: &Lease, r: &QueueRecord) -> Result<(), QueueError> {
+        debug_assert_eq!(lease.id(), r.id);
+        self.put(r)?;
+        self.store.commit().await?;
+        Ok(())
     }
 
     /// Saves a changed attempt count, error and time (after a deferral with the same

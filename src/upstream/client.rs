@@ -65,6 +65,9 @@ pub enum SendError {
     /// The upstream refused the transaction (MAIL or DATA) as a whole.
     #[error("upstream refused the message: {}", .0.describe())]
     Rejected(UpstreamReply),
+    /// The provider is throttling (HTTP 429/503/504): try again, not before `retry_after`.
+    #[error("upstream is throttling: {} (retry after {} s)", .reply.describe(), .retry_after.as_secs())]
+    Throttled { reply: UpstreamReply, retry_after: std::time::Duration },
 }
 
 /// What the upstream did with one transaction.

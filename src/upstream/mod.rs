@@ -11,8 +11,11 @@
 //! connection fewer for [`SHRINK_FOR`] and the send waits for one of its own connections
 //! instead: the message does not fail for it.
 
+pub mod api;
 pub mod classify;
 pub mod client;
+pub mod gmail;
+pub mod graph;
 pub mod shaper;
 pub mod trace;
 
