@@ -758,6 +758,7 @@ mod tests {
             next_attempt: (NOW + 90) * 1000,
             last_error: Some("network: connection refused".into()),
             is_bounce: false,
+            progress: Default::default(),
         }
     }
 

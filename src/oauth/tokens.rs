@@ -26,8 +26,9 @@ use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
 use super::provider::ProviderInfo;
+use super::provider::Resource;
 use super::vault::Vault;
-use crate::config::{Config, Flow};
+use crate::config::{Config, Flow, SendVia};
 use crate::locks::MutexExt;
 use crate::metrics;
 use crate::store::{Store, Tree};
@@ -141,6 +142,8 @@ pub struct Slot {
     pub scopes: Vec<String>,
     /// Sends per minute allowed to this identity (None: unlimited).
     pub messages_per_minute: Option<u32>,
+    /// How this identity's mail goes upstream.
+    pub send_via: SendVia,
     /// Held while refreshing, signing in or out: one change of tokens at a time.
     flight: tokio::sync::Mutex<()>,
     record: Mutex<TokenRecord>,
@@ -313,12 +316,14 @@ impl TokenManager {
             let scopes = provider.scopes(flow, imap);
             let messages_per_minute = id.messages_per_minute.or(provider.messages_per_minute).filter(|n| *n > 0);
             let email = id.email.get_ref().clone();
+            let send_via = id.send_via();
             if let Some(old) = previous.and_then(|p| p.slots.get(&name)) {
                 if *old.provider == *provider
                     && old.email == email
                     && old.flow == flow
                     && old.scopes == scopes
                     && old.messages_per_minute == messages_per_minute
+                    && old.send_via == send_via
                 {
                     slots.insert(name.clone(), old.clone());
                     continue;
@@ -351,6 +356,7 @@ impl TokenManager {
                     provider,
                     scopes,
                     messages_per_minute,
+                    send_via,
                     flight: tokio::sync::Mutex::new(()),
                     record: Mutex::new(record),
                     generation: Default::default(),
@@ -416,6 +422,25 @@ impl TokenManager {
             Err(TokenError::Transient(e)) => slot.still_valid(now()).ok_or(TokenError::Transient(e)),
             Err(e) => Err(e),
         }
+    }
+
+    /// A valid access token of `name` for `resource` (Graph or the mail servers).
+    /// STUB: every resource gets the identity's one token until tokens are kept per resource.
+    pub async fn access_token_for(&self, name: &str, resource: Resource) -> Result<AccessToken, TokenError> {
+        let _ = resource;
+        self.access_token(name).await
+    }
+
+    /// [`TokenManager::refresh_after_rejection`] for one resource's token.
+    /// STUB: as [`TokenManager::access_token_for`].
+    pub async fn refresh_after_rejection_for(
+        &self,
+        name: &str,
+        resource: Resource,
+        rejected: &AccessToken,
+    ) -> Result<AccessToken, TokenError> {
+        let _ = resource;
+        self.refresh_after_rejection(name, rejected).await
     }
 
     /// Gets a new token now, whatever the one in hand (sign-in of app-only identities).

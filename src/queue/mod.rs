@@ -834,6 +834,7 @@ mod tests {
             next_attempt: 0,
             last_error: None,
             is_bounce: false,
+            progress: Default::default(),
         }
     }
 

@@ -511,3 +511,9 @@ pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// `bearer token -> the account it was issued to`, or `None` when the token is unknown,
+/// expired or for another resource: what a fake HTTP API (Graph, the Gmail API) asks before
+/// it serves a request. Wire it to the fake OAuth provider's tokens.
+#[allow(dead_code)] // used by the fakes of Graph and the Gmail API
+pub type BearerValidator = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
