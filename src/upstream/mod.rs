@@ -16,6 +16,7 @@ pub mod classify;
 pub mod client;
 pub mod gmail;
 pub mod graph;
+pub mod recipients;
 pub mod shaper;
 pub mod trace;
 
