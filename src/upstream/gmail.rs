@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::api::{retry_after, ApiMessage, Progress};
 use super::classify::UpstreamReply;
 use super::client::{SendError, SendOutcome};
+use super::recipients::Outgoing;
 use super::trace::emit;
 use crate::oauth::tokens::AccessToken;
 
@@ -129,8 +130,12 @@ impl Gmail {
     /// expired (`404`/`410`), and an unfinished session sends nothing: Google sends the
     /// message only when the session's last byte arrives.
     pub async fn send(&self, token: &AccessToken, msg: &ApiMessage<'_>) -> Result<SendOutcome, SendError> {
-        let out = Outgoing::open(msg.body, msg.env.rcpts)
-            .map_err(|e| SendError::Network(format!("reading the spooled message: {e}")))?;
+        let out = Outgoing::open(msg.body, msg.env.rcpts).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => {
+                SendError::Rejected(UpstreamReply::new(554, format!("5.6.0 the message cannot be sent as it is: {e}")))
+            }
+            _ => SendError::Network(format!("reading the spooled message: {e}")),
+        })?;
         let total = out.len();
         if total > MAX_SIZE {
             return Err(SendError::Rejected(UpstreamReply::new(
@@ -545,35 +550,6 @@ fn refusal(status: u16, retry: Option<&str>, body: &[u8], now: chrono::DateTime<
         400..=499 => SendError::Rejected(UpstreamReply::new(554, text("5.0.0"))),
         500..=599 => SendError::Rejected(UpstreamReply::new(451, format!("4.3.0 the Gmail API failed: {said}"))),
         _ => SendError::Rejected(UpstreamReply::new(451, format!("4.3.0 the Gmail API answered {said}"))),
-    }
-}
-
-/// The message as it goes out (until `recipients::Outgoing` lands: the spool file as is).
-struct Outgoing {
-    path: std::path::PathBuf,
-    len: u64,
-}
-
-impl Outgoing {
-    fn open(path: &Path, _envelope: &[String]) -> std::io::Result<Outgoing> {
-        Ok(Outgoing { path: path.to_path_buf(), len: std::fs::metadata(path)?.len() })
-    }
-
-    fn len(&self) -> u64 {
-        self.len
-    }
-
-    fn read_all(&self) -> std::io::Result<Vec<u8>> {
-        std::fs::read(&self.path)
-    }
-
-    fn read_range(&self, start: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        use std::io::{Read, Seek};
-        let mut f = std::fs::File::open(&self.path)?;
-        f.seek(std::io::SeekFrom::Start(start))?;
-        let mut buf = vec![0; len];
-        f.read_exact(&mut buf)?;
-        Ok(buf)
     }
 }
 

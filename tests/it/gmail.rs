@@ -123,13 +123,25 @@ struct Scan {
     rcpts: Vec<String>,
 }
 
+/// A scan whose To is the envelope.
 fn spool(size: usize, rcpts: &[&str]) -> Scan {
+    spool_to(size, &rcpts.join(", "), rcpts)
+}
+
+/// A scan with header `To: to`, spooled for the envelope `rcpts`.
+fn spool_to(size: usize, to: &str, rcpts: &[&str]) -> Scan {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("message.eml");
-    let bytes = scan(size, &rcpts.join(", "));
+    let bytes = scan(size, to);
     assert_eq!(bytes.len(), size);
     std::fs::write(&path, &bytes).expect("write the spooled message");
     Scan { _dir: dir, path, bytes, rcpts: rcpts.iter().map(|s| s.to_string()).collect() }
+}
+
+/// The header section of a message (up to its empty line) and what follows.
+fn split(raw: &[u8]) -> (&[u8], &[u8]) {
+    let at = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header section") + 4;
+    raw.split_at(at)
 }
 
 async fn send(
@@ -386,4 +398,54 @@ async fn the_fake_refuses_what_google_refuses() {
     assert_eq!(r.status().as_u16(), 308);
     assert_eq!(r.headers()["range"], "bytes=0-262143");
     assert!(fake.sent().is_empty());
+}
+
+/// A printer that sends one transaction per recipient with every address in To: Gmail must
+/// send each copy to its envelope's recipient only.
+#[tokio::test]
+async fn recipients_are_exactly_the_envelope_one_transaction_per_recipient() {
+    let (fake, gmail) = setup().await;
+    let to = "alice@example.com, bob@example.com, carol@example.com";
+    for rcpt in ["alice@example.com", "bob@example.com", "carol@example.com"] {
+        let scan = spool_to(2_000, to, &[rcpt]);
+        send(&gmail, TOKEN, &scan, &Progress::None, &MemorySink::default(), &NoTrace).await.expect("sent");
+        let m = fake.sent().pop().expect("sent");
+        assert_eq!(m.recipients, [rcpt], "only the envelope's recipient");
+        assert_eq!(split(&m.raw).1, split(&scan.bytes).1, "the body is untouched");
+    }
+    assert_eq!(fake.sent().len(), 3);
+}
+
+/// An envelope recipient the header does not name goes as Bcc, which Gmail removes.
+#[tokio::test]
+async fn an_envelope_only_recipient_is_sent_as_bcc_and_not_shown() {
+    let (fake, gmail) = setup().await;
+    let scan = spool_to(2_000, "alice@example.com", &["alice@example.com", "dave@example.com"]);
+    send(&gmail, TOKEN, &scan, &Progress::None, &MemorySink::default(), &NoTrace).await.expect("sent");
+    let m = fake.sent().pop().expect("sent");
+    assert_eq!(m.recipients, ["alice@example.com", "dave@example.com"]);
+    let (head, body) = split(&m.raw);
+    assert!(!String::from_utf8_lossy(head).to_ascii_lowercase().contains("dave@"), "Bcc removed before delivery");
+    assert_eq!(body, split(&scan.bytes).1);
+}
+
+/// A large message whose header is rewritten for its envelope resumes after a crash with the
+/// same bytes: the delivered message is exactly the rewritten one, sent once.
+#[tokio::test]
+async fn a_rewritten_large_message_resumes_with_the_same_bytes() {
+    let (fake, gmail) = setup().await;
+    let scan = spool_to(12_000_000, "alice@example.com, bob@example.com", &["bob@example.com"]);
+    let sink = MemorySink::default();
+    fake.fail_chunk(2);
+    assert!(send(&gmail, TOKEN, &scan, &Progress::None, &sink, &NoTrace).await.is_err());
+    send(&gmail, TOKEN, &scan, &sink.last(), &sink, &NoTrace).await.expect("resumed");
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].recipients, ["bob@example.com"]);
+    let expected = mfd_relay::upstream::recipients::Outgoing::open(&scan.path, &scan.rcpts)
+        .and_then(|o| o.read_all())
+        .expect("the outgoing message");
+    assert!(sent[0].raw == expected, "the delivered message is the rewritten one");
+    assert_eq!(split(&sent[0].raw).1, split(&scan.bytes).1);
+    assert_eq!(fake.sessions_opened(), 1);
 }
