@@ -206,7 +206,7 @@ fn unauthenticated() -> Response {
     )
 }
 
-fn bearer<'a>(headers: &'a HeaderMap) -> Option<&'a str> {
+fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
@@ -400,7 +400,7 @@ fn answer_chunk(
         );
     }
     let last = b + 1 == total;
-    if !last && len % CHUNK_UNIT != 0 {
+    if !last && !len.is_multiple_of(CHUNK_UNIT) {
         return google_error(
             StatusCode::BAD_REQUEST,
             "invalidArgument",
