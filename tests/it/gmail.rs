@@ -449,3 +449,65 @@ async fn a_rewritten_large_message_resumes_with_the_same_bytes() {
     assert_eq!(split(&sent[0].raw).1, split(&scan.bytes).1);
     assert_eq!(fake.sessions_opened(), 1);
 }
+
+/// The relay end to end: a printer's scans (small and large) through an identity with
+/// `send_via = "gmail_api"`, a Workspace service account's token, to the envelope's recipients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_printer_s_scans_go_out_through_the_gmail_api() {
+    use crate::common::fake_oauth::FakeOAuth;
+    use crate::common::relay::{endpoints, pin_hash, World, SCANS};
+    use crate::common::RsaTestKey;
+
+    // The fake Gmail API knows the fake provider's tokens (which starts with the relay).
+    let idp: Arc<std::sync::OnceLock<FakeOAuth>> = Arc::default();
+    let known = idp.clone();
+    let fake = FakeGmail::start(Arc::new(move |t: &str| {
+        known.get().filter(|idp| idp.token_is_valid(t, SCANS)).map(|_| SCANS.to_string())
+    }))
+    .await;
+    let key = RsaTestKey::a();
+    let sa = "relay@fake-project.iam.gserviceaccount.com";
+    let base = fake.base_url();
+    let w = World::start_with(
+        |e| {
+            let _ = idp.set(e.idp.clone());
+            e.idp.register_service_account(sa, key.public_key_der());
+            let json = e.dir.join("sa.json");
+            std::fs::write(&json, key.service_account_json(sa, &e.idp.token_url())).expect("write the key file");
+            format!(
+                "[[provider]]\nname = \"google\"\nkind = \"google\"\nclient_id = \"unused\"\nservice_account_file = \"{}\"\n{}\
+                 gmail_api_url = \"{base}\"\n\n\
+                 [[identity]]\nname = \"scans\"\nprovider = \"google\"\nemail = \"{SCANS}\"\nflow = \"service_account\"\nsend_via = \"gmail_api\"\n\n\
+                 [[device]]\nname = \"floor3\"\nidentity = \"scans\"\nusername = \"floor3\"\npin_hash = \"{}\"\n",
+                json.display(),
+                endpoints(e.idp),
+                pin_hash()
+            )
+        },
+        |_| {},
+    )
+    .await;
+    let login = ["--auth", "PLAIN", "--user", "floor3", "--password", "1234"];
+    let mut args = login.to_vec();
+    args.extend(["--to", "bob@contoso.test"]);
+    // One transaction per recipient, every address in To: this copy goes to bob only.
+    let small = scan(2_000, "alice@contoso.test, bob@contoso.test");
+    let r = w.send(&args, &small).await;
+    assert!(r.ok && r.message.contains("delivered"), "{r:?}\n{}", w.relay.log());
+    let large = scan(12_000_000, "bob@contoso.test");
+    let r = w.send(&args, &large).await;
+    assert!(r.ok, "{r:?}\n{}", w.relay.log());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fake.sent().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 2, "{}", w.relay.log());
+    for (m, original) in sent.iter().zip([&small, &large]) {
+        assert_eq!(m.account, SCANS);
+        assert_eq!(m.recipients, ["bob@contoso.test"]);
+        assert_eq!(split(&m.raw).1, split(original).1, "the body arrived byte-identical");
+    }
+    assert_eq!((sent[0].upload, sent[1].upload), ("media", "resumable"));
+    assert!(!w.relay.log().contains(&key.private_key_pem()[40..80]));
+}
