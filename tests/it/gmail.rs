@@ -450,10 +450,11 @@ async fn a_rewritten_large_message_resumes_with_the_same_bytes() {
     assert_eq!(fake.sessions_opened(), 1);
 }
 
-/// The relay end to end: a printer's scans (small and large) through an identity with
-/// `send_via = "gmail_api"`, a Workspace service account's token, to the envelope's recipients.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_printer_s_scans_go_out_through_the_gmail_api() {
+/// A relay whose identity "scans" (a Workspace service account) sends through `fake` with
+/// `send_via = "gmail_api"`; device "floor3" (PIN 1234) uses it.
+async fn relay_through(
+    tweak: impl FnOnce(&mut crate::common::relay::Setup),
+) -> (crate::common::relay::World, FakeGmail) {
     use crate::common::fake_oauth::FakeOAuth;
     use crate::common::relay::{endpoints, pin_hash, World, SCANS};
     use crate::common::RsaTestKey;
@@ -484,30 +485,72 @@ async fn a_printer_s_scans_go_out_through_the_gmail_api() {
                 pin_hash()
             )
         },
-        |_| {},
+        tweak,
     )
     .await;
-    let login = ["--auth", "PLAIN", "--user", "floor3", "--password", "1234"];
-    let mut args = login.to_vec();
-    args.extend(["--to", "bob@contoso.test"]);
-    // One transaction per recipient, every address in To: this copy goes to bob only.
-    let small = scan(2_000, "alice@contoso.test, bob@contoso.test");
-    let r = w.send(&args, &small).await;
-    assert!(r.ok && r.message.contains("delivered"), "{r:?}\n{}", w.relay.log());
-    let large = scan(12_000_000, "bob@contoso.test");
-    let r = w.send(&args, &large).await;
-    assert!(r.ok, "{r:?}\n{}", w.relay.log());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fake.sent().len() < 2 && Instant::now() < deadline {
+    (w, fake)
+}
+
+const DEVICE: [&str; 8] = ["--auth", "PLAIN", "--user", "floor3", "--password", "1234", "--to", "bob@contoso.test"];
+
+async fn wait_sent(fake: &FakeGmail, n: usize, within: Duration) -> Vec<SentMessage> {
+    let deadline = Instant::now() + within;
+    while fake.sent().len() < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let sent = fake.sent();
+    fake.sent()
+}
+
+/// The relay end to end: a printer's scans (small and large) through an identity with
+/// `send_via = "gmail_api"`, a Workspace service account's token, to the envelope's recipients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_printer_s_scans_go_out_through_the_gmail_api() {
+    let (w, fake) = relay_through(|_| {}).await;
+    // One transaction per recipient, every address in To: this copy goes to bob only.
+    let small = scan(2_000, "alice@contoso.test, bob@contoso.test");
+    let r = w.send(&DEVICE, &small).await;
+    assert!(r.ok && r.message.contains("delivered"), "{r:?}\n{}", w.relay.log());
+    let large = scan(12_000_000, "bob@contoso.test");
+    let r = w.send(&DEVICE, &large).await;
+    assert!(r.ok, "{r:?}\n{}", w.relay.log());
+    let sent = wait_sent(&fake, 2, Duration::from_secs(60)).await;
     assert_eq!(sent.len(), 2, "{}", w.relay.log());
     for (m, original) in sent.iter().zip([&small, &large]) {
-        assert_eq!(m.account, SCANS);
+        assert_eq!(m.account, crate::common::relay::SCANS);
         assert_eq!(m.recipients, ["bob@contoso.test"]);
         assert_eq!(split(&m.raw).1, split(original).1, "the body arrived byte-identical");
     }
     assert_eq!((sent[0].upload, sent[1].upload), ("media", "resumable"));
-    assert!(!w.relay.log().contains(&key.private_key_pem()[40..80]));
+}
+
+/// The relay killed (SIGKILL) in the middle of a resumable upload: after the restart the
+/// queued message continues the same session from the recorded offset, and Gmail sends it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_upload_continues_after_restart_and_sends_once() {
+    let (mut w, fake) = relay_through(|s| s.relay_extra.push_str("in_session_timeout = \"1s\"\n")).await;
+    fake.stall_chunk(2);
+    let large = scan(12_000_000, "bob@contoso.test");
+    let r = w.send(&DEVICE, &large).await;
+    assert!(r.ok && r.message.contains("queued"), "{r:?}\n{}", w.relay.log());
+    // The first chunk is confirmed and its offset recorded before the second one starts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.stalled() == 0 {
+        assert!(Instant::now() < deadline, "the upload never reached its second chunk\n{}", w.relay.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = fake.requests().len();
+    tokio::task::block_in_place(|| {
+        w.relay.kill9();
+        w.relay.spawn();
+    });
+    let sent = wait_sent(&fake, 1, Duration::from_secs(60)).await;
+    assert_eq!(sent.len(), 1, "{}", w.relay.log());
+    assert_eq!(split(&sent[0].raw).1, split(&large).1, "the body arrived byte-identical");
+    assert_eq!(fake.sessions_opened(), 1, "the same session continued");
+    let after: Vec<_> = fake.requests()[before..].iter().map(|r| (r.kind, r.status)).collect();
+    assert_eq!(after.first(), Some(&("query", 308)), "{after:?}");
+    let total = sent[0].raw.len();
+    assert_eq!(chunk_bytes(&fake, before), total - CHUNK as usize, "only the rest went up after the restart");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fake.sent().len(), 1, "and it is not sent again");
 }

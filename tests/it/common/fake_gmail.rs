@@ -18,7 +18,8 @@
 //!
 //! Knobs: answer 429 with `Retry-After` the next N requests ([`FakeGmail::throttle`]), refuse
 //! with a given Google error ([`FakeGmail::refuse`]), fail the Nth chunk once with 503 without
-//! keeping it ([`FakeGmail::fail_chunk`]), expire every open session ([`FakeGmail::expire_sessions`]).
+//! keeping it ([`FakeGmail::fail_chunk`]), hang on the Nth chunk ([`FakeGmail::stall_chunk`]),
+//! expire every open session ([`FakeGmail::expire_sessions`]).
 //! Every request is logged ([`FakeGmail::requests`]) so a test can count the bytes that went up.
 
 use std::collections::HashMap;
@@ -42,6 +43,8 @@ pub const MAX_SIZE: u64 = 35 * 1024 * 1024;
 pub const CHUNK_UNIT: usize = 256 * 1024;
 
 const SEND_PATH: &str = "/upload/gmail/v1/users/me/messages/send";
+/// How long a stalled chunk hangs.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A message the fake "sent".
 #[derive(Clone, Debug)]
@@ -86,6 +89,8 @@ struct State {
     throttle_retry_after: u64,
     refuse: Option<(u16, String, String)>,
     fail_chunk: Option<usize>,
+    stall_chunk: Option<usize>,
+    stalled: usize,
     chunks_seen: usize,
 }
 
@@ -166,6 +171,18 @@ impl FakeGmail {
     pub fn fail_chunk(&self, n: usize) {
         let mut st = self.shared.lock();
         st.fail_chunk = Some(st.chunks_seen + n);
+    }
+
+    /// The `n`th chunk `PUT` from now hangs for [`STALL`], is not kept, and then gets 503:
+    /// time for a test to kill the relay in the middle of an upload.
+    pub fn stall_chunk(&self, n: usize) {
+        let mut st = self.shared.lock();
+        st.stall_chunk = Some(st.chunks_seen + n);
+    }
+
+    /// How many chunks have started to hang ([`FakeGmail::stall_chunk`]).
+    pub fn stalled(&self) -> usize {
+        self.shared.lock().stalled
     }
 
     /// Every session open now expires (404 from then on).
@@ -342,6 +359,22 @@ async fn chunk_handler(
     let id = query_param(&query, "upload_id").unwrap_or("").to_string();
     let range = headers.get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(content_range);
     let kind = if matches!(range, Some((None, _))) { "query" } else { "chunk" };
+    let stall = {
+        let mut st = shared.lock();
+        let stall = kind == "chunk" && st.stall_chunk == Some(st.chunks_seen + 1);
+        if stall {
+            st.stall_chunk = None;
+            st.chunks_seen += 1;
+            st.stalled += 1;
+        }
+        stall
+    };
+    if stall {
+        tokio::time::sleep(STALL).await;
+        let r = google_error(StatusCode::SERVICE_UNAVAILABLE, "backendError", "Service unavailable.");
+        log(&mut shared.lock(), kind, &headers, body.len(), &r);
+        return r;
+    }
     let mut st = shared.lock();
     let r = answer_chunk(&mut st, &id, range, kind, &body);
     log(&mut st, kind, &headers, body.len(), &r);
