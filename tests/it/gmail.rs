@@ -554,3 +554,18 @@ async fn a_relay_killed_mid_upload_continues_after_restart_and_sends_once() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(fake.sent().len(), 1, "and it is not sent again");
 }
+
+/// `mfd-relay test` through the Gmail API shows the session and each chunk, not the session URI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mfd_relay_test_shows_the_upload_steps() {
+    let (w, fake) = relay_through(|_| {}).await;
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        w.relay.cli(&["test", "--device", "floor3", "--to", "bob@contoso.test", "--size", "9MB"], None)
+    });
+    assert_eq!(code, 0, "{out}\n{err}");
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 1, "{out}");
+    assert_eq!(sent[0].upload, "resumable");
+    assert!(out.contains("upload-session") && out.matches("upload ").count() >= 2, "{out}");
+    assert!(!out.contains("upload_id"), "the session URI is not shown: {out}");
+}
