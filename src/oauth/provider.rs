@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Cloud, Config, Flow, HostPort, Provider, ProviderKind, UpstreamTls};
+use crate::config::{Cloud, Config, Flow, HostPort, Provider, ProviderKind, SendVia, UpstreamTls};
 
 /// What an access token is for. An Entra token is for one resource: an identity that reads
 /// a mailbox over IMAP and sends through Graph holds one token of each, from the same grant.
@@ -67,7 +67,8 @@ pub struct ProviderInfo {
     pub gmail_api_url: Option<String>,
 }
 
-/// Microsoft Graph's host in each national cloud.
+/// Microsoft Graph's host in each national cloud, which is also its resource identifier in
+/// scopes (the scopes stay these when `graph_url` points elsewhere, as in tests).
 fn graph_host(cloud: Cloud) -> &'static str {
     match cloud {
         Cloud::Global => "https://graph.microsoft.com",
@@ -226,34 +227,101 @@ impl ProviderInfo {
         out
     }
 
-    /// The scopes an identity with this flow asks for (`imap`: a mailbox uses it too).
+    /// The scopes an identity with this flow asks for at sign-in when it sends over SMTP
+    /// (`imap`: a mailbox uses it too). See [`ProviderInfo::sign_in_scopes`].
     pub fn scopes(&self, flow: Flow, imap: bool) -> Vec<String> {
-        if let Some(s) = &self.scopes {
-            return s.clone();
+        self.sign_in_scopes(flow, SendVia::Smtp, imap)
+    }
+
+    /// The resources an identity needs tokens for, its sign-in resource first. Microsoft:
+    /// `Mail` (Exchange Online) when it sends over SMTP or a mailbox reads over IMAP, `Graph`
+    /// when it sends through Graph. Google and generic providers: one token, `Mail`.
+    pub fn resources(&self, send_via: SendVia, imap: bool) -> Vec<Resource> {
+        if self.kind != ProviderKind::Microsoft {
+            return vec![Resource::Mail];
         }
-        match self.kind {
-            ProviderKind::Microsoft => {
+        let mut v = Vec::new();
+        if send_via != SendVia::Graph || imap {
+            v.push(Resource::Mail);
+        }
+        if send_via == SendVia::Graph {
+            v.push(Resource::Graph);
+        }
+        v
+    }
+
+    /// The scopes of one resource's token, as a token request names them (refresh, client
+    /// credentials, service account): never more than one resource, since Entra refuses a
+    /// token request that spans several (AADSTS28000). A configured `scopes` replaces the
+    /// `Mail` resource's.
+    pub fn resource_scopes(&self, flow: Flow, resource: Resource, send_via: SendVia, imap: bool) -> Vec<String> {
+        let app_only = matches!(flow, Flow::ClientCredentials | Flow::ServiceAccount);
+        match (self.kind, resource) {
+            (_, Resource::Mail) if self.scopes.is_some() => self.scopes.clone().unwrap_or_default(),
+            (ProviderKind::Microsoft, Resource::Graph) => {
+                let graph = graph_host(self.cloud);
+                if app_only {
+                    // App-only: Graph's .default; Mail.Send (and Mail.ReadWrite) come from the
+                    // app registration, limited to mailboxes by Exchange RBAC for Applications.
+                    vec![format!("{graph}/.default")]
+                } else {
+                    // Mail.ReadWrite: a scan over Graph's request limit goes through a draft.
+                    vec![format!("{graph}/Mail.Send"), format!("{graph}/Mail.ReadWrite"), "offline_access".into()]
+                }
+            }
+            (ProviderKind::Microsoft, Resource::Mail) => {
                 let (_, _, resource) = microsoft_hosts(self.cloud);
-                if flow == Flow::ClientCredentials {
+                if app_only {
                     // App-only: the .default scope of Exchange Online; the app's rights
                     // (SMTP.SendAsApp, IMAP.AccessAsApp) come from the app registration.
                     let app_resource =
                         if self.cloud == Cloud::Global { "https://outlook.office365.com" } else { resource };
                     vec![format!("{app_resource}/.default")]
                 } else {
-                    let mut v = vec![format!("{resource}/SMTP.Send")];
+                    let mut v = Vec::new();
+                    if send_via == SendVia::Smtp {
+                        v.push(format!("{resource}/SMTP.Send"));
+                    }
                     if imap {
                         v.push(format!("{resource}/IMAP.AccessAsUser.All"));
                     }
-                    // openid + profile: an ID token names who signed in (a delegate of a
-                    // shared mailbox signs in as themselves; XOAUTH2 needs that account).
-                    v.extend(["offline_access", "openid", "profile"].map(String::from));
+                    v.push("offline_access".into());
                     v
                 }
             }
-            ProviderKind::Google => vec!["https://mail.google.com/".into()],
-            ProviderKind::Generic => Vec::new(),
+            // Gmail's full scope is "restricted" (a security review for public apps); an
+            // identity that only sends through the Gmail API does with the "sensitive"
+            // gmail.send, service accounts with domain-wide delegation too.
+            (ProviderKind::Google, _) if send_via == SendVia::GmailApi && !imap => {
+                vec!["https://www.googleapis.com/auth/gmail.send".into()]
+            }
+            (ProviderKind::Google, _) => vec!["https://mail.google.com/".into()],
+            _ => Vec::new(),
         }
+    }
+
+    /// The scopes an interactive sign-in asks consent for: every resource's at once (one
+    /// consent screen, one refresh token for them all), then, for Microsoft, `offline_access`
+    /// and the OpenID scopes: an ID token names who signed in (a delegate of a shared mailbox
+    /// signs in as themselves; XOAUTH2 needs that account). The token the sign-in returns is
+    /// for the first resource named, the identity's sign-in resource. App-only flows ask for
+    /// their first resource's scopes.
+    pub fn sign_in_scopes(&self, flow: Flow, send_via: SendVia, imap: bool) -> Vec<String> {
+        let resources = self.resources(send_via, imap);
+        if matches!(flow, Flow::ClientCredentials | Flow::ServiceAccount) {
+            return resources.first().map(|r| self.resource_scopes(flow, *r, send_via, imap)).unwrap_or_default();
+        }
+        let all: Vec<String> =
+            resources.iter().flat_map(|r| self.resource_scopes(flow, *r, send_via, imap)).collect();
+        let oidc = |s: &str| matches!(s, "offline_access" | "openid" | "profile" | "email");
+        let mut v: Vec<String> = all.iter().filter(|s| !oidc(s)).cloned().collect();
+        v.extend(all.iter().filter(|s| oidc(s)).cloned());
+        if self.kind == ProviderKind::Microsoft && self.scopes.is_none() {
+            v.extend(["offline_access", "openid", "profile"].map(String::from));
+        }
+        let mut seen = std::collections::HashSet::new();
+        v.retain(|s| seen.insert(s.clone()));
+        v
     }
 }
 
@@ -268,11 +336,30 @@ pub fn explain_config(config: &Config) -> Vec<String> {
             let name = id.name.get_ref();
             let imap = config.mailboxes.iter().any(|m| m.get_ref().identity.get_ref() == name);
             let flow = *id.flow.get_ref();
+            let send_via = id.send_via();
             out.push(format!(
                 "  identity \"{name}\" ({flow}, {}): scopes {}",
                 id.email.get_ref(),
-                info.scopes(flow, imap).join(" ")
+                info.sign_in_scopes(flow, send_via, imap).join(" ")
             ));
+            let resources = info.resources(send_via, imap);
+            if resources.len() > 1 || resources.contains(&Resource::Graph) {
+                // One token per resource: Entra issues none for two at once.
+                for r in resources {
+                    out.push(format!(
+                        "    {} token: {}",
+                        r.as_str(),
+                        info.resource_scopes(flow, r, send_via, imap).join(" ")
+                    ));
+                }
+            }
+            if send_via == SendVia::Graph && !matches!(flow, Flow::ClientCredentials | Flow::ServiceAccount) {
+                out.push(
+                    "    Mail.ReadWrite: a scan larger than Graph's 4 MB request limit is sent through a draft".into(),
+                );
+            } else if send_via == SendVia::Graph {
+                out.push("    the app needs Mail.Send, and Mail.ReadWrite for scans larger than 4 MB (sent through a draft)".into());
+            }
         }
     }
     out
