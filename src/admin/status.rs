@@ -521,7 +521,14 @@ fn identities(h: &mut String, s: &Status) {
         let token = if st.tokens.len() > 1 || st.tokens.iter().any(|t| t.resource != "mail") {
             st.tokens
                 .iter()
-                .map(|t| format!("<span class=token data-resource=\"{}\">{}: {}</span>", e(&t.resource), e(&t.resource), expiry(t.expires_at)))
+                .map(|t| {
+                    format!(
+                        "<span class=token data-resource=\"{}\">{}: {}</span>",
+                        e(&t.resource),
+                        e(&t.resource),
+                        expiry(t.expires_at)
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("<br>")
         } else {
@@ -1014,7 +1021,7 @@ mod tests {
             TokenStatus { resource: "graph".into(), expires_at: Some(NOW - 120) },
         ];
         let page = render(&s);
-        assert!(page.contains("<span class=token data-resource=\"mail\">mail: expires in 52m"), "{page}");
+        assert!(page.contains("<span class=token data-resource=\"mail\">mail: expires in 52 min"), "{page}");
         assert!(page.contains("<span class=token data-resource=\"graph\">graph: <span class=err>expired"), "{page}");
         s.identities[0].status.tokens[1].expires_at = None;
         assert!(render(&s).contains("graph: <span class=dim>none</span>"));

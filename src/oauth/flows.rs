@@ -54,7 +54,11 @@ pub fn random_id() -> String {
 
 /// RFC 6749 4.4: app-only tokens with a client secret or a certificate assertion, for the
 /// one resource `scopes` name (Entra refuses a request for several: AADSTS28000).
-pub async fn client_credentials(http: &reqwest::Client, slot: &Slot, scopes: &[String]) -> Result<TokenSet, TokenError> {
+pub async fn client_credentials(
+    http: &reqwest::Client,
+    slot: &Slot,
+    scopes: &[String],
+) -> Result<TokenSet, TokenError> {
     let p = &slot.provider;
     let assertion = client_assertion(p)?;
     let secret = client_secret(p)?;

@@ -311,8 +311,7 @@ impl ProviderInfo {
         if matches!(flow, Flow::ClientCredentials | Flow::ServiceAccount) {
             return resources.first().map(|r| self.resource_scopes(flow, *r, send_via, imap)).unwrap_or_default();
         }
-        let all: Vec<String> =
-            resources.iter().flat_map(|r| self.resource_scopes(flow, *r, send_via, imap)).collect();
+        let all: Vec<String> = resources.iter().flat_map(|r| self.resource_scopes(flow, *r, send_via, imap)).collect();
         let oidc = |s: &str| matches!(s, "offline_access" | "openid" | "profile" | "email");
         let mut v: Vec<String> = all.iter().filter(|s| !oidc(s)).cloned().collect();
         v.extend(all.iter().filter(|s| oidc(s)).cloned());
@@ -358,7 +357,10 @@ pub fn explain_config(config: &Config) -> Vec<String> {
                     "    Mail.ReadWrite: a scan larger than Graph's 4 MB request limit is sent through a draft".into(),
                 );
             } else if send_via == SendVia::Graph {
-                out.push("    the app needs Mail.Send, and Mail.ReadWrite for scans larger than 4 MB (sent through a draft)".into());
+                out.push(
+                    "    the app needs Mail.Send, and Mail.ReadWrite for scans larger than 4 MB (sent through a draft)"
+                        .into(),
+                );
             }
         }
     }
@@ -456,6 +458,113 @@ mod tests {
             explained.contains("token:         https://login.partner.microsoftonline.cn/t/oauth2/v2.0/token"),
             "{explained}"
         );
+    }
+
+    const MS: &str = "[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"x\"\n";
+
+    #[test]
+    fn microsoft_resources_and_their_scopes() {
+        let p = info(MS);
+        // SMTP only: one resource, as before.
+        assert_eq!(p.resources(SendVia::Smtp, false), vec![Resource::Mail]);
+        assert_eq!(p.resources(SendVia::Smtp, true), vec![Resource::Mail]);
+        // Graph only; Graph and a mailbox: Mail first (the sign-in resource), then Graph.
+        assert_eq!(p.resources(SendVia::Graph, false), vec![Resource::Graph]);
+        assert_eq!(p.resources(SendVia::Graph, true), vec![Resource::Mail, Resource::Graph]);
+        let (dc, cc) = (Flow::DeviceCode, Flow::ClientCredentials);
+        assert_eq!(
+            p.resource_scopes(dc, Resource::Graph, SendVia::Graph, true),
+            vec![
+                "https://graph.microsoft.com/Mail.Send",
+                "https://graph.microsoft.com/Mail.ReadWrite",
+                "offline_access"
+            ]
+        );
+        // The mail servers' token of a Graph sender reads the mailbox and sends nothing.
+        assert_eq!(
+            p.resource_scopes(dc, Resource::Mail, SendVia::Graph, true),
+            vec!["https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"]
+        );
+        // The sign-in asks consent for both resources at once, its first scope names the
+        // sign-in resource.
+        assert_eq!(
+            p.sign_in_scopes(Flow::AuthCode, SendVia::Graph, true),
+            vec![
+                "https://outlook.office.com/IMAP.AccessAsUser.All",
+                "https://graph.microsoft.com/Mail.Send",
+                "https://graph.microsoft.com/Mail.ReadWrite",
+                "offline_access",
+                "openid",
+                "profile"
+            ]
+        );
+        assert_eq!(p.sign_in_scopes(dc, SendVia::Graph, false)[0], "https://graph.microsoft.com/Mail.Send");
+        // The SMTP sign-in is unchanged.
+        assert_eq!(p.sign_in_scopes(dc, SendVia::Smtp, true), p.scopes(dc, true));
+        // App-only: each resource's .default, asked for separately.
+        assert_eq!(
+            p.resource_scopes(cc, Resource::Graph, SendVia::Graph, true),
+            vec!["https://graph.microsoft.com/.default"]
+        );
+        assert_eq!(
+            p.resource_scopes(cc, Resource::Mail, SendVia::Graph, true),
+            vec!["https://outlook.office365.com/.default"]
+        );
+        assert_eq!(p.sign_in_scopes(cc, SendVia::Graph, false), vec!["https://graph.microsoft.com/.default"]);
+    }
+
+    #[test]
+    fn graph_scopes_name_each_cloud_s_resource_not_the_graph_url() {
+        for (cloud, graph) in [
+            ("global", "https://graph.microsoft.com"),
+            ("usgov", "https://graph.microsoft.us"),
+            ("usgov-dod", "https://dod-graph.microsoft.us"),
+            ("china", "https://microsoftgraph.chinacloudapi.cn"),
+        ] {
+            // graph_url points at a fake: the scopes stay the cloud's.
+            let p = info(&format!("{MS}cloud = \"{cloud}\"\ngraph_url = \"http://127.0.0.1:9/\"\n"));
+            assert_eq!(p.graph_url.as_deref(), Some("http://127.0.0.1:9"));
+            assert_eq!(
+                p.resource_scopes(Flow::DeviceCode, Resource::Graph, SendVia::Graph, false),
+                vec![format!("{graph}/Mail.Send"), format!("{graph}/Mail.ReadWrite"), "offline_access".into()],
+                "{cloud}"
+            );
+            assert_eq!(
+                p.resource_scopes(Flow::ClientCredentials, Resource::Graph, SendVia::Graph, false),
+                vec![format!("{graph}/.default")],
+                "{cloud}"
+            );
+        }
+    }
+
+    #[test]
+    fn configured_scopes_replace_the_mail_resource_s_only() {
+        let p =
+            info(&format!("{MS}scopes = [\"https://outlook.office.com/IMAP.AccessAsUser.All\", \"offline_access\"]\n"));
+        assert_eq!(
+            p.resource_scopes(Flow::DeviceCode, Resource::Mail, SendVia::Graph, true),
+            vec!["https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"]
+        );
+        assert_eq!(
+            p.resource_scopes(Flow::DeviceCode, Resource::Graph, SendVia::Graph, true)[0],
+            "https://graph.microsoft.com/Mail.Send"
+        );
+    }
+
+    #[test]
+    fn google_sends_through_the_gmail_api_with_gmail_send_only() {
+        let p = info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\n");
+        assert_eq!(p.resources(SendVia::GmailApi, true), vec![Resource::Mail]);
+        for flow in [Flow::AuthCode, Flow::ServiceAccount] {
+            assert_eq!(
+                p.sign_in_scopes(flow, SendVia::GmailApi, false),
+                vec!["https://www.googleapis.com/auth/gmail.send"],
+                "{flow}"
+            );
+            // A mailbox read over IMAP needs the full scope.
+            assert_eq!(p.sign_in_scopes(flow, SendVia::GmailApi, true), vec!["https://mail.google.com/"]);
+            assert_eq!(p.sign_in_scopes(flow, SendVia::Smtp, false), vec!["https://mail.google.com/"]);
+        }
     }
 
     #[test]

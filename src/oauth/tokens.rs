@@ -829,7 +829,9 @@ impl TokenManager {
             TokenError::NeedsLogin(why) => {
                 tracing::error!(identity = %slot.name, resource = resource.as_str(), "identity needs a new sign-in: {why}")
             }
-            other => tracing::warn!(identity = %slot.name, resource = resource.as_str(), "token refresh failed: {other}"),
+            other => {
+                tracing::warn!(identity = %slot.name, resource = resource.as_str(), "token refresh failed: {other}")
+            }
         }
         metrics::IDENTITY_STATE.with_label_values(&[&slot.name]).set(state_value(rec.state));
         if let Err(e) = self.persist(&slot.name, &rec).await {
@@ -987,22 +989,21 @@ impl TokenManager {
             // Several at once (a fleet's tokens are often due together, and one slow answer
             // must not hold up the rest), never more than REFRESHES_AT_ONCE.
             let me: &TokenManager = &self;
-            let round =
-                futures_util::stream::iter(due).for_each_concurrent(
-                    REFRESHES_AT_ONCE,
-                    |(slot, resource, (seen, seen_rt))| async move {
-                        let _flight = slot.flight.lock().await;
-                        // Someone may have refreshed (or signed in or out) while we waited; a
-                        // token left due is seen again in the next round.
-                        let now_rec = slot.record();
-                        if now_rec.token(resource) != seen || now_rec.refresh_token != seen_rt {
-                            return;
-                        }
-                        if let Err(e) = me.refresh_locked(slot, resource).await {
-                            tracing::debug!(identity = %slot.name, resource = resource.as_str(), "background refresh: {e}");
-                        }
-                    },
-                );
+            let round = futures_util::stream::iter(due).for_each_concurrent(
+                REFRESHES_AT_ONCE,
+                |(slot, resource, (seen, seen_rt))| async move {
+                    let _flight = slot.flight.lock().await;
+                    // Someone may have refreshed (or signed in or out) while we waited; a
+                    // token left due is seen again in the next round.
+                    let now_rec = slot.record();
+                    if now_rec.token(resource) != seen || now_rec.refresh_token != seen_rt {
+                        return;
+                    }
+                    if let Err(e) = me.refresh_locked(slot, resource).await {
+                        tracing::debug!(identity = %slot.name, resource = resource.as_str(), "background refresh: {e}");
+                    }
+                },
+            );
             tokio::pin!(round);
             tokio::select! {
                 _ = &mut round => {}
@@ -1435,6 +1436,185 @@ mod tests {
             1,
             "one request with the revoked token, not one per caller"
         );
+    }
+
+    #[test]
+    fn a_record_stored_before_tokens_per_resource_still_loads() {
+        // What a relay stored before tokens were kept per resource.
+        let old = br#"{"state":"ready","account":"u@example.com","refresh_token":"rt","access_token":"at-mail",
+            "expires_at":2000,"refresh_at":1500,"scopes":["s"],"last_refresh":1000,"last_error":null}"#;
+        let mut r: TokenRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!(r.token(Resource::Mail).access_token.as_deref(), Some("at-mail"));
+        assert_eq!(r.token(Resource::Mail).expires_at, Some(2000));
+        assert!(r.token(Resource::Graph) == ResourceToken::default());
+        // The identity now sends through Graph and reads a mailbox: Mail stays the sign-in
+        // resource, and a Graph token goes into the map, on disk too.
+        r.arrange(Resource::Mail);
+        r.put_token(
+            Resource::Graph,
+            ResourceToken {
+                access_token: Some("at-graph".into()),
+                expires_at: Some(3000),
+                refresh_at: Some(2500),
+                last_refresh: Some(1200),
+            },
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        let back: TokenRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.access_token.as_deref(), Some("at-mail"));
+        assert_eq!(back.token(Resource::Graph).access_token.as_deref(), Some("at-graph"));
+        // The mailbox goes: Graph becomes the sign-in resource, each token keeps its resource.
+        let mut moved = back.clone();
+        moved.arrange(Resource::Graph);
+        assert_eq!((moved.access_token.as_deref(), moved.expires_at), (Some("at-graph"), Some(3000)));
+        assert_eq!(moved.token(Resource::Mail).access_token.as_deref(), Some("at-mail"));
+        assert_eq!(moved.token(Resource::Graph).access_token.as_deref(), Some("at-graph"));
+        // A record with one resource serialises as before (no new keys).
+        let plain: TokenRecord = serde_json::from_slice(old).unwrap();
+        let v: serde_json::Value = serde_json::to_value(&plain).unwrap();
+        assert!(v.get("resources").is_none() && v.get("resource").is_none(), "{v}");
+        // Signing out of a new grant forgets every resource's token.
+        moved.clear_access_tokens();
+        assert_eq!((moved.token(Resource::Mail).access_token, moved.token(Resource::Graph).access_token), (None, None));
+    }
+
+    /// A Microsoft-like token endpoint: refuses a request whose scopes span several resources
+    /// (AADSTS28000), answers others with a token named after the resource and a rotated
+    /// refresh token, and records (grant, scope, refresh token) of each request.
+    async fn entra_endpoint() -> (Arc<Mutex<Vec<(String, String, String)>>>, String) {
+        use axum::routing::post;
+        let seen: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            post(move |body: axum::body::Bytes| {
+                let log = log.clone();
+                async move {
+                    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+                    let get = |k: &str| form.get(k).cloned().unwrap_or_default();
+                    let scope = get("scope");
+                    let mut hosts: Vec<&str> = scope
+                        .split_whitespace()
+                        .filter_map(|s| s.strip_prefix("https://"))
+                        .filter_map(|s| s.split('/').next())
+                        .collect();
+                    hosts.dedup();
+                    let n = {
+                        let mut l = log.locked();
+                        l.push((get("grant_type"), scope.clone(), get("refresh_token")));
+                        l.len()
+                    };
+                    if hosts.len() != 1 {
+                        return (
+                            axum::http::StatusCode::BAD_REQUEST,
+                            [("content-type", "application/json")],
+                            r#"{"error":"invalid_scope","error_description":"AADSTS28000: more than one resource"}"#
+                                .to_string(),
+                        );
+                    }
+                    let resource = if hosts[0].contains("graph") { "graph" } else { "mail" };
+                    (
+                        axum::http::StatusCode::OK,
+                        [("content-type", "application/json")],
+                        format!(
+                            r#"{{"access_token":"at-{resource}-{n}","refresh_token":"rt-{n}","token_type":"Bearer","expires_in":3600}}"#
+                        ),
+                    )
+                }
+            }),
+        );
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", tcp.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(tcp, app).await });
+        (seen, url)
+    }
+
+    #[tokio::test]
+    async fn each_resource_s_token_comes_from_the_one_refresh_token_one_resource_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (seen, url) = entra_endpoint().await;
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n\
+             [[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"c\"\ntoken_url = \"{url}\"\n\
+             graph_url = \"http://127.0.0.1:9\"\n\n\
+             [[identity]]\nname = \"u\"\nprovider = \"m\"\nemail = \"u@example.com\"\nflow = \"device_code\"\nsend_via = \"graph\"\n\n\
+             [[mailbox]]\nname = \"print\"\nidentity = \"u\"\nspool = \"spool\"\n"
+        );
+        let config = Config::parse(&dir.path().join("config.toml"), text).unwrap();
+        std::fs::create_dir_all(config.data_dir()).unwrap();
+        let store = Arc::new(crate::store::Store::open(&config.data_dir(), vec![]).unwrap());
+        let vault = Arc::new(crate::oauth::vault::Vault::open(&config.key_file(), None).unwrap());
+        let tokens = Arc::new(TokenManager::new(&config, store, vault, None).unwrap());
+        let slot = tokens.slot("u").unwrap();
+        assert_eq!(slot.resources(), vec![Resource::Mail, Resource::Graph]);
+        // The sign-in's token is the mail servers'.
+        let set = TokenSet {
+            access_token: "at-mail-0".into(),
+            refresh_token: Some("rt-0".into()),
+            expires_in: Some(Duration::from_secs(3600)),
+            scopes: vec![],
+            account: Some("u@example.com".into()),
+        };
+        tokens.sign_in(slot, set).await.unwrap();
+        assert_eq!(tokens.access_token("u").await.unwrap().secret, "at-mail-0");
+        assert_eq!(tokens.access_token_for("u", Resource::Mail).await.unwrap().secret, "at-mail-0");
+        assert!(seen.locked().is_empty());
+
+        // Graph's token: a refresh grant with Graph's scopes only.
+        let graph = tokens.access_token_for("u", Resource::Graph).await.unwrap();
+        assert_eq!(graph.secret, "at-graph-1");
+        assert_eq!(
+            seen.locked()[0],
+            (
+                "refresh_token".to_string(),
+                "https://graph.microsoft.com/Mail.Send https://graph.microsoft.com/Mail.ReadWrite offline_access"
+                    .to_string(),
+                "rt-0".to_string()
+            )
+        );
+        // Cached per resource.
+        assert_eq!(tokens.access_token_for("u", Resource::Graph).await.unwrap().secret, "at-graph-1");
+        assert_eq!(tokens.access_token("u").await.unwrap().secret, "at-mail-0");
+
+        // Graph refuses its token: only Graph's is renewed, with the rotated refresh token.
+        let again = tokens.refresh_after_rejection_for("u", Resource::Graph, &graph).await.unwrap();
+        assert_eq!(again.secret, "at-graph-2");
+        assert_eq!(seen.locked()[1].2, "rt-1");
+        assert_eq!(tokens.access_token("u").await.unwrap().secret, "at-mail-0", "the mail token is untouched");
+        assert_eq!(seen.locked().len(), 2);
+
+        // The mail servers refuse theirs: renewed from the refresh token Graph's answer rotated.
+        let mail = tokens.access_token("u").await.unwrap();
+        let mail = tokens.refresh_after_rejection("u", &mail).await.unwrap();
+        assert_eq!(mail.secret, "at-mail-3");
+        let third = seen.locked()[2].clone();
+        assert_eq!(
+            (third.1.as_str(), third.2.as_str()),
+            ("https://outlook.office.com/IMAP.AccessAsUser.All offline_access", "rt-2")
+        );
+        assert_eq!(tokens.access_token_for("u", Resource::Graph).await.unwrap().secret, "at-graph-2");
+
+        // Both shown; both on disk.
+        let st = tokens.status().into_iter().find(|s| s.name == "u").unwrap();
+        assert_eq!(st.tokens.iter().map(|t| t.resource.as_str()).collect::<Vec<_>>(), vec!["mail", "graph"]);
+        assert!(st.tokens.iter().all(|t| t.expires_at.is_some()), "{st:?}");
+        let sealed = tokens.store.get(Tree::Tokens, b"u").unwrap().unwrap();
+        let stored: TokenRecord = serde_json::from_slice(&tokens.vault.unseal("u", &sealed).unwrap()).unwrap();
+        assert_eq!(stored.refresh_token.as_deref(), Some("rt-3"));
+        assert_eq!(stored.token(Resource::Graph).access_token.as_deref(), Some("at-graph-2"));
+        assert_eq!(stored.token(Resource::Mail).access_token.as_deref(), Some("at-mail-3"));
+
+        // A new sign-in drops the old grant's Graph token.
+        let set = TokenSet {
+            access_token: "at-mail-new".into(),
+            refresh_token: Some("rt-new".into()),
+            expires_in: Some(Duration::from_secs(3600)),
+            scopes: vec![],
+            account: None,
+        };
+        tokens.sign_in(slot, set).await.unwrap();
+        assert_eq!(tokens.access_token_for("u", Resource::Graph).await.unwrap().secret, "at-graph-4");
+        assert_eq!(seen.locked()[3].2, "rt-new");
     }
 
     #[test]
