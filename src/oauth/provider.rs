@@ -568,6 +568,25 @@ mod tests {
     }
 
     #[test]
+    fn explain_lists_each_resource_s_token_and_why_mail_read_write() {
+        let text = format!(
+            "{MS}cloud = \"usgov\"\n\n[[identity]]\nname = \"scans\"\nprovider = \"m\"\nemail = \"s@c.us\"\n\
+             flow = \"device_code\"\nsend_via = \"graph\"\n\n[[mailbox]]\nname = \"p\"\nidentity = \"scans\"\nspool = \"s\"\n"
+        );
+        let c = Config::parse(Path::new("/etc/mfd/c.toml"), text).unwrap();
+        let out = explain_config(&c).join("\n");
+        for line in [
+            "identity \"scans\" (device_code, s@c.us): scopes https://outlook.office365.us/IMAP.AccessAsUser.All \
+             https://graph.microsoft.us/Mail.Send https://graph.microsoft.us/Mail.ReadWrite offline_access openid profile",
+            "    mail token: https://outlook.office365.us/IMAP.AccessAsUser.All offline_access",
+            "    graph token: https://graph.microsoft.us/Mail.Send https://graph.microsoft.us/Mail.ReadWrite offline_access",
+            "Mail.ReadWrite: a scan larger than Graph's 4 MB request limit is sent through a draft",
+        ] {
+            assert!(out.contains(line), "{line}\n{out}");
+        }
+    }
+
+    #[test]
     fn google_and_generic() {
         let p = info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\n");
         assert_eq!(p.token_url, "https://oauth2.googleapis.com/token");
