@@ -151,6 +151,40 @@ async fn a_sign_in_consents_to_both_resources_and_each_token_has_its_own_request
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auth_code_is_redeemed_for_the_sign_in_resource_only() {
+    let w = World::start_with(sections("auth_code"), |_| {}).await;
+    w.idp.set_authorize_account(Some(SCANS));
+    let config = w.relay.config.clone();
+    let mut cli =
+        tokio::task::spawn_blocking(move || CliProc::start(&config, &["auth", "login", "scans"])).await.unwrap();
+    let (cli, url) = tokio::task::spawn_blocking(move || {
+        let url = cli.wait_line("/authorize?", WAIT);
+        (cli, url.trim().to_string())
+    })
+    .await
+    .unwrap();
+    // The consent names both resources.
+    let query: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(url.split_once('?').unwrap().1.as_bytes()).into_owned().collect();
+    assert_eq!(query["scope"], format!("{IMAP_SCOPE} {GRAPH_SEND} {GRAPH_RW} offline_access openid profile"), "{url}");
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::limited(5)).build().unwrap();
+    let page = client.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("Signed in"), "{page}");
+    let (status, out) = tokio::task::spawn_blocking(move || cli.wait(Duration::from_secs(30))).await.unwrap();
+    assert_eq!(status, 0, "{out}");
+    // The redemption names the mailbox's resource (Entra refuses two), then Graph's token
+    // comes from the refresh token.
+    let redeemed =
+        wait_request(&w.idp, "code redemption", |r| r.grant.as_deref() == Some(Grant::AuthorizationCode.as_str()))
+            .await;
+    assert_eq!(redeemed.scope.as_deref(), Some(format!("{MAIL_SCOPES} openid profile").as_str()));
+    assert!(w.idp.token_validator()(SCANS, redeemed.issued_access_token.as_deref().unwrap()));
+    let graph = wait_request(&w.idp, "Graph token", |r| r.scope.as_deref() == Some(GRAPH_SCOPES)).await;
+    assert!(is_for(&w.idp, graph.issued_access_token.as_deref().unwrap(), GRAPH_RESOURCE));
+    assert_one_resource_per_request(&w.idp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_only_gets_each_resource_s_default_scope_by_its_own_client_credentials_request() {
     let w = World::start_with(sections("client_credentials"), |_| {}).await;
     // At start, the refresher fetches both, one request each.

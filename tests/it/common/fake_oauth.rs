@@ -1770,7 +1770,7 @@ fn token_is_for(scope: &str, resource: &str) -> bool {
         return scope.split_whitespace().any(|s| s == GOOGLE_SEND_SCOPE || s == GOOGLE_MAIL_SCOPE);
     }
     let want = resource.trim_end_matches('/').to_ascii_lowercase();
-    scope_resources(scope).iter().any(|r| *r == want)
+    scope_resources(scope).contains(&want)
 }
 
 /// Whether the mail servers (SMTP, IMAP) take a token of `scope`: not Graph's, not a Google
@@ -1780,7 +1780,7 @@ fn token_fits_mail(scope: &str) -> bool {
     if resources.iter().any(|r| r.contains("graph") || r.contains("chinacloudapi")) {
         return false;
     }
-    !(resources == ["google"] && !scope.split_whitespace().any(|s| s == GOOGLE_MAIL_SCOPE))
+    resources != ["google"] || scope.split_whitespace().any(|s| s == GOOGLE_MAIL_SCOPE)
 }
 
 fn unknown_client(client_id: &str) -> HttpReply {
