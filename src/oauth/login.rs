@@ -3,8 +3,13 @@
 //! either in the running daemon (through the admin listener, whose `/oauth/callback` receives
 //! the browser's redirect) or in the CLI itself when the daemon is stopped.
 //!
+//! A sign-in asks consent for every resource the identity needs at once (Graph and the mail
+//! servers: [`super::provider::ProviderInfo::sign_in_scopes`]); the token it returns is for
+//! the first, the identity's sign-in resource, and the token manager fetches the others from
+//! the new refresh token, one resource per request.
+//!
 //! App-only identities (client credentials, service accounts) need no person: "login" just
-//! fetches a first token, which proves the app registration works.
+//! fetches a first token per resource, which proves the app registration works.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
