@@ -1617,6 +1617,50 @@ mod tests {
         assert_eq!(seen.locked()[3].2, "rt-new");
     }
 
+    #[tokio::test]
+    async fn a_mailbox_added_by_a_reload_keeps_the_graph_token_and_fetches_the_mail_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (seen, url) = entra_endpoint().await;
+        let text = |mailbox: &str| {
+            format!(
+                "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n\
+                 [[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"c\"\ntoken_url = \"{url}\"\n\n\
+                 [[identity]]\nname = \"u\"\nprovider = \"m\"\nemail = \"u@example.com\"\nflow = \"device_code\"\nsend_via = \"graph\"\n\n{mailbox}"
+            )
+        };
+        let config = Config::parse(&dir.path().join("config.toml"), text("")).unwrap();
+        std::fs::create_dir_all(config.data_dir()).unwrap();
+        let store = Arc::new(crate::store::Store::open(&config.data_dir(), vec![]).unwrap());
+        let vault = Arc::new(crate::oauth::vault::Vault::open(&config.key_file(), None).unwrap());
+        let first = TokenManager::new(&config, store.clone(), vault.clone(), None).unwrap();
+        assert_eq!(first.slot("u").unwrap().resources(), vec![Resource::Graph]);
+        let set = TokenSet {
+            access_token: "at-graph-0".into(),
+            refresh_token: Some("rt-0".into()),
+            expires_in: Some(Duration::from_secs(3600)),
+            scopes: vec![],
+            account: Some("u@example.com".into()),
+        };
+        first.sign_in(first.slot("u").unwrap(), set).await.unwrap();
+        assert_eq!(first.access_token("u").await.unwrap().secret, "at-graph-0");
+        // Graph-only: no mail token to be had.
+        assert!(matches!(first.access_token_for("u", Resource::Mail).await, Err(TokenError::Config(_))));
+
+        let config = Config::parse(
+            &dir.path().join("config.toml"),
+            text("[[mailbox]]\nname = \"print\"\nidentity = \"u\"\nspool = \"spool\"\n"),
+        )
+        .unwrap();
+        let second = TokenManager::new(&config, store, vault, Some(&first)).unwrap();
+        assert_eq!(second.slot("u").unwrap().resources(), vec![Resource::Mail, Resource::Graph]);
+        assert_eq!(second.access_token_for("u", Resource::Graph).await.unwrap().secret, "at-graph-0");
+        assert!(seen.locked().is_empty(), "the Graph token was kept");
+        // The sign-in resource is now the mailbox's: fetched with its own scopes.
+        assert_eq!(second.access_token("u").await.unwrap().secret, "at-mail-1");
+        assert_eq!(seen.locked()[0].1, "https://outlook.office.com/IMAP.AccessAsUser.All offline_access");
+        assert_eq!(second.access_token_for("u", Resource::Graph).await.unwrap().secret, "at-graph-0");
+    }
+
     #[test]
     fn access_token_debug_hides_secret() {
         let t = AccessToken { secret: "eyJ0eXAi-secret".into(), account: "a@b".into(), expires_at: 1 };
