@@ -247,6 +247,10 @@ pub struct Slot {
     /// when there is none: the provider is asked again [`DOUBT_RECHECK`] later, and a second
     /// such answer is believed.
     doubted_at: std::sync::atomic::AtomicI64,
+    /// Resources whose last token request was refused for a reason a person must fix (a
+    /// Graph consent missing from an older sign-in, say), with the refusal: another
+    /// resource's new token does not make the identity ready while one is left.
+    refused: Mutex<BTreeMap<Resource, String>>,
 }
 
 impl Slot {
@@ -507,6 +511,7 @@ impl TokenManager {
                     flights: Default::default(),
                     retry_after: Mutex::new(HashMap::new()),
                     doubted_at: Default::default(),
+                    refused: Default::default(),
                 }),
             );
         }
@@ -746,7 +751,17 @@ impl TokenManager {
         if new_grant {
             rec.clear_access_tokens();
         }
-        rec.state = IdentityState::Ready;
+        let refused = {
+            let mut refused = slot.refused.locked();
+            if new_grant {
+                refused.clear();
+            }
+            refused.remove(&resource);
+            refused.iter().next().map(|(r, why)| format!("{} token: {why}", r.as_str()))
+        };
+        // Ready, unless another resource's token is still refused: then the identity still
+        // needs a person (this resource's token is kept and used all the same).
+        rec.state = if refused.is_some() { IdentityState::NeedsLogin } else { IdentityState::Ready };
         rec.account = Some(account.clone());
         if set.refresh_token.is_some() {
             rec.refresh_token = set.refresh_token.clone();
@@ -764,7 +779,7 @@ impl TokenManager {
             rec.scopes = set.scopes.clone();
         }
         rec.last_refresh = Some(t);
-        rec.last_error = None;
+        rec.last_error = refused;
         slot.doubted_at.store(0, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = self.persist(&slot.name, &rec).await {
             // Keep the newest refresh token in memory (the provider may have rotated the old
@@ -778,6 +793,7 @@ impl TokenManager {
             tracing::error!(identity = %slot.name, "cannot store new tokens: {e}");
             return Err(TokenError::Transient(format!("cannot store tokens: {e}")));
         }
+        let rec_state = rec.state;
         *slot.record.locked() = rec;
         slot.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         {
@@ -788,11 +804,11 @@ impl TokenManager {
                 ra.remove(&resource);
             }
         }
-        metrics::IDENTITY_STATE.with_label_values(&[&slot.name]).set(state_value(IdentityState::Ready));
+        metrics::IDENTITY_STATE.with_label_values(&[&slot.name]).set(state_value(rec_state));
         if resource == slot.sign_in_resource() {
             metrics::TOKEN_EXPIRY.with_label_values(&[&slot.name]).set(expires_at as f64);
         }
-        if was != IdentityState::Ready {
+        if was != IdentityState::Ready && rec_state == IdentityState::Ready {
             tracing::info!(identity = %slot.name, account = %account, "identity ready");
             let _ = self.ready.send(slot.name.clone());
         }
@@ -807,11 +823,16 @@ impl TokenManager {
                 _ => format!("{} token: {e}", resource.as_str()),
             });
             match e {
-                TokenError::NeedsLogin(_) => {
+                TokenError::NeedsLogin(why) => {
                     r.state = IdentityState::NeedsLogin;
-                    // The provider refused the grant: the tokens are worthless now.
+                    slot.refused.locked().insert(resource, why.clone());
+                    // The provider refused the grant for this resource: its token is worthless
+                    // now. Another resource's stays until its own refresh says otherwise (a
+                    // Graph consent missing from an older sign-in leaves IMAP working).
                     if slot.flow == Flow::DeviceCode || slot.flow == Flow::AuthCode {
-                        r.clear_access_tokens();
+                        let mut t = r.token(resource);
+                        t.access_token = None;
+                        r.put_token(resource, t);
                     }
                 }
                 _ if r.state == IdentityState::Ready => r.state = IdentityState::Error,
@@ -888,6 +909,7 @@ impl TokenManager {
         self.store.remove(Tree::Tokens, name.as_bytes()).map_err(|e| TokenError::Config(e.to_string()))?;
         self.store.commit().await.map_err(|e| TokenError::Config(e.to_string()))?;
         *slot.record.locked() = TokenRecord::default();
+        slot.refused.locked().clear();
         slot.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         metrics::IDENTITY_STATE.with_label_values(&[name]).set(state_value(IdentityState::NeedsLogin));
         Ok(())
@@ -1482,6 +1504,11 @@ mod tests {
     /// (AADSTS28000), answers others with a token named after the resource and a rotated
     /// refresh token, and records (grant, scope, refresh token) of each request.
     async fn entra_endpoint() -> (Arc<Mutex<Vec<(String, String, String)>>>, String) {
+        entra_endpoint_refusing(false).await
+    }
+
+    /// [`entra_endpoint`]; `refuse_graph`: Graph's scopes were never consented to (AADSTS65001).
+    async fn entra_endpoint_refusing(refuse_graph: bool) -> (Arc<Mutex<Vec<(String, String, String)>>>, String) {
         use axum::routing::post;
         let seen: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default();
         let log = seen.clone();
@@ -1513,6 +1540,14 @@ mod tests {
                         );
                     }
                     let resource = if hosts[0].contains("graph") { "graph" } else { "mail" };
+                    if refuse_graph && resource == "graph" {
+                        return (
+                            axum::http::StatusCode::BAD_REQUEST,
+                            [("content-type", "application/json")],
+                            r#"{"error":"invalid_grant","error_description":"AADSTS65001: The user or administrator has not consented to use the application."}"#
+                                .to_string(),
+                        );
+                    }
                     (
                         axum::http::StatusCode::OK,
                         [("content-type", "application/json")],
@@ -1615,6 +1650,55 @@ mod tests {
         tokens.sign_in(slot, set).await.unwrap();
         assert_eq!(tokens.access_token_for("u", Resource::Graph).await.unwrap().secret, "at-graph-4");
         assert_eq!(seen.locked()[3].2, "rt-new");
+    }
+
+    #[tokio::test]
+    async fn a_graph_consent_missing_needs_a_sign_in_and_leaves_the_mail_token_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let (seen, url) = entra_endpoint_refusing(true).await;
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n\
+             [[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"c\"\ntoken_url = \"{url}\"\n\n\
+             [[identity]]\nname = \"u\"\nprovider = \"m\"\nemail = \"u@example.com\"\nflow = \"device_code\"\nsend_via = \"graph\"\n\n\
+             [[mailbox]]\nname = \"print\"\nidentity = \"u\"\nspool = \"spool\"\n"
+        );
+        let config = Config::parse(&dir.path().join("config.toml"), text).unwrap();
+        std::fs::create_dir_all(config.data_dir()).unwrap();
+        let store = Arc::new(crate::store::Store::open(&config.data_dir(), vec![]).unwrap());
+        let vault = Arc::new(crate::oauth::vault::Vault::open(&config.key_file(), None).unwrap());
+        let tokens = TokenManager::new(&config, store, vault, None).unwrap();
+        // Signed in when the identity only read its mailbox.
+        let set = TokenSet {
+            access_token: "at-mail-0".into(),
+            refresh_token: Some("rt-0".into()),
+            expires_in: Some(Duration::from_secs(3600)),
+            scopes: vec![],
+            account: Some("u@example.com".into()),
+        };
+        tokens.sign_in(tokens.slot("u").unwrap(), set).await.unwrap();
+        let refused = tokens.access_token_for("u", Resource::Graph).await;
+        assert!(matches!(&refused, Err(TokenError::NeedsLogin(t)) if t.contains("AADSTS65001")), "{refused:?}");
+        let st = || tokens.status().into_iter().find(|s| s.name == "u").unwrap();
+        assert_eq!(st().state, "needs_login");
+        assert!(st().last_error.unwrap_or_default().starts_with("graph token: "), "{:?}", st());
+        // The mailbox goes on: its token is kept, and renewed, and the identity still says
+        // that a person must sign in (for Graph's consent).
+        assert_eq!(tokens.access_token("u").await.unwrap().secret, "at-mail-0");
+        let mail = tokens.access_token("u").await.unwrap();
+        assert_eq!(tokens.refresh_after_rejection("u", &mail).await.unwrap().secret, "at-mail-2");
+        assert_eq!(st().state, "needs_login", "{:?}", st());
+        assert!(st().last_error.unwrap_or_default().contains("AADSTS65001"), "{:?}", st());
+        assert_eq!(seen.locked().len(), 2);
+        // A new sign-in (with Graph's consent) clears it.
+        let set = TokenSet {
+            access_token: "at-mail-new".into(),
+            refresh_token: Some("rt-new".into()),
+            expires_in: Some(Duration::from_secs(3600)),
+            scopes: vec![],
+            account: None,
+        };
+        tokens.sign_in(tokens.slot("u").unwrap(), set).await.unwrap();
+        assert_eq!((st().state.as_str(), st().last_error), ("ready", None));
     }
 
     #[tokio::test]
