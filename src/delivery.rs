@@ -173,7 +173,13 @@ impl Delivery {
         };
         let age = now_ms() / 1000 - rec.received;
         if waiter.is_none() && age > self.policy.queue_lifetime.as_secs() as i64 {
-            let why = rec.last_error.clone().unwrap_or_else(|| "delivery kept failing".into());
+            let mut why = rec.last_error.clone().unwrap_or_else(|| "delivery kept failing".into());
+            if !rec.progress.is_none() {
+                // A send through an API was under way: its last request may have gone through.
+                why.push_str(
+                    "; an upload to the provider was under way, so it may have been sent: check before sending again",
+                );
+            }
             let failed: Vec<_> = rec
                 .rcpts
                 .iter()
@@ -205,7 +211,13 @@ impl Delivery {
             }
             return Outcome::Queued(format!("sending limit of {} messages a minute reached", limit.unwrap_or(0)));
         }
-        let via = slot.send_via;
+        // A send begun through an API is finished through it, whatever the identity's path
+        // is now: another path could send the message a second time.
+        let via = match &rec.progress {
+            Progress::Graph(_) => SendVia::Graph,
+            Progress::Gmail(_) => SendVia::GmailApi,
+            Progress::None => slot.send_via,
+        };
         let resource = resource_of(via);
         let token = match self.tokens.access_token_for(&rec.identity, resource).await {
             Ok(t) => t,
@@ -423,6 +435,9 @@ impl Delivery {
         rec.next_attempt = now_ms() + wait.as_millis() as i64;
         rec.last_error = Some(why.clone());
         metrics::deferred(&rec.identity, DeferReason::Throttled);
+        // The provider throttles the mailbox, not this message: the identity's other queued
+        // messages wait as long.
+        self.rate_held.locked().insert(rec.identity.clone(), rec.next_attempt);
         tracing::warn!(queue_id = %rec.id, identity = %rec.identity, retry_in = wait.as_secs(), "throttled: {why}");
         if let Err(e) = self.queue.defer(lease, &rec) {
             tracing::error!(queue_id = %rec.id, "cannot update queue record: {e}");
@@ -461,6 +476,8 @@ impl Delivery {
                 // nobody gets the message twice. They are refused and reported next time.
                 tracing::error!(queue_id = %rec.id, "cannot write the bounce ({e}); its recipients stay queued");
                 let mut keep = rec.clone();
+                // The refused send must not be resumed: its recipients are only to be reported.
+                keep.progress = Progress::None;
                 if !retry {
                     keep.rcpts.clear();
                     self.next_try(&mut keep, &format!("bounce not written: {e}"), None);

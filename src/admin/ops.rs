@@ -161,6 +161,7 @@ impl Request for QueueList {
         } else {
             None
         };
+        let messages = messages.into_iter().map(QueueRecord::shown).collect();
         Ok(QueuePage { messages, total: ops.queue.depth(), limit, next_after })
     }
 }

@@ -190,7 +190,7 @@ pub fn collect(src: &Sources<'_>, now: i64) -> Status {
     // One page of the oldest records (ids sort by arrival) and counts from the in-memory
     // schedule: the page never loads the whole queue.
     let (records, error) = match src.queue.page(None, QUEUE_ROWS) {
-        Ok(v) => (v, None),
+        Ok(v) => (v.into_iter().map(QueueRecord::shown).collect::<Vec<_>>(), None),
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
     let identities: Vec<IdentityRow> = src

@@ -52,6 +52,12 @@ fn mailboxes(f: &Field<'_>) -> Vec<(Option<String>, String)> {
         .collect()
 }
 
+/// How many `@` a field's text holds: at least as many as the addresses in it.
+fn at_signs(f: &Field<'_>) -> usize {
+    let count = |b: &[u8]| b.iter().filter(|&&c| c == b'@').count();
+    count(f.value) + f.more.iter().map(|m| count(m)).sum::<usize>()
+}
+
 /// Addresses compare without regard to case: providers treat them so, and devices differ.
 fn key(a: &str) -> String {
     a.to_ascii_lowercase()
@@ -100,12 +106,18 @@ pub fn for_envelope(header: &[u8], envelope: &[String]) -> (Plan, Option<Vec<u8>
         bcc: bcc.iter().map(|(_, a)| a.clone()).collect(),
     };
     let keep = |name: &str, old: &[(Option<String>, String)], new: &[(Option<String>, String)]| {
-        // A field is kept as it is when its addresses stay; an absent field stays absent.
-        same(old, new) && (all.iter().any(|f| f.is(name)) || new.is_empty())
+        // A field is kept as it is when its addresses stay and it holds nothing we could not
+        // read (an API's parser might find an address in it that ours did not); an absent
+        // field stays absent.
+        let fields: Vec<&Field<'_>> = all.iter().filter(|f| f.is(name)).collect();
+        let clear = fields.iter().all(|f| at_signs(f) <= mailboxes(f).len());
+        same(old, new) && clear && (!fields.is_empty() || new.is_empty())
     };
     let (keep_to, keep_cc, keep_bcc) =
         (keep("To", &old_to, &to), keep("Cc", &old_cc, &cc), keep("Bcc", &old_bcc, &bcc));
-    if keep_to && keep_cc && keep_bcc {
+    // Resent-To/Cc/Bcc name recipients of an earlier sending; an API might send to them too.
+    let resent = |f: &Field<'_>| f.is("Resent-To") || f.is("Resent-Cc") || f.is("Resent-Bcc");
+    if keep_to && keep_cc && keep_bcc && !all.iter().any(resent) {
         return (plan, None);
     }
     let mut out = Vec::with_capacity(header.len() + 64 * envelope.len());
@@ -118,6 +130,9 @@ pub fn for_envelope(header: &[u8], envelope: &[String]) -> (Plan, Option<Vec<u8>
         }
     };
     for f in &all {
+        if resent(f) {
+            continue;
+        }
         let replaced = (f.is("To") && !keep_to) || (f.is("Cc") && !keep_cc) || (f.is("Bcc") && !keep_bcc);
         if replaced {
             // The new fields go where the first replaced one was.
@@ -219,6 +234,25 @@ mod tests {
         let h = "To: =?UTF-8?B?w4lsaXNl?= <e@x.test>, f@x.test\r\n".as_bytes();
         let (_, new) = for_envelope(h, &env(&["e@x.test"]));
         assert_eq!(header_of(&new.expect("rewritten")), "To: =?UTF-8?B?w4lsaXNl?= <e@x.test>\r\n");
+    }
+
+    #[test]
+    fn a_field_we_cannot_read_whole_is_rewritten_not_kept() {
+        // mail-parser reads only a@x.test from each of these; a laxer parser upstream might
+        // find b@y.test too, a recipient outside the envelope.
+        for to in ["a@x.test, \"b@y.test", "a@x.test, (b@y.test", "a@x.test, =?utf-8?q?b@y.test?="] {
+            let h = format!("To: {to}\r\nSubject: s\r\n");
+            let (plan, new) = for_envelope(h.as_bytes(), &env(&["a@x.test"]));
+            assert_eq!(plan.to, ["a@x.test"], "{to}");
+            assert_eq!(header_of(&new.expect("rewritten")), "To: a@x.test\r\nSubject: s\r\n", "{to}");
+        }
+    }
+
+    #[test]
+    fn resent_recipients_do_not_go_to_an_api() {
+        let h = b"To: a@x.test\r\nResent-To: old@y.test\r\nResent-Bcc: older@y.test\r\nSubject: s\r\n";
+        let (_, new) = for_envelope(h, &env(&["a@x.test"]));
+        assert_eq!(header_of(&new.expect("rewritten")), "To: a@x.test\r\nSubject: s\r\n");
     }
 
     #[test]

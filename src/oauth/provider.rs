@@ -70,6 +70,9 @@ pub struct ProviderInfo {
 /// The Gmail API's limit on a message (`messages.send`, resumable upload).
 pub const GMAIL_API_MAX: u64 = 35 * 1024 * 1024;
 
+/// What the relay may add to a device's message before an API sends it (Received, Bcc).
+const API_MARGIN: u64 = 64 * 1024;
+
 /// Microsoft Graph's host in each national cloud, which is also its resource identifier in
 /// scopes (the scopes stay these when `graph_url` points elsewhere, as in tests).
 fn graph_host(cloud: Cloud) -> &'static str {
@@ -207,14 +210,18 @@ impl ProviderInfo {
     ///   mailbox's limit (35 MB by default); the device's MIME carries them in base64, 37 %
     ///   larger (4/3, plus a line break every 76 characters): a 30 MB scan arrives as ~41 MB.
     /// - The Gmail API takes at most 35 MiB of raw message.
+    ///
+    /// What goes out is a little larger than what the device sent (the relay's Received
+    /// field, a Bcc for envelope-only recipients), so the Gmail API's limit keeps a margin, and
+    /// a configured size never goes above it.
     pub fn api_size_limit(&self, via: SendVia) -> Option<u64> {
-        if self.size_configured {
-            return self.max_message_size;
-        }
-        match via {
-            SendVia::Graph => self.max_message_size.map(|m| m / 100 * 137),
-            SendVia::GmailApi => Some(GMAIL_API_MAX),
-            SendVia::Smtp => self.size_limit(None),
+        let gmail = GMAIL_API_MAX - API_MARGIN;
+        match (via, self.size_configured) {
+            (SendVia::GmailApi, true) => self.max_message_size.map(|m| m.min(gmail)),
+            (SendVia::GmailApi, false) => Some(gmail),
+            (_, true) => self.max_message_size,
+            (SendVia::Graph, false) => self.max_message_size.map(|m| m / 100 * 137),
+            (SendVia::Smtp, false) => self.size_limit(None),
         }
     }
 
@@ -604,6 +611,22 @@ mod tests {
         ] {
             assert!(out.contains(line), "{line}\n{out}");
         }
+    }
+
+    #[test]
+    fn api_identities_are_told_the_api_s_limit_never_more() {
+        let g = info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\n");
+        let gmail = GMAIL_API_MAX - API_MARGIN;
+        assert_eq!(g.api_size_limit(SendVia::GmailApi), Some(gmail));
+        let big =
+            info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\nmax_message_size = \"50MB\"\n");
+        assert_eq!(big.api_size_limit(SendVia::GmailApi), Some(gmail), "a configured size above the API's is capped");
+        let small =
+            info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\nmax_message_size = \"10MB\"\n");
+        assert_eq!(small.api_size_limit(SendVia::GmailApi), Some(10_000_000));
+        let m = info("[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"x\"\n");
+        // Graph counts attachments decoded: 35 MiB of them arrive as ~48 MB of base64 MIME.
+        assert_eq!(m.api_size_limit(SendVia::Graph), Some(35 * 1024 * 1024 / 100 * 137));
     }
 
     #[test]

@@ -90,6 +90,16 @@ pub struct QueueRecord {
     pub progress: Progress,
 }
 
+impl QueueRecord {
+    /// The record as the admin API and the status page show it: without the resumable state
+    /// of an API send, whose upload URLs let whoever holds them finish a message that is then
+    /// sent as the mailbox.
+    pub fn shown(mut self) -> QueueRecord {
+        self.progress = Progress::None;
+        self
+    }
+}
+
 /// Errors of the queue.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -836,6 +846,22 @@ mod tests {
             is_bounce: false,
             progress: Default::default(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_record_shown_to_the_admin_api_has_no_upload_url() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_store, q) = open_data_dir(dir.path()).await.expect("opens");
+        let mut r = record(&q);
+        r.progress = Progress::Gmail(crate::upstream::gmail::Resume {
+            session: "https://gmail.googleapis.com/upload?upload_id=CAPABILITY".into(),
+            offset: 8,
+            total: 9,
+        });
+        let stored = serde_json::to_string(&r).expect("json");
+        assert!(stored.contains("CAPABILITY"), "the store keeps it to resume");
+        let shown = serde_json::to_string(&r.shown()).expect("json");
+        assert!(!shown.contains("CAPABILITY") && !shown.contains("progress"), "{shown}");
     }
 
     /// A message for a@x.test and b@x.test, accepted (so in flight: the lease holds it).

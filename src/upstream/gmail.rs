@@ -150,7 +150,7 @@ impl Gmail {
         let id = match recorded {
             Some(r) => match self.query(token, msg, r).await? {
                 Session::Sent(id) => id,
-                Session::At(offset) if r.total == total => {
+                Session::At(offset) if r.total == total && offset <= total => {
                     match self.upload(token, msg, &out, Resume { session: r.session.clone(), offset, total }).await {
                         // Expired between the question and the chunk: it sent nothing.
                         Err(UploadError::Gone) => self.fresh(token, msg, &out).await?,
@@ -251,15 +251,25 @@ impl Gmail {
         };
         let location = location.ok_or_else(|| bad("came without a Location"))?;
         let uri = self.base.join(location).map_err(|_| bad("has an unreadable Location"))?;
-        if uri.origin() != self.base.origin() {
+        if !self.trusted(&uri) {
             return Err(bad("is on another host"));
         }
         Ok(uri.to_string())
     }
 
+    /// Whether `uri` may receive the token: the API's own origin, or, for Google's API, any
+    /// https host of googleapis.com (Google may answer a session on another of its hosts).
+    fn trusted(&self, uri: &url::Url) -> bool {
+        let google = |u: &url::Url| {
+            u.scheme() == "https"
+                && u.host_str().is_some_and(|h| h == "googleapis.com" || h.ends_with(".googleapis.com"))
+        };
+        uri.origin() == self.base.origin() || (google(&self.base) && google(uri))
+    }
+
     /// Whether `uri` may receive the token (the recorded URI of an older configuration may not).
     fn own(&self, uri: &str) -> bool {
-        url::Url::parse(uri).is_ok_and(|u| u.origin() == self.base.origin())
+        url::Url::parse(uri).is_ok_and(|u| self.trusted(&u))
     }
 
     /// Asks a recorded session where it stands.
@@ -547,6 +557,9 @@ fn refusal(status: u16, retry: Option<&str>, body: &[u8], now: chrono::DateTime<
         },
         413 => SendError::Rejected(UpstreamReply::new(552, text("5.3.4"))),
         403 => SendError::Rejected(UpstreamReply::new(554, text("5.7.1"))),
+        // Not found, timeout, conflict, too early: a wrong URL or a passing state of the API,
+        // not a verdict on the message; it stays queued (a bounce would lose nothing less).
+        404 | 408 | 409 | 425 => SendError::Rejected(UpstreamReply::new(451, text("4.3.0"))),
         400..=499 => SendError::Rejected(UpstreamReply::new(554, text("5.0.0"))),
         500..=599 => SendError::Rejected(UpstreamReply::new(451, format!("4.3.0 the Gmail API failed: {said}"))),
         _ => SendError::Rejected(UpstreamReply::new(451, format!("4.3.0 the Gmail API answered {said}"))),

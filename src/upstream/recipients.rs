@@ -59,6 +59,9 @@ impl Outgoing {
 
     /// Up to `len` bytes from `start` (fewer at the end).
     pub fn read_range(&self, start: u64, len: usize) -> io::Result<Vec<u8>> {
+        if start > self.len {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a range past the end of the message"));
+        }
         let end = self.len.min(start.saturating_add(len as u64));
         let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
         let head_len = self.head.len() as u64;
