@@ -22,6 +22,7 @@
 
 use mail_parser::{Address, HeaderValue, MessageParser};
 
+pub mod attachments;
 pub mod invariant;
 
 /// The header section may be at most this large; beyond it the message is refused, since it
