@@ -10,6 +10,7 @@ mod check;
 mod clients;
 mod durability;
 mod fakes_selftest;
+mod graph;
 mod faults;
 mod hardening_admin;
 mod hardening_smtp;

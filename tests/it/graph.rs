@@ -1,0 +1,410 @@
+//! Sending through Microsoft Graph (`mfd_relay::upstream::graph::Graph`) against the fake Graph
+//! ([`crate::common::fake_graph`]): small messages by sendMail, scans by draft and upload
+//! session with attachments arriving byte for byte, no request over Graph's limits, crashes at
+//! each step neither losing nor duplicating the message, throttling and refusals typed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use mail_parser::{MessageParser, MimeHeaders};
+use mfd_relay::oauth::tokens::AccessToken;
+use mfd_relay::upstream::api::{ApiMessage, Progress, ProgressSink};
+use mfd_relay::upstream::graph::{Graph, Resume};
+use mfd_relay::upstream::{Envelope, Observer, SendError, SendOutcome, Step};
+
+use crate::common::fake_graph::{Action, FakeGraph, Op, MAX_POST, MAX_RANGE};
+use crate::common::BearerValidator;
+
+const MAILBOX: &str = "scans@contoso.com";
+const TOKEN: &str = "fake-at-graph-good";
+
+fn validator() -> BearerValidator {
+    Arc::new(|t: &str| (t == TOKEN).then(|| MAILBOX.to_string()))
+}
+
+fn token(secret: &str) -> AccessToken {
+    AccessToken { secret: secret.to_string(), account: MAILBOX.to_string(), expires_at: i64::MAX / 2 }
+}
+
+/// Keeps every saved progress in memory, as the queue record would.
+#[derive(Default)]
+struct MemSink {
+    saves: Mutex<Vec<Progress>>,
+}
+
+impl MemSink {
+    fn last(&self) -> Progress {
+        self.saves.lock().expect("lock").last().cloned().unwrap_or_default()
+    }
+}
+
+impl ProgressSink for MemSink {
+    fn save<'a>(&'a self, progress: &'a Progress) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        self.saves.lock().expect("lock").push(progress.clone());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[derive(Default)]
+struct Steps(Mutex<Vec<Step>>);
+
+impl Observer for Steps {
+    fn step(&self, step: Step) {
+        self.0.lock().expect("lock").push(step);
+    }
+}
+
+impl Steps {
+    fn names(&self) -> Vec<String> {
+        self.0.lock().expect("lock").iter().map(|s| s.name.clone()).collect()
+    }
+}
+
+/// Deterministic bytes that look like a scanned PDF (incompressible after the header).
+fn pdf(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n".to_vec();
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+/// A scanner's message: a text part and one base64 part per file.
+fn scan_message(to: &[&str], files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut m = format!(
+        "Received: from mfd (10.0.0.9)\r\nFrom: scans@contoso.com\r\nTo: {}\r\nSubject: Scan\r\n\
+         Message-ID: <scan-{}@relay.lan>\r\nDate: Wed, 02 Dec 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"----=_scan\"\r\n\r\n\
+         ------=_scan\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nScanned on floor 3.\r\n",
+        to.join(", "),
+        files.len()
+    )
+    .into_bytes();
+    for (name, bytes) in files {
+        m.extend_from_slice(
+            format!(
+                "------=_scan\r\nContent-Type: application/pdf; name=\"{name}\"\r\nContent-Transfer-Encoding: base64\r\n\
+                 Content-Disposition: attachment; filename=\"{name}\"\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let b = STANDARD.encode(bytes);
+        for line in b.as_bytes().chunks(76) {
+            m.extend_from_slice(line);
+            m.extend_from_slice(b"\r\n");
+        }
+    }
+    m.extend_from_slice(b"------=_scan--\r\n");
+    m
+}
+
+struct Fixture {
+    fake: FakeGraph,
+    graph: Graph,
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    rcpts: Vec<String>,
+}
+
+async fn fixture(msg: &[u8], rcpts: &[&str]) -> Fixture {
+    let fake = FakeGraph::start(validator()).await;
+    let graph = Graph::new(&fake.url(), None).expect("graph").with_settle(Duration::from_millis(200));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("msg.eml");
+    std::fs::write(&path, msg).expect("write");
+    Fixture { fake, graph, _dir: dir, path, rcpts: rcpts.iter().map(|s| s.to_string()).collect() }
+}
+
+impl Fixture {
+    async fn send_with(&self, secret: &str, progress: &Progress, sink: &MemSink, obs: &Steps) -> Result<SendOutcome, SendError> {
+        let size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        let env = Envelope { from: MAILBOX, rcpts: &self.rcpts, size, eight_bit: false };
+        let msg = ApiMessage {
+            identity: "scans",
+            mailbox: MAILBOX,
+            env: &env,
+            body: &self.path,
+            progress,
+            sink,
+            obs,
+        };
+        self.graph.send(&token(secret), &msg).await
+    }
+
+    async fn send(&self, progress: &Progress, sink: &MemSink) -> Result<SendOutcome, SendError> {
+        self.send_with(TOKEN, progress, sink, &Steps::default()).await
+    }
+
+    /// No request over Graph's limits, no token on an upload.
+    fn assert_requests_within_limits(&self) {
+        for r in self.fake.requests() {
+            match r.op {
+                Some(Op::Put) => {
+                    assert!(r.body_len <= MAX_RANGE, "{r:?}");
+                    assert!(!r.authorization, "an upload PUT carried Authorization: {r:?}");
+                }
+                Some(Op::GetSession) => assert!(!r.authorization, "{r:?}"),
+                _ => assert!(r.body_len <= MAX_POST, "{r:?}"),
+            }
+        }
+    }
+
+    fn count(&self, op: Op) -> usize {
+        self.fake.requests().iter().filter(|r| r.op == Some(op)).count()
+    }
+}
+
+/// The attachments of the original message, decoded.
+fn original_attachments(msg: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let m = MessageParser::default().parse(msg).expect("parses");
+    m.attachments().map(|a| (a.attachment_name().unwrap_or("").to_string(), a.contents().to_vec())).collect()
+}
+
+fn sent_attachments(s: &crate::common::fake_graph::SentMessage) -> Vec<(String, Vec<u8>)> {
+    s.attachments.iter().map(|a| (a.name.clone(), a.bytes.clone())).collect()
+}
+
+#[tokio::test]
+async fn a_small_message_goes_by_send_mail() {
+    let msg = scan_message(&["anna@contoso.com"], &[("small.pdf", &pdf(1200, 1))]);
+    assert!(msg.len() < 4000);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    let (sink, steps) = (MemSink::default(), Steps::default());
+    let out = f.send_with(TOKEN, &Progress::None, &sink, &steps).await.expect("sent");
+    assert_eq!(out.accepted, ["anna@contoso.com"]);
+    assert!(out.refused.is_empty());
+    let reply = out.reply.expect("reply");
+    assert_eq!(reply.code, 250);
+    assert!(reply.text.contains("Microsoft Graph"), "{reply:?}");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].by_send_mail);
+    assert_eq!(sent[0].mailbox, MAILBOX);
+    assert_eq!(sent[0].recipients(), ["anna@contoso.com"]);
+    assert_eq!(sent[0].mime, msg, "the MIME arrives as spooled");
+    assert_eq!(sent_attachments(&sent[0]), original_attachments(&msg));
+    assert_eq!(steps.names(), ["graph-send"]);
+    assert!(f.fake.drafts().is_empty());
+    assert_eq!(f.fake.requests().len(), 1);
+    // Nothing to resume for one request.
+    assert!(sink.saves.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn a_30_mb_scan_goes_by_draft_and_upload_session_byte_for_byte() {
+    let scan = pdf(30 * 1000 * 1000, 7);
+    let msg = scan_message(&["anna@contoso.com", "bob@contoso.com"], &[("scan.pdf", &scan)]);
+    let f = fixture(&msg, &["anna@contoso.com", "bob@contoso.com"]).await;
+    let (sink, steps) = (MemSink::default(), Steps::default());
+    let t = Instant::now();
+    let out = f.send_with(TOKEN, &Progress::None, &sink, &steps).await.expect("sent");
+    let took = t.elapsed();
+    eprintln!("30 MB scan through the fake Graph: {} ms", took.as_millis());
+    assert_eq!(out.accepted.len(), 2);
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(!sent[0].by_send_mail);
+    assert_eq!(sent[0].recipients(), ["anna@contoso.com", "bob@contoso.com"]);
+    let got = sent_attachments(&sent[0]);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "scan.pdf");
+    assert!(got[0].1 == scan, "the scan arrived changed ({} bytes of {})", got[0].1.len(), scan.len());
+    // The draft carried the text, not the scan.
+    assert!(sent[0].mime.len() < 2000, "{}", sent[0].mime.len());
+    assert!(String::from_utf8_lossy(&sent[0].mime).contains("Scanned on floor 3."));
+    f.assert_requests_within_limits();
+    assert_eq!(f.count(Op::CreateSession), 1);
+    assert_eq!(f.count(Op::Put), 30_000_000usize.div_ceil(mfd_relay::upstream::graph::RANGE));
+    assert!(f.fake.drafts().is_empty(), "the draft was sent");
+    assert_eq!(steps.names(), ["draft", "attachment 1/1", "send"]);
+    let Progress::Graph(last) = sink.last() else { panic!("no Graph progress saved") };
+    assert!(last.sending_since.is_some() && last.draft.is_some() && last.done == [0], "{last:?}");
+}
+
+#[tokio::test]
+async fn many_small_pages_go_one_post_each() {
+    let pages: Vec<Vec<u8>> = (0..5).map(|i| pdf(1_000_000, 100 + i)).collect();
+    let files: Vec<(String, &[u8])> = pages.iter().enumerate().map(|(i, p)| (format!("page{i}.pdf"), p.as_slice())).collect();
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(n, p)| (n.as_str(), *p)).collect();
+    let msg = scan_message(&["anna@contoso.com"], &files);
+    assert!(msg.len() > MAX_POST, "too small to need the draft path");
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.send(&Progress::None, &MemSink::default()).await.expect("sent");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent_attachments(&sent[0]), original_attachments(&msg));
+    assert_eq!(f.count(Op::AddAttachment), 5);
+    assert_eq!(f.count(Op::CreateSession), 0);
+    f.assert_requests_within_limits();
+}
+
+#[tokio::test]
+async fn a_crash_mid_upload_continues_the_same_draft() {
+    let scan = pdf(10 * 1000 * 1000, 11);
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &scan)]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    // The second range arrives, and the relay dies before it hears so.
+    f.fake.fault(Op::Put, 2, Action::Hang);
+    let sink = MemSink::default();
+    let first = tokio::time::timeout(Duration::from_secs(5), f.send(&Progress::None, &sink)).await;
+    assert!(first.is_err(), "the first attempt should hang at the second range: {first:?}");
+    let saved = sink.last();
+    let Progress::Graph(r) = &saved else { panic!("{saved:?}") };
+    let adding = r.adding.clone().expect("an upload under way");
+    assert_eq!(adding.offset, mfd_relay::upstream::graph::RANGE as u64, "{r:?}");
+    assert!(f.fake.sent().is_empty());
+
+    let out = f.send(&saved, &sink).await.expect("resumed");
+    assert_eq!(out.reply.map(|r| r.code), Some(250));
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1, "exactly one message");
+    assert!(sent_attachments(&sent[0])[0].1 == scan, "the scan arrived changed");
+    assert_eq!(f.count(Op::CreateDraft), 1, "the same draft was continued");
+    assert_eq!(f.count(Op::CreateSession), 1, "the same upload session was continued");
+    assert_eq!(f.count(Op::GetSession), 1);
+    // Three ranges in all, the second PUT of the first attempt included: nothing sent twice.
+    assert_eq!(f.count(Op::Put), 3);
+    f.assert_requests_within_limits();
+}
+
+#[tokio::test]
+async fn a_crash_after_a_finished_upload_does_not_attach_twice() {
+    let scan = pdf(3 * 1000 * 1000, 12);
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &scan), ("page.pdf", &pdf(500_000, 13))]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    // The only range completes the upload; its answer is lost.
+    f.fake.fault(Op::Put, 1, Action::Hang);
+    let sink = MemSink::default();
+    assert!(tokio::time::timeout(Duration::from_secs(5), f.send(&Progress::None, &sink)).await.is_err());
+    f.send(&sink.last(), &sink).await.expect("resumed");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent_attachments(&sent[0]), original_attachments(&msg), "each attachment once, byte for byte");
+    assert_eq!(f.count(Op::ListAttachments), 1, "the draft was asked");
+}
+
+#[tokio::test]
+async fn a_crash_after_graph_sent_does_not_send_twice() {
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &pdf(4_000_000, 21))]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.fake.fault(Op::Send, 1, Action::Hang);
+    let sink = MemSink::default();
+    assert!(tokio::time::timeout(Duration::from_secs(5), f.send(&Progress::None, &sink)).await.is_err());
+    assert_eq!(f.fake.sent().len(), 1, "Graph sent it before the crash");
+    let saved = sink.last();
+    assert!(matches!(&saved, Progress::Graph(r) if r.sending_since.is_some()), "{saved:?}");
+    let out = f.send(&saved, &sink).await.expect("recognised as sent");
+    assert_eq!(out.reply.map(|r| r.code), Some(250));
+    assert_eq!(f.fake.sent().len(), 1, "no second send");
+    assert_eq!(f.count(Op::Send), 1);
+    assert_eq!(f.count(Op::GetMessage), 1);
+}
+
+#[tokio::test]
+async fn a_send_that_never_reached_graph_is_sent_once_on_the_next_attempt() {
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &pdf(4_000_000, 22))]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.fake.fault(Op::Send, 1, Action::error(503, "ServiceUnavailable", "Try again later."));
+    let sink = MemSink::default();
+    let first = f.send(&Progress::None, &sink).await;
+    assert!(matches!(first, Err(SendError::Throttled { .. })), "{first:?}");
+    assert!(f.fake.sent().is_empty());
+    f.send(&sink.last(), &sink).await.expect("sent on the second attempt");
+    assert_eq!(f.fake.sent().len(), 1);
+    assert_eq!(f.count(Op::CreateDraft), 1);
+    assert_eq!(f.count(Op::Send), 2);
+}
+
+#[tokio::test]
+async fn a_draft_deleted_before_sending_is_started_again() {
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &pdf(4_000_000, 23))]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    let sink = MemSink::default();
+    // A progress naming a draft Graph does not know (someone emptied Drafts).
+    let stale = Progress::Graph(Resume { parts: 1, draft: Some("AAMkAGgone=".into()), ..Resume::default() });
+    f.send(&stale, &sink).await.expect("started again");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent_attachments(&sent[0]), original_attachments(&msg));
+}
+
+#[tokio::test]
+async fn throttling_is_reported_with_graphs_retry_after() {
+    let msg = scan_message(&["anna@contoso.com"], &[]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.fake.throttle(1, 17);
+    match f.send(&Progress::None, &MemSink::default()).await {
+        Err(SendError::Throttled { reply, retry_after }) => {
+            assert_eq!(retry_after, Duration::from_secs(17));
+            assert!(!reply.is_permanent(), "{reply:?}");
+        }
+        other => panic!("not throttled: {other:?}"),
+    }
+    assert!(f.fake.sent().is_empty());
+    f.send(&Progress::None, &MemSink::default()).await.expect("sent after the wait");
+    assert_eq!(f.fake.sent().len(), 1);
+}
+
+#[tokio::test]
+async fn send_as_denied_is_permanent_with_graphs_code_and_a_hint() {
+    let msg = scan_message(&["anna@contoso.com"], &[]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.fake.fault(
+        Op::SendMail,
+        1,
+        Action::error(
+            403,
+            "ErrorSendAsDenied",
+            "The user account which was used to submit this request does not have the right to send mail on behalf of the specified sending account.",
+        ),
+    );
+    match f.send(&Progress::None, &MemSink::default()).await {
+        Err(SendError::Rejected(r)) => {
+            assert_eq!(r.code, 554);
+            assert!(r.text.starts_with("5.7.60 Microsoft Graph ErrorSendAsDenied: The user account"), "{r:?}");
+            let device = r.to_device_reply().text();
+            assert!(device.contains("ErrorSendAsDenied") && device.contains("Send As"), "{device}");
+        }
+        other => panic!("not rejected: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_refused_token_is_an_auth_error_that_does_not_show_the_token() {
+    let msg = scan_message(&["anna@contoso.com"], &[]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    let secret = "fake-at-expired-SECRET";
+    match f.send_with(secret, &Progress::None, &MemSink::default(), &Steps::default()).await {
+        Err(e @ SendError::Auth { .. }) => {
+            let text = format!("{e} {e:?}");
+            assert!(text.contains("InvalidAuthenticationToken") && !text.contains("SECRET"), "{text}");
+        }
+        other => panic!("not an auth error: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn at_most_four_requests_per_mailbox_are_in_flight() {
+    let msg = scan_message(&["anna@contoso.com"], &[]);
+    let f = Arc::new(fixture(&msg, &["anna@contoso.com"]).await);
+    f.fake.set_delay(Duration::from_millis(300));
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let f = f.clone();
+        tasks.push(tokio::spawn(async move { f.send(&Progress::None, &MemSink::default()).await }));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("no send was throttled");
+    }
+    assert_eq!(f.fake.sent().len(), 10);
+    assert_eq!(f.fake.max_in_flight(), 4);
+}
