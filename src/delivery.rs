@@ -23,14 +23,16 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::config::ProviderKind;
+use crate::config::{ProviderKind, SendVia};
 use crate::locks::MutexExt;
 use crate::metrics::{self, DeferReason};
-use crate::oauth::tokens::{TokenError, TokenManager};
+use crate::oauth::provider::Resource;
+use crate::oauth::tokens::{AccessToken, TokenError, TokenManager};
 use crate::queue::bounce::{self, FailedRecipient};
 use crate::queue::{now_ms, Lease, OwnMessage, Queue, QueueError, QueueRecord};
 use crate::reply::Reply;
-use crate::upstream::{Envelope, SendError, SendOutcome, Upstream, UpstreamReply};
+use crate::upstream::api::{ApiMessage, Progress, ProgressSink};
+use crate::upstream::{Envelope, NoTrace, SendError, SendOutcome, Upstream, UpstreamReply};
 
 /// Retry policy and identity of the relay.
 #[derive(Debug, Clone)]
@@ -203,7 +205,9 @@ impl Delivery {
             }
             return Outcome::Queued(format!("sending limit of {} messages a minute reached", limit.unwrap_or(0)));
         }
-        let token = match self.tokens.access_token(&rec.identity).await {
+        let via = slot.send_via;
+        let resource = resource_of(via);
+        let token = match self.tokens.access_token_for(&rec.identity, resource).await {
             Ok(t) => t,
             Err(TokenError::NeedsLogin(why)) => {
                 return self.defer(
@@ -217,29 +221,53 @@ impl Delivery {
             Err(e) => return self.defer(lease, rec, &e.to_string(), None, DeferReason::Token),
         };
         let path = self.queue.spool().path(id);
-        let env = Envelope { from: &rec.from, rcpts: &rec.rcpts, size: rec.size, eight_bit: rec.eight_bit };
         let started = Instant::now();
-        // XOAUTH2's user is the token's owner: for a delegate who signed in for a shared
-        // mailbox that is the delegate, and the shared address only goes in MAIL FROM and
-        // From (Exchange answers `535 5.7.3` to user=shared with a delegate's token).
-        let mut result =
-            self.upstream.send(&rec.identity, &slot.provider.name, &token.account, &token, &env, &path).await;
+        let progress = RecordProgress { queue: &self.queue, lease: &lease, rec: Mutex::new(rec.clone()) };
+        let send = |token: AccessToken| {
+            let (rec, path, progress, slot) = (&rec, &path, &progress, &slot);
+            async move {
+                let env = Envelope { from: &rec.from, rcpts: &rec.rcpts, size: rec.size, eight_bit: rec.eight_bit };
+                match via {
+                    // XOAUTH2's user is the token's owner: for a delegate who signed in for a
+                    // shared mailbox that is the delegate, and the shared address only goes in
+                    // MAIL FROM and From (Exchange answers `535 5.7.3` to user=shared with a
+                    // delegate's token).
+                    SendVia::Smtp => {
+                        self.upstream.send(&rec.identity, &slot.provider.name, &token.account, &token, &env, path).await
+                    }
+                    SendVia::Graph | SendVia::GmailApi => {
+                        let saved = progress.rec.locked().progress.clone();
+                        let msg = ApiMessage {
+                            identity: &rec.identity,
+                            mailbox: &slot.email,
+                            env: &env,
+                            body: path,
+                            progress: &saved,
+                            sink: progress,
+                            obs: &NoTrace,
+                        };
+                        self.upstream.send_api(via, &slot.provider.name, &token, &msg).await
+                    }
+                }
+            }
+        };
+        let mut result = send(token.clone()).await;
         if let Err(SendError::Auth { reply, detail }) = &result {
             // A refused token forces one refresh and one retry (ARCHITECTURE.md, "A revoked token is loud").
             tracing::warn!(queue_id = %id, identity = %rec.identity, detail = detail.as_deref().unwrap_or(""), "upstream refused the token ({}); refreshing once", reply.describe());
             self.upstream.flush_pool(&rec.identity);
-            match self.tokens.refresh_after_rejection(&rec.identity, &token).await {
-                Ok(t2) => {
-                    result = self.upstream.send(&rec.identity, &slot.provider.name, &t2.account, &t2, &env, &path).await
-                }
+            match self.tokens.refresh_after_rejection_for(&rec.identity, resource, &token).await {
+                Ok(t2) => result = send(t2).await,
                 Err(e) => tracing::warn!(identity = %rec.identity, "refresh after rejection failed: {e}"),
             }
         }
+        // What a long API send recorded stays with the record: a deferral keeps it.
+        rec.progress = progress.rec.into_inner().unwrap_or_else(|p| p.into_inner()).progress;
         let took = started.elapsed();
         metrics::UPSTREAM_LATENCY.with_label_values(&[&rec.identity]).observe(took.as_secs_f64());
 
         match result {
-            Ok(outcome) => self.settle(lease, rec, outcome, waiter, took).await,
+            Ok(outcome) => self.settle(lease, rec, outcome, waiter, took, via).await,
             Err(SendError::Auth { reply, detail }) => {
                 let why = format!(
                     "upstream refused the token: {}{}",
@@ -257,7 +285,7 @@ impl Delivery {
             Err(SendError::Rejected(r)) => {
                 let all: Vec<_> = rec.rcpts.iter().map(|a| (a.clone(), r.clone())).collect();
                 let out = SendOutcome { accepted: vec![], refused: all, reply: None };
-                self.settle(lease, rec, out, waiter, took).await
+                self.settle(lease, rec, out, waiter, took, via).await
             }
         }
     }
@@ -270,6 +298,7 @@ impl Delivery {
         out: SendOutcome,
         waiter: Option<&Waiter>,
         took: Duration,
+        via: SendVia,
     ) -> Outcome {
         let id = rec.id;
         // The reply to the final dot applies to every accepted recipient.
@@ -316,11 +345,11 @@ impl Delivery {
         }
 
         if !delivered.is_empty() {
-            metrics::MESSAGES_DELIVERED.with_label_values(&[&rec.identity, path]).inc();
+            metrics::MESSAGES_DELIVERED.with_label_values(&[&rec.identity, path, via.as_str()]).inc();
             tracing::info!(
                 queue_id = %id, device = %rec.device, identity = %rec.identity, size = rec.size,
                 rcpts = delivered.len(), upstream = %out.reply.as_ref().map(|r| r.describe()).unwrap_or_default(),
-                ms = took.as_millis() as u64, path, "delivered"
+                ms = took.as_millis() as u64, path, via = via.as_str(), "delivered"
             );
         }
         for (rcpt, r) in &permanent {
@@ -580,6 +609,39 @@ impl Delivery {
 
 /// How often the runner closes idle upstream connections and updates the queue metrics.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// The token an identity's mail needs: Graph's for Graph, else the mail servers' (a Google
+/// identity's one token covers the Gmail API).
+pub fn resource_of(via: SendVia) -> Resource {
+    match via {
+        SendVia::Graph => Resource::Graph,
+        SendVia::Smtp | SendVia::GmailApi => Resource::Mail,
+    }
+}
+
+/// Keeps a long API send's progress in its queue record: each step's state is committed
+/// before the step starts, while the attempt's lease holds the message.
+struct RecordProgress<'a> {
+    queue: &'a Queue,
+    lease: &'a Lease,
+    rec: Mutex<QueueRecord>,
+}
+
+impl ProgressSink for RecordProgress<'_> {
+    fn save<'a>(
+        &'a self,
+        progress: &'a Progress,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let rec = {
+                let mut rec = self.rec.locked();
+                rec.progress = progress.clone();
+                rec.clone()
+            };
+            self.queue.save_progress(self.lease, &rec).await.map_err(|e| e.to_string())
+        })
+    }
+}
 
 /// The upstream pool size of an identity of `kind` (as [`crate::upstream::Upstream::new`]
 /// computes it): Exchange Online refuses a mailbox's 4th concurrent connection.

@@ -74,8 +74,8 @@ pub static MESSAGES_REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static MESSAGES_DELIVERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "mfd_relay_messages_delivered_total",
-        "Messages delivered upstream, by identity and whether in session or from the queue.",
-        &["identity", "path"],
+        "Messages delivered upstream, by identity, whether in session or from the queue, and the upstream path (smtp, graph, gmail_api).",
+        &["identity", "path", "via"],
     )
 });
 pub static MESSAGES_DEFERRED: LazyLock<IntCounterVec> = LazyLock::new(|| {

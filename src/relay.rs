@@ -273,7 +273,7 @@ fn init_label_sets(config: &Config) {
     for i in &config.identities {
         let name = i.get_ref().name.get_ref().as_str();
         for path in ["session", "queue"] {
-            m::MESSAGES_DELIVERED.with_label_values(&[name, path]);
+            m::MESSAGES_DELIVERED.with_label_values(&[name, path, i.get_ref().send_via().as_str()]);
         }
         for via in ["reply", "bounce"] {
             m::MESSAGES_FAILED.with_label_values(&[name, via]);

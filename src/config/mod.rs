@@ -1094,6 +1094,31 @@ listen = "127.0.0.1:2525"
     }
 
     #[test]
+    fn send_via_must_fit_the_provider_and_api_urls_must_be_https() {
+        let with = |kind: &str, via: &str, extra: &str| {
+            problems(&format!(
+                "[relay]\nhostname = \"r.test\"\n[[listener]]\nlisten = \"127.0.0.1:2525\"\n\
+                 [[provider]]\nname = \"p\"\nkind = \"{kind}\"\ntenant = \"t.test\"\nclient_id = \"c\"\nclient_secret = \"s\"\n{extra}\n\
+                 [[identity]]\nname = \"scans\"\nprovider = \"p\"\nemail = \"scans@example.test\"\nflow = \"client_credentials\"\nsend_via = \"{via}\"\n\
+                 [[device]]\nname = \"d1\"\nidentity = \"scans\"\naddresses = [\"10.0.0.0/8\"]\n"
+            ))
+        };
+        assert_eq!(with("microsoft", "graph", ""), Vec::<String>::new());
+        assert_eq!(with("microsoft", "smtp", ""), Vec::<String>::new());
+        let p = with("google", "graph", "");
+        assert!(p.iter().any(|m| m.contains("send_via = \"graph\" does not fit provider \"p\"")), "{p:?}");
+        let p = with("microsoft", "gmail_api", "");
+        assert!(p.iter().any(|m| m.contains("the Gmail API is for kind = \"google\"")), "{p:?}");
+        let p = with("microsoft", "carrier_pigeon", "");
+        assert!(p.iter().any(|m| m.contains("unknown variant")), "{p:?}");
+        assert_eq!(with("microsoft", "graph", "graph_url = \"http://127.0.0.1:8080\""), Vec::<String>::new());
+        let p = with("microsoft", "graph", "graph_url = \"http://graph.example.test\"");
+        assert!(p.iter().any(|m| m.contains("graph_url must use https")), "{p:?}");
+        let p = with("google", "gmail_api", "gmail_api_url = \"not a url\"");
+        assert!(p.iter().any(|m| m.contains("gmail_api_url is not a URL")), "{p:?}");
+    }
+
+    #[test]
     fn an_empty_file_is_a_problem_not_an_ok() {
         for text in ["", "[relay]\nhostname = \"relay.test\"\n"] {
             let p = problems(text);

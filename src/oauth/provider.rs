@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Cloud, Config, Flow, HostPort, Provider, ProviderKind, UpstreamTls};
+use crate::config::{Cloud, Config, Flow, HostPort, Provider, ProviderKind, SendVia, UpstreamTls};
 
 /// What an access token is for. An Entra token is for one resource: an identity that reads
 /// a mailbox over IMAP and sends through Graph holds one token of each, from the same grant.
@@ -66,6 +66,9 @@ pub struct ProviderInfo {
     /// The Gmail API's base URL, without a trailing slash (Google providers).
     pub gmail_api_url: Option<String>,
 }
+
+/// The Gmail API's limit on a message (`messages.send`, resumable upload).
+pub const GMAIL_API_MAX: u64 = 35 * 1024 * 1024;
 
 /// Microsoft Graph's host in each national cloud.
 fn graph_host(cloud: Cloud) -> &'static str {
@@ -194,6 +197,23 @@ impl ProviderInfo {
             (Some(a), ProviderKind::Microsoft) => Some(self.max_message_size.map_or(a, |d| d.min(a))),
             (Some(a), _) => Some(a),
             (None, _) => self.max_message_size,
+        }
+    }
+
+    /// The largest message (as a device sends it) to accept for an identity that sends through
+    /// an HTTP API: the configured `max_message_size`, else the API's own limit.
+    /// - Graph measures a message as stored, its attachments decoded, and takes up to the
+    ///   mailbox's limit (35 MB by default); the device's MIME carries them in base64, 37 %
+    ///   larger (4/3, plus a line break every 76 characters): a 30 MB scan arrives as ~41 MB.
+    /// - The Gmail API takes at most 35 MiB of raw message.
+    pub fn api_size_limit(&self, via: SendVia) -> Option<u64> {
+        if self.size_configured {
+            return self.max_message_size;
+        }
+        match via {
+            SendVia::Graph => self.max_message_size.map(|m| m / 100 * 137),
+            SendVia::GmailApi => Some(GMAIL_API_MAX),
+            SendVia::Smtp => self.size_limit(None),
         }
     }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
+use crate::config::SendVia;
 use crate::delivery::{Delivery, Outcome};
 use crate::devices::{AuthError, Device, Devices};
 use crate::oauth::tokens::{IdentityState, TokenManager};
@@ -111,7 +112,10 @@ impl Identities for SessionIdentities {
     }
     fn size_limit(&self, identity: &str) -> Option<u64> {
         let slot = self.tokens.slot(identity).ok()?;
-        slot.provider.size_limit(self.upstream.advertised_size(&slot.provider.name))
+        match slot.send_via {
+            SendVia::Smtp => slot.provider.size_limit(self.upstream.advertised_size(&slot.provider.name)),
+            via => slot.provider.api_size_limit(via),
+        }
     }
     fn needs_login(&self, identity: &str) -> bool {
         self.tokens.state(identity) == Some(IdentityState::NeedsLogin)

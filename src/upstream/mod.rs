@@ -16,6 +16,7 @@ pub mod classify;
 pub mod client;
 pub mod gmail;
 pub mod graph;
+pub mod recipients;
 pub mod shaper;
 pub mod trace;
 
@@ -32,7 +33,7 @@ pub use classify::UpstreamReply;
 pub use client::{Connection, Envelope, Security, SendError, SendOutcome, Target, Timeouts};
 pub use trace::{NoTrace, Observer, Step};
 
-use crate::config::{ProviderKind, UpstreamTls};
+use crate::config::{ProviderKind, SendVia, UpstreamTls};
 use crate::locks::MutexExt;
 use crate::oauth::provider::ProviderInfo;
 use crate::oauth::tokens::AccessToken;
@@ -124,6 +125,10 @@ pub struct Upstream {
     advertised: Mutex<HashMap<String, u64>>,
     /// Signalled whenever a connection goes back to a pool.
     returned: tokio::sync::Notify,
+    /// Microsoft Graph, by provider name (Microsoft providers).
+    graph: HashMap<String, graph::Graph>,
+    /// The Gmail API, by provider name (Google providers).
+    gmail: HashMap<String, gmail::Gmail>,
 }
 
 impl Upstream {
@@ -134,7 +139,15 @@ impl Upstream {
         timeouts: Timeouts,
     ) -> Result<Upstream, SetupError> {
         let mut routes = HashMap::new();
+        let (mut graphs, mut gmails) = (HashMap::new(), HashMap::new());
         for p in providers {
+            let setup = |message: String| SetupError { provider: p.name.clone(), message };
+            if let Some(url) = &p.graph_url {
+                graphs.insert(p.name.clone(), graph::Graph::new(url, p.ca_file.as_deref()).map_err(setup)?);
+            }
+            if let Some(url) = &p.gmail_api_url {
+                gmails.insert(p.name.clone(), gmail::Gmail::new(url, p.ca_file.as_deref()).map_err(setup)?);
+            }
             let Some(server) = p.smtp.clone() else { continue };
             let connector = || {
                 crate::tls::client_config(p.ca_file.as_deref())
@@ -161,6 +174,8 @@ impl Upstream {
             limits: Mutex::new(HashMap::new()),
             advertised: Mutex::new(HashMap::new()),
             returned: tokio::sync::Notify::new(),
+            graph: graphs,
+            gmail: gmails,
         })
     }
 
@@ -273,6 +288,23 @@ impl Upstream {
                 Err(_) => drop_connection(conn),
             }
             return result;
+        }
+    }
+
+    /// Sends one message through an HTTP mail API (`via` is `graph` or `gmail_api`) with a
+    /// token for that API.
+    pub async fn send_api(
+        &self,
+        via: SendVia,
+        provider: &str,
+        token: &AccessToken,
+        msg: &api::ApiMessage<'_>,
+    ) -> Result<SendOutcome, SendError> {
+        let missing = || SendError::Network(format!("provider \"{provider}\" has no {via} endpoint"));
+        match via {
+            SendVia::Graph => self.graph.get(provider).ok_or_else(missing)?.send(token, msg).await,
+            SendVia::GmailApi => self.gmail.get(provider).ok_or_else(missing)?.send(token, msg).await,
+            SendVia::Smtp => Err(SendError::Network("send_api is for HTTP APIs".into())),
         }
     }
 

@@ -215,7 +215,10 @@ async fn metrics_move_with_real_traffic() {
     let m = scrape(&w);
     assert_eq!(m.get("mfd_relay_messages_accepted_total", &[("device", "floor3"), ("identity", "scans")]), 2.0);
     assert_eq!(m.get("mfd_relay_messages_accepted_total", &[("device", "lobby"), ("identity", "scans")]), 1.0);
-    assert_eq!(m.get("mfd_relay_messages_delivered_total", &[("identity", "scans"), ("path", "session")]), 3.0);
+    assert_eq!(
+        m.get("mfd_relay_messages_delivered_total", &[("identity", "scans"), ("path", "session"), ("via", "smtp")]),
+        3.0
+    );
     assert_eq!(m.get("mfd_relay_upstream_latency_seconds_count", &[("identity", "scans")]), 3.0);
     let latency = m.get("mfd_relay_upstream_latency_seconds_sum", &[("identity", "scans")]);
     assert!(latency > 0.0 && latency < 30.0, "{latency}");
@@ -271,7 +274,7 @@ async fn metrics_move_with_real_traffic() {
     let r = w.send(&login("floor3", "1234"), &scan_message("transient", "z")).await;
     assert!(r.ok && r.message.contains("queued"), "{r:?}");
     let m = scrape_until(&w, "delivery from the queue", |m| {
-        m.get("mfd_relay_messages_delivered_total", &[("identity", "scans"), ("path", "queue")]) == 1.0
+        m.get("mfd_relay_messages_delivered_total", &[("identity", "scans"), ("path", "queue"), ("via", "smtp")]) == 1.0
     })
     .await;
     assert_eq!(m.get("mfd_relay_messages_deferred_total", &[("identity", "scans"), ("reason", "upstream_4xx")]), 1.0);
@@ -285,7 +288,7 @@ async fn metrics_move_with_real_traffic() {
     assert!(m.get("mfd_relay_messages_deferred_total", &[("identity", "scans"), ("reason", "network")]) >= 1.0);
     w.upstream.up().await;
     let m = scrape_until(&w, "the queue to drain", |m| {
-        m.get("mfd_relay_messages_delivered_total", &[("identity", "scans"), ("path", "queue")]) == 2.0
+        m.get("mfd_relay_messages_delivered_total", &[("identity", "scans"), ("path", "queue"), ("via", "smtp")]) == 2.0
             && m.get("mfd_relay_queue_depth", &[]) == 0.0
     })
     .await;
