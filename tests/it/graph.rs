@@ -408,3 +408,28 @@ async fn at_most_four_requests_per_mailbox_are_in_flight() {
     assert_eq!(f.fake.sent().len(), 10);
     assert_eq!(f.fake.max_in_flight(), 4);
 }
+
+#[tokio::test]
+async fn one_transaction_per_recipient_reaches_exactly_its_envelope_on_both_paths() {
+    // A device sends one transaction per recipient with every address in To and a Cc.
+    let to = ["anna@contoso.com", "Bob@contoso.com", "carl@contoso.com"];
+    for (files, by_send_mail) in [(vec![], true), (vec![pdf(4_000_000, 31)], false)] {
+        let named: Vec<(&str, &[u8])> = files.iter().map(|f| ("scan.pdf", f.as_slice())).collect();
+        let msg = scan_message(&to, &named);
+        let msg = String::from_utf8(msg)
+            .expect("ascii")
+            .replacen("Subject: Scan\r\n", "Cc: dora@contoso.com\r\nSubject: Scan\r\n", 1)
+            .into_bytes();
+        let f = fixture(&msg, &["bob@contoso.com", "eve@fabrikam.com"]).await;
+        f.send(&Progress::None, &MemSink::default()).await.expect("sent");
+        let sent = f.fake.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].by_send_mail, by_send_mail);
+        assert_eq!(sent[0].to, ["bob@contoso.com"], "To keeps only the envelope's");
+        assert!(sent[0].cc.is_empty(), "{:?}", sent[0].cc);
+        assert_eq!(sent[0].bcc, ["eve@fabrikam.com"], "an envelope-only recipient goes in Bcc");
+        if !by_send_mail {
+            assert_eq!(sent_attachments(&sent[0]), original_attachments(&msg));
+        }
+    }
+}

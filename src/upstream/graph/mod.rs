@@ -33,6 +33,11 @@
 //!   believes a draft that is still there.
 //! - `sendMail` is one request: a crash after Graph accepted it and before the queue recorded
 //!   it sends again, as SMTP does after a lost reply to the final dot (RFC 5321 6.1).
+//!
+//! # Memory
+//! The message is read whole ([`Outgoing::read_all`]): the attachments are found in it and
+//! decoded from it a range at a time, so a send holds the encoded message once plus one range
+//! (about 1.4 times the scan, 210 MB for a 150 MB attachment), never a decoded copy of it.
 
 mod reply;
 
@@ -52,6 +57,7 @@ use tokio::sync::Semaphore;
 use super::api::{ApiMessage, Progress};
 use super::classify::UpstreamReply;
 use super::client::{SendError, SendOutcome};
+use super::recipients::Outgoing;
 use super::trace::emit;
 use crate::locks::MutexExt;
 use crate::message::attachments::{self, Attachment};
@@ -242,9 +248,12 @@ impl Graph {
 
     /// Sends `msg` as `msg.mailbox` with a Graph token, to exactly the envelope's recipients.
     pub async fn send(&self, token: &AccessToken, msg: &ApiMessage<'_>) -> Result<SendOutcome, SendError> {
-        // RECIPIENTS: until crate::upstream::recipients lands, the spooled message as it is.
-        let mime = tokio::fs::read(msg.body)
+        // The message as it must go out: its header names exactly the envelope's recipients.
+        // Held whole: the attachments are found and decoded from it (module doc, "Memory").
+        let (path, rcpts) = (msg.body.to_path_buf(), msg.env.rcpts.to_vec());
+        let mime = tokio::task::spawn_blocking(move || Outgoing::open(&path, &rcpts)?.read_all())
             .await
+            .map_err(|e| SendError::Network(format!("reading the spooled message: {e}")))?
             .map_err(|e| SendError::Network(format!("reading the spooled message: {e}")))?;
         let resume = match msg.progress {
             Progress::Graph(r) if *r != Resume::default() => Some(r.clone()),
