@@ -186,7 +186,9 @@ pub fn without(msg: &[u8], parts: &Parts, remove: &[&Attachment]) -> Vec<u8> {
             if a.cut.start > 0 && msg[a.cut.start..].starts_with(b"\r\n") {
                 out.extend_from_slice(b"\r\n");
             }
-            out.extend_from_slice(format!("--{}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n", parts.boundary).as_bytes());
+            out.extend_from_slice(
+                format!("--{}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n", parts.boundary).as_bytes(),
+            );
             // The next delimiter brings its own CRLF: the empty part ends right here.
             if !msg[a.cut.end..].starts_with(b"\r\n") {
                 out.extend_from_slice(b"\r\n");
@@ -382,7 +384,10 @@ mod tests {
         let msg = scan(&pdf, &png);
         let parts = find(&msg);
         let [a, b] = parts.attachments.as_slice() else { panic!("{parts:?}") };
-        assert_eq!((a.name.as_str(), a.content_type.as_str(), a.size, a.inline), ("scan 1.pdf", "application/pdf", 10_000, false));
+        assert_eq!(
+            (a.name.as_str(), a.content_type.as_str(), a.size, a.inline),
+            ("scan 1.pdf", "application/pdf", 10_000, false)
+        );
         assert_eq!((b.name.as_str(), b.content_id.as_deref(), b.size, b.inline), ("p.png", Some("p1@x"), 301, true));
         assert_eq!(a.read_all(&msg), pdf);
         assert_eq!(b.read_all(&msg), png);

@@ -125,18 +125,16 @@ async fn fixture(msg: &[u8], rcpts: &[&str]) -> Fixture {
 }
 
 impl Fixture {
-    async fn send_with(&self, secret: &str, progress: &Progress, sink: &MemSink, obs: &Steps) -> Result<SendOutcome, SendError> {
+    async fn send_with(
+        &self,
+        secret: &str,
+        progress: &Progress,
+        sink: &MemSink,
+        obs: &Steps,
+    ) -> Result<SendOutcome, SendError> {
         let size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
         let env = Envelope { from: MAILBOX, rcpts: &self.rcpts, size, eight_bit: false };
-        let msg = ApiMessage {
-            identity: "scans",
-            mailbox: MAILBOX,
-            env: &env,
-            body: &self.path,
-            progress,
-            sink,
-            obs,
-        };
+        let msg = ApiMessage { identity: "scans", mailbox: MAILBOX, env: &env, body: &self.path, progress, sink, obs };
         self.graph.send(&token(secret), &msg).await
     }
 
@@ -233,7 +231,8 @@ async fn a_30_mb_scan_goes_by_draft_and_upload_session_byte_for_byte() {
 #[tokio::test]
 async fn many_small_pages_go_one_post_each() {
     let pages: Vec<Vec<u8>> = (0..5).map(|i| pdf(1_000_000, 100 + i)).collect();
-    let files: Vec<(String, &[u8])> = pages.iter().enumerate().map(|(i, p)| (format!("page{i}.pdf"), p.as_slice())).collect();
+    let files: Vec<(String, &[u8])> =
+        pages.iter().enumerate().map(|(i, p)| (format!("page{i}.pdf"), p.as_slice())).collect();
     let files: Vec<(&str, &[u8])> = files.iter().map(|(n, p)| (n.as_str(), *p)).collect();
     let msg = scan_message(&["anna@contoso.com"], &files);
     assert!(msg.len() > MAX_POST, "too small to need the draft path");

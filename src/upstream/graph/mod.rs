@@ -163,7 +163,10 @@ pub fn plan(mime: &[u8]) -> Result<Plan, UpstreamReply> {
     if let Some(a) = parts.attachments.iter().find(|a| a.size > MAX_ATTACHMENT) {
         return Err(UpstreamReply::new(
             552,
-            format!("5.3.4 attachment \"{}\" is {} bytes; Microsoft Graph takes at most {MAX_ATTACHMENT}", a.name, a.size),
+            format!(
+                "5.3.4 attachment \"{}\" is {} bytes; Microsoft Graph takes at most {MAX_ATTACHMENT}",
+                a.name, a.size
+            ),
         ));
     }
     Ok(Plan::Large { rest, attachments: parts.attachments })
@@ -195,11 +198,7 @@ impl Answer {
     }
 
     fn error(&self) -> SendError {
-        reply::failure(
-            self.status.as_u16(),
-            self.headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()),
-            &self.body,
-        )
+        reply::failure(self.status.as_u16(), self.headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()), &self.body)
     }
 
     fn json(&self) -> serde_json::Value {
@@ -324,7 +323,12 @@ impl Graph {
         }
     }
 
-    async fn send_small(&self, token: &AccessToken, msg: &ApiMessage<'_>, mime: &[u8]) -> Result<SendOutcome, SendError> {
+    async fn send_small(
+        &self,
+        token: &AccessToken,
+        msg: &ApiMessage<'_>,
+        mime: &[u8],
+    ) -> Result<SendOutcome, SendError> {
         let t = Instant::now();
         let url = self.url(msg.mailbox, &["sendMail"])?;
         let req = self.api(Method::POST, url, token).header(CONTENT_TYPE, "text/plain").body(STANDARD.encode(mime));
@@ -351,7 +355,10 @@ impl Graph {
         mut r: Resume,
     ) -> Result<SendOutcome, SendError> {
         if r.draft.is_some() && r.parts != atts.len() {
-            tracing::warn!(identity = msg.identity, "the saved Graph progress does not fit the message; starting again");
+            tracing::warn!(
+                identity = msg.identity,
+                "the saved Graph progress does not fit the message; starting again"
+            );
             r = Resume::default();
         }
         let mut restarted = false;
@@ -360,7 +367,10 @@ impl Graph {
                 Ok(o) => return Ok(o),
                 Err(Fail::Send(e)) => return Err(e),
                 Err(Fail::Gone) if !restarted => {
-                    tracing::warn!(identity = msg.identity, "the Graph draft is gone before it was sent; starting again");
+                    tracing::warn!(
+                        identity = msg.identity,
+                        "the Graph draft is gone before it was sent; starting again"
+                    );
                     restarted = true;
                     r = Resume::default();
                     self.save(msg, &r).await?;
@@ -426,7 +436,9 @@ impl Graph {
         }
         let t = Instant::now();
         let url = self.url(msg.mailbox, &["messages", &id, "send"])?;
-        let a = self.call(msg.mailbox, self.api(Method::POST, url, token).header(CONTENT_TYPE, "application/json").body("")).await;
+        let a = self
+            .call(msg.mailbox, self.api(Method::POST, url, token).header(CONTENT_TYPE, "application/json").body(""))
+            .await;
         emit(msg.obs, "send", matches!(&a, Ok(a) if a.ok()), t, || match &a {
             Ok(a) => format!("HTTP {}", a.status.as_u16()),
             Err(e) => e.to_string(),
@@ -439,7 +451,13 @@ impl Graph {
         }
     }
 
-    async fn create_draft(&self, token: &AccessToken, msg: &ApiMessage<'_>, rest: &[u8], n: usize) -> Result<String, Fail> {
+    async fn create_draft(
+        &self,
+        token: &AccessToken,
+        msg: &ApiMessage<'_>,
+        rest: &[u8],
+        n: usize,
+    ) -> Result<String, Fail> {
         let t = Instant::now();
         let url = self.url(msg.mailbox, &["messages"])?;
         let req = self.api(Method::POST, url, token).header(CONTENT_TYPE, "text/plain").body(STANDARD.encode(rest));
@@ -474,7 +492,11 @@ impl Graph {
                 _ => return Err(Fail::Send(a.error())),
             };
             emit(msg.obs, "draft-state", true, t, || {
-                if state { "sent before the restart".into() } else { "still a draft".into() }
+                if state {
+                    "sent before the restart".into()
+                } else {
+                    "still a draft".into()
+                }
             });
             let age = Duration::from_secs(u64::try_from(chrono::Utc::now().timestamp() - since).unwrap_or(0));
             if state || waited || age >= self.settle {
@@ -505,7 +527,9 @@ impl Graph {
                 if let Some(offset) = self.session_offset(msg, url).await? {
                     let how = self.upload(msg, mime, i, a, url, offset, r).await?;
                     if let Some(how) = how {
-                        emit(msg.obs, &step, true, t, || format!("{} ({} bytes): {how}, resumed at {offset}", a.name, a.size));
+                        emit(msg.obs, &step, true, t, || {
+                            format!("{} ({} bytes): {how}, resumed at {offset}", a.name, a.size)
+                        });
                         return Ok(());
                     }
                 }
@@ -539,7 +563,14 @@ impl Graph {
         ))))
     }
 
-    async fn post_attachment(&self, token: &AccessToken, msg: &ApiMessage<'_>, mime: &[u8], id: &str, a: &Attachment) -> Result<(), Fail> {
+    async fn post_attachment(
+        &self,
+        token: &AccessToken,
+        msg: &ApiMessage<'_>,
+        mime: &[u8],
+        id: &str,
+        a: &Attachment,
+    ) -> Result<(), Fail> {
         let mut body = json!({
             "@odata.type": "#microsoft.graph.fileAttachment",
             "name": a.name,
@@ -559,7 +590,13 @@ impl Graph {
         }
     }
 
-    async fn upload_session(&self, token: &AccessToken, msg: &ApiMessage<'_>, id: &str, a: &Attachment) -> Result<SessionUrl, Fail> {
+    async fn upload_session(
+        &self,
+        token: &AccessToken,
+        msg: &ApiMessage<'_>,
+        id: &str,
+        a: &Attachment,
+    ) -> Result<SessionUrl, Fail> {
         let mut item = json!({
             "attachmentType": "file",
             "name": a.name,
@@ -571,7 +608,8 @@ impl Graph {
             item["contentId"] = json!(cid);
         }
         let url = self.url(msg.mailbox, &["messages", id, "attachments", "createUploadSession"])?;
-        let ans = self.call(msg.mailbox, self.api(Method::POST, url, token).json(&json!({"AttachmentItem": item}))).await?;
+        let ans =
+            self.call(msg.mailbox, self.api(Method::POST, url, token).json(&json!({"AttachmentItem": item}))).await?;
         match ans.status.as_u16() {
             _ if ans.ok() => match ans.json()["uploadUrl"].as_str() {
                 Some(u) if u.starts_with("https://") || u.starts_with("http://") => Ok(SessionUrl(u.to_string())),
@@ -589,7 +627,11 @@ impl Graph {
         if !a.ok() {
             return Ok(None);
         }
-        Ok(a.json()["nextExpectedRanges"].as_array().and_then(|v| v.first()).and_then(|v| v.as_str()).and_then(range_start))
+        Ok(a.json()["nextExpectedRanges"]
+            .as_array()
+            .and_then(|v| v.first())
+            .and_then(|v| v.as_str())
+            .and_then(range_start))
     }
 
     /// PUTs `a` from `offset` on, a range at a time, without Authorization (the URL carries
@@ -741,7 +783,11 @@ mod tests {
             creating: false,
             draft: Some("AAMkAD=".into()),
             done: vec![0, 2],
-            adding: Some(Adding { index: 1, upload_url: Some(SessionUrl("https://x/up?authtoken=SECRET".into())), offset: 7_864_320 }),
+            adding: Some(Adding {
+                index: 1,
+                upload_url: Some(SessionUrl("https://x/up?authtoken=SECRET".into())),
+                offset: 7_864_320,
+            }),
             sending_since: None,
         };
         let p = Progress::Graph(r.clone());
@@ -766,8 +812,7 @@ mod tests {
 
     #[test]
     fn a_range_is_whole_base64_quantums_and_at_most_4_mib() {
-        assert_eq!(RANGE % 3, 0);
-        assert!(RANGE <= 4 << 20);
+        const { assert!(RANGE.is_multiple_of(3) && RANGE <= 4 << 20) };
         assert!(b64_len(UPLOAD_MIN as usize - 1) + 1000 <= MAX_POST);
     }
 }

@@ -45,9 +45,10 @@ fn permanent(status: u16, code: &str) -> (u16, &'static str) {
         "ErrorAccessDenied" | "AccessDenied" | "Authorization_RequestDenied" | "ErrorAccessDeniedException" => {
             (550, "5.7.1")
         }
-        "MailboxNotEnabledForRESTAPI" | "MailboxNotSupportedForRESTAPI" | "ErrorInvalidUser" | "ErrorNonExistentMailbox" => {
-            (550, "5.2.1")
-        }
+        "MailboxNotEnabledForRESTAPI"
+        | "MailboxNotSupportedForRESTAPI"
+        | "ErrorInvalidUser"
+        | "ErrorNonExistentMailbox" => (550, "5.2.1"),
         "ErrorMessageSizeExceeded" | "RequestBodyTooLarge" | "ErrorRequestEntityTooLarge" => (552, "5.3.4"),
         "ErrorInvalidRecipients" => (550, "5.1.3"),
         "ErrorQuotaExceeded" => (552, "5.2.2"),
@@ -77,7 +78,9 @@ pub fn failure(status: u16, retry_after: Option<&str>, body: &[u8]) -> SendError
             let (smtp, enhanced) = permanent(status, &code);
             SendError::Rejected(UpstreamReply::new(smtp, format!("{enhanced} Microsoft Graph {what}")))
         }
-        _ => SendError::Rejected(UpstreamReply::new(451, format!("4.3.0 Microsoft Graph failed (HTTP {status}) {what}"))),
+        _ => {
+            SendError::Rejected(UpstreamReply::new(451, format!("4.3.0 Microsoft Graph failed (HTTP {status}) {what}")))
+        }
     }
 }
 
@@ -103,15 +106,30 @@ mod tests {
         assert!(r.text.starts_with("5.7.60 Microsoft Graph ErrorSendAsDenied: The user account"), "{}", r.text);
         assert!(r.is_permanent() && r.hint().unwrap_or_default().contains("Send As"), "{}", r.describe());
 
-        let r = rejected(failure(403, None, &err("ErrorAccessDenied", "Access is denied. Check credentials and try again.")));
+        let r = rejected(failure(
+            403,
+            None,
+            &err("ErrorAccessDenied", "Access is denied. Check credentials and try again."),
+        ));
         assert_eq!((r.code, r.status().map(|s| (s.0, s.1, s.2))), (550, Some((5, 7, 1))));
         assert!(r.hint().unwrap_or_default().contains("New-ManagementRoleAssignment"), "{}", r.describe());
 
-        let r = rejected(failure(404, None, &err("MailboxNotEnabledForRESTAPI", "The mailbox is either inactive, soft-deleted, or is hosted on-premise.")));
+        let r = rejected(failure(
+            404,
+            None,
+            &err(
+                "MailboxNotEnabledForRESTAPI",
+                "The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+            ),
+        ));
         assert!(r.text.starts_with("5.2.1 "), "{}", r.text);
         assert!(r.hint().unwrap_or_default().contains("Exchange Online"), "{}", r.describe());
 
-        let r = rejected(failure(400, None, &err("ErrorMessageSizeExceeded", "The message exceeds the maximum supported size.")));
+        let r = rejected(failure(
+            400,
+            None,
+            &err("ErrorMessageSizeExceeded", "The message exceeds the maximum supported size."),
+        ));
         assert_eq!(r.code, 552);
         assert!(r.text.starts_with("5.3.4 ") && r.hint().is_some(), "{}", r.describe());
 
@@ -132,7 +150,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         for status in [503, 504] {
-            assert!(matches!(failure(status, None, b""), SendError::Throttled { retry_after, .. } if retry_after == DEFAULT_RETRY_AFTER));
+            assert!(
+                matches!(failure(status, None, b""), SendError::Throttled { retry_after, .. } if retry_after == DEFAULT_RETRY_AFTER)
+            );
         }
         let r = rejected(failure(500, None, &err("InternalServerError", "x")));
         assert!(!r.is_permanent() && r.code == 451, "{r:?}");
@@ -144,7 +164,10 @@ mod tests {
             SendError::Auth { reply, detail } => {
                 assert_eq!(reply.code, 535);
                 let d = detail.unwrap_or_default();
-                assert!(d.starts_with("InvalidAuthenticationToken: Access token has expired.") && !d.contains('\n'), "{d}");
+                assert!(
+                    d.starts_with("InvalidAuthenticationToken: Access token has expired.") && !d.contains('\n'),
+                    "{d}"
+                );
             }
             other => panic!("{other:?}"),
         }

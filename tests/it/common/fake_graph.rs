@@ -336,7 +336,13 @@ fn route(method: &Method, segs: &[String]) -> Option<(Op, String, Option<String>
     }
 }
 
-async fn handle(AxState(shared): AxState<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    AxState(shared): AxState<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let segs: Vec<String> = uri.path().trim_start_matches('/').split('/').map(percent_decode).collect();
     let routed = route(&method, &segs);
     let authorization = headers.contains_key(header::AUTHORIZATION);
@@ -427,19 +433,31 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, method: Method, uri: Uri,
     response
 }
 
-fn parse_b64_mime(body: &[u8]) -> Result<Vec<u8>, Response> {
+/// An error answer, boxed (a `Response` is large).
+type Refusal = Box<Response>;
+
+fn parse_b64_mime(body: &[u8]) -> Result<Vec<u8>, Refusal> {
     let clean: Vec<u8> = body.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
-    STANDARD
-        .decode(&clean)
-        .map_err(|_| graph_error(400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content."))
+    STANDARD.decode(&clean).map_err(|_| {
+        Box::new(graph_error(400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content."))
+    })
 }
 
 fn addresses(a: Option<&mail_parser::Address<'_>>) -> Vec<String> {
     a.map(|a| a.iter().filter_map(|x| x.address().map(|s| s.to_ascii_lowercase())).collect()).unwrap_or_default()
 }
 
+/// What Graph reads in a MIME message.
+struct Mime {
+    to: Vec<String>,
+    cc: Vec<String>,
+    bcc: Vec<String>,
+    attachments: Vec<FileAttachment>,
+    message_id: Option<String>,
+}
+
 /// Recipients and attachments of a MIME message, as Graph reads them.
-fn read_mime(mime: &[u8]) -> Option<(Vec<String>, Vec<String>, Vec<String>, Vec<FileAttachment>, Option<String>)> {
+fn read_mime(mime: &[u8]) -> Option<Mime> {
     let m = MessageParser::default().parse(mime)?;
     let atts = m
         .attachments()
@@ -452,15 +470,27 @@ fn read_mime(mime: &[u8]) -> Option<(Vec<String>, Vec<String>, Vec<String>, Vec<
             bytes: p.contents().to_vec(),
         })
         .collect();
-    Some((addresses(m.to()), addresses(m.cc()), addresses(m.bcc()), atts, m.message_id().map(str::to_string)))
+    Some(Mime {
+        to: addresses(m.to()),
+        cc: addresses(m.cc()),
+        bcc: addresses(m.bcc()),
+        attachments: atts,
+        message_id: m.message_id().map(str::to_string),
+    })
 }
 
-fn send_one(st: &mut State, mailbox: &str, mime: Vec<u8>, added: Vec<FileAttachment>, by_send_mail: bool) -> Result<(), Response> {
-    let Some((to, cc, bcc, mut attachments, _)) = read_mime(&mime) else {
-        return Err(graph_error(400, "ErrorMimeContentInvalid", "The MIME content is invalid."));
+fn send_one(
+    st: &mut State,
+    mailbox: &str,
+    mime: Vec<u8>,
+    added: Vec<FileAttachment>,
+    by_send_mail: bool,
+) -> Result<(), Refusal> {
+    let Some(Mime { to, cc, bcc, mut attachments, .. }) = read_mime(&mime) else {
+        return Err(Box::new(graph_error(400, "ErrorMimeContentInvalid", "The MIME content is invalid.")));
     };
     if to.is_empty() && cc.is_empty() && bcc.is_empty() {
-        return Err(graph_error(400, "ErrorInvalidRecipients", "At least one recipient isn't valid."));
+        return Err(Box::new(graph_error(400, "ErrorInvalidRecipients", "At least one recipient isn't valid.")));
     }
     attachments.extend(added);
     st.sent.push(SentMessage { mailbox: mailbox.to_string(), to, cc, bcc, mime, attachments, by_send_mail });
@@ -478,41 +508,53 @@ fn serve(
 ) -> Response {
     let mut st = shared.lock();
     let not_found = || graph_error(404, "ErrorItemNotFound", "The specified object was not found in the store.");
-    let draft_of = |st: &State, id: Option<&str>| id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox).is_some();
+    let draft_of =
+        |st: &State, id: Option<&str>| id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox).is_some();
     match op {
         Op::SendMail => {
             let mime = match parse_b64_mime(body) {
                 Ok(m) => m,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             match send_one(&mut st, mailbox, mime, Vec::new(), true) {
                 Ok(()) => StatusCode::ACCEPTED.into_response(),
-                Err(r) => r,
+                Err(r) => *r,
             }
         }
         Op::CreateDraft => {
             let mime = match parse_b64_mime(body) {
                 Ok(m) => m,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
-            let Some((_, _, _, _, mid)) = read_mime(&mime) else {
+            let Some(Mime { message_id: mid, .. }) = read_mime(&mime) else {
                 return graph_error(400, "ErrorMimeContentInvalid", "The MIME content is invalid.");
             };
             st.next += 1;
             let id = format!("AAMkAGFake{:04}AAA=", st.next);
             st.drafts.insert(
                 id.clone(),
-                Draft { id: id.clone(), mailbox: mailbox.to_string(), mime, internet_message_id: mid.clone(), added: Vec::new() },
+                Draft {
+                    id: id.clone(),
+                    mailbox: mailbox.to_string(),
+                    mime,
+                    internet_message_id: mid.clone(),
+                    added: Vec::new(),
+                },
             );
-            (StatusCode::CREATED, axum::Json(json!({"id": id, "isDraft": true, "internetMessageId": mid}))).into_response()
+            (StatusCode::CREATED, axum::Json(json!({"id": id, "isDraft": true, "internetMessageId": mid})))
+                .into_response()
         }
         Op::GetMessage => {
-            let Some(d) = id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox) else { return not_found() };
+            let Some(d) = id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox) else {
+                return not_found();
+            };
             axum::Json(json!({"id": d.id, "isDraft": true})).into_response()
         }
         Op::ListAttachments => {
-            let Some(d) = id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox) else { return not_found() };
-            let mut all = read_mime(&d.mime).map(|m| m.3).unwrap_or_default();
+            let Some(d) = id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox) else {
+                return not_found();
+            };
+            let mut all = read_mime(&d.mime).map(|m| m.attachments).unwrap_or_default();
             all.extend(d.added.iter().cloned());
             let value: Vec<Value> = all
                 .iter()
@@ -550,9 +592,14 @@ fn serve(
             }
             let v: Value = serde_json::from_slice(body).unwrap_or_default();
             let item = &v["AttachmentItem"];
-            let (Some("file"), Some(name), Some(size)) = (item["attachmentType"].as_str(), item["name"].as_str(), item["size"].as_u64())
+            let (Some("file"), Some(name), Some(size)) =
+                (item["attachmentType"].as_str(), item["name"].as_str(), item["size"].as_u64())
             else {
-                return graph_error(400, "ErrorInvalidRequest", "AttachmentItem needs attachmentType file, name and size.");
+                return graph_error(
+                    400,
+                    "ErrorInvalidRequest",
+                    "AttachmentItem needs attachmentType file, name and size.",
+                );
             };
             if size < MIN_UPLOAD {
                 return graph_error(
@@ -594,7 +641,11 @@ fn serve(
                 return graph_error(400, "InvalidContentRange", "Content-Range is missing or malformed.");
             };
             if total != s.size || end < start || end - start + 1 != body.len() as u64 || end >= total {
-                return graph_error(400, "InvalidContentRange", "Content-Range does not match the body or the session.");
+                return graph_error(
+                    400,
+                    "InvalidContentRange",
+                    "Content-Range does not match the body or the session.",
+                );
             }
             if start != s.received.len() as u64 {
                 return graph_error(416, "InvalidRange", "The range is not the next expected one.");
@@ -602,8 +653,10 @@ fn serve(
             s.received.extend_from_slice(body);
             if (s.received.len() as u64) < s.size {
                 let next = s.received.len();
-                return axum::Json(json!({"expirationDateTime": "2030-01-01T00:00:00Z", "nextExpectedRanges": [format!("{next}-")]}))
-                    .into_response();
+                return axum::Json(
+                    json!({"expirationDateTime": "2030-01-01T00:00:00Z", "nextExpectedRanges": [format!("{next}-")]}),
+                )
+                .into_response();
             }
             let Some(s) = st.sessions.remove(&token) else { return not_found() };
             let Some(d) = st.drafts.get_mut(&s.draft) else { return not_found() };
@@ -611,9 +664,11 @@ fn serve(
             StatusCode::CREATED.into_response()
         }
         Op::Send => {
-            let Some(d) = id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox).cloned() else { return not_found() };
+            let Some(d) = id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox).cloned() else {
+                return not_found();
+            };
             if let Err(r) = send_one(&mut st, mailbox, d.mime, d.added, false) {
-                return r;
+                return *r;
             }
             st.drafts.remove(&d.id);
             st.sent_ids.push(d.id);
