@@ -9,14 +9,41 @@
 //! stays as it was. Should every part be an attachment, an empty `text/plain` part takes the
 //! first one's place (a multipart needs at least one part, RFC 2046 5.1.1).
 //!
-//! An attachment's content is decoded lazily, a bounded chunk at a time ([`Content`]): a
-//! 150 MB scan is never decoded into memory as a whole.
+//! The message is read through a [`Source`] (memory, or the spool file as it goes out) a
+//! bounded block at a time, and an attachment's content is decoded the same way ([`Content`]):
+//! a 150 MB scan is never in memory as a whole, encoded or decoded.
 
+use std::io;
 use std::ops::Range;
 
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
 use mail_parser::{MessageParser, MimeHeaders};
+
+use super::MAX_HEADER_SECTION;
+
+/// Bytes read from a [`Source`] at once while scanning (unit tests: a few, so that lines and
+/// base64 quantums are cut at every place).
+const BLOCK: usize = if cfg!(test) { 13 } else { 1 << 20 };
+
+/// Where a message's bytes come from.
+pub trait Source {
+    /// Its length.
+    fn size(&self) -> u64;
+    /// `len` bytes from `start`, fewer only at the end.
+    fn read(&self, start: u64, len: usize) -> io::Result<Vec<u8>>;
+}
+
+impl Source for [u8] {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn read(&self, start: u64, len: usize) -> io::Result<Vec<u8>> {
+        let start = usize::try_from(start).unwrap_or(usize::MAX).min(self.len());
+        Ok(self[start..start.saturating_add(len).min(self.len())].to_vec())
+    }
+}
 
 /// The Content-Transfer-Encoding of an attachment (RFC 2045 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,9 +69,9 @@ pub struct Attachment {
     pub size: u64,
     pub encoding: Encoding,
     /// The encoded body of the part within the message.
-    body: Range<usize>,
+    body: Range<u64>,
     /// What removing the part removes: its delimiter line (with the CRLF before it) and the part.
-    cut: Range<usize>,
+    cut: Range<u64>,
 }
 
 /// The message as found: its top-level attachments.
@@ -58,21 +85,22 @@ pub struct Parts {
 }
 
 /// Finds the top-level attachments of `msg` (none when it is not multipart).
-pub fn find(msg: &[u8]) -> Parts {
+pub fn find<S: Source + ?Sized>(msg: &S) -> io::Result<Parts> {
     let none = Parts { attachments: Vec::new(), boundary: String::new(), has_other: true };
-    let body_start = match find_bytes(msg, b"\r\n\r\n") {
+    let start = msg.read(0, MAX_HEADER_SECTION + 4)?;
+    let body_start = match find_bytes(&start, b"\r\n\r\n") {
         Some(i) => i + 4,
-        None => return none,
+        None => return Ok(none),
     };
-    let Some(headers) = MessageParser::default().parse_headers(&msg[..body_start]) else { return none };
-    let Some(ct) = headers.content_type() else { return none };
+    let Some(headers) = MessageParser::default().parse_headers(&start[..body_start]) else { return Ok(none) };
+    let Some(ct) = headers.content_type() else { return Ok(none) };
     if !ct.ctype().eq_ignore_ascii_case("multipart") {
-        return none;
+        return Ok(none);
     }
     let Some(boundary) = ct.attribute("boundary").filter(|b| !b.is_empty()).map(str::to_string) else {
-        return none;
+        return Ok(none);
     };
-    let delimiters = delimiters(msg, body_start, boundary.as_bytes());
+    let delimiters = delimiters(msg, body_start as u64, boundary.as_bytes())?;
     let mut attachments = Vec::new();
     let mut has_other = false;
     for pair in delimiters.windows(2) {
@@ -81,7 +109,7 @@ pub fn find(msg: &[u8]) -> Parts {
             break;
         }
         let part = d.content_start..next.cut_start.max(d.content_start);
-        match attachment(msg, part, d.cut_start..next.cut_start, attachments.len()) {
+        match attachment(msg, part, d.cut_start..next.cut_start, attachments.len())? {
             Some(a) => attachments.push(a),
             None => has_other = true,
         }
@@ -90,60 +118,116 @@ pub fn find(msg: &[u8]) -> Parts {
     if delimiters.last().is_some_and(|d| !d.close) {
         has_other = true;
     }
-    Parts { attachments, boundary, has_other }
+    Ok(Parts { attachments, boundary, has_other })
 }
 
 /// A delimiter line (RFC 2046 5.1.1) of the top-level multipart.
 struct Delimiter {
     /// Where removing the part after it starts: the CRLF before the line (the line itself
     /// when it opens the body).
-    cut_start: usize,
+    cut_start: u64,
     /// After the line's CRLF.
-    content_start: usize,
+    content_start: u64,
     /// `--boundary--`.
     close: bool,
 }
 
-fn delimiters(msg: &[u8], body_start: usize, boundary: &[u8]) -> Vec<Delimiter> {
+/// Whether `line` (without its CRLF) is a delimiter line; `Some(true)` for the close one.
+fn delimiter(line: &[u8], boundary: &[u8]) -> Option<bool> {
+    let rest = line.strip_prefix(b"--")?.strip_prefix(boundary)?;
+    let close = rest.starts_with(b"--");
+    let tail = if close { &rest[2..] } else { rest };
+    // Transport padding after the boundary is allowed (RFC 2046 5.1.1).
+    tail.iter().all(|&b| b == b' ' || b == b'\t').then_some(close)
+}
+
+/// The delimiter lines after `body_start`, read a block at a time. Only a line's first bytes
+/// are kept: a delimiter line is short (a boundary is at most 70 characters).
+fn delimiters<S: Source + ?Sized>(msg: &S, body_start: u64, boundary: &[u8]) -> io::Result<Vec<Delimiter>> {
+    let keep = boundary.len() + 4 + 256;
     let mut out = Vec::new();
-    let mut line = body_start;
-    while line < msg.len() {
-        let end = find_bytes(&msg[line..], b"\r\n").map_or(msg.len(), |i| line + i);
-        let l = &msg[line..end];
-        if l.len() >= boundary.len() + 2 && l.starts_with(b"--") && &l[2..2 + boundary.len()] == boundary {
-            let tail = &l[2 + boundary.len()..];
-            let close = tail.starts_with(b"--");
-            let tail = if close { &tail[2..] } else { tail };
-            // Transport padding after the boundary is allowed (RFC 2046 5.1.1).
-            if tail.iter().all(|&b| b == b' ' || b == b'\t') {
-                let cut_start = if line > body_start { line - 2 } else { line };
-                out.push(Delimiter { cut_start, content_start: (end + 2).min(msg.len()), close });
-                if close {
-                    break;
+    let mut line_start = body_start;
+    let mut line: Vec<u8> = Vec::with_capacity(keep);
+    let mut pos = body_start;
+    let total = msg.size();
+    let check = |line: &[u8], line_start: u64, next: u64, out: &mut Vec<Delimiter>| -> bool {
+        let content = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.len() >= keep {
+            return false;
+        }
+        match delimiter(content, boundary) {
+            Some(close) => {
+                let cut_start = if line_start > body_start { line_start - 2 } else { line_start };
+                out.push(Delimiter { cut_start, content_start: next.min(total), close });
+                close
+            }
+            None => false,
+        }
+    };
+    while pos < total {
+        let block = msg.read(pos, BLOCK)?;
+        if block.is_empty() {
+            break;
+        }
+        let mut i = 0;
+        while i < block.len() {
+            match block[i..].iter().position(|&b| b == b'\n') {
+                Some(n) => {
+                    let take = n.min(keep.saturating_sub(line.len()));
+                    line.extend_from_slice(&block[i..i + take]);
+                    let next = pos + (i + n) as u64 + 1;
+                    // Only CRLF ends a line (the spool holds CRLF lines).
+                    if line.last() == Some(&b'\r') || n > take {
+                        if check(&line, line_start, next, &mut out) {
+                            return Ok(out);
+                        }
+                        line.clear();
+                        line_start = next;
+                    } else {
+                        line.push(b'\n');
+                    }
+                    i += n + 1;
+                }
+                None => {
+                    let take = (block.len() - i).min(keep.saturating_sub(line.len()));
+                    line.extend_from_slice(&block[i..i + take]);
+                    i = block.len();
                 }
             }
         }
-        line = end + 2;
+        pos += block.len() as u64;
     }
-    out
+    // A last line without CRLF.
+    if !line.is_empty() {
+        check(&line, line_start, total, &mut out);
+    }
+    Ok(out)
 }
 
 /// The part at `part` when it is an attachment.
-fn attachment(msg: &[u8], part: Range<usize>, cut: Range<usize>, n: usize) -> Option<Attachment> {
-    let bytes = &msg[part.clone()];
+fn attachment<S: Source + ?Sized>(msg: &S, part: Range<u64>, cut: Range<u64>, n: usize) -> io::Result<Option<Attachment>> {
+    let len = usize::try_from(part.end - part.start).unwrap_or(usize::MAX);
+    let bytes = msg.read(part.start, len.min(MAX_HEADER_SECTION + 4))?;
     // A part that starts with CRLF has no header fields (RFC 2046 5.1.1).
-    let header_end = if bytes.starts_with(b"\r\n") { 2 } else { find_bytes(bytes, b"\r\n\r\n")? + 4 };
-    let headers = MessageParser::default().parse_headers(&bytes[..header_end])?;
+    let header_end = if bytes.starts_with(b"\r\n") {
+        2
+    } else {
+        match find_bytes(&bytes, b"\r\n\r\n") {
+            Some(i) => i + 4,
+            None => return Ok(None),
+        }
+    };
+    let Some(headers) = MessageParser::default().parse_headers(&bytes[..header_end]) else { return Ok(None) };
     let ct = headers.content_type();
     let ctype = ct.map_or("text", |c| c.ctype());
     if ctype.eq_ignore_ascii_case("multipart") || ctype.eq_ignore_ascii_case("message") {
-        return None;
+        return Ok(None);
     }
     let disposition = headers.content_disposition();
     let is_attachment = disposition.is_some_and(|d| d.ctype().eq_ignore_ascii_case("attachment"));
     let name = headers.attachment_name().map(str::to_string);
     if !is_attachment && name.is_none() {
-        return None;
+        return Ok(None);
     }
     let content_type = match ct {
         Some(c) => format!("{}/{}", c.ctype(), c.subtype().unwrap_or("octet-stream")).to_ascii_lowercase(),
@@ -154,7 +238,7 @@ fn attachment(msg: &[u8], part: Range<usize>, cut: Range<usize>, n: usize) -> Op
         Some(e) if e == "quoted-printable" => Encoding::QuotedPrintable,
         _ => Encoding::Identity,
     };
-    let body = part.start + header_end..part.end;
+    let body = part.start + header_end as u64..part.end;
     let mut a = Attachment {
         name: name.unwrap_or_else(|| format!("attachment-{}", n + 1)),
         content_type,
@@ -166,69 +250,78 @@ fn attachment(msg: &[u8], part: Range<usize>, cut: Range<usize>, n: usize) -> Op
         cut,
     };
     a.size = match encoding {
-        Encoding::Base64 => base64_size(&msg[a.body.clone()]),
-        Encoding::QuotedPrintable => quoted_printable(&msg[a.body.clone()]).len() as u64,
-        Encoding::Identity => a.body.len() as u64,
+        Encoding::Base64 => base64_size(msg, a.body.clone())?,
+        Encoding::QuotedPrintable => quoted_printable(&read_range(msg, a.body.clone())?).len() as u64,
+        Encoding::Identity => a.body.end - a.body.start,
     };
-    Some(a)
+    Ok(Some(a))
+}
+
+fn read_range<S: Source + ?Sized>(msg: &S, r: Range<u64>) -> io::Result<Vec<u8>> {
+    msg.read(r.start, usize::try_from(r.end - r.start).unwrap_or(usize::MAX))
 }
 
 /// `msg` without `remove` (a subset of [`find`]'s attachments, in order). Every byte outside the
 /// removed parts is kept; when nothing but attachments would be left, an empty text part is put
 /// in the first one's place.
-pub fn without(msg: &[u8], parts: &Parts, remove: &[&Attachment]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(msg.len().min(8 << 20));
+pub fn without<S: Source + ?Sized>(msg: &S, parts: &Parts, remove: &[&Attachment]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
     let mut at = 0;
     let all = !parts.has_other && remove.len() == parts.attachments.len();
     for (i, a) in remove.iter().enumerate() {
-        out.extend_from_slice(&msg[at..a.cut.start]);
+        out.extend_from_slice(&read_range(msg, at..a.cut.start)?);
         if all && i == 0 {
-            if a.cut.start > 0 && msg[a.cut.start..].starts_with(b"\r\n") {
+            if a.cut.start > 0 && msg.read(a.cut.start, 2)? == b"\r\n" {
                 out.extend_from_slice(b"\r\n");
             }
             out.extend_from_slice(
                 format!("--{}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n", parts.boundary).as_bytes(),
             );
             // The next delimiter brings its own CRLF: the empty part ends right here.
-            if !msg[a.cut.end..].starts_with(b"\r\n") {
+            if msg.read(a.cut.end, 2)? != b"\r\n" {
                 out.extend_from_slice(b"\r\n");
             }
         }
         at = a.cut.end;
     }
-    out.extend_from_slice(&msg[at..]);
-    out
+    out.extend_from_slice(&read_range(msg, at..msg.size())?);
+    Ok(out)
 }
 
 impl Attachment {
     /// Its content, decoded a chunk at a time.
-    pub fn content<'a>(&self, msg: &'a [u8]) -> Content<'a> {
-        let src = &msg[self.body.clone()];
-        let source = match self.encoding {
-            Encoding::Base64 => Source::Base64 { src, pos: 0 },
-            Encoding::QuotedPrintable => Source::Owned { data: quoted_printable(src), pos: 0 },
-            Encoding::Identity => Source::Borrowed { data: src, pos: 0 },
+    pub fn content<'a, S: Source + ?Sized>(&self, msg: &'a S) -> Content<'a, S> {
+        let state = match self.encoding {
+            Encoding::Base64 => State::Base64 { chars: Vec::new(), ended: false },
+            Encoding::QuotedPrintable => State::Decoded(None),
+            Encoding::Identity => State::Identity,
         };
-        Content { source, carry: Vec::new() }
+        Content { msg, body: self.body.clone(), pos: self.body.start, state, carry: Vec::new() }
     }
 
     /// Its whole content (an attachment small enough for one request).
-    pub fn read_all(&self, msg: &[u8]) -> Vec<u8> {
+    pub fn read_all<S: Source + ?Sized>(&self, msg: &S) -> io::Result<Vec<u8>> {
         self.content(msg).next_chunk(usize::try_from(self.size).unwrap_or(usize::MAX))
     }
 }
 
 /// An attachment's decoded content, read in chunks.
-pub struct Content<'a> {
-    source: Source<'a>,
+pub struct Content<'a, S: Source + ?Sized> {
+    msg: &'a S,
+    body: Range<u64>,
+    /// The next encoded byte to read.
+    pos: u64,
+    state: State,
     /// Decoded bytes not handed out yet.
     carry: Vec<u8>,
 }
 
-enum Source<'a> {
-    Base64 { src: &'a [u8], pos: usize },
-    Borrowed { data: &'a [u8], pos: usize },
-    Owned { data: Vec<u8>, pos: usize },
+enum State {
+    /// `chars`: base64 characters read but not decoded yet (less than a quantum).
+    Base64 { chars: Vec<u8>, ended: bool },
+    Identity,
+    /// Quoted-printable is decoded whole (rare for a scan, and never large).
+    Decoded(Option<(Vec<u8>, usize)>),
 }
 
 /// Decodes base64 as RFC 2045 6.8 says: characters outside the alphabet are ignored, `=` ends it.
@@ -243,69 +336,96 @@ fn is_b64(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'+' || b == b'/'
 }
 
-impl Content<'_> {
+impl<S: Source + ?Sized> Content<'_, S> {
     /// The next at most `max` bytes; empty at the end.
-    pub fn next_chunk(&mut self, max: usize) -> Vec<u8> {
-        match &mut self.source {
-            Source::Borrowed { data, pos } => take(data, pos, max),
-            Source::Owned { data, pos } => take(data, pos, max),
-            Source::Base64 { src, pos } => {
-                while self.carry.len() < max && *pos < src.len() {
-                    let want = ((max - self.carry.len()) / 3 + 1).saturating_mul(4).min(16 << 20);
-                    let mut chars = Vec::with_capacity(want);
-                    while chars.len() < want && *pos < src.len() {
-                        let b = src[*pos];
+    pub fn next_chunk(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        match &mut self.state {
+            State::Identity => {
+                let n = usize::try_from(self.body.end - self.pos).unwrap_or(usize::MAX).min(max);
+                let out = self.msg.read(self.pos, n)?;
+                self.pos += out.len() as u64;
+                Ok(out)
+            }
+            State::Decoded(data) => {
+                if data.is_none() {
+                    *data = Some((quoted_printable(&read_range(self.msg, self.body.clone())?), 0));
+                }
+                let Some((data, at)) = data else { return Ok(Vec::new()) };
+                let end = at.saturating_add(max).min(data.len());
+                let out = data[*at..end].to_vec();
+                *at = end;
+                Ok(out)
+            }
+            State::Base64 { chars, ended } => {
+                while self.carry.len() < max && !*ended {
+                    // Enough encoded bytes for what is missing, plus room for line breaks.
+                    let want = ((max - self.carry.len()) / 3 + 1).saturating_mul(4).min(BLOCK * 4);
+                    let n = usize::try_from(self.body.end - self.pos).unwrap_or(usize::MAX).min(want + want / 32 + 16);
+                    let block = self.msg.read(self.pos, n)?;
+                    self.pos += block.len() as u64;
+                    for &b in &block {
                         if b == b'=' {
-                            *pos = src.len();
+                            *ended = true;
                             break;
                         }
                         if is_b64(b) {
                             chars.push(b);
                         }
-                        *pos += 1;
                     }
-                    // A lone last character carries no whole byte.
-                    if chars.len() % 4 == 1 {
-                        chars.pop();
+                    if block.is_empty() || self.pos >= self.body.end {
+                        *ended = true;
                     }
-                    match LENIENT.decode(&chars) {
-                        Ok(bytes) => self.carry.extend_from_slice(&bytes),
-                        Err(_) => break,
+                    // Whole quantums now; at the end, the rest too (a lone last character
+                    // carries no whole byte).
+                    let whole = if *ended { chars.len() - usize::from(chars.len() % 4 == 1) } else { chars.len() / 4 * 4 };
+                    let decoded = LENIENT.decode(&chars[..whole]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    self.carry.extend_from_slice(&decoded);
+                    chars.drain(..whole);
+                    if *ended {
+                        chars.clear();
                     }
                 }
                 let n = max.min(self.carry.len());
                 let rest = self.carry.split_off(n);
-                std::mem::replace(&mut self.carry, rest)
+                Ok(std::mem::replace(&mut self.carry, rest))
             }
         }
     }
 
     /// Skips `n` bytes (resuming an upload).
-    pub fn skip(&mut self, mut n: u64) {
+    pub fn skip(&mut self, mut n: u64) -> io::Result<()> {
         const STEP: usize = 3 << 20;
         while n > 0 {
             let step = usize::try_from(n).unwrap_or(STEP).min(STEP);
-            let got = self.next_chunk(step).len();
+            let got = self.next_chunk(step)?.len();
             if got == 0 {
-                return;
+                return Ok(());
             }
             n -= got as u64;
         }
+        Ok(())
     }
 }
 
-fn take(data: &[u8], pos: &mut usize, max: usize) -> Vec<u8> {
-    let end = pos.saturating_add(max).min(data.len());
-    let out = data[*pos..end].to_vec();
-    *pos = end;
-    out
-}
-
-/// The decoded size of base64 text (RFC 2045 6.8), counted without decoding.
-fn base64_size(src: &[u8]) -> u64 {
-    let end = src.iter().position(|&b| b == b'=').unwrap_or(src.len());
-    let chars = src[..end].iter().filter(|&&b| is_b64(b)).count() as u64;
-    chars / 4 * 3 + [0, 0, 1, 2][(chars % 4) as usize]
+/// The decoded size of base64 text (RFC 2045 6.8), counted a block at a time without decoding.
+fn base64_size<S: Source + ?Sized>(msg: &S, body: Range<u64>) -> io::Result<u64> {
+    let mut chars = 0u64;
+    let mut pos = body.start;
+    'read: while pos < body.end {
+        let n = usize::try_from(body.end - pos).unwrap_or(usize::MAX).min(BLOCK);
+        let block = msg.read(pos, n)?;
+        if block.is_empty() {
+            break;
+        }
+        for &b in &block {
+            if b == b'=' {
+                break 'read;
+            }
+            chars += u64::from(is_b64(b));
+        }
+        pos += block.len() as u64;
+    }
+    Ok(chars / 4 * 3 + [0, 0, 1, 2][(chars % 4) as usize])
 }
 
 /// Decodes quoted-printable (RFC 2045 6.7): `=XX`, soft line breaks `=` CRLF; an `=` that
@@ -382,17 +502,17 @@ mod tests {
     fn finds_the_attachments_and_removing_them_keeps_every_other_byte() {
         let (pdf, png) = (bytes(10_000, 1), bytes(301, 2));
         let msg = scan(&pdf, &png);
-        let parts = find(&msg);
+        let parts = find(msg.as_slice()).expect("reads");
         let [a, b] = parts.attachments.as_slice() else { panic!("{parts:?}") };
         assert_eq!(
             (a.name.as_str(), a.content_type.as_str(), a.size, a.inline),
             ("scan 1.pdf", "application/pdf", 10_000, false)
         );
         assert_eq!((b.name.as_str(), b.content_id.as_deref(), b.size, b.inline), ("p.png", Some("p1@x"), 301, true));
-        assert_eq!(a.read_all(&msg), pdf);
-        assert_eq!(b.read_all(&msg), png);
+        assert_eq!(a.read_all(&msg[..]).expect("reads"), pdf);
+        assert_eq!(b.read_all(&msg[..]).expect("reads"), png);
 
-        let rest = without(&msg, &parts, &[a, b]);
+        let rest = without(&msg[..], &parts, &[a, b]).expect("reads");
         let expected = b"From: scans@contoso.com\r\nTo: a@b.c\r\nSubject: Scan\r\nMIME-Version: 1.0\r\n\
              Content-Type: multipart/mixed; boundary=\"=_b1\"\r\n\r\n\
              This is a multi-part message in MIME format.\r\n\
@@ -400,7 +520,7 @@ mod tests {
              --=_b1--\r\nepilogue\r\n";
         assert_eq!(String::from_utf8_lossy(&rest), String::from_utf8_lossy(expected));
         // Removing only the first keeps the second part byte for byte.
-        let rest = without(&msg, &parts, &[a]);
+        let rest = without(&msg[..], &parts, &[a]).expect("reads");
         let rest = String::from_utf8_lossy(&rest);
         assert!(rest.contains(&format!("Content-ID: <p1@x>\r\n\r\n{}--=_b1--\r\n", wrapped(&png))), "{rest}");
         assert!(!rest.contains("scan 1.pdf"));
@@ -417,10 +537,10 @@ mod tests {
              Content-Disposition: attachment; filename=a.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n{}--b--\r\n",
             wrapped(&pdf)
         );
-        let parts = find(msg.as_bytes());
+        let parts = find(msg.as_bytes()).expect("reads");
         assert_eq!(parts.attachments.len(), 1);
         let all: Vec<&Attachment> = parts.attachments.iter().collect();
-        let rest = without(msg.as_bytes(), &parts, &all);
+        let rest = without(msg.as_bytes(), &parts, &all).expect("reads");
         assert_eq!(
             String::from_utf8_lossy(&rest),
             "Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n\r\n--b--\r\n"
@@ -432,27 +552,27 @@ mod tests {
 
     #[test]
     fn not_multipart_or_no_file_means_no_attachment() {
-        assert!(find(b"Subject: x\r\n\r\nbody\r\n").attachments.is_empty());
-        assert!(find(b"Subject: x\r\nContent-Type: application/pdf\r\n\r\n%PDF\r\n").attachments.is_empty());
+        assert!(find(&b"Subject: x\r\n\r\nbody\r\n"[..]).expect("reads").attachments.is_empty());
+        assert!(find(&b"Subject: x\r\nContent-Type: application/pdf\r\n\r\n%PDF\r\n"[..]).expect("reads").attachments.is_empty());
         let msg = b"Content-Type: multipart/alternative; boundary=q\r\n\r\n--q\r\nContent-Type: text/plain\r\n\r\nhi\r\n--q\r\nContent-Type: text/html\r\n\r\n<p>hi</p>\r\n--q--\r\n";
-        assert!(find(msg).attachments.is_empty());
+        assert!(find(&msg[..]).expect("reads").attachments.is_empty());
         // A boundary inside a longer word is no delimiter.
         let msg = b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\nContent-Disposition: attachment; filename=a\r\n\r\n--qx\r\n--q--\r\n";
-        let parts = find(msg);
+        let parts = find(&msg[..]).expect("reads");
         assert_eq!(parts.attachments.len(), 1);
-        assert_eq!(parts.attachments[0].read_all(msg), b"--qx");
+        assert_eq!(parts.attachments[0].read_all(&msg[..]).expect("reads"), b"--qx");
     }
 
     #[test]
     fn content_comes_in_chunks_and_can_skip() {
         let pdf = bytes(100_003, 9);
         let msg = scan(&pdf, b"x");
-        let parts = find(&msg);
+        let parts = find(msg.as_slice()).expect("reads");
         let a = &parts.attachments[0];
-        let mut c = a.content(&msg);
+        let mut c = a.content(&msg[..]);
         let mut got = Vec::new();
         loop {
-            let chunk = c.next_chunk(7_001);
+            let chunk = c.next_chunk(7_001).expect("reads");
             if chunk.is_empty() {
                 break;
             }
@@ -460,9 +580,9 @@ mod tests {
             got.extend_from_slice(&chunk);
         }
         assert_eq!(got, pdf);
-        let mut c = a.content(&msg);
-        c.skip(50_001);
-        assert_eq!(c.next_chunk(10), pdf[50_001..50_011]);
+        let mut c = a.content(&msg[..]);
+        c.skip(50_001).expect("reads");
+        assert_eq!(c.next_chunk(10).expect("reads"), pdf[50_001..50_011]);
     }
 
     #[test]
@@ -470,11 +590,11 @@ mod tests {
         let msg = b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\nContent-Type: text/csv; name=t.csv\r\n\
             Content-Transfer-Encoding: quoted-printable\r\n\r\na=3Db  \r\nlong=\r\nline=\r\n--q\r\n\
             Content-Type: application/octet-stream; name=raw.bin\r\nContent-Transfer-Encoding: binary\r\n\r\n\x00\x01\xff\r\n--q--\r\n";
-        let parts = find(msg);
+        let parts = find(&msg[..]).expect("reads");
         let [t, r] = parts.attachments.as_slice() else { panic!("{parts:?}") };
-        assert_eq!(t.read_all(msg), b"a=b\r\nlongline");
+        assert_eq!(t.read_all(&msg[..]).expect("reads"), b"a=b\r\nlongline");
         assert_eq!(t.size, 13);
-        assert_eq!(r.read_all(msg), b"\x00\x01\xff");
+        assert_eq!(r.read_all(&msg[..]).expect("reads"), b"\x00\x01\xff");
         assert_eq!(r.content_type, "application/octet-stream");
     }
 
@@ -482,7 +602,8 @@ mod tests {
     fn base64_size_counts_without_decoding() {
         for n in 0..20 {
             let data = bytes(n, 0);
-            assert_eq!(base64_size(wrapped(&data).as_bytes()), n as u64);
+            let w = wrapped(&data);
+            assert_eq!(base64_size(w.as_bytes(), 0..w.len() as u64).expect("reads"), n as u64);
         }
     }
 }

@@ -35,9 +35,10 @@
 //!   it sends again, as SMTP does after a lost reply to the final dot (RFC 5321 6.1).
 //!
 //! # Memory
-//! The message is read whole ([`Outgoing::read_all`]): the attachments are found in it and
-//! decoded from it a range at a time, so a send holds the encoded message once plus one range
-//! (about 1.4 times the scan, 210 MB for a 150 MB attachment), never a decoded copy of it.
+//! The message is read from the spool in ranges ([`Outgoing`] as an attachments
+//! [`Source`]): scanned a block at a time for its attachments, the rest (at most 2.3 MB) built
+//! in memory, each attachment decoded one upload range (3.75 MiB) at a time. An attachment
+//! under 2 MiB is decoded whole for its JSON request, a small message read whole for sendMail.
 
 mod reply;
 
@@ -60,7 +61,7 @@ use super::client::{SendError, SendOutcome};
 use super::recipients::Outgoing;
 use super::trace::emit;
 use crate::locks::MutexExt;
-use crate::message::attachments::{self, Attachment};
+use crate::message::attachments::{self, Attachment, Source};
 use crate::oauth::tokens::AccessToken;
 
 pub use reply::DEFAULT_RETRY_AFTER;
@@ -142,34 +143,52 @@ fn b64_len(n: usize) -> usize {
     n.div_ceil(3).saturating_mul(4)
 }
 
-/// How `mime` goes through Graph, or why it cannot.
-pub fn plan(mime: &[u8]) -> Result<Plan, UpstreamReply> {
-    if b64_len(mime.len()) <= MAX_POST {
+/// How `mime` goes through Graph, or why it cannot (`Rejected`, permanently).
+pub fn plan<S: Source + ?Sized>(mime: &S) -> Result<Plan, SendError> {
+    if b64_len(usize::try_from(mime.size()).unwrap_or(usize::MAX)) <= MAX_POST {
         return Ok(Plan::Small);
     }
-    let parts = attachments::find(mime);
-    let all: Vec<&Attachment> = parts.attachments.iter().collect();
-    let rest = attachments::without(mime, &parts, &all);
+    let (rest, attachments) = split(mime)?;
     if b64_len(rest.len()) > MAX_POST {
-        return Err(UpstreamReply::new(
+        return Err(SendError::Rejected(UpstreamReply::new(
             552,
             format!(
                 "5.3.4 Microsoft Graph takes at most {MAX_POST} bytes per request; without its {} attachments the message is still {} bytes",
-                all.len(),
+                attachments.len(),
                 rest.len()
             ),
-        ));
+        )));
     }
-    if let Some(a) = parts.attachments.iter().find(|a| a.size > MAX_ATTACHMENT) {
-        return Err(UpstreamReply::new(
+    if let Some(a) = attachments.iter().find(|a| a.size > MAX_ATTACHMENT) {
+        return Err(SendError::Rejected(UpstreamReply::new(
             552,
-            format!(
-                "5.3.4 attachment \"{}\" is {} bytes; Microsoft Graph takes at most {MAX_ATTACHMENT}",
-                a.name, a.size
-            ),
-        ));
+            format!("5.3.4 attachment \"{}\" is {} bytes; Microsoft Graph takes at most {MAX_ATTACHMENT}", a.name, a.size),
+        )));
     }
-    Ok(Plan::Large { rest, attachments: parts.attachments })
+    Ok(Plan::Large { rest, attachments })
+}
+
+/// The message without its top-level attachments, and those attachments.
+fn split<S: Source + ?Sized>(mime: &S) -> Result<(Vec<u8>, Vec<Attachment>), SendError> {
+    let parts = attachments::find(mime).map_err(spool)?;
+    let all: Vec<&Attachment> = parts.attachments.iter().collect();
+    let rest = attachments::without(mime, &parts, &all).map_err(spool)?;
+    Ok((rest, parts.attachments))
+}
+
+fn spool(e: std::io::Error) -> SendError {
+    SendError::Network(format!("reading the spooled message: {e}"))
+}
+
+/// The message as it goes out, read in ranges from the spool.
+impl Source for Outgoing {
+    fn size(&self) -> u64 {
+        self.len()
+    }
+
+    fn read(&self, start: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.read_range(start, len)
+    }
 }
 
 /// Why a step of the draft path did not finish.
@@ -248,28 +267,28 @@ impl Graph {
     /// Sends `msg` as `msg.mailbox` with a Graph token, to exactly the envelope's recipients.
     pub async fn send(&self, token: &AccessToken, msg: &ApiMessage<'_>) -> Result<SendOutcome, SendError> {
         // The message as it must go out: its header names exactly the envelope's recipients.
-        // Held whole: the attachments are found and decoded from it (module doc, "Memory").
+        // Read from the spool in ranges as it goes (module doc, "Memory").
         let (path, rcpts) = (msg.body.to_path_buf(), msg.env.rcpts.to_vec());
-        let mime = tokio::task::spawn_blocking(move || Outgoing::open(&path, &rcpts)?.read_all())
-            .await
-            .map_err(|e| SendError::Network(format!("reading the spooled message: {e}")))?
-            .map_err(|e| SendError::Network(format!("reading the spooled message: {e}")))?;
+        let blocking = |e: tokio::task::JoinError| SendError::Network(format!("reading the spooled message: {e}"));
+        let out = tokio::task::spawn_blocking(move || Outgoing::open(&path, &rcpts)).await.map_err(blocking)?.map_err(spool)?;
         let resume = match msg.progress {
             Progress::Graph(r) if *r != Resume::default() => Some(r.clone()),
             _ => None,
         };
-        let plan = plan(&mime).map_err(SendError::Rejected)?;
+        let scan = out.clone();
+        let plan = tokio::task::spawn_blocking(move || plan(&scan)).await.map_err(blocking)??;
         match (plan, resume) {
-            (Plan::Small, None) => self.send_small(token, msg, &mime).await,
+            (Plan::Small, None) => {
+                let mime = out.read_all().map_err(spool)?;
+                self.send_small(token, msg, &mime).await
+            }
             // A draft was started for this message: it is finished, whatever the size now.
             (Plan::Small, Some(r)) => {
-                let parts = attachments::find(&mime);
-                let all: Vec<&Attachment> = parts.attachments.iter().collect();
-                let rest = attachments::without(&mime, &parts, &all);
-                self.send_large(token, msg, &mime, &rest, &parts.attachments, r).await
+                let (rest, atts) = split(&out)?;
+                self.send_large(token, msg, &out, &rest, &atts, r).await
             }
             (Plan::Large { rest, attachments }, r) => {
-                self.send_large(token, msg, &mime, &rest, &attachments, r.unwrap_or_default()).await
+                self.send_large(token, msg, &out, &rest, &attachments, r.unwrap_or_default()).await
             }
         }
     }
@@ -349,7 +368,7 @@ impl Graph {
         &self,
         token: &AccessToken,
         msg: &ApiMessage<'_>,
-        mime: &[u8],
+        mime: &Outgoing,
         rest: &[u8],
         atts: &[Attachment],
         mut r: Resume,
@@ -389,7 +408,7 @@ impl Graph {
         &self,
         token: &AccessToken,
         msg: &ApiMessage<'_>,
-        mime: &[u8],
+        mime: &Outgoing,
         rest: &[u8],
         atts: &[Attachment],
         r: &mut Resume,
@@ -513,7 +532,7 @@ impl Graph {
         &self,
         token: &AccessToken,
         msg: &ApiMessage<'_>,
-        mime: &[u8],
+        mime: &Outgoing,
         id: &str,
         atts: &[Attachment],
         i: usize,
@@ -567,7 +586,7 @@ impl Graph {
         &self,
         token: &AccessToken,
         msg: &ApiMessage<'_>,
-        mime: &[u8],
+        mime: &Outgoing,
         id: &str,
         a: &Attachment,
     ) -> Result<(), Fail> {
@@ -576,7 +595,7 @@ impl Graph {
             "name": a.name,
             "contentType": a.content_type,
             "isInline": a.inline,
-            "contentBytes": STANDARD.encode(a.read_all(mime)),
+            "contentBytes": STANDARD.encode(a.read_all(mime).map_err(spool)?),
         });
         if let Some(cid) = &a.content_id {
             body["contentId"] = json!(cid);
@@ -640,7 +659,7 @@ impl Graph {
     async fn upload(
         &self,
         msg: &ApiMessage<'_>,
-        mime: &[u8],
+        mime: &Outgoing,
         i: usize,
         a: &Attachment,
         url: &SessionUrl,
@@ -648,11 +667,11 @@ impl Graph {
         r: &mut Resume,
     ) -> Result<Option<String>, Fail> {
         let mut content = a.content(mime);
-        content.skip(offset);
+        content.skip(offset).map_err(spool)?;
         let mut at = offset;
         let mut ranges = 0;
         while at < a.size {
-            let chunk = content.next_chunk(RANGE);
+            let chunk = content.next_chunk(RANGE).map_err(spool)?;
             if chunk.is_empty() {
                 break;
             }
@@ -760,20 +779,22 @@ mod tests {
 
     #[test]
     fn small_messages_go_in_one_request_and_large_ones_lose_their_attachments() {
-        assert_eq!(plan(&scan(&[2000])), Ok(Plan::Small));
+        assert!(matches!(plan(scan(&[2000]).as_slice()), Ok(Plan::Small)));
         // Just under the limit in base64: still one request.
         let edge = scan(&[1_700_000]);
         assert!(b64_len(edge.len()) <= MAX_POST, "{}", edge.len());
-        assert_eq!(plan(&edge), Ok(Plan::Small));
-        let Ok(Plan::Large { rest, attachments }) = plan(&scan(&[1_000_000, 1_000_000, 3_000_000])) else {
+        assert!(matches!(plan(edge.as_slice()), Ok(Plan::Small)));
+        let Ok(Plan::Large { rest, attachments }) = plan(scan(&[1_000_000, 1_000_000, 3_000_000]).as_slice()) else {
             panic!("not large")
         };
         assert_eq!(attachments.iter().map(|a| a.size).collect::<Vec<_>>(), [1_000_000, 1_000_000, 3_000_000]);
         assert!(rest.ends_with(b"\r\n\r\nScan\r\n--b--\r\n"), "{}", String::from_utf8_lossy(&rest));
         // Large with nothing to take out, or an attachment over 150 MB: refused, permanently.
         let big = format!("Subject: x\r\n\r\n{}", "x".repeat(3_000_000));
-        let r = plan(big.as_bytes()).expect_err("too big");
-        assert!(r.code == 552 && r.text.starts_with("5.3.4 "), "{r:?}");
+        match plan(big.as_bytes()) {
+            Err(SendError::Rejected(r)) => assert!(r.code == 552 && r.text.starts_with("5.3.4 "), "{r:?}"),
+            _ => panic!("not refused"),
+        }
     }
 
     #[test]
@@ -800,7 +821,7 @@ mod tests {
 
     #[test]
     fn an_attachment_is_on_the_draft_when_its_name_is_there_once_more() {
-        let Ok(Plan::Large { attachments, .. }) = plan(&scan(&[1_000_000, 1_000_000, 3_000_000])) else { panic!() };
+        let Ok(Plan::Large { attachments, .. }) = plan(scan(&[1_000_000, 1_000_000, 3_000_000]).as_slice()) else { panic!() };
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert!(!already_there(&names(&["p0.pdf"]), &attachments, &[0], 1));
         assert!(already_there(&names(&["p0.pdf", "p1.pdf"]), &attachments, &[0], 1));
