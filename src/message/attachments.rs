@@ -205,7 +205,12 @@ fn delimiters<S: Source + ?Sized>(msg: &S, body_start: u64, boundary: &[u8]) -> 
 }
 
 /// The part at `part` when it is an attachment.
-fn attachment<S: Source + ?Sized>(msg: &S, part: Range<u64>, cut: Range<u64>, n: usize) -> io::Result<Option<Attachment>> {
+fn attachment<S: Source + ?Sized>(
+    msg: &S,
+    part: Range<u64>,
+    cut: Range<u64>,
+    n: usize,
+) -> io::Result<Option<Attachment>> {
     let len = usize::try_from(part.end - part.start).unwrap_or(usize::MAX);
     let bytes = msg.read(part.start, len.min(MAX_HEADER_SECTION + 4))?;
     // A part that starts with CRLF has no header fields (RFC 2046 5.1.1).
@@ -318,7 +323,10 @@ pub struct Content<'a, S: Source + ?Sized> {
 
 enum State {
     /// `chars`: base64 characters read but not decoded yet (less than a quantum).
-    Base64 { chars: Vec<u8>, ended: bool },
+    Base64 {
+        chars: Vec<u8>,
+        ended: bool,
+    },
     Identity,
     /// Quoted-printable is decoded whole (rare for a scan, and never large).
     Decoded(Option<(Vec<u8>, usize)>),
@@ -377,8 +385,10 @@ impl<S: Source + ?Sized> Content<'_, S> {
                     }
                     // Whole quantums now; at the end, the rest too (a lone last character
                     // carries no whole byte).
-                    let whole = if *ended { chars.len() - usize::from(chars.len() % 4 == 1) } else { chars.len() / 4 * 4 };
-                    let decoded = LENIENT.decode(&chars[..whole]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    let whole =
+                        if *ended { chars.len() - usize::from(chars.len() % 4 == 1) } else { chars.len() / 4 * 4 };
+                    let decoded =
+                        LENIENT.decode(&chars[..whole]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                     self.carry.extend_from_slice(&decoded);
                     chars.drain(..whole);
                     if *ended {
@@ -553,7 +563,10 @@ mod tests {
     #[test]
     fn not_multipart_or_no_file_means_no_attachment() {
         assert!(find(&b"Subject: x\r\n\r\nbody\r\n"[..]).expect("reads").attachments.is_empty());
-        assert!(find(&b"Subject: x\r\nContent-Type: application/pdf\r\n\r\n%PDF\r\n"[..]).expect("reads").attachments.is_empty());
+        assert!(find(&b"Subject: x\r\nContent-Type: application/pdf\r\n\r\n%PDF\r\n"[..])
+            .expect("reads")
+            .attachments
+            .is_empty());
         let msg = b"Content-Type: multipart/alternative; boundary=q\r\n\r\n--q\r\nContent-Type: text/plain\r\n\r\nhi\r\n--q\r\nContent-Type: text/html\r\n\r\n<p>hi</p>\r\n--q--\r\n";
         assert!(find(&msg[..]).expect("reads").attachments.is_empty());
         // A boundary inside a longer word is no delimiter.

@@ -432,3 +432,30 @@ async fn one_transaction_per_recipient_reaches_exactly_its_envelope_on_both_path
         }
     }
 }
+
+#[tokio::test]
+async fn a_crash_before_the_draft_id_is_saved_leaves_an_orphan_draft_never_a_second_send() {
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &pdf(4_000_000, 41))]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.fake.fault(Op::CreateDraft, 1, Action::Hang);
+    let sink = MemSink::default();
+    assert!(tokio::time::timeout(Duration::from_secs(5), f.send(&Progress::None, &sink)).await.is_err());
+    let saved = sink.last();
+    assert!(matches!(&saved, Progress::Graph(r) if r.creating && r.draft.is_none()), "{saved:?}");
+    f.send(&saved, &sink).await.expect("sent with a new draft");
+    assert_eq!(f.fake.sent().len(), 1, "sent once");
+    // The orphan stays in Drafts, unsent, and can be found by its Message-ID.
+    let url = format!("{}/v1.0/users/{MAILBOX}/messages", f.fake.url());
+    let listed: serde_json::Value = reqwest::Client::new()
+        .get(url)
+        .query(&[("$filter", "internetMessageId eq '<scan-1@relay.lan>'")])
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("lists")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed["value"].as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(f.fake.drafts().len(), 1);
+}

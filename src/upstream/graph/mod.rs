@@ -162,7 +162,10 @@ pub fn plan<S: Source + ?Sized>(mime: &S) -> Result<Plan, SendError> {
     if let Some(a) = attachments.iter().find(|a| a.size > MAX_ATTACHMENT) {
         return Err(SendError::Rejected(UpstreamReply::new(
             552,
-            format!("5.3.4 attachment \"{}\" is {} bytes; Microsoft Graph takes at most {MAX_ATTACHMENT}", a.name, a.size),
+            format!(
+                "5.3.4 attachment \"{}\" is {} bytes; Microsoft Graph takes at most {MAX_ATTACHMENT}",
+                a.name, a.size
+            ),
         )));
     }
     Ok(Plan::Large { rest, attachments })
@@ -270,7 +273,10 @@ impl Graph {
         // Read from the spool in ranges as it goes (module doc, "Memory").
         let (path, rcpts) = (msg.body.to_path_buf(), msg.env.rcpts.to_vec());
         let blocking = |e: tokio::task::JoinError| SendError::Network(format!("reading the spooled message: {e}"));
-        let out = tokio::task::spawn_blocking(move || Outgoing::open(&path, &rcpts)).await.map_err(blocking)?.map_err(spool)?;
+        let out = tokio::task::spawn_blocking(move || Outgoing::open(&path, &rcpts))
+            .await
+            .map_err(blocking)?
+            .map_err(spool)?;
         let resume = match msg.progress {
             Progress::Graph(r) if *r != Resume::default() => Some(r.clone()),
             _ => None,
@@ -821,7 +827,9 @@ mod tests {
 
     #[test]
     fn an_attachment_is_on_the_draft_when_its_name_is_there_once_more() {
-        let Ok(Plan::Large { attachments, .. }) = plan(scan(&[1_000_000, 1_000_000, 3_000_000]).as_slice()) else { panic!() };
+        let Ok(Plan::Large { attachments, .. }) = plan(scan(&[1_000_000, 1_000_000, 3_000_000]).as_slice()) else {
+            panic!()
+        };
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert!(!already_there(&names(&["p0.pdf"]), &attachments, &[0], 1));
         assert!(already_there(&names(&["p0.pdf", "p1.pdf"]), &attachments, &[0], 1));

@@ -57,6 +57,7 @@ const HANG: Duration = Duration::from_secs(60);
 pub enum Op {
     SendMail,
     CreateDraft,
+    ListMessages,
     GetMessage,
     ListAttachments,
     AddAttachment,
@@ -95,7 +96,6 @@ pub struct Draft {
     pub id: String,
     pub mailbox: String,
     pub mime: Vec<u8>,
-    #[allow(dead_code)] // for tests that look for a draft by Message-ID
     pub internet_message_id: Option<String>,
     /// Attachments added after creation.
     pub added: Vec<FileAttachment>,
@@ -323,6 +323,7 @@ fn route(method: &Method, segs: &[String]) -> Option<(Op, String, Option<String>
             let op = match (m, rest) {
                 ("POST", ["sendMail"]) => Op::SendMail,
                 ("POST", ["messages"]) => Op::CreateDraft,
+                ("GET", ["messages"]) => Op::ListMessages,
                 ("GET", ["messages", _]) => Op::GetMessage,
                 ("POST", ["messages", _, "send"]) => Op::Send,
                 ("GET", ["messages", _, "attachments"]) => Op::ListAttachments,
@@ -424,7 +425,11 @@ async fn handle(
         Some(Action::Hang) => true,
         None => false,
     };
-    let response = serve(&shared, op, &mailbox, id.as_deref(), session.as_deref(), &headers, &body);
+    let response = if op == Op::ListMessages {
+        list_messages(&shared, &mailbox, uri.query().unwrap_or(""))
+    } else {
+        serve(&shared, op, &mailbox, id.as_deref(), session.as_deref(), &headers, &body)
+    };
     guard.end();
     shared.changed.notify_waiters();
     if hang {
@@ -511,6 +516,8 @@ fn serve(
     let draft_of =
         |st: &State, id: Option<&str>| id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox).is_some();
     match op {
+        // Answered by list_messages (it needs the query).
+        Op::ListMessages => graph_error(400, "BadRequest", "unexpected"),
         Op::SendMail => {
             let mime = match parse_b64_mime(body) {
                 Ok(m) => m,
@@ -526,7 +533,8 @@ fn serve(
                 Ok(m) => m,
                 Err(r) => return *r,
             };
-            let Some(Mime { message_id: mid, .. }) = read_mime(&mime) else {
+            // Graph's internetMessageId keeps the angle brackets.
+            let Some(mid) = read_mime(&mime).map(|m| m.message_id.map(|id| format!("<{id}>"))) else {
                 return graph_error(400, "ErrorMimeContentInvalid", "The MIME content is invalid.");
             };
             st.next += 1;
@@ -675,6 +683,26 @@ fn serve(
             StatusCode::ACCEPTED.into_response()
         }
     }
+}
+
+/// The mailbox's drafts; `$filter=internetMessageId eq '<id>'` is understood.
+fn list_messages(shared: &Shared, mailbox: &str, query: &str) -> Response {
+    let query = percent_decode(&query.replace('+', " "));
+    let wanted = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("$filter="))
+        .and_then(|f| f.trim().strip_prefix("internetMessageId eq '"))
+        .and_then(|f| f.strip_suffix('\''))
+        .map(str::to_string);
+    let st = shared.lock();
+    let value: Vec<Value> = st
+        .drafts
+        .values()
+        .filter(|d| d.mailbox == mailbox)
+        .filter(|d| wanted.is_none() || d.internet_message_id == wanted)
+        .map(|d| json!({"id": d.id, "isDraft": true, "internetMessageId": d.internet_message_id}))
+        .collect();
+    axum::Json(json!({"value": value})).into_response()
 }
 
 /// `bytes START-END/TOTAL` (RFC 9110 14.4).
