@@ -7,7 +7,9 @@
 //! a file name or `Content-Disposition: attachment` and is neither a multipart nor a message.
 //! Removing a part removes its delimiter line and its bytes; every other byte of the message
 //! stays as it was. Should every part be an attachment, an empty `text/plain` part takes the
-//! first one's place (a multipart needs at least one part, RFC 2046 5.1.1).
+//! first one's place (a multipart needs at least one part, RFC 2046 5.1.1). A message that is
+//! not multipart but one file (a named `application/pdf` body) is that file plus an empty
+//! text message with the same header fields but those that described the file.
 //!
 //! The message is read through a [`Source`] (memory, or the spool file as it goes out) a
 //! bounded block at a time, and an attachment's content is decoded the same way ([`Content`]):
@@ -82,11 +84,14 @@ pub struct Parts {
     boundary: String,
     /// The multipart has parts that are no attachments.
     has_other: bool,
+    /// The message is not multipart but one file: its header section's length (CRLF CRLF
+    /// included).
+    single: Option<u64>,
 }
 
 /// Finds the top-level attachments of `msg` (none when it is not multipart).
 pub fn find<S: Source + ?Sized>(msg: &S) -> io::Result<Parts> {
-    let none = Parts { attachments: Vec::new(), boundary: String::new(), has_other: true };
+    let none = Parts { attachments: Vec::new(), boundary: String::new(), has_other: true, single: None };
     let start = msg.read(0, MAX_HEADER_SECTION + 4)?;
     let body_start = match find_bytes(&start, b"\r\n\r\n") {
         Some(i) => i + 4,
@@ -95,7 +100,18 @@ pub fn find<S: Source + ?Sized>(msg: &S) -> io::Result<Parts> {
     let Some(headers) = MessageParser::default().parse_headers(&start[..body_start]) else { return Ok(none) };
     let Some(ct) = headers.content_type() else { return Ok(none) };
     if !ct.ctype().eq_ignore_ascii_case("multipart") {
-        return Ok(none);
+        // The whole message may be one file (a device that sends the scan as the body).
+        let whole = 0..msg.size();
+        let probe = attachment(msg, whole.clone(), whole, 0)?;
+        return Ok(match probe {
+            Some(a) => Parts {
+                attachments: vec![a],
+                boundary: String::new(),
+                has_other: false,
+                single: Some(body_start as u64),
+            },
+            None => none,
+        });
     }
     let Some(boundary) = ct.attribute("boundary").filter(|b| !b.is_empty()).map(str::to_string) else {
         return Ok(none);
@@ -118,7 +134,7 @@ pub fn find<S: Source + ?Sized>(msg: &S) -> io::Result<Parts> {
     if delimiters.last().is_some_and(|d| !d.close) {
         has_other = true;
     }
-    Ok(Parts { attachments, boundary, has_other })
+    Ok(Parts { attachments, boundary, has_other, single: None })
 }
 
 /// A delimiter line (RFC 2046 5.1.1) of the top-level multipart.
@@ -270,6 +286,9 @@ fn read_range<S: Source + ?Sized>(msg: &S, r: Range<u64>) -> io::Result<Vec<u8>>
 /// removed parts is kept; when nothing but attachments would be left, an empty text part is put
 /// in the first one's place.
 pub fn without<S: Source + ?Sized>(msg: &S, parts: &Parts, remove: &[&Attachment]) -> io::Result<Vec<u8>> {
+    if let (Some(body_start), false) = (parts.single, remove.is_empty()) {
+        return Ok(single_without(&msg.read(0, usize::try_from(body_start).unwrap_or(0).saturating_sub(2))?));
+    }
     let mut out = Vec::new();
     let mut at = 0;
     let all = !parts.has_other && remove.len() == parts.attachments.len();
@@ -291,6 +310,29 @@ pub fn without<S: Source + ?Sized>(msg: &S, parts: &Parts, remove: &[&Attachment
     }
     out.extend_from_slice(&read_range(msg, at..msg.size())?);
     Ok(out)
+}
+
+/// A message that is one file, without it: its header section less the fields that described
+/// the file, as an empty text message (RFC 2045 5.2: text/plain is the default).
+fn single_without(header: &[u8]) -> Vec<u8> {
+    const FILE_FIELDS: [&str; 5] =
+        ["Content-Type", "Content-Transfer-Encoding", "Content-Disposition", "Content-ID", "Content-Description"];
+    let mut out = Vec::with_capacity(header.len() + 64);
+    for f in super::fields(header) {
+        if FILE_FIELDS.iter().any(|n| f.is(n)) {
+            continue;
+        }
+        out.extend_from_slice(f.name);
+        out.push(b':');
+        out.extend_from_slice(f.value);
+        out.extend_from_slice(b"\r\n");
+        for m in &f.more {
+            out.extend_from_slice(m);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"Content-Type: text/plain; charset=us-ascii\r\n\r\n");
+    out
 }
 
 impl Attachment {
@@ -618,5 +660,33 @@ mod tests {
             let w = wrapped(&data);
             assert_eq!(base64_size(w.as_bytes(), 0..w.len() as u64).expect("reads"), n as u64);
         }
+    }
+
+    #[test]
+    fn a_message_that_is_one_file_becomes_an_empty_text_and_the_file() {
+        let pdf = bytes(4000, 6);
+        let msg = format!(
+            "From: scans@contoso.com\r\nTo: a@b.c,\r\n d@e.f\r\nSubject: Scan\r\nMIME-Version: 1.0\r\n\
+             Content-Type: application/pdf; name=scan.pdf\r\nContent-Transfer-Encoding: base64\r\n\
+             Content-Disposition: attachment;\r\n filename=scan.pdf\r\n\r\n{}",
+            wrapped(&pdf)
+        );
+        let parts = find(msg.as_bytes()).expect("reads");
+        let [a] = parts.attachments.as_slice() else { panic!("{parts:?}") };
+        assert_eq!((a.name.as_str(), a.size), ("scan.pdf", 4000));
+        assert_eq!(a.read_all(msg.as_bytes()).expect("reads"), pdf);
+        let rest = without(msg.as_bytes(), &parts, &[a]).expect("reads");
+        assert_eq!(
+            String::from_utf8_lossy(&rest),
+            "From: scans@contoso.com\r\nTo: a@b.c,\r\n d@e.f\r\nSubject: Scan\r\nMIME-Version: 1.0\r\n\
+             Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+        );
+        // Nothing removed: the message as it is.
+        assert_eq!(without(msg.as_bytes(), &parts, &[]).expect("reads"), msg.as_bytes());
+        // A plain text message is no file.
+        assert!(find(&b"Subject: x\r\nContent-Type: text/plain\r\n\r\nhello\r\n"[..])
+            .expect("reads")
+            .attachments
+            .is_empty());
     }
 }

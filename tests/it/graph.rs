@@ -459,3 +459,26 @@ async fn a_crash_before_the_draft_id_is_saved_leaves_an_orphan_draft_never_a_sec
     assert_eq!(listed["value"].as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(f.fake.drafts().len(), 1);
 }
+
+#[tokio::test]
+async fn a_scan_sent_as_the_whole_body_goes_up_as_an_attachment() {
+    let scan = pdf(5_000_000, 51);
+    let mut msg =
+        b"From: scans@contoso.com\r\nTo: anna@contoso.com\r\nSubject: Scan\r\nMessage-ID: <one@relay.lan>\r\n\
+        MIME-Version: 1.0\r\nContent-Type: application/pdf; name=\"scan.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\
+        Content-Disposition: attachment; filename=\"scan.pdf\"\r\n\r\n"
+            .to_vec();
+    for line in STANDARD.encode(&scan).as_bytes().chunks(76) {
+        msg.extend_from_slice(line);
+        msg.extend_from_slice(b"\r\n");
+    }
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.send(&Progress::None, &MemSink::default()).await.expect("sent");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].recipients(), ["anna@contoso.com"]);
+    let got = sent_attachments(&sent[0]);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].0 == "scan.pdf" && got[0].1 == scan, "the scan arrived changed");
+    f.assert_requests_within_limits();
+}
