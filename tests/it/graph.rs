@@ -482,3 +482,21 @@ async fn a_scan_sent_as_the_whole_body_goes_up_as_an_attachment() {
     assert!(got[0].0 == "scan.pdf" && got[0].1 == scan, "the scan arrived changed");
     f.assert_requests_within_limits();
 }
+
+#[tokio::test]
+async fn throttled_mid_upload_the_next_attempt_continues_where_it_stopped() {
+    let scan = pdf(10 * 1000 * 1000, 61);
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &scan)]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.fake.fault(Op::Put, 2, Action::error(503, "ServiceUnavailable", "The service is busy."));
+    let sink = MemSink::default();
+    let first = f.send(&Progress::None, &sink).await;
+    assert!(matches!(first, Err(SendError::Throttled { .. })), "{first:?}");
+    f.send(&sink.last(), &sink).await.expect("resumed");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(sent_attachments(&sent[0])[0].1 == scan, "the scan arrived changed");
+    assert_eq!((f.count(Op::CreateDraft), f.count(Op::CreateSession)), (1, 1));
+    // Three ranges and the refused one: the first range was not sent again.
+    assert_eq!(f.count(Op::Put), 4);
+}
