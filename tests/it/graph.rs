@@ -500,3 +500,108 @@ async fn throttled_mid_upload_the_next_attempt_continues_where_it_stopped() {
     // Three ranges and the refused one: the first range was not sent again.
     assert_eq!(f.count(Op::Put), 4);
 }
+
+// ---------------------------------------------------------------------------
+// Through the relay: an identity with send_via = "graph"
+// ---------------------------------------------------------------------------
+
+/// A relay whose identity "scans" (client credentials) sends through `fake` with
+/// `send_via = "graph"`; device "floor3" (PIN 1234) uses it.
+async fn relay_through(
+    tweak: impl FnOnce(&mut crate::common::relay::Setup),
+) -> (crate::common::relay::World, FakeGraph) {
+    use crate::common::fake_oauth::FakeOAuth;
+    use crate::common::relay::{endpoints, pin_hash, World, CLIENT_ID, CLIENT_SECRET, SCANS};
+
+    // The fake Graph knows the fake provider's tokens (which starts with the relay).
+    let idp: Arc<std::sync::OnceLock<FakeOAuth>> = Arc::default();
+    let known = idp.clone();
+    let fake = FakeGraph::start(Arc::new(move |t: &str| {
+        known.get().filter(|idp| idp.token_is_valid(t, SCANS)).map(|_| SCANS.to_string())
+    }))
+    .await;
+    let base = fake.url();
+    let w = World::start_with(
+        |e| {
+            let _ = idp.set(e.idp.clone());
+            format!(
+                "[[provider]]\nname = \"contoso\"\nkind = \"microsoft\"\ntenant = \"contoso.test\"\nclient_id = \"{CLIENT_ID}\"\n\
+                 client_secret = \"{CLIENT_SECRET}\"\n{}graph_url = \"{base}\"\n\n\
+                 [[identity]]\nname = \"scans\"\nprovider = \"contoso\"\nemail = \"{SCANS}\"\nflow = \"client_credentials\"\nsend_via = \"graph\"\n\n\
+                 [[device]]\nname = \"floor3\"\nidentity = \"scans\"\nusername = \"floor3\"\npin_hash = \"{}\"\n",
+                endpoints(e.idp),
+                pin_hash()
+            )
+        },
+        tweak,
+    )
+    .await;
+    (w, fake)
+}
+
+const DEVICE: [&str; 8] = ["--auth", "PLAIN", "--user", "floor3", "--password", "1234", "--to", "bob@contoso.test"];
+
+/// The relay end to end: a printer's scans (small, and large with a 9 MB file) through an
+/// identity with `send_via = "graph"`, one transaction per recipient, to the envelope only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_printer_s_scans_go_out_through_graph() {
+    let (w, fake) = relay_through(|_| {}).await;
+    let small = scan_message(&["alice@contoso.test", "bob@contoso.test"], &[("small.pdf", &pdf(2_000, 71))]);
+    let r = w.send(&DEVICE, &small).await;
+    assert!(r.ok && r.message.contains("delivered"), "{r:?}\n{}", w.relay.log());
+    let large = scan_message(&["alice@contoso.test", "bob@contoso.test"], &[("scan.pdf", &pdf(9_000_000, 72))]);
+    let r = w.send(&DEVICE, &large).await;
+    assert!(r.ok, "{r:?}\n{}", w.relay.log());
+    let sent = fake.wait_for_sent(2, Duration::from_secs(60)).await;
+    assert_eq!(sent.len(), 2, "{}", w.relay.log());
+    for (m, original) in sent.iter().zip([&small, &large]) {
+        assert_eq!(m.mailbox, crate::common::relay::SCANS);
+        assert_eq!(m.recipients(), ["bob@contoso.test"]);
+        assert_eq!(sent_attachments(m), original_attachments(original), "attachments byte for byte");
+    }
+    assert_eq!((sent[0].by_send_mail, sent[1].by_send_mail), (true, false));
+    for r in fake.requests() {
+        assert!(r.op != Some(Op::Put) || !r.authorization, "{r:?}");
+    }
+}
+
+/// The relay killed (SIGKILL) in the middle of an upload session: after the restart the queued
+/// message continues the same draft and session, and Graph sends it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_upload_continues_after_restart_and_sends_once() {
+    let (mut w, fake) = relay_through(|s| s.relay_extra.push_str("in_session_timeout = \"1s\"\n")).await;
+    fake.fault(Op::Put, 2, Action::Hang);
+    let scan = pdf(12_000_000, 73);
+    let large = scan_message(&["bob@contoso.test"], &[("scan.pdf", &scan)]);
+    let r = w.send(&DEVICE, &large).await;
+    assert!(r.ok && r.message.contains("queued"), "{r:?}\n{}", w.relay.log());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.requests().iter().filter(|r| r.op == Some(Op::Put)).count() < 2 {
+        assert!(Instant::now() < deadline, "the upload never reached its second range\n{}", w.relay.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::task::block_in_place(|| {
+        w.relay.kill9();
+        w.relay.spawn();
+    });
+    let sent = fake.wait_for_sent(1, Duration::from_secs(60)).await;
+    assert_eq!(sent.len(), 1, "{}", w.relay.log());
+    assert!(sent_attachments(&sent[0])[0].1 == scan, "the scan arrived changed");
+    let count = |op| fake.requests().iter().filter(|r| r.op == Some(op)).count();
+    assert_eq!((count(Op::CreateDraft), count(Op::CreateSession)), (1, 1), "the same draft and session continued");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fake.sent().len(), 1, "and it is not sent again");
+}
+
+/// `mfd-relay test` through Graph shows the draft, the attachment and the send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mfd_relay_test_shows_the_graph_steps() {
+    let (w, fake) = relay_through(|_| {}).await;
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        w.relay.cli(&["test", "--device", "floor3", "--to", "bob@contoso.test", "--size", "5MB"], None)
+    });
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(fake.sent().len(), 1, "{out}");
+    assert!(out.contains("draft") && out.contains("attachment 1/1") && out.contains("send"), "{out}");
+    assert!(!out.contains("fake-upload-secret"), "the upload URL is not shown: {out}");
+}

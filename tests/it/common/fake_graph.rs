@@ -247,7 +247,6 @@ impl FakeGraph {
         self.shared.lock().max_in_flight
     }
 
-    #[allow(dead_code)] // for tests through the relay (in-session and queued delivery)
     /// Waits until `n` messages were sent (or `timeout` passed); returns them.
     pub async fn wait_for_sent(&self, n: usize, timeout: Duration) -> Vec<SentMessage> {
         let deadline = Instant::now() + timeout;
