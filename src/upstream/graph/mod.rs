@@ -637,7 +637,7 @@ impl Graph {
             self.call(msg.mailbox, self.api(Method::POST, url, token).json(&json!({"AttachmentItem": item}))).await?;
         match ans.status.as_u16() {
             _ if ans.ok() => match ans.json()["uploadUrl"].as_str() {
-                Some(u) if u.starts_with("https://") || u.starts_with("http://") => Ok(SessionUrl(u.to_string())),
+                Some(u) if usable_upload_url(&self.base, u) => Ok(SessionUrl(u.to_string())),
                 _ => Err(Fail::Send(SendError::Network("Microsoft Graph gave no usable uploadUrl".into()))),
             },
             404 => Err(Fail::Gone),
@@ -729,6 +729,17 @@ impl Graph {
             .map(|v| v.iter().filter_map(|a| a["name"].as_str().map(str::to_string)).collect())
             .unwrap_or_default();
         Ok(already_there(&names, atts, &r.done, i))
+    }
+}
+
+/// Whether an `uploadUrl` may be used: https (Graph's are on outlook.office.com), or http
+/// only when Graph itself is reached by http (a loopback fake: `check` allows nothing else).
+fn usable_upload_url(base: &str, upload: &str) -> bool {
+    let Ok(u) = url::Url::parse(upload) else { return false };
+    match u.scheme() {
+        "https" => u.host_str().is_some(),
+        "http" => base.starts_with("http://") && u.host_str().is_some(),
+        _ => false,
     }
 }
 
@@ -837,6 +848,19 @@ mod tests {
         assert_eq!(range_start("7864320-"), Some(7_864_320));
         assert_eq!(range_start("0-4194303"), Some(0));
         assert_eq!(range_start("x"), None);
+    }
+
+    #[test]
+    fn an_upload_url_must_be_https_when_graph_is() {
+        let graph = "https://graph.microsoft.com";
+        assert!(usable_upload_url(
+            graph,
+            "https://outlook.office.com/api/v2.0/Users('x')/Messages('y')/AttachmentSessions('z')?authtoken=t"
+        ));
+        assert!(!usable_upload_url(graph, "http://outlook.office.com/up?authtoken=t"));
+        assert!(!usable_upload_url(graph, "file:///etc/passwd"));
+        assert!(!usable_upload_url(graph, "not a url"));
+        assert!(usable_upload_url("http://127.0.0.1:5000", "http://127.0.0.1:5000/upload/s1?authtoken=t"));
     }
 
     #[test]
