@@ -584,6 +584,18 @@ async fn auth(config: &Config, cmd: AuthCmd) -> anyhow::Result<ExitCode> {
                     s.last_refresh.map(|t| format!("{} ago", human_secs(now - t))).unwrap_or_else(|| "never".into()),
                     s.last_error.unwrap_or_default()
                 );
+                // An identity with tokens for several resources (Graph and the mail servers),
+                // or whose one token is Graph's: each token on its own line.
+                if s.tokens.len() > 1 || s.tokens.iter().any(|t| t.resource != "mail") {
+                    for t in &s.tokens {
+                        let expiry = match t.expires_at {
+                            Some(e) if e > now => format!("expires in {}", human_secs(e - now)),
+                            Some(e) => format!("expired {} ago", human_secs(now - e)),
+                            None => "none yet".into(),
+                        };
+                        println!("{:<14}  {} token: {expiry}", "", t.resource);
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

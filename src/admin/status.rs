@@ -510,12 +510,29 @@ fn identities(h: &mut String, s: &Status) {
                 e(&st.account)
             )
         };
-        let token = match st.expires_at {
+        let expiry = |at: Option<i64>| match at {
             Some(t) if t > s.now => {
                 format!("expires in {} <small>{}</small>", e(&span(t - s.now)), e(&clock(s.now, t)))
             }
             Some(t) => format!("<span class=err>expired {}</span>", e(&ago(s.now, t))),
             None => "<span class=dim>none</span>".into(),
+        };
+        // One token per resource (Graph and the mail servers): each with its own expiry.
+        let token = if st.tokens.len() > 1 || st.tokens.iter().any(|t| t.resource != "mail") {
+            st.tokens
+                .iter()
+                .map(|t| {
+                    format!(
+                        "<span class=token data-resource=\"{}\">{}: {}</span>",
+                        e(&t.resource),
+                        e(&t.resource),
+                        expiry(t.expires_at)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("<br>")
+        } else {
+            expiry(st.expires_at)
         };
         let mut error =
             st.last_error.as_deref().map(|x| format!("<span class=err>{}</span>", e(&cut(x)))).unwrap_or_default();
@@ -738,6 +755,10 @@ mod tests {
             last_refresh: Some(NOW - 600),
             last_error: None,
             has_refresh_token: true,
+            tokens: vec![crate::oauth::tokens::TokenStatus {
+                resource: "mail".into(),
+                expires_at: (state == "ready").then_some(NOW + 3120),
+            }],
         }
     }
 
@@ -986,6 +1007,24 @@ mod tests {
         s.identities[0].status.signed_in = false;
         s.identities[0].status.account = "scans@contoso.com".into();
         assert!(render(&s).contains("<td>scans@contoso.com<br><small class=dim>no token yet</small></td>"));
+    }
+
+    #[test]
+    fn each_resource_s_token_is_shown_with_its_expiry() {
+        use crate::oauth::tokens::TokenStatus;
+        let mut s = healthy();
+        // One token: the cell is as it always was.
+        let page = render(&s);
+        assert!(!page.contains("data-resource"), "{page}");
+        s.identities[0].status.tokens = vec![
+            TokenStatus { resource: "mail".into(), expires_at: Some(NOW + 3120) },
+            TokenStatus { resource: "graph".into(), expires_at: Some(NOW - 120) },
+        ];
+        let page = render(&s);
+        assert!(page.contains("<span class=token data-resource=\"mail\">mail: expires in 52 min"), "{page}");
+        assert!(page.contains("<span class=token data-resource=\"graph\">graph: <span class=err>expired"), "{page}");
+        s.identities[0].status.tokens[1].expires_at = None;
+        assert!(render(&s).contains("graph: <span class=dim>none</span>"));
     }
 
     #[test]

@@ -52,8 +52,13 @@ pub fn random_id() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
-/// RFC 6749 4.4: app-only tokens with a client secret or a certificate assertion.
-pub async fn client_credentials(http: &reqwest::Client, slot: &Slot) -> Result<TokenSet, TokenError> {
+/// RFC 6749 4.4: app-only tokens with a client secret or a certificate assertion, for the
+/// one resource `scopes` name (Entra refuses a request for several: AADSTS28000).
+pub async fn client_credentials(
+    http: &reqwest::Client,
+    slot: &Slot,
+    scopes: &[String],
+) -> Result<TokenSet, TokenError> {
     let p = &slot.provider;
     let assertion = client_assertion(p)?;
     let secret = client_secret(p)?;
@@ -63,7 +68,7 @@ pub async fn client_credentials(http: &reqwest::Client, slot: &Slot) -> Result<T
             p.name
         )));
     }
-    let scope = slot.scopes.join(" ");
+    let scope = scopes.join(" ");
     let mut form = vec![("grant_type", "client_credentials".to_string())];
     if !scope.is_empty() {
         form.push(("scope", scope));
@@ -85,8 +90,9 @@ struct ServiceAccountKey {
     private_key_id: Option<String>,
 }
 
-/// RFC 7523 2.1: a service account acting as the identity's user (domain-wide delegation).
-pub async fn service_account(http: &reqwest::Client, slot: &Slot) -> Result<TokenSet, TokenError> {
+/// RFC 7523 2.1: a service account acting as the identity's user (domain-wide delegation),
+/// with `scopes`.
+pub async fn service_account(http: &reqwest::Client, slot: &Slot, scopes: &[String]) -> Result<TokenSet, TokenError> {
     let p = &slot.provider;
     let path = p
         .service_account_file
@@ -101,7 +107,7 @@ pub async fn service_account(http: &reqwest::Client, slot: &Slot) -> Result<Toke
     let claims = serde_json::json!({
         "iss": key.client_email,
         "sub": slot.email,
-        "scope": slot.scopes.join(" "),
+        "scope": scopes.join(" "),
         "aud": p.token_url,
         "iat": now,
         "exp": now + 3600,

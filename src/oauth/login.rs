@@ -3,8 +3,13 @@
 //! either in the running daemon (through the admin listener, whose `/oauth/callback` receives
 //! the browser's redirect) or in the CLI itself when the daemon is stopped.
 //!
+//! A sign-in asks consent for every resource the identity needs at once (Graph and the mail
+//! servers: [`super::provider::ProviderInfo::sign_in_scopes`]); the token it returns is for
+//! the first, the identity's sign-in resource, and the token manager fetches the others from
+//! the new refresh token, one resource per request.
+//!
 //! App-only identities (client credentials, service accounts) need no person: "login" just
-//! fetches a first token, which proves the app registration works.
+//! fetches a first token per resource, which proves the app registration works.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -407,6 +412,23 @@ pub fn authorize_url(slot: &Slot, redirect_uri: &str) -> Result<(String, String,
     Ok((url.to_string(), state.secret().clone(), verifier.secret().clone()))
 }
 
+/// The scope of an authorization code's redemption. The sign-in asked consent for every
+/// resource at once; Entra redeems a code for one resource's token only (several in one
+/// token request: AADSTS28000), so a Microsoft identity names its sign-in resource's scopes
+/// and the OpenID ones. Other providers take no scope there.
+fn redemption_scope(slot: &Slot) -> Option<String> {
+    if slot.provider.kind != ProviderKind::Microsoft || slot.provider.scopes.is_some() {
+        return None;
+    }
+    let mut v: Vec<&str> = slot.scopes_for(slot.sign_in_resource()).iter().map(String::as_str).collect();
+    for s in ["openid", "profile"] {
+        if slot.scopes.iter().any(|x| x == s) && !v.contains(&s) {
+            v.push(s);
+        }
+    }
+    (!v.is_empty()).then(|| v.join(" "))
+}
+
 /// RFC 6749 4.1.3: exchanges the code (with the PKCE verifier) for tokens.
 async fn exchange_code(
     http: &reqwest::Client,
@@ -415,12 +437,15 @@ async fn exchange_code(
     verifier: &str,
     redirect_uri: &str,
 ) -> Result<TokenSet, TokenError> {
-    let form = vec![
+    let mut form = vec![
         ("grant_type", "authorization_code".to_string()),
         ("code", code.to_string()),
         ("redirect_uri", redirect_uri.to_string()),
         ("code_verifier", verifier.to_string()),
     ];
+    if let Some(scope) = redemption_scope(slot) {
+        form.push(("scope", scope));
+    }
     let set = super::flows::client_token_request(http, &slot.provider, form).await?;
     if set.refresh_token.is_none() {
         return Err(TokenError::NeedsLogin(

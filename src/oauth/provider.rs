@@ -70,7 +70,8 @@ pub struct ProviderInfo {
 /// The Gmail API's limit on a message (`messages.send`, resumable upload).
 pub const GMAIL_API_MAX: u64 = 35 * 1024 * 1024;
 
-/// Microsoft Graph's host in each national cloud.
+/// Microsoft Graph's host in each national cloud, which is also its resource identifier in
+/// scopes (the scopes stay these when `graph_url` points elsewhere, as in tests).
 fn graph_host(cloud: Cloud) -> &'static str {
     match cloud {
         Cloud::Global => "https://graph.microsoft.com",
@@ -246,34 +247,100 @@ impl ProviderInfo {
         out
     }
 
-    /// The scopes an identity with this flow asks for (`imap`: a mailbox uses it too).
+    /// The scopes an identity with this flow asks for at sign-in when it sends over SMTP
+    /// (`imap`: a mailbox uses it too). See [`ProviderInfo::sign_in_scopes`].
     pub fn scopes(&self, flow: Flow, imap: bool) -> Vec<String> {
-        if let Some(s) = &self.scopes {
-            return s.clone();
+        self.sign_in_scopes(flow, SendVia::Smtp, imap)
+    }
+
+    /// The resources an identity needs tokens for, its sign-in resource first. Microsoft:
+    /// `Mail` (Exchange Online) when it sends over SMTP or a mailbox reads over IMAP, `Graph`
+    /// when it sends through Graph. Google and generic providers: one token, `Mail`.
+    pub fn resources(&self, send_via: SendVia, imap: bool) -> Vec<Resource> {
+        if self.kind != ProviderKind::Microsoft {
+            return vec![Resource::Mail];
         }
-        match self.kind {
-            ProviderKind::Microsoft => {
+        let mut v = Vec::new();
+        if send_via != SendVia::Graph || imap {
+            v.push(Resource::Mail);
+        }
+        if send_via == SendVia::Graph {
+            v.push(Resource::Graph);
+        }
+        v
+    }
+
+    /// The scopes of one resource's token, as a token request names them (refresh, client
+    /// credentials, service account): never more than one resource, since Entra refuses a
+    /// token request that spans several (AADSTS28000). A configured `scopes` replaces the
+    /// `Mail` resource's.
+    pub fn resource_scopes(&self, flow: Flow, resource: Resource, send_via: SendVia, imap: bool) -> Vec<String> {
+        let app_only = matches!(flow, Flow::ClientCredentials | Flow::ServiceAccount);
+        match (self.kind, resource) {
+            (_, Resource::Mail) if self.scopes.is_some() => self.scopes.clone().unwrap_or_default(),
+            (ProviderKind::Microsoft, Resource::Graph) => {
+                let graph = graph_host(self.cloud);
+                if app_only {
+                    // App-only: Graph's .default; Mail.Send (and Mail.ReadWrite) come from the
+                    // app registration, limited to mailboxes by Exchange RBAC for Applications.
+                    vec![format!("{graph}/.default")]
+                } else {
+                    // Mail.ReadWrite: a scan over Graph's request limit goes through a draft.
+                    vec![format!("{graph}/Mail.Send"), format!("{graph}/Mail.ReadWrite"), "offline_access".into()]
+                }
+            }
+            (ProviderKind::Microsoft, Resource::Mail) => {
                 let (_, _, resource) = microsoft_hosts(self.cloud);
-                if flow == Flow::ClientCredentials {
+                if app_only {
                     // App-only: the .default scope of Exchange Online; the app's rights
                     // (SMTP.SendAsApp, IMAP.AccessAsApp) come from the app registration.
                     let app_resource =
                         if self.cloud == Cloud::Global { "https://outlook.office365.com" } else { resource };
                     vec![format!("{app_resource}/.default")]
                 } else {
-                    let mut v = vec![format!("{resource}/SMTP.Send")];
+                    let mut v = Vec::new();
+                    if send_via == SendVia::Smtp {
+                        v.push(format!("{resource}/SMTP.Send"));
+                    }
                     if imap {
                         v.push(format!("{resource}/IMAP.AccessAsUser.All"));
                     }
-                    // openid + profile: an ID token names who signed in (a delegate of a
-                    // shared mailbox signs in as themselves; XOAUTH2 needs that account).
-                    v.extend(["offline_access", "openid", "profile"].map(String::from));
+                    v.push("offline_access".into());
                     v
                 }
             }
-            ProviderKind::Google => vec!["https://mail.google.com/".into()],
-            ProviderKind::Generic => Vec::new(),
+            // Gmail's full scope is "restricted" (a security review for public apps); an
+            // identity that only sends through the Gmail API does with the "sensitive"
+            // gmail.send, service accounts with domain-wide delegation too.
+            (ProviderKind::Google, _) if send_via == SendVia::GmailApi && !imap => {
+                vec!["https://www.googleapis.com/auth/gmail.send".into()]
+            }
+            (ProviderKind::Google, _) => vec!["https://mail.google.com/".into()],
+            _ => Vec::new(),
         }
+    }
+
+    /// The scopes an interactive sign-in asks consent for: every resource's at once (one
+    /// consent screen, one refresh token for them all), then, for Microsoft, `offline_access`
+    /// and the OpenID scopes: an ID token names who signed in (a delegate of a shared mailbox
+    /// signs in as themselves; XOAUTH2 needs that account). The token the sign-in returns is
+    /// for the first resource named, the identity's sign-in resource. App-only flows ask for
+    /// their first resource's scopes.
+    pub fn sign_in_scopes(&self, flow: Flow, send_via: SendVia, imap: bool) -> Vec<String> {
+        let resources = self.resources(send_via, imap);
+        if matches!(flow, Flow::ClientCredentials | Flow::ServiceAccount) {
+            return resources.first().map(|r| self.resource_scopes(flow, *r, send_via, imap)).unwrap_or_default();
+        }
+        let all: Vec<String> = resources.iter().flat_map(|r| self.resource_scopes(flow, *r, send_via, imap)).collect();
+        let oidc = |s: &str| matches!(s, "offline_access" | "openid" | "profile" | "email");
+        let mut v: Vec<String> = all.iter().filter(|s| !oidc(s)).cloned().collect();
+        v.extend(all.iter().filter(|s| oidc(s)).cloned());
+        if self.kind == ProviderKind::Microsoft && self.scopes.is_none() {
+            v.extend(["offline_access", "openid", "profile"].map(String::from));
+        }
+        let mut seen = std::collections::HashSet::new();
+        v.retain(|s| seen.insert(s.clone()));
+        v
     }
 }
 
@@ -288,11 +355,33 @@ pub fn explain_config(config: &Config) -> Vec<String> {
             let name = id.name.get_ref();
             let imap = config.mailboxes.iter().any(|m| m.get_ref().identity.get_ref() == name);
             let flow = *id.flow.get_ref();
+            let send_via = id.send_via();
             out.push(format!(
                 "  identity \"{name}\" ({flow}, {}): scopes {}",
                 id.email.get_ref(),
-                info.scopes(flow, imap).join(" ")
+                info.sign_in_scopes(flow, send_via, imap).join(" ")
             ));
+            let resources = info.resources(send_via, imap);
+            if resources.len() > 1 || resources.contains(&Resource::Graph) {
+                // One token per resource: Entra issues none for two at once.
+                for r in resources {
+                    out.push(format!(
+                        "    {} token: {}",
+                        r.as_str(),
+                        info.resource_scopes(flow, r, send_via, imap).join(" ")
+                    ));
+                }
+            }
+            if send_via == SendVia::Graph && !matches!(flow, Flow::ClientCredentials | Flow::ServiceAccount) {
+                out.push(
+                    "    Mail.ReadWrite: a scan larger than Graph's 4 MB request limit is sent through a draft".into(),
+                );
+            } else if send_via == SendVia::Graph {
+                out.push(
+                    "    the app needs Mail.Send, and Mail.ReadWrite for scans larger than 4 MB (sent through a draft)"
+                        .into(),
+                );
+            }
         }
     }
     out
@@ -389,6 +478,132 @@ mod tests {
             explained.contains("token:         https://login.partner.microsoftonline.cn/t/oauth2/v2.0/token"),
             "{explained}"
         );
+    }
+
+    const MS: &str = "[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"x\"\n";
+
+    #[test]
+    fn microsoft_resources_and_their_scopes() {
+        let p = info(MS);
+        // SMTP only: one resource, as before.
+        assert_eq!(p.resources(SendVia::Smtp, false), vec![Resource::Mail]);
+        assert_eq!(p.resources(SendVia::Smtp, true), vec![Resource::Mail]);
+        // Graph only; Graph and a mailbox: Mail first (the sign-in resource), then Graph.
+        assert_eq!(p.resources(SendVia::Graph, false), vec![Resource::Graph]);
+        assert_eq!(p.resources(SendVia::Graph, true), vec![Resource::Mail, Resource::Graph]);
+        let (dc, cc) = (Flow::DeviceCode, Flow::ClientCredentials);
+        assert_eq!(
+            p.resource_scopes(dc, Resource::Graph, SendVia::Graph, true),
+            vec![
+                "https://graph.microsoft.com/Mail.Send",
+                "https://graph.microsoft.com/Mail.ReadWrite",
+                "offline_access"
+            ]
+        );
+        // The mail servers' token of a Graph sender reads the mailbox and sends nothing.
+        assert_eq!(
+            p.resource_scopes(dc, Resource::Mail, SendVia::Graph, true),
+            vec!["https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"]
+        );
+        // The sign-in asks consent for both resources at once, its first scope names the
+        // sign-in resource.
+        assert_eq!(
+            p.sign_in_scopes(Flow::AuthCode, SendVia::Graph, true),
+            vec![
+                "https://outlook.office.com/IMAP.AccessAsUser.All",
+                "https://graph.microsoft.com/Mail.Send",
+                "https://graph.microsoft.com/Mail.ReadWrite",
+                "offline_access",
+                "openid",
+                "profile"
+            ]
+        );
+        assert_eq!(p.sign_in_scopes(dc, SendVia::Graph, false)[0], "https://graph.microsoft.com/Mail.Send");
+        // The SMTP sign-in is unchanged.
+        assert_eq!(p.sign_in_scopes(dc, SendVia::Smtp, true), p.scopes(dc, true));
+        // App-only: each resource's .default, asked for separately.
+        assert_eq!(
+            p.resource_scopes(cc, Resource::Graph, SendVia::Graph, true),
+            vec!["https://graph.microsoft.com/.default"]
+        );
+        assert_eq!(
+            p.resource_scopes(cc, Resource::Mail, SendVia::Graph, true),
+            vec!["https://outlook.office365.com/.default"]
+        );
+        assert_eq!(p.sign_in_scopes(cc, SendVia::Graph, false), vec!["https://graph.microsoft.com/.default"]);
+    }
+
+    #[test]
+    fn graph_scopes_name_each_cloud_s_resource_not_the_graph_url() {
+        for (cloud, graph) in [
+            ("global", "https://graph.microsoft.com"),
+            ("usgov", "https://graph.microsoft.us"),
+            ("usgov-dod", "https://dod-graph.microsoft.us"),
+            ("china", "https://microsoftgraph.chinacloudapi.cn"),
+        ] {
+            // graph_url points at a fake: the scopes stay the cloud's.
+            let p = info(&format!("{MS}cloud = \"{cloud}\"\ngraph_url = \"http://127.0.0.1:9/\"\n"));
+            assert_eq!(p.graph_url.as_deref(), Some("http://127.0.0.1:9"));
+            assert_eq!(
+                p.resource_scopes(Flow::DeviceCode, Resource::Graph, SendVia::Graph, false),
+                vec![format!("{graph}/Mail.Send"), format!("{graph}/Mail.ReadWrite"), "offline_access".into()],
+                "{cloud}"
+            );
+            assert_eq!(
+                p.resource_scopes(Flow::ClientCredentials, Resource::Graph, SendVia::Graph, false),
+                vec![format!("{graph}/.default")],
+                "{cloud}"
+            );
+        }
+    }
+
+    #[test]
+    fn configured_scopes_replace_the_mail_resource_s_only() {
+        let p =
+            info(&format!("{MS}scopes = [\"https://outlook.office.com/IMAP.AccessAsUser.All\", \"offline_access\"]\n"));
+        assert_eq!(
+            p.resource_scopes(Flow::DeviceCode, Resource::Mail, SendVia::Graph, true),
+            vec!["https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"]
+        );
+        assert_eq!(
+            p.resource_scopes(Flow::DeviceCode, Resource::Graph, SendVia::Graph, true)[0],
+            "https://graph.microsoft.com/Mail.Send"
+        );
+    }
+
+    #[test]
+    fn google_sends_through_the_gmail_api_with_gmail_send_only() {
+        let p = info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\n");
+        assert_eq!(p.resources(SendVia::GmailApi, true), vec![Resource::Mail]);
+        for flow in [Flow::AuthCode, Flow::ServiceAccount] {
+            assert_eq!(
+                p.sign_in_scopes(flow, SendVia::GmailApi, false),
+                vec!["https://www.googleapis.com/auth/gmail.send"],
+                "{flow}"
+            );
+            // A mailbox read over IMAP needs the full scope.
+            assert_eq!(p.sign_in_scopes(flow, SendVia::GmailApi, true), vec!["https://mail.google.com/"]);
+            assert_eq!(p.sign_in_scopes(flow, SendVia::Smtp, false), vec!["https://mail.google.com/"]);
+        }
+    }
+
+    #[test]
+    fn explain_lists_each_resource_s_token_and_why_mail_read_write() {
+        let text = format!(
+            "{MS}cloud = \"usgov\"\n\n[[identity]]\nname = \"scans\"\nprovider = \"m\"\nemail = \"s@c.us\"\n\
+             flow = \"device_code\"\nsend_via = \"graph\"\n\n[[mailbox]]\nname = \"p\"\nidentity = \"scans\"\nspool = \"s\"\n"
+        );
+        let c = Config::parse(Path::new("/etc/mfd/c.toml"), text).unwrap();
+        let out = explain_config(&c).join("\n");
+        for line in [
+            "identity \"scans\" (device_code, s@c.us): scopes https://outlook.office365.us/IMAP.AccessAsUser.All \
+             https://graph.microsoft.us/Mail.Send https://graph.microsoft.us/Mail.ReadWrite offline_access openid profile",
+            "    mail token: https://outlook.office365.us/IMAP.AccessAsUser.All offline_access",
+            "    graph token: https://graph.microsoft.us/Mail.Send https://graph.microsoft.us/Mail.ReadWrite offline_access",
+            "Mail.ReadWrite: a scan larger than Graph's 4 MB request limit is sent through a draft",
+        ] {
+            assert!(out.contains(line), "{line}\n{out}");
+        }
     }
 
     #[test]

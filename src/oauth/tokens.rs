@@ -12,10 +12,16 @@
 //!   loud in logs, metrics and `auth status`; its mail stays queued. Entra sometimes answers
 //!   `invalid_grant` for a passing condition, so a refusal that names no well-known cause is
 //!   asked again once, after the usual minute of backoff, before anyone is told to sign in.
+//! - An Entra access token is for one resource: an identity that sends through Graph and
+//!   reads a mailbox over IMAP holds a Graph token and an Exchange Online token
+//!   ([`Resource`]). Delegated identities get each from the one refresh token, one resource
+//!   per request (Entra refuses several at once, AADSTS28000); app-only identities make a
+//!   client-credentials request per resource. Each is refreshed on its own schedule and
+//!   after its own rejection; the single-flight rules above hold per identity.
 //! - Every record is stored encrypted ([`super::vault`]) and committed to disk before it
 //!   is used: a rotated refresh token must survive a crash right after it was issued.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -98,7 +104,10 @@ impl IdentityState {
     }
 }
 
-/// What is stored per identity (encrypted as a whole).
+/// What is stored per identity (encrypted as a whole). The access token in the top-level
+/// fields is the one for `resource` (the identity's sign-in resource when it was stored;
+/// records written before tokens were kept per resource have none there: `Mail`); tokens of
+/// the identity's other resources are in `resources`.
 #[derive(Clone, Default, Serialize, Deserialize)]
 pub struct TokenRecord {
     pub state: IdentityState,
@@ -112,6 +121,82 @@ pub struct TokenRecord {
     pub scopes: Vec<String>,
     pub last_refresh: Option<i64>,
     pub last_error: Option<String>,
+    /// The resource of the top-level access token (`None`: `Mail`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<Resource>,
+    /// The access tokens of the other resources.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resources: BTreeMap<Resource, ResourceToken>,
+}
+
+/// One resource's access token.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceToken {
+    pub access_token: Option<String>,
+    /// Unix seconds.
+    pub expires_at: Option<i64>,
+    /// When to refresh (unix seconds).
+    pub refresh_at: Option<i64>,
+    /// When this token was obtained (unix seconds).
+    #[serde(default)]
+    pub last_refresh: Option<i64>,
+}
+
+impl TokenRecord {
+    /// The resource of the top-level token.
+    fn top_resource(&self) -> Resource {
+        self.resource.unwrap_or(Resource::Mail)
+    }
+
+    /// The token of `resource`, wherever it is kept.
+    pub fn token(&self, resource: Resource) -> ResourceToken {
+        if resource == self.top_resource() {
+            ResourceToken {
+                access_token: self.access_token.clone(),
+                expires_at: self.expires_at,
+                refresh_at: self.refresh_at,
+                last_refresh: self.last_refresh,
+            }
+        } else {
+            self.resources.get(&resource).cloned().unwrap_or_default()
+        }
+    }
+
+    /// Sets the token of `resource`.
+    fn put_token(&mut self, resource: Resource, t: ResourceToken) {
+        if resource == self.top_resource() {
+            self.access_token = t.access_token;
+            self.expires_at = t.expires_at;
+            self.refresh_at = t.refresh_at;
+        } else {
+            self.resources.insert(resource, t);
+        }
+    }
+
+    /// Forgets every access token (the grant they came from is gone).
+    fn clear_access_tokens(&mut self) {
+        self.access_token = None;
+        self.resources.clear();
+    }
+
+    /// Makes `sign_in` the resource of the top-level token, moving the tokens where they
+    /// belong: a record stored under another configuration (a mailbox added to a Graph
+    /// identity, say) keeps every token it has, each under its own resource.
+    fn arrange(&mut self, sign_in: Resource) {
+        if self.top_resource() == sign_in {
+            return;
+        }
+        let old = self.top_resource();
+        let top = self.token(old);
+        let new_top = self.resources.remove(&sign_in).unwrap_or_default();
+        if top.access_token.is_some() {
+            self.resources.insert(old, top);
+        }
+        self.resource = Some(sign_in);
+        self.access_token = new_top.access_token;
+        self.expires_at = new_top.expires_at;
+        self.refresh_at = new_top.refresh_at;
+    }
 }
 
 /// A token endpoint's answer, whatever the grant.
@@ -139,7 +224,11 @@ pub struct Slot {
     pub email: String,
     pub flow: Flow,
     pub provider: Arc<ProviderInfo>,
+    /// What an interactive sign-in asks consent for: every resource's scopes at once.
     pub scopes: Vec<String>,
+    /// The resources this identity needs tokens for, with each one's token-request scopes;
+    /// the first is the sign-in resource (never empty).
+    resources: Vec<(Resource, Vec<String>)>,
     /// Sends per minute allowed to this identity (None: unlimited).
     pub messages_per_minute: Option<u32>,
     /// How this identity's mail goes upstream.
@@ -151,15 +240,53 @@ pub struct Slot {
     /// under another generation must not apply its result.
     generation: std::sync::atomic::AtomicU64,
     flights: Mutex<Flights>,
-    /// Unix seconds before which the background refresher leaves a failing identity alone.
-    retry_after: Mutex<(i64, u32)>,
+    /// Per resource: unix seconds before which the background refresher leaves a failing
+    /// token alone, and the failures in a row.
+    retry_after: Mutex<HashMap<Resource, (i64, u32)>>,
     /// Unix seconds of a refusal that named no certain cause (see [`doubtful_refusal`]), 0
     /// when there is none: the provider is asked again [`DOUBT_RECHECK`] later, and a second
     /// such answer is believed.
     doubted_at: std::sync::atomic::AtomicI64,
+    /// Resources whose last token request was refused for a reason a person must fix (a
+    /// Graph consent missing from an older sign-in, say), with the refusal: another
+    /// resource's new token does not make the identity ready while one is left.
+    refused: Mutex<BTreeMap<Resource, String>>,
 }
 
 impl Slot {
+    /// The resources this identity needs tokens for, its sign-in resource first.
+    pub fn resources(&self) -> Vec<Resource> {
+        self.resources.iter().map(|(r, _)| *r).collect()
+    }
+
+    /// The resource whose token a sign-in returns (what [`TokenManager::access_token`] gives).
+    pub fn sign_in_resource(&self) -> Resource {
+        self.resources.first().map(|(r, _)| *r).unwrap_or(Resource::Mail)
+    }
+
+    /// The scopes of a token request for `resource` (one resource only).
+    pub fn scopes_for(&self, resource: Resource) -> &[String] {
+        self.resources.iter().find(|(r, _)| *r == resource).map(|(_, s)| s.as_slice()).unwrap_or(&[])
+    }
+
+    /// The resource to fetch for a caller's `resource`: Google's and generic providers'
+    /// one token serves every use; a Microsoft identity has only the resources its
+    /// configuration needs.
+    fn resolve(&self, resource: Resource) -> Result<Resource, TokenError> {
+        if self.resources.iter().any(|(r, _)| *r == resource) {
+            Ok(resource)
+        } else if self.provider.kind != crate::config::ProviderKind::Microsoft {
+            Ok(self.sign_in_resource())
+        } else {
+            Err(TokenError::Config(format!(
+                "identity \"{}\" has no {} token: its configuration (send_via, mailboxes) needs only {}",
+                self.name,
+                resource.as_str(),
+                self.resources().iter().map(|r| r.as_str()).collect::<Vec<_>>().join(" and ")
+            )))
+        }
+    }
+
     fn record(&self) -> TokenRecord {
         self.record.locked().clone()
     }
@@ -188,22 +315,23 @@ impl Slot {
         f.failure = failure;
     }
 
-    /// A token from memory that is valid long enough and not due for refresh.
-    fn fresh(&self, now: i64) -> Option<AccessToken> {
-        self.token_in_memory(now, true)
+    /// A token of `resource` from memory that is valid long enough and not due for refresh.
+    fn fresh(&self, resource: Resource, now: i64) -> Option<AccessToken> {
+        self.token_in_memory(resource, now, true)
     }
 
     /// A token that is still valid, even if due for refresh (used when a refresh fails).
-    fn still_valid(&self, now: i64) -> Option<AccessToken> {
-        self.token_in_memory(now, false)
+    fn still_valid(&self, resource: Resource, now: i64) -> Option<AccessToken> {
+        self.token_in_memory(resource, now, false)
     }
 
-    fn token_in_memory(&self, now: i64, before_refresh: bool) -> Option<AccessToken> {
+    fn token_in_memory(&self, resource: Resource, now: i64, before_refresh: bool) -> Option<AccessToken> {
         let r = self.record.locked();
-        let (Some(t), Some(exp)) = (&r.access_token, r.expires_at) else { return None };
-        let due = before_refresh && now >= r.refresh_at.unwrap_or(exp);
+        let tok = r.token(resource);
+        let (Some(t), Some(exp)) = (tok.access_token, tok.expires_at) else { return None };
+        let due = before_refresh && now >= tok.refresh_at.unwrap_or(exp);
         (now + MIN_VALIDITY < exp && !due).then(|| AccessToken {
-            secret: t.clone(),
+            secret: t,
             account: r.account.clone().unwrap_or_else(|| self.email.clone()),
             expires_at: exp,
         })
@@ -230,6 +358,18 @@ pub struct IdentityStatus {
     pub last_refresh: Option<i64>,
     pub last_error: Option<String>,
     pub has_refresh_token: bool,
+    /// Each resource's access token (the sign-in resource's first, as in `expires_at`).
+    #[serde(default)]
+    pub tokens: Vec<TokenStatus>,
+}
+
+/// One resource's access token in a status line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenStatus {
+    /// `mail` or `graph` ([`Resource::as_str`]).
+    pub resource: String,
+    /// Unix seconds; `None`: no token held.
+    pub expires_at: Option<i64>,
 }
 
 /// The token manager.
@@ -313,15 +453,21 @@ impl TokenManager {
             };
             let imap = config.mailboxes.iter().any(|m| m.get_ref().identity.get_ref() == &name);
             let flow = *id.flow.get_ref();
-            let scopes = provider.scopes(flow, imap);
+            let send_via = id.send_via();
+            let scopes = provider.sign_in_scopes(flow, send_via, imap);
+            let resources: Vec<(Resource, Vec<String>)> = provider
+                .resources(send_via, imap)
+                .into_iter()
+                .map(|r| (r, provider.resource_scopes(flow, r, send_via, imap)))
+                .collect();
             let messages_per_minute = id.messages_per_minute.or(provider.messages_per_minute).filter(|n| *n > 0);
             let email = id.email.get_ref().clone();
-            let send_via = id.send_via();
             if let Some(old) = previous.and_then(|p| p.slots.get(&name)) {
                 if *old.provider == *provider
                     && old.email == email
                     && old.flow == flow
                     && old.scopes == scopes
+                    && old.resources == resources
                     && old.messages_per_minute == messages_per_minute
                     && old.send_via == send_via
                 {
@@ -340,6 +486,7 @@ impl TokenManager {
                 _ => TokenRecord::default(),
             };
             let mut record = record;
+            record.arrange(resources.first().map(|(r, _)| *r).unwrap_or(Resource::Mail));
             if flow == Flow::ClientCredentials || flow == Flow::ServiceAccount {
                 // App-only identities need no sign-in: they are ready unless a request fails.
                 if record.state == IdentityState::NeedsLogin && record.last_error.is_none() {
@@ -355,14 +502,16 @@ impl TokenManager {
                     flow,
                     provider,
                     scopes,
+                    resources,
                     messages_per_minute,
                     send_via,
                     flight: tokio::sync::Mutex::new(()),
                     record: Mutex::new(record),
                     generation: Default::default(),
                     flights: Default::default(),
-                    retry_after: Mutex::new((0, 0)),
+                    retry_after: Mutex::new(HashMap::new()),
                     doubted_at: Default::default(),
+                    refused: Default::default(),
                 }),
             );
         }
@@ -399,63 +548,59 @@ impl TokenManager {
         self.slots.get(name).map(|s| s.record.locked().state)
     }
 
-    /// A valid access token for `name`, refreshing if needed.
+    /// A valid access token for `name`'s sign-in resource (the mail servers' token, or
+    /// Graph's for an identity that only sends through Graph), refreshing if needed.
     pub async fn access_token(&self, name: &str) -> Result<AccessToken, TokenError> {
         let slot = self.slot(name)?;
-        if let Some(t) = slot.fresh(now()) {
+        self.token_of(slot, slot.sign_in_resource()).await
+    }
+
+    /// A valid access token of `name` for `resource` (Graph or the mail servers), refreshing
+    /// that resource's token if needed. Google's and generic identities have one token,
+    /// returned whatever the resource; a Microsoft identity whose configuration does not need
+    /// `resource` gets [`TokenError::Config`].
+    pub async fn access_token_for(&self, name: &str, resource: Resource) -> Result<AccessToken, TokenError> {
+        let slot = self.slot(name)?;
+        let resource = slot.resolve(resource)?;
+        self.token_of(slot, resource).await
+    }
+
+    async fn token_of(&self, slot: &Slot, resource: Resource) -> Result<AccessToken, TokenError> {
+        if let Some(t) = slot.fresh(resource, now()) {
             return Ok(t);
         }
         let seen = slot.flights_done();
         let _flight = slot.flight.lock().await;
-        if let Some(t) = slot.fresh(now()) {
+        if let Some(t) = slot.fresh(resource, now()) {
             return Ok(t);
         }
         // A refresh finished while we waited and failed: share its answer rather than send
         // the same (perhaps revoked) refresh token again.
         let result = match slot.failure_since(seen) {
             Some(e) => Err(e),
-            None => self.refresh_locked(slot).await,
+            None => self.refresh_locked(slot, resource).await,
         };
         match result {
             Ok(t) => Ok(t),
             // A passing failure with a still-valid token in hand: use it.
-            Err(TokenError::Transient(e)) => slot.still_valid(now()).ok_or(TokenError::Transient(e)),
+            Err(TokenError::Transient(e)) => slot.still_valid(resource, now()).ok_or(TokenError::Transient(e)),
             Err(e) => Err(e),
         }
     }
 
-    /// A valid access token of `name` for `resource` (Graph or the mail servers).
-    /// STUB: every resource gets the identity's one token until tokens are kept per resource.
-    pub async fn access_token_for(&self, name: &str, resource: Resource) -> Result<AccessToken, TokenError> {
-        let _ = resource;
-        self.access_token(name).await
-    }
-
-    /// [`TokenManager::refresh_after_rejection`] for one resource's token.
-    /// STUB: as [`TokenManager::access_token_for`].
+    /// The upstream (Graph, the mail servers) refused `rejected`, a token of `name` for
+    /// `resource`: get a new one of that resource only, unless someone already did.
     pub async fn refresh_after_rejection_for(
         &self,
         name: &str,
         resource: Resource,
         rejected: &AccessToken,
     ) -> Result<AccessToken, TokenError> {
-        let _ = resource;
-        self.refresh_after_rejection(name, rejected).await
-    }
-
-    /// Gets a new token now, whatever the one in hand (sign-in of app-only identities).
-    pub async fn refresh_now(&self, name: &str) -> Result<AccessToken, TokenError> {
         let slot = self.slot(name)?;
-        let _flight = slot.flight.lock().await;
-        self.refresh_locked(slot).await
-    }
-
-    /// The upstream refused `rejected`: get a new token unless someone already did.
-    pub async fn refresh_after_rejection(&self, name: &str, rejected: &AccessToken) -> Result<AccessToken, TokenError> {
-        let slot = self.slot(name)?;
+        let resource = slot.resolve(resource)?;
         let seen = slot.flights_done();
         let _flight = slot.flight.lock().await;
-        if let Some(t) = slot.still_valid(now()) {
+        if let Some(t) = slot.still_valid(resource, now()) {
             if t.secret != rejected.secret {
                 return Ok(t);
             }
@@ -463,11 +608,35 @@ impl TokenManager {
         if let Some(e) = slot.failure_since(seen) {
             return Err(e);
         }
-        self.refresh_locked(slot).await
+        self.refresh_locked(slot, resource).await
     }
 
-    /// Gets a new access token from the provider; the caller holds the flight lock.
-    async fn refresh_locked(&self, slot: &Slot) -> Result<AccessToken, TokenError> {
+    /// Gets new tokens now, whatever the ones in hand, for every resource of the identity
+    /// (sign-in of app-only identities, "fetch a token now"); returns the sign-in resource's.
+    pub async fn refresh_now(&self, name: &str) -> Result<AccessToken, TokenError> {
+        let slot = self.slot(name)?;
+        let _flight = slot.flight.lock().await;
+        let first = self.refresh_locked(slot, slot.sign_in_resource()).await?;
+        for r in slot.resources().into_iter().skip(1) {
+            // The first token proves the sign-in works; another resource's failure (a missing
+            // Graph permission, say) is recorded and shown, and does not undo it.
+            if let Err(e) = self.refresh_locked(slot, r).await {
+                tracing::warn!(identity = %slot.name, resource = r.as_str(), "no {} token: {e}", r.as_str());
+            }
+        }
+        Ok(first)
+    }
+
+    /// The upstream refused `rejected`, a token of `name`'s sign-in resource: get a new one
+    /// unless someone already did.
+    pub async fn refresh_after_rejection(&self, name: &str, rejected: &AccessToken) -> Result<AccessToken, TokenError> {
+        let slot = self.slot(name)?;
+        self.refresh_after_rejection_for(name, slot.sign_in_resource(), rejected).await
+    }
+
+    /// Gets a new access token for `resource` from the provider; the caller holds the flight
+    /// lock.
+    async fn refresh_locked(&self, slot: &Slot, resource: Resource) -> Result<AccessToken, TokenError> {
         if let Some(wait) = doubt_pending(&slot.doubted_at, now()) {
             // The provider is asked again once the minute is over, not once per waiting caller.
             return Err(TokenError::Transient(format!(
@@ -476,13 +645,14 @@ impl TokenManager {
         }
         let record = slot.record();
         let generation = slot.generation();
+        let scopes = slot.scopes_for(resource);
         // Closed never: the semaphore lives as long as the manager.
         let permit = self.requests.acquire().await;
         let result = match slot.flow {
-            Flow::ClientCredentials => super::flows::client_credentials(&self.http, slot).await,
-            Flow::ServiceAccount => super::flows::service_account(&self.http, slot).await,
+            Flow::ClientCredentials => super::flows::client_credentials(&self.http, slot, scopes).await,
+            Flow::ServiceAccount => super::flows::service_account(&self.http, slot, scopes).await,
             Flow::DeviceCode | Flow::AuthCode => match &record.refresh_token {
-                Some(rt) => self.refresh_grant(slot, rt).await,
+                Some(rt) => self.refresh_grant(slot, rt, scopes).await,
                 None => {
                     Err(TokenError::NeedsLogin(format!("not signed in yet: run `mfd-relay auth login {}`", slot.name)))
                 }
@@ -499,13 +669,13 @@ impl TokenManager {
             tracing::debug!(identity = %slot.name, "refresh result dropped: the tokens changed meanwhile");
             slot.flight_finished(None);
             return slot
-                .still_valid(now())
+                .still_valid(resource, now())
                 .ok_or_else(|| TokenError::Transient("the tokens changed during the refresh; try again".into()));
         }
         let result = match result.map_err(|e| second_opinion(&slot.doubted_at, now(), &slot.name, e)) {
-            Ok(set) => self.save_locked(slot, set).await,
+            Ok(set) => self.save_locked(slot, resource, set, false).await,
             Err(e) => {
-                self.record_failure(slot, &e).await;
+                self.record_failure(slot, resource, &e).await;
                 Err(e)
             }
         };
@@ -513,26 +683,28 @@ impl TokenManager {
         result
     }
 
-    /// Makes the tokens of a completed sign-in current. It waits for a refresh in flight, so
-    /// that refresh's answer (an `invalid_grant` for the old token, say) lands first and the
-    /// sign-in's tokens win.
+    /// Makes the tokens of a completed sign-in current: its access token is for the
+    /// identity's sign-in resource; the other resources' tokens (from the previous grant) are
+    /// dropped and fetched again from the new refresh token. It waits for a refresh in
+    /// flight, so that refresh's answer (an `invalid_grant` for the old token, say) lands
+    /// first and the sign-in's tokens win.
     pub async fn sign_in(&self, slot: &Slot, set: TokenSet) -> Result<AccessToken, TokenError> {
         let _flight = slot.flight.lock().await;
-        let result = self.save_locked(slot, set).await;
+        let result = self.save_locked(slot, slot.sign_in_resource(), set, true).await;
         if result.is_ok() {
             slot.flight_finished(None);
         }
         result
     }
 
-    async fn refresh_grant(&self, slot: &Slot, refresh_token: &str) -> Result<TokenSet, TokenError> {
-        // RFC 6749 6.
+    /// RFC 6749 6 with one resource's `scopes`.
+    async fn refresh_grant(&self, slot: &Slot, refresh_token: &str, scopes: &[String]) -> Result<TokenSet, TokenError> {
         let mut form = vec![("grant_type", "refresh_token".to_string()), ("refresh_token", refresh_token.to_string())];
         // The OpenID scopes only name who signs in (the account is kept from the sign-in), and a
         // refresh may ask for no more than its sign-in granted: an identity signed in before
         // the relay asked for them must go on refreshing (Entra answers AADSTS70000 otherwise).
         let scopes: Vec<&str> =
-            slot.scopes.iter().map(String::as_str).filter(|s| !matches!(*s, "openid" | "profile" | "email")).collect();
+            scopes.iter().map(String::as_str).filter(|s| !matches!(*s, "openid" | "profile" | "email")).collect();
         if !scopes.is_empty() {
             form.push(("scope", scopes.join(" ")));
         }
@@ -544,11 +716,19 @@ impl TokenManager {
         Ok(set)
     }
 
-    /// Stores a new token set (from a refresh or a sign-in) and makes it current; the caller
-    /// holds the flight lock. The record is committed to disk before it is current in
-    /// memory, so no token is handed out that a crash could lose (a rotated refresh token
-    /// lives only in the newest record).
-    async fn save_locked(&self, slot: &Slot, set: TokenSet) -> Result<AccessToken, TokenError> {
+    /// Stores a new token set for `resource` (from a refresh or a sign-in) and makes it
+    /// current; the caller holds the flight lock. A rotated refresh token replaces the one
+    /// every resource refreshes from. `new_grant`: a sign-in or an imported refresh token,
+    /// whose grant replaces the old one (the other resources' tokens go). The record is
+    /// committed to disk before it is current in memory, so no token is handed out that a
+    /// crash could lose (a rotated refresh token lives only in the newest record).
+    async fn save_locked(
+        &self,
+        slot: &Slot,
+        resource: Resource,
+        set: TokenSet,
+        new_grant: bool,
+    ) -> Result<AccessToken, TokenError> {
         let t = now();
         let lifetime = set.expires_in.map(|d| d.as_secs() as i64).unwrap_or(3600).max(1);
         let expires_at = t + lifetime;
@@ -568,52 +748,91 @@ impl TokenManager {
                  otherwise sign in again as the mailbox"
             );
         }
-        rec.state = IdentityState::Ready;
+        if new_grant {
+            rec.clear_access_tokens();
+        }
+        let refused = {
+            let mut refused = slot.refused.locked();
+            if new_grant {
+                refused.clear();
+            }
+            refused.remove(&resource);
+            refused.iter().next().map(|(r, why)| format!("{} token: {why}", r.as_str()))
+        };
+        // Ready, unless another resource's token is still refused: then the identity still
+        // needs a person (this resource's token is kept and used all the same).
+        rec.state = if refused.is_some() { IdentityState::NeedsLogin } else { IdentityState::Ready };
         rec.account = Some(account.clone());
         if set.refresh_token.is_some() {
             rec.refresh_token = set.refresh_token.clone();
         }
-        rec.access_token = Some(set.access_token.clone());
-        rec.expires_at = Some(expires_at);
-        rec.refresh_at = Some(refresh_at);
-        if !set.scopes.is_empty() {
+        rec.put_token(
+            resource,
+            ResourceToken {
+                access_token: Some(set.access_token.clone()),
+                expires_at: Some(expires_at),
+                refresh_at: Some(refresh_at),
+                last_refresh: Some(t),
+            },
+        );
+        if !set.scopes.is_empty() && resource == slot.sign_in_resource() {
             rec.scopes = set.scopes.clone();
         }
         rec.last_refresh = Some(t);
-        rec.last_error = None;
+        rec.last_error = refused;
         slot.doubted_at.store(0, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = self.persist(&slot.name, &rec).await {
             // Keep the newest refresh token in memory (the provider may have rotated the old
             // one away), but hand out no access token until a record is on disk.
             let mut r = slot.record.locked();
             r.refresh_token = rec.refresh_token;
-            r.access_token = None;
+            let mut none = r.token(resource);
+            none.access_token = None;
+            r.put_token(resource, none);
             r.last_error = Some(format!("cannot store tokens: {e}"));
             tracing::error!(identity = %slot.name, "cannot store new tokens: {e}");
             return Err(TokenError::Transient(format!("cannot store tokens: {e}")));
         }
+        let rec_state = rec.state;
         *slot.record.locked() = rec;
         slot.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        *slot.retry_after.locked() = (0, 0);
-        metrics::IDENTITY_STATE.with_label_values(&[&slot.name]).set(state_value(IdentityState::Ready));
-        metrics::TOKEN_EXPIRY.with_label_values(&[&slot.name]).set(expires_at as f64);
-        if was != IdentityState::Ready {
+        {
+            let mut ra = slot.retry_after.locked();
+            if new_grant {
+                ra.clear();
+            } else {
+                ra.remove(&resource);
+            }
+        }
+        metrics::IDENTITY_STATE.with_label_values(&[&slot.name]).set(state_value(rec_state));
+        if resource == slot.sign_in_resource() {
+            metrics::TOKEN_EXPIRY.with_label_values(&[&slot.name]).set(expires_at as f64);
+        }
+        if was != IdentityState::Ready && rec_state == IdentityState::Ready {
             tracing::info!(identity = %slot.name, account = %account, "identity ready");
             let _ = self.ready.send(slot.name.clone());
         }
         Ok(AccessToken { secret: set.access_token, account, expires_at })
     }
 
-    async fn record_failure(&self, slot: &Slot, e: &TokenError) {
+    async fn record_failure(&self, slot: &Slot, resource: Resource, e: &TokenError) {
         let rec = {
             let mut r = slot.record.locked();
-            r.last_error = Some(e.to_string());
+            r.last_error = Some(match slot.resources.len() {
+                1 => e.to_string(),
+                _ => format!("{} token: {e}", resource.as_str()),
+            });
             match e {
-                TokenError::NeedsLogin(_) => {
+                TokenError::NeedsLogin(why) => {
                     r.state = IdentityState::NeedsLogin;
-                    // The provider refused the grant: the tokens are worthless now.
+                    slot.refused.locked().insert(resource, why.clone());
+                    // The provider refused the grant for this resource: its token is worthless
+                    // now. Another resource's stays until its own refresh says otherwise (a
+                    // Graph consent missing from an older sign-in leaves IMAP working).
                     if slot.flow == Flow::DeviceCode || slot.flow == Flow::AuthCode {
-                        r.access_token = None;
+                        let mut t = r.token(resource);
+                        t.access_token = None;
+                        r.put_token(resource, t);
                     }
                 }
                 _ if r.state == IdentityState::Ready => r.state = IdentityState::Error,
@@ -623,14 +842,17 @@ impl TokenManager {
         };
         {
             let mut ra = slot.retry_after.locked();
-            ra.1 = ra.1.saturating_add(1);
-            ra.0 = now() + (30i64 << ra.1.min(6)).min(1800);
+            let entry = ra.entry(resource).or_insert((0, 0));
+            entry.1 = entry.1.saturating_add(1);
+            entry.0 = now() + (30i64 << entry.1.min(6)).min(1800);
         }
         match e {
             TokenError::NeedsLogin(why) => {
-                tracing::error!(identity = %slot.name, "identity needs a new sign-in: {why}")
+                tracing::error!(identity = %slot.name, resource = resource.as_str(), "identity needs a new sign-in: {why}")
             }
-            other => tracing::warn!(identity = %slot.name, "token refresh failed: {other}"),
+            other => {
+                tracing::warn!(identity = %slot.name, resource = resource.as_str(), "token refresh failed: {other}")
+            }
         }
         metrics::IDENTITY_STATE.with_label_values(&[&slot.name]).set(state_value(rec.state));
         if let Err(e) = self.persist(&slot.name, &rec).await {
@@ -649,11 +871,12 @@ impl TokenManager {
     pub async fn import_refresh_token(&self, name: &str, refresh_token: &str) -> Result<AccessToken, TokenError> {
         let slot = self.slot(name)?;
         let _flight = slot.flight.lock().await;
-        let set = self.refresh_grant(slot, refresh_token).await;
+        let resource = slot.sign_in_resource();
+        let set = self.refresh_grant(slot, refresh_token, slot.scopes_for(resource)).await;
         match set {
-            Ok(set) => self.save_locked(slot, set).await,
+            Ok(set) => self.save_locked(slot, resource, set, true).await,
             Err(e) => {
-                self.record_failure(slot, &e).await;
+                self.record_failure(slot, resource, &e).await;
                 Err(e)
             }
         }
@@ -686,6 +909,7 @@ impl TokenManager {
         self.store.remove(Tree::Tokens, name.as_bytes()).map_err(|e| TokenError::Config(e.to_string()))?;
         self.store.commit().await.map_err(|e| TokenError::Config(e.to_string()))?;
         *slot.record.locked() = TokenRecord::default();
+        slot.refused.locked().clear();
         slot.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         metrics::IDENTITY_STATE.with_label_values(&[name]).set(state_value(IdentityState::NeedsLogin));
         Ok(())
@@ -698,6 +922,18 @@ impl TokenManager {
             .values()
             .map(|s| {
                 let r = s.record();
+                let tokens = s
+                    .resources()
+                    .into_iter()
+                    .map(|res| {
+                        let t = r.token(res);
+                        TokenStatus {
+                            resource: res.as_str().into(),
+                            expires_at: t.expires_at.filter(|_| t.access_token.is_some()),
+                        }
+                    })
+                    .collect();
+                let sign_in = r.token(s.sign_in_resource());
                 IdentityStatus {
                     name: s.name.clone(),
                     provider: s.provider.name.clone(),
@@ -706,10 +942,11 @@ impl TokenManager {
                     mailbox: s.email.clone(),
                     signed_in: r.account.is_some(),
                     state: r.state.as_str().into(),
-                    expires_at: r.expires_at.filter(|_| r.access_token.is_some()),
+                    expires_at: sign_in.expires_at.filter(|_| sign_in.access_token.is_some()),
                     last_refresh: r.last_refresh,
                     last_error: r.last_error.clone(),
                     has_refresh_token: r.refresh_token.is_some(),
+                    tokens,
                 }
             })
             .collect();
@@ -717,9 +954,10 @@ impl TokenManager {
         v
     }
 
-    /// Whether the background refresher should refresh `slot` at `t`: then the record as it
-    /// was seen, to tell whether someone else refreshed before the refresher got to it.
-    fn refresh_due(slot: &Slot, t: i64) -> Option<TokenRecord> {
+    /// Whether the background refresher should refresh `slot`'s token of `resource` at `t`:
+    /// then that token and the refresh token as they were seen, to tell whether someone else
+    /// refreshed (or signed in or out) before the refresher got to it.
+    fn refresh_due(slot: &Slot, resource: Resource, t: i64) -> Option<(ResourceToken, Option<String>)> {
         let r = slot.record();
         let app_only = matches!(slot.flow, Flow::ClientCredentials | Flow::ServiceAccount);
         // A delegated identity that needs a sign-in waits for a person; an app-only one is
@@ -728,18 +966,28 @@ impl TokenManager {
         if r.state == IdentityState::NeedsLogin && !app_only {
             return None;
         }
-        let (retry_after, _) = *slot.retry_after.locked();
+        let retry_after = slot.retry_after.locked().get(&resource).map_or(0, |(at, _)| *at);
         if t < retry_after {
             return None;
         }
-        let due = match (r.refresh_at, r.last_refresh) {
-            (Some(at), _) if t >= at => true,
-            (_, Some(last)) => t >= last + REFRESH_IDLE,
-            // App-only identities fetch their first token at startup.
-            (None, None) => app_only,
-            _ => false,
+        let tok = r.token(resource);
+        let due = if resource == slot.sign_in_resource() {
+            match (tok.refresh_at, r.last_refresh) {
+                (Some(at), _) if t >= at => true,
+                (_, Some(last)) => t >= last + REFRESH_IDLE,
+                // App-only identities fetch their first token at startup.
+                (None, None) => app_only,
+                _ => false,
+            }
+        } else {
+            // Another resource's token: fetched as soon as the identity can (signed in, or
+            // app-only), then refreshed ahead of its own expiry.
+            match (&tok.access_token, tok.refresh_at) {
+                (Some(_), Some(at)) => t >= at,
+                _ => true,
+            }
         };
-        (due && (r.refresh_token.is_some() || app_only)).then_some(r)
+        (due && (r.refresh_token.is_some() || app_only)).then_some((tok, r.refresh_token))
     }
 
     /// Keeps every identity's token fresh until `shutdown` fires: refreshes ahead of expiry
@@ -753,23 +1001,31 @@ impl TokenManager {
                 self.check_certificates(t);
                 certs_checked = Some(t);
             }
-            let due: Vec<_> =
-                self.slots.values().filter_map(|slot| Self::refresh_due(slot, t).map(|seen| (slot, seen))).collect();
+            // Each resource's token on its own schedule.
+            let due: Vec<_> = self
+                .slots
+                .values()
+                .flat_map(|slot| slot.resources().into_iter().map(move |r| (slot, r)))
+                .filter_map(|(slot, r)| Self::refresh_due(slot, r, t).map(|seen| (slot, r, seen)))
+                .collect();
             // Several at once (a fleet's tokens are often due together, and one slow answer
             // must not hold up the rest), never more than REFRESHES_AT_ONCE.
             let me: &TokenManager = &self;
-            let round =
-                futures_util::stream::iter(due).for_each_concurrent(REFRESHES_AT_ONCE, |(slot, seen)| async move {
+            let round = futures_util::stream::iter(due).for_each_concurrent(
+                REFRESHES_AT_ONCE,
+                |(slot, resource, (seen, seen_rt))| async move {
                     let _flight = slot.flight.lock().await;
-                    // Someone may have refreshed (or signed out) while we waited.
+                    // Someone may have refreshed (or signed in or out) while we waited; a
+                    // token left due is seen again in the next round.
                     let now_rec = slot.record();
-                    if now_rec.last_refresh != seen.last_refresh || now_rec.refresh_token != seen.refresh_token {
+                    if now_rec.token(resource) != seen || now_rec.refresh_token != seen_rt {
                         return;
                     }
-                    if let Err(e) = me.refresh_locked(slot).await {
-                        tracing::debug!(identity = %slot.name, "background refresh: {e}");
+                    if let Err(e) = me.refresh_locked(slot, resource).await {
+                        tracing::debug!(identity = %slot.name, resource = resource.as_str(), "background refresh: {e}");
                     }
-                });
+                },
+            );
             tokio::pin!(round);
             tokio::select! {
                 _ = &mut round => {}
@@ -1202,6 +1458,291 @@ mod tests {
             1,
             "one request with the revoked token, not one per caller"
         );
+    }
+
+    #[test]
+    fn a_record_stored_before_tokens_per_resource_still_loads() {
+        // What a relay stored before tokens were kept per resource.
+        let old = br#"{"state":"ready","account":"u@example.com","refresh_token":"rt","access_token":"at-mail",
+            "expires_at":2000,"refresh_at":1500,"scopes":["s"],"last_refresh":1000,"last_error":null}"#;
+        let mut r: TokenRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!(r.token(Resource::Mail).access_token.as_deref(), Some("at-mail"));
+        assert_eq!(r.token(Resource::Mail).expires_at, Some(2000));
+        assert!(r.token(Resource::Graph) == ResourceToken::default());
+        // The identity now sends through Graph and reads a mailbox: Mail stays the sign-in
+        // resource, and a Graph token goes into the map, on disk too.
+        r.arrange(Resource::Mail);
+        r.put_token(
+            Resource::Graph,
+            ResourceToken {
+                access_token: Some("at-graph".into()),
+                expires_at: Some(3000),
+                refresh_at: Some(2500),
+                last_refresh: Some(1200),
+            },
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        let back: TokenRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.access_token.as_deref(), Some("at-mail"));
+        assert_eq!(back.token(Resource::Graph).access_token.as_deref(), Some("at-graph"));
+        // The mailbox goes: Graph becomes the sign-in resource, each token keeps its resource.
+        let mut moved = back.clone();
+        moved.arrange(Resource::Graph);
+        assert_eq!((moved.access_token.as_deref(), moved.expires_at), (Some("at-graph"), Some(3000)));
+        assert_eq!(moved.token(Resource::Mail).access_token.as_deref(), Some("at-mail"));
+        assert_eq!(moved.token(Resource::Graph).access_token.as_deref(), Some("at-graph"));
+        // A record with one resource serialises as before (no new keys).
+        let plain: TokenRecord = serde_json::from_slice(old).unwrap();
+        let v: serde_json::Value = serde_json::to_value(&plain).unwrap();
+        assert!(v.get("resources").is_none() && v.get("resource").is_none(), "{v}");
+        // Signing out of a new grant forgets every resource's token.
+        moved.clear_access_tokens();
+        assert_eq!((moved.token(Resource::Mail).access_token, moved.token(Resource::Graph).access_token), (None, None));
+    }
+
+    /// A Microsoft-like token endpoint: refuses a request whose scopes span several resources
+    /// (AADSTS28000), answers others with a token named after the resource and a rotated
+    /// refresh token, and records (grant, scope, refresh token) of each request.
+    async fn entra_endpoint() -> (Arc<Mutex<Vec<(String, String, String)>>>, String) {
+        entra_endpoint_refusing(false).await
+    }
+
+    /// [`entra_endpoint`]; `refuse_graph`: Graph's scopes were never consented to (AADSTS65001).
+    async fn entra_endpoint_refusing(refuse_graph: bool) -> (Arc<Mutex<Vec<(String, String, String)>>>, String) {
+        use axum::routing::post;
+        let seen: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            post(move |body: axum::body::Bytes| {
+                let log = log.clone();
+                async move {
+                    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+                    let get = |k: &str| form.get(k).cloned().unwrap_or_default();
+                    let scope = get("scope");
+                    let mut hosts: Vec<&str> = scope
+                        .split_whitespace()
+                        .filter_map(|s| s.strip_prefix("https://"))
+                        .filter_map(|s| s.split('/').next())
+                        .collect();
+                    hosts.dedup();
+                    let n = {
+                        let mut l = log.locked();
+                        l.push((get("grant_type"), scope.clone(), get("refresh_token")));
+                        l.len()
+                    };
+                    if hosts.len() != 1 {
+                        return (
+                            axum::http::StatusCode::BAD_REQUEST,
+                            [("content-type", "application/json")],
+                            r#"{"error":"invalid_scope","error_description":"AADSTS28000: more than one resource"}"#
+                                .to_string(),
+                        );
+                    }
+                    let resource = if hosts[0].contains("graph") { "graph" } else { "mail" };
+                    if refuse_graph && resource == "graph" {
+                        return (
+                            axum::http::StatusCode::BAD_REQUEST,
+                            [("content-type", "application/json")],
+                            r#"{"error":"invalid_grant","error_description":"AADSTS65001: The user or administrator has not consented to use the application."}"#
+                                .to_string(),
+                        );
+                    }
+                    (
+                        axum::http::StatusCode::OK,
+                        [("content-type", "application/json")],
+                        format!(
+                            r#"{{"access_token":"at-{resource}-{n}","refresh_token":"rt-{n}","token_type":"Bearer","expires_in":3600}}"#
+                        ),
+                    )
+                }
+            }),
+        );
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", tcp.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(tcp, app).await });
+        (seen, url)
+    }
+
+    #[tokio::test]
+    async fn each_resource_s_token_comes_from_the_one_refresh_token_one_resource_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (seen, url) = entra_endpoint().await;
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n\
+             [[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"c\"\ntoken_url = \"{url}\"\n\
+             graph_url = \"http://127.0.0.1:9\"\n\n\
+             [[identity]]\nname = \"u\"\nprovider = \"m\"\nemail = \"u@example.com\"\nflow = \"device_code\"\nsend_via = \"graph\"\n\n\
+             [[mailbox]]\nname = \"print\"\nidentity = \"u\"\nspool = \"spool\"\n"
+        );
+        let config = Config::parse(&dir.path().join("config.toml"), text).unwrap();
+        std::fs::create_dir_all(config.data_dir()).unwrap();
+        let store = Arc::new(crate::store::Store::open(&config.data_dir(), vec![]).unwrap());
+        let vault = Arc::new(crate::oauth::vault::Vault::open(&config.key_file(), None).unwrap());
+        let tokens = Arc::new(TokenManager::new(&config, store, vault, None).unwrap());
+        let slot = tokens.slot("u").unwrap();
+        assert_eq!(slot.resources(), vec![Resource::Mail, Resource::Graph]);
+        // The sign-in's token is the mail servers'.
+        let set = TokenSet {
+            access_token: "at-mail-0".into(),
+            refresh_token: Some("rt-0".into()),
+            expires_in: Some(Duration::from_secs(3600)),
+            scopes: vec![],
+            account: Some("u@example.com".into()),
+        };
+        tokens.sign_in(slot, set).await.unwrap();
+        assert_eq!(tokens.access_token("u").await.unwrap().secret, "at-mail-0");
+        assert_eq!(tokens.access_token_for("u", Resource::Mail).await.unwrap().secret, "at-mail-0");
+        assert!(seen.locked().is_empty());
+
+        // Graph's token: a refresh grant with Graph's scopes only.
+        let graph = tokens.access_token_for("u", Resource::Graph).await.unwrap();
+        assert_eq!(graph.secret, "at-graph-1");
+        assert_eq!(
+            seen.locked()[0],
+            (
+                "refresh_token".to_string(),
+                "https://graph.microsoft.com/Mail.Send https://graph.microsoft.com/Mail.ReadWrite offline_access"
+                    .to_string(),
+                "rt-0".to_string()
+            )
+        );
+        // Cached per resource.
+        assert_eq!(tokens.access_token_for("u", Resource::Graph).await.unwrap().secret, "at-graph-1");
+        assert_eq!(tokens.access_token("u").await.unwrap().secret, "at-mail-0");
+
+        // Graph refuses its token: only Graph's is renewed, with the rotated refresh token.
+        let again = tokens.refresh_after_rejection_for("u", Resource::Graph, &graph).await.unwrap();
+        assert_eq!(again.secret, "at-graph-2");
+        assert_eq!(seen.locked()[1].2, "rt-1");
+        assert_eq!(tokens.access_token("u").await.unwrap().secret, "at-mail-0", "the mail token is untouched");
+        assert_eq!(seen.locked().len(), 2);
+
+        // The mail servers refuse theirs: renewed from the refresh token Graph's answer rotated.
+        let mail = tokens.access_token("u").await.unwrap();
+        let mail = tokens.refresh_after_rejection("u", &mail).await.unwrap();
+        assert_eq!(mail.secret, "at-mail-3");
+        let third = seen.locked()[2].clone();
+        assert_eq!(
+            (third.1.as_str(), third.2.as_str()),
+            ("https://outlook.office.com/IMAP.AccessAsUser.All offline_access", "rt-2")
+        );
+        assert_eq!(tokens.access_token_for("u", Resource::Graph).await.unwrap().secret, "at-graph-2");
+
+        // Both shown; both on disk.
+        let st = tokens.status().into_iter().find(|s| s.name == "u").unwrap();
+        assert_eq!(st.tokens.iter().map(|t| t.resource.as_str()).collect::<Vec<_>>(), vec!["mail", "graph"]);
+        assert!(st.tokens.iter().all(|t| t.expires_at.is_some()), "{st:?}");
+        let sealed = tokens.store.get(Tree::Tokens, b"u").unwrap().unwrap();
+        let stored: TokenRecord = serde_json::from_slice(&tokens.vault.unseal("u", &sealed).unwrap()).unwrap();
+        assert_eq!(stored.refresh_token.as_deref(), Some("rt-3"));
+        assert_eq!(stored.token(Resource::Graph).access_token.as_deref(), Some("at-graph-2"));
+        assert_eq!(stored.token(Resource::Mail).access_token.as_deref(), Some("at-mail-3"));
+
+        // A new sign-in drops the old grant's Graph token.
+        let set = TokenSet {
+            access_token: "at-mail-new".into(),
+            refresh_token: Some("rt-new".into()),
+            expires_in: Some(Duration::from_secs(3600)),
+            scopes: vec![],
+            account: None,
+        };
+        tokens.sign_in(slot, set).await.unwrap();
+        assert_eq!(tokens.access_token_for("u", Resource::Graph).await.unwrap().secret, "at-graph-4");
+        assert_eq!(seen.locked()[3].2, "rt-new");
+    }
+
+    #[tokio::test]
+    async fn a_graph_consent_missing_needs_a_sign_in_and_leaves_the_mail_token_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let (seen, url) = entra_endpoint_refusing(true).await;
+        let text = format!(
+            "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n\
+             [[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"c\"\ntoken_url = \"{url}\"\n\n\
+             [[identity]]\nname = \"u\"\nprovider = \"m\"\nemail = \"u@example.com\"\nflow = \"device_code\"\nsend_via = \"graph\"\n\n\
+             [[mailbox]]\nname = \"print\"\nidentity = \"u\"\nspool = \"spool\"\n"
+        );
+        let config = Config::parse(&dir.path().join("config.toml"), text).unwrap();
+        std::fs::create_dir_all(config.data_dir()).unwrap();
+        let store = Arc::new(crate::store::Store::open(&config.data_dir(), vec![]).unwrap());
+        let vault = Arc::new(crate::oauth::vault::Vault::open(&config.key_file(), None).unwrap());
+        let tokens = TokenManager::new(&config, store, vault, None).unwrap();
+        // Signed in when the identity only read its mailbox.
+        let set = TokenSet {
+            access_token: "at-mail-0".into(),
+            refresh_token: Some("rt-0".into()),
+            expires_in: Some(Duration::from_secs(3600)),
+            scopes: vec![],
+            account: Some("u@example.com".into()),
+        };
+        tokens.sign_in(tokens.slot("u").unwrap(), set).await.unwrap();
+        let refused = tokens.access_token_for("u", Resource::Graph).await;
+        assert!(matches!(&refused, Err(TokenError::NeedsLogin(t)) if t.contains("AADSTS65001")), "{refused:?}");
+        let st = || tokens.status().into_iter().find(|s| s.name == "u").unwrap();
+        assert_eq!(st().state, "needs_login");
+        assert!(st().last_error.unwrap_or_default().starts_with("graph token: "), "{:?}", st());
+        // The mailbox goes on: its token is kept, and renewed, and the identity still says
+        // that a person must sign in (for Graph's consent).
+        assert_eq!(tokens.access_token("u").await.unwrap().secret, "at-mail-0");
+        let mail = tokens.access_token("u").await.unwrap();
+        assert_eq!(tokens.refresh_after_rejection("u", &mail).await.unwrap().secret, "at-mail-2");
+        assert_eq!(st().state, "needs_login", "{:?}", st());
+        assert!(st().last_error.unwrap_or_default().contains("AADSTS65001"), "{:?}", st());
+        assert_eq!(seen.locked().len(), 2);
+        // A new sign-in (with Graph's consent) clears it.
+        let set = TokenSet {
+            access_token: "at-mail-new".into(),
+            refresh_token: Some("rt-new".into()),
+            expires_in: Some(Duration::from_secs(3600)),
+            scopes: vec![],
+            account: None,
+        };
+        tokens.sign_in(tokens.slot("u").unwrap(), set).await.unwrap();
+        assert_eq!((st().state.as_str(), st().last_error), ("ready", None));
+    }
+
+    #[tokio::test]
+    async fn a_mailbox_added_by_a_reload_keeps_the_graph_token_and_fetches_the_mail_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (seen, url) = entra_endpoint().await;
+        let text = |mailbox: &str| {
+            format!(
+                "[relay]\nhostname = \"relay.test\"\ndata_dir = \"data\"\n\n\
+                 [[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"c\"\ntoken_url = \"{url}\"\n\n\
+                 [[identity]]\nname = \"u\"\nprovider = \"m\"\nemail = \"u@example.com\"\nflow = \"device_code\"\nsend_via = \"graph\"\n\n{mailbox}"
+            )
+        };
+        let config = Config::parse(&dir.path().join("config.toml"), text("")).unwrap();
+        std::fs::create_dir_all(config.data_dir()).unwrap();
+        let store = Arc::new(crate::store::Store::open(&config.data_dir(), vec![]).unwrap());
+        let vault = Arc::new(crate::oauth::vault::Vault::open(&config.key_file(), None).unwrap());
+        let first = TokenManager::new(&config, store.clone(), vault.clone(), None).unwrap();
+        assert_eq!(first.slot("u").unwrap().resources(), vec![Resource::Graph]);
+        let set = TokenSet {
+            access_token: "at-graph-0".into(),
+            refresh_token: Some("rt-0".into()),
+            expires_in: Some(Duration::from_secs(3600)),
+            scopes: vec![],
+            account: Some("u@example.com".into()),
+        };
+        first.sign_in(first.slot("u").unwrap(), set).await.unwrap();
+        assert_eq!(first.access_token("u").await.unwrap().secret, "at-graph-0");
+        // Graph-only: no mail token to be had.
+        assert!(matches!(first.access_token_for("u", Resource::Mail).await, Err(TokenError::Config(_))));
+
+        let config = Config::parse(
+            &dir.path().join("config.toml"),
+            text("[[mailbox]]\nname = \"print\"\nidentity = \"u\"\nspool = \"spool\"\n"),
+        )
+        .unwrap();
+        let second = TokenManager::new(&config, store, vault, Some(&first)).unwrap();
+        assert_eq!(second.slot("u").unwrap().resources(), vec![Resource::Mail, Resource::Graph]);
+        assert_eq!(second.access_token_for("u", Resource::Graph).await.unwrap().secret, "at-graph-0");
+        assert!(seen.locked().is_empty(), "the Graph token was kept");
+        // The sign-in resource is now the mailbox's: fetched with its own scopes.
+        assert_eq!(second.access_token("u").await.unwrap().secret, "at-mail-1");
+        assert_eq!(seen.locked()[0].1, "https://outlook.office.com/IMAP.AccessAsUser.All offline_access");
+        assert_eq!(second.access_token_for("u", Resource::Graph).await.unwrap().secret, "at-graph-0");
     }
 
     #[test]

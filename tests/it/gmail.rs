@@ -462,8 +462,9 @@ async fn relay_through(
     // The fake Gmail API knows the fake provider's tokens (which starts with the relay).
     let idp: Arc<std::sync::OnceLock<FakeOAuth>> = Arc::default();
     let known = idp.clone();
+    // Only a live token for Gmail's scopes: the service account asks for gmail.send alone.
     let fake = FakeGmail::start(Arc::new(move |t: &str| {
-        known.get().filter(|idp| idp.token_is_valid(t, SCANS)).map(|_| SCANS.to_string())
+        known.get().and_then(|idp| idp.bearer_validator(crate::common::fake_oauth::GOOGLE_SEND_SCOPE)(t))
     }))
     .await;
     let key = RsaTestKey::a();
@@ -568,4 +569,32 @@ async fn mfd_relay_test_shows_the_upload_steps() {
     assert_eq!(sent[0].upload, "resumable");
     assert!(out.contains("upload-session") && out.matches("upload ").count() >= 2, "{out}");
     assert!(!out.contains("upload_id"), "the session URI is not shown: {out}");
+}
+
+/// Throttling through the relay: Gmail's 429 with `Retry-After: 4` keeps the message queued
+/// (the device hears 250, queued) for those 4 seconds, not the failure backoff, and then it
+/// goes out once; the metrics say why it waited and by which path it went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_through_the_relay_waits_the_retry_after_then_sends_once() {
+    // The harness retries after 1-2 s: only Retry-After explains a wait of 4.
+    let (w, fake) = relay_through(|_| {}).await;
+    fake.throttle(1, 4);
+    let started = Instant::now();
+    let r = w.send(&DEVICE, &scan(2_000, "bob@contoso.test")).await;
+    assert!(r.ok && r.message.contains("queued"), "{r:?}\n{}", w.relay.log());
+    let sent = wait_sent(&fake, 1, Duration::from_secs(30)).await;
+    assert_eq!(sent.len(), 1, "{}", w.relay.log());
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(4), "sent after {waited:?}, before Retry-After");
+    let (_, metrics) = tokio::task::block_in_place(|| w.relay.admin_get("/metrics"));
+    assert!(
+        metrics.contains(r#"mfd_relay_messages_deferred_total{identity="scans",reason="throttled"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"mfd_relay_messages_delivered_total{identity="scans",path="queue",via="gmail_api"} 1"#),
+        "{metrics}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(fake.sent().len(), 1, "sent once");
 }

@@ -28,3 +28,4 @@ mod scale;
 mod spine;
 mod status_page;
 mod test_send;
+mod tokens_resources;

@@ -25,6 +25,17 @@
 //! handle, so a test can change behaviour (revoke, go down, approve a device
 //! code) and inspect what happened (counters, requests) at any moment.
 //!
+//! Resources, as Entra has them: an access token is for one resource (the scheme and host
+//! of its scopes: `https://outlook.office.com`, `https://graph.microsoft.com`; a scope
+//! without one is Graph's). `/devicecode` and `/authorize` take consent for several
+//! resources at once and the token they lead to is for the first one named; the refresh
+//! token covers every consented scope. A token request (`refresh_token`,
+//! `client_credentials`, `authorization_code` with `scope`) whose scopes span several
+//! resources is refused with `AADSTS28000` (`invalid_scope`). Google's scopes are one
+//! resource. [`FakeOAuth::bearer_validator`] accepts a resource's tokens only, and
+//! [`FakeOAuth::token_validator`] (the mail servers) refuses Graph's and `gmail.send`-only
+//! tokens.
+//!
 //! Tokens are random strings tied to an account e-mail and an expiry:
 //! access tokens start with `fake-at-`, refresh tokens with `fake-rt-`, so a
 //! test can grep logs for leaks.
@@ -57,6 +68,10 @@ pub const CLIENT_ASSERTION_TYPE_JWT: &str = "urn:ietf:params:oauth:client-assert
 pub const MS_SMTP_SCOPE: &str = "https://outlook.office.com/SMTP.Send";
 pub const MS_APP_SCOPE: &str = "https://outlook.office365.com/.default";
 pub const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
+/// Google's send-only scope (the Gmail API).
+pub const GOOGLE_SEND_SCOPE: &str = "https://www.googleapis.com/auth/gmail.send";
+/// Microsoft Graph's resource identifier (global cloud).
+pub const GRAPH_RESOURCE: &str = "https://graph.microsoft.com";
 
 /// Access tokens live one hour unless a test says otherwise.
 pub const DEFAULT_ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
@@ -207,6 +222,15 @@ pub struct SeenRequest {
     pub status: u16,
     /// The `error` field of an error answer.
     pub error: Option<String>,
+    /// `grant_type` of a token request.
+    pub grant: Option<String>,
+    /// The `scope` parameter, as sent.
+    pub scope: Option<String>,
+    /// The refresh token a `refresh_token` grant presented.
+    pub refresh_token: Option<String>,
+    /// The access token and refresh token the answer carried.
+    pub issued_access_token: Option<String>,
+    pub issued_refresh_token: Option<String>,
 }
 
 /// What is known about an access token.
@@ -585,8 +609,56 @@ impl FakeOAuth {
         let shared = self.shared.clone();
         Arc::new(move |user: &str, token: &str| {
             let st = shared.lock();
-            st.access.get(token).is_some_and(|r| r.live(Instant::now()) && r.account.eq_ignore_ascii_case(user))
+            st.access.get(token).is_some_and(|r| {
+                r.live(Instant::now()) && r.account.eq_ignore_ascii_case(user) && token_fits_mail(&r.scope)
+            })
         })
+    }
+
+    /// A bearer-token check for a fake HTTP API (Graph, Gmail): the account of a live
+    /// access token for `resource` (`https://graph.microsoft.com`; for Google any of its
+    /// scopes, e.g. `https://www.googleapis.com/auth/gmail.send`: tokens carrying `gmail.send`
+    /// or `https://mail.google.com/`), else `None`. Graph refuses an Outlook token, as the
+    /// real one does.
+    pub fn bearer_validator(&self, resource: &str) -> super::BearerValidator {
+        let shared = self.shared.clone();
+        let resource = resource.to_string();
+        Arc::new(move |token: &str| {
+            let st = shared.lock();
+            st.access
+                .get(token)
+                .filter(|r| r.live(Instant::now()) && token_is_for(&r.scope, &resource))
+                .map(|r| r.account.clone())
+        })
+    }
+
+    /// A live access token for `email` with `scope`, as if granted.
+    pub fn issue_access_token_with_scope(&self, email: &str, scope: &str) -> String {
+        let mut st = self.shared.lock();
+        let lifetime = st.settings.access_token_lifetime;
+        st.new_access_token(email, None, scope, None, lifetime)
+    }
+
+    /// A refresh token for `email` covering `scope` (a consent), accepted from any client.
+    pub fn issue_refresh_token_with_scope(&self, email: &str, scope: &str) -> String {
+        self.shared.lock().new_refresh_token(email, None, scope)
+    }
+
+    /// Every access token for `resource` expires now; the others are untouched.
+    pub fn expire_access_tokens_for(&self, resource: &str) {
+        let now = Instant::now();
+        for a in self.shared.lock().access.values_mut() {
+            if !a.scope.trim().is_empty() && token_is_for(&a.scope, resource) {
+                a.expires_at = a.expires_at.min(now);
+            }
+        }
+    }
+
+    /// Revokes one access token (the API it is for then refuses it).
+    pub fn revoke_access_token(&self, token: &str) {
+        if let Some(a) = self.shared.lock().access.get_mut(token) {
+            a.revoked = true;
+        }
     }
 
     /// What is known about an access token, if it was ever issued.
@@ -870,11 +942,22 @@ async fn gate(sh: &Shared) -> Option<HttpReply> {
 }
 
 fn record(st: &mut State, uri: &Uri, basic: &Option<(String, String)>, reply: &HttpReply) {
+    record_with(st, uri, basic, reply, None);
+}
+
+fn record_with(st: &mut State, uri: &Uri, basic: &Option<(String, String)>, reply: &HttpReply, p: Option<&Params>) {
+    let field = |k: &str| reply.body.as_ref().and_then(|b| b.get(k)).and_then(Value::as_str).map(str::to_string);
+    let param = |k: &str| p.and_then(|p| p.get(k)).map(str::to_string);
     st.requests.push(SeenRequest {
         path: uri.path().to_string(),
         basic_auth_client: basic.as_ref().map(|(id, _)| id.clone()),
         status: reply.status.as_u16(),
         error: reply.error_field(),
+        grant: param("grant_type"),
+        scope: param("scope"),
+        refresh_token: param("refresh_token"),
+        issued_access_token: field("access_token"),
+        issued_refresh_token: field("refresh_token"),
     });
 }
 
@@ -888,7 +971,7 @@ async fn token_handler(AxState(sh): AxState<Arc<Shared>>, uri: Uri, headers: Hea
             let token_url = format!("{}{}", sh.base_url, uri.path());
             let mut st = sh.lock();
             let r = st.token(&params, &basic, &token_url);
-            record(&mut st, &uri, &basic, &r);
+            record_with(&mut st, &uri, &basic, &r, Some(&params));
             return r;
         }
     };
@@ -907,7 +990,7 @@ async fn devicecode_handler(AxState(sh): AxState<Arc<Shared>>, uri: Uri, headers
             let mut st = sh.lock();
             st.counts.devicecode_requests += 1;
             let r = st.devicecode(&params, &basic, &token_url, &sh.base_url).unwrap_or_else(|e| e);
-            record(&mut st, &uri, &basic, &r);
+            record_with(&mut st, &uri, &basic, &r, Some(&params));
             drop(st);
             sh.changed.notify_waiters();
             return r;
@@ -990,16 +1073,19 @@ impl State {
         token
     }
 
-    /// The token response (RFC 6749 §5.1, Entra's field set).
+    /// The token response (RFC 6749 §5.1, Entra's field set). The access token is for the
+    /// first resource `scope` names; a refresh token, when `refresh_scope` is given, covers
+    /// that (the whole consent).
     fn issue(
         &mut self,
         grant: Grant,
         account: &str,
         client_id: Option<&str>,
         scope: &str,
-        with_refresh: bool,
+        refresh_scope: Option<&str>,
     ) -> HttpReply {
         let lifetime = self.settings.access_token_lifetime;
+        let scope = &first_resource_scope(scope);
         let at = self.new_access_token(account, client_id, scope, Some(grant), lifetime);
         let mut body = json!({
             "token_type": "Bearer",
@@ -1008,8 +1094,8 @@ impl State {
             "ext_expires_in": lifetime.as_secs(),
             "access_token": at,
         });
-        if with_refresh {
-            body["refresh_token"] = Value::String(self.new_refresh_token(account, client_id, scope));
+        if let Some(rs) = refresh_scope {
+            body["refresh_token"] = Value::String(self.new_refresh_token(account, client_id, rs));
         }
         // OpenID Connect: asked for `openid`, Entra adds an ID token naming who signed in.
         if scope.split_whitespace().any(|s| s == "openid") {
@@ -1246,9 +1332,10 @@ impl State {
                 ),
             ));
         }
+        one_resource(scope)?;
         self.check_scope(scope)?;
         let account = self.clients[&client_id].app_account.clone().unwrap_or_else(|| format!("app:{client_id}"));
-        Ok(self.issue(Grant::ClientCredentials, &account, Some(&client_id), scope, false))
+        Ok(self.issue(Grant::ClientCredentials, &account, Some(&client_id), scope, None))
     }
 
     fn grant_refresh(&mut self, p: &Params, basic: &Option<(String, String)>, token_url: &str) -> Answer {
@@ -1272,7 +1359,10 @@ impl State {
             ));
         }
         let account = rec.account.clone();
-        let scope = p.get("scope").unwrap_or(&rec.scope).to_string();
+        let consent = rec.scope.clone();
+        // No scope: the first resource of the grant.
+        let scope = p.get("scope").map(str::to_string).unwrap_or_else(|| first_resource_scope(&rec.scope));
+        one_resource(&scope)?;
         // Entra: a refresh may ask only for scopes granted at sign-in (a token issued directly
         // by a test, with no scope recorded, stands for any sign-in).
         let granted = |s: &str| rec.scope.is_empty() || rec.scope.split_whitespace().any(|g| g == s);
@@ -1286,7 +1376,8 @@ impl State {
         }
         self.check_scope(&scope)?;
         let rotate = self.settings.rotate_refresh_tokens;
-        Ok(self.issue(Grant::RefreshToken, &account, Some(&client_id), &scope, rotate))
+        // A rotated refresh token carries the whole grant, whichever resource was asked for.
+        Ok(self.issue(Grant::RefreshToken, &account, Some(&client_id), &scope, rotate.then_some(consent.as_str())))
     }
 
     fn grant_device_code(&mut self, p: &Params, basic: &Option<(String, String)>, token_url: &str) -> Answer {
@@ -1352,7 +1443,7 @@ impl State {
                 d.state = DeviceState::Redeemed;
                 let scope = d.scope.clone();
                 let refresh = self.wants_refresh(&scope);
-                Ok(self.issue(Grant::DeviceCode, &account, Some(&client_id), &scope, refresh))
+                Ok(self.issue(Grant::DeviceCode, &account, Some(&client_id), &scope, refresh.then_some(scope.as_str())))
             }
         }
     }
@@ -1412,9 +1503,30 @@ impl State {
             }
         }
         let (account, scope) = (rec.account.clone(), rec.scope.clone());
+        // Entra: the redemption may name scopes, of one resource and consented to.
+        let token_scope = match p.get("scope") {
+            Some(asked) => {
+                one_resource(asked)?;
+                if let Some(bad) = asked.split_whitespace().find(|a| !scope.split_whitespace().any(|g| g == *a)) {
+                    return Err(HttpReply::bad(
+                        "invalid_grant",
+                        70000,
+                        &format!("The request was denied because scope {bad} was not consented to in the authorization request."),
+                    ));
+                }
+                asked.to_string()
+            }
+            None => scope.clone(),
+        };
         self.codes.get_mut(code).expect("checked").used = true;
         let refresh = self.wants_refresh(&scope);
-        Ok(self.issue(Grant::AuthorizationCode, &account, Some(&client_id), &scope, refresh))
+        Ok(self.issue(
+            Grant::AuthorizationCode,
+            &account,
+            Some(&client_id),
+            &token_scope,
+            refresh.then_some(scope.as_str()),
+        ))
     }
 
     /// Google's service-account grant (RFC 7523 §2.1), Google-style errors.
@@ -1452,7 +1564,7 @@ impl State {
             return Err(HttpReply::google("invalid_scope", "Invalid OAuth scope or ID token audience provided."));
         }
         let account = parsed.claim_str("sub").unwrap_or(&iss).to_string();
-        Ok(self.issue(Grant::JwtBearer, &account, None, &scope, false))
+        Ok(self.issue(Grant::JwtBearer, &account, None, &scope, None))
     }
 
     /// `POST /devicecode` (RFC 8628 §3.1-3.2).
@@ -1587,6 +1699,88 @@ impl State {
             None => HttpReply::ok(json!({"active": false})),
         }
     }
+}
+
+/// The resource a scope belongs to: the scheme and host of a URL scope (Google's scopes all
+/// count as one, "google"); Graph's for a bare name (`Mail.Send`, as Entra reads it);
+/// none for the OpenID Connect scopes.
+pub fn scope_resource(scope: &str) -> Option<String> {
+    if OIDC_SCOPES.contains(&scope) {
+        return None;
+    }
+    let Some((scheme, rest)) = scope.split_once("://") else {
+        return Some(GRAPH_RESOURCE.to_string());
+    };
+    let host = rest.split('/').next().unwrap_or("").to_ascii_lowercase();
+    if host == "mail.google.com" || host.ends_with("googleapis.com") {
+        return Some("google".into());
+    }
+    Some(format!("{}://{host}", scheme.to_ascii_lowercase()))
+}
+
+/// The resources `scope` names, in order.
+pub fn scope_resources(scope: &str) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for r in scope.split_whitespace().filter_map(scope_resource) {
+        if !v.contains(&r) {
+            v.push(r);
+        }
+    }
+    v
+}
+
+/// `scope` cut down to its first resource's scopes (and the OpenID ones): what a token
+/// issued for a consent spanning several resources is for.
+fn first_resource_scope(scope: &str) -> String {
+    let first = scope_resources(scope).into_iter().next();
+    scope
+        .split_whitespace()
+        .filter(|s| match scope_resource(s) {
+            None => true,
+            r => r == first,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Entra's refusal of a token request for several resources at once.
+fn one_resource(scope: &str) -> Result<(), HttpReply> {
+    if scope_resources(scope).len() <= 1 {
+        return Ok(());
+    }
+    Err(HttpReply::bad(
+        "invalid_scope",
+        28000,
+        &format!(
+            "Provided value for the input parameter scope is not valid because it contains more than one \
+             resource. Scope {scope} is not valid."
+        ),
+    ))
+}
+
+/// Whether a token of `scope` is for `resource` (a resource identifier such as
+/// `https://graph.microsoft.com`, or for Google a scope or "google": then a token carrying
+/// `gmail.send` or `https://mail.google.com/`). A token with no scope (issued directly by a
+/// test) stands for any resource.
+fn token_is_for(scope: &str, resource: &str) -> bool {
+    if scope.trim().is_empty() {
+        return true;
+    }
+    if resource.contains("google") {
+        return scope.split_whitespace().any(|s| s == GOOGLE_SEND_SCOPE || s == GOOGLE_MAIL_SCOPE);
+    }
+    let want = resource.trim_end_matches('/').to_ascii_lowercase();
+    scope_resources(scope).contains(&want)
+}
+
+/// Whether the mail servers (SMTP, IMAP) take a token of `scope`: not Graph's, not a Google
+/// token that may only send through the Gmail API.
+fn token_fits_mail(scope: &str) -> bool {
+    let resources = scope_resources(scope);
+    if resources.iter().any(|r| r.contains("graph") || r.contains("chinacloudapi")) {
+        return false;
+    }
+    resources != ["google"] || scope.split_whitespace().any(|s| s == GOOGLE_MAIL_SCOPE)
 }
 
 fn unknown_client(client_id: &str) -> HttpReply {
