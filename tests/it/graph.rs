@@ -513,11 +513,14 @@ async fn relay_through(
     use crate::common::fake_oauth::FakeOAuth;
     use crate::common::relay::{endpoints, pin_hash, World, CLIENT_ID, CLIENT_SECRET, SCANS};
 
-    // The fake Graph knows the fake provider's tokens (which starts with the relay).
+    // The fake Graph takes the fake provider's tokens for Graph only (an Outlook token is for
+    // another resource), and the provider starts with the relay.
     let idp: Arc<std::sync::OnceLock<FakeOAuth>> = Arc::default();
     let known = idp.clone();
     let fake = FakeGraph::start(Arc::new(move |t: &str| {
-        known.get().filter(|idp| idp.token_is_valid(t, SCANS)).map(|_| SCANS.to_string())
+        let idp = known.get()?;
+        let for_graph = idp.access_token_info(t).is_some_and(|i| i.scope.contains("https://graph.microsoft.com/"));
+        (idp.token_is_valid(t, SCANS) && for_graph).then(|| SCANS.to_string())
     }))
     .await;
     let base = fake.url();
