@@ -608,3 +608,22 @@ async fn mfd_relay_test_shows_the_graph_steps() {
     assert!(out.contains("draft") && out.contains("attachment 1/1") && out.contains("send"), "{out}");
     assert!(!out.contains("fake-upload-secret"), "the upload URL is not shown: {out}");
 }
+
+#[tokio::test]
+async fn a_413_to_send_mail_falls_back_to_the_draft_path() {
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &pdf(1_500_000, 81))]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.fake.fault(Op::SendMail, 1, Action::error(413, "RequestBodyTooLarge", "The request body is too large."));
+    f.send(&Progress::None, &MemSink::default()).await.expect("sent by draft");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(!sent[0].by_send_mail);
+    assert_eq!(sent_attachments(&sent[0]), original_attachments(&msg));
+    // Without attachments to take out, it is refused as too large, permanently.
+    let f = fixture(&scan_message(&["anna@contoso.com"], &[]), &["anna@contoso.com"]).await;
+    f.fake.fault(Op::SendMail, 1, Action::error(413, "RequestBodyTooLarge", "The request body is too large."));
+    match f.send(&Progress::None, &MemSink::default()).await {
+        Err(SendError::Rejected(r)) => assert!(r.code == 552 && r.text.starts_with("5.3.4 "), "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -132,7 +132,7 @@ pub struct Resume {
 /// How a message goes: what [`plan`] decides.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Plan {
-    /// One `sendMail`.
+    /// One `sendMail` (should Graph still answer 413, the draft path).
     Small,
     /// A draft, then these attachments one at a time.
     Large { rest: Vec<u8>, attachments: Vec<Attachment> },
@@ -286,7 +286,21 @@ impl Graph {
         match (plan, resume) {
             (Plan::Small, None) => {
                 let mime = out.read_all().map_err(spool)?;
-                self.send_small(token, msg, &mime).await
+                match self.send_small(token, msg, &mime).await? {
+                    Some(sent) => Ok(sent),
+                    // Graph found it too large for one request after all: the draft path, if
+                    // the message has attachments to take out.
+                    None => {
+                        let (rest, atts) = split(&out)?;
+                        if atts.is_empty() || b64_len(rest.len()) > MAX_POST {
+                            return Err(SendError::Rejected(UpstreamReply::new(
+                                552,
+                                "5.3.4 Microsoft Graph refused the message as too large for one request (HTTP 413)",
+                            )));
+                        }
+                        self.send_large(token, msg, &out, &rest, &atts, Resume::default()).await
+                    }
+                }
             }
             // A draft was started for this message: it is finished, whatever the size now.
             (Plan::Small, Some(r)) => {
@@ -353,7 +367,7 @@ impl Graph {
         token: &AccessToken,
         msg: &ApiMessage<'_>,
         mime: &[u8],
-    ) -> Result<SendOutcome, SendError> {
+    ) -> Result<Option<SendOutcome>, SendError> {
         let t = Instant::now();
         let url = self.url(msg.mailbox, &["sendMail"])?;
         let req = self.api(Method::POST, url, token).header(CONTENT_TYPE, "text/plain").body(STANDARD.encode(mime));
@@ -364,10 +378,11 @@ impl Graph {
             Err(e) => e.to_string(),
         });
         let a = a?;
-        if !a.ok() {
-            return Err(a.error());
+        match a.status.as_u16() {
+            _ if a.ok() => Ok(Some(Self::outcome(msg, "message"))),
+            413 => Ok(None),
+            _ => Err(a.error()),
         }
-        Ok(Self::outcome(msg, "message"))
     }
 
     async fn send_large(
