@@ -12,6 +12,9 @@
 //!   [`RANGE`] bytes to the session's `uploadUrl` (pre-authenticated: no Authorization header
 //!   goes there). Then `POST .../messages/{id}/send`.
 //!
+//! Steps reported to the observer (`mfd-relay test`): `graph-send`; or `draft`,
+//! `attachment i/n` (each), `draft-state` (after a restart in state "sending"), `send`.
+//!
 //! # Exactly once
 //! Before each step the state is saved through the message's [`ProgressSink`] ([`Resume`]):
 //! "creating" before the draft POST, the draft id right after it, the attachment under way
