@@ -22,6 +22,7 @@
 
 use mail_parser::{Address, HeaderValue, MessageParser};
 
+pub mod attachments;
 pub mod invariant;
 pub mod recipients;
 

@@ -104,6 +104,15 @@ pub fn hint(code: u16, text: &str) -> Option<&'static str> {
         _ if has("concurrent connections limit") => Some(
             "Exchange allows 3 SMTP connections per mailbox at once: the relay opens fewer for a while and retries",
         ),
+        // Microsoft Graph's error codes (upstream::graph).
+        _ if has("erroraccessdenied") => Some(
+            "the app may not send as this mailbox through Graph: grant it with Exchange RBAC for Applications \
+             (New-ManagementRoleAssignment -Role \"Application Mail.Send\" -App <app id> -CustomResourceScope <scope>; \
+             \"Application Mail.ReadWrite\" too for scans over 3 MB) and allow up to 2 hours",
+        ),
+        _ if has("mailboxnotenabledforrestapi") => Some(
+            "Graph cannot use this mailbox: it must be a licensed Exchange Online mailbox (not on-premises, inactive or soft-deleted)",
+        ),
         _ => None,
     }
 }

@@ -12,6 +12,7 @@ mod durability;
 mod fakes_selftest;
 mod faults;
 mod gmail;
+mod graph;
 mod hardening_admin;
 mod hardening_smtp;
 mod imap;

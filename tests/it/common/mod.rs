@@ -30,6 +30,7 @@
 //! ```
 
 pub mod fake_gmail;
+pub mod fake_graph;
 pub mod fake_oauth;
 pub mod fake_smtp;
 pub mod real;
