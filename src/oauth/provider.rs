@@ -206,9 +206,10 @@ impl ProviderInfo {
 
     /// The largest message (as a device sends it) to accept for an identity that sends through
     /// an HTTP API: the configured `max_message_size`, else the API's own limit.
-    /// - Graph measures a message as stored, its attachments decoded, and takes up to the
-    ///   mailbox's limit (35 MB by default); the device's MIME carries them in base64, 37 %
-    ///   larger (4/3, plus a line break every 76 characters): a 30 MB scan arrives as ~41 MB.
+    /// - Graph takes attachments up to 150 MB, but Exchange still holds the message to the
+    ///   mailbox's MaxSendSize (35 MB by default, counted on the encoded message, so a 30 MB
+    ///   scan, ~41 MB of MIME, needs it raised): the provider's `max_message_size` says what
+    ///   the tenant allows, 35 MiB by default.
     /// - The Gmail API takes at most 35 MiB of raw message.
     ///
     /// What goes out is a little larger than what the device sent (the relay's Received
@@ -220,7 +221,7 @@ impl ProviderInfo {
             (SendVia::GmailApi, true) => self.max_message_size.map(|m| m.min(gmail)),
             (SendVia::GmailApi, false) => Some(gmail),
             (_, true) => self.max_message_size,
-            (SendVia::Graph, false) => self.max_message_size.map(|m| m / 100 * 137),
+            (SendVia::Graph, false) => self.max_message_size,
             (SendVia::Smtp, false) => self.size_limit(None),
         }
     }
@@ -625,8 +626,10 @@ mod tests {
             info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\nmax_message_size = \"10MB\"\n");
         assert_eq!(small.api_size_limit(SendVia::GmailApi), Some(10_000_000));
         let m = info("[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"x\"\n");
-        // Graph counts attachments decoded: 35 MiB of them arrive as ~48 MB of base64 MIME.
-        assert_eq!(m.api_size_limit(SendVia::Graph), Some(35 * 1024 * 1024 / 100 * 137));
+        // Exchange's default MaxSendSize, on the encoded message, whatever the path.
+        assert_eq!(m.api_size_limit(SendVia::Graph), Some(35 * 1024 * 1024));
+        let raised = info("[[provider]]\nname = \"m\"\nkind = \"microsoft\"\ntenant = \"t\"\nclient_id = \"x\"\nmax_message_size = \"150MB\"\n");
+        assert_eq!(raised.api_size_limit(SendVia::Graph), Some(150_000_000));
     }
 
     #[test]

@@ -628,12 +628,15 @@ async fn a_413_to_send_mail_falls_back_to_the_draft_path() {
     }
 }
 
-/// A 30 MB scan through the relay with the default limits: Graph counts attachments decoded,
-/// so the ~41 MB of MIME the device sends is within what the relay tells it (SIZE), and the
-/// file arrives byte for byte by a draft and its upload session.
+/// A 30 MB scan (~41 MB of MIME) through the relay to a tenant whose mailbox takes 150 MB
+/// (`max_message_size = "150MB"`): within what the relay tells the device (SIZE), and the file
+/// arrives byte for byte by a draft and its upload session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_30_mb_scan_through_the_relay_arrives_byte_for_byte() {
-    let (w, fake) = relay_through(|_| {}).await;
+    let (w, fake) = relay_through(|s| {
+        s.sections = s.sections.replacen("graph_url =", "max_message_size = \"150MB\"\ngraph_url =", 1)
+    })
+    .await;
     let large = scan_message(&["bob@contoso.test"], &[("scan.pdf", &pdf(30_000_000, 74))]);
     assert!(large.len() > 40_000_000, "the device's MIME is larger than the scan");
     let r = w.send(&DEVICE, &large).await;
@@ -676,4 +679,16 @@ async fn a_429_from_graph_through_the_relay_waits_its_retry_after() {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(fake.sent().len(), 1, "sent once");
+}
+
+/// With Exchange's default 35 MB MaxSendSize, the relay tells the device so (SIZE) and refuses
+/// a 30 MB scan in session, instead of a 250 and a bounce when Graph refuses it later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_over_the_mailbox_s_default_limit_is_refused_in_session() {
+    let (w, fake) = relay_through(|_| {}).await;
+    let large = scan_message(&["bob@contoso.test"], &[("scan.pdf", &pdf(30_000_000, 76))]);
+    let r = w.send(&DEVICE, &large).await;
+    assert_eq!((r.ok, r.code), (false, Some(552)), "{r:?}");
+    assert!(r.message.contains("5.3.4") && r.message.contains("36700160"), "{r:?}");
+    assert!(fake.requests().is_empty(), "nothing reached Graph");
 }
