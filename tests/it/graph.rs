@@ -677,3 +677,58 @@ async fn a_429_from_graph_through_the_relay_waits_its_retry_after() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(fake.sent().len(), 1, "sent once");
 }
+
+/// A first attempt whose send Graph refused with 503: the state says "sending", nothing sent.
+async fn sending_but_unsent(seed: u64) -> (Fixture, MemSink) {
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &pdf(4_000_000, seed))]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.fake.fault(Op::Send, 1, Action::error(503, "ServiceUnavailable", "Try again later."));
+    let sink = MemSink::default();
+    assert!(matches!(f.send(&Progress::None, &sink).await, Err(SendError::Throttled { .. })));
+    assert!(matches!(sink.last(), Progress::Graph(r) if r.sending_since.is_some() && r.draft.is_some()));
+    assert!(f.fake.sent().is_empty());
+    (f, sink)
+}
+
+#[tokio::test]
+async fn a_404_other_than_item_not_found_is_never_taken_for_sent() {
+    let (f, sink) = sending_but_unsent(51).await;
+    for code in ["MailboxNotEnabledForRESTAPI", "ErrorInvalidUser", "SomethingNew"] {
+        f.fake.fault(Op::GetMessage, 1, Action::error(404, code, "Not here."));
+        match f.send(&sink.last(), &sink).await {
+            Err(SendError::Rejected(r)) => assert!(r.text.contains(code), "{r:?}"),
+            other => panic!("{code}: taken for delivered: {other:?}"),
+        }
+    }
+    // Unsent, and still resumable: sent once when Graph answers again.
+    assert!(f.fake.sent().is_empty());
+    f.send(&sink.last(), &sink).await.expect("sent");
+    assert_eq!(f.fake.sent().len(), 1);
+    assert_eq!(f.count(Op::CreateDraft), 1);
+}
+
+#[tokio::test]
+async fn a_draft_gone_at_a_resumed_send_was_sent_not_started_again() {
+    let (f, sink) = sending_but_unsent(52).await;
+    // Still a draft when asked, gone at the send: the earlier send went through meanwhile.
+    f.fake.fault(
+        Op::Send,
+        1,
+        Action::error(404, "ErrorItemNotFound", "The specified object was not found in the store."),
+    );
+    let out = f.send(&sink.last(), &sink).await.expect("taken for sent");
+    assert_eq!(out.reply.map(|r| r.code), Some(250));
+    assert_eq!(f.count(Op::CreateDraft), 1, "no second draft, so no second send");
+    assert!(f.fake.sent().is_empty());
+}
+
+#[tokio::test]
+async fn a_state_under_way_to_send_is_not_reset_when_its_parts_do_not_match() {
+    let (f, sink) = sending_but_unsent(53).await;
+    let Progress::Graph(mut r) = sink.last() else { panic!("no Graph progress") };
+    r.parts = 7;
+    f.send(&Progress::Graph(r), &sink).await.expect("sent");
+    assert_eq!(f.fake.sent().len(), 1);
+    assert_eq!(f.count(Op::CreateDraft), 1, "the saved draft was asked and sent, not a new one");
+    assert_eq!(f.count(Op::GetMessage), 1);
+}

@@ -229,6 +229,26 @@ impl Answer {
     fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_default()
     }
+
+    /// A 404 that says the item (draft, attachment) is gone: Graph's `ErrorItemNotFound`.
+    /// Other 404s (`ErrorInvalidUser`, `MailboxNotEnabledForRESTAPI`, one without a body)
+    /// say nothing about the draft.
+    fn item_not_found(&self) -> bool {
+        self.status == StatusCode::NOT_FOUND && reply::graph_error(&self.body).0 == "ErrorItemNotFound"
+    }
+
+    /// The error for a 404 that is not [`Answer::item_not_found`] where the item's fate
+    /// matters: Graph's own mapping when it names a known code, else transient (never
+    /// "delivered", never a bounce on a guess).
+    fn error_not_gone(&self) -> SendError {
+        match self.error() {
+            SendError::Rejected(r) if r.code == 554 => SendError::Rejected(UpstreamReply::new(
+                451,
+                format!("4.3.0 Microsoft Graph answered HTTP {} ({})", self.status.as_u16(), r.text),
+            )),
+            e => e,
+        }
+    }
 }
 
 /// A Graph endpoint (one per provider).
@@ -397,7 +417,9 @@ impl Graph {
         atts: &[Attachment],
         mut r: Resume,
     ) -> Result<SendOutcome, SendError> {
-        if r.draft.is_some() && r.parts != atts.len() {
+        // A state with a send under way is never reset: whether it was sent is asked of its
+        // draft (`was_sent`), whatever the count of parts says.
+        if r.draft.is_some() && r.parts != atts.len() && r.sending_since.is_none() {
             tracing::warn!(
                 identity = msg.identity,
                 "the saved Graph progress does not fit the message; starting again"
@@ -460,6 +482,8 @@ impl Graph {
                 id
             }
         };
+        // A send was attempted before this one: a draft gone now was sent by it.
+        let sent_before = r.sending_since.is_some();
         if let Some(since) = r.sending_since {
             if self.was_sent(token, msg, &id, since).await? {
                 return Ok(Self::outcome(msg, "draft (sent before a restart)"));
@@ -489,7 +513,12 @@ impl Graph {
         let a = a?;
         match a.status.as_u16() {
             _ if a.ok() => Ok(Self::outcome(msg, "draft")),
-            404 => Err(Fail::Gone),
+            // Gone after an earlier send: that send went through (a sent draft's id stops
+            // working); starting a new draft would send it twice.
+            404 if a.item_not_found() && sent_before => Ok(Self::outcome(msg, "draft (sent before a restart)")),
+            // Gone before any send: someone deleted it; start again.
+            404 if a.item_not_found() => Err(Fail::Gone),
+            404 => Err(Fail::Send(a.error_not_gone())),
             _ => Err(Fail::Send(a.error())),
         }
     }
@@ -530,7 +559,9 @@ impl Graph {
             let req = self.api(Method::GET, url, token).query(&[("$select", "id,isDraft")]);
             let a = self.call(msg.mailbox, req).await?;
             let state = match a.status.as_u16() {
-                404 => true,
+                // Only Graph's "no such item" means the draft left Drafts (it was sent).
+                404 if a.item_not_found() => true,
+                404 => return Err(Fail::Send(a.error_not_gone())),
                 _ if a.ok() => a.json()["isDraft"].as_bool() == Some(false),
                 _ => return Err(Fail::Send(a.error())),
             };
@@ -628,7 +659,7 @@ impl Graph {
         let a = self.call(msg.mailbox, self.api(Method::POST, url, token).json(&body)).await?;
         match a.status.as_u16() {
             _ if a.ok() => Ok(()),
-            404 => Err(Fail::Gone),
+            404 if a.item_not_found() => Err(Fail::Gone),
             _ => Err(Fail::Send(a.error())),
         }
     }
@@ -658,7 +689,7 @@ impl Graph {
                 Some(u) if usable_upload_url(&self.base, u) => Ok(SessionUrl(u.to_string())),
                 _ => Err(Fail::Send(SendError::Network("Microsoft Graph gave no usable uploadUrl".into()))),
             },
-            404 => Err(Fail::Gone),
+            404 if ans.item_not_found() => Err(Fail::Gone),
             _ => Err(Fail::Send(ans.error())),
         }
     }
@@ -739,7 +770,7 @@ impl Graph {
         let ans = self.call(msg.mailbox, self.api(Method::GET, url, token).query(&[("$select", "id,name")])).await?;
         match ans.status.as_u16() {
             _ if ans.ok() => {}
-            404 => return Err(Fail::Gone),
+            404 if ans.item_not_found() => return Err(Fail::Gone),
             _ => return Err(Fail::Send(ans.error())),
         }
         let names: Vec<String> = ans.json()["value"]
