@@ -13,7 +13,8 @@
 //!   goes there). Then `POST .../messages/{id}/send`.
 //!
 //! Steps reported to the observer (`mfd-relay test`): `graph-send`; or `draft`,
-//! `attachment i/n` (each), `draft-state` (after a restart in state "sending"), `send`.
+//! `attachment i/n` (each), `recipients` (the draft's lists set to the envelope), `draft-state` (after
+//! a restart in state "sending"), `send`.
 //!
 //! # Exactly once
 //! Before each step the state is saved through the message's [`ProgressSink`] ([`Resume`]):
@@ -305,7 +306,20 @@ impl Graph {
             _ => None,
         };
         let scan = out.clone();
-        let plan = tokio::task::spawn_blocking(move || plan(&scan)).await.map_err(blocking)??;
+        let plan = tokio::task::spawn_blocking(move || -> Result<Plan, SendError> {
+            match plan(&scan)? {
+                // The header named addresses outside the envelope: sendMail would take the
+                // recipients from the MIME as Graph reads it, so the draft path, whose lists
+                // are set to the envelope explicitly (`set_recipients`).
+                Plan::Small if scan.plan.dropped => {
+                    let (rest, attachments) = split(&scan)?;
+                    Ok(Plan::Large { rest, attachments })
+                }
+                p => Ok(p),
+            }
+        })
+        .await
+        .map_err(blocking)??;
         match (plan, resume) {
             (Plan::Small, None) => {
                 let mime = out.read_all().map_err(spool)?;
@@ -498,6 +512,9 @@ impl Graph {
                 r.adding = None;
                 self.save(msg, r).await?;
             }
+            // Idempotent, so on every attempt that gets here: the lists as planned, whatever
+            // Graph kept of the MIME's (a Bcc in particular).
+            self.set_recipients(token, msg, &id, &mime.plan).await?;
             r.sending_since = Some(chrono::Utc::now().timestamp());
             self.save(msg, r).await?;
         }
@@ -519,6 +536,43 @@ impl Graph {
             // Gone before any send: someone deleted it; start again.
             404 if a.item_not_found() => Err(Fail::Gone),
             404 => Err(Fail::Send(a.error_not_gone())),
+            _ => Err(Fail::Send(a.error())),
+        }
+    }
+
+    /// Sets the draft's To, Cc and Bcc to exactly the envelope's recipients
+    /// (`PATCH .../messages/{id}`): Graph sends a draft to its lists, which it fills from the
+    /// MIME as it reads it (a MIME Bcc may not survive).
+    async fn set_recipients(
+        &self,
+        token: &AccessToken,
+        msg: &ApiMessage<'_>,
+        id: &str,
+        plan: &crate::message::recipients::Plan,
+    ) -> Result<(), Fail> {
+        let t = Instant::now();
+        let list = |v: &[String]| v.iter().map(|a| json!({"emailAddress": {"address": a}})).collect::<Vec<_>>();
+        let body = json!({
+            "toRecipients": list(&plan.to),
+            "ccRecipients": list(&plan.cc),
+            "bccRecipients": list(&plan.bcc),
+        });
+        let url = self.url(msg.mailbox, &["messages", id])?;
+        let a = self.call(msg.mailbox, self.api(Method::PATCH, url, token).json(&body)).await;
+        emit(msg.obs, "recipients", matches!(&a, Ok(a) if a.ok()), t, || match &a {
+            Ok(a) => format!(
+                "HTTP {}: {} To, {} Cc, {} Bcc",
+                a.status.as_u16(),
+                plan.to.len(),
+                plan.cc.len(),
+                plan.bcc.len()
+            ),
+            Err(e) => e.to_string(),
+        });
+        let a = a?;
+        match a.status.as_u16() {
+            _ if a.ok() => Ok(()),
+            404 if a.item_not_found() => Err(Fail::Gone),
             _ => Err(Fail::Send(a.error())),
         }
     }
