@@ -758,3 +758,35 @@ async fn a_draft_whose_mime_bcc_graph_drops_still_reaches_the_envelope_only_reci
     assert_eq!(sent[0].bcc, ["archive@contoso.com"], "the draft's Bcc set explicitly");
     assert_eq!(f.count(Op::UpdateMessage), 1);
 }
+
+#[tokio::test]
+async fn an_upload_range_refused_as_out_of_place_starts_a_new_session() {
+    for (status, code) in [(416, "InvalidRange"), (400, "InvalidContentRange")] {
+        let scan = pdf(5 * 1000 * 1000, 62);
+        let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &scan)]);
+        let f = fixture(&msg, &["anna@contoso.com"]).await;
+        f.fake.fault(Op::Put, 2, Action::error(status, code, "The range is not the next expected one."));
+        f.send(&Progress::None, &MemSink::default()).await.expect("sent through a new session");
+        let sent = f.fake.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent_attachments(&sent[0]), original_attachments(&msg), "{status}: the scan once, whole");
+        assert_eq!(f.count(Op::CreateSession), 2, "{status}");
+    }
+}
+
+#[tokio::test]
+async fn a_session_that_claims_more_than_the_file_is_not_taken_for_finished() {
+    let scan = pdf(10 * 1000 * 1000, 63);
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &scan)]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.fake.fault(Op::Put, 2, Action::Hang);
+    let sink = MemSink::default();
+    assert!(tokio::time::timeout(Duration::from_secs(5), f.send(&Progress::None, &sink)).await.is_err());
+    let body = serde_json::json!({"expirationDateTime": "2030-01-01T00:00:00Z", "nextExpectedRanges": ["20000000-"]});
+    f.fake.fault(Op::GetSession, 1, Action::Answer { status: 200, body });
+    f.send(&sink.last(), &sink).await.expect("sent");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(sent_attachments(&sent[0]).len() == 1 && sent_attachments(&sent[0])[0].1 == scan, "sent without its scan");
+    assert_eq!(f.count(Op::CreateSession), 2, "a new session for the scan");
+}

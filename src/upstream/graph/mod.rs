@@ -652,7 +652,7 @@ impl Graph {
         let step = format!("attachment {}/{}", i + 1, atts.len());
         if let Some(was) = r.adding.clone().filter(|ad| ad.index == i) {
             if let Some(url) = &was.upload_url {
-                if let Some(offset) = self.session_offset(msg, url).await? {
+                if let Some(offset) = self.session_offset(msg, url).await?.filter(|&o| o < a.size) {
                     let how = self.upload(msg, mime, i, a, url, offset, r).await?;
                     if let Some(how) = how {
                         emit(msg.obs, &step, true, t, || {
@@ -775,6 +775,10 @@ impl Graph {
         offset: u64,
         r: &mut Resume,
     ) -> Result<Option<String>, Fail> {
+        if offset > a.size {
+            // A session that claims more than the file: not ours to continue.
+            return Ok(None);
+        }
         let mut content = a.content(mime);
         content.skip(offset).map_err(spool)?;
         let mut at = offset;
@@ -782,7 +786,9 @@ impl Graph {
         while at < a.size {
             let chunk = content.next_chunk(RANGE).map_err(spool)?;
             if chunk.is_empty() {
-                break;
+                // Fewer bytes than counted: the session would stay incomplete (and the draft
+                // be sent without it), never a success.
+                return Err(Fail::Send(short(a, at)));
             }
             let end = at + chunk.len() as u64;
             let req = self
@@ -794,8 +800,9 @@ impl Graph {
             let ans = self.call(msg.mailbox, req).await?;
             match ans.status.as_u16() {
                 _ if ans.ok() => {}
-                // The session expired or was finished by a crashed attempt.
-                401 | 403 | 404 => return Ok(None),
+                // The session expired or was finished by a crashed attempt; or (400, 416) it
+                // expects another range than ours after a resume: a new session.
+                400 | 401 | 403 | 404 | 416 => return Ok(None),
                 _ => return Err(Fail::Send(ans.error())),
             }
             at = end;
@@ -833,6 +840,14 @@ impl Graph {
             .unwrap_or_default();
         Ok(already_there(&names, atts, &r.done, i))
     }
+}
+
+/// An attachment that decoded to fewer bytes than its counted size: the same every attempt.
+fn short(a: &Attachment, at: u64) -> SendError {
+    SendError::Rejected(UpstreamReply::new(
+        554,
+        format!("5.6.0 attachment \"{}\" ended after {at} of its {} bytes", a.name, a.size),
+    ))
 }
 
 /// Whether an `uploadUrl` may be used: https (Graph's are on outlook.office.com), or http

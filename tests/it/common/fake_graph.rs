@@ -76,6 +76,9 @@ pub enum Op {
 pub enum Action {
     /// Answer this instead of doing anything.
     Error { status: u16, code: String, message: String },
+    /// Answer this JSON with this status instead of doing anything (a Graph that
+    /// misbehaves: e.g. a session's `nextExpectedRanges` past the file).
+    Answer { status: u16, body: Value },
     /// Do it, then never answer (the client times out: a crash after the server acted).
     Hang,
 }
@@ -438,6 +441,10 @@ async fn handle(
     }
     let hang = match fault {
         Some(Action::Error { status, code, message }) => return graph_error(status, &code, &message),
+        Some(Action::Answer { status, body }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (status, axum::Json(body)).into_response();
+        }
         Some(Action::Hang) => true,
         None => false,
     };
