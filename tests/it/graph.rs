@@ -790,3 +790,49 @@ async fn a_session_that_claims_more_than_the_file_is_not_taken_for_finished() {
     assert!(sent_attachments(&sent[0]).len() == 1 && sent_attachments(&sent[0])[0].1 == scan, "sent without its scan");
     assert_eq!(f.count(Op::CreateSession), 2, "a new session for the scan");
 }
+
+#[tokio::test]
+async fn a_draft_over_the_mailbox_s_max_send_size_is_refused_permanently_and_deleted() {
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &pdf(9_000_000, 64))]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    // Exchange Online's default MaxSendSize is 35 MB; an admin set 10 MB here.
+    f.fake.set_max_send_size(Some(10 * 1024 * 1024));
+    match f.send(&Progress::None, &MemSink::default()).await {
+        Err(SendError::Rejected(r)) => {
+            assert_eq!(r.code, 552, "{r:?}");
+            assert!(r.text.starts_with("5.3.4 Microsoft Graph ErrorMessageSizeExceeded"), "{r:?}");
+            assert!(r.is_permanent() && r.hint().is_some(), "{}", r.describe());
+        }
+        other => panic!("not refused permanently: {other:?}"),
+    }
+    assert!(f.fake.sent().is_empty());
+    assert_eq!(f.count(Op::DeleteMessage), 1);
+    assert!(f.fake.drafts().is_empty(), "the refused scan lingers in Drafts");
+}
+
+#[tokio::test]
+async fn only_a_part_with_a_content_id_is_added_as_inline() {
+    let big = STANDARD.encode(pdf(3_000_000, 65));
+    let small = STANDARD.encode(pdf(1_000_000, 66));
+    let mut msg = String::from(
+        "From: scans@contoso.com\r\nTo: anna@contoso.com\r\nSubject: Scan\r\nMessage-ID: <i@relay.lan>\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nx\r\n",
+    );
+    for (name, cid, b64) in [("a.pdf", "", &big), ("b.png", "Content-ID: <p1@x>\r\n", &small), ("c.pdf", "", &small)] {
+        msg.push_str(&format!(
+            "--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n{cid}\
+             Content-Disposition: inline; filename={name}\r\n\r\n"
+        ));
+        for line in b64.as_bytes().chunks(76) {
+            msg.push_str(std::str::from_utf8(line).expect("ascii"));
+            msg.push_str("\r\n");
+        }
+    }
+    msg.push_str("--b--\r\n");
+    let f = fixture(msg.as_bytes(), &["anna@contoso.com"]).await;
+    f.send(&Progress::None, &MemSink::default()).await.expect("sent");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    let inline: Vec<(String, bool)> = sent[0].attachments.iter().map(|a| (a.name.clone(), a.inline)).collect();
+    assert_eq!(inline, [("a.pdf".into(), false), ("b.png".into(), true), ("c.pdf".into(), false)]);
+}

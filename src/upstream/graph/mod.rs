@@ -441,10 +441,19 @@ impl Graph {
             r = Resume::default();
         }
         let mut restarted = false;
+        // Whether a send may have happened before this attempt: its draft is never deleted.
+        let resumed_sending = r.sending_since.is_some();
         loop {
             match self.draft_path(token, msg, mime, rest, atts, &mut r).await {
                 Ok(o) => return Ok(o),
-                Err(Fail::Send(e)) => return Err(e),
+                Err(Fail::Send(e)) => {
+                    if let (SendError::Rejected(reply), Some(id), false) = (&e, &r.draft, resumed_sending) {
+                        if reply.is_permanent() {
+                            self.delete_draft(token, msg, id).await;
+                        }
+                    }
+                    return Err(e);
+                }
                 Err(Fail::Gone) if !restarted => {
                     tracing::warn!(
                         identity = msg.identity,
@@ -577,6 +586,26 @@ impl Graph {
         }
     }
 
+    /// Removes a draft that will never be sent (the message was refused permanently), so it
+    /// does not linger in the mailbox's Drafts with the scan in it. Best effort: a failure is
+    /// only logged (the refusal stands either way).
+    async fn delete_draft(&self, token: &AccessToken, msg: &ApiMessage<'_>, id: &str) {
+        let Ok(url) = self.url(msg.mailbox, &["messages", id]) else { return };
+        match self.call(msg.mailbox, self.api(Method::DELETE, url, token)).await {
+            Ok(a) if a.ok() || a.item_not_found() => {}
+            Ok(a) => tracing::warn!(
+                identity = msg.identity,
+                status = a.status.as_u16(),
+                "could not delete the Graph draft of a refused message; it stays in Drafts"
+            ),
+            Err(e) => tracing::warn!(
+                identity = msg.identity,
+                error = %e,
+                "could not delete the Graph draft of a refused message; it stays in Drafts"
+            ),
+        }
+    }
+
     async fn create_draft(
         &self,
         token: &AccessToken,
@@ -703,7 +732,7 @@ impl Graph {
             "@odata.type": "#microsoft.graph.fileAttachment",
             "name": a.name,
             "contentType": a.content_type,
-            "isInline": a.inline,
+            "isInline": inline(a),
             "contentBytes": STANDARD.encode(a.read_all(mime).map_err(spool)?),
         });
         if let Some(cid) = &a.content_id {
@@ -730,7 +759,7 @@ impl Graph {
             "name": a.name,
             "size": a.size,
             "contentType": a.content_type,
-            "isInline": a.inline,
+            "isInline": inline(a),
         });
         if let Some(cid) = &a.content_id {
             item["contentId"] = json!(cid);
@@ -840,6 +869,12 @@ impl Graph {
             .unwrap_or_default();
         Ok(already_there(&names, atts, &r.done, i))
     }
+}
+
+/// Whether Graph shows the attachment as inline: only with a Content-ID for the body to
+/// refer to (an inline part without one would be hidden from the reader).
+fn inline(a: &Attachment) -> bool {
+    a.inline && a.content_id.is_some()
 }
 
 /// An attachment that decoded to fewer bytes than its counted size: the same every attempt.

@@ -63,6 +63,7 @@ pub enum Op {
     ListMessages,
     GetMessage,
     UpdateMessage,
+    DeleteMessage,
     ListAttachments,
     AddAttachment,
     CreateSession,
@@ -95,6 +96,8 @@ pub struct FileAttachment {
     pub name: String,
     pub content_type: String,
     pub bytes: Vec<u8>,
+    /// `isInline` as added to a draft (false for the MIME's own attachments).
+    pub inline: bool,
 }
 
 /// A draft in a mailbox's Drafts.
@@ -158,6 +161,7 @@ struct Session {
     content_type: String,
     size: u64,
     received: Vec<u8>,
+    inline: bool,
 }
 
 #[derive(Default)]
@@ -175,6 +179,7 @@ struct State {
     max_in_flight: usize,
     delay: Duration,
     drop_mime_bcc: bool,
+    max_send_size: Option<u64>,
 }
 
 struct Shared {
@@ -247,6 +252,15 @@ impl FakeGraph {
     /// Graph may: only a PATCH of the lists then reaches a Bcc recipient.
     pub fn drop_mime_bcc(&self, on: bool) {
         self.shared.lock().drop_mime_bcc = on;
+    }
+
+    /// The mailbox's MaxSendSize (Exchange; none by default): a send of a larger message
+    /// (its MIME plus its added attachments in base64, as Exchange counts) gets 400
+    /// `ErrorMessageSizeExceeded`, and the draft stays. 400 and not 413: 413 is Graph's
+    /// front end refusing a request body; this refusal comes from Exchange behind it, whose
+    /// errors Graph passes on as 400 with Exchange's own code.
+    pub fn set_max_send_size(&self, limit: Option<u64>) {
+        self.shared.lock().max_send_size = limit;
     }
 
     pub fn sent(&self) -> Vec<SentMessage> {
@@ -344,6 +358,7 @@ fn route(method: &Method, segs: &[String]) -> Option<(Op, String, Option<String>
                 ("GET", ["messages"]) => Op::ListMessages,
                 ("GET", ["messages", _]) => Op::GetMessage,
                 ("PATCH", ["messages", _]) => Op::UpdateMessage,
+                ("DELETE", ["messages", _]) => Op::DeleteMessage,
                 ("POST", ["messages", _, "send"]) => Op::Send,
                 ("GET", ["messages", _, "attachments"]) => Op::ListAttachments,
                 ("POST", ["messages", _, "attachments"]) => Op::AddAttachment,
@@ -496,6 +511,7 @@ fn read_mime(mime: &[u8]) -> Option<Mime> {
                 .map(|c| format!("{}/{}", c.ctype(), c.subtype().unwrap_or("octet-stream")))
                 .unwrap_or_default(),
             bytes: p.contents().to_vec(),
+            inline: false,
         })
         .collect();
     Some(Mime {
@@ -519,6 +535,14 @@ fn send_one(
         return Err(Box::new(graph_error(400, "ErrorMimeContentInvalid", "The MIME content is invalid.")));
     };
     let by_send_mail = lists.is_none();
+    let total = mime.len() as u64 + added.iter().map(|a| a.bytes.len().div_ceil(3) as u64 * 4).sum::<u64>();
+    if st.max_send_size.is_some_and(|max| total > max) {
+        return Err(Box::new(graph_error(
+            400,
+            "ErrorMessageSizeExceeded",
+            "The message exceeds the maximum supported size.",
+        )));
+    }
     let [to, cc, bcc] = lists.unwrap_or([to, cc, bcc]);
     if to.is_empty() && cc.is_empty() && bcc.is_empty() {
         return Err(Box::new(graph_error(400, "ErrorInvalidRecipients", "At least one recipient isn't valid.")));
@@ -631,6 +655,15 @@ fn serve(
             }
             axum::Json(json!({"id": d.id, "isDraft": true})).into_response()
         }
+        Op::DeleteMessage => {
+            if !draft_of(&st, id) {
+                return not_found();
+            }
+            if let Some(i) = id {
+                st.drafts.remove(i);
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
         Op::ListAttachments => {
             let Some(d) = id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox) else {
                 return not_found();
@@ -661,6 +694,7 @@ fn serve(
                 name: name.to_string(),
                 content_type: v["contentType"].as_str().unwrap_or("application/octet-stream").to_string(),
                 bytes,
+                inline: v["isInline"].as_bool().unwrap_or(false),
             };
             if let Some(d) = id.and_then(|i| st.drafts.get_mut(i)) {
                 d.added.push(a);
@@ -703,6 +737,7 @@ fn serve(
                     content_type: item["contentType"].as_str().unwrap_or("application/octet-stream").to_string(),
                     size,
                     received: Vec::new(),
+                    inline: item["isInline"].as_bool().unwrap_or(false),
                 },
             );
             let url = format!("{}/upload/{token}?authtoken=fake-upload-secret", shared.base_url);
@@ -741,7 +776,12 @@ fn serve(
             }
             let Some(s) = st.sessions.remove(&token) else { return not_found() };
             let Some(d) = st.drafts.get_mut(&s.draft) else { return not_found() };
-            d.added.push(FileAttachment { name: s.name, content_type: s.content_type, bytes: s.received });
+            d.added.push(FileAttachment {
+                name: s.name,
+                content_type: s.content_type,
+                bytes: s.received,
+                inline: s.inline,
+            });
             StatusCode::CREATED.into_response()
         }
         Op::Send => {
