@@ -23,9 +23,18 @@
 //! the final send. A new attempt continues from there: the same draft, the upload session's
 //! `nextExpectedRanges` (or a new session), and an attachment under way that may have
 //! arrived is looked for on the draft by name before it is added again. In state "sending",
-//! `GET .../messages/{id}` decides: 404 means it was sent (a sent draft leaves Drafts and its
-//! id stops working), still a draft means the send never happened, so it is sent now. A draft
-//! that is gone before "sending" (deleted by someone) is started again, once.
+//! `GET .../messages/{id}` decides: 404 `ErrorItemNotFound` means it was sent (a sent draft
+//! leaves Drafts and its id stops working; any other 404 is an error, never "sent"), still a
+//! draft means the send never happened, so it is sent now, and a 404 to that send means the
+//! earlier one went through. A state in "sending" is never reset, whatever else it says. A
+//! draft that is gone before any send (deleted by someone) is started again, once.
+//!
+//! # Recipients
+//! Before "sending", the draft's `toRecipients`, `ccRecipients` and `bccRecipients` are set
+//! (`PATCH`) to the envelope's plan ([`Outgoing::plan`]): Graph fills a draft's lists from the
+//! MIME as it reads it and need not keep a Bcc. A small message whose header named addresses
+//! outside the envelope ([`crate::message::recipients::Plan::dropped`]) goes this way too.
+//! A draft refused permanently (before any send was attempted) is deleted, best effort.
 //!
 //! What remains:
 //! - A crash after the draft POST and before its id is saved leaves an orphan draft (never a
@@ -43,6 +52,7 @@
 //! [`Source`]): scanned a block at a time for its attachments, the rest (at most 2.3 MB) built
 //! in memory, each attachment decoded one upload range (3.75 MiB) at a time. An attachment
 //! under 2 MiB is decoded whole for its JSON request, a small message read whole for sendMail.
+//! Reads and decoding run on blocking threads; an upload keeps one range ahead at most.
 
 mod reply;
 
@@ -322,13 +332,17 @@ impl Graph {
         .map_err(blocking)??;
         match (plan, resume) {
             (Plan::Small, None) => {
-                let mime = out.read_all().map_err(spool)?;
+                let whole = out.clone();
+                let mime =
+                    tokio::task::spawn_blocking(move || whole.read_all()).await.map_err(blocking)?.map_err(spool)?;
                 match self.send_small(token, msg, &mime).await? {
                     Some(sent) => Ok(sent),
                     // Graph found it too large for one request after all: the draft path, if
                     // the message has attachments to take out.
                     None => {
-                        let (rest, atts) = split(&out)?;
+                        let scan = out.clone();
+                        let (rest, atts) =
+                            tokio::task::spawn_blocking(move || split(&scan)).await.map_err(blocking)??;
                         if atts.is_empty() || b64_len(rest.len()) > MAX_POST {
                             return Err(SendError::Rejected(UpstreamReply::new(
                                 552,
@@ -341,7 +355,8 @@ impl Graph {
             }
             // A draft was started for this message: it is finished, whatever the size now.
             (Plan::Small, Some(r)) => {
-                let (rest, atts) = split(&out)?;
+                let scan = out.clone();
+                let (rest, atts) = tokio::task::spawn_blocking(move || split(&scan)).await.map_err(blocking)??;
                 self.send_large(token, msg, &out, &rest, &atts, r).await
             }
             (Plan::Large { rest, attachments }, r) => {
@@ -733,7 +748,7 @@ impl Graph {
             "name": a.name,
             "contentType": a.content_type,
             "isInline": inline(a),
-            "contentBytes": STANDARD.encode(a.read_all(mime).map_err(spool)?),
+            "contentBytes": STANDARD.encode(read_blocking(mime, a).await?),
         });
         if let Some(cid) = &a.content_id {
             body["contentId"] = json!(cid);
@@ -808,12 +823,11 @@ impl Graph {
             // A session that claims more than the file: not ours to continue.
             return Ok(None);
         }
-        let mut content = a.content(mime);
-        content.skip(offset).map_err(spool)?;
+        let mut chunks = chunks(mime, a, offset);
         let mut at = offset;
         let mut ranges = 0;
         while at < a.size {
-            let chunk = content.next_chunk(RANGE).map_err(spool)?;
+            let chunk = chunks.recv().await.unwrap_or_else(|| Ok(Vec::new())).map_err(spool)?;
             if chunk.is_empty() {
                 // Fewer bytes than counted: the session would stay incomplete (and the draft
                 // be sent without it), never a success.
@@ -869,6 +883,38 @@ impl Graph {
             .unwrap_or_default();
         Ok(already_there(&names, atts, &r.done, i))
     }
+}
+
+/// An attachment's whole content (under [`UPLOAD_MIN`]), read and decoded off the runtime.
+async fn read_blocking(mime: &Outgoing, a: &Attachment) -> Result<Vec<u8>, SendError> {
+    let (src, att) = (mime.clone(), a.clone());
+    tokio::task::spawn_blocking(move || att.read_all(&src))
+        .await
+        .map_err(|e| SendError::Network(format!("reading the spooled message: {e}")))?
+        .map_err(spool)
+}
+
+/// An attachment's content from `offset` on, [`RANGE`] bytes at a time, read and decoded on a
+/// blocking thread (file reads and base64 do not hold the runtime). One range waits ahead at
+/// most; the thread ends at the end, at an error, or when the receiver is dropped.
+fn chunks(mime: &Outgoing, a: &Attachment, offset: u64) -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let (src, att) = (mime.clone(), a.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut content = att.content(&src);
+        if let Err(e) = content.skip(offset) {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        loop {
+            let chunk = content.next_chunk(RANGE);
+            let last = !matches!(&chunk, Ok(c) if !c.is_empty());
+            if tx.blocking_send(chunk).is_err() || last {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// Whether Graph shows the attachment as inline: only with a Content-ID for the body to
