@@ -414,9 +414,9 @@ async fn one_transaction_per_recipient_reaches_exactly_its_envelope_on_both_path
     // header names addresses outside the envelope, so the draft path with its lists set, small
     // or large. A header that names only envelope addresses goes by sendMail, the rest in Bcc.
     let all = ["anna@contoso.com", "Bob@contoso.com", "carl@contoso.com"];
-    let cases: [(&[&str], Vec<Vec<u8>>, bool); 3] =
-        [(&all, vec![], false), (&all, vec![pdf(4_000_000, 31)], false), (&["Bob@contoso.com"], vec![], true)];
-    for (to, files, by_send_mail) in cases {
+    let large = pdf(4_000_000, 31);
+    let bob: &[&str] = &["Bob@contoso.com"];
+    for (to, files, by_send_mail) in [(&all[..], vec![], false), (&all[..], vec![large], false), (bob, vec![], true)] {
         let named: Vec<(&str, &[u8])> = files.iter().map(|f| ("scan.pdf", f.as_slice())).collect();
         let msg = scan_message(to, &named);
         let msg = if by_send_mail {
