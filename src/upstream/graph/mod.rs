@@ -1063,6 +1063,29 @@ mod tests {
     }
 
     #[test]
+    fn only_error_item_not_found_says_an_item_is_gone() {
+        let answer = |status: u16, body: &str| Answer {
+            status: StatusCode::from_u16(status).expect("status"),
+            headers: HeaderMap::new(),
+            body: body.as_bytes().to_vec(),
+        };
+        let gone =
+            r#"{"error":{"code":"ErrorItemNotFound","message":"The specified object was not found in the store."}}"#;
+        assert!(answer(404, gone).item_not_found());
+        assert!(!answer(400, gone).item_not_found());
+        for other in [r#"{"error":{"code":"ErrorInvalidUser","message":"x"}}"#, "", "<html>Not Found</html>"] {
+            let a = answer(404, other);
+            assert!(!a.item_not_found(), "{other}");
+            // Unknown: transient; known: Graph's own mapping (ErrorInvalidUser: 5.2.1).
+            match a.error_not_gone() {
+                SendError::Rejected(r) if other.contains("ErrorInvalidUser") => assert_eq!(r.code, 550, "{r:?}"),
+                SendError::Rejected(r) => assert!(!r.is_permanent(), "{other}: {r:?}"),
+                e => panic!("{e:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn a_range_is_whole_base64_quantums_and_at_most_4_mib() {
         const { assert!(RANGE.is_multiple_of(3) && RANGE <= 4 << 20) };
         assert!(b64_len(UPLOAD_MIN as usize - 1) + 1000 <= MAX_POST);
