@@ -374,7 +374,8 @@ enum State {
     Decoded(Option<(Vec<u8>, usize)>),
 }
 
-/// Decodes base64 as RFC 2045 6.8 says: characters outside the alphabet are ignored, `=` ends it.
+/// Decodes base64 as RFC 2045 6.8 says: characters outside the alphabet are ignored, `=` ends
+/// a segment (the data goes on after it when an encoder padded each line).
 const LENIENT: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::STANDARD,
     GeneralPurposeConfig::new()
@@ -415,8 +416,15 @@ impl<S: Source + ?Sized> Content<'_, S> {
                     self.pos += block.len() as u64;
                     for &b in &block {
                         if b == b'=' {
-                            *ended = true;
-                            break;
+                            // Padding ends a segment, not necessarily the data: some encoders
+                            // pad each line. The segment decodes whole; what follows goes on.
+                            let whole = chars.len() - usize::from(chars.len() % 4 == 1);
+                            let decoded = LENIENT
+                                .decode(&chars[..whole])
+                                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                            self.carry.extend_from_slice(&decoded);
+                            chars.clear();
+                            continue;
                         }
                         if is_b64(b) {
                             chars.push(b);
@@ -461,9 +469,10 @@ impl<S: Source + ?Sized> Content<'_, S> {
 
 /// The decoded size of base64 text (RFC 2045 6.8), counted a block at a time without decoding.
 fn base64_size<S: Source + ?Sized>(msg: &S, body: Range<u64>) -> io::Result<u64> {
-    let mut chars = 0u64;
+    let segment = |chars: u64| chars / 4 * 3 + [0, 0, 1, 2][(chars % 4) as usize];
+    let (mut chars, mut size) = (0u64, 0u64);
     let mut pos = body.start;
-    'read: while pos < body.end {
+    while pos < body.end {
         let n = usize::try_from(body.end - pos).unwrap_or(usize::MAX).min(BLOCK);
         let block = msg.read(pos, n)?;
         if block.is_empty() {
@@ -471,13 +480,16 @@ fn base64_size<S: Source + ?Sized>(msg: &S, body: Range<u64>) -> io::Result<u64>
         }
         for &b in &block {
             if b == b'=' {
-                break 'read;
+                // The end of a segment: counted as `next_chunk` decodes it.
+                size += segment(chars);
+                chars = 0;
+                continue;
             }
             chars += u64::from(is_b64(b));
         }
         pos += block.len() as u64;
     }
-    Ok(chars / 4 * 3 + [0, 0, 1, 2][(chars % 4) as usize])
+    Ok(size + segment(chars))
 }
 
 /// Decodes quoted-printable (RFC 2045 6.7): `=XX`, soft line breaks `=` CRLF; an `=` that
@@ -651,6 +663,37 @@ mod tests {
         assert_eq!(t.size, 13);
         assert_eq!(r.read_all(&msg[..]).expect("reads"), b"\x00\x01\xff");
         assert_eq!(r.content_type, "application/octet-stream");
+    }
+
+    #[test]
+    fn base64_padded_on_each_line_decodes_whole() {
+        // An encoder that encodes each line's bytes on their own: 56 bytes a line, padded.
+        let data = bytes(10_000, 3);
+        let mut body = String::new();
+        for line in data.chunks(56) {
+            body.push_str(&STANDARD.encode(line));
+            body.push_str("\r\n");
+        }
+        assert!(body.matches('=').count() > 100, "padded per line");
+        let msg = format!(
+            "Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\nContent-Type: text/plain\r\n\r\nx\r\n--q\r\n\
+             Content-Type: application/pdf; name=p.pdf\r\nContent-Transfer-Encoding: base64\r\n\
+             Content-Disposition: attachment; filename=p.pdf\r\n\r\n{body}--q--\r\n"
+        );
+        let parts = find(msg.as_bytes()).expect("reads");
+        let a = &parts.attachments[0];
+        assert_eq!(a.size, data.len() as u64, "counted past the padding");
+        assert_eq!(a.read_all(msg.as_bytes()).expect("reads"), data);
+        let mut c = a.content(msg.as_bytes());
+        let mut got = Vec::new();
+        loop {
+            let chunk = c.next_chunk(999).expect("reads");
+            if chunk.is_empty() {
+                break;
+            }
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, data, "in chunks too");
     }
 
     #[test]

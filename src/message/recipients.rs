@@ -26,6 +26,10 @@ pub struct Plan {
     pub to: Vec<String>,
     pub cc: Vec<String>,
     pub bcc: Vec<String>,
+    /// The header named a recipient outside the envelope (in To, Cc, Bcc or Resent-*), or a
+    /// field we could not read whole: the header was cut to the envelope, and an API that
+    /// reads recipients from the MIME must be told the lists explicitly (Graph's draft path).
+    pub dropped: bool,
 }
 
 /// (display name, address) of each mailbox in a To/Cc/Bcc field (groups flattened).
@@ -100,10 +104,17 @@ pub fn for_envelope(header: &[u8], envelope: &[String]) -> (Plan, Option<Vec<u8>
     );
     let shown: HashSet<String> = to.iter().chain(&cc).map(|(_, a)| key(a)).collect();
     let bcc = dedup(envelope.iter().filter(|a| !shown.contains(&key(a))).map(|a| (None, a.clone())).collect());
+    let resent = |f: &Field<'_>| f.is("Resent-To") || f.is("Resent-Cc") || f.is("Resent-Bcc");
+    let named = |f: &&Field<'_>| f.is("To") || f.is("Cc") || f.is("Bcc") || resent(f);
+    let dropped = all.iter().filter(named).any(|f| {
+        let list = mailboxes(f);
+        at_signs(f) > list.len() || list.iter().any(|(_, a)| !in_envelope.contains(&key(a)))
+    });
     let plan = Plan {
         to: to.iter().map(|(_, a)| a.clone()).collect(),
         cc: cc.iter().map(|(_, a)| a.clone()).collect(),
         bcc: bcc.iter().map(|(_, a)| a.clone()).collect(),
+        dropped,
     };
     let keep = |name: &str, old: &[(Option<String>, String)], new: &[(Option<String>, String)]| {
         // A field is kept as it is when its addresses stay and it holds nothing we could not
@@ -116,7 +127,6 @@ pub fn for_envelope(header: &[u8], envelope: &[String]) -> (Plan, Option<Vec<u8>
     let (keep_to, keep_cc, keep_bcc) =
         (keep("To", &old_to, &to), keep("Cc", &old_cc, &cc), keep("Bcc", &old_bcc, &bcc));
     // Resent-To/Cc/Bcc name recipients of an earlier sending; an API might send to them too.
-    let resent = |f: &Field<'_>| f.is("Resent-To") || f.is("Resent-Cc") || f.is("Resent-Bcc");
     if keep_to && keep_cc && keep_bcc && !all.iter().any(resent) {
         return (plan, None);
     }
@@ -177,6 +187,7 @@ mod tests {
         let h = b"From: scans@contoso.com\r\nTo: Boss <boss@contoso.com>\r\nCc: team@contoso.com\r\nSubject: s\r\n";
         let (plan, new) = for_envelope(h, &env(&["boss@contoso.com", "TEAM@contoso.com"]));
         assert_eq!(new, None);
+        assert!(!plan.dropped);
         assert_eq!(plan.to, ["boss@contoso.com"]);
         assert_eq!(plan.cc, ["team@contoso.com"]);
         assert!(plan.bcc.is_empty());
@@ -188,7 +199,7 @@ mod tests {
         let h = b"From: scans@contoso.com\r\nTo: a@x.test, \"B. B.\" <b@x.test>,\r\n c@x.test\r\nSubject: scan\r\n";
         let (plan, new) = for_envelope(h, &env(&["b@x.test"]));
         let new = header_of(&new.expect("rewritten"));
-        assert_eq!(plan, Plan { to: vec!["b@x.test".into()], cc: vec![], bcc: vec![] });
+        assert_eq!(plan, Plan { to: vec!["b@x.test".into()], cc: vec![], bcc: vec![], dropped: true });
         assert_eq!(new, "From: scans@contoso.com\r\nTo: \"B. B.\" <b@x.test>\r\nSubject: scan\r\n");
     }
 
@@ -197,6 +208,7 @@ mod tests {
         let h = b"From: scans@contoso.com\r\nTo: a@x.test\r\nSubject: =?UTF-8?B?w6k=?=\r\n";
         let (plan, new) = for_envelope(h, &env(&["a@x.test", "archive@x.test"]));
         assert_eq!(plan.bcc, ["archive@x.test"]);
+        assert!(!plan.dropped, "an added Bcc drops nobody");
         assert_eq!(
             header_of(&new.expect("rewritten")),
             "From: scans@contoso.com\r\nTo: a@x.test\r\nSubject: =?UTF-8?B?w6k=?=\r\nBcc: archive@x.test\r\n"
@@ -207,7 +219,7 @@ mod tests {
     fn addresses_outside_the_envelope_leave_cc_and_bcc() {
         let h = b"To: a@x.test\r\nCc: b@x.test, c@x.test\r\nBcc: d@x.test\r\nSubject: s\r\n";
         let (plan, new) = for_envelope(h, &env(&["c@x.test"]));
-        assert_eq!(plan, Plan { to: vec![], cc: vec!["c@x.test".into()], bcc: vec![] });
+        assert_eq!(plan, Plan { to: vec![], cc: vec!["c@x.test".into()], bcc: vec![], dropped: true });
         assert_eq!(header_of(&new.expect("rewritten")), "Cc: c@x.test\r\nSubject: s\r\n");
     }
 
@@ -226,7 +238,7 @@ mod tests {
     fn duplicates_and_case_do_not_make_two_recipients() {
         let h = b"To: a@x.test, A@X.TEST\r\nCc: a@x.test\r\n";
         let (plan, _) = for_envelope(h, &env(&["a@x.test", "a@X.test"]));
-        assert_eq!(plan, Plan { to: vec!["a@x.test".into()], cc: vec![], bcc: vec![] });
+        assert_eq!(plan, Plan { to: vec!["a@x.test".into()], cc: vec![], bcc: vec![], dropped: false });
     }
 
     #[test]
@@ -244,6 +256,7 @@ mod tests {
             let h = format!("To: {to}\r\nSubject: s\r\n");
             let (plan, new) = for_envelope(h.as_bytes(), &env(&["a@x.test"]));
             assert_eq!(plan.to, ["a@x.test"], "{to}");
+            assert!(plan.dropped, "{to}");
             assert_eq!(header_of(&new.expect("rewritten")), "To: a@x.test\r\nSubject: s\r\n", "{to}");
         }
     }
@@ -251,8 +264,9 @@ mod tests {
     #[test]
     fn resent_recipients_do_not_go_to_an_api() {
         let h = b"To: a@x.test\r\nResent-To: old@y.test\r\nResent-Bcc: older@y.test\r\nSubject: s\r\n";
-        let (_, new) = for_envelope(h, &env(&["a@x.test"]));
+        let (plan, new) = for_envelope(h, &env(&["a@x.test"]));
         assert_eq!(header_of(&new.expect("rewritten")), "To: a@x.test\r\nSubject: s\r\n");
+        assert!(plan.dropped);
     }
 
     #[test]

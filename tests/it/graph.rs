@@ -223,7 +223,7 @@ async fn a_30_mb_scan_goes_by_draft_and_upload_session_byte_for_byte() {
     assert_eq!(f.count(Op::CreateSession), 1);
     assert_eq!(f.count(Op::Put), 30_000_000usize.div_ceil(mfd_relay::upstream::graph::RANGE));
     assert!(f.fake.drafts().is_empty(), "the draft was sent");
-    assert_eq!(steps.names(), ["draft", "attachment 1/1", "send"]);
+    assert_eq!(steps.names(), ["draft", "attachment 1/1", "recipients", "send"]);
     let Progress::Graph(last) = sink.last() else { panic!("no Graph progress saved") };
     assert!(last.sending_since.is_some() && last.draft.is_some() && last.done == [0], "{last:?}");
 }
@@ -410,20 +410,29 @@ async fn at_most_four_requests_per_mailbox_are_in_flight() {
 
 #[tokio::test]
 async fn one_transaction_per_recipient_reaches_exactly_its_envelope_on_both_paths() {
-    // A device sends one transaction per recipient with every address in To and a Cc.
-    let to = ["anna@contoso.com", "Bob@contoso.com", "carl@contoso.com"];
-    for (files, by_send_mail) in [(vec![], true), (vec![pdf(4_000_000, 31)], false)] {
+    // A device sends one transaction per recipient with every address in To and a Cc: the
+    // header names addresses outside the envelope, so the draft path with its lists set, small
+    // or large. A header that names only envelope addresses goes by sendMail, the rest in Bcc.
+    let all = ["anna@contoso.com", "Bob@contoso.com", "carl@contoso.com"];
+    let large = pdf(4_000_000, 31);
+    let bob: &[&str] = &["Bob@contoso.com"];
+    for (to, files, by_send_mail) in [(&all[..], vec![], false), (&all[..], vec![large], false), (bob, vec![], true)] {
         let named: Vec<(&str, &[u8])> = files.iter().map(|f| ("scan.pdf", f.as_slice())).collect();
-        let msg = scan_message(&to, &named);
-        let msg = String::from_utf8(msg)
-            .expect("ascii")
-            .replacen("Subject: Scan\r\n", "Cc: dora@contoso.com\r\nSubject: Scan\r\n", 1)
-            .into_bytes();
+        let msg = scan_message(to, &named);
+        let msg = if by_send_mail {
+            msg
+        } else {
+            String::from_utf8(msg)
+                .expect("ascii")
+                .replacen("Subject: Scan\r\n", "Cc: dora@contoso.com\r\nSubject: Scan\r\n", 1)
+                .into_bytes()
+        };
         let f = fixture(&msg, &["bob@contoso.com", "eve@fabrikam.com"]).await;
+        f.fake.drop_mime_bcc(true);
         f.send(&Progress::None, &MemSink::default()).await.expect("sent");
         let sent = f.fake.sent();
         assert_eq!(sent.len(), 1);
-        assert_eq!(sent[0].by_send_mail, by_send_mail);
+        assert_eq!(sent[0].by_send_mail, by_send_mail, "{to:?}");
         assert_eq!(sent[0].to, ["bob@contoso.com"], "To keeps only the envelope's");
         assert!(sent[0].cc.is_empty(), "{:?}", sent[0].cc);
         assert_eq!(sent[0].bcc, ["eve@fabrikam.com"], "an envelope-only recipient goes in Bcc");
@@ -562,7 +571,8 @@ async fn a_printer_s_scans_go_out_through_graph() {
         assert_eq!(m.recipients(), ["bob@contoso.test"]);
         assert_eq!(sent_attachments(m), original_attachments(original), "attachments byte for byte");
     }
-    assert_eq!((sent[0].by_send_mail, sent[1].by_send_mail), (true, false));
+    // Both headers name alice, outside the envelope: the draft path, whose lists are set.
+    assert_eq!((sent[0].by_send_mail, sent[1].by_send_mail), (false, false));
     for r in fake.requests() {
         assert!(r.op != Some(Op::Put) || !r.authorization, "{r:?}");
     }
@@ -691,4 +701,153 @@ async fn a_scan_over_the_mailbox_s_default_limit_is_refused_in_session() {
     assert_eq!((r.ok, r.code), (false, Some(552)), "{r:?}");
     assert!(r.message.contains("5.3.4") && r.message.contains("36700160"), "{r:?}");
     assert!(fake.requests().is_empty(), "nothing reached Graph");
+}
+
+/// A first attempt whose send Graph refused with 503: the state says "sending", nothing sent.
+async fn sending_but_unsent(seed: u64) -> (Fixture, MemSink) {
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &pdf(4_000_000, seed))]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.fake.fault(Op::Send, 1, Action::error(503, "ServiceUnavailable", "Try again later."));
+    let sink = MemSink::default();
+    assert!(matches!(f.send(&Progress::None, &sink).await, Err(SendError::Throttled { .. })));
+    assert!(matches!(sink.last(), Progress::Graph(r) if r.sending_since.is_some() && r.draft.is_some()));
+    assert!(f.fake.sent().is_empty());
+    (f, sink)
+}
+
+#[tokio::test]
+async fn a_404_other_than_item_not_found_is_never_taken_for_sent() {
+    let (f, sink) = sending_but_unsent(51).await;
+    for code in ["MailboxNotEnabledForRESTAPI", "ErrorInvalidUser", "SomethingNew"] {
+        f.fake.fault(Op::GetMessage, 1, Action::error(404, code, "Not here."));
+        match f.send(&sink.last(), &sink).await {
+            Err(SendError::Rejected(r)) => assert!(r.text.contains(code), "{r:?}"),
+            other => panic!("{code}: taken for delivered: {other:?}"),
+        }
+    }
+    // Unsent, and still resumable: sent once when Graph answers again.
+    assert!(f.fake.sent().is_empty());
+    f.send(&sink.last(), &sink).await.expect("sent");
+    assert_eq!(f.fake.sent().len(), 1);
+    assert_eq!(f.count(Op::CreateDraft), 1);
+}
+
+#[tokio::test]
+async fn a_draft_gone_at_a_resumed_send_was_sent_not_started_again() {
+    let (f, sink) = sending_but_unsent(52).await;
+    // Still a draft when asked, gone at the send: the earlier send went through meanwhile.
+    f.fake.fault(
+        Op::Send,
+        1,
+        Action::error(404, "ErrorItemNotFound", "The specified object was not found in the store."),
+    );
+    let out = f.send(&sink.last(), &sink).await.expect("taken for sent");
+    assert_eq!(out.reply.map(|r| r.code), Some(250));
+    assert_eq!(f.count(Op::CreateDraft), 1, "no second draft, so no second send");
+    assert!(f.fake.sent().is_empty());
+}
+
+#[tokio::test]
+async fn a_state_under_way_to_send_is_not_reset_when_its_parts_do_not_match() {
+    let (f, sink) = sending_but_unsent(53).await;
+    let Progress::Graph(mut r) = sink.last() else { panic!("no Graph progress") };
+    r.parts = 7;
+    f.send(&Progress::Graph(r), &sink).await.expect("sent");
+    assert_eq!(f.fake.sent().len(), 1);
+    assert_eq!(f.count(Op::CreateDraft), 1, "the saved draft was asked and sent, not a new one");
+    assert!(f.count(Op::GetMessage) >= 1, "the saved draft was asked whether it was sent");
+}
+
+#[tokio::test]
+async fn a_draft_whose_mime_bcc_graph_drops_still_reaches_the_envelope_only_recipient() {
+    // The header names exactly a To in the envelope; the archive address is envelope-only and
+    // goes in the MIME's Bcc, which this Graph does not keep when it makes the draft.
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &pdf(4_000_000, 61))]);
+    let f = fixture(&msg, &["anna@contoso.com", "archive@contoso.com"]).await;
+    f.fake.drop_mime_bcc(true);
+    f.send(&Progress::None, &MemSink::default()).await.expect("sent");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(!sent[0].by_send_mail);
+    assert_eq!(sent[0].to, ["anna@contoso.com"]);
+    assert_eq!(sent[0].bcc, ["archive@contoso.com"], "the draft's Bcc set explicitly");
+    assert_eq!(f.count(Op::UpdateMessage), 1);
+}
+
+#[tokio::test]
+async fn an_upload_range_refused_as_out_of_place_starts_a_new_session() {
+    for (status, code) in [(416, "InvalidRange"), (400, "InvalidContentRange")] {
+        let scan = pdf(5 * 1000 * 1000, 62);
+        let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &scan)]);
+        let f = fixture(&msg, &["anna@contoso.com"]).await;
+        f.fake.fault(Op::Put, 2, Action::error(status, code, "The range is not the next expected one."));
+        f.send(&Progress::None, &MemSink::default()).await.expect("sent through a new session");
+        let sent = f.fake.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent_attachments(&sent[0]), original_attachments(&msg), "{status}: the scan once, whole");
+        assert_eq!(f.count(Op::CreateSession), 2, "{status}");
+    }
+}
+
+#[tokio::test]
+async fn a_session_that_claims_more_than_the_file_is_not_taken_for_finished() {
+    let scan = pdf(10 * 1000 * 1000, 63);
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &scan)]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    f.fake.fault(Op::Put, 2, Action::Hang);
+    let sink = MemSink::default();
+    assert!(tokio::time::timeout(Duration::from_secs(5), f.send(&Progress::None, &sink)).await.is_err());
+    let body = serde_json::json!({"expirationDateTime": "2030-01-01T00:00:00Z", "nextExpectedRanges": ["20000000-"]});
+    f.fake.fault(Op::GetSession, 1, Action::Answer { status: 200, body });
+    f.send(&sink.last(), &sink).await.expect("sent");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(sent_attachments(&sent[0]).len() == 1 && sent_attachments(&sent[0])[0].1 == scan, "sent without its scan");
+    assert_eq!(f.count(Op::CreateSession), 2, "a new session for the scan");
+}
+
+#[tokio::test]
+async fn a_draft_over_the_mailbox_s_max_send_size_is_refused_permanently_and_deleted() {
+    let msg = scan_message(&["anna@contoso.com"], &[("scan.pdf", &pdf(9_000_000, 64))]);
+    let f = fixture(&msg, &["anna@contoso.com"]).await;
+    // Exchange Online's default MaxSendSize is 35 MB; an admin set 10 MB here.
+    f.fake.set_max_send_size(Some(10 * 1024 * 1024));
+    match f.send(&Progress::None, &MemSink::default()).await {
+        Err(SendError::Rejected(r)) => {
+            assert_eq!(r.code, 552, "{r:?}");
+            assert!(r.text.starts_with("5.3.4 Microsoft Graph ErrorMessageSizeExceeded"), "{r:?}");
+            assert!(r.is_permanent() && r.hint().is_some(), "{}", r.describe());
+        }
+        other => panic!("not refused permanently: {other:?}"),
+    }
+    assert!(f.fake.sent().is_empty());
+    assert_eq!(f.count(Op::DeleteMessage), 1);
+    assert!(f.fake.drafts().is_empty(), "the refused scan lingers in Drafts");
+}
+
+#[tokio::test]
+async fn only_a_part_with_a_content_id_is_added_as_inline() {
+    let big = STANDARD.encode(pdf(3_000_000, 65));
+    let small = STANDARD.encode(pdf(1_000_000, 66));
+    let mut msg = String::from(
+        "From: scans@contoso.com\r\nTo: anna@contoso.com\r\nSubject: Scan\r\nMessage-ID: <i@relay.lan>\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nx\r\n",
+    );
+    for (name, cid, b64) in [("a.pdf", "", &big), ("b.png", "Content-ID: <p1@x>\r\n", &small), ("c.pdf", "", &small)] {
+        msg.push_str(&format!(
+            "--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n{cid}\
+             Content-Disposition: inline; filename={name}\r\n\r\n"
+        ));
+        for line in b64.as_bytes().chunks(76) {
+            msg.push_str(std::str::from_utf8(line).expect("ascii"));
+            msg.push_str("\r\n");
+        }
+    }
+    msg.push_str("--b--\r\n");
+    let f = fixture(msg.as_bytes(), &["anna@contoso.com"]).await;
+    f.send(&Progress::None, &MemSink::default()).await.expect("sent");
+    let sent = f.fake.sent();
+    assert_eq!(sent.len(), 1);
+    let inline: Vec<(String, bool)> = sent[0].attachments.iter().map(|a| (a.name.clone(), a.inline)).collect();
+    assert_eq!(inline, [("a.pdf".into(), false), ("b.png".into(), true), ("c.pdf".into(), false)]);
 }

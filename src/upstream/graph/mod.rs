@@ -13,7 +13,8 @@
 //!   goes there). Then `POST .../messages/{id}/send`.
 //!
 //! Steps reported to the observer (`mfd-relay test`): `graph-send`; or `draft`,
-//! `attachment i/n` (each), `draft-state` (after a restart in state "sending"), `send`.
+//! `attachment i/n` (each), `recipients` (the draft's lists set to the envelope), `draft-state` (after
+//! a restart in state "sending"), `send`.
 //!
 //! # Exactly once
 //! Before each step the state is saved through the message's [`ProgressSink`] ([`Resume`]):
@@ -22,9 +23,18 @@
 //! the final send. A new attempt continues from there: the same draft, the upload session's
 //! `nextExpectedRanges` (or a new session), and an attachment under way that may have
 //! arrived is looked for on the draft by name before it is added again. In state "sending",
-//! `GET .../messages/{id}` decides: 404 means it was sent (a sent draft leaves Drafts and its
-//! id stops working), still a draft means the send never happened, so it is sent now. A draft
-//! that is gone before "sending" (deleted by someone) is started again, once.
+//! `GET .../messages/{id}` decides: 404 `ErrorItemNotFound` means it was sent (a sent draft
+//! leaves Drafts and its id stops working; any other 404 is an error, never "sent"), still a
+//! draft means the send never happened, so it is sent now, and a 404 to that send means the
+//! earlier one went through. A state in "sending" is never reset, whatever else it says. A
+//! draft that is gone before any send (deleted by someone) is started again, once.
+//!
+//! # Recipients
+//! Before "sending", the draft's `toRecipients`, `ccRecipients` and `bccRecipients` are set
+//! (`PATCH`) to the envelope's plan ([`Outgoing::plan`]): Graph fills a draft's lists from the
+//! MIME as it reads it and need not keep a Bcc. A small message whose header named addresses
+//! outside the envelope ([`crate::message::recipients::Plan::dropped`]) goes this way too.
+//! A draft refused permanently (before any send was attempted) is deleted, best effort.
 //!
 //! What remains:
 //! - A crash after the draft POST and before its id is saved leaves an orphan draft (never a
@@ -42,6 +52,7 @@
 //! [`Source`]): scanned a block at a time for its attachments, the rest (at most 2.3 MB) built
 //! in memory, each attachment decoded one upload range (3.75 MiB) at a time. An attachment
 //! under 2 MiB is decoded whole for its JSON request, a small message read whole for sendMail.
+//! Reads and decoding run on blocking threads; an upload keeps one range ahead at most.
 
 mod reply;
 
@@ -229,6 +240,26 @@ impl Answer {
     fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_default()
     }
+
+    /// A 404 that says the item (draft, attachment) is gone: Graph's `ErrorItemNotFound`.
+    /// Other 404s (`ErrorInvalidUser`, `MailboxNotEnabledForRESTAPI`, one without a body)
+    /// say nothing about the draft.
+    fn item_not_found(&self) -> bool {
+        self.status == StatusCode::NOT_FOUND && reply::graph_error(&self.body).0 == "ErrorItemNotFound"
+    }
+
+    /// The error for a 404 that is not [`Answer::item_not_found`] where the item's fate
+    /// matters: Graph's own mapping when it names a known code, else transient (never
+    /// "delivered", never a bounce on a guess).
+    fn error_not_gone(&self) -> SendError {
+        match self.error() {
+            SendError::Rejected(r) if r.code == 554 => SendError::Rejected(UpstreamReply::new(
+                451,
+                format!("4.3.0 Microsoft Graph answered HTTP {} ({})", self.status.as_u16(), r.text),
+            )),
+            e => e,
+        }
+    }
 }
 
 /// A Graph endpoint (one per provider).
@@ -285,16 +316,33 @@ impl Graph {
             _ => None,
         };
         let scan = out.clone();
-        let plan = tokio::task::spawn_blocking(move || plan(&scan)).await.map_err(blocking)??;
+        let plan = tokio::task::spawn_blocking(move || -> Result<Plan, SendError> {
+            match plan(&scan)? {
+                // The header named addresses outside the envelope: sendMail would take the
+                // recipients from the MIME as Graph reads it, so the draft path, whose lists
+                // are set to the envelope explicitly (`set_recipients`).
+                Plan::Small if scan.plan.dropped => {
+                    let (rest, attachments) = split(&scan)?;
+                    Ok(Plan::Large { rest, attachments })
+                }
+                p => Ok(p),
+            }
+        })
+        .await
+        .map_err(blocking)??;
         match (plan, resume) {
             (Plan::Small, None) => {
-                let mime = out.read_all().map_err(spool)?;
+                let whole = out.clone();
+                let mime =
+                    tokio::task::spawn_blocking(move || whole.read_all()).await.map_err(blocking)?.map_err(spool)?;
                 match self.send_small(token, msg, &mime).await? {
                     Some(sent) => Ok(sent),
                     // Graph found it too large for one request after all: the draft path, if
                     // the message has attachments to take out.
                     None => {
-                        let (rest, atts) = split(&out)?;
+                        let scan = out.clone();
+                        let (rest, atts) =
+                            tokio::task::spawn_blocking(move || split(&scan)).await.map_err(blocking)??;
                         if atts.is_empty() || b64_len(rest.len()) > MAX_POST {
                             return Err(SendError::Rejected(UpstreamReply::new(
                                 552,
@@ -307,7 +355,8 @@ impl Graph {
             }
             // A draft was started for this message: it is finished, whatever the size now.
             (Plan::Small, Some(r)) => {
-                let (rest, atts) = split(&out)?;
+                let scan = out.clone();
+                let (rest, atts) = tokio::task::spawn_blocking(move || split(&scan)).await.map_err(blocking)??;
                 self.send_large(token, msg, &out, &rest, &atts, r).await
             }
             (Plan::Large { rest, attachments }, r) => {
@@ -397,7 +446,9 @@ impl Graph {
         atts: &[Attachment],
         mut r: Resume,
     ) -> Result<SendOutcome, SendError> {
-        if r.draft.is_some() && r.parts != atts.len() {
+        // A state with a send under way is never reset: whether it was sent is asked of its
+        // draft (`was_sent`), whatever the count of parts says.
+        if r.draft.is_some() && r.parts != atts.len() && r.sending_since.is_none() {
             tracing::warn!(
                 identity = msg.identity,
                 "the saved Graph progress does not fit the message; starting again"
@@ -405,10 +456,19 @@ impl Graph {
             r = Resume::default();
         }
         let mut restarted = false;
+        // Whether a send may have happened before this attempt: its draft is never deleted.
+        let resumed_sending = r.sending_since.is_some();
         loop {
             match self.draft_path(token, msg, mime, rest, atts, &mut r).await {
                 Ok(o) => return Ok(o),
-                Err(Fail::Send(e)) => return Err(e),
+                Err(Fail::Send(e)) => {
+                    if let (SendError::Rejected(reply), Some(id), false) = (&e, &r.draft, resumed_sending) {
+                        if reply.is_permanent() {
+                            self.delete_draft(token, msg, id).await;
+                        }
+                    }
+                    return Err(e);
+                }
                 Err(Fail::Gone) if !restarted => {
                     tracing::warn!(
                         identity = msg.identity,
@@ -460,6 +520,8 @@ impl Graph {
                 id
             }
         };
+        // A send was attempted before this one: a draft gone now was sent by it.
+        let sent_before = r.sending_since.is_some();
         if let Some(since) = r.sending_since {
             if self.was_sent(token, msg, &id, since).await? {
                 return Ok(Self::outcome(msg, "draft (sent before a restart)"));
@@ -474,6 +536,9 @@ impl Graph {
                 r.adding = None;
                 self.save(msg, r).await?;
             }
+            // Idempotent, so on every attempt that gets here: the lists as planned, whatever
+            // Graph kept of the MIME's (a Bcc in particular).
+            self.set_recipients(token, msg, &id, &mime.plan).await?;
             r.sending_since = Some(chrono::Utc::now().timestamp());
             self.save(msg, r).await?;
         }
@@ -489,8 +554,70 @@ impl Graph {
         let a = a?;
         match a.status.as_u16() {
             _ if a.ok() => Ok(Self::outcome(msg, "draft")),
-            404 => Err(Fail::Gone),
+            // Gone after an earlier send: that send went through (a sent draft's id stops
+            // working); starting a new draft would send it twice.
+            404 if a.item_not_found() && sent_before => Ok(Self::outcome(msg, "draft (sent before a restart)")),
+            // Gone before any send: someone deleted it; start again.
+            404 if a.item_not_found() => Err(Fail::Gone),
+            404 => Err(Fail::Send(a.error_not_gone())),
             _ => Err(Fail::Send(a.error())),
+        }
+    }
+
+    /// Sets the draft's To, Cc and Bcc to exactly the envelope's recipients
+    /// (`PATCH .../messages/{id}`): Graph sends a draft to its lists, which it fills from the
+    /// MIME as it reads it (a MIME Bcc may not survive).
+    async fn set_recipients(
+        &self,
+        token: &AccessToken,
+        msg: &ApiMessage<'_>,
+        id: &str,
+        plan: &crate::message::recipients::Plan,
+    ) -> Result<(), Fail> {
+        let t = Instant::now();
+        let list = |v: &[String]| v.iter().map(|a| json!({"emailAddress": {"address": a}})).collect::<Vec<_>>();
+        let body = json!({
+            "toRecipients": list(&plan.to),
+            "ccRecipients": list(&plan.cc),
+            "bccRecipients": list(&plan.bcc),
+        });
+        let url = self.url(msg.mailbox, &["messages", id])?;
+        let a = self.call(msg.mailbox, self.api(Method::PATCH, url, token).json(&body)).await;
+        emit(msg.obs, "recipients", matches!(&a, Ok(a) if a.ok()), t, || match &a {
+            Ok(a) => format!(
+                "HTTP {}: {} To, {} Cc, {} Bcc",
+                a.status.as_u16(),
+                plan.to.len(),
+                plan.cc.len(),
+                plan.bcc.len()
+            ),
+            Err(e) => e.to_string(),
+        });
+        let a = a?;
+        match a.status.as_u16() {
+            _ if a.ok() => Ok(()),
+            404 if a.item_not_found() => Err(Fail::Gone),
+            _ => Err(Fail::Send(a.error())),
+        }
+    }
+
+    /// Removes a draft that will never be sent (the message was refused permanently), so it
+    /// does not linger in the mailbox's Drafts with the scan in it. Best effort: a failure is
+    /// only logged (the refusal stands either way).
+    async fn delete_draft(&self, token: &AccessToken, msg: &ApiMessage<'_>, id: &str) {
+        let Ok(url) = self.url(msg.mailbox, &["messages", id]) else { return };
+        match self.call(msg.mailbox, self.api(Method::DELETE, url, token)).await {
+            Ok(a) if a.ok() || a.item_not_found() => {}
+            Ok(a) => tracing::warn!(
+                identity = msg.identity,
+                status = a.status.as_u16(),
+                "could not delete the Graph draft of a refused message; it stays in Drafts"
+            ),
+            Err(e) => tracing::warn!(
+                identity = msg.identity,
+                error = %e,
+                "could not delete the Graph draft of a refused message; it stays in Drafts"
+            ),
         }
     }
 
@@ -530,7 +657,9 @@ impl Graph {
             let req = self.api(Method::GET, url, token).query(&[("$select", "id,isDraft")]);
             let a = self.call(msg.mailbox, req).await?;
             let state = match a.status.as_u16() {
-                404 => true,
+                // Only Graph's "no such item" means the draft left Drafts (it was sent).
+                404 if a.item_not_found() => true,
+                404 => return Err(Fail::Send(a.error_not_gone())),
                 _ if a.ok() => a.json()["isDraft"].as_bool() == Some(false),
                 _ => return Err(Fail::Send(a.error())),
             };
@@ -567,7 +696,7 @@ impl Graph {
         let step = format!("attachment {}/{}", i + 1, atts.len());
         if let Some(was) = r.adding.clone().filter(|ad| ad.index == i) {
             if let Some(url) = &was.upload_url {
-                if let Some(offset) = self.session_offset(msg, url).await? {
+                if let Some(offset) = self.session_offset(msg, url).await?.filter(|&o| o < a.size) {
                     let how = self.upload(msg, mime, i, a, url, offset, r).await?;
                     if let Some(how) = how {
                         emit(msg.obs, &step, true, t, || {
@@ -618,8 +747,8 @@ impl Graph {
             "@odata.type": "#microsoft.graph.fileAttachment",
             "name": a.name,
             "contentType": a.content_type,
-            "isInline": a.inline,
-            "contentBytes": STANDARD.encode(a.read_all(mime).map_err(spool)?),
+            "isInline": inline(a),
+            "contentBytes": STANDARD.encode(read_blocking(mime, a).await?),
         });
         if let Some(cid) = &a.content_id {
             body["contentId"] = json!(cid);
@@ -628,7 +757,7 @@ impl Graph {
         let a = self.call(msg.mailbox, self.api(Method::POST, url, token).json(&body)).await?;
         match a.status.as_u16() {
             _ if a.ok() => Ok(()),
-            404 => Err(Fail::Gone),
+            404 if a.item_not_found() => Err(Fail::Gone),
             _ => Err(Fail::Send(a.error())),
         }
     }
@@ -645,7 +774,7 @@ impl Graph {
             "name": a.name,
             "size": a.size,
             "contentType": a.content_type,
-            "isInline": a.inline,
+            "isInline": inline(a),
         });
         if let Some(cid) = &a.content_id {
             item["contentId"] = json!(cid);
@@ -658,7 +787,7 @@ impl Graph {
                 Some(u) if usable_upload_url(&self.base, u) => Ok(SessionUrl(u.to_string())),
                 _ => Err(Fail::Send(SendError::Network("Microsoft Graph gave no usable uploadUrl".into()))),
             },
-            404 => Err(Fail::Gone),
+            404 if ans.item_not_found() => Err(Fail::Gone),
             _ => Err(Fail::Send(ans.error())),
         }
     }
@@ -690,14 +819,19 @@ impl Graph {
         offset: u64,
         r: &mut Resume,
     ) -> Result<Option<String>, Fail> {
-        let mut content = a.content(mime);
-        content.skip(offset).map_err(spool)?;
+        if offset > a.size {
+            // A session that claims more than the file: not ours to continue.
+            return Ok(None);
+        }
+        let mut chunks = chunks(mime, a, offset);
         let mut at = offset;
         let mut ranges = 0;
         while at < a.size {
-            let chunk = content.next_chunk(RANGE).map_err(spool)?;
+            let chunk = chunks.recv().await.unwrap_or_else(|| Ok(Vec::new())).map_err(spool)?;
             if chunk.is_empty() {
-                break;
+                // Fewer bytes than counted: the session would stay incomplete (and the draft
+                // be sent without it), never a success.
+                return Err(Fail::Send(short(a, at)));
             }
             let end = at + chunk.len() as u64;
             let req = self
@@ -709,8 +843,9 @@ impl Graph {
             let ans = self.call(msg.mailbox, req).await?;
             match ans.status.as_u16() {
                 _ if ans.ok() => {}
-                // The session expired or was finished by a crashed attempt.
-                401 | 403 | 404 => return Ok(None),
+                // The session expired or was finished by a crashed attempt; or (400, 416) it
+                // expects another range than ours after a resume: a new session.
+                400 | 401 | 403 | 404 | 416 => return Ok(None),
                 _ => return Err(Fail::Send(ans.error())),
             }
             at = end;
@@ -739,7 +874,7 @@ impl Graph {
         let ans = self.call(msg.mailbox, self.api(Method::GET, url, token).query(&[("$select", "id,name")])).await?;
         match ans.status.as_u16() {
             _ if ans.ok() => {}
-            404 => return Err(Fail::Gone),
+            404 if ans.item_not_found() => return Err(Fail::Gone),
             _ => return Err(Fail::Send(ans.error())),
         }
         let names: Vec<String> = ans.json()["value"]
@@ -748,6 +883,52 @@ impl Graph {
             .unwrap_or_default();
         Ok(already_there(&names, atts, &r.done, i))
     }
+}
+
+/// An attachment's whole content (under [`UPLOAD_MIN`]), read and decoded off the runtime.
+async fn read_blocking(mime: &Outgoing, a: &Attachment) -> Result<Vec<u8>, SendError> {
+    let (src, att) = (mime.clone(), a.clone());
+    tokio::task::spawn_blocking(move || att.read_all(&src))
+        .await
+        .map_err(|e| SendError::Network(format!("reading the spooled message: {e}")))?
+        .map_err(spool)
+}
+
+/// An attachment's content from `offset` on, [`RANGE`] bytes at a time, read and decoded on a
+/// blocking thread (file reads and base64 do not hold the runtime). One range waits ahead at
+/// most; the thread ends at the end, at an error, or when the receiver is dropped.
+fn chunks(mime: &Outgoing, a: &Attachment, offset: u64) -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let (src, att) = (mime.clone(), a.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut content = att.content(&src);
+        if let Err(e) = content.skip(offset) {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        loop {
+            let chunk = content.next_chunk(RANGE);
+            let last = !matches!(&chunk, Ok(c) if !c.is_empty());
+            if tx.blocking_send(chunk).is_err() || last {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Whether Graph shows the attachment as inline: only with a Content-ID for the body to
+/// refer to (an inline part without one would be hidden from the reader).
+fn inline(a: &Attachment) -> bool {
+    a.inline && a.content_id.is_some()
+}
+
+/// An attachment that decoded to fewer bytes than its counted size: the same every attempt.
+fn short(a: &Attachment, at: u64) -> SendError {
+    SendError::Rejected(UpstreamReply::new(
+        554,
+        format!("5.6.0 attachment \"{}\" ended after {at} of its {} bytes", a.name, a.size),
+    ))
 }
 
 /// Whether an `uploadUrl` may be used: https (Graph's are on outlook.office.com), or http
@@ -879,6 +1060,29 @@ mod tests {
         assert!(!usable_upload_url(graph, "file:///etc/passwd"));
         assert!(!usable_upload_url(graph, "not a url"));
         assert!(usable_upload_url("http://127.0.0.1:5000", "http://127.0.0.1:5000/upload/s1?authtoken=t"));
+    }
+
+    #[test]
+    fn only_error_item_not_found_says_an_item_is_gone() {
+        let answer = |status: u16, body: &str| Answer {
+            status: StatusCode::from_u16(status).expect("status"),
+            headers: HeaderMap::new(),
+            body: body.as_bytes().to_vec(),
+        };
+        let gone =
+            r#"{"error":{"code":"ErrorItemNotFound","message":"The specified object was not found in the store."}}"#;
+        assert!(answer(404, gone).item_not_found());
+        assert!(!answer(400, gone).item_not_found());
+        for other in [r#"{"error":{"code":"ErrorInvalidUser","message":"x"}}"#, "", "<html>Not Found</html>"] {
+            let a = answer(404, other);
+            assert!(!a.item_not_found(), "{other}");
+            // Unknown: transient; known: Graph's own mapping (ErrorInvalidUser: 5.2.1).
+            match a.error_not_gone() {
+                SendError::Rejected(r) if other.contains("ErrorInvalidUser") => assert_eq!(r.code, 550, "{r:?}"),
+                SendError::Rejected(r) => assert!(!r.is_permanent(), "{other}: {r:?}"),
+                e => panic!("{e:?}"),
+            }
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //!
 //! - 401: the token was refused ([`SendError::Auth`]: delivery refreshes it once and retries).
 //! - 429, 503, 504: throttled, retry after `Retry-After` (60 s when absent).
+//! - 408 (timeout), 409 (conflict), 423 (locked), 425 (too early): transient, the message
+//!   stays queued (RFC 9110 15.5.9, 15.5.10; RFC 4918 11.3; RFC 8470 5.2).
 //! - 413 and other 4xx: permanent, with an enhanced status code (RFC 3463) per Graph error.
 //! - other 5xx: transient.
 
@@ -74,6 +76,10 @@ pub fn failure(status: u16, retry_after: Option<&str>, body: &[u8]) -> SendError
             reply: UpstreamReply::new(451, format!("4.4.5 Microsoft Graph is throttling (HTTP {status}) {what}")),
             retry_after: super::super::api::retry_after(retry_after, chrono::Utc::now()).unwrap_or(DEFAULT_RETRY_AFTER),
         },
+        408 | 409 | 423 | 425 => SendError::Rejected(UpstreamReply::new(
+            451,
+            format!("4.3.0 Microsoft Graph asked to try again (HTTP {status}) {what}"),
+        )),
         400..=499 => {
             let (smtp, enhanced) = permanent(status, &code);
             SendError::Rejected(UpstreamReply::new(smtp, format!("{enhanced} Microsoft Graph {what}")))
@@ -156,6 +162,10 @@ mod tests {
         }
         let r = rejected(failure(500, None, &err("InternalServerError", "x")));
         assert!(!r.is_permanent() && r.code == 451, "{r:?}");
+        for status in [408, 409, 423, 425] {
+            let r = rejected(failure(status, None, &err("ErrorIrresolvableConflict", "x")));
+            assert!(!r.is_permanent() && r.code == 451 && r.text.starts_with("4.3.0 "), "{status}: {r:?}");
+        }
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! - A request body over 3,145,611 bytes gets 413 (the measured limit); an upload range over
 //!   4 MiB likewise.
 //! - `sendMail` and draft creation take base64 MIME (`text/plain`) and send to the To, Cc and
-//!   Bcc of its header, never to an envelope.
+//!   Bcc of its header, never to an envelope. A draft is sent to its toRecipients,
+//!   ccRecipients and bccRecipients: filled from the MIME at creation (without its Bcc when
+//!   [`FakeGraph::drop_mime_bcc`]), replaced by `PATCH .../messages/{id}` (only these three
+//!   lists, addresses with an `@`, only on a draft).
 //! - `createUploadSession` refuses files under 2,097,152 bytes
 //!   (`ErrorAttachmentSizeShouldNotBeLessThanMinimumSize`) and over 150 MB; the `PUT`s to the
 //!   `uploadUrl` must come in order, each at most 4 MiB with a correct `Content-Range`; `GET`
@@ -59,6 +62,8 @@ pub enum Op {
     CreateDraft,
     ListMessages,
     GetMessage,
+    UpdateMessage,
+    DeleteMessage,
     ListAttachments,
     AddAttachment,
     CreateSession,
@@ -72,6 +77,9 @@ pub enum Op {
 pub enum Action {
     /// Answer this instead of doing anything.
     Error { status: u16, code: String, message: String },
+    /// Answer this JSON with this status instead of doing anything (a Graph that
+    /// misbehaves: e.g. a session's `nextExpectedRanges` past the file).
+    Answer { status: u16, body: Value },
     /// Do it, then never answer (the client times out: a crash after the server acted).
     Hang,
 }
@@ -88,6 +96,8 @@ pub struct FileAttachment {
     pub name: String,
     pub content_type: String,
     pub bytes: Vec<u8>,
+    /// `isInline` as added to a draft (false for the MIME's own attachments).
+    pub inline: bool,
 }
 
 /// A draft in a mailbox's Drafts.
@@ -99,13 +109,18 @@ pub struct Draft {
     pub internet_message_id: Option<String>,
     /// Attachments added after creation.
     pub added: Vec<FileAttachment>,
+    /// toRecipients, ccRecipients, bccRecipients: read from the MIME at creation (its Bcc
+    /// not when [`FakeGraph::drop_mime_bcc`]), then as PATCHed. A draft is sent to these.
+    pub to: Vec<String>,
+    pub cc: Vec<String>,
+    pub bcc: Vec<String>,
 }
 
 /// A message Graph sent.
 #[derive(Clone, Debug)]
 pub struct SentMessage {
     pub mailbox: String,
-    /// Recipients from the MIME's To, Cc and Bcc (lower case).
+    /// Recipients (lower case): the MIME's To, Cc and Bcc (sendMail), a draft's lists.
     pub to: Vec<String>,
     pub cc: Vec<String>,
     pub bcc: Vec<String>,
@@ -146,6 +161,7 @@ struct Session {
     content_type: String,
     size: u64,
     received: Vec<u8>,
+    inline: bool,
 }
 
 #[derive(Default)]
@@ -162,6 +178,8 @@ struct State {
     in_flight: HashMap<String, usize>,
     max_in_flight: usize,
     delay: Duration,
+    drop_mime_bcc: bool,
+    max_send_size: Option<u64>,
 }
 
 struct Shared {
@@ -228,6 +246,21 @@ impl FakeGraph {
     /// Each request takes this long (while it counts as in flight).
     pub fn set_delay(&self, d: Duration) {
         self.shared.lock().delay = d;
+    }
+
+    /// Draft creation ignores the MIME's Bcc (the draft's bccRecipients stay empty), as
+    /// Graph may: only a PATCH of the lists then reaches a Bcc recipient.
+    pub fn drop_mime_bcc(&self, on: bool) {
+        self.shared.lock().drop_mime_bcc = on;
+    }
+
+    /// The mailbox's MaxSendSize (Exchange; none by default): a send of a larger message
+    /// (its MIME plus its added attachments in base64, as Exchange counts) gets 400
+    /// `ErrorMessageSizeExceeded`, and the draft stays. 400 and not 413: 413 is Graph's
+    /// front end refusing a request body; this refusal comes from Exchange behind it, whose
+    /// errors Graph passes on as 400 with Exchange's own code.
+    pub fn set_max_send_size(&self, limit: Option<u64>) {
+        self.shared.lock().max_send_size = limit;
     }
 
     pub fn sent(&self) -> Vec<SentMessage> {
@@ -324,6 +357,8 @@ fn route(method: &Method, segs: &[String]) -> Option<(Op, String, Option<String>
                 ("POST", ["messages"]) => Op::CreateDraft,
                 ("GET", ["messages"]) => Op::ListMessages,
                 ("GET", ["messages", _]) => Op::GetMessage,
+                ("PATCH", ["messages", _]) => Op::UpdateMessage,
+                ("DELETE", ["messages", _]) => Op::DeleteMessage,
                 ("POST", ["messages", _, "send"]) => Op::Send,
                 ("GET", ["messages", _, "attachments"]) => Op::ListAttachments,
                 ("POST", ["messages", _, "attachments"]) => Op::AddAttachment,
@@ -421,6 +456,10 @@ async fn handle(
     }
     let hang = match fault {
         Some(Action::Error { status, code, message }) => return graph_error(status, &code, &message),
+        Some(Action::Answer { status, body }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (status, axum::Json(body)).into_response();
+        }
         Some(Action::Hang) => true,
         None => false,
     };
@@ -472,6 +511,7 @@ fn read_mime(mime: &[u8]) -> Option<Mime> {
                 .map(|c| format!("{}/{}", c.ctype(), c.subtype().unwrap_or("octet-stream")))
                 .unwrap_or_default(),
             bytes: p.contents().to_vec(),
+            inline: false,
         })
         .collect();
     Some(Mime {
@@ -483,16 +523,27 @@ fn read_mime(mime: &[u8]) -> Option<Mime> {
     })
 }
 
+/// Sends `mime` (plus `added`); to the MIME's recipients (sendMail) or to a draft's lists.
 fn send_one(
     st: &mut State,
     mailbox: &str,
     mime: Vec<u8>,
     added: Vec<FileAttachment>,
-    by_send_mail: bool,
+    lists: Option<[Vec<String>; 3]>,
 ) -> Result<(), Refusal> {
     let Some(Mime { to, cc, bcc, mut attachments, .. }) = read_mime(&mime) else {
         return Err(Box::new(graph_error(400, "ErrorMimeContentInvalid", "The MIME content is invalid.")));
     };
+    let by_send_mail = lists.is_none();
+    let total = mime.len() as u64 + added.iter().map(|a| a.bytes.len().div_ceil(3) as u64 * 4).sum::<u64>();
+    if st.max_send_size.is_some_and(|max| total > max) {
+        return Err(Box::new(graph_error(
+            400,
+            "ErrorMessageSizeExceeded",
+            "The message exceeds the maximum supported size.",
+        )));
+    }
+    let [to, cc, bcc] = lists.unwrap_or([to, cc, bcc]);
     if to.is_empty() && cc.is_empty() && bcc.is_empty() {
         return Err(Box::new(graph_error(400, "ErrorInvalidRecipients", "At least one recipient isn't valid.")));
     }
@@ -522,7 +573,7 @@ fn serve(
                 Ok(m) => m,
                 Err(r) => return *r,
             };
-            match send_one(&mut st, mailbox, mime, Vec::new(), true) {
+            match send_one(&mut st, mailbox, mime, Vec::new(), None) {
                 Ok(()) => StatusCode::ACCEPTED.into_response(),
                 Err(r) => *r,
             }
@@ -533,9 +584,11 @@ fn serve(
                 Err(r) => return *r,
             };
             // Graph's internetMessageId keeps the angle brackets.
-            let Some(mid) = read_mime(&mime).map(|m| m.message_id.map(|id| format!("<{id}>"))) else {
+            let Some(read) = read_mime(&mime) else {
                 return graph_error(400, "ErrorMimeContentInvalid", "The MIME content is invalid.");
             };
+            let mid = read.message_id.map(|id| format!("<{id}>"));
+            let bcc = if st.drop_mime_bcc { Vec::new() } else { read.bcc };
             st.next += 1;
             let id = format!("AAMkAGFake{:04}AAA=", st.next);
             st.drafts.insert(
@@ -546,6 +599,9 @@ fn serve(
                     mime,
                     internet_message_id: mid.clone(),
                     added: Vec::new(),
+                    to: read.to,
+                    cc: read.cc,
+                    bcc,
                 },
             );
             (StatusCode::CREATED, axum::Json(json!({"id": id, "isDraft": true, "internetMessageId": mid})))
@@ -556,6 +612,57 @@ fn serve(
                 return not_found();
             };
             axum::Json(json!({"id": d.id, "isDraft": true})).into_response()
+        }
+        Op::UpdateMessage => {
+            if !draft_of(&st, id) {
+                return not_found();
+            }
+            let Some(v) = serde_json::from_slice::<Value>(body).ok().and_then(|v| v.as_object().cloned()) else {
+                return graph_error(400, "BadRequest", "Empty Payload. JSON content expected.");
+            };
+            let mut lists: [Option<Vec<String>>; 3] = [None, None, None];
+            for (k, val) in &v {
+                let slot = match k.as_str() {
+                    "toRecipients" => 0,
+                    "ccRecipients" => 1,
+                    "bccRecipients" => 2,
+                    _ => {
+                        return graph_error(400, "ErrorInvalidProperty", "This fake updates only the recipient lists.")
+                    }
+                };
+                let Some(items) = val.as_array() else {
+                    return graph_error(400, "BadRequest", "A recipient list must be an array.");
+                };
+                let mut list = Vec::new();
+                for it in items {
+                    match it["emailAddress"]["address"].as_str() {
+                        Some(a) if a.contains('@') => list.push(a.to_ascii_lowercase()),
+                        _ => return graph_error(400, "ErrorInvalidRecipients", "At least one recipient isn't valid."),
+                    }
+                }
+                lists[slot] = Some(list);
+            }
+            let Some(d) = id.and_then(|i| st.drafts.get_mut(i)) else { return not_found() };
+            let [to, cc, bcc] = lists;
+            if let Some(l) = to {
+                d.to = l;
+            }
+            if let Some(l) = cc {
+                d.cc = l;
+            }
+            if let Some(l) = bcc {
+                d.bcc = l;
+            }
+            axum::Json(json!({"id": d.id, "isDraft": true})).into_response()
+        }
+        Op::DeleteMessage => {
+            if !draft_of(&st, id) {
+                return not_found();
+            }
+            if let Some(i) = id {
+                st.drafts.remove(i);
+            }
+            StatusCode::NO_CONTENT.into_response()
         }
         Op::ListAttachments => {
             let Some(d) = id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox) else {
@@ -587,6 +694,7 @@ fn serve(
                 name: name.to_string(),
                 content_type: v["contentType"].as_str().unwrap_or("application/octet-stream").to_string(),
                 bytes,
+                inline: v["isInline"].as_bool().unwrap_or(false),
             };
             if let Some(d) = id.and_then(|i| st.drafts.get_mut(i)) {
                 d.added.push(a);
@@ -629,6 +737,7 @@ fn serve(
                     content_type: item["contentType"].as_str().unwrap_or("application/octet-stream").to_string(),
                     size,
                     received: Vec::new(),
+                    inline: item["isInline"].as_bool().unwrap_or(false),
                 },
             );
             let url = format!("{}/upload/{token}?authtoken=fake-upload-secret", shared.base_url);
@@ -667,14 +776,19 @@ fn serve(
             }
             let Some(s) = st.sessions.remove(&token) else { return not_found() };
             let Some(d) = st.drafts.get_mut(&s.draft) else { return not_found() };
-            d.added.push(FileAttachment { name: s.name, content_type: s.content_type, bytes: s.received });
+            d.added.push(FileAttachment {
+                name: s.name,
+                content_type: s.content_type,
+                bytes: s.received,
+                inline: s.inline,
+            });
             StatusCode::CREATED.into_response()
         }
         Op::Send => {
             let Some(d) = id.and_then(|i| st.drafts.get(i)).filter(|d| d.mailbox == mailbox).cloned() else {
                 return not_found();
             };
-            if let Err(r) = send_one(&mut st, mailbox, d.mime, d.added, false) {
+            if let Err(r) = send_one(&mut st, mailbox, d.mime, d.added, Some([d.to, d.cc, d.bcc])) {
                 return *r;
             }
             st.drafts.remove(&d.id);
