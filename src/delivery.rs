@@ -31,7 +31,7 @@ use crate::oauth::tokens::{AccessToken, TokenError, TokenManager};
 use crate::queue::bounce::{self, FailedRecipient};
 use crate::queue::{now_ms, Lease, OwnMessage, Queue, QueueError, QueueRecord};
 use crate::reply::Reply;
-use crate::upstream::api::{ApiMessage, Progress, ProgressSink};
+use crate::upstream::api::{Outbound, Progress, ProgressSink};
 use crate::upstream::{Envelope, NoTrace, SendError, SendOutcome, Upstream, UpstreamReply};
 
 /// Retry policy and identity of the relay.
@@ -234,33 +234,22 @@ impl Delivery {
         };
         let path = self.queue.spool().path(id);
         let started = Instant::now();
-        let progress = RecordProgress { queue: &self.queue, lease: &lease, rec: Mutex::new(rec.clone()) };
+        let progress = RecordProgress::new(&self.queue, &lease, &rec);
         let send = |token: AccessToken| {
             let (rec, path, progress, slot) = (&rec, &path, &progress, &slot);
             async move {
                 let env = Envelope { from: &rec.from, rcpts: &rec.rcpts, size: rec.size, eight_bit: rec.eight_bit };
-                match via {
-                    // XOAUTH2's user is the token's owner: for a delegate who signed in for a
-                    // shared mailbox that is the delegate, and the shared address only goes in
-                    // MAIL FROM and From (Exchange answers `535 5.7.3` to user=shared with a
-                    // delegate's token).
-                    SendVia::Smtp => {
-                        self.upstream.send(&rec.identity, &slot.provider.name, &token.account, &token, &env, path).await
-                    }
-                    SendVia::Graph | SendVia::GmailApi => {
-                        let saved = progress.rec.locked().progress.clone();
-                        let msg = ApiMessage {
-                            identity: &rec.identity,
-                            mailbox: &slot.email,
-                            env: &env,
-                            body: path,
-                            progress: &saved,
-                            sink: progress,
-                            obs: &NoTrace,
-                        };
-                        self.upstream.send_api(via, &slot.provider.name, &token, &msg).await
-                    }
-                }
+                let saved = progress.latest();
+                let msg = Outbound {
+                    identity: &rec.identity,
+                    mailbox: &slot.email,
+                    env: &env,
+                    body: path,
+                    progress: &saved,
+                    sink: progress,
+                    obs: &NoTrace,
+                };
+                self.upstream.send(via, &slot.provider.name, &token, &msg).await
             }
         };
         let mut result = send(token.clone()).await;
@@ -274,7 +263,7 @@ impl Delivery {
             }
         }
         // What a long API send recorded stays with the record: a deferral keeps it.
-        rec.progress = progress.rec.into_inner().unwrap_or_else(|p| p.into_inner()).progress;
+        rec.progress = progress.into_latest();
         let took = started.elapsed();
         metrics::UPSTREAM_LATENCY.with_label_values(&[&rec.identity]).observe(took.as_secs_f64());
 
@@ -637,11 +626,28 @@ pub fn resource_of(via: SendVia) -> Resource {
 }
 
 /// Keeps a long API send's progress in its queue record: each step's state is committed
-/// before the step starts, while the attempt's lease holds the message.
+/// before the step starts, while the attempt's lease holds the message. The record is copied
+/// only when a step is saved, never for an SMTP send.
 struct RecordProgress<'a> {
     queue: &'a Queue,
     lease: &'a Lease,
-    rec: Mutex<QueueRecord>,
+    rec: &'a QueueRecord,
+    /// The last state given to save (the record's own at first).
+    latest: Mutex<Progress>,
+}
+
+impl<'a> RecordProgress<'a> {
+    fn new(queue: &'a Queue, lease: &'a Lease, rec: &'a QueueRecord) -> RecordProgress<'a> {
+        RecordProgress { queue, lease, rec, latest: Mutex::new(rec.progress.clone()) }
+    }
+
+    fn latest(&self) -> Progress {
+        self.latest.locked().clone()
+    }
+
+    fn into_latest(self) -> Progress {
+        self.latest.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl ProgressSink for RecordProgress<'_> {
@@ -650,11 +656,11 @@ impl ProgressSink for RecordProgress<'_> {
         progress: &'a Progress,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
         Box::pin(async move {
-            let rec = {
-                let mut rec = self.rec.locked();
-                rec.progress = progress.clone();
-                rec.clone()
-            };
+            // Kept even when the commit fails: the deferral then still writes it (a draft id
+            // remembered best effort rather than an orphan draft).
+            *self.latest.locked() = progress.clone();
+            let mut rec = self.rec.clone();
+            rec.progress = progress.clone();
             self.queue.save_progress(self.lease, &rec).await.map_err(|e| e.to_string())
         })
     }

@@ -14,11 +14,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{FromPolicy, SendVia};
+use crate::config::FromPolicy;
 use crate::devices::{Device, Devices};
 use crate::generation::Generation;
 use crate::oauth::tokens::TokenError;
-use crate::upstream::api::{ApiMessage, NoProgress, Progress};
+use crate::upstream::api::{NoProgress, Outbound, Progress};
 use crate::upstream::trace::{emit, Observer, Step};
 use crate::upstream::{Envelope, SendError, UpstreamReply};
 
@@ -161,23 +161,18 @@ pub async fn run(generation: &Generation, device: &Device, req: &TestSend, obs: 
     let rcpts = vec![req.to.trim().to_string()];
     let env = Envelope { from: &mailbox, rcpts: &rcpts, size: message.len() as u64, eight_bit: false };
     let provider = slot.provider.name.clone();
-    let result = match via {
-        SendVia::Smtp => upstream.send_traced(identity, &provider, &token.account, &token, &env, &file.0, obs).await,
-        // Graph and the Gmail API: the same requests as real delivery; nothing to resume, since
-        // a test is never queued.
-        via => {
-            let msg = ApiMessage {
-                identity,
-                mailbox: &mailbox,
-                env: &env,
-                body: &file.0,
-                progress: &Progress::None,
-                sink: &NoProgress,
-                obs,
-            };
-            upstream.send_api(via, &provider, &token, &msg).await
-        }
+    // Graph and the Gmail API: the same requests as real delivery; nothing to resume, since a
+    // test is never queued.
+    let msg = Outbound {
+        identity,
+        mailbox: &mailbox,
+        env: &env,
+        body: &file.0,
+        progress: &Progress::None,
+        sink: &NoProgress,
+        obs,
     };
+    let result = upstream.send_traced(via, &provider, &token, &msg).await;
     match result {
         Ok(out) => match (out.reply, out.refused.into_iter().next()) {
             (Some(reply), _) if !out.accepted.is_empty() => {

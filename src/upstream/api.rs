@@ -51,17 +51,19 @@ impl ProgressSink for NoProgress {
     }
 }
 
-/// One message to send through an HTTP API.
-pub struct ApiMessage<'a> {
-    /// The identity's name (logs, limits).
+/// One message to send upstream, whichever the path ([`super::Upstream::send`]).
+pub struct Outbound<'a> {
+    /// The identity's name (logs, limits, its SMTP connection pool).
     pub identity: &'a str,
-    /// The mailbox that sends (`[[identity]] email`): Graph's `/users/{mailbox}`.
+    /// The mailbox that sends (`[[identity]] email`): Graph's `/users/{mailbox}`. SMTP logs in
+    /// as the token's account instead (a delegate of a shared mailbox, see `Upstream::send`).
     pub mailbox: &'a str,
     /// Envelope sender and recipients: the recipients the API must send to, exactly.
     pub env: &'a Envelope<'a>,
     /// The spooled message, as it would go out by SMTP (rewrites and Received applied).
     pub body: &'a Path,
-    /// What an earlier attempt left to resume (`Progress::None` on a first attempt).
+    /// What an earlier attempt left to resume (`Progress::None` on a first attempt; SMTP
+    /// has nothing to resume).
     pub progress: &'a Progress,
     pub sink: &'a dyn ProgressSink,
     pub obs: &'a dyn Observer,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::api::{retry_after, ApiMessage, Progress};
+use super::api::{retry_after, Outbound, Progress};
 use super::classify::UpstreamReply;
 use super::client::{SendError, SendOutcome};
 use super::recipients::Outgoing;
@@ -129,7 +129,7 @@ impl Gmail {
     /// anything else is done. A new session replaces only one that is unfinished (`308`) or
     /// expired (`404`/`410`), and an unfinished session sends nothing: Google sends the
     /// message only when the session's last byte arrives.
-    pub async fn send(&self, token: &AccessToken, msg: &ApiMessage<'_>) -> Result<SendOutcome, SendError> {
+    pub async fn send(&self, token: &AccessToken, msg: &Outbound<'_>) -> Result<SendOutcome, SendError> {
         let out = Outgoing::open(msg.body, msg.env.rcpts).map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidData => {
                 SendError::Rejected(UpstreamReply::new(554, format!("5.6.0 the message cannot be sent as it is: {e}")))
@@ -171,7 +171,7 @@ impl Gmail {
     }
 
     /// A first attempt (or one after an expired session): media or resumable by size.
-    async fn fresh(&self, token: &AccessToken, msg: &ApiMessage<'_>, out: &Outgoing) -> Result<String, SendError> {
+    async fn fresh(&self, token: &AccessToken, msg: &Outbound<'_>, out: &Outgoing) -> Result<String, SendError> {
         if out.len() <= MEDIA_MAX {
             return self.media(token, msg, out).await;
         }
@@ -190,7 +190,7 @@ impl Gmail {
     }
 
     /// `uploadType=media`: the whole message in one request.
-    async fn media(&self, token: &AccessToken, msg: &ApiMessage<'_>, out: &Outgoing) -> Result<String, SendError> {
+    async fn media(&self, token: &AccessToken, msg: &Outbound<'_>, out: &Outgoing) -> Result<String, SendError> {
         let since = Instant::now();
         let body = out.read_all().map_err(|e| SendError::Network(format!("reading the spooled message: {e}")))?;
         let len = body.len();
@@ -216,7 +216,7 @@ impl Gmail {
     }
 
     /// Opens a resumable session for `total` bytes; returns its URI.
-    async fn open(&self, token: &AccessToken, msg: &ApiMessage<'_>, total: u64) -> Result<String, SendError> {
+    async fn open(&self, token: &AccessToken, msg: &Outbound<'_>, total: u64) -> Result<String, SendError> {
         let since = Instant::now();
         let r = self
             .http
@@ -273,7 +273,7 @@ impl Gmail {
     }
 
     /// Asks a recorded session where it stands.
-    async fn query(&self, token: &AccessToken, msg: &ApiMessage<'_>, r: &Resume) -> Result<Session, SendError> {
+    async fn query(&self, token: &AccessToken, msg: &Outbound<'_>, r: &Resume) -> Result<Session, SendError> {
         let since = Instant::now();
         let mut req = self
             .http
@@ -303,7 +303,7 @@ impl Gmail {
     async fn upload(
         &self,
         token: &AccessToken,
-        msg: &ApiMessage<'_>,
+        msg: &Outbound<'_>,
         out: &Outgoing,
         mut resume: Resume,
     ) -> Result<String, UploadError> {
@@ -386,7 +386,7 @@ impl UploadError {
 }
 
 /// Commits the session's state to the queue record; the step it protects waits for it.
-async fn save(msg: &ApiMessage<'_>, resume: &Resume) -> Result<(), SendError> {
+async fn save(msg: &Outbound<'_>, resume: &Resume) -> Result<(), SendError> {
     msg.sink
         .save(&Progress::Gmail(resume.clone()))
         .await

@@ -183,34 +183,52 @@ impl Upstream {
         self.limits.locked().entry(identity.to_string()).or_insert_with(|| Arc::new(Limit::new(size))).clone()
     }
 
-    /// Sends one message as `identity` (XOAUTH2 user `user`) through `provider`'s server.
+    /// Sends one message by `via` (SMTP, Graph or the Gmail API) with a token for that path,
+    /// on a pooled SMTP connection when there is one.
+    ///
+    /// XOAUTH2's user is the token's owner: for a delegate who signed in for a shared mailbox
+    /// that is the delegate, and the shared address only goes in MAIL FROM and From (Exchange
+    /// answers `535 5.7.3` to user=shared with a delegate's token).
     pub async fn send(
         &self,
-        identity: &str,
+        via: SendVia,
         provider: &str,
-        user: &str,
         token: &AccessToken,
-        env: &Envelope<'_>,
-        body: &Path,
+        msg: &api::Outbound<'_>,
     ) -> Result<SendOutcome, SendError> {
-        self.send_observed(identity, provider, user, token, env, body, Fresh::Pooled, &NoTrace).await
+        self.dispatch(via, provider, token, msg, Fresh::Pooled).await
     }
 
-    /// [`Upstream::send`] on a connection of its own (never a pooled one, and closed after),
-    /// reporting each step to `obs`: `mfd-relay test` shows connect, TLS and AUTH as a
-    /// device's first message would meet them.
-    #[allow(clippy::too_many_arguments)]
+    /// [`Upstream::send`] reporting each step to `msg.obs`, by SMTP on a connection of its own
+    /// (never a pooled one, and closed after): `mfd-relay test` shows connect, TLS and AUTH as
+    /// a device's first message would meet them.
     pub async fn send_traced(
         &self,
-        identity: &str,
+        via: SendVia,
         provider: &str,
-        user: &str,
         token: &AccessToken,
-        env: &Envelope<'_>,
-        body: &Path,
-        obs: &dyn Observer,
+        msg: &api::Outbound<'_>,
     ) -> Result<SendOutcome, SendError> {
-        self.send_observed(identity, provider, user, token, env, body, Fresh::Always, obs).await
+        self.dispatch(via, provider, token, msg, Fresh::Always).await
+    }
+
+    async fn dispatch(
+        &self,
+        via: SendVia,
+        provider: &str,
+        token: &AccessToken,
+        msg: &api::Outbound<'_>,
+        fresh: Fresh,
+    ) -> Result<SendOutcome, SendError> {
+        let missing = || SendError::Network(format!("provider \"{provider}\" has no {via} endpoint"));
+        match via {
+            SendVia::Smtp => {
+                let (identity, user) = (msg.identity, token.account.as_str());
+                self.send_observed(identity, provider, user, token, msg.env, msg.body, fresh, msg.obs).await
+            }
+            SendVia::Graph => self.graph.get(provider).ok_or_else(missing)?.send(token, msg).await,
+            SendVia::GmailApi => self.gmail.get(provider).ok_or_else(missing)?.send(token, msg).await,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -288,23 +306,6 @@ impl Upstream {
                 Err(_) => drop_connection(conn),
             }
             return result;
-        }
-    }
-
-    /// Sends one message through an HTTP mail API (`via` is `graph` or `gmail_api`) with a
-    /// token for that API.
-    pub async fn send_api(
-        &self,
-        via: SendVia,
-        provider: &str,
-        token: &AccessToken,
-        msg: &api::ApiMessage<'_>,
-    ) -> Result<SendOutcome, SendError> {
-        let missing = || SendError::Network(format!("provider \"{provider}\" has no {via} endpoint"));
-        match via {
-            SendVia::Graph => self.graph.get(provider).ok_or_else(missing)?.send(token, msg).await,
-            SendVia::GmailApi => self.gmail.get(provider).ok_or_else(missing)?.send(token, msg).await,
-            SendVia::Smtp => Err(SendError::Network("send_api is for HTTP APIs".into())),
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mfd_relay::oauth::tokens::AccessToken;
-use mfd_relay::upstream::api::{ApiMessage, Progress, ProgressSink};
+use mfd_relay::upstream::api::{Outbound, Progress, ProgressSink};
 use mfd_relay::upstream::gmail::{Gmail, Resume, CHUNK};
 use mfd_relay::upstream::{Envelope, NoTrace, Observer, SendError, SendOutcome, Step};
 
@@ -154,7 +154,7 @@ async fn send(
 ) -> Result<SendOutcome, SendError> {
     let env = Envelope { from: ACCOUNT, rcpts: &scan.rcpts, size: scan.bytes.len() as u64, eight_bit: false };
     let msg =
-        ApiMessage { identity: "scans", mailbox: ACCOUNT, env: &env, body: Path::new(&scan.path), progress, sink, obs };
+        Outbound { identity: "scans", mailbox: ACCOUNT, env: &env, body: Path::new(&scan.path), progress, sink, obs };
     gmail.send(&token(secret), &msg).await
 }
 

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use mail_parser::{MessageParser, MimeHeaders};
 use mfd_relay::oauth::tokens::AccessToken;
-use mfd_relay::upstream::api::{ApiMessage, Progress, ProgressSink};
+use mfd_relay::upstream::api::{Outbound, Progress, ProgressSink};
 use mfd_relay::upstream::graph::{Graph, Resume};
 use mfd_relay::upstream::{Envelope, Observer, SendError, SendOutcome, Step};
 
@@ -134,7 +134,7 @@ impl Fixture {
     ) -> Result<SendOutcome, SendError> {
         let size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
         let env = Envelope { from: MAILBOX, rcpts: &self.rcpts, size, eight_bit: false };
-        let msg = ApiMessage { identity: "scans", mailbox: MAILBOX, env: &env, body: &self.path, progress, sink, obs };
+        let msg = Outbound { identity: "scans", mailbox: MAILBOX, env: &env, body: &self.path, progress, sink, obs };
         self.graph.send(&token(secret), &msg).await
     }
 

@@ -69,7 +69,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
-use super::api::{ApiMessage, Progress};
+use super::api::{Outbound, Progress};
 use super::classify::UpstreamReply;
 use super::client::{SendError, SendOutcome};
 use super::recipients::Outgoing;
@@ -302,7 +302,7 @@ impl Graph {
     }
 
     /// Sends `msg` as `msg.mailbox` with a Graph token, to exactly the envelope's recipients.
-    pub async fn send(&self, token: &AccessToken, msg: &ApiMessage<'_>) -> Result<SendOutcome, SendError> {
+    pub async fn send(&self, token: &AccessToken, msg: &Outbound<'_>) -> Result<SendOutcome, SendError> {
         // The message as it must go out: its header names exactly the envelope's recipients.
         // Read from the spool in ranges as it goes (module doc, "Memory").
         let (path, rcpts) = (msg.body.to_path_buf(), msg.env.rcpts.to_vec());
@@ -399,14 +399,14 @@ impl Graph {
         self.http.request(method, url).bearer_auth(&token.secret)
     }
 
-    async fn save(&self, msg: &ApiMessage<'_>, r: &Resume) -> Result<(), SendError> {
+    async fn save(&self, msg: &Outbound<'_>, r: &Resume) -> Result<(), SendError> {
         msg.sink
             .save(&Progress::Graph(r.clone()))
             .await
             .map_err(|e| SendError::Network(format!("could not record the progress of the Graph send: {e}")))
     }
 
-    fn outcome(msg: &ApiMessage<'_>, how: &str) -> SendOutcome {
+    fn outcome(msg: &Outbound<'_>, how: &str) -> SendOutcome {
         SendOutcome {
             accepted: msg.env.rcpts.to_vec(),
             refused: Vec::new(),
@@ -417,7 +417,7 @@ impl Graph {
     async fn send_small(
         &self,
         token: &AccessToken,
-        msg: &ApiMessage<'_>,
+        msg: &Outbound<'_>,
         mime: &[u8],
     ) -> Result<Option<SendOutcome>, SendError> {
         let t = Instant::now();
@@ -440,7 +440,7 @@ impl Graph {
     async fn send_large(
         &self,
         token: &AccessToken,
-        msg: &ApiMessage<'_>,
+        msg: &Outbound<'_>,
         mime: &Outgoing,
         rest: &[u8],
         atts: &[Attachment],
@@ -491,7 +491,7 @@ impl Graph {
     async fn draft_path(
         &self,
         token: &AccessToken,
-        msg: &ApiMessage<'_>,
+        msg: &Outbound<'_>,
         mime: &Outgoing,
         rest: &[u8],
         atts: &[Attachment],
@@ -570,7 +570,7 @@ impl Graph {
     async fn set_recipients(
         &self,
         token: &AccessToken,
-        msg: &ApiMessage<'_>,
+        msg: &Outbound<'_>,
         id: &str,
         plan: &crate::message::recipients::Plan,
     ) -> Result<(), Fail> {
@@ -604,7 +604,7 @@ impl Graph {
     /// Removes a draft that will never be sent (the message was refused permanently), so it
     /// does not linger in the mailbox's Drafts with the scan in it. Best effort: a failure is
     /// only logged (the refusal stands either way).
-    async fn delete_draft(&self, token: &AccessToken, msg: &ApiMessage<'_>, id: &str) {
+    async fn delete_draft(&self, token: &AccessToken, msg: &Outbound<'_>, id: &str) {
         let Ok(url) = self.url(msg.mailbox, &["messages", id]) else { return };
         match self.call(msg.mailbox, self.api(Method::DELETE, url, token)).await {
             Ok(a) if a.ok() || a.item_not_found() => {}
@@ -624,7 +624,7 @@ impl Graph {
     async fn create_draft(
         &self,
         token: &AccessToken,
-        msg: &ApiMessage<'_>,
+        msg: &Outbound<'_>,
         rest: &[u8],
         n: usize,
     ) -> Result<String, Fail> {
@@ -649,7 +649,7 @@ impl Graph {
 
     /// In state "sending": whether the draft was sent. Waits for [`SETTLE`] after the send
     /// before it believes a draft that is still there.
-    async fn was_sent(&self, token: &AccessToken, msg: &ApiMessage<'_>, id: &str, since: i64) -> Result<bool, Fail> {
+    async fn was_sent(&self, token: &AccessToken, msg: &Outbound<'_>, id: &str, since: i64) -> Result<bool, Fail> {
         let mut waited = false;
         loop {
             let t = Instant::now();
@@ -684,7 +684,7 @@ impl Graph {
     async fn attach(
         &self,
         token: &AccessToken,
-        msg: &ApiMessage<'_>,
+        msg: &Outbound<'_>,
         mime: &Outgoing,
         id: &str,
         atts: &[Attachment],
@@ -738,7 +738,7 @@ impl Graph {
     async fn post_attachment(
         &self,
         token: &AccessToken,
-        msg: &ApiMessage<'_>,
+        msg: &Outbound<'_>,
         mime: &Outgoing,
         id: &str,
         a: &Attachment,
@@ -765,7 +765,7 @@ impl Graph {
     async fn upload_session(
         &self,
         token: &AccessToken,
-        msg: &ApiMessage<'_>,
+        msg: &Outbound<'_>,
         id: &str,
         a: &Attachment,
     ) -> Result<SessionUrl, Fail> {
@@ -794,7 +794,7 @@ impl Graph {
 
     /// Where an upload session stands: the next byte it expects; `None` when the session is
     /// over (finished, expired or unknown).
-    async fn session_offset(&self, msg: &ApiMessage<'_>, url: &SessionUrl) -> Result<Option<u64>, Fail> {
+    async fn session_offset(&self, msg: &Outbound<'_>, url: &SessionUrl) -> Result<Option<u64>, Fail> {
         let a = self.call(msg.mailbox, self.http.get(&url.0)).await?;
         if !a.ok() {
             return Ok(None);
@@ -811,7 +811,7 @@ impl Graph {
     #[allow(clippy::too_many_arguments)]
     async fn upload(
         &self,
-        msg: &ApiMessage<'_>,
+        msg: &Outbound<'_>,
         mime: &Outgoing,
         i: usize,
         a: &Attachment,
@@ -864,7 +864,7 @@ impl Graph {
     async fn on_draft(
         &self,
         token: &AccessToken,
-        msg: &ApiMessage<'_>,
+        msg: &Outbound<'_>,
         id: &str,
         atts: &[Attachment],
         i: usize,
