@@ -588,14 +588,7 @@ async fn a_429_through_the_relay_waits_the_retry_after_then_sends_once() {
     assert!(waited >= Duration::from_secs(4), "sent after {waited:?}, before Retry-After");
     // The provider has the message a moment before the relay has counted it.
     let delivered = r#"mfd_relay_messages_delivered_total{identity="scans",path="queue",via="gmail_api"} 1"#;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let metrics = loop {
-        let (_, metrics) = tokio::task::block_in_place(|| w.relay.admin_get("/metrics"));
-        if metrics.contains(delivered) || Instant::now() > deadline {
-            break metrics;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let metrics = tokio::task::block_in_place(|| w.relay.metrics_with(delivered, Duration::from_secs(10)));
     assert!(metrics.contains(delivered), "{metrics}");
     assert!(
         metrics.contains(r#"mfd_relay_messages_deferred_total{identity="scans",reason="throttled"} 1"#),

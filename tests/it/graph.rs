@@ -674,14 +674,7 @@ async fn a_429_from_graph_through_the_relay_waits_its_retry_after() {
     assert!(started.elapsed() >= Duration::from_secs(4), "sent after {:?}", started.elapsed());
     // The provider has the message a moment before the relay has counted it.
     let delivered = r#"mfd_relay_messages_delivered_total{identity="scans",path="queue",via="graph"} 1"#;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let metrics = loop {
-        let (_, metrics) = tokio::task::block_in_place(|| w.relay.admin_get("/metrics"));
-        if metrics.contains(delivered) || Instant::now() > deadline {
-            break metrics;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let metrics = tokio::task::block_in_place(|| w.relay.metrics_with(delivered, Duration::from_secs(10)));
     assert!(metrics.contains(delivered), "{metrics}");
     assert!(
         metrics.contains(r#"mfd_relay_messages_deferred_total{identity="scans",reason="throttled"} 1"#),

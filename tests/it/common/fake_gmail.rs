@@ -34,6 +34,7 @@ use axum::Router;
 use serde_json::json;
 
 use super::BearerValidator;
+use super::ServerTask;
 
 /// Largest `uploadType=media` body.
 pub const MEDIA_MAX: usize = 5_000_000;
@@ -106,14 +107,6 @@ impl Shared {
     }
 }
 
-struct ServerTask(tokio::task::JoinHandle<()>);
-
-impl Drop for ServerTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Handle on a running fake Gmail API; the server stops with the last clone.
 #[derive(Clone)]
 pub struct FakeGmail {
@@ -132,10 +125,7 @@ impl FakeGmail {
             // Room for a 35 MiB media upload to be refused with Google's 413, not axum's.
             .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(shared.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        FakeGmail { shared, _task: Arc::new(ServerTask(task)) }
+        FakeGmail { shared, _task: ServerTask::serve(listener, app) }
     }
 
     /// The `gmail_api_url`: `http://127.0.0.1:<port>`.

@@ -41,6 +41,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use super::BearerValidator;
+use super::ServerTask;
 
 /// Graph's largest request body.
 pub const MAX_POST: usize = 3_145_611;
@@ -195,14 +196,6 @@ impl Shared {
     }
 }
 
-struct ServerTask(tokio::task::JoinHandle<()>);
-
-impl Drop for ServerTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Handle on a running fake Graph. Cheap to clone; the server stops with the last clone.
 #[derive(Clone)]
 pub struct FakeGraph {
@@ -222,10 +215,7 @@ impl FakeGraph {
         });
         // Limits are Graph's, enforced in the handler: axum's own 2 MB default must not apply.
         let app = Router::new().fallback(handle).layer(DefaultBodyLimit::disable()).with_state(shared.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        FakeGraph { shared, _task: Arc::new(ServerTask(task)) }
+        FakeGraph { shared, _task: ServerTask::serve(listener, app) }
     }
 
     /// What `graph_url` is set to.

@@ -55,6 +55,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use super::fake_smtp::TokenValidator;
+use super::ServerTask;
 use super::{b64url, random_b64url, sha256, unix_now};
 
 /// RFC 8628 §3.4 grant type.
@@ -369,15 +370,6 @@ impl Shared {
 // The handle
 // ---------------------------------------------------------------------------
 
-/// Aborts the server task when the last handle goes away.
-struct ServerTask(tokio::task::JoinHandle<()>);
-
-impl Drop for ServerTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Handle on a running fake provider. Cheap to clone; the server stops when
 /// the last clone is dropped (or when the test's runtime ends).
 #[derive(Clone)]
@@ -405,10 +397,7 @@ impl FakeOAuth {
             .route("/{tenant}/oauth2/v2.0/authorize", get(authorize_handler))
             .route("/introspect", get(introspect_handler).post(introspect_handler))
             .with_state(shared.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        FakeOAuth { shared, _task: Arc::new(ServerTask(task)) }
+        FakeOAuth { shared, _task: ServerTask::serve(listener, app) }
     }
 
     /// `{base}/token` (also the `aud` that assertions must carry).

@@ -519,3 +519,21 @@ pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
 /// it serves a request. Wire it to the fake OAuth provider's tokens.
 #[allow(dead_code)] // used by the fakes of Graph and the Gmail API
 pub type BearerValidator = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// A fake HTTP service's server task (the fake OAuth provider, Graph, the Gmail API): serves
+/// `app` on `listener` and stops when the last handle holding it is dropped.
+pub struct ServerTask(tokio::task::JoinHandle<()>);
+
+impl ServerTask {
+    pub fn serve(listener: tokio::net::TcpListener, app: axum::Router) -> std::sync::Arc<ServerTask> {
+        std::sync::Arc::new(ServerTask(tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        })))
+    }
+}
+
+impl Drop for ServerTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -182,6 +182,19 @@ impl Relay {
         http_get(self.admin_port, path)
     }
 
+    /// `/metrics` once it has `line` (a counter can trail what a fake already saw), or after
+    /// `within` as it is then.
+    pub fn metrics_with(&self, line: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let (_, metrics) = self.admin_get("/metrics");
+            if metrics.contains(line) || Instant::now() > deadline {
+                return metrics;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Runs `mfd-relay <args> -c config` and returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
         run_cli(&self.config, args, stdin)
