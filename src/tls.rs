@@ -48,3 +48,21 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Str
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
+
+/// An HTTP client for a provider's HTTPS endpoints (tokens, Graph, the Gmail API): rustls,
+/// no redirects (a bearer token or a client secret must not follow one elsewhere, RFC 6749
+/// 10.6), a 10 s connect timeout and `timeout` per request, and the extra CAs of `ca_files`.
+pub fn http_client(ca_files: &[&Path], timeout: std::time::Duration) -> Result<reqwest::Client, String> {
+    let mut b = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .user_agent(concat!("mfd-relay/", env!("CARGO_PKG_VERSION")));
+    for path in ca_files {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))? {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    b.build().map_err(|e| e.to_string())
+}

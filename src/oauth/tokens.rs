@@ -409,18 +409,8 @@ fn now() -> i64 {
 
 /// The HTTP client for token requests: rustls, no redirects (RFC 6749 10.6 / oauth2 docs).
 pub fn http_client(ca_files: &[std::path::PathBuf]) -> Result<reqwest::Client, String> {
-    let mut b = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(HTTP_TIMEOUT)
-        .connect_timeout(Duration::from_secs(10))
-        .user_agent(concat!("mfd-relay/", env!("CARGO_PKG_VERSION")));
-    for path in ca_files {
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))? {
-            b = b.add_root_certificate(cert);
-        }
-    }
-    b.build().map_err(|e| e.to_string())
+    let paths: Vec<&std::path::Path> = ca_files.iter().map(|p| p.as_path()).collect();
+    crate::tls::http_client(&paths, HTTP_TIMEOUT)
 }
 
 impl TokenManager {

@@ -34,7 +34,7 @@ use crate::oauth::tokens::AccessToken;
 /// less"; above it the resumable protocol also survives a broken connection.
 pub const MEDIA_MAX: u64 = 5_000_000;
 /// The Gmail API's largest message (35 MiB, the raw message as uploaded).
-pub const MAX_SIZE: u64 = 35 * 1024 * 1024;
+pub const MAX_SIZE: u64 = crate::oauth::provider::GMAIL_API_MAX;
 /// Chunks of a resumable upload must be multiples of this, except the last.
 pub const CHUNK_UNIT: u64 = 256 * 1024;
 /// The chunk size of a resumable upload: 8 MiB, a few requests for a large scan, and little
@@ -104,18 +104,8 @@ impl Gmail {
         if !matches!(base.scheme(), "https" | "http") {
             return Err(format!("gmail_api_url: {base} is not an http(s) URL"));
         }
-        let mut b = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("mfd-relay/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = ca_file {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))? {
-                b = b.add_root_certificate(cert);
-            }
-        }
-        Ok(Gmail { base, http: b.build().map_err(|e| e.to_string())? })
+        let http = crate::tls::http_client(ca_file.as_slice(), REQUEST_TIMEOUT)?;
+        Ok(Gmail { base, http })
     }
 
     fn send_url(&self, upload_type: &str) -> String {

@@ -274,18 +274,7 @@ pub struct Graph {
 impl Graph {
     /// `base_url`: e.g. `https://graph.microsoft.com`; `ca_file`: extra CAs to trust.
     pub fn new(base_url: &str, ca_file: Option<&Path>) -> Result<Graph, String> {
-        let mut b = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("mfd-relay/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = ca_file {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))? {
-                b = b.add_root_certificate(cert);
-            }
-        }
-        let http = b.build().map_err(|e| e.to_string())?;
+        let http = crate::tls::http_client(ca_file.as_slice(), REQUEST_TIMEOUT)?;
         url::Url::parse(base_url).map_err(|e| format!("graph_url {base_url:?}: {e}"))?;
         Ok(Graph {
             base: base_url.trim_end_matches('/').to_string(),
