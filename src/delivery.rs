@@ -216,7 +216,7 @@ impl Delivery {
         let via = match &rec.progress {
             Progress::Graph(_) => SendVia::Graph,
             Progress::Gmail(_) => SendVia::GmailApi,
-            Progress::None => slot.send_via,
+            Progress::None | Progress::Folder(_) => slot.send_via,
         };
         let resource = resource_of(via);
         let token = match self.tokens.access_token_for(&rec.identity, resource).await {

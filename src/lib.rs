@@ -18,6 +18,7 @@ pub mod config;
 pub mod credentials;
 pub mod delivery;
 pub mod devices;
+pub mod filenames;
 pub mod fsutil;
 pub mod generation;
 pub mod imap;

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 pub use types::{
@@ -69,6 +69,8 @@ pub struct Config {
     pub devices: Vec<Spanned<Device>>,
     #[serde(default, rename = "mailbox")]
     pub mailboxes: Vec<Spanned<Mailbox>>,
+    #[serde(default, rename = "destination")]
+    pub destinations: Vec<Spanned<Destination>>,
     #[serde(default)]
     pub notify: Notify,
     /// Where the file was read from (paths in it are relative to its directory).
@@ -446,6 +448,8 @@ pub struct Provider {
     pub graph_url: Option<Spanned<String>>,
     /// The Gmail API's base URL (identities with `send_via = "gmail_api"`).
     pub gmail_api_url: Option<Spanned<String>>,
+    /// Google Drive's base URL (`[[destination]] kind = "google_drive"`).
+    pub drive_api_url: Option<Spanned<String>>,
 }
 
 /// How an identity is signed in.
@@ -481,9 +485,30 @@ pub struct Identity {
     pub messages_per_minute: Option<u32>,
     /// How mail from this identity goes upstream (default: SMTP with XOAUTH2).
     pub send_via: Option<Spanned<SendVia>>,
+    /// What happens to a message over the provider's size limit (default: refused, 552).
+    pub oversize: Option<Spanned<Oversize>>,
+    /// `oversize = "link"`: the `[[destination]]` the attachments of such a message go to.
+    pub oversize_destination: Option<Spanned<String>>,
+}
+
+/// `[[identity]] oversize`: a message larger than the provider takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Oversize {
+    /// Refused before DATA (SIZE) or after it: 552 5.3.4.
+    #[default]
+    Refuse,
+    /// Accepted: its attachments are saved to `oversize_destination` and the mail goes out
+    /// with a link to each instead.
+    Link,
 }
 
 impl Identity {
+    /// What happens to a message over the provider's size limit.
+    pub fn oversize(&self) -> Oversize {
+        self.oversize.as_ref().map(|v| *v.get_ref()).unwrap_or_default()
+    }
+
     /// How mail from this identity goes upstream.
     pub fn send_via(&self) -> SendVia {
         self.send_via.as_ref().map(|v| *v.get_ref()).unwrap_or_default()
@@ -582,6 +607,109 @@ pub struct Mailbox {
     /// when set, the topmost field must carry it.
     #[serde(default)]
     pub authserv_id: Option<String>,
+}
+
+/// `[[destination]] kind`: where a destination's files go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DestinationKind {
+    /// A SharePoint Online document library (`site`, `library`), through Microsoft Graph.
+    Sharepoint,
+    /// A user's OneDrive for Business (`user`), through Microsoft Graph.
+    Onedrive,
+    /// A Google Drive folder (`folder_id`; shared drives too), through the Drive API.
+    GoogleDrive,
+}
+
+impl DestinationKind {
+    /// The config spelling and the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestinationKind::Sharepoint => "sharepoint",
+            DestinationKind::Onedrive => "onedrive",
+            DestinationKind::GoogleDrive => "google_drive",
+        }
+    }
+
+    /// The provider kind whose tokens reach it.
+    pub fn provider_kind(self) -> ProviderKind {
+        match self {
+            DestinationKind::Sharepoint | DestinationKind::Onedrive => ProviderKind::Microsoft,
+            DestinationKind::GoogleDrive => ProviderKind::Google,
+        }
+    }
+}
+
+impl fmt::Display for DestinationKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[[destination]] conflict`: a file of that name is already in the folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Conflict {
+    /// The new file gets a free name (`name 1.pdf`).
+    #[default]
+    Rename,
+    /// The new file replaces the old one's content.
+    Replace,
+    /// The file is not saved: the recipient fails permanently.
+    Fail,
+}
+
+impl Conflict {
+    /// The config spelling; Graph's `@microsoft.graph.conflictBehavior` uses the same words.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Conflict::Rename => "rename",
+            Conflict::Replace => "replace",
+            Conflict::Fail => "fail",
+        }
+    }
+}
+
+/// `[[destination]]`: a recipient address that stands for a cloud folder (scan to folder).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    pub name: Spanned<String>,
+    /// The recipient devices send to (any domain; matched before anything goes upstream).
+    pub address: Spanned<String>,
+    /// The identity whose token uploads.
+    pub identity: Spanned<String>,
+    pub kind: Spanned<DestinationKind>,
+    /// SharePoint: `host:/sites/path` (or `host:/teams/path`).
+    pub site: Option<Spanned<String>>,
+    /// SharePoint: the document library's name; default the site's default library.
+    pub library: Option<Spanned<String>>,
+    /// OneDrive: whose (default: the identity's email).
+    pub user: Option<Spanned<String>>,
+    /// Google Drive: the parent folder's id (default: the identity's My Drive root).
+    pub folder_id: Option<Spanned<String>>,
+    /// The folder under the library, drive or folder_id, as a template; created when missing.
+    #[serde(default = "default_destination_folder")]
+    pub folder: Spanned<String>,
+    /// Each file's name, as a template (`{name}`: the attachment's own name, made safe).
+    #[serde(default = "default_file_name")]
+    pub file_name: Spanned<String>,
+    #[serde(default)]
+    pub conflict: Conflict,
+    /// Mail the sender each file's name, size and link (through the identity).
+    #[serde(default)]
+    pub receipt: bool,
+    /// A message without attachments is saved as its text (`.txt`) instead of refused.
+    #[serde(default)]
+    pub save_body: bool,
+}
+
+fn default_destination_folder() -> Spanned<String> {
+    Spanned::new(0..0, String::new())
+}
+
+fn default_file_name() -> Spanned<String> {
+    Spanned::new(0..0, "{yyyy}{MM}{dd}-{HH}{mm}{ss}-{name}".to_string())
 }
 
 fn default_true() -> bool {
@@ -716,6 +844,10 @@ impl Config {
 
     pub fn provider(&self, name: &str) -> Option<&Provider> {
         self.providers.iter().map(|p| p.get_ref()).find(|p| p.name.get_ref() == name)
+    }
+
+    pub fn destination(&self, name: &str) -> Option<&Destination> {
+        self.destinations.iter().map(|d| d.get_ref()).find(|d| d.name.get_ref() == name)
     }
 
     pub fn identity(&self, name: &str) -> Option<&Identity> {

@@ -28,6 +28,8 @@ pub enum Progress {
     Graph(super::graph::Resume),
     /// A Gmail API resumable upload under way.
     Gmail(super::gmail::Resume),
+    /// Files being saved to a `[[destination]]` (scan to folder).
+    Folder(super::folder::Resume),
 }
 
 impl Progress {

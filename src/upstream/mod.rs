@@ -14,6 +14,7 @@
 pub mod api;
 pub mod classify;
 pub mod client;
+pub mod folder;
 pub mod gmail;
 pub mod graph;
 pub mod recipients;
