@@ -7,18 +7,20 @@
 //! is one place that says which configuration is current. What outlives a generation (the
 //! database, the queue, the token key, ...) is [`Shared`], opened once per process.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, Oversize};
 use crate::delivery::{Delivery, Policy};
 use crate::devices::Devices;
 use crate::oauth::provider::ProviderInfo;
 use crate::oauth::tokens::TokenManager;
 use crate::oauth::vault::Vault;
 use crate::smtp::{auth::AuthThrottle, Context};
+use crate::upstream::folder::Folders;
 use crate::upstream::Upstream;
 
 /// Why the parts of a configuration could not be built.
@@ -117,22 +119,38 @@ impl Generation {
             in_session_timeout: config.relay.in_session_timeout.0,
             upstream_pool: config.relay.upstream_pool,
         };
-        let delivery = Arc::new(Delivery::new(
-            policy,
-            shared.queue.clone(),
-            tokens.clone(),
-            upstream.clone(),
-            shared.activity.clone(),
-            shared.shaper.clone(),
-        ));
-        let identities =
-            Arc::new(crate::smtp::ports::SessionIdentities { tokens: tokens.clone(), upstream: upstream.clone() });
+        let folders = Arc::new(Folders::new(&config, &providers)?);
+        // `oversize = "link"`: identity → the destination its large scans' files go to.
+        let oversize: HashMap<String, String> = config
+            .identities
+            .iter()
+            .map(|i| i.get_ref())
+            .filter(|i| i.oversize() == Oversize::Link)
+            .filter_map(|i| Some((i.name.get_ref().clone(), i.oversize_destination.as_ref()?.get_ref().clone())))
+            .collect();
+        let delivery = Arc::new(
+            Delivery::new(
+                policy,
+                shared.queue.clone(),
+                tokens.clone(),
+                upstream.clone(),
+                shared.activity.clone(),
+                shared.shaper.clone(),
+            )
+            .with_folders(folders.clone(), oversize.clone()),
+        );
+        let identities = Arc::new(crate::smtp::ports::SessionIdentities {
+            tokens: tokens.clone(),
+            upstream: upstream.clone(),
+            oversize_link: oversize.keys().cloned().collect(),
+        });
         let smtp = Arc::new(Context {
             hostname: config.relay.hostname.clone(),
             devices: Arc::new(Devices::from_config(&config)),
             queue: shared.queue.clone(),
             delivery: delivery.clone(),
             tokens: identities,
+            folders,
             throttle: shared.throttle.clone(),
             max_recipients: config.relay.max_recipients,
             activity: shared.activity.clone(),

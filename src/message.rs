@@ -455,6 +455,18 @@ fn rewrite_header(header: &[u8], c: &Changes<'_>) -> Result<Vec<u8>, Refusal> {
 }
 
 /// The `Received:` field for a message (RFC 5321 4.4), without CRLF.
+/// A header field value from text: control characters become spaces, and text that is not
+/// ASCII becomes one RFC 2047 encoded-word (UTF-8, base64).
+pub fn header_text(s: &str) -> String {
+    use base64::Engine as _;
+    let s: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_string();
+    if s.is_ascii() {
+        s
+    } else {
+        format!("=?utf-8?B?{}?=", base64::engine::general_purpose::STANDARD.encode(s.as_bytes()))
+    }
+}
+
 pub fn received_field(
     helo: &str,
     client_ip: &str,

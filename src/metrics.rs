@@ -78,6 +78,20 @@ pub static MESSAGES_DELIVERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["identity", "path", "via"],
     )
 });
+pub static FILES_SAVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_files_saved_total",
+        "Files saved to folder destinations (scan to folder), by destination and kind (sharepoint, onedrive, google_drive).",
+        &["destination", "kind"],
+    )
+});
+pub static FILE_BYTES_SAVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "mfd_relay_file_bytes_saved_total",
+        "Bytes of the files saved to folder destinations, by destination.",
+        &["destination"],
+    )
+});
 pub static MESSAGES_DEFERRED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "mfd_relay_messages_deferred_total",
@@ -310,6 +324,8 @@ pub fn init() {
     LazyLock::force(&MESSAGES_REJECTED);
     LazyLock::force(&MESSAGES_DELIVERED);
     LazyLock::force(&MESSAGES_DEFERRED);
+    LazyLock::force(&FILES_SAVED);
+    LazyLock::force(&FILE_BYTES_SAVED);
     LazyLock::force(&MESSAGES_FAILED);
     LazyLock::force(&UPSTREAM_LATENCY);
     LazyLock::force(&MESSAGE_SIZE);

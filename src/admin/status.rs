@@ -780,6 +780,7 @@ mod tests {
             last_error: Some("network: connection refused".into()),
             is_bounce: false,
             progress: Default::default(),
+            destination: None,
         }
     }
 

@@ -117,16 +117,7 @@ pub fn text(e: &Event, ctx: &Context) -> String {
     t
 }
 
-/// RFC 2047 encoded-word for a header value that is not ASCII (base64, UTF-8).
-fn header_text(s: &str) -> String {
-    use base64::Engine as _;
-    let s = one_line(s);
-    if s.is_ascii() {
-        s
-    } else {
-        format!("=?utf-8?B?{}?=", base64::engine::general_purpose::STANDARD.encode(s.as_bytes()))
-    }
-}
+use crate::message::header_text;
 
 /// The mail for `[notify] email`: one message for the events of one check (RFC 5322, CRLF).
 pub fn mail(events: &[Event], ctx: &Context, from: &str, to: &str, now: i64, unique: u64) -> Vec<u8> {

@@ -28,6 +28,36 @@ impl Resource {
     }
 }
 
+/// Google Drive's scope: scan to folder (`[[destination]] kind = "google_drive"`).
+pub const GOOGLE_DRIVE_SCOPE: &str = "https://www.googleapis.com/auth/drive";
+
+/// What an identity's tokens are used for: they decide the resources and scopes it asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Uses {
+    /// How its mail goes upstream.
+    pub send_via: SendVia,
+    /// A `[[mailbox]]` reads it over IMAP.
+    pub imap: bool,
+    /// A `[[destination]]` saves files with it (SharePoint, OneDrive or Google Drive).
+    pub files: bool,
+}
+
+impl Uses {
+    /// Mail only: `send_via`, and IMAP when `imap`.
+    pub fn mail(send_via: SendVia, imap: bool) -> Uses {
+        Uses { send_via, imap, files: false }
+    }
+
+    /// What the configuration uses identity `name` for.
+    pub fn of(config: &Config, name: &str) -> Uses {
+        Uses {
+            send_via: config.identity(name).map(|i| i.send_via()).unwrap_or_default(),
+            imap: config.mailboxes.iter().any(|m| m.get_ref().identity.get_ref() == name),
+            files: config.destinations.iter().any(|d| d.get_ref().identity.get_ref() == name),
+        }
+    }
+}
+
 /// A mail server address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
@@ -65,6 +95,8 @@ pub struct ProviderInfo {
     pub graph_url: Option<String>,
     /// The Gmail API's base URL, without a trailing slash (Google providers).
     pub gmail_api_url: Option<String>,
+    /// Google Drive's base URL, without a trailing slash (Google providers).
+    pub drive_api_url: Option<String>,
 }
 
 /// The Gmail API's limit on a message (`messages.send`, resumable upload).
@@ -185,6 +217,12 @@ impl ProviderInfo {
                 .map(|u| u.get_ref().clone())
                 .or_else(|| (p.kind == ProviderKind::Google).then(|| "https://gmail.googleapis.com".to_string()))
                 .map(|u| u.trim_end_matches('/').to_string()),
+            drive_api_url: p
+                .drive_api_url
+                .as_ref()
+                .map(|u| u.get_ref().clone())
+                .or_else(|| (p.kind == ProviderKind::Google).then(|| "https://www.googleapis.com".to_string()))
+                .map(|u| u.trim_end_matches('/').to_string()),
         }
     }
 
@@ -258,21 +296,22 @@ impl ProviderInfo {
     /// The scopes an identity with this flow asks for at sign-in when it sends over SMTP
     /// (`imap`: a mailbox uses it too). See [`ProviderInfo::sign_in_scopes`].
     pub fn scopes(&self, flow: Flow, imap: bool) -> Vec<String> {
-        self.sign_in_scopes(flow, SendVia::Smtp, imap)
+        self.sign_in_scopes(flow, Uses::mail(SendVia::Smtp, imap))
     }
 
     /// The resources an identity needs tokens for, its sign-in resource first. Microsoft:
     /// `Mail` (Exchange Online) when it sends over SMTP or a mailbox reads over IMAP, `Graph`
-    /// when it sends through Graph. Google and generic providers: one token, `Mail`.
-    pub fn resources(&self, send_via: SendVia, imap: bool) -> Vec<Resource> {
+    /// when it sends through Graph or saves to a SharePoint or OneDrive destination. Google
+    /// and generic providers: one token, `Mail`.
+    pub fn resources(&self, uses: Uses) -> Vec<Resource> {
         if self.kind != ProviderKind::Microsoft {
             return vec![Resource::Mail];
         }
         let mut v = Vec::new();
-        if send_via != SendVia::Graph || imap {
+        if uses.send_via != SendVia::Graph || uses.imap {
             v.push(Resource::Mail);
         }
-        if send_via == SendVia::Graph {
+        if uses.send_via == SendVia::Graph || uses.files {
             v.push(Resource::Graph);
         }
         v
@@ -282,7 +321,8 @@ impl ProviderInfo {
     /// credentials, service account): never more than one resource, since Entra refuses a
     /// token request that spans several (AADSTS28000). A configured `scopes` replaces the
     /// `Mail` resource's.
-    pub fn resource_scopes(&self, flow: Flow, resource: Resource, send_via: SendVia, imap: bool) -> Vec<String> {
+    pub fn resource_scopes(&self, flow: Flow, resource: Resource, uses: Uses) -> Vec<String> {
+        let Uses { send_via, imap, files } = uses;
         let app_only = matches!(flow, Flow::ClientCredentials | Flow::ServiceAccount);
         match (self.kind, resource) {
             (_, Resource::Mail) if self.scopes.is_some() => self.scopes.clone().unwrap_or_default(),
@@ -293,8 +333,18 @@ impl ProviderInfo {
                     // app registration, limited to mailboxes by Exchange RBAC for Applications.
                     vec![format!("{graph}/.default")]
                 } else {
-                    // Mail.ReadWrite: a scan over Graph's request limit goes through a draft.
-                    vec![format!("{graph}/Mail.Send"), format!("{graph}/Mail.ReadWrite"), "offline_access".into()]
+                    let mut v = Vec::new();
+                    if send_via == SendVia::Graph {
+                        // Mail.ReadWrite: a scan over Graph's request limit goes through a draft.
+                        v.extend([format!("{graph}/Mail.Send"), format!("{graph}/Mail.ReadWrite")]);
+                    }
+                    if files {
+                        // Scan to folder: the signed-in user's own rights on the library or
+                        // OneDrive bound what the relay may write.
+                        v.extend([format!("{graph}/Files.ReadWrite.All"), format!("{graph}/Sites.ReadWrite.All")]);
+                    }
+                    v.push("offline_access".into());
+                    v
                 }
             }
             (ProviderKind::Microsoft, Resource::Mail) => {
@@ -320,10 +370,18 @@ impl ProviderInfo {
             // Gmail's full scope is "restricted" (a security review for public apps); an
             // identity that only sends through the Gmail API does with the "sensitive"
             // gmail.send, service accounts with domain-wide delegation too.
-            (ProviderKind::Google, _) if send_via == SendVia::GmailApi && !imap => {
-                vec!["https://www.googleapis.com/auth/gmail.send".into()]
+            (ProviderKind::Google, _) => {
+                let mut v = if send_via == SendVia::GmailApi && !imap {
+                    vec!["https://www.googleapis.com/auth/gmail.send".to_string()]
+                } else {
+                    vec!["https://mail.google.com/".to_string()]
+                };
+                if files {
+                    // Scan to folder on Google Drive (shared drives too).
+                    v.push(GOOGLE_DRIVE_SCOPE.into());
+                }
+                v
             }
-            (ProviderKind::Google, _) => vec!["https://mail.google.com/".into()],
             _ => Vec::new(),
         }
     }
@@ -334,12 +392,12 @@ impl ProviderInfo {
     /// signs in as themselves; XOAUTH2 needs that account). The token the sign-in returns is
     /// for the first resource named, the identity's sign-in resource. App-only flows ask for
     /// their first resource's scopes.
-    pub fn sign_in_scopes(&self, flow: Flow, send_via: SendVia, imap: bool) -> Vec<String> {
-        let resources = self.resources(send_via, imap);
+    pub fn sign_in_scopes(&self, flow: Flow, uses: Uses) -> Vec<String> {
+        let resources = self.resources(uses);
         if matches!(flow, Flow::ClientCredentials | Flow::ServiceAccount) {
-            return resources.first().map(|r| self.resource_scopes(flow, *r, send_via, imap)).unwrap_or_default();
+            return resources.first().map(|r| self.resource_scopes(flow, *r, uses)).unwrap_or_default();
         }
-        let all: Vec<String> = resources.iter().flat_map(|r| self.resource_scopes(flow, *r, send_via, imap)).collect();
+        let all: Vec<String> = resources.iter().flat_map(|r| self.resource_scopes(flow, *r, uses)).collect();
         let oidc = |s: &str| matches!(s, "offline_access" | "openid" | "profile" | "email");
         let mut v: Vec<String> = all.iter().filter(|s| !oidc(s)).cloned().collect();
         v.extend(all.iter().filter(|s| oidc(s)).cloned());
@@ -361,23 +419,18 @@ pub fn explain_config(config: &Config) -> Vec<String> {
         out.extend(info.explain());
         for id in config.identities.iter().map(|i| i.get_ref()).filter(|i| i.provider.get_ref() == &info.name) {
             let name = id.name.get_ref();
-            let imap = config.mailboxes.iter().any(|m| m.get_ref().identity.get_ref() == name);
-            let flow = *id.flow.get_ref();
-            let send_via = id.send_via();
+            let uses = Uses::of(config, name);
+            let (flow, send_via) = (*id.flow.get_ref(), uses.send_via);
             out.push(format!(
                 "  identity \"{name}\" ({flow}, {}): scopes {}",
                 id.email.get_ref(),
-                info.sign_in_scopes(flow, send_via, imap).join(" ")
+                info.sign_in_scopes(flow, uses).join(" ")
             ));
-            let resources = info.resources(send_via, imap);
+            let resources = info.resources(uses);
             if resources.len() > 1 || resources.contains(&Resource::Graph) {
                 // One token per resource: Entra issues none for two at once.
                 for r in resources {
-                    out.push(format!(
-                        "    {} token: {}",
-                        r.as_str(),
-                        info.resource_scopes(flow, r, send_via, imap).join(" ")
-                    ));
+                    out.push(format!("    {} token: {}", r.as_str(), info.resource_scopes(flow, r, uses).join(" ")));
                 }
             }
             if send_via == SendVia::Graph && !matches!(flow, Flow::ClientCredentials | Flow::ServiceAccount) {
@@ -494,14 +547,14 @@ mod tests {
     fn microsoft_resources_and_their_scopes() {
         let p = info(MS);
         // SMTP only: one resource, as before.
-        assert_eq!(p.resources(SendVia::Smtp, false), vec![Resource::Mail]);
-        assert_eq!(p.resources(SendVia::Smtp, true), vec![Resource::Mail]);
+        assert_eq!(p.resources(Uses::mail(SendVia::Smtp, false)), vec![Resource::Mail]);
+        assert_eq!(p.resources(Uses::mail(SendVia::Smtp, true)), vec![Resource::Mail]);
         // Graph only; Graph and a mailbox: Mail first (the sign-in resource), then Graph.
-        assert_eq!(p.resources(SendVia::Graph, false), vec![Resource::Graph]);
-        assert_eq!(p.resources(SendVia::Graph, true), vec![Resource::Mail, Resource::Graph]);
+        assert_eq!(p.resources(Uses::mail(SendVia::Graph, false)), vec![Resource::Graph]);
+        assert_eq!(p.resources(Uses::mail(SendVia::Graph, true)), vec![Resource::Mail, Resource::Graph]);
         let (dc, cc) = (Flow::DeviceCode, Flow::ClientCredentials);
         assert_eq!(
-            p.resource_scopes(dc, Resource::Graph, SendVia::Graph, true),
+            p.resource_scopes(dc, Resource::Graph, Uses::mail(SendVia::Graph, true)),
             vec![
                 "https://graph.microsoft.com/Mail.Send",
                 "https://graph.microsoft.com/Mail.ReadWrite",
@@ -510,13 +563,13 @@ mod tests {
         );
         // The mail servers' token of a Graph sender reads the mailbox and sends nothing.
         assert_eq!(
-            p.resource_scopes(dc, Resource::Mail, SendVia::Graph, true),
+            p.resource_scopes(dc, Resource::Mail, Uses::mail(SendVia::Graph, true)),
             vec!["https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"]
         );
         // The sign-in asks consent for both resources at once, its first scope names the
         // sign-in resource.
         assert_eq!(
-            p.sign_in_scopes(Flow::AuthCode, SendVia::Graph, true),
+            p.sign_in_scopes(Flow::AuthCode, Uses::mail(SendVia::Graph, true)),
             vec![
                 "https://outlook.office.com/IMAP.AccessAsUser.All",
                 "https://graph.microsoft.com/Mail.Send",
@@ -526,19 +579,22 @@ mod tests {
                 "profile"
             ]
         );
-        assert_eq!(p.sign_in_scopes(dc, SendVia::Graph, false)[0], "https://graph.microsoft.com/Mail.Send");
+        assert_eq!(p.sign_in_scopes(dc, Uses::mail(SendVia::Graph, false))[0], "https://graph.microsoft.com/Mail.Send");
         // The SMTP sign-in is unchanged.
-        assert_eq!(p.sign_in_scopes(dc, SendVia::Smtp, true), p.scopes(dc, true));
+        assert_eq!(p.sign_in_scopes(dc, Uses::mail(SendVia::Smtp, true)), p.scopes(dc, true));
         // App-only: each resource's .default, asked for separately.
         assert_eq!(
-            p.resource_scopes(cc, Resource::Graph, SendVia::Graph, true),
+            p.resource_scopes(cc, Resource::Graph, Uses::mail(SendVia::Graph, true)),
             vec!["https://graph.microsoft.com/.default"]
         );
         assert_eq!(
-            p.resource_scopes(cc, Resource::Mail, SendVia::Graph, true),
+            p.resource_scopes(cc, Resource::Mail, Uses::mail(SendVia::Graph, true)),
             vec!["https://outlook.office365.com/.default"]
         );
-        assert_eq!(p.sign_in_scopes(cc, SendVia::Graph, false), vec!["https://graph.microsoft.com/.default"]);
+        assert_eq!(
+            p.sign_in_scopes(cc, Uses::mail(SendVia::Graph, false)),
+            vec!["https://graph.microsoft.com/.default"]
+        );
     }
 
     #[test]
@@ -553,12 +609,12 @@ mod tests {
             let p = info(&format!("{MS}cloud = \"{cloud}\"\ngraph_url = \"http://127.0.0.1:9/\"\n"));
             assert_eq!(p.graph_url.as_deref(), Some("http://127.0.0.1:9"));
             assert_eq!(
-                p.resource_scopes(Flow::DeviceCode, Resource::Graph, SendVia::Graph, false),
+                p.resource_scopes(Flow::DeviceCode, Resource::Graph, Uses::mail(SendVia::Graph, false)),
                 vec![format!("{graph}/Mail.Send"), format!("{graph}/Mail.ReadWrite"), "offline_access".into()],
                 "{cloud}"
             );
             assert_eq!(
-                p.resource_scopes(Flow::ClientCredentials, Resource::Graph, SendVia::Graph, false),
+                p.resource_scopes(Flow::ClientCredentials, Resource::Graph, Uses::mail(SendVia::Graph, false)),
                 vec![format!("{graph}/.default")],
                 "{cloud}"
             );
@@ -570,11 +626,11 @@ mod tests {
         let p =
             info(&format!("{MS}scopes = [\"https://outlook.office.com/IMAP.AccessAsUser.All\", \"offline_access\"]\n"));
         assert_eq!(
-            p.resource_scopes(Flow::DeviceCode, Resource::Mail, SendVia::Graph, true),
+            p.resource_scopes(Flow::DeviceCode, Resource::Mail, Uses::mail(SendVia::Graph, true)),
             vec!["https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"]
         );
         assert_eq!(
-            p.resource_scopes(Flow::DeviceCode, Resource::Graph, SendVia::Graph, true)[0],
+            p.resource_scopes(Flow::DeviceCode, Resource::Graph, Uses::mail(SendVia::Graph, true))[0],
             "https://graph.microsoft.com/Mail.Send"
         );
     }
@@ -582,16 +638,16 @@ mod tests {
     #[test]
     fn google_sends_through_the_gmail_api_with_gmail_send_only() {
         let p = info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\n");
-        assert_eq!(p.resources(SendVia::GmailApi, true), vec![Resource::Mail]);
+        assert_eq!(p.resources(Uses::mail(SendVia::GmailApi, true)), vec![Resource::Mail]);
         for flow in [Flow::AuthCode, Flow::ServiceAccount] {
             assert_eq!(
-                p.sign_in_scopes(flow, SendVia::GmailApi, false),
+                p.sign_in_scopes(flow, Uses::mail(SendVia::GmailApi, false)),
                 vec!["https://www.googleapis.com/auth/gmail.send"],
                 "{flow}"
             );
             // A mailbox read over IMAP needs the full scope.
-            assert_eq!(p.sign_in_scopes(flow, SendVia::GmailApi, true), vec!["https://mail.google.com/"]);
-            assert_eq!(p.sign_in_scopes(flow, SendVia::Smtp, false), vec!["https://mail.google.com/"]);
+            assert_eq!(p.sign_in_scopes(flow, Uses::mail(SendVia::GmailApi, true)), vec!["https://mail.google.com/"]);
+            assert_eq!(p.sign_in_scopes(flow, Uses::mail(SendVia::Smtp, false)), vec!["https://mail.google.com/"]);
         }
     }
 

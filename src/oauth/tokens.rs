@@ -32,7 +32,7 @@ use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
 use super::provider::ProviderInfo;
-use super::provider::Resource;
+use super::provider::{Resource, Uses};
 use super::vault::Vault;
 use crate::config::{Config, Flow, SendVia};
 use crate::locks::MutexExt;
@@ -441,15 +441,12 @@ impl TokenManager {
             let Some(provider) = providers.get(id.provider.get_ref()).cloned() else {
                 return Err(TokenError::Config(format!("identity \"{name}\": unknown provider")));
             };
-            let imap = config.mailboxes.iter().any(|m| m.get_ref().identity.get_ref() == &name);
+            let uses = Uses::of(config, &name);
             let flow = *id.flow.get_ref();
-            let send_via = id.send_via();
-            let scopes = provider.sign_in_scopes(flow, send_via, imap);
-            let resources: Vec<(Resource, Vec<String>)> = provider
-                .resources(send_via, imap)
-                .into_iter()
-                .map(|r| (r, provider.resource_scopes(flow, r, send_via, imap)))
-                .collect();
+            let send_via = uses.send_via;
+            let scopes = provider.sign_in_scopes(flow, uses);
+            let resources: Vec<(Resource, Vec<String>)> =
+                provider.resources(uses).into_iter().map(|r| (r, provider.resource_scopes(flow, r, uses))).collect();
             let messages_per_minute = id.messages_per_minute.or(provider.messages_per_minute).filter(|n| *n > 0);
             let email = id.email.get_ref().clone();
             if let Some(old) = previous.and_then(|p| p.slots.get(&name)) {

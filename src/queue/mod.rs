@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use crate::locks::MutexExt;
 use crate::store::{Change, Store, StoreError, Tree};
 use crate::upstream::api::Progress;
-pub use incoming::Incoming;
+pub use incoming::{ForFolder, Incoming};
 pub use spool::{Spool, SpoolWriter};
 
 /// A queued message's id: microseconds since the epoch at acceptance, made unique, so ids
@@ -88,6 +88,10 @@ pub struct QueueRecord {
     /// and its finished uploads, a Gmail upload session).
     #[serde(default, skip_serializing_if = "Progress::is_none")]
     pub progress: Progress,
+    /// Scan to folder: the `[[destination]]` (by name) whose address is this record's one
+    /// recipient; its files are saved there instead of mailed. `None`: mail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
 }
 
 impl QueueRecord {
@@ -466,6 +470,62 @@ impl Queue {
         Ok(lease)
     }
 
+    /// Makes several records of one accepted message durable in one commit (a message to mail
+    /// recipients and to folder destinations: one record each, ARCHITECTURE.md, "Scan to
+    /// folder"), each with its own spooled body: the first record's body must be finished in
+    /// the spool, and the others' are hard links to it, made here. Returns their leases, in
+    /// order. On failure nothing is queued and the links are gone (the first body stays: the
+    /// caller removes it).
+    pub async fn accept_all(&self, records: &[QueueRecord]) -> Result<Vec<Lease>, QueueError> {
+        let Some(first) = records.first() else { return Ok(Vec::new()) };
+        if records.len() == 1 {
+            return Ok(vec![self.accept(first).await?]);
+        }
+        let mut leases = Vec::with_capacity(records.len());
+        let undo = |leases: Vec<Lease>, upto: usize| {
+            for l in leases {
+                l.release(None);
+            }
+            for r in &records[1..upto] {
+                self.spool.remove(r.id);
+            }
+        };
+        for (i, r) in records.iter().enumerate() {
+            if i > 0 {
+                if let Err(e) = self.spool.link(first.id, r.id) {
+                    undo(leases, i);
+                    return Err(e.into());
+                }
+            }
+            match self.try_lease(r.id, Some(&r.identity)) {
+                Some(l) => leases.push(l),
+                None => {
+                    undo(leases, i + 1);
+                    return Err(QueueError::InFlight(r.id));
+                }
+            }
+        }
+        let mut changes = Vec::with_capacity(records.len());
+        for r in records {
+            changes.push(Change::Put(r.id.0.to_be_bytes().to_vec(), Self::encode(r)?));
+        }
+        // The store's commit syncs the spool directory first, so the links are durable with
+        // the records (module `store`).
+        if let Err(e) = async {
+            self.store.apply(Tree::Queue, &changes)?;
+            self.store.commit().await
+        }
+        .await
+        {
+            for r in records {
+                let _ = self.store.remove(Tree::Queue, &r.id.0.to_be_bytes());
+            }
+            undo(leases, records.len());
+            return Err(e.into());
+        }
+        Ok(leases)
+    }
+
     /// Spools a message the relay writes itself and returns its record (not yet stored).
     async fn spool_own(&self, m: &OwnMessage<'_>) -> Result<QueueRecord, QueueError> {
         let id = self.new_id();
@@ -489,6 +549,7 @@ impl Queue {
             last_error: None,
             is_bounce: true,
             progress: Progress::None,
+            destination: None,
         })
     }
 
@@ -842,6 +903,7 @@ mod tests {
             eight_bit: false,
             attempts: 0,
             next_attempt: 0,
+            destination: None,
             last_error: None,
             is_bounce: false,
             progress: Default::default(),

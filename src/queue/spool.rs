@@ -91,6 +91,13 @@ impl Spool {
         }
     }
 
+    /// Gives the body of `from` a second name, `to` (one message queued as several records:
+    /// each record removes its own name). Durable with the next store commit, which syncs
+    /// `spool/msg`.
+    pub fn link(&self, from: MessageId, to: MessageId) -> std::io::Result<()> {
+        std::fs::hard_link(self.path(from), self.path(to))
+    }
+
     /// Removes a body (delivered, bounced or dropped).
     pub fn remove(&self, id: MessageId) {
         let _ = std::fs::remove_file(self.path(id));

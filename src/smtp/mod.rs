@@ -36,6 +36,8 @@ pub struct Context {
     pub delivery: Arc<dyn Attempt>,
     /// What the session must know of identities.
     pub tokens: Arc<dyn Identities>,
+    /// The recipients that stand for cloud folders.
+    pub folders: Arc<dyn ports::Destinations>,
     pub throttle: Arc<auth::AuthThrottle>,
     pub max_recipients: usize,
     pub activity: Arc<crate::activity::Activity>,

@@ -65,15 +65,34 @@ pub trait Accept: Send + Sync {
     fn new_id(&self) -> MessageId;
     /// Where the body of message `id` is written.
     fn body(&self, id: MessageId) -> Box<dyn BodySink>;
-    /// Commits the record of a message whose body is finished, and holds it for the
-    /// in-session attempt; on failure the body is gone.
-    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<Lease, QueueError>>;
+    /// Commits the records of a message whose body is finished (one for its mail
+    /// recipients, one per folder recipient), and holds them for the in-session attempt; on
+    /// failure the body is gone.
+    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<Vec<Lease>, QueueError>>;
 }
 
 /// The in-session delivery attempt (ARCHITECTURE.md, "In-session delivery").
 pub trait Attempt: Send + Sync {
-    /// Attempts a just-accepted message while the device waits.
-    fn attempt_in_session(self: Arc<Self>, lease: Lease) -> BoxFuture<'static, Outcome>;
+    /// Attempts a just-accepted message's records while the device waits.
+    fn attempt_in_session(self: Arc<Self>, leases: Vec<Lease>) -> BoxFuture<'static, Outcome>;
+}
+
+/// The recipients that stand for a cloud folder (`[[destination]]`, scan to folder).
+pub trait Destinations: Send + Sync {
+    /// The destination a recipient address stands for: its name and the identity that
+    /// saves its files.
+    fn by_address(&self, address: &str) -> Option<(String, String)>;
+    /// Whether any destination is configured.
+    fn any(&self) -> bool;
+}
+
+impl Destinations for crate::upstream::folder::Folders {
+    fn by_address(&self, address: &str) -> Option<(String, String)> {
+        crate::upstream::folder::Folders::by_address(self, address).map(|d| (d.name.clone(), d.identity.clone()))
+    }
+    fn any(&self) -> bool {
+        !self.is_empty()
+    }
 }
 
 impl Verify for Devices {
@@ -104,6 +123,9 @@ impl Verify for Devices {
 pub struct SessionIdentities {
     pub tokens: Arc<TokenManager>,
     pub upstream: Arc<Upstream>,
+    /// Identities with `oversize = "link"`: a message over their provider's limit is
+    /// accepted (its attachments become links), so no provider limit is advertised for them.
+    pub oversize_link: std::collections::HashSet<String>,
 }
 
 impl Identities for SessionIdentities {
@@ -111,6 +133,9 @@ impl Identities for SessionIdentities {
         self.tokens.slot(identity).ok().map(|s| s.email.clone())
     }
     fn size_limit(&self, identity: &str) -> Option<u64> {
+        if self.oversize_link.contains(identity) {
+            return None;
+        }
         let slot = self.tokens.slot(identity).ok()?;
         match slot.send_via {
             SendVia::Smtp => slot.provider.size_limit(self.upstream.advertised_size(&slot.provider.name)),
@@ -144,13 +169,13 @@ impl Accept for Queue {
     fn body(&self, id: MessageId) -> Box<dyn BodySink> {
         Box::new(self.spool().writer(id))
     }
-    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<Lease, QueueError>> {
+    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<Vec<Lease>, QueueError>> {
         Box::pin(self.accept_incoming(m))
     }
 }
 
 impl Attempt for Delivery {
-    fn attempt_in_session(self: Arc<Self>, lease: Lease) -> BoxFuture<'static, Outcome> {
-        Box::pin(async move { Delivery::attempt_in_session(&self, lease).await })
+    fn attempt_in_session(self: Arc<Self>, leases: Vec<Lease>) -> BoxFuture<'static, Outcome> {
+        Box::pin(async move { Delivery::attempt_in_session(&self, leases).await })
     }
 }

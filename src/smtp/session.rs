@@ -30,7 +30,7 @@ use crate::config::FromPolicy;
 use crate::delivery::Outcome;
 use crate::devices::Device;
 use crate::metrics::{self, RejectReason};
-use crate::queue::Incoming;
+use crate::queue::{ForFolder, Incoming};
 
 /// Longest command line accepted (RFC 5321 4.5.3.1.4 says 512; AUTH lines may be longer,
 /// RFC 4954 4).
@@ -438,11 +438,24 @@ impl Session {
     }
 
     /// The SIZE to advertise and enforce: the listener's limit, lowered to the provider's.
+    /// The SIZE for this client (RFC 1870): its identity's provider limit, unless the device
+    /// may send to a folder destination, which takes what the listener takes (a message only
+    /// for folders never goes to the mail provider; [`Session::data_limit`] applies the
+    /// provider's limit once the recipients are known).
     fn size_limit(&self) -> u64 {
         let provider = match self.sender.device() {
+            Some(_) if self.ctx.folders.any() => None,
             Some(d) => self.ctx.tokens.size_limit(&d.identity),
             None => self.ctx.smallest_provider_limit(),
         };
+        provider.map_or(self.listener.max_message_size, |p| p.min(self.listener.max_message_size))
+    }
+
+    /// The limit of a transaction's message: the provider's when it has mail recipients,
+    /// the listener's when every recipient is a folder.
+    fn data_limit(&self, txn: &Transaction) -> u64 {
+        let mail = txn.rcpts.iter().any(|r| self.ctx.folders.by_address(r).is_none());
+        let provider = if mail { self.ctx.tokens.size_limit(&txn.device.identity) } else { None };
         provider.map_or(self.listener.max_message_size, |p| p.min(self.listener.max_message_size))
     }
 
@@ -624,6 +637,13 @@ impl Session {
             tracing::warn!(device = %txn.device.name, rcpt = %to, "recipient not allowed for this device");
             return reply::recipient_not_allowed();
         }
+        if let Some((dest, identity)) = self.ctx.folders.by_address(&to) {
+            if self.ctx.tokens.needs_login(&identity) {
+                metrics::rejected(&txn.device.name, RejectReason::NeedsLogin);
+                tracing::warn!(device = %txn.device.name, destination = %dest, "refused: the destination's identity needs a new sign-in");
+                return reply::needs_login(&identity);
+            }
+        }
         if !txn.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&to)) {
             txn.rcpts.push(to);
         }
@@ -654,7 +674,7 @@ impl Session {
             return Ok(reply::local_error());
         };
         conn.send(&reply::start_data());
-        let limit = self.size_limit();
+        let limit = self.data_limit(&txn);
         let id = self.ctx.queue.new_id();
         let now = chrono::Utc::now();
         let received = crate::message::received_field(
@@ -694,6 +714,15 @@ impl Session {
                 return Ok(reply::storage_failed());
             }
         };
+        // Each recipient that stands for a folder becomes a record of its own, saved under
+        // its destination's identity (ARCHITECTURE.md, "Scan to folder").
+        let (mut rcpts, mut folders) = (Vec::new(), Vec::new());
+        for r in txn.rcpts {
+            match self.ctx.folders.by_address(&r) {
+                Some((destination, identity)) => folders.push(ForFolder { address: r, destination, identity }),
+                None => rcpts.push(r),
+            }
+        }
         let incoming = Incoming {
             id,
             device: device.name.clone(),
@@ -702,12 +731,13 @@ impl Session {
             rewrite_from: rewrite.then(|| mailbox.clone()),
             bounce_to_sender: device.allows_recipient(&txn.from),
             from: txn.from,
-            rcpts: txn.rcpts,
+            rcpts,
+            folders,
             size,
             eight_bit,
         };
-        let lease = match self.ctx.queue.accept(&incoming).await {
-            Ok(lease) => lease,
+        let leases = match self.ctx.queue.accept(&incoming).await {
+            Ok(leases) => leases,
             Err(e) => {
                 tracing::error!(device = %device.name, "cannot queue the message: {e}");
                 metrics::rejected(&device.name, RejectReason::Storage);
@@ -721,9 +751,9 @@ impl Session {
         metrics::MESSAGE_SIZE.observe(size as f64);
         tracing::info!(
             queue_id = %id, device = %device.name, identity = %device.identity, peer = %self.peer.ip(),
-            size, rcpts = incoming.rcpts.len(), bare_lf = normalised, "accepted"
+            size, rcpts = incoming.rcpts.len(), folders = incoming.folders.len(), bare_lf = normalised, "accepted"
         );
-        Ok(match self.ctx.delivery.clone().attempt_in_session(lease).await {
+        Ok(match self.ctx.delivery.clone().attempt_in_session(leases).await {
             Outcome::Delivered(up) => reply::delivered(id, &up.text),
             Outcome::Queued(why) => reply::queued(id, &why),
             Outcome::Reported(what) => reply::reported(id, &what),

@@ -177,14 +177,27 @@ impl Accept for FakeQueue {
         let fail = self.fail_write.load(Ordering::SeqCst);
         Box::new(MemSink { id, buf: Vec::new(), fail, bodies: self.bodies.clone() })
     }
-    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<Lease, QueueError>> {
+    fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<Vec<Lease>, QueueError>> {
         Box::pin(async move {
             if self.fail_accept.load(Ordering::SeqCst) {
                 return Err(QueueError::Io(std::io::Error::other("sync failed")));
             }
             self.accepted.lock().unwrap().push(m.clone());
-            Ok(Lease::unqueued(m.id))
+            Ok(vec![Lease::unqueued(m.id)])
         })
+    }
+}
+
+/// When on, one folder destination: `finance@scan.lan`, saved by identity "files".
+#[derive(Default)]
+struct FakeDestinations(AtomicBool);
+
+impl super::ports::Destinations for FakeDestinations {
+    fn by_address(&self, address: &str) -> Option<(String, String)> {
+        (self.any() && address.eq_ignore_ascii_case("finance@scan.lan")).then(|| ("finance".into(), "files".into()))
+    }
+    fn any(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
     }
 }
 
@@ -192,7 +205,7 @@ impl Accept for FakeQueue {
 struct FakeDelivery(Mutex<Outcome>);
 
 impl Attempt for FakeDelivery {
-    fn attempt_in_session(self: Arc<Self>, _lease: Lease) -> BoxFuture<'static, Outcome> {
+    fn attempt_in_session(self: Arc<Self>, _leases: Vec<Lease>) -> BoxFuture<'static, Outcome> {
         let outcome = self.0.lock().unwrap().clone();
         Box::pin(async move { outcome })
     }
@@ -206,6 +219,7 @@ struct World {
     queue: Arc<FakeQueue>,
     delivery: Arc<FakeDelivery>,
     identities: Arc<FakeIdentities>,
+    folders: Arc<FakeDestinations>,
     current: CurrentContext,
     /// What `current` reads: a reload replaces it.
     slot: Arc<RwLock<Arc<Context>>>,
@@ -246,12 +260,14 @@ impl World {
         let delivery =
             Arc::new(FakeDelivery(Mutex::new(Outcome::Delivered(UpstreamReply::new(250, "2.0.0 OK queued as 42")))));
         let identities = Arc::new(FakeIdentities::default());
+        let folders = Arc::new(FakeDestinations::default());
         let ctx = Arc::new(Context {
             hostname: HOST.into(),
             devices: Arc::new(FakeDevices(devices())),
             queue: queue.clone(),
             delivery: delivery.clone(),
             tokens: identities.clone(),
+            folders: folders.clone(),
             throttle: Arc::new(AuthThrottle::new(super::AUTH_LIMITS)),
             max_recipients: setup.max_recipients,
             activity: Default::default(),
@@ -269,7 +285,7 @@ impl World {
         let slot = Arc::new(RwLock::new(ctx.clone()));
         let read = slot.clone();
         let current = CurrentContext::new(move || read.read().unwrap().clone());
-        World { ctx, queue, delivery, identities, current, slot, settings }
+        World { ctx, queue, delivery, identities, folders, current, slot, settings }
     }
 
     fn plain() -> World {
@@ -837,6 +853,79 @@ async fn bad_commands_and_parameters() {
     .await;
 }
 
+async fn a_folder_recipient_is_split_off_and_takes_the_listener_s_size() {
+    let w = World::new(Setup { max_message_size: 1000, ..Setup::default() });
+    w.folders.0.store(true, Ordering::SeqCst);
+    // The mail provider takes 50 bytes; a folder takes what the listener takes.
+    *w.identities.limit.lock().unwrap() = Some(50);
+    let mut c = w.connect(LAN);
+    let ehlo = c.ehlo().await;
+    assert!(ehlo.contains(&"250-SIZE 1000".to_string()), "a device may send a large scan to a folder: {ehlo:?}");
+    let scan = "x".repeat(300);
+    c.transcript(&format!(
+        "C: MAIL FROM:<p@printer.local> SIZE=400
+         S: 250 2.1.0 Sender OK
+         C: RCPT TO:<Finance@scan.lan>
+         S: 250 2.1.5 Recipient OK
+         C: DATA
+         S: 354 *
+         C: Subject: scan
+         C:
+         C: {scan}
+         C: .
+         S: 250 *"
+    ))
+    .await;
+    let got = w.accepted();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].rcpts.is_empty(), "{:?}", got[0].rcpts);
+    assert_eq!(got[0].folders.len(), 1);
+    assert_eq!(
+        (
+            got[0].folders[0].address.as_str(),
+            got[0].folders[0].destination.as_str(),
+            got[0].folders[0].identity.as_str()
+        ),
+        ("Finance@scan.lan", "finance", "files")
+    );
+    // With a mail recipient too, the message must fit the mail provider: 552 after DATA.
+    c.transcript(&format!(
+        "C: MAIL FROM:<p@printer.local>
+         S: 250 2.1.0 Sender OK
+         C: RCPT TO:<finance@scan.lan>
+         S: 250 2.1.5 Recipient OK
+         C: RCPT TO:<a@example.com>
+         S: 250 2.1.5 Recipient OK
+         C: DATA
+         S: 354 *
+         C: Subject: scan
+         C:
+         C: {scan}
+         C: .
+         S: 552 5.3.4 Message too big (limit 50 bytes)"
+    ))
+    .await;
+    c.transcript(
+        "C: MAIL FROM:<p@printer.local>
+         S: 250 2.1.0 Sender OK
+         C: RCPT TO:<finance@scan.lan>
+         S: 250 2.1.5 Recipient OK
+         C: RCPT TO:<a@example.com>
+         S: 250 2.1.5 Recipient OK
+         C: DATA
+         S: 354 *
+         C: Subject: small
+         C:
+         C: .
+         S: 250 *",
+    )
+    .await;
+    let got = w.accepted();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].rcpts, vec!["a@example.com"]);
+    assert_eq!(got[1].folders.len(), 1);
+}
+
 async fn size_limits() {
     let w = World::new(Setup { max_message_size: 100, ..Setup::default() });
     let mut c = w.connect(LAN);
@@ -942,6 +1031,7 @@ async fn a_reload_that_removes_the_device() {
         queue: w.queue.clone(),
         delivery: w.delivery.clone(),
         tokens: w.identities.clone(),
+        folders: w.ctx.folders.clone(),
         throttle: w.ctx.throttle.clone(),
         max_recipients: 3,
         activity: Default::default(),
@@ -1046,6 +1136,7 @@ scenarios! {
     pipelined_recipient_failures,
     bad_commands_and_parameters,
     size_limits,
+    a_folder_recipient_is_split_off_and_takes_the_listener_s_size,
     headers_that_cannot_be_made_valid,
     storage_failures,
     identities_that_cannot_send,

@@ -12,13 +12,23 @@
 pub mod google;
 pub mod microsoft;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 pub use crate::config::Conflict;
+use crate::config::{Config, DestinationKind};
+use crate::filenames::{Template, Values};
+use crate::message::attachments::{self, Attachment, Source};
+use crate::oauth::provider::ProviderInfo;
+use crate::oauth::tokens::AccessToken;
+use crate::upstream::{SendError, SetupError, UpstreamReply};
 
 /// Where a destination's files go, as the backends need it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -135,3 +145,400 @@ pub struct Resume {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current: Option<FileStep>,
 }
+
+/// One `[[destination]]`, resolved.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub name: String,
+    /// Its recipient address, lower case.
+    pub address: String,
+    pub identity: String,
+    /// The identity's provider (its Graph or Drive endpoint).
+    pub provider: String,
+    pub kind: DestinationKind,
+    pub target: Target,
+    pub folder: Template,
+    pub file_name: Template,
+    pub conflict: Conflict,
+    pub receipt: bool,
+    pub save_body: bool,
+}
+
+/// The backend of a provider.
+enum Backend {
+    Microsoft(microsoft::GraphDrive),
+    Google(google::DriveApi),
+}
+
+/// Every destination of a configuration, and the clients that reach them.
+#[derive(Default)]
+pub struct Folders {
+    by_address: HashMap<String, Arc<Destination>>,
+    by_name: HashMap<String, Arc<Destination>>,
+    backends: HashMap<(String, DestinationKind), Backend>,
+}
+
+/// What saving a message's files needs.
+pub struct Job<'a> {
+    pub dest: &'a Destination,
+    /// The spooled message.
+    pub body: &'a Path,
+    /// Unix seconds when the device's message arrived (the names' date and time).
+    pub received: i64,
+    pub device: &'a str,
+    /// The queue id (`{id}`).
+    pub id: &'a str,
+    /// What an earlier attempt saved (`Resume::default()` on the first).
+    pub resume: &'a Resume,
+    pub sink: &'a dyn StepSink<Resume>,
+    /// Make an organisation-scoped view link to each file (oversize scans sent as links).
+    pub links: bool,
+}
+
+/// The reply for a message that has nothing to save (RFC 3463 5.6.0: the content is the
+/// problem, not the address).
+pub fn nothing_to_save(dest: &str) -> UpstreamReply {
+    UpstreamReply::new(
+        550,
+        format!(
+            "5.6.0 nothing to save: the message has no attachment for folder destination \"{dest}\" \
+             (scan a page, or set save_body = true to save the text)"
+        ),
+    )
+}
+
+/// The message spooled at a path, read with positioned reads (each chunk of an upload on a
+/// blocking thread).
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    file: Arc<std::fs::File>,
+    len: u64,
+}
+
+impl Spooled {
+    pub fn open(path: &Path) -> io::Result<Spooled> {
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Spooled { file: Arc::new(file), len })
+    }
+}
+
+impl Source for Spooled {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read(&self, start: u64, len: usize) -> io::Result<Vec<u8>> {
+        let end = self.len.min(start.saturating_add(len as u64));
+        let mut out = vec![0u8; usize::try_from(end.saturating_sub(start)).unwrap_or(0)];
+        self.file.read_exact_at(&mut out, start)?;
+        Ok(out)
+    }
+}
+
+/// What a file is made of.
+#[derive(Debug, Clone)]
+enum Part {
+    /// A top-level attachment of the message.
+    Attachment(Attachment),
+    /// The whole message as a `.eml` (`save_body = true` and no attachment).
+    Whole,
+}
+
+/// One file a message makes: its name and folder, and where its bytes are.
+#[derive(Debug, Clone)]
+struct Planned {
+    file: NewFile,
+    part: Part,
+}
+
+/// An attachment's bytes (or the whole message), decoded on a blocking thread.
+struct PartBytes {
+    src: Spooled,
+    part: Part,
+}
+
+impl FileBytes for PartBytes {
+    fn chunks(&self, offset: u64, chunk: usize) -> tokio::sync::mpsc::Receiver<io::Result<Vec<u8>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (src, part, chunk) = (self.src.clone(), self.part.clone(), chunk.max(1));
+        tokio::task::spawn_blocking(move || {
+            let mut whole_at = offset;
+            let mut content = match &part {
+                Part::Attachment(a) => {
+                    let mut c = a.content(&src);
+                    if let Err(e) = c.skip(offset) {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                    Some(c)
+                }
+                Part::Whole => None,
+            };
+            loop {
+                let next = match content.as_mut() {
+                    Some(c) => c.next_chunk(chunk),
+                    None => {
+                        let r = src.read(whole_at, chunk);
+                        if let Ok(b) = &r {
+                            whole_at += b.len() as u64;
+                        }
+                        r
+                    }
+                };
+                let last = !matches!(&next, Ok(c) if !c.is_empty());
+                if matches!(&next, Ok(c) if c.is_empty()) || tx.blocking_send(next).is_err() || last {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// The Subject of a message, for the name of a message saved whole.
+fn subject_of(src: &Spooled) -> Option<String> {
+    let start = src.read(0, crate::message::MAX_HEADER_SECTION + 4).ok()?;
+    let end = start.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4).unwrap_or(start.len());
+    let headers = mail_parser::MessageParser::default().parse_headers(&start[..end])?;
+    headers.subject().map(str::to_string).filter(|s| !s.trim().is_empty())
+}
+
+/// The files a message makes for a destination, named (none: nothing to save).
+fn plan(src: &Spooled, dest: &Destination, received: i64, device: &str, id: &str) -> io::Result<Vec<Planned>> {
+    let parts = attachments::find(src)?;
+    let mut found: Vec<(String, String, u64, Part)> = parts
+        .attachments
+        .into_iter()
+        .map(|a| (a.name.clone(), a.content_type.clone(), a.size, Part::Attachment(a)))
+        .collect();
+    if found.is_empty() && dest.save_body {
+        let name = format!("{}.eml", subject_of(src).unwrap_or_else(|| "message".into()));
+        found.push((name, "message/rfc822".into(), src.size(), Part::Whole));
+    }
+    let when =
+        chrono::DateTime::from_timestamp(received, 0).unwrap_or_default().with_timezone(&chrono::Local).fixed_offset();
+    Ok(found
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, content_type, size, part))| {
+            let v = Values { when, device, name: &name, destination: &dest.name, id, n: i + 1 };
+            let file =
+                NewFile { folder: dest.folder.folder_path(&v), name: dest.file_name.file_name(&v), content_type, size };
+            Planned { file, part }
+        })
+        .collect())
+}
+
+/// Wraps a backend's step into the job's [`Resume`] and commits that.
+struct FileSink<'a, F> {
+    outer: &'a dyn StepSink<Resume>,
+    base: &'a Resume,
+    wrap: F,
+}
+
+impl<T, F> StepSink<T> for FileSink<'_, F>
+where
+    T: Clone + Sync,
+    F: Fn(T) -> FileStep + Send + Sync,
+{
+    fn save<'a>(&'a self, step: &'a T) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        let mut r = self.base.clone();
+        r.current = Some((self.wrap)(step.clone()));
+        Box::pin(async move { self.outer.save(&r).await })
+    }
+}
+
+fn spool_error(e: impl std::fmt::Display) -> SendError {
+    SendError::Network(format!("reading the spooled message: {e}"))
+}
+
+fn progress_error(e: String) -> SendError {
+    SendError::Network(format!("cannot record the upload's progress: {e}"))
+}
+
+impl Folders {
+    /// The destinations of `config` and a client per provider that has some.
+    pub fn new(config: &Config, providers: &[Arc<ProviderInfo>]) -> Result<Folders, SetupError> {
+        let mut f = Folders { by_address: HashMap::new(), by_name: HashMap::new(), backends: HashMap::new() };
+        for d in config.destinations.iter().map(|d| d.get_ref()) {
+            let name = d.name.get_ref().clone();
+            let setup = |message: String| SetupError { provider: name.clone(), message };
+            let identity = d.identity.get_ref().clone();
+            let Some(id) = config.identity(&identity) else {
+                return Err(setup(format!("destination \"{name}\": identity \"{identity}\" is not defined")));
+            };
+            let provider = id.provider.get_ref().clone();
+            let Some(info) = providers.iter().find(|p| p.name == provider) else {
+                return Err(setup(format!("destination \"{name}\": provider \"{provider}\" is not defined")));
+            };
+            let kind = *d.kind.get_ref();
+            let text = |v: &Option<toml::Spanned<String>>| v.as_ref().map(|s| s.get_ref().clone());
+            let target = match kind {
+                DestinationKind::Sharepoint => {
+                    Target::Sharepoint { site: text(&d.site).unwrap_or_default(), library: text(&d.library) }
+                }
+                DestinationKind::Onedrive => {
+                    Target::Onedrive { user: text(&d.user).unwrap_or_else(|| id.email.get_ref().clone()) }
+                }
+                DestinationKind::GoogleDrive => {
+                    Target::GoogleDrive { folder_id: text(&d.folder_id).unwrap_or_else(|| "root".into()) }
+                }
+            };
+            let folder = Template::parse(d.folder.get_ref()).map_err(|e| setup(format!("folder: {e}")))?;
+            let file_name = Template::parse(d.file_name.get_ref()).map_err(|e| setup(format!("file_name: {e}")))?;
+            let key = (provider.clone(), kind);
+            if !f.backends.contains_key(&key) {
+                let ca = info.ca_file.as_deref();
+                let backend = match kind {
+                    DestinationKind::Sharepoint | DestinationKind::Onedrive => {
+                        let url = info.graph_url.clone().unwrap_or_default();
+                        Backend::Microsoft(microsoft::GraphDrive::new(&url, ca).map_err(&setup)?)
+                    }
+                    DestinationKind::GoogleDrive => {
+                        let url = info.drive_api_url.clone().unwrap_or_default();
+                        Backend::Google(google::DriveApi::new(&url, ca).map_err(&setup)?)
+                    }
+                };
+                f.backends.insert(key, backend);
+            }
+            let dest = Arc::new(Destination {
+                name: name.clone(),
+                address: d.address.get_ref().to_ascii_lowercase(),
+                identity,
+                provider,
+                kind,
+                target,
+                folder,
+                file_name,
+                conflict: d.conflict,
+                receipt: d.receipt,
+                save_body: d.save_body,
+            });
+            f.by_address.insert(dest.address.clone(), dest.clone());
+            f.by_name.insert(name, dest);
+        }
+        Ok(f)
+    }
+
+    /// No destination is configured.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// The destination a recipient address stands for.
+    pub fn by_address(&self, address: &str) -> Option<&Arc<Destination>> {
+        if self.by_address.is_empty() {
+            return None;
+        }
+        self.by_address.get(&address.to_ascii_lowercase())
+    }
+
+    /// A destination by its name.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Destination>> {
+        self.by_name.get(name)
+    }
+
+    /// Whether the message spooled at `body` has something to save for `dest` (an attachment,
+    /// or its text with `save_body`). Reads the spool: call it off the runtime.
+    pub fn has_files(dest: &Destination, body: &Path) -> io::Result<bool> {
+        if dest.save_body {
+            return Ok(true);
+        }
+        Ok(!attachments::find(&Spooled::open(body)?)?.attachments.is_empty())
+    }
+
+    /// Saves a message's files to its destination, continuing what `job.resume` says was
+    /// done; returns them as saved, in order.
+    pub async fn save(&self, token: &AccessToken, job: &Job<'_>) -> Result<Vec<Saved>, SendError> {
+        let dest = job.dest;
+        let backend = self.backends.get(&(dest.provider.clone(), dest.kind)).ok_or_else(|| {
+            SendError::Rejected(UpstreamReply::new(
+                451,
+                format!("4.3.5 destination \"{}\" has no client for its provider", dest.name),
+            ))
+        })?;
+        let (path, received, device, id) =
+            (job.body.to_path_buf(), job.received, job.device.to_string(), job.id.to_string());
+        let d = dest.clone();
+        let (src, files) = tokio::task::spawn_blocking(move || -> io::Result<(Spooled, Vec<Planned>)> {
+            let src = Spooled::open(&path)?;
+            let files = plan(&src, &d, received, &device, &id)?;
+            Ok((src, files))
+        })
+        .await
+        .map_err(spool_error)?
+        .map_err(spool_error)?;
+        if files.is_empty() {
+            return Err(SendError::Rejected(nothing_to_save(&dest.name)));
+        }
+        let mut r = if job.resume.files == files.len() && job.resume.saved.len() <= files.len() {
+            job.resume.clone()
+        } else {
+            Resume { files: files.len(), ..Resume::default() }
+        };
+        for planned in files.iter().skip(r.saved.len()) {
+            let bytes = PartBytes { src: src.clone(), part: planned.part.clone() };
+            let current = r.current.take();
+            let saved = match backend {
+                Backend::Microsoft(b) => {
+                    let resume = match &current {
+                        Some(FileStep::Microsoft(s)) => Some(s),
+                        _ => None,
+                    };
+                    let sink = FileSink { outer: job.sink, base: &r, wrap: FileStep::Microsoft };
+                    let up = Upload {
+                        target: &dest.target,
+                        conflict: dest.conflict,
+                        file: &planned.file,
+                        bytes: &bytes,
+                        resume,
+                        sink: &sink,
+                    };
+                    b.save(token, &up).await?
+                }
+                Backend::Google(b) => {
+                    let resume = match &current {
+                        Some(FileStep::Google(s)) => Some(s),
+                        _ => None,
+                    };
+                    let sink = FileSink { outer: job.sink, base: &r, wrap: FileStep::Google };
+                    let up = Upload {
+                        target: &dest.target,
+                        conflict: dest.conflict,
+                        file: &planned.file,
+                        bytes: &bytes,
+                        resume,
+                        sink: &sink,
+                    };
+                    b.save(token, &up).await?
+                }
+            };
+            r.saved.push(saved);
+            job.sink.save(&r).await.map_err(progress_error)?;
+        }
+        if job.links {
+            for i in 0..r.saved.len() {
+                if r.saved[i].link.is_some() {
+                    continue;
+                }
+                let link = match backend {
+                    Backend::Microsoft(b) => b.share(token, &dest.target, &r.saved[i]).await?,
+                    Backend::Google(b) => b.share(token, &dest.target, &r.saved[i]).await?,
+                };
+                r.saved[i].link = Some(link);
+                job.sink.save(&r).await.map_err(progress_error)?;
+            }
+        }
+        Ok(r.saved)
+    }
+}
+
+/// Where a saved file's bytes were: for a destination's path in logs.
+pub fn describe(dest: &Destination, saved: &[Saved]) -> String {
+    let names: Vec<&str> = saved.iter().map(|s| s.name.as_str()).collect();
+    format!("saved {} file(s) to {} \"{}\": {}", saved.len(), dest.kind, dest.name, names.join(", "))
+}
+
+#[allow(dead_code)]
+fn _unused(_: PathBuf) {}

@@ -16,6 +16,8 @@
 //! device's recipient allow-list, else to the identity's own mailbox: a device must not be able
 //! to make the identity mail arbitrary outside addresses.
 
+mod folder;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,7 @@ use crate::queue::bounce::{self, FailedRecipient};
 use crate::queue::{now_ms, Lease, OwnMessage, Queue, QueueError, QueueRecord};
 use crate::reply::Reply;
 use crate::upstream::api::{Outbound, Progress, ProgressSink};
+use crate::upstream::folder::Folders;
 use crate::upstream::{Envelope, NoTrace, SendError, SendOutcome, Upstream, UpstreamReply};
 
 /// Retry policy and identity of the relay.
@@ -76,6 +79,10 @@ pub struct Delivery {
     /// Identities whose sending limit is used up, and until when ([`now_ms`]): the runner
     /// leaves their queued mail alone until then instead of taking and deferring each message.
     rate_held: Mutex<HashMap<String, i64>>,
+    /// The folder destinations (scan to folder).
+    folders: Arc<Folders>,
+    /// `oversize = "link"`: identity → the destination its oversize scans' files go to.
+    oversize: HashMap<String, String>,
 }
 
 /// Whether the device that sent a message still waits for the outcome of its first attempt.
@@ -124,17 +131,53 @@ impl Delivery {
         activity: Arc<crate::activity::Activity>,
         shaper: Arc<crate::upstream::shaper::Shaper>,
     ) -> Delivery {
-        Delivery { policy, queue, tokens, upstream, shaper, activity, rate_held: Mutex::default() }
+        Delivery {
+            policy,
+            queue,
+            tokens,
+            upstream,
+            shaper,
+            activity,
+            rate_held: Mutex::default(),
+            folders: Arc::new(Folders::default()),
+            oversize: HashMap::new(),
+        }
+    }
+
+    /// The folder destinations, and the identities whose oversize scans become links
+    /// (identity → destination name).
+    pub fn with_folders(mut self, folders: Arc<Folders>, oversize: HashMap<String, String>) -> Delivery {
+        self.folders = folders;
+        self.oversize = oversize;
+        self
     }
 
     /// Attempts a just-accepted message while the device waits, for at most
     /// `in_session_timeout`; after that the attempt goes on in the background and the device
-    /// is told the message is queued (see [`Waiter`]).
-    /// `lease` is the one [`Queue::accept`] returned.
-    pub async fn attempt_in_session(self: &Arc<Self>, lease: Lease) -> Outcome {
+    /// is told the message is queued (see [`Waiter`]). `leases` are the ones
+    /// [`Queue::accept_incoming`] returned: one per record of the message (its mail
+    /// recipients; each folder recipient). With several, they are attempted at once and none
+    /// may refuse in session: the device hears one reply for all, so a refusal of one part is
+    /// reported by a bounce, never by a reply that would also cancel the parts that went.
+    pub async fn attempt_in_session(self: &Arc<Self>, mut leases: Vec<Lease>) -> Outcome {
+        if leases.len() <= 1 {
+            return match leases.pop() {
+                Some(lease) => self.attempt_one_in_session(lease, true).await,
+                None => Outcome::Gone,
+            };
+        }
+        let parts = leases.into_iter().map(|lease| self.attempt_one_in_session(lease, false));
+        combine(futures_util::future::join_all(parts).await)
+    }
+
+    /// One record's in-session attempt; `may_refuse`: the device may be handed its refusal.
+    async fn attempt_one_in_session(self: &Arc<Self>, lease: Lease, may_refuse: bool) -> Outcome {
         let id = lease.id();
         let me = self.clone();
         let waiter = Arc::new(Waiter::default());
+        if !may_refuse {
+            waiter.stop_waiting();
+        }
         let w = waiter.clone();
         let mut task = tokio::spawn(async move { me.attempt(lease, Some(&w)).await });
         let joined = match tokio::time::timeout(self.policy.in_session_timeout, &mut task).await {
@@ -196,6 +239,9 @@ impl Delivery {
             }
             return Outcome::Reported("expired; a bounce reports it".into());
         }
+        if let Some(name) = rec.destination.clone() {
+            return self.attempt_folder(lease, rec, &name, waiter).await;
+        }
         let Ok(slot) = self.tokens.slot(&rec.identity) else {
             tracing::error!(queue_id = %id, identity = %rec.identity, "identity no longer configured; message kept");
             return self.defer(lease, rec, "identity not configured", None, DeferReason::Config);
@@ -216,7 +262,9 @@ impl Delivery {
         let via = match &rec.progress {
             Progress::Graph(_) => SendVia::Graph,
             Progress::Gmail(_) => SendVia::GmailApi,
-            Progress::None | Progress::Folder(_) => slot.send_via,
+            Progress::None => slot.send_via,
+            // Files of an oversize message were being saved (its links are not sent yet).
+            Progress::Folder(_) => slot.send_via,
         };
         let resource = resource_of(via);
         let token = match self.tokens.access_token_for(&rec.identity, resource).await {
@@ -268,22 +316,40 @@ impl Delivery {
         metrics::UPSTREAM_LATENCY.with_label_values(&[&rec.identity]).observe(took.as_secs_f64());
 
         match result {
-            Ok(outcome) => self.settle(lease, rec, outcome, waiter, took, via).await,
-            Err(SendError::Auth { reply, detail }) => {
+            Ok(outcome) => self.settle(lease, rec, outcome, waiter, took, via.as_str()).await,
+            Err(e) => self.failed(lease, rec, e, waiter, took, via.as_str(), true).await,
+        }
+    }
+
+    /// What a failed attempt (mail or files) does to its record: deferred, throttled (`hold`:
+    /// the identity's other messages wait as long), or refused for every recipient.
+    #[allow(clippy::too_many_arguments)]
+    async fn failed(
+        &self,
+        lease: Lease,
+        rec: QueueRecord,
+        e: SendError,
+        waiter: Option<&Waiter>,
+        took: Duration,
+        via: &str,
+        hold: bool,
+    ) -> Outcome {
+        match e {
+            SendError::Auth { reply, detail } => {
                 let why = format!(
                     "upstream refused the token: {}{}",
                     reply.describe(),
                     detail.map(|d| format!(" {d}")).unwrap_or_default()
                 );
-                tracing::error!(queue_id = %id, identity = %rec.identity, "{why}");
+                tracing::error!(queue_id = %rec.id, identity = %rec.identity, "{why}");
                 self.defer(lease, rec, &why, None, DeferReason::Auth)
             }
-            Err(SendError::Network(e)) => self.defer(lease, rec, &e, None, DeferReason::Network),
-            Err(SendError::Throttled { reply, retry_after }) => self.throttled(lease, rec, &reply, retry_after),
-            Err(SendError::Rejected(r)) if !r.is_permanent() => {
+            SendError::Network(e) => self.defer(lease, rec, &e, None, DeferReason::Network),
+            SendError::Throttled { reply, retry_after } => self.throttled(lease, rec, &reply, retry_after, hold),
+            SendError::Rejected(r) if !r.is_permanent() => {
                 self.defer(lease, rec, &r.describe(), None, DeferReason::Upstream4xx)
             }
-            Err(SendError::Rejected(r)) => {
+            SendError::Rejected(r) => {
                 let all: Vec<_> = rec.rcpts.iter().map(|a| (a.clone(), r.clone())).collect();
                 let out = SendOutcome { accepted: vec![], refused: all, reply: None };
                 self.settle(lease, rec, out, waiter, took, via).await
@@ -299,7 +365,7 @@ impl Delivery {
         out: SendOutcome,
         waiter: Option<&Waiter>,
         took: Duration,
-        via: SendVia,
+        via: &str,
     ) -> Outcome {
         let id = rec.id;
         // The reply to the final dot applies to every accepted recipient.
@@ -346,11 +412,11 @@ impl Delivery {
         }
 
         if !delivered.is_empty() {
-            metrics::MESSAGES_DELIVERED.with_label_values(&[&rec.identity, path, via.as_str()]).inc();
+            metrics::MESSAGES_DELIVERED.with_label_values(&[&rec.identity, path, via]).inc();
             tracing::info!(
                 queue_id = %id, device = %rec.device, identity = %rec.identity, size = rec.size,
                 rcpts = delivered.len(), upstream = %out.reply.as_ref().map(|r| r.describe()).unwrap_or_default(),
-                ms = took.as_millis() as u64, path, via = via.as_str(), "delivered"
+                ms = took.as_millis() as u64, path, via, "delivered"
             );
         }
         for (rcpt, r) in &permanent {
@@ -418,7 +484,16 @@ impl Delivery {
     /// Keeps a message queued because the provider is throttling its mailbox: the next attempt
     /// is when the provider's `Retry-After` says, not after the failure backoff (throttling is
     /// not the message's fault, and its attempts are not counted).
-    fn throttled(&self, lease: Lease, mut rec: QueueRecord, reply: &UpstreamReply, retry_after: Duration) -> Outcome {
+    /// `hold`: the identity's other messages wait as long (its mailbox is throttled; a
+    /// throttled file upload holds only itself).
+    fn throttled(
+        &self,
+        lease: Lease,
+        mut rec: QueueRecord,
+        reply: &UpstreamReply,
+        retry_after: Duration,
+        hold: bool,
+    ) -> Outcome {
         let why = reply.describe();
         let wait = retry_after.max(Duration::from_secs(1));
         rec.next_attempt = now_ms() + wait.as_millis() as i64;
@@ -426,7 +501,9 @@ impl Delivery {
         metrics::deferred(&rec.identity, DeferReason::Throttled);
         // The provider throttles the mailbox, not this message: the identity's other queued
         // messages wait as long.
-        self.rate_held.locked().insert(rec.identity.clone(), rec.next_attempt);
+        if hold {
+            self.rate_held.locked().insert(rec.identity.clone(), rec.next_attempt);
+        }
         tracing::warn!(queue_id = %rec.id, identity = %rec.identity, retry_in = wait.as_secs(), "throttled: {why}");
         if let Err(e) = self.queue.defer(lease, &rec) {
             tracing::error!(queue_id = %rec.id, "cannot update queue record: {e}");
@@ -610,6 +687,36 @@ impl Delivery {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+/// The device's one answer for a message queued as several records: delivered when every
+/// part was, else queued when a part waits for a retry, else reported (a bounce tells what
+/// failed).
+fn combine(outcomes: Vec<Outcome>) -> Outcome {
+    let texts = |f: fn(&Outcome) -> Option<String>| outcomes.iter().filter_map(f).collect::<Vec<_>>().join("; ");
+    let live: Vec<&Outcome> = outcomes.iter().filter(|o| !matches!(o, Outcome::Gone)).collect();
+    if live.is_empty() {
+        return Outcome::Gone;
+    }
+    if live.iter().all(|o| matches!(o, Outcome::Delivered(_))) {
+        let text = texts(|o| match o {
+            Outcome::Delivered(r) => Some(r.text.clone()),
+            _ => None,
+        });
+        return Outcome::Delivered(UpstreamReply::new(250, text));
+    }
+    let all = texts(|o| match o {
+        Outcome::Delivered(r) => Some(format!("delivered: {}", r.text)),
+        Outcome::Queued(why) => Some(format!("queued: {why}")),
+        Outcome::Reported(what) => Some(what.clone()),
+        Outcome::Refused(r) => Some(format!("refused: {}", r.text())),
+        Outcome::Gone => None,
+    });
+    if live.iter().any(|o| matches!(o, Outcome::Queued(_))) {
+        Outcome::Queued(all)
+    } else {
+        Outcome::Reported(all)
     }
 }
 

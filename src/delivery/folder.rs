@@ -1,0 +1,258 @@
+//! Scan to folder in delivery: a queue record whose one recipient is a `[[destination]]`
+//! (ARCHITECTURE.md, "Scan to folder"). It is attempted, retried, throttled, expired and
+//! bounced like mail; only the attempt differs: the message's files are saved with the
+//! destination identity's Graph token (SharePoint, OneDrive) or its Google token (Drive),
+//! each upload's state committed in the record as it goes (`Progress::Folder`), and a
+//! receipt may go to the sender.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use super::*;
+use crate::upstream::folder::{nothing_to_save, Destination, Job, Resume, Saved, StepSink};
+
+/// Commits a folder job's [`Resume`] in its queue record (through the record's progress).
+struct FolderSink<'a>(&'a RecordProgress<'a>);
+
+impl StepSink<Resume> for FolderSink<'_> {
+    fn save<'a>(
+        &'a self,
+        step: &'a Resume,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move { self.0.save(&Progress::Folder(step.clone())).await })
+    }
+}
+
+impl Delivery {
+    /// One attempt of a folder record: saves its files to destination `name`.
+    pub(super) async fn attempt_folder(
+        &self,
+        lease: Lease,
+        rec: QueueRecord,
+        name: &str,
+        waiter: Option<&Waiter>,
+    ) -> Outcome {
+        let id = rec.id;
+        let found = self.folders.by_name(name).or_else(|| rec.rcpts.first().and_then(|a| self.folders.by_address(a)));
+        let Some(dest) = found.cloned() else {
+            let why = format!("folder destination \"{name}\" is no longer configured; message kept");
+            tracing::error!(queue_id = %id, "{why}");
+            return self.defer(lease, rec, &why, None, DeferReason::Config);
+        };
+        let path = self.queue.spool().path(id);
+        if rec.progress.is_none() {
+            // Nothing to save is known before any token or request: a device that waits
+            // hears 550 5.6.0 at once.
+            let (d, p) = (dest.clone(), path.clone());
+            match tokio::task::spawn_blocking(move || Folders::has_files(&d, &p)).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
+                    let refused = SendOutcome {
+                        accepted: vec![],
+                        refused: rec.rcpts.iter().map(|a| (a.clone(), nothing_to_save(&dest.name))).collect(),
+                        reply: None,
+                    };
+                    return self.settle(lease, rec, refused, waiter, Duration::ZERO, "folder").await;
+                }
+                Ok(Err(e)) => {
+                    return self.defer(
+                        lease,
+                        rec,
+                        &format!("cannot read the spooled message: {e}"),
+                        None,
+                        DeferReason::Config,
+                    )
+                }
+                Err(e) => {
+                    return self.defer(
+                        lease,
+                        rec,
+                        &format!("cannot read the spooled message: {e}"),
+                        None,
+                        DeferReason::Config,
+                    )
+                }
+            }
+        }
+        // SharePoint and OneDrive take Graph's token; a Google identity's one token serves
+        // the Drive API (`TokenManager` resolves it).
+        let resource = Resource::Graph;
+        let token = match self.tokens.access_token_for(&dest.identity, resource).await {
+            Ok(t) => t,
+            Err(TokenError::NeedsLogin(why)) => {
+                return self.defer(
+                    lease,
+                    rec,
+                    &format!("identity needs a new sign-in: {why}"),
+                    Some(Duration::from_secs(300)),
+                    DeferReason::NeedsLogin,
+                )
+            }
+            Err(e) => return self.defer(lease, rec, &e.to_string(), None, DeferReason::Token),
+        };
+        let started = Instant::now();
+        let progress = RecordProgress::new(&self.queue, &lease, &rec);
+        let qid = id.to_string();
+        let save = |token: AccessToken| {
+            let (dest, path, progress, rec, qid) = (&dest, &path, &progress, &rec, &qid);
+            async move {
+                let resume = match progress.latest() {
+                    Progress::Folder(r) => r,
+                    _ => Resume::default(),
+                };
+                let sink = FolderSink(progress);
+                let job = Job {
+                    dest,
+                    body: path,
+                    received: rec.received,
+                    device: &rec.device,
+                    id: qid,
+                    resume: &resume,
+                    sink: &sink,
+                    links: false,
+                };
+                self.folders.save(&token, &job).await
+            }
+        };
+        let mut result = save(token.clone()).await;
+        if let Err(SendError::Auth { reply, .. }) = &result {
+            tracing::warn!(queue_id = %id, identity = %dest.identity, "the folder's service refused the token ({}); refreshing once", reply.describe());
+            match self.tokens.refresh_after_rejection_for(&dest.identity, resource, &token).await {
+                Ok(t2) => result = save(t2).await,
+                Err(e) => tracing::warn!(identity = %dest.identity, "refresh after rejection failed: {e}"),
+            }
+        }
+        let latest = progress.into_latest();
+        let mut rec = rec;
+        rec.progress = latest;
+        let took = started.elapsed();
+        match result {
+            Ok(saved) => {
+                let bytes: u64 = saved.iter().map(|s| s.size).sum();
+                metrics::FILES_SAVED.with_label_values(&[&dest.name, dest.kind.as_str()]).inc_by(saved.len() as u64);
+                metrics::FILE_BYTES_SAVED.with_label_values(&[&dest.name]).inc_by(bytes);
+                tracing::info!(queue_id = %id, device = %rec.device, destination = %dest.name, files = saved.len(), bytes, ms = took.as_millis() as u64, "saved to folder");
+                if dest.receipt {
+                    self.send_receipt(&rec, &dest, &saved).await;
+                }
+                let text = crate::upstream::folder::describe(&dest, &saved);
+                let out = SendOutcome {
+                    accepted: rec.rcpts.clone(),
+                    refused: vec![],
+                    reply: Some(UpstreamReply::new(250, format!("2.0.0 {text}"))),
+                };
+                self.settle(lease, rec, out, waiter, took, "folder").await
+            }
+            Err(e) => self.failed(lease, rec, e, waiter, took, "folder", false).await,
+        }
+    }
+
+    /// Queues the receipt of a saved scan: one mail to the device's sender, through the
+    /// destination's identity, naming each file with its size and link. Only to a sender
+    /// that passed the device's recipient allow-list (the same rule as bounces: a device
+    /// cannot make the relay mail arbitrary addresses). A receipt that cannot be queued is
+    /// logged, never retried: the files are saved.
+    async fn send_receipt(&self, rec: &QueueRecord, dest: &Destination, saved: &[Saved]) {
+        if !rec.bounce_to_sender || rec.original_from.is_empty() {
+            tracing::warn!(queue_id = %rec.id, destination = %dest.name, "no receipt: the device's sender is not one of its allowed recipients");
+            return;
+        }
+        let Ok(slot) = self.tokens.slot(&dest.identity) else { return };
+        let body = receipt(&slot.email, &rec.original_from, dest, saved, &rec.device, &self.policy.hostname, rec.id.0);
+        let own = OwnMessage {
+            body: &body,
+            identity: &dest.identity,
+            device: &rec.device,
+            from: &slot.email,
+            to: &rec.original_from,
+        };
+        match self.queue.enqueue_own(own).await {
+            Ok(rid) => tracing::info!(queue_id = %rec.id, receipt_id = %rid, to = %rec.original_from, "receipt queued"),
+            Err(e) => tracing::error!(queue_id = %rec.id, "cannot queue the receipt: {e}"),
+        }
+    }
+}
+
+/// Bytes as a person reads them.
+fn human_size(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{} KB", n.div_ceil(1 << 10)),
+        n => format!("{n} bytes"),
+    }
+}
+
+/// The receipt mail (RFC 5322, CRLF; an automatic message, RFC 3834).
+fn receipt(
+    from: &str,
+    to: &str,
+    dest: &Destination,
+    saved: &[Saved],
+    device: &str,
+    host: &str,
+    unique: u64,
+) -> Vec<u8> {
+    let now = chrono::Utc::now();
+    let subject = format!("Scan saved: {} file(s) in {}", saved.len(), dest.name);
+    let host = host.replace(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'), "-");
+    let mut m = String::new();
+    let _ = write!(
+        m,
+        "From: <{from}>\r\nTo: <{to}>\r\nSubject: {}\r\nDate: {}\r\nMessage-ID: <receipt.{unique}.{}@{host}>\r\n\
+         Auto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Transfer-Encoding: 8bit\r\n\r\n",
+        crate::message::header_text(&subject),
+        now.to_rfc2822(),
+        now.timestamp(),
+    );
+    let _ = write!(m, "The scan from {device} was saved to {} \"{}\":\r\n\r\n", dest.kind, dest.name);
+    for s in saved {
+        let _ = write!(m, "{} ({})\r\n  {}\r\n", one_line(&s.name), human_size(s.size), one_line(&s.web_url));
+    }
+    m.into_bytes()
+}
+
+fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_receipt_names_each_file_with_its_size_and_link() {
+        let dest = Destination {
+            name: "finance".into(),
+            address: "finance@scan.lan".into(),
+            identity: "scans".into(),
+            provider: "m365".into(),
+            kind: crate::config::DestinationKind::Sharepoint,
+            target: crate::upstream::folder::Target::Sharepoint {
+                site: "c.sharepoint.com:/sites/F".into(),
+                library: None,
+            },
+            folder: crate::filenames::Template::parse("Scans").expect("template"),
+            file_name: crate::filenames::Template::parse("{name}").expect("template"),
+            conflict: crate::config::Conflict::Rename,
+            receipt: true,
+            save_body: false,
+        };
+        let saved = vec![Saved {
+            id: "1".into(),
+            name: "scan\r\nBcc: x@evil.test.pdf".into(),
+            size: 3 << 20,
+            web_url: "https://c.sharepoint.com/sites/F/Scans/scan.pdf".into(),
+            link: None,
+        }];
+        let m = String::from_utf8(receipt("scans@c.test", "alice@c.test", &dest, &saved, "mfp-1", "relay", 7)).unwrap();
+        let (head, body) = m.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains("Subject: Scan saved: 1 file(s) in finance")
+                && head.contains("Auto-Submitted: auto-generated")
+        );
+        assert!(!head.contains("Bcc"), "{head}");
+        assert!(body.contains("3.0 MB") && body.contains("https://c.sharepoint.com/sites/F/Scans/scan.pdf"), "{body}");
+        assert!(!body.contains("\r\nBcc"), "a name cannot start a line: {body}");
+    }
+}
