@@ -24,6 +24,7 @@ use mail_parser::{Address, HeaderValue, MessageParser};
 
 pub mod attachments;
 pub mod invariant;
+pub mod links;
 pub mod recipients;
 
 /// The header section may be at most this large; beyond it the message is refused, since it

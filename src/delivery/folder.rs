@@ -23,7 +23,170 @@ impl StepSink<Resume> for FolderSink<'_> {
     }
 }
 
+/// Why a folder job could not start: (record, why, cap on the wait, class).
+type NotStarted = (QueueRecord, String, Option<Duration>, DeferReason);
+
+fn lease_ref(lease: &Lease) -> &Lease {
+    lease
+}
+
 impl Delivery {
+    /// Saves `rec`'s files to `dest` with the destination identity's token (refreshed once
+    /// if refused), continuing and keeping the upload state in `rec.progress`. Returns the
+    /// result and the record with its latest progress, or why nothing started.
+    async fn save_files(
+        &self,
+        lease: &Lease,
+        rec: QueueRecord,
+        dest: &Destination,
+        path: &std::path::Path,
+        links: bool,
+    ) -> (Result<Vec<Saved>, SendError>, Result<QueueRecord, NotStarted>) {
+        // SharePoint and OneDrive take Graph's token; a Google identity's one token serves
+        // the Drive API (`TokenManager` resolves it).
+        let resource = Resource::Graph;
+        let token = match self.tokens.access_token_for(&dest.identity, resource).await {
+            Ok(t) => t,
+            Err(TokenError::NeedsLogin(why)) => {
+                let why = format!("identity needs a new sign-in: {why}");
+                let cap = Some(Duration::from_secs(300));
+                return (Ok(vec![]), Err((rec, why, cap, DeferReason::NeedsLogin)));
+            }
+            Err(e) => return (Ok(vec![]), Err((rec, e.to_string(), None, DeferReason::Token))),
+        };
+        let progress = RecordProgress::new(&self.queue, lease, &rec);
+        let qid = rec.id.to_string();
+        let save = |token: AccessToken| {
+            let (progress, rec, qid) = (&progress, &rec, &qid);
+            async move {
+                let resume = match progress.latest() {
+                    Progress::Folder(r) => r,
+                    _ => Resume::default(),
+                };
+                let sink = FolderSink(progress);
+                let job = Job {
+                    dest,
+                    body: path,
+                    received: rec.received,
+                    device: &rec.device,
+                    id: qid,
+                    resume: &resume,
+                    sink: &sink,
+                    links,
+                };
+                self.folders.save(&token, &job).await
+            }
+        };
+        let mut result = save(token.clone()).await;
+        if let Err(SendError::Auth { reply, .. }) = &result {
+            tracing::warn!(queue_id = %rec.id, identity = %dest.identity, "the folder's service refused the token ({}); refreshing once", reply.describe());
+            match self.tokens.refresh_after_rejection_for(&dest.identity, resource, &token).await {
+                Ok(t2) => result = save(t2).await,
+                Err(e) => tracing::warn!(identity = %dest.identity, "refresh after rejection failed: {e}"),
+            }
+        }
+        let latest = progress.into_latest();
+        let mut rec = rec;
+        rec.progress = latest;
+        (result, Ok(rec))
+    }
+
+    /// An oversize message of an identity with `oversize = "link"`: its attachments are saved
+    /// to destination `name` with an organisation-scoped view link each, then the message is
+    /// replaced in the queue by the same mail with a text part listing the links instead of
+    /// the attachments ([`crate::message::links`]), which the next attempt sends.
+    pub(super) async fn attempt_oversize(
+        &self,
+        mut lease: Lease,
+        rec: QueueRecord,
+        name: &str,
+        waiter: Option<&Waiter>,
+    ) -> Outcome {
+        let id = rec.id;
+        let Some(dest) = self.folders.by_name(name).cloned() else {
+            let why = format!("oversize_destination \"{name}\" is not configured; message kept");
+            return self.defer(lease, rec, &why, None, DeferReason::Config);
+        };
+        let path = self.queue.spool().path(id);
+        let started = Instant::now();
+        let (result, rec) = self.save_files(&lease, rec, &dest, &path, true).await;
+        let rec = match rec {
+            Ok(rec) => rec,
+            Err((rec, why, cap, class)) => return self.defer(lease, rec, &why, cap, class),
+        };
+        let took = started.elapsed();
+        let saved = match result {
+            Ok(saved) => saved,
+            Err(SendError::Rejected(r)) if r.status().is_some_and(|s| (s.0, s.1, s.2) == (5, 6, 0)) => {
+                // Nothing to save: it is simply too big.
+                let r = UpstreamReply::new(
+                    552,
+                    format!(
+                        "5.3.4 the message is over the provider's size limit and has no attachment to send as a link"
+                    ),
+                );
+                return self.failed(lease, rec, SendError::Rejected(r), waiter, took, "folder", false).await;
+            }
+            Err(e) => return self.failed(lease, rec, e, waiter, took, "folder", false).await,
+        };
+        let bytes: u64 = saved.iter().map(|s| s.size).sum();
+        metrics::FILES_SAVED.with_label_values(&[&dest.name, dest.kind.as_str()]).inc_by(saved.len() as u64);
+        metrics::FILE_BYTES_SAVED.with_label_values(&[&dest.name]).inc_by(bytes);
+        let text = links_text(&dest, &saved);
+        let (p, unique) = (path.clone(), id.to_string());
+        let body = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let src = crate::upstream::folder::Spooled::open(&p)?;
+            let parts = crate::message::attachments::find(&src)?;
+            let all: Vec<_> = parts.attachments.iter().collect();
+            let rest = crate::message::attachments::without(&src, &parts, &all)?;
+            Ok(crate::message::links::with_links(&rest, &text, &unique))
+        })
+        .await;
+        let body = match body {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                return self.defer(
+                    lease,
+                    rec,
+                    &format!("cannot rewrite the message with links: {e}"),
+                    None,
+                    DeferReason::Config,
+                )
+            }
+            Err(e) => {
+                return self.defer(
+                    lease,
+                    rec,
+                    &format!("cannot rewrite the message with links: {e}"),
+                    None,
+                    DeferReason::Config,
+                )
+            }
+        };
+        let new = QueueRecord {
+            id: self.queue.new_id(),
+            size: body.len() as u64,
+            eight_bit: !body.is_ascii(),
+            progress: Progress::None,
+            next_attempt: now_ms(),
+            ..rec.clone()
+        };
+        if let Err(e) = self.queue.replace(&mut lease, &new, &body).await {
+            tracing::error!(queue_id = %id, "cannot queue the mail with links: {e}");
+            return Outcome::Queued("the mail with links could not be queued; it will be retried".into());
+        }
+        tracing::info!(
+            queue_id = %id, new_id = %new.id, identity = %rec.identity, destination = %dest.name, files = saved.len(),
+            bytes, size = new.size, ms = took.as_millis() as u64, "oversize message: files saved, the mail now carries links"
+        );
+        Outcome::Queued(format!(
+            "over the provider's size limit: {} file(s) saved to \"{}\", the mail with their links is queued as {}",
+            saved.len(),
+            dest.name,
+            new.id
+        ))
+    }
+
     /// One attempt of a folder record: saves its files to destination `name`.
     pub(super) async fn attempt_folder(
         &self,
@@ -74,57 +237,12 @@ impl Delivery {
                 }
             }
         }
-        // SharePoint and OneDrive take Graph's token; a Google identity's one token serves
-        // the Drive API (`TokenManager` resolves it).
-        let resource = Resource::Graph;
-        let token = match self.tokens.access_token_for(&dest.identity, resource).await {
-            Ok(t) => t,
-            Err(TokenError::NeedsLogin(why)) => {
-                return self.defer(
-                    lease,
-                    rec,
-                    &format!("identity needs a new sign-in: {why}"),
-                    Some(Duration::from_secs(300)),
-                    DeferReason::NeedsLogin,
-                )
-            }
-            Err(e) => return self.defer(lease, rec, &e.to_string(), None, DeferReason::Token),
-        };
         let started = Instant::now();
-        let progress = RecordProgress::new(&self.queue, &lease, &rec);
-        let qid = id.to_string();
-        let save = |token: AccessToken| {
-            let (dest, path, progress, rec, qid) = (&dest, &path, &progress, &rec, &qid);
-            async move {
-                let resume = match progress.latest() {
-                    Progress::Folder(r) => r,
-                    _ => Resume::default(),
-                };
-                let sink = FolderSink(progress);
-                let job = Job {
-                    dest,
-                    body: path,
-                    received: rec.received,
-                    device: &rec.device,
-                    id: qid,
-                    resume: &resume,
-                    sink: &sink,
-                    links: false,
-                };
-                self.folders.save(&token, &job).await
-            }
+        let (result, rec) = self.save_files(lease_ref(&lease), rec, &dest, &path, false).await;
+        let rec = match rec {
+            Ok(rec) => rec,
+            Err((rec, why, cap, class)) => return self.defer(lease, rec, &why, cap, class),
         };
-        let mut result = save(token.clone()).await;
-        if let Err(SendError::Auth { reply, .. }) = &result {
-            tracing::warn!(queue_id = %id, identity = %dest.identity, "the folder's service refused the token ({}); refreshing once", reply.describe());
-            match self.tokens.refresh_after_rejection_for(&dest.identity, resource, &token).await {
-                Ok(t2) => result = save(t2).await,
-                Err(e) => tracing::warn!(identity = %dest.identity, "refresh after rejection failed: {e}"),
-            }
-        }
-        let latest = progress.into_latest();
-        let mut rec = rec;
-        rec.progress = latest;
         let took = started.elapsed();
         match result {
             Ok(saved) => {
@@ -171,6 +289,20 @@ impl Delivery {
             Err(e) => tracing::error!(queue_id = %rec.id, "cannot queue the receipt: {e}"),
         }
     }
+}
+
+/// The text part of an oversize mail: each file's name, size and link.
+fn links_text(dest: &Destination, saved: &[Saved]) -> String {
+    let mut t = format!(
+        "This scan was too large to send by mail. Its {} file(s) were saved to \"{}\":\n\n",
+        saved.len(),
+        dest.name
+    );
+    for s in saved {
+        let link = s.link.as_deref().unwrap_or(&s.web_url);
+        let _ = write!(t, "{} ({})\n  {}\n", one_line(&s.name), human_size(s.size), one_line(link));
+    }
+    t
 }
 
 /// Bytes as a person reads them.

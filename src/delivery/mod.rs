@@ -247,6 +247,15 @@ impl Delivery {
             return self.defer(lease, rec, "identity not configured", None, DeferReason::Config);
         };
         let slot = slot.clone();
+        if let Some(dest) = self.oversize.get(&rec.identity) {
+            // `oversize = "link"`: a message over the provider's limit goes as links. A send
+            // already begun through an API is not one (it fitted when it began).
+            let over = self.upstream.size_limit(&slot.provider, slot.send_via).is_some_and(|l| rec.size > l);
+            if over && matches!(rec.progress, Progress::None | Progress::Folder(_)) {
+                let dest = dest.clone();
+                return self.attempt_oversize(lease, rec, &dest, waiter).await;
+            }
+        }
         let limit = slot.messages_per_minute;
         if let Err(at) = self.shaper.try_acquire(&rec.identity, limit, now_ms()) {
             metrics::deferred(&rec.identity, DeferReason::RateLimit);

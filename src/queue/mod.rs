@@ -526,6 +526,38 @@ impl Queue {
         Ok(leases)
     }
 
+    /// Replaces a message by another version of it (an oversize scan whose files were saved,
+    /// now a mail with their links): the new body is spooled and synced, then one commit puts
+    /// the new record in and takes the old one out, and only then is the old body removed. A
+    /// crash before the commit leaves the old message queued (its saved files are in its
+    /// progress); after it, the new one. Ends the old lease; the new message is due at its
+    /// `next_attempt`.
+    pub async fn replace(&self, lease: &mut Lease, new: &QueueRecord, body: &[u8]) -> Result<(), QueueError> {
+        let old = lease.id();
+        let mut w = self.spool.writer(new.id);
+        w.write(body).await?;
+        w.finish().await?;
+        let changes = [
+            Change::Put(new.id.0.to_be_bytes().to_vec(), Self::encode(new)?),
+            Change::Remove(old.0.to_be_bytes().to_vec()),
+        ];
+        if let Err(e) = async {
+            self.store.apply(Tree::Queue, &changes)?;
+            self.store.commit().await
+        }
+        .await
+        {
+            // As in `settle`: the store is failing and the relay stopping; the restart finds
+            // what became durable (a body without a record is set aside, never lost).
+            lease.end(None);
+            return Err(e.into());
+        }
+        self.spool.remove(old);
+        lease.end_finished();
+        self.schedule_at(new.id, new.next_attempt, &new.identity);
+        Ok(())
+    }
+
     /// Spools a message the relay writes itself and returns its record (not yet stored).
     async fn spool_own(&self, m: &OwnMessage<'_>) -> Result<QueueRecord, QueueError> {
         let id = self.new_id();

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use crate::config::SendVia;
 use crate::delivery::{Delivery, Outcome};
 use crate::devices::{AuthError, Device, Devices};
 use crate::oauth::tokens::{IdentityState, TokenManager};
@@ -137,10 +136,7 @@ impl Identities for SessionIdentities {
             return None;
         }
         let slot = self.tokens.slot(identity).ok()?;
-        match slot.send_via {
-            SendVia::Smtp => slot.provider.size_limit(self.upstream.advertised_size(&slot.provider.name)),
-            via => slot.provider.api_size_limit(via),
-        }
+        self.upstream.size_limit(&slot.provider, slot.send_via)
     }
     fn needs_login(&self, identity: &str) -> bool {
         self.tokens.state(identity) == Some(IdentityState::NeedsLogin)

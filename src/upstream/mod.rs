@@ -315,6 +315,15 @@ impl Upstream {
         self.advertised.locked().get(provider).copied()
     }
 
+    /// The largest message `provider` takes by `via`: by SMTP what it was configured with or
+    /// its server advertised, through an API the API's limit.
+    pub fn size_limit(&self, provider: &ProviderInfo, via: SendVia) -> Option<u64> {
+        match via {
+            SendVia::Smtp => provider.size_limit(self.advertised_size(&provider.name)),
+            via => provider.api_size_limit(via),
+        }
+    }
+
     /// A pooled connection that still works, if any. One that pipelines is checked by the RSET
     /// at the head of its next flight (`client::transaction`), not by a round trip here.
     async fn checkout(&self, identity: &str) -> Option<(Connection, i64)> {
