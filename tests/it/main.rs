@@ -10,6 +10,7 @@ mod check;
 mod clients;
 mod durability;
 mod fakes_selftest;
+mod folder_microsoft;
 mod faults;
 mod gmail;
 mod graph;
