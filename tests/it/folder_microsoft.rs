@@ -162,11 +162,22 @@ async fn a_two_page_scan_lands_in_the_library_folder_made_for_it() {
 
     // The default library when none is named; an existing folder is found, not an error.
     let other = GraphDrive::new(&fake.url(), None).expect("drive");
-    let c = save(&other, &sharepoint(None), Conflict::Rename, &file(&["Printers"], "x.pdf", 10), b"0123456789", None, &sink)
-        .await
-        .expect("default library");
+    let c = save(
+        &other,
+        &sharepoint(None),
+        Conflict::Rename,
+        &file(&["Printers"], "x.pdf", 10),
+        b"0123456789",
+        None,
+        &sink,
+    )
+    .await
+    .expect("default library");
     assert_eq!(c.name, "x.pdf");
-    assert!(fake.files().iter().any(|f| f.drive == "Documents" && f.path == "Printers/x.pdf" && f.bytes == b"0123456789"));
+    assert!(fake
+        .files()
+        .iter()
+        .any(|f| f.drive == "Documents" && f.path == "Printers/x.pdf" && f.bytes == b"0123456789"));
 }
 
 #[tokio::test]
@@ -180,8 +191,16 @@ async fn jobs_creating_one_folder_at_once_share_it() {
             // One GraphDrive each: no shared cache, as after a restart or on two relays.
             let drive = GraphDrive::new(&fake.url(), None).expect("drive");
             let content = bytes(1000 + i, i as u32);
-            save(&drive, target, Conflict::Rename, &file(&["New", "Deep"], &format!("s{i}.pdf"), content.len()), &content, None, sink)
-                .await
+            save(
+                &drive,
+                target,
+                Conflict::Rename,
+                &file(&["New", "Deep"], &format!("s{i}.pdf"), content.len()),
+                &content,
+                None,
+                sink,
+            )
+            .await
         }
     });
     for r in futures_util::future::join_all(runs).await {
@@ -198,7 +217,8 @@ async fn a_40_mb_file_goes_by_upload_session_in_320_kib_multiples() {
     let sink = Recorder::new(&fake);
     let content = bytes(40_000_000, 7);
     let f = file(&["Big"], "scan.pdf", content.len());
-    let saved = save(&drive, &sharepoint(Some("Scans")), Conflict::Rename, &f, &content, None, &sink).await.expect("saved");
+    let saved =
+        save(&drive, &sharepoint(Some("Scans")), Conflict::Rename, &f, &content, None, &sink).await.expect("saved");
     assert_eq!((saved.name.as_str(), saved.size), ("scan.pdf", 40_000_000));
     let files = fake.files();
     assert_eq!(files.len(), 1);
@@ -317,20 +337,28 @@ async fn conflicts_fail_rename_or_replace_as_configured() {
     let target = sharepoint(Some("Scans"));
     let sink = Recorder::new(&fake);
     let (one, two, three) = (bytes(5000, 1), bytes(6000, 2), bytes(7000, 3));
-    let first = save(&drive, &target, Conflict::Fail, &file(&[], "scan.pdf", one.len()), &one, None, &sink).await.expect("first");
+    let first = save(&drive, &target, Conflict::Fail, &file(&[], "scan.pdf", one.len()), &one, None, &sink)
+        .await
+        .expect("first");
 
-    let e = save(&drive, &target, Conflict::Fail, &file(&[], "scan.pdf", two.len()), &two, None, &sink).await.unwrap_err();
+    let e =
+        save(&drive, &target, Conflict::Fail, &file(&[], "scan.pdf", two.len()), &two, None, &sink).await.unwrap_err();
     let r = rejected(e);
     assert!(r.is_permanent() && r.text.contains("\"scan.pdf\"") && r.text.contains("conflict = \"fail\""), "{r:?}");
     // Large files too, before any byte goes.
     let big = bytes(5_000_000, 4);
-    let e = save(&drive, &target, Conflict::Fail, &file(&[], "scan.pdf", big.len()), &big, None, &sink).await.unwrap_err();
+    let e =
+        save(&drive, &target, Conflict::Fail, &file(&[], "scan.pdf", big.len()), &big, None, &sink).await.unwrap_err();
     assert!(rejected(e).is_permanent());
     assert_eq!(fake.sessions_created(), 0);
 
-    let renamed = save(&drive, &target, Conflict::Rename, &file(&[], "scan.pdf", two.len()), &two, None, &sink).await.expect("rename");
+    let renamed = save(&drive, &target, Conflict::Rename, &file(&[], "scan.pdf", two.len()), &two, None, &sink)
+        .await
+        .expect("rename");
     assert_eq!(renamed.name, "scan 1.pdf");
-    let replaced = save(&drive, &target, Conflict::Replace, &file(&[], "scan.pdf", three.len()), &three, None, &sink).await.expect("replace");
+    let replaced = save(&drive, &target, Conflict::Replace, &file(&[], "scan.pdf", three.len()), &three, None, &sink)
+        .await
+        .expect("replace");
     assert_eq!((replaced.id.as_str(), replaced.name.as_str(), replaced.size), (first.id.as_str(), "scan.pdf", 7000));
     let files = fake.files();
     assert_eq!(files.len(), 2);
@@ -343,9 +371,10 @@ async fn throttling_comes_back_with_its_retry_after() {
     let fake = fake_with_site().await;
     let drive = GraphDrive::new(&fake.url(), None).expect("drive");
     fake.throttle(1, 17);
-    let e = save(&drive, &sharepoint(None), Conflict::Rename, &file(&[], "a.pdf", 3), b"abc", None, &Recorder::new(&fake))
-        .await
-        .unwrap_err();
+    let e =
+        save(&drive, &sharepoint(None), Conflict::Rename, &file(&[], "a.pdf", 3), b"abc", None, &Recorder::new(&fake))
+            .await
+            .unwrap_err();
     match e {
         SendError::Throttled { retry_after, reply } => {
             assert_eq!(retry_after, Duration::from_secs(17));
@@ -358,7 +387,14 @@ async fn throttling_comes_back_with_its_retry_after() {
     let data = MemoryBytes(Arc::new(b"abc".to_vec()));
     let f = file(&[], "a.pdf", 3);
     let sink = Recorder::new(&fake);
-    let up = Upload { target: &sharepoint(None), conflict: Conflict::Rename, file: &f, bytes: &data, resume: None, sink: &sink };
+    let up = Upload {
+        target: &sharepoint(None),
+        conflict: Conflict::Rename,
+        file: &f,
+        bytes: &data,
+        resume: None,
+        sink: &sink,
+    };
     assert!(matches!(drive.save(&bad, &up).await, Err(SendError::Auth { .. })));
 }
 
@@ -379,7 +415,10 @@ async fn refusals_name_the_grant_or_what_is_missing() {
     fake.deny_writes(false);
 
     for (target, words) in [
-        (Target::Sharepoint { site: "contoso.sharepoint.com:/sites/Nope".into(), library: None }, "SharePoint site contoso.sharepoint.com:/sites/Nope"),
+        (
+            Target::Sharepoint { site: "contoso.sharepoint.com:/sites/Nope".into(), library: None },
+            "SharePoint site contoso.sharepoint.com:/sites/Nope",
+        ),
         (sharepoint(Some("Invoices")), "no document library named \"Invoices\""),
         (Target::Onedrive { user: "bob@contoso.com".into() }, "the OneDrive of bob@contoso.com"),
     ] {
@@ -387,9 +426,29 @@ async fn refusals_name_the_grant_or_what_is_missing() {
         assert!(r.code == 550 && r.text.starts_with("5.1.1 ") && r.text.contains(words), "{}", r.text);
     }
 
+    // A locked file: transient. A folder deleted behind the cache: looked up again, once.
+    fake.fault(
+        Op::PutContent,
+        1,
+        Action::error(423, "resourceLocked", "The resource you are attempting to access is locked"),
+    );
+    let r = rejected(save(&drive, &sharepoint(None), Conflict::Rename, &f, b"abc", None, &sink).await.unwrap_err());
+    assert!(!r.is_permanent() && r.text.contains("resourceLocked"), "{r:?}");
+    let sites = |fake: &FakeDrive| fake.requests().iter().filter(|r| r.op == Some(Op::GetSite)).count();
+    let looked_up = sites(&fake);
+    fake.fault(Op::PutContent, 1, Action::error(404, "itemNotFound", "The resource could not be found."));
+    save(&drive, &sharepoint(None), Conflict::Rename, &f, b"abc", None, &sink)
+        .await
+        .expect("saved after a second look");
+    assert_eq!(sites(&fake), looked_up + 1, "the cached drive was forgotten");
+
     fake.set_quota(Some(1000));
     let big = bytes(2000, 5);
-    let r = rejected(save(&drive, &sharepoint(None), Conflict::Rename, &file(&[], "b.pdf", 2000), &big, None, &sink).await.unwrap_err());
+    let r = rejected(
+        save(&drive, &sharepoint(None), Conflict::Rename, &file(&[], "b.pdf", 2000), &big, None, &sink)
+            .await
+            .unwrap_err(),
+    );
     assert!(r.code == 552 && r.text.starts_with("5.2.2 the library is full"), "{}", r.text);
 }
 
@@ -400,13 +459,22 @@ async fn a_onedrive_file_and_its_organisation_link() {
     let drive = GraphDrive::new(&fake.url(), None).expect("drive");
     let target = Target::Onedrive { user: "Ann@contoso.com".into() };
     let content = bytes(5_000_000, 6);
-    let saved = save(&drive, &target, Conflict::Rename, &file(&["Scans"], "s.pdf", content.len()), &content, None, &Recorder::new(&fake))
-        .await
-        .expect("saved");
+    let saved = save(
+        &drive,
+        &target,
+        Conflict::Rename,
+        &file(&["Scans"], "s.pdf", content.len()),
+        &content,
+        None,
+        &Recorder::new(&fake),
+    )
+    .await
+    .expect("saved");
     let files = fake.files();
     assert_eq!((files.len(), files[0].drive.as_str(), files[0].path.as_str()), (1, "OneDrive", "Scans/s.pdf"));
     assert!(files[0].bytes == content);
-    let link = tokio::time::timeout(LIMIT, drive.share(&token(), &target, &saved)).await.expect("in time").expect("link");
+    let link =
+        tokio::time::timeout(LIMIT, drive.share(&token(), &target, &saved)).await.expect("in time").expect("link");
     assert!(link.starts_with(&fake.url()) && link.contains(&saved.id), "{link}");
     assert_eq!(fake.links(), [(saved.id.clone(), "view".to_string(), "organization".to_string())]);
 }

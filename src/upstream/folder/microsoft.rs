@@ -182,7 +182,8 @@ impl GraphDrive {
 
     /// Saves one file in the target's folder.
     pub async fn save(&self, token: &AccessToken, up: &Upload<'_, Step>) -> Result<Saved, SendError> {
-        let mut resume = up.resume.filter(|s| **s != Step::default());
+        // Kept for the second attempt too: its checks ask Graph again and change nothing.
+        let resume = up.resume.filter(|s| **s != Step::default());
         for _ in 0..2 {
             match self.attempt(token, up, resume).await {
                 Ok(saved) => return Ok(saved),
@@ -190,8 +191,6 @@ impl GraphDrive {
                 Err(Fail::Stale) => {
                     tracing::warn!("a SharePoint/OneDrive drive or folder vanished; looking it up again");
                     self.forget(up.target);
-                    // What `resume` said was looked at already: nothing went up since.
-                    resume = None;
                 }
             }
         }
@@ -205,7 +204,9 @@ impl GraphDrive {
     pub async fn share(&self, token: &AccessToken, target: &Target, saved: &Saved) -> Result<String, SendError> {
         let drive = self.drive_id(token, target).await?;
         let url = self.url(&["drives", &drive, "items", &saved.id, "createLink"])?;
-        let a = self.call(self.api(Method::POST, url, token).json(&json!({"type": "view", "scope": "organization"}))).await?;
+        let a = self
+            .call(self.api(Method::POST, url, token).json(&json!({"type": "view", "scope": "organization"})))
+            .await?;
         if !a.ok() {
             if a.status == StatusCode::NOT_FOUND {
                 self.forget(target);
@@ -245,7 +246,13 @@ impl GraphDrive {
     }
 
     /// A new upload of the file.
-    async fn fresh(&self, token: &AccessToken, up: &Upload<'_, Step>, drive: &str, parent: &str) -> Result<Saved, Fail> {
+    async fn fresh(
+        &self,
+        token: &AccessToken,
+        up: &Upload<'_, Step>,
+        drive: &str,
+        parent: &str,
+    ) -> Result<Saved, Fail> {
         let name = &up.file.name;
         let (there, date) = self.item_at(token, up.target, drive, parent, name).await?;
         if there.is_some() && up.conflict == Conflict::Fail {
@@ -395,7 +402,13 @@ impl GraphDrive {
     }
 
     /// The folder's id, each level created when missing (cached).
-    async fn folder_id(&self, token: &AccessToken, target: &Target, drive: &str, folder: &[String]) -> Result<String, Fail> {
+    async fn folder_id(
+        &self,
+        token: &AccessToken,
+        target: &Target,
+        drive: &str,
+        folder: &[String],
+    ) -> Result<String, Fail> {
         let mut parent = "root".to_string();
         for i in 0..folder.len() {
             let key = (drive.to_string(), folder[..=i].join("/").to_lowercase());
@@ -495,7 +508,13 @@ impl GraphDrive {
     }
 
     /// The whole file by one `PUT .../content`.
-    async fn put_small(&self, token: &AccessToken, up: &Upload<'_, Step>, drive: &str, parent: &str) -> Result<Saved, Fail> {
+    async fn put_small(
+        &self,
+        token: &AccessToken,
+        up: &Upload<'_, Step>,
+        drive: &str,
+        parent: &str,
+    ) -> Result<Saved, Fail> {
         let size = up.file.size;
         let mut rx = up.bytes.chunks(0, usize::try_from(size).unwrap_or(usize::MAX).max(1));
         let mut body = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
@@ -505,7 +524,8 @@ impl GraphDrive {
         if body.len() as u64 != size {
             return Err(Fail::Send(short(&up.file.name, body.len() as u64, size)));
         }
-        let mut url = self.url(&["drives", drive, "items", &format!("{parent}:"), &format!("{}:", up.file.name), "content"])?;
+        let mut url =
+            self.url(&["drives", drive, "items", &format!("{parent}:"), &format!("{}:", up.file.name), "content"])?;
         url.set_query(Some(&format!("@microsoft.graph.conflictBehavior={}", up.conflict.as_str())));
         let req = self.api(Method::PUT, url, token).header(CONTENT_TYPE, &up.file.content_type).body(body);
         let a = self.call(req).await?;
@@ -568,7 +588,13 @@ impl GraphDrive {
     /// PUTs the file from `from` on, [`CHUNK`] bytes at a time, without Authorization;
     /// the offset Graph confirms is committed before the next range. `None`: the session
     /// ended under us.
-    async fn upload(&self, up: &Upload<'_, Step>, mut step: Step, url: &SessionUrl, from: u64) -> Result<Option<Saved>, Fail> {
+    async fn upload(
+        &self,
+        up: &Upload<'_, Step>,
+        mut step: Step,
+        url: &SessionUrl,
+        from: u64,
+    ) -> Result<Option<Saved>, Fail> {
         let size = up.file.size;
         let mut at = from;
         if step.offset != at {
@@ -704,7 +730,9 @@ fn refusal(a: &Answer, target: &Target, what: &str) -> SendError {
 /// What the admin grants for writing to the target (README.md, "SharePoint and OneDrive").
 fn access_hint(target: &Target) -> &'static str {
     match target {
-        Target::Onedrive { .. } => "writing to a user's OneDrive needs Files.ReadWrite.All (application, admin consent)",
+        Target::Onedrive { .. } => {
+            "writing to a user's OneDrive needs Files.ReadWrite.All (application, admin consent)"
+        }
         _ => {
             "app-only SharePoint needs Sites.Selected plus a write grant on this site \
              (POST /sites/{site-id}/permissions with roles [\"write\"])"
@@ -732,7 +760,9 @@ fn mail_failure(status: u16, retry_after: Option<&str>, what: String) -> SendErr
         )),
         413 => SendError::Rejected(UpstreamReply::new(552, format!("5.3.4 Microsoft Graph {what}"))),
         400..=499 => SendError::Rejected(UpstreamReply::new(554, format!("5.0.0 Microsoft Graph {what}"))),
-        _ => SendError::Rejected(UpstreamReply::new(451, format!("4.3.0 Microsoft Graph failed (HTTP {status}) {what}"))),
+        _ => {
+            SendError::Rejected(UpstreamReply::new(451, format!("4.3.0 Microsoft Graph failed (HTTP {status}) {what}")))
+        }
     }
 }
 
@@ -790,6 +820,14 @@ mod tests {
         }
     }
 
+    /// Jobs run on spawned tasks: what they await must be Send.
+    #[allow(dead_code)]
+    fn futures_are_send(d: &GraphDrive, t: &AccessToken, up: &Upload<'_, Step>, target: &Target, s: &Saved) {
+        fn send<T: Send>(_: T) {}
+        send(d.save(t, up));
+        send(d.share(t, target, s));
+    }
+
     #[test]
     fn chunks_are_320_kib_multiples_under_60_mib() {
         const { assert!(CHUNK.is_multiple_of(FRAGMENT_UNIT) && CHUNK < 60 << 20 && FRAGMENT_UNIT == 327_680) };
@@ -839,11 +877,17 @@ mod tests {
         assert!(!rejected(refusal(&locked, &sp, "x")).is_permanent());
         let mut throttled = answer(429, r#"{"error":{"code":"activityLimitReached","message":"slow down"}}"#);
         throttled.headers.insert(RETRY_AFTER, "9".parse().expect("header"));
-        assert!(matches!(refusal(&throttled, &sp, "x"), SendError::Throttled { retry_after, .. } if retry_after == Duration::from_secs(9)));
+        assert!(
+            matches!(refusal(&throttled, &sp, "x"), SendError::Throttled { retry_after, .. } if retry_after == Duration::from_secs(9))
+        );
         assert!(matches!(refusal(&answer(401, ""), &sp, "x"), SendError::Auth { .. }));
         let gone = answer(404, r#"{"error":{"code":"itemNotFound","message":"The resource could not be found."}}"#);
         let r = rejected(found_id(&gone, &sp, "SharePoint site contoso.sharepoint.com:/sites/nope").unwrap_err());
-        assert!(r.code == 550 && r.text.starts_with("5.1.1 SharePoint site") && r.text.contains("not found"), "{}", r.text);
+        assert!(
+            r.code == 550 && r.text.starts_with("5.1.1 SharePoint site") && r.text.contains("not found"),
+            "{}",
+            r.text
+        );
         let r = rejected(name_taken("scan.pdf"));
         assert!(r.is_permanent() && r.text.contains("conflict = \"fail\"") && r.text.contains("scan.pdf"));
     }

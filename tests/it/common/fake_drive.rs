@@ -558,17 +558,26 @@ fn renamed(name: &str, n: u32) -> String {
 }
 
 /// Puts a file named `name` under `parent` as `conflict` says: (status, item id).
-fn place(st: &mut State, d: &str, parent: &str, name: &str, conflict: &str, bytes: Vec<u8>) -> Result<(u16, String), Response> {
+fn place(
+    st: &mut State,
+    d: &str,
+    parent: &str,
+    name: &str,
+    conflict: &str,
+    bytes: Vec<u8>,
+) -> Result<(u16, String), Box<Response>> {
     if let Some(q) = st.quota {
         let used: u64 = st.items.values().map(|i| i.bytes.len() as u64).sum();
         if used + bytes.len() as u64 > q {
-            return Err(graph_error(507, "quotaLimitReached", "Insufficient Space Available"));
+            return Err(Box::new(graph_error(507, "quotaLimitReached", "Insufficient Space Available")));
         }
     }
     let mut name = name.to_string();
     if let Some(existing) = child(st, parent, &name) {
         match conflict {
-            "fail" => return Err(graph_error(409, "nameAlreadyExists", "The specified item name already exists.")),
+            "fail" => {
+                return Err(Box::new(graph_error(409, "nameAlreadyExists", "The specified item name already exists.")))
+            }
             "rename" => {
                 let mut n = 1;
                 while child(st, parent, &renamed(&name, n)).is_some() {
@@ -577,9 +586,9 @@ fn place(st: &mut State, d: &str, parent: &str, name: &str, conflict: &str, byte
                 name = renamed(&name, n);
             }
             _ => {
-                let Some(i) = st.items.get_mut(&existing) else { return Err(not_found()) };
+                let Some(i) = st.items.get_mut(&existing) else { return Err(Box::new(not_found())) };
                 if i.folder {
-                    return Err(graph_error(409, "nameAlreadyExists", "A folder of that name exists."));
+                    return Err(Box::new(graph_error(409, "nameAlreadyExists", "A folder of that name exists.")));
                 }
                 i.bytes = bytes;
                 i.version += 1;
@@ -714,7 +723,7 @@ fn serve(shared: &Shared, op: Op, route: Route, query: &str, headers: &HeaderMap
                 .to_string();
             match place(&mut st, &d, &parent, &name, &conflict, body.to_vec()) {
                 Ok((status, id)) => answer_item(base, &st, status, &id),
-                Err(r) => r,
+                Err(r) => *r,
             }
         }
         Route::Session(d, id, mut path) => {
@@ -753,7 +762,7 @@ fn serve(shared: &Shared, op: Op, route: Route, query: &str, headers: &HeaderMap
             if start != s.received.len() as u64 {
                 return graph_error(416, "invalidRange", "The uploaded fragment is not the next expected range.");
             }
-            if end + 1 < total && body.len() % FRAGMENT != 0 {
+            if end + 1 < total && !body.len().is_multiple_of(FRAGMENT) {
                 return graph_error(400, "invalidRequest", "A fragment must be a multiple of 320 KiB, except the last.");
             }
             s.total = Some(total);
@@ -769,7 +778,7 @@ fn serve(shared: &Shared, op: Op, route: Route, query: &str, headers: &HeaderMap
             let Some(s) = st.sessions.remove(&token) else { return not_found() };
             match place(&mut st, &s.drive, &s.parent, &s.name, &s.conflict, s.received) {
                 Ok((status, id)) => answer_item(base, &st, status, &id),
-                Err(r) => r,
+                Err(r) => *r,
             }
         }
     }
