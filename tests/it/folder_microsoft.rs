@@ -478,3 +478,22 @@ async fn a_onedrive_file_and_its_organisation_link() {
     assert!(link.starts_with(&fake.url()) && link.contains(&saved.id), "{link}");
     assert_eq!(fake.links(), [(saved.id.clone(), "view".to_string(), "organization".to_string())]);
 }
+
+#[tokio::test]
+async fn a_range_refused_for_throttling_is_sent_again_in_the_same_session() {
+    let fake = fake_with_site().await;
+    let target = sharepoint(None);
+    let sink = Recorder::new(&fake);
+    let content = bytes(25_000_000, 10);
+    let f = file(&[], "t.pdf", content.len());
+    let drive = GraphDrive::new(&fake.url(), None).expect("drive");
+    fake.fault(Op::PutChunk, 2, Action::error(503, "serviceNotAvailable", "Service unavailable"));
+    let e = save(&drive, &target, Conflict::Rename, &f, &content, None, &sink).await.unwrap_err();
+    assert!(matches!(e, SendError::Throttled { .. }), "{e:?}");
+    let step = sink.last();
+    assert_eq!(step.offset, CHUNK as u64);
+    let saved = save(&drive, &target, Conflict::Rename, &f, &content, Some(&step), &sink).await.expect("resumed");
+    assert_eq!((saved.name.as_str(), fake.sessions_created()), ("t.pdf", 1));
+    let files = fake.files();
+    assert!(files.len() == 1 && files[0].bytes == content);
+}
