@@ -46,7 +46,8 @@ use crate::locks::MutexExt;
 use crate::oauth::tokens::AccessToken;
 use crate::reply::sanitize_text;
 use crate::upstream::classify::UpstreamReply;
-use crate::upstream::graph::{SessionUrl, DEFAULT_RETRY_AFTER};
+use crate::upstream::graph::reply::{failure, graph_error};
+use crate::upstream::graph::{network, usable_upload_url, SessionUrl};
 use crate::upstream::SendError;
 
 /// The largest file a simple `PUT .../content` takes (Graph: 4 MB).
@@ -694,14 +695,6 @@ fn next_expected(v: &Value) -> Option<u64> {
     v["nextExpectedRanges"].as_array()?.first()?.as_str()?.split('-').next()?.trim().parse().ok()
 }
 
-/// Graph's `{"error": {"code", "message"}}`, made safe for a reply line (as
-/// `upstream::graph`'s reply module reads it).
-fn graph_error(body: &[u8]) -> (String, String) {
-    let v: Value = serde_json::from_slice(body).unwrap_or_default();
-    let text = |k: &str| sanitize_text(v["error"][k].as_str().unwrap_or_default(), if k == "code" { 80 } else { 240 });
-    (text("code"), text("message"))
-}
-
 /// `code: message`, or the status when Graph said nothing.
 fn detail(a: &Answer) -> String {
     let (code, message) = graph_error(&a.body);
@@ -723,7 +716,7 @@ fn refusal(a: &Answer, target: &Target, what: &str) -> SendError {
         403 => rejected(550, format!("5.7.1 Microsoft Graph refused access to {what} ({d}); {}", access_hint(target))),
         507 => rejected(552, format!("5.2.2 the library is full: {what} not saved ({d})")),
         _ if code == "quotaLimitReached" => rejected(552, format!("5.2.2 the library is full: {what} not saved ({d})")),
-        _ => mail_failure(status, a.headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()), d),
+        _ => failure(status, a.headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()), &a.body),
     }
 }
 
@@ -740,32 +733,6 @@ fn access_hint(target: &Target) -> &'static str {
     }
 }
 
-/// The mail path's mapping of the other answers (`upstream::graph`'s reply module, which is
-/// private to it): 401 the token, 429/503/504 throttling, 408/409/423/425 and 5xx transient,
-/// other 4xx permanent.
-fn mail_failure(status: u16, retry_after: Option<&str>, what: String) -> SendError {
-    match status {
-        401 => SendError::Auth {
-            reply: UpstreamReply::new(535, "5.7.0 Microsoft Graph refused the token (HTTP 401)"),
-            detail: Some(what),
-        },
-        429 | 503 | 504 => SendError::Throttled {
-            reply: UpstreamReply::new(451, format!("4.4.5 Microsoft Graph is throttling (HTTP {status}) {what}")),
-            retry_after: crate::upstream::api::retry_after(retry_after, chrono::Utc::now())
-                .unwrap_or(DEFAULT_RETRY_AFTER),
-        },
-        408 | 409 | 423 | 425 => SendError::Rejected(UpstreamReply::new(
-            451,
-            format!("4.3.0 Microsoft Graph asked to try again (HTTP {status}) {what}"),
-        )),
-        413 => SendError::Rejected(UpstreamReply::new(552, format!("5.3.4 Microsoft Graph {what}"))),
-        400..=499 => SendError::Rejected(UpstreamReply::new(554, format!("5.0.0 Microsoft Graph {what}"))),
-        _ => {
-            SendError::Rejected(UpstreamReply::new(451, format!("4.3.0 Microsoft Graph failed (HTTP {status}) {what}")))
-        }
-    }
-}
-
 /// A file that gave fewer (or more) bytes than counted: the same every attempt.
 fn short(name: &str, at: u64, size: u64) -> SendError {
     SendError::Rejected(UpstreamReply::new(
@@ -776,29 +743,6 @@ fn short(name: &str, at: u64, size: u64) -> SendError {
 
 fn read_error(e: std::io::Error) -> Fail {
     Fail::Send(SendError::Network(format!("reading the file to upload: {e}")))
-}
-
-/// Whether an `uploadUrl` may be used: https, or http only when Graph itself is reached by
-/// http (a loopback fake).
-fn usable_upload_url(base: &str, upload: &str) -> bool {
-    let Ok(u) = url::Url::parse(upload) else { return false };
-    match u.scheme() {
-        "https" => u.host_str().is_some(),
-        "http" => base.starts_with("http://") && u.host_str().is_some(),
-        _ => false,
-    }
-}
-
-/// A connection error, without the URL (an upload URL carries its own authorisation).
-fn network(e: reqwest::Error) -> SendError {
-    let e = e.without_url();
-    let mut text = format!("Microsoft Graph: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    SendError::Network(text)
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@
 //! under 2 MiB is decoded whole for its JSON request, a small message read whole for sendMail.
 //! Reads and decoding run on blocking threads; an upload keeps one range ahead at most.
 
-mod reply;
+pub(crate) mod reply;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -922,7 +922,7 @@ fn short(a: &Attachment, at: u64) -> SendError {
 
 /// Whether an `uploadUrl` may be used: https (Graph's are on outlook.office.com), or http
 /// only when Graph itself is reached by http (a loopback fake: `check` allows nothing else).
-fn usable_upload_url(base: &str, upload: &str) -> bool {
+pub(crate) fn usable_upload_url(base: &str, upload: &str) -> bool {
     let Ok(u) = url::Url::parse(upload) else { return false };
     match u.scheme() {
         "https" => u.host_str().is_some(),
@@ -945,7 +945,7 @@ fn range_start(s: &str) -> Option<u64> {
 }
 
 /// A connection error, without the URL (an upload URL carries its own authorisation).
-fn network(e: reqwest::Error) -> SendError {
+pub(crate) fn network(e: reqwest::Error) -> SendError {
     let e = e.without_url();
     let mut text = format!("Microsoft Graph: {e}");
     let mut source = std::error::Error::source(&e);
