@@ -1187,6 +1187,34 @@ listen = "127.0.0.1:2525"
     }
 
     #[test]
+    fn the_example_destination_and_oversize_link_pass_check_when_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let text = std::fs::read_to_string(&path).expect("example");
+        let mut out = String::new();
+        let mut in_destination = false;
+        let mut uncommented = 0;
+        for line in text.lines() {
+            in_destination = (in_destination && !line.trim().is_empty()) || line == "# [[destination]]";
+            let on =
+                in_destination || line.starts_with("# oversize = ") || line.starts_with("# oversize_destination = ");
+            match line.strip_prefix("# ").filter(|_| on) {
+                Some(rest) => {
+                    uncommented += 1;
+                    out.push_str(rest);
+                }
+                None => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        assert!(uncommented >= 12, "{uncommented} lines uncommented");
+        let c = Config::parse(&path, out).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.problems().iter().map(|p| p.to_string()).collect::<Vec<_>>(), Vec::<String>::new());
+        let d = c.destination("finance").expect("the example destination");
+        assert_eq!(d.folder.get_ref(), "Scans/{device}/{yyyy}-{MM}");
+        assert_eq!(c.identity("scans").expect("scans").oversize(), Oversize::Link);
+    }
+
+    #[test]
     fn listener_keys_and_modes_keep_their_lines() {
         let p = problems("[[listener]]\nlisten = \"0.0.0.0:2525\"\ncertificate = \"c.pem\"\n");
         assert_eq!(p.len(), 1, "{p:?}");
