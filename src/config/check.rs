@@ -8,7 +8,10 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use super::types::Found;
-use super::{folder_key, looks_like_address, After, Config, Flow, ListenerTls, ProviderKind, SendVia};
+use super::{
+    folder_key, looks_like_address, After, Config, DestinationKind, Flow, ListenerTls, Oversize, ProviderKind, SendVia,
+};
+use crate::filenames::Template;
 
 impl Config {
     /// Every cross-reference problem of the file, with spans, in no particular order.
@@ -23,6 +26,8 @@ impl Config {
         out.extend(self.check_devices());
         out.extend(self.check_mailboxes());
         out.extend(self.check_notify());
+        out.extend(self.check_destinations());
+        out.extend(self.check_oversize());
         out
     }
 
@@ -30,6 +35,7 @@ impl Config {
     /// start and reload, never refused.
     pub(super) fn advice_found(&self) -> Vec<Found> {
         let mut out = self.advice_unused();
+        out.extend(self.advice_destinations());
         let admin = self.admin.listen.get_ref();
         if self.admin.token.is_none() && self.admin.basic_auth_user.is_none() && !admin.ip().is_loopback() {
             // Fine behind a network policy (the Kubernetes manifests), never on an open LAN:
@@ -293,10 +299,19 @@ impl Config {
                 ProviderKind::Google => {}
             }
             // Bearer tokens travel to these URLs: https, or plain http to this machine only.
-            for (key, url) in [("graph_url", &pr.graph_url), ("gmail_api_url", &pr.gmail_api_url)] {
+            for (key, url) in [
+                ("graph_url", &pr.graph_url),
+                ("gmail_api_url", &pr.gmail_api_url),
+                ("drive_api_url", &pr.drive_api_url),
+            ] {
                 let Some(url) = url else { continue };
                 if let Some(why) = api_url_problem(url.get_ref()) {
                     out.push((url.span(), format!("provider \"{name}\": {key} {why}")));
+                }
+            }
+            if let Some(url) = &pr.drive_api_url {
+                if pr.kind != ProviderKind::Google {
+                    out.push((url.span(), format!("provider \"{name}\": drive_api_url is only for kind = \"google\"")));
                 }
             }
         }
@@ -474,6 +489,175 @@ impl Config {
 }
 
 impl Config {
+    /// `[[destination]]`: names and addresses once each, an identity whose provider reaches
+    /// the kind, the keys of that kind only, and templates that parse.
+    fn check_destinations(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for d in &self.destinations {
+            let d = d.get_ref();
+            let name = d.name.get_ref();
+            if !names.insert(name.clone()) {
+                out.push((d.name.span(), format!("destination \"{name}\" is defined twice")));
+            }
+            let address = d.address.get_ref();
+            if !looks_like_address(address) {
+                out.push((d.address.span(), format!("destination \"{name}\": \"{address}\" is not a mail address")));
+            } else if !addresses.insert(address.to_ascii_lowercase()) {
+                out.push((
+                    d.address.span(),
+                    format!("destination \"{name}\": address \"{address}\" is already another destination's"),
+                ));
+            }
+            // Mail to an identity's own address must reach its mailbox (replies, bounces).
+            if let Some(id) = self.identities.iter().find(|i| i.get_ref().email.get_ref().eq_ignore_ascii_case(address))
+            {
+                out.push((
+                    d.address.span(),
+                    format!(
+                        "destination \"{name}\": address \"{address}\" is the mail address of identity \"{}\"; \
+                         mail to it would be saved to the folder instead of delivered (use an address of its own, \
+                         like scans-{name}@relay.lan)",
+                        id.get_ref().name.get_ref()
+                    ),
+                ));
+            }
+            let kind = *d.kind.get_ref();
+            match self.identity(d.identity.get_ref()) {
+                None => out.push((
+                    d.identity.span(),
+                    format!("destination \"{name}\": identity \"{}\" is not defined", d.identity.get_ref()),
+                )),
+                Some(id) => {
+                    // An undefined provider is the identity's own problem.
+                    if let Some(pr) = self.provider(id.provider.get_ref()) {
+                        if pr.kind != kind.provider_kind() {
+                            out.push((
+                                d.kind.span(),
+                                format!(
+                                    "destination \"{name}\": kind = \"{kind}\" needs a kind = \"{}\" provider, but identity \
+                                     \"{}\" uses provider \"{}\" (kind = \"{}\")",
+                                    provider_kind_str(kind.provider_kind()),
+                                    id.name.get_ref(),
+                                    pr.name.get_ref(),
+                                    provider_kind_str(pr.kind)
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+            for (key, value, only) in [
+                ("site", &d.site, DestinationKind::Sharepoint),
+                ("library", &d.library, DestinationKind::Sharepoint),
+                ("user", &d.user, DestinationKind::Onedrive),
+                ("folder_id", &d.folder_id, DestinationKind::GoogleDrive),
+            ] {
+                if let Some(v) = value {
+                    if kind != only {
+                        out.push((v.span(), format!("destination \"{name}\": {key} is only for kind = \"{only}\"")));
+                    }
+                }
+            }
+            match (&d.site, kind) {
+                (None, DestinationKind::Sharepoint) => out.push((
+                    d.kind.span(),
+                    format!(
+                        "destination \"{name}\": kind = \"sharepoint\" needs site = \"host:/sites/name\" \
+                         (like \"contoso.sharepoint.com:/sites/Finance\")"
+                    ),
+                )),
+                (Some(site), DestinationKind::Sharepoint) if !is_site(site.get_ref()) => out.push((
+                    site.span(),
+                    format!(
+                        "destination \"{name}\": site \"{}\" is not of the form host:/sites/name or host:/teams/name \
+                         (like \"contoso.sharepoint.com:/sites/Finance\")",
+                        site.get_ref()
+                    ),
+                )),
+                _ => {}
+            }
+            if let Some(id) = &d.folder_id {
+                if kind == DestinationKind::GoogleDrive && !is_drive_id(id.get_ref()) {
+                    out.push((
+                        id.span(),
+                        format!(
+                            "destination \"{name}\": folder_id \"{}\" is not a Drive folder id (the last part of the \
+                             folder's address, drive.google.com/drive/folders/<id>)",
+                            id.get_ref()
+                        ),
+                    ));
+                }
+            }
+            if let Err(e) = Template::parse_folder(d.folder.get_ref()) {
+                out.push((d.folder.span(), format!("destination \"{name}\": folder: {e}")));
+            }
+            if let Err(e) = Template::parse(d.file_name.get_ref()) {
+                out.push((d.file_name.span(), format!("destination \"{name}\": file_name: {e}")));
+            }
+        }
+        out
+    }
+
+    /// `[[identity]] oversize = "link"` and the destination its attachments go to.
+    fn check_oversize(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        for id in &self.identities {
+            let id = id.get_ref();
+            let name = id.name.get_ref();
+            match (&id.oversize, &id.oversize_destination) {
+                (Some(o), None) if *o.get_ref() == Oversize::Link => out.push((
+                    o.span(),
+                    format!(
+                        "identity \"{name}\": oversize = \"link\" needs oversize_destination, the [[destination]] \
+                         the attachments go to"
+                    ),
+                )),
+                (o, Some(dest)) if o.as_ref().is_none_or(|o| *o.get_ref() != Oversize::Link) => out.push((
+                    dest.span(),
+                    format!("identity \"{name}\": oversize_destination is only for oversize = \"link\""),
+                )),
+                (_, Some(dest)) if self.destination(dest.get_ref()).is_none() => out.push((
+                    dest.span(),
+                    format!(
+                        "identity \"{name}\": oversize_destination \"{}\" is not a defined [[destination]]",
+                        dest.get_ref()
+                    ),
+                )),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Destinations no device may send to, when every device has a `recipients` list.
+    fn advice_destinations(&self) -> Vec<Found> {
+        let lists: Option<Vec<_>> = self.devices.iter().map(|d| d.get_ref().recipients.as_ref()).collect();
+        let Some(lists) = lists.filter(|l| !l.is_empty()) else { return Vec::new() };
+        let used_for_oversize = |name: &str| {
+            self.identities
+                .iter()
+                .any(|i| i.get_ref().oversize_destination.as_ref().is_some_and(|d| d.get_ref() == name))
+        };
+        self.destinations
+            .iter()
+            .map(|d| d.get_ref())
+            .filter(|d| !lists.iter().any(|l| l.iter().any(|p| p.matches(d.address.get_ref()))))
+            .filter(|d| !used_for_oversize(d.name.get_ref()))
+            .map(|d| {
+                (
+                    d.address.span(),
+                    format!(
+                        "destination \"{}\": no [[device]]'s recipients list admits \"{}\", so no device can scan to it",
+                        d.name.get_ref(),
+                        d.address.get_ref()
+                    ),
+                )
+            })
+            .collect()
+    }
+
     fn check_notify(&self) -> Vec<Found> {
         let n = &self.notify;
         let mut out = Vec::new();
@@ -515,6 +699,37 @@ impl Config {
         }
         out
     }
+}
+
+/// The config spelling of a provider kind.
+fn provider_kind_str(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Microsoft => "microsoft",
+        ProviderKind::Google => "google",
+        ProviderKind::Generic => "generic",
+    }
+}
+
+/// A SharePoint site as Graph addresses it by path: `host:/sites/name` or `host:/teams/name`
+/// (`GET /sites/{hostname}:/{server-relative-path}`), subsites allowed.
+fn is_site(s: &str) -> bool {
+    let Some((host, path)) = s.split_once(':') else { return false };
+    let name = path.strip_prefix("/sites/").or_else(|| path.strip_prefix("/teams/"));
+    !host.is_empty()
+        && host.contains('.')
+        && !host.contains(['/', ' ', '@'])
+        && name.is_some_and(|n| {
+            !n.is_empty()
+                && !n.starts_with('/')
+                && !n.ends_with('/')
+                && !n.contains("//")
+                && !n.contains(['?', '#', ':'])
+        })
+}
+
+/// A Google Drive file id (letters, digits, `-` and `_`; `root` too).
+fn is_drive_id(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// One plain `local@domain` address: no display name, brackets, list or spaces.

@@ -1187,6 +1187,34 @@ listen = "127.0.0.1:2525"
     }
 
     #[test]
+    fn the_example_destination_and_oversize_link_pass_check_when_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let text = std::fs::read_to_string(&path).expect("example");
+        let mut out = String::new();
+        let mut in_destination = false;
+        let mut uncommented = 0;
+        for line in text.lines() {
+            in_destination = (in_destination && !line.trim().is_empty()) || line == "# [[destination]]";
+            let on =
+                in_destination || line.starts_with("# oversize = ") || line.starts_with("# oversize_destination = ");
+            match line.strip_prefix("# ").filter(|_| on) {
+                Some(rest) => {
+                    uncommented += 1;
+                    out.push_str(rest);
+                }
+                None => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        assert!(uncommented >= 12, "{uncommented} lines uncommented");
+        let c = Config::parse(&path, out).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.problems().iter().map(|p| p.to_string()).collect::<Vec<_>>(), Vec::<String>::new());
+        let d = c.destination("finance").expect("the example destination");
+        assert_eq!(d.folder.get_ref(), "Scans/{device}/{yyyy}-{MM}");
+        assert_eq!(c.identity("scans").expect("scans").oversize(), Oversize::Link);
+    }
+
+    #[test]
     fn listener_keys_and_modes_keep_their_lines() {
         let p = problems("[[listener]]\nlisten = \"0.0.0.0:2525\"\ncertificate = \"c.pem\"\n");
         assert_eq!(p.len(), 1, "{p:?}");
@@ -1366,6 +1394,163 @@ listen = "127.0.0.1:2525"
 
     fn line_of_text(text: &str, needle: &str) -> usize {
         text.lines().position(|l| l.contains(needle)).unwrap() + 1
+    }
+
+    /// A Microsoft and a Google identity for the destination tests, then `rest`.
+    fn with_destinations(rest: &str) -> String {
+        format!(
+            "[relay]\nhostname = \"r.test\"\n[[listener]]\nlisten = \"127.0.0.1:2525\"\n\
+             [[provider]]\nname = \"m365\"\nkind = \"microsoft\"\ntenant = \"t.test\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+             [[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+             [[identity]]\nname = \"scans\"\nprovider = \"m365\"\nemail = \"scans@contoso.test\"\nflow = \"client_credentials\"\n\
+             [[identity]]\nname = \"gscans\"\nprovider = \"g\"\nemail = \"scans@gmail.test\"\nflow = \"auth_code\"\n\
+             [[device]]\nname = \"d1\"\nidentity = \"scans\"\naddresses = [\"10.0.0.0/8\"]\n{rest}"
+        )
+    }
+
+    /// The one problem of `text` (asserted alone), checked to be on the line of `needle`.
+    fn one_problem_at(text: &str, needle: &str) -> String {
+        let p = problems(text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        let at = format!("/nonexistent/config.toml:{}: ", line_of_text(text, needle));
+        assert!(p[0].starts_with(&at), "{at}\n{p:?}");
+        p[0].clone()
+    }
+
+    const SHAREPOINT: &str = "\n[[destination]]\nname = \"finance\"\naddress = \"finance@scan.lan\"\nidentity = \"scans\"\n\
+        kind = \"sharepoint\"\nsite = \"contoso.sharepoint.com:/sites/Finance\"\nlibrary = \"Documents\"\n\
+        folder = \"Scans/{device}/{yyyy}-{MM}\"\nfile_name = \"{yyyy}{MM}{dd}-{HH}{mm}{ss}-{name}\"\nconflict = \"rename\"\n";
+
+    #[test]
+    fn good_destinations_have_no_problems() {
+        let text = with_destinations(&format!(
+            "{SHAREPOINT}\n[[destination]]\nname = \"me\"\naddress = \"me@scan.lan\"\nidentity = \"scans\"\nkind = \"onedrive\"\nuser = \"alice@contoso.test\"\n\
+             \n[[destination]]\nname = \"drive\"\naddress = \"drive@scan.lan\"\nidentity = \"gscans\"\nkind = \"google_drive\"\nfolder_id = \"0AbC-d_9\"\n\
+             conflict = \"fail\"\nreceipt = true\nsave_body = true\n\
+             \n[[destination]]\nname = \"team\"\naddress = \"team@scan.lan\"\nidentity = \"scans\"\nkind = \"sharepoint\"\nsite = \"contoso.sharepoint.com:/teams/Ops/sub\"\n"
+        ));
+        assert_eq!(problems(&text), Vec::<String>::new());
+        let c = parse(&text).expect("parses");
+        let d = c.destination("drive").expect("drive");
+        assert_eq!((*d.kind.get_ref(), d.conflict), (DestinationKind::GoogleDrive, Conflict::Fail));
+        assert_eq!(d.file_name.get_ref(), "{yyyy}{MM}{dd}-{HH}{mm}{ss}-{name}", "the default");
+    }
+
+    #[test]
+    fn destination_mistakes_are_caught_with_lines() {
+        let sp = |from: &str, to: &str| with_destinations(&SHAREPOINT.replace(from, to));
+        // Names and addresses.
+        let text = with_destinations(&format!("{SHAREPOINT}{}", SHAREPOINT.replace("finance@", "other@")));
+        let p = problems(&text);
+        assert!(p.len() == 1 && p[0].contains("destination \"finance\" is defined twice"), "{p:?}");
+        let text = with_destinations(&format!(
+            "{SHAREPOINT}{}",
+            SHAREPOINT.replace("\"finance\"", "\"f2\"").replace("finance@", "FINANCE@")
+        ));
+        let m = one_problem_at(&text, "FINANCE@scan.lan");
+        assert!(m.contains("address \"FINANCE@scan.lan\" is already another destination's"), "{m}");
+        let m = one_problem_at(&sp("finance@scan.lan", "finance"), "address = \"finance\"");
+        assert!(m.contains("\"finance\" is not a mail address"), "{m}");
+        let m = one_problem_at(&sp("finance@scan.lan", "Scans@Contoso.test"), "address = \"Scans@");
+        assert!(m.contains("is the mail address of identity \"scans\""), "{m}");
+        // The identity and its provider's kind.
+        let m = one_problem_at(&sp("identity = \"scans\"\nkind", "identity = \"nobody\"\nkind"), "\"nobody\"");
+        assert!(m.contains("destination \"finance\": identity \"nobody\" is not defined"), "{m}");
+        let text = sp("identity = \"scans\"\nkind", "identity = \"gscans\"\nkind");
+        let m = one_problem_at(&text, "kind = \"sharepoint\"");
+        assert!(m.contains("kind = \"sharepoint\" needs a kind = \"microsoft\" provider, but identity \"gscans\" uses provider \"g\" (kind = \"google\")"), "{m}");
+        // The keys of each kind.
+        let m = one_problem_at(&sp("site = \"contoso.sharepoint.com:/sites/Finance\"\n", ""), "kind = \"sharepoint\"");
+        assert!(m.contains("kind = \"sharepoint\" needs site"), "{m}");
+        for bad in [
+            "contoso.sharepoint.com/sites/Finance",
+            "contoso.sharepoint.com:/Finance",
+            "https://contoso.sharepoint.com:/sites/x",
+            "contoso.sharepoint.com:/sites/",
+        ] {
+            let m = one_problem_at(&sp("contoso.sharepoint.com:/sites/Finance", bad), "site = ");
+            assert!(m.contains("is not of the form host:/sites/name or host:/teams/name"), "{bad}: {m}");
+        }
+        let p = problems(&sp("kind = \"sharepoint\"", "kind = \"onedrive\""));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].contains("site is only for kind = \"sharepoint\"")
+                && p[1].contains("library is only for kind = \"sharepoint\""),
+            "{p:?}"
+        );
+        let m = one_problem_at(&sp("library = \"Documents\"", "user = \"a@contoso.test\""), "user = ");
+        assert!(m.contains("user is only for kind = \"onedrive\""), "{m}");
+        let m = one_problem_at(&sp("library = \"Documents\"", "folder_id = \"0AbC\""), "folder_id = ");
+        assert!(m.contains("folder_id is only for kind = \"google_drive\""), "{m}");
+        let drive = "\n[[destination]]\nname = \"drive\"\naddress = \"drive@scan.lan\"\nidentity = \"gscans\"\nkind = \"google_drive\"\nfolder_id = \"https://drive.google.com/drive/folders/0AbC\"\n";
+        let m = one_problem_at(&with_destinations(drive), "folder_id = ");
+        assert!(m.contains("is not a Drive folder id"), "{m}");
+        let m = one_problem_at(&sp("kind = \"sharepoint\"", "kind = \"dropbox\""), "kind = \"dropbox\"");
+        assert!(m.contains("unknown variant"), "{m}");
+        // Templates.
+        let m = one_problem_at(&sp("folder = \"Scans/{device}", "folder = \"Scans/{name}"), "folder = ");
+        assert!(
+            m.contains("destination \"finance\": folder: {name} is the attachment's own name, for file_name only"),
+            "{m}"
+        );
+        let m = one_problem_at(&sp("{ss}-{name}", "{ss}-{nmae}"), "file_name = ");
+        assert!(m.contains("destination \"finance\": file_name: unknown placeholder {nmae}"), "{m}");
+        let m = one_problem_at(&sp("{ss}-{name}", "{ss}-{name"), "file_name = ");
+        assert!(m.contains("file_name: unclosed {"), "{m}");
+    }
+
+    #[test]
+    fn oversize_links_need_a_destination_and_drive_urls_a_google_provider() {
+        let scans = "flow = \"client_credentials\"\n";
+        let with = |extra: &str| with_destinations(SHAREPOINT).replacen(scans, &format!("{scans}{extra}"), 1);
+        assert_eq!(problems(&with("oversize = \"link\"\noversize_destination = \"finance\"\n")), Vec::<String>::new());
+        assert_eq!(problems(&with("oversize = \"refuse\"\n")), Vec::<String>::new());
+        let text = with("oversize = \"link\"\n");
+        let m = one_problem_at(&text, "oversize = ");
+        assert!(m.contains("identity \"scans\": oversize = \"link\" needs oversize_destination"), "{m}");
+        let text = with("oversize = \"link\"\noversize_destination = \"nowhere\"\n");
+        let m = one_problem_at(&text, "oversize_destination = ");
+        assert!(m.contains("oversize_destination \"nowhere\" is not a defined [[destination]]"), "{m}");
+        for extra in
+            ["oversize_destination = \"finance\"\n", "oversize = \"refuse\"\noversize_destination = \"finance\"\n"]
+        {
+            let text = with(extra);
+            let m = one_problem_at(&text, "oversize_destination = ");
+            assert!(m.contains("oversize_destination is only for oversize = \"link\""), "{m}");
+        }
+        // drive_api_url: like the other API URLs, and on Google providers only.
+        let g = "kind = \"google\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+        let text = with_destinations("").replace(g, &format!("{g}drive_api_url = \"http://127.0.0.1:9\"\n"));
+        assert_eq!(problems(&text), Vec::<String>::new());
+        let text = with_destinations("").replace(g, &format!("{g}drive_api_url = \"http://drive.example.test\"\n"));
+        let m = one_problem_at(&text, "drive_api_url");
+        assert!(m.contains("provider \"g\": drive_api_url must use https"), "{m}");
+        let ms = "tenant = \"t.test\"\n";
+        let text = with_destinations("").replace(ms, &format!("{ms}drive_api_url = \"https://drive.example.test\"\n"));
+        let m = one_problem_at(&text, "drive_api_url");
+        assert!(m.contains("provider \"m365\": drive_api_url is only for kind = \"google\""), "{m}");
+    }
+
+    #[test]
+    fn a_destination_no_device_may_send_to_is_advised_about() {
+        let text = with_destinations(SHAREPOINT);
+        let limited = text.replace(
+            "addresses = [\"10.0.0.0/8\"]\n",
+            "addresses = [\"10.0.0.0/8\"]\nrecipients = [\"*@contoso.test\"]\n",
+        );
+        let a = advice(&limited);
+        let at = format!("/nonexistent/config.toml:{}: ", line_of_text(&limited, "address = \"finance@"));
+        assert!(
+            a.iter().any(|m| m.starts_with(&at)
+                && m.contains("destination \"finance\": no [[device]]'s recipients list admits \"finance@scan.lan\"")),
+            "{a:?}"
+        );
+        let admitted = limited.replace("\"*@contoso.test\"", "\"*@contoso.test\", \"*@scan.lan\"");
+        assert!(!advice(&admitted).iter().any(|m| m.contains("recipients list admits")), "{:?}", advice(&admitted));
+        assert!(
+            !advice(&text).iter().any(|m| m.contains("recipients list admits")),
+            "a device without a list admits any"
+        );
     }
 
     #[test]

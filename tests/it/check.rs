@@ -104,3 +104,41 @@ async fn sign_ins_are_read_from_the_data_directory_unless_the_relay_holds_it() {
     w.relay.spawn();
     assert!(w.relay.running(), "{}", w.relay.log());
 }
+
+#[test]
+fn a_bad_destination_is_refused_with_its_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let ms = "[[provider]]\nname = \"m365\"\nkind = \"microsoft\"\ntenant = \"contoso.test\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\n";
+    let text = format!(
+        "[relay]\ndata_dir = \"data\"\n\n[[listener]]\nlisten = \"127.0.0.1:2525\"\n\n{PROVIDER}{ms}\
+         [[identity]]\nname = \"scans\"\nprovider = \"m365\"\nemail = \"scans@contoso.test\"\nflow = \"client_credentials\"\n\
+         oversize = \"link\"\noversize_destination = \"finanse\"\n\n\
+         [[device]]\nname = \"floor3\"\nidentity = \"scans\"\naddresses = [\"192.168.10.31/32\"]\n\n\
+         [[destination]]\nname = \"finance\"\naddress = \"finance@scan.lan\"\nidentity = \"scans\"\nkind = \"sharepoint\"\n\
+         site = \"contoso.sharepoint.com/sites/Finance\"\nfolder = \"Scans/{{name}}\"\nfile_name = \"{{YYYY}}-{{name}}\"\n\
+         folder_id = \"0AbC\"\n"
+    );
+    let (code, out) = check(dir.path(), &text);
+    assert_eq!(code, 1, "{out}");
+    for (needle, message) in [
+        ("site = ", "destination \"finance\": site \"contoso.sharepoint.com/sites/Finance\" is not of the form host:/sites/name"),
+        ("folder = ", "destination \"finance\": folder: {name} is the attachment's own name, for file_name only"),
+        ("file_name = ", "destination \"finance\": file_name: unknown placeholder {YYYY}"),
+        ("folder_id = ", "destination \"finance\": folder_id is only for kind = \"google_drive\""),
+        ("oversize_destination = ", "identity \"scans\": oversize_destination \"finanse\" is not a defined [[destination]]"),
+    ] {
+        let at = format!("config.toml:{}: {message}", line_of(&text, needle));
+        assert!(out.contains(&at), "{at}\n{out}");
+    }
+    assert!(!out.contains("ok ("), "{out}");
+    // Fixed, it passes.
+    let good = text
+        .replace("/sites/Finance", ":/sites/Finance")
+        .replace("Scans/{name}", "Scans/{device}")
+        .replace("{YYYY}", "{yyyy}")
+        .replace("folder_id = \"0AbC\"\n", "")
+        .replace("\"finanse\"", "\"finance\"");
+    let (code, out) = check(dir.path(), &good);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok (1 listener(s)"), "{out}");
+}
