@@ -66,7 +66,7 @@ pub fn with_links(rest: &[u8], text: &str, unique: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mail_parser::{MessageParser, MimeHeaders};
+    use mail_parser::MessageParser;
 
     #[test]
     fn the_links_come_first_and_the_rest_of_the_message_stays_readable() {

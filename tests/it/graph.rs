@@ -65,7 +65,7 @@ impl Steps {
 }
 
 /// Deterministic bytes that look like a scanned PDF (incompressible after the header).
-fn pdf(n: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn pdf(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     let mut v = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n".to_vec();
     while v.len() < n {
@@ -79,7 +79,7 @@ fn pdf(n: usize, seed: u64) -> Vec<u8> {
 }
 
 /// A scanner's message: a text part and one base64 part per file.
-fn scan_message(to: &[&str], files: &[(&str, &[u8])]) -> Vec<u8> {
+pub(crate) fn scan_message(to: &[&str], files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut m = format!(
         "Received: from mfd (10.0.0.9)\r\nFrom: scans@contoso.com\r\nTo: {}\r\nSubject: Scan\r\n\
          Message-ID: <scan-{}@relay.lan>\r\nDate: Wed, 02 Dec 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n\

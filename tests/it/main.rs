@@ -9,6 +9,7 @@ mod abuse;
 mod check;
 mod clients;
 mod durability;
+mod folders;
 mod fakes_selftest;
 mod faults;
 mod folder_microsoft;
