@@ -11,6 +11,7 @@ mod clients;
 mod durability;
 mod fakes_selftest;
 mod faults;
+mod folder_google;
 mod gmail;
 mod graph;
 mod hardening_admin;

@@ -29,6 +29,7 @@
 //! assert_eq!(got[0].user.as_deref(), Some("scans@contoso.com"));
 //! ```
 
+pub mod fake_gdrive;
 pub mod fake_gmail;
 pub mod fake_graph;
 pub mod fake_oauth;
