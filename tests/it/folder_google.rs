@@ -188,6 +188,9 @@ async fn a_40_mb_file_goes_up_in_8_mib_chunks_byte_identical() {
     let c = CHUNK as usize;
     assert_eq!(c, 32 * CHUNK_UNIT);
     assert_eq!(chunks, vec![c, c, c, c, bytes.len() - 4 * c]);
+    let last = fake.requests().into_iter().filter(|r| r.kind == "chunk").last().expect("chunks");
+    assert_eq!(last.content_range.as_deref(), Some("bytes 33554432-39999999/40000000"));
+    assert_eq!(last.status, 200);
     // The session, then the offset after each chunk Drive confirmed with 308.
     let offsets: Vec<u64> = steps.all().iter().map(|s| s.offset).collect();
     assert_eq!(offsets, vec![0, CHUNK, 2 * CHUNK, 3 * CHUNK, 4 * CHUNK]);
@@ -340,6 +343,10 @@ async fn throttling_is_throttled_with_retry_after_including_drive_s_403_rate_lim
     let e = save(&api, &drive("root"), Conflict::Fail, &file, &bytes, None, &Steps::default()).await.expect_err("403");
     let SendError::Throttled { reply, .. } = &e else { panic!("{e:?}") };
     assert!(!reply.is_permanent() && reply.text.contains("userRateLimitExceeded"), "{reply:?}");
+    // A failing backend is transient too, with the default wait.
+    fake.fault("open", 1, Fault::Answer(503, "backendError"));
+    let e = save(&api, &drive("root"), Conflict::Fail, &file, &bytes, None, &Steps::default()).await.expect_err("503");
+    assert!(matches!(&e, SendError::Throttled { retry_after, .. } if *retry_after == Duration::from_secs(60)), "{e:?}");
     save(&api, &drive("root"), Conflict::Fail, &file, &bytes, None, &Steps::default()).await.expect("then it goes");
     assert_eq!(fake.folders_at("root", &["A"]).len(), 1);
 }
