@@ -866,3 +866,115 @@ fn refusal(
         _ => SendError::Rejected(UpstreamReply::new(451, format!("4.3.0 Google Drive answered {said}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc2822("Wed, 02 Dec 2026 10:00:00 GMT").expect("date").to_utc()
+    }
+
+    fn google(code: u16, reason: &str, message: &str) -> Vec<u8> {
+        serde_json::json!({"error": {"code": code, "message": message,
+            "errors": [{"message": message, "domain": "global", "reason": reason}]}})
+        .to_string()
+        .into_bytes()
+    }
+
+    fn reply(e: SendError) -> UpstreamReply {
+        match e {
+            SendError::Rejected(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_step_keeps_its_session_in_the_record_and_out_of_debug() {
+        let step = Step {
+            session: SessionUri("https://www.googleapis.com/upload/drive/v3/files?upload_id=secret1".into()),
+            folder_id: "1abc".into(),
+            name: "scan.pdf".into(),
+            replace: String::new(),
+            offset: CHUNK,
+            total: 20_000_000,
+        };
+        let json = serde_json::to_string(&step).expect("serialises");
+        assert!(json.contains("upload_id=secret1") && !json.contains("replace"), "{json}");
+        assert_eq!(serde_json::from_str::<Step>(&json).expect("parses"), step);
+        assert!(!format!("{step:?}").contains("secret1"));
+        assert_eq!(serde_json::from_str::<Step>("{}").expect("defaults"), Step::default());
+    }
+
+    #[test]
+    fn query_strings_are_escaped_and_renames_numbered() {
+        assert_eq!(q_escape(r"O'Brien \ Legal"), r"O\'Brien \\ Legal");
+        assert_eq!(numbered("scan.pdf", 1), "scan (1).pdf");
+        assert_eq!(numbered("scan.2026.pdf", 2), "scan.2026 (2).pdf");
+        assert_eq!(numbered("README", 3), "README (3)");
+        assert_eq!(numbered(".hidden", 1), ".hidden (1)");
+    }
+
+    #[test]
+    fn only_a_workspace_domain_gets_a_link() {
+        assert_eq!(workspace_domain("scans@Contoso.com").as_deref(), Some("contoso.com"));
+        assert_eq!(workspace_domain("someone@gmail.com"), None);
+        assert_eq!(workspace_domain("relay@project.iam.gserviceaccount.com"), None);
+        assert_eq!(workspace_domain("no-domain"), None);
+        assert_eq!(workspace_domain("x@localhost"), None);
+    }
+
+    #[test]
+    fn drive_sizes_are_read_as_strings_or_numbers() {
+        let f: DriveFile =
+            serde_json::from_str(r#"{"id":"1","name":"a","size":"42","webViewLink":"u"}"#).expect("parses");
+        assert_eq!((f.size, f.web_view_link.as_str()), (Some(42), "u"));
+        let f: DriveFile = serde_json::from_str(r#"{"id":"1","size":7}"#).expect("parses");
+        assert_eq!(f.size, Some(7));
+        assert_eq!(confirmed("bytes=0-8388607"), Some(CHUNK));
+        assert_eq!(confirmed("bytes=5-9"), None);
+    }
+
+    #[test]
+    fn refusals_map_by_status_and_reason() {
+        let e = refusal(401, None, &google(401, "authError", "Invalid Credentials"), Ctx::Session, now());
+        assert!(matches!(&e, SendError::Auth { reply, .. } if reply.code == 535), "{e:?}");
+        for (status, reason, after, wait) in [
+            (429, "rateLimitExceeded", Some("17"), 17),
+            (403, "userRateLimitExceeded", None, 60),
+            (403, "rateLimitExceeded", Some("3"), 3),
+            (500, "backendError", None, 60),
+            (502, "", None, 60),
+            (503, "", Some("9"), 9),
+            (504, "", None, 60),
+        ] {
+            let e = refusal(status, after, &google(status, reason, "x"), Ctx::Session, now());
+            assert!(
+                matches!(&e, SendError::Throttled { retry_after, .. } if *retry_after == Duration::from_secs(wait)),
+                "{status} {reason}: {e:?}"
+            );
+        }
+        let r = reply(refusal(403, None, &google(403, "insufficientPermissions", "no"), Ctx::Folder("root"), now()));
+        assert!(r.code == 550 && r.text.starts_with("5.7.1 ") && r.text.contains("auth/drive"), "{}", r.text);
+        let r = reply(refusal(403, None, &google(403, "storageQuotaExceeded", "full"), Ctx::Folder("root"), now()));
+        assert!(r.code == 552 && r.text.starts_with("5.2.2 "), "{}", r.text);
+        let r = reply(refusal(404, None, &google(404, "notFound", "File not found: 1x."), Ctx::Folder("1x"), now()));
+        assert!(r.code == 550 && r.text.contains("folder 1x") && r.text.contains("supportsAllDrives"), "{}", r.text);
+        assert!(is_missing_folder(&SendError::Rejected(r)));
+        let r = reply(refusal(404, None, b"", Ctx::Session, now()));
+        assert!(!r.is_permanent(), "{}", r.text);
+        let r = reply(refusal(400, None, &google(400, "invalid", "Bad"), Ctx::Session, now()));
+        assert!(r.is_permanent() && r.text.contains("Bad"), "{}", r.text);
+    }
+
+    #[test]
+    fn a_session_must_stay_on_the_api_s_origin() {
+        let d = DriveApi::new("https://www.googleapis.com", None).expect("builds");
+        assert!(d.session_uri(Some("https://www.googleapis.com/upload/drive/v3/files?upload_id=x")).is_ok());
+        assert!(d.session_uri(Some("/upload/drive/v3/files?upload_id=y")).is_ok());
+        assert!(d.session_uri(Some("https://evil.example/upload?upload_id=x")).is_err());
+        assert!(d.session_uri(None).is_err());
+        let u = d.url("drive/v3/files", &["a/b"], &["permissions"]);
+        assert_eq!(u.as_str(), "https://www.googleapis.com/drive/v3/files/a%2Fb/permissions?supportsAllDrives=true");
+    }
+}
