@@ -188,7 +188,7 @@ async fn a_40_mb_file_goes_up_in_8_mib_chunks_byte_identical() {
     let c = CHUNK as usize;
     assert_eq!(c, 32 * CHUNK_UNIT);
     assert_eq!(chunks, vec![c, c, c, c, bytes.len() - 4 * c]);
-    let last = fake.requests().into_iter().filter(|r| r.kind == "chunk").last().expect("chunks");
+    let last = fake.requests().into_iter().rfind(|r| r.kind == "chunk").expect("chunks");
     assert_eq!(last.content_range.as_deref(), Some("bytes 33554432-39999999/40000000"));
     assert_eq!(last.status, 200);
     // The session, then the offset after each chunk Drive confirmed with 308.

@@ -611,14 +611,14 @@ async fn list_handler(
 }
 
 /// Checks a new item's parents: each exists (as this request may see it) and is a folder.
-fn check_parents(st: &State, parents: &[String], query: &str) -> Result<Option<String>, Response> {
+fn check_parents(st: &State, parents: &[String], query: &str) -> Result<Option<String>, Box<Response>> {
     if parents.len() != 1 {
-        return Err(bad("invalidParents", "A file must have exactly one parent."));
+        return Err(Box::new(bad("invalidParents", "A file must have exactly one parent.")));
     }
     match visible(st, &parents[0], query) {
         Some(p) if p.folder => Ok(p.drive.clone()),
-        Some(_) => Err(bad("invalidParents", "The parent is not a folder.")),
-        None => Err(not_found(&parents[0])),
+        Some(_) => Err(Box::new(bad("invalidParents", "The parent is not a folder."))),
+        None => Err(Box::new(not_found(&parents[0]))),
     }
 }
 
@@ -644,7 +644,7 @@ async fn create_handler(
         let Some((name, mime, parents)) = metadata(&body) else { return bad("parseError", "Parse Error") };
         let drive = match check_parents(st, &parents, &query) {
             Ok(d) => d,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         let name = name.unwrap_or_else(|| "Untitled".into());
         let mime = mime.unwrap_or_else(|| "application/octet-stream".into());
@@ -735,7 +735,7 @@ async fn open_handler(
         }
         let Some((name, mime, parents)) = metadata(&body) else { return bad("parseError", "Parse Error") };
         if let Err(r) = check_parents(st, &parents, &query) {
-            return r;
+            return *r;
         }
         let mime_type = mime
             .or_else(|| headers.get("x-upload-content-type").and_then(|v| v.to_str().ok()).map(str::to_string))
