@@ -592,8 +592,8 @@ impl DriveApi {
             return Err(permanent(
                 550,
                 format!(
-                    "5.7.1 no organisation-scoped link for {}: it needs a Google Workspace domain, and the relay \
-                     makes no public links (turn link = off for this destination, or use a Workspace account)",
+                    "5.7.1 no organisation-scoped link for {}: that needs an account of a Google Workspace domain, \
+                     and the relay makes no public links",
                     crate::reply::sanitize_text(&token.account, 100)
                 ),
             ));
