@@ -308,6 +308,25 @@ async fn conflict_rename_takes_the_first_free_number() {
 }
 
 #[tokio::test]
+async fn two_saves_of_one_name_at_once_are_numbered_in_turn() {
+    let (fake, api) = setup().await;
+    let folder = fake.add_folder("root", "Inbox");
+    fake.add_file(&folder, "scan.pdf", b"old");
+    let (a, b) = (data(2_000_000, 17), data(3_000_000, 18));
+    let target = drive(&folder);
+    let (fa, fb) = (pdf(&[], "scan.pdf", a.len()), pdf(&[], "scan.pdf", b.len()));
+    let (sa, sb) = (Steps::default(), Steps::default());
+    let (ra, rb) = tokio::join!(
+        save(&api, &target, Conflict::Rename, &fa, &a, None, &sa),
+        save(&api, &target, Conflict::Rename, &fb, &b, None, &sb),
+    );
+    let mut names = vec![ra.expect("first").name, rb.expect("second").name];
+    names.sort();
+    assert_eq!(names, ["scan (1).pdf", "scan (2).pdf"]);
+    assert_eq!(fake.children(&folder).len(), 3);
+}
+
+#[tokio::test]
 async fn conflict_replace_rewrites_the_existing_file() {
     let (fake, api) = setup().await;
     let folder = fake.add_folder("root", "Inbox");

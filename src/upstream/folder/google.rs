@@ -101,6 +101,10 @@ pub struct DriveApi {
     http: reqwest::Client,
     /// By (account, parent id, name).
     folders: Mutex<HashMap<(String, String, String), FolderSlot>>,
+    /// A lock per (account, folder id, name) held from the conflict look-up to the file's
+    /// creation: two jobs saving one name at once see each other's file (`rename` numbers
+    /// them, `fail` refuses the second) instead of both finding the name free.
+    names: Mutex<HashMap<(String, String, String), Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A file resource as Drive answers it.
@@ -187,7 +191,7 @@ impl DriveApi {
             return Err(format!("drive_api_url: {base} is not an http(s) URL"));
         }
         let http = crate::tls::http_client(ca_file.as_slice(), REQUEST_TIMEOUT)?;
-        Ok(DriveApi { base, http, folders: Mutex::new(HashMap::new()) })
+        Ok(DriveApi { base, http, folders: Mutex::new(HashMap::new()), names: Mutex::new(HashMap::new()) })
     }
 
     /// `base` + `/`-separated `path` + each of `ids` as one (encoded) segment.
@@ -218,10 +222,16 @@ impl DriveApi {
         let mut fresh_ids = false;
         loop {
             let (folder, cached) = self.resolve(token, folder_id, &up.file.folder, fresh_ids).await?;
-            let result = match self.pick_name(token, &folder, up.file, up.conflict).await {
-                Ok((name, replace)) => self.fresh(token, up, folder, name, replace).await,
-                Err(e) => Err(e),
+            let name_lock = self.name_lock(&token.account, &folder, &up.file.name);
+            let result = {
+                let _held = name_lock.lock().await;
+                match self.pick_name(token, &folder, up.file, up.conflict).await {
+                    Ok((name, replace)) => self.fresh(token, up, folder, name, replace).await,
+                    Err(e) => Err(e),
+                }
             };
+            drop(name_lock);
+            self.names.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, l| Arc::strong_count(l) > 1);
             match result {
                 // A cached folder was deleted (or moved out of reach) since: look it up again.
                 Err(e) if cached && !fresh_ids && is_missing_folder(&e) => {
@@ -330,6 +340,11 @@ impl DriveApi {
             map.clear();
         }
         map.entry((account.to_string(), parent.to_string(), name.to_string())).or_default().clone()
+    }
+
+    fn name_lock(&self, account: &str, folder: &str, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry((account.to_string(), folder.to_string(), name.to_string())).or_default().clone()
     }
 
     /// Forgets the cached folder ids of `account`.
