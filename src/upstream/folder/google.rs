@@ -94,17 +94,21 @@ pub struct Step {
 
 /// A lock per folder to find or create, holding its id once known.
 type FolderSlot = Arc<tokio::sync::Mutex<Option<String>>>;
+/// (account, parent or folder id, name).
+type Key = (String, String, String);
+/// A lock per name to save in a folder.
+type NameLock = Arc<tokio::sync::Mutex<()>>;
 
 /// The Google Drive API.
 pub struct DriveApi {
     base: url::Url,
     http: reqwest::Client,
     /// By (account, parent id, name).
-    folders: Mutex<HashMap<(String, String, String), FolderSlot>>,
+    folders: Mutex<HashMap<Key, FolderSlot>>,
     /// A lock per (account, folder id, name) held from the conflict look-up to the file's
     /// creation: two jobs saving one name at once see each other's file (`rename` numbers
     /// them, `fail` refuses the second) instead of both finding the name free.
-    names: Mutex<HashMap<(String, String, String), Arc<tokio::sync::Mutex<()>>>>,
+    names: Mutex<HashMap<Key, NameLock>>,
 }
 
 /// A file resource as Drive answers it.
@@ -342,7 +346,7 @@ impl DriveApi {
         map.entry((account.to_string(), parent.to_string(), name.to_string())).or_default().clone()
     }
 
-    fn name_lock(&self, account: &str, folder: &str, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn name_lock(&self, account: &str, folder: &str, name: &str) -> NameLock {
         let mut map = self.names.lock().unwrap_or_else(|e| e.into_inner());
         map.entry((account.to_string(), folder.to_string(), name.to_string())).or_default().clone()
     }
