@@ -9,7 +9,9 @@
 //!   jobs saving into the same new folder at once make it once.
 //! - The name: Drive allows two files of one name too, so the relay enforces `conflict` itself
 //!   by looking the name up first: `fail` refuses, `replace` uploads new content to the
-//!   existing file (`PATCH`), `rename` takes the first free `name (1).ext`, `(2)`, ….
+//!   existing file (`PATCH`), `rename` takes the first free `name (1).ext`, `(2)`, …. A lock
+//!   per (account, folder, name) spans the look-up and the upload, so two jobs saving one name
+//!   at once take turns.
 //! - The bytes: a resumable upload. The session URI (`Location`) is committed in a [`Step`]
 //!   before the first byte goes up, then [`CHUNK`]-sized `PUT`s with `Content-Range`, the
 //!   offset Drive confirms (`308` + `Range`) committed after each; Drive makes the file when
@@ -250,11 +252,9 @@ impl DriveApi {
     /// Continues from what an earlier attempt committed.
     async fn resume(&self, token: &AccessToken, up: &Upload<'_, Step>, step: &Step) -> Result<Saved, SendError> {
         let total = step.total;
+        // Without a session (an empty file's single request) the file may have been made.
         let mut lost = true;
-        if step.session.is_empty() {
-            // An empty file's single request, or a crash before the session was recorded (no
-            // step is committed before a session; kept for robustness): it may have been made.
-        } else {
+        if !step.session.is_empty() {
             match self.query(token, step).await? {
                 Session::Done(f) => return Ok(saved(f, total)),
                 Session::At(n) if n <= total => {
