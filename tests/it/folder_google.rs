@@ -415,6 +415,21 @@ async fn a_missing_folder_is_permanent_and_named() {
 }
 
 #[tokio::test]
+async fn a_cached_folder_deleted_since_is_made_again() {
+    let (fake, api) = setup().await;
+    let bytes = data(1000, 19);
+    let file = pdf(&["Scans", "Alice"], "a.pdf", 1000);
+    save(&api, &drive("root"), Conflict::Fail, &file, &bytes, None, &Steps::default()).await.expect("first");
+    let scans = fake.folders_at("root", &["Scans"]).remove(0);
+    fake.delete(&scans.id);
+    let saved =
+        save(&api, &drive("root"), Conflict::Fail, &file, &bytes, None, &Steps::default()).await.expect("second");
+    let alice = fake.folders_at("root", &["Scans", "Alice"]);
+    assert_eq!(alice.len(), 1);
+    assert_eq!(fake.children(&alice[0].id)[0].id, saved.id);
+}
+
+#[tokio::test]
 async fn a_shared_drive_works_like_my_drive() {
     let (fake, api) = setup().await;
     let shared = fake.add_shared_drive("Scans");

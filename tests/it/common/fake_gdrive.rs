@@ -221,6 +221,19 @@ impl FakeGdrive {
         id
     }
 
+    /// Deletes an item and everything under it, as a person emptying the bin would.
+    pub fn delete(&self, id: &str) {
+        let mut st = self.shared.lock();
+        let mut gone = vec![id.to_string()];
+        while let Some(next) = gone.pop() {
+            st.items.remove(&next);
+            gone.extend(st.items.values().filter(|i| i.parents.contains(&next)).map(|i| i.id.clone()));
+        }
+        let items = std::mem::take(&mut st.items);
+        st.order.retain(|i| items.contains_key(i));
+        st.items = items;
+    }
+
     /// Every item (folders and files), oldest first.
     pub fn items(&self) -> Vec<Item> {
         let st = self.shared.lock();
