@@ -13,6 +13,7 @@ mod folders;
 mod fakes_selftest;
 mod faults;
 mod folder_microsoft;
+mod folder_google;
 mod gmail;
 mod graph;
 mod hardening_admin;

@@ -30,6 +30,7 @@
 //! ```
 
 pub mod fake_drive;
+pub mod fake_gdrive;
 pub mod fake_gmail;
 pub mod fake_graph;
 pub mod fake_oauth;
