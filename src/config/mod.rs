@@ -650,7 +650,8 @@ impl fmt::Display for DestinationKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Conflict {
-    /// The new file gets a free name (`name 1.pdf`).
+    /// The new file gets a free name (SharePoint and OneDrive: `name 1.pdf`; Google Drive:
+    /// `name (1).pdf`, as each service names copies).
     #[default]
     Rename,
     /// The new file replaces the old one's content.

@@ -121,9 +121,7 @@ impl Delivery {
                 // Nothing to save: it is simply too big.
                 let r = UpstreamReply::new(
                     552,
-                    format!(
-                        "5.3.4 the message is over the provider's size limit and has no attachment to send as a link"
-                    ),
+                    "5.3.4 the message is over the provider's size limit and has no attachment to send as a link",
                 );
                 return self.failed(lease, rec, SendError::Rejected(r), waiter, took, "folder", false).await;
             }

@@ -80,6 +80,9 @@ pub fn hint(code: u16, text: &str) -> Option<&'static str> {
         Some((5, 2, 0)) if has("submissionquotaexceeded") => Some(
             "the mailbox reached its daily sending limit (10,000 recipients a day): spread devices over more identities",
         ),
+        Some((5, 2, 2)) if has("library is full") || has("drive is full") || has("storage quota") => Some(
+            "the folder destination's storage is full: free space in the library or drive, or raise its quota",
+        ),
         Some((5, 2, 2)) => Some(
             "the mailbox is full, most likely its Sent Items (every message sent by SMTP AUTH is kept there): \
              give the scan mailbox a retention policy that empties Sent Items",

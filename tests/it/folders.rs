@@ -92,7 +92,10 @@ async fn a_two_page_scan_lands_in_the_sharepoint_folder_byte_identical() {
     assert!(files[0].bytes == p1 && files[1].bytes == p2, "not byte-identical");
     assert_eq!(fake.sessions_created(), 1, "the 5.5 MB page went by upload session");
     assert!(w.upstream.messages().is_empty(), "nothing was mailed");
-    let m = w.relay.metrics_with("mfd_relay_files_saved_total{destination=\"finance\",kind=\"sharepoint\"} 2", Duration::from_secs(5));
+    let m = w.relay.metrics_with(
+        "mfd_relay_files_saved_total{destination=\"finance\",kind=\"sharepoint\"} 2",
+        Duration::from_secs(5),
+    );
     assert!(m.contains("mfd_relay_file_bytes_saved_total{destination=\"finance\"} 5650000"), "{m}");
 }
 
@@ -196,9 +199,10 @@ async fn an_oversize_scan_is_mailed_with_a_link_to_its_saved_file() {
     let (w, fake) = relay_with_folder("", |_| {}).await;
     // The provider takes 1 MB; the identity sends larger scans as links.
     let cfg = std::fs::read_to_string(&w.relay.config).unwrap();
-    let cfg = cfg
-        .replace("graph_url =", "max_message_size = \"1MB\"\ngraph_url =")
-        .replace("flow = \"client_credentials\"\n", "flow = \"client_credentials\"\noversize = \"link\"\noversize_destination = \"finance\"\n");
+    let cfg = cfg.replace("graph_url =", "max_message_size = \"1MB\"\ngraph_url =").replace(
+        "flow = \"client_credentials\"\n",
+        "flow = \"client_credentials\"\noversize = \"link\"\noversize_destination = \"finance\"\n",
+    );
     std::fs::write(&w.relay.config, cfg).unwrap();
     w.relay.signal("HUP");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -216,4 +220,57 @@ async fn an_oversize_scan_is_mailed_with_a_link_to_its_saved_file() {
     assert!(mail.len() < 100_000, "the attachment is not in the mail ({} bytes)", mail.len());
     assert!(mail.contains("colour scan.pdf") && mail.contains("too large to send by mail"), "{mail}");
     assert_eq!(mails[0].rcpts, ["bob@contoso.test"]);
+}
+
+/// Google Drive through the relay: a service account with domain-wide delegation and the
+/// `drive` scope saves a device's scan into a folder under `folder_id`, made for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_lands_in_a_google_drive_folder_through_the_relay() {
+    use crate::common::fake_gdrive::FakeGdrive;
+    use crate::common::fake_oauth::FakeOAuth;
+    use crate::common::RsaTestKey;
+    let idp: Arc<std::sync::OnceLock<FakeOAuth>> = Arc::default();
+    let known = idp.clone();
+    // Only a live token that carries the Drive scope.
+    let fake = FakeGdrive::start(Arc::new(move |t: &str| {
+        known.get().and_then(|idp| idp.bearer_validator("https://www.googleapis.com/auth/drive")(t))
+    }))
+    .await;
+    let parent = fake.add_folder("root", "Scans");
+    let key = RsaTestKey::a();
+    let sa = "relay@fake-project.iam.gserviceaccount.com";
+    let base = fake.base_url();
+    let w = World::start_with(
+        |e| {
+            let _ = idp.set(e.idp.clone());
+            e.idp.register_service_account(sa, key.public_key_der());
+            let json = e.dir.join("sa.json");
+            std::fs::write(&json, key.service_account_json(sa, &e.idp.token_url())).expect("write the key file");
+            format!(
+                "[[provider]]\nname = \"google\"\nkind = \"google\"\nclient_id = \"unused\"\nservice_account_file = \"{}\"\n{}\
+                 drive_api_url = \"{base}\"\n\n\
+                 [[identity]]\nname = \"scans\"\nprovider = \"google\"\nemail = \"{SCANS}\"\nflow = \"service_account\"\n\n\
+                 [[device]]\nname = \"floor3\"\nidentity = \"scans\"\nusername = \"floor3\"\npin_hash = \"{}\"\n\n\
+                 [[destination]]\nname = \"legal\"\naddress = \"legal@scan.lan\"\nidentity = \"scans\"\nkind = \"google_drive\"\n\
+                 folder_id = \"{parent}\"\nfolder = \"{{device}}\"\nfile_name = \"{{name}}\"\n",
+                json.display(),
+                endpoints(e.idp),
+                pin_hash()
+            )
+        },
+        |_| {},
+    )
+    .await;
+    let (p1, p2) = (pdf(120_000, 7), pdf(9_000_000, 8));
+    let scan = scan_message(&["legal@scan.lan"], &[("contract.pdf", &p1), ("annex.pdf", &p2)]);
+    let r = send(&w, &["legal@scan.lan"], &scan).await;
+    assert!(r.ok && r.message.contains("saved 2 file(s)"), "{r:?}\n{}", w.relay.log());
+    let folder = fake.folders_at(&parent, &["floor3"]);
+    assert_eq!(folder.len(), 1, "one folder made for the device");
+    let mut files = fake.children(&folder[0].id);
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["annex.pdf", "contract.pdf"]);
+    assert!(files[0].bytes == p2 && files[1].bytes == p1, "not byte-identical");
+    assert_eq!(fake.sessions_opened(), 2, "each file by a resumable session");
 }

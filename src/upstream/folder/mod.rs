@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -385,10 +385,10 @@ impl Folders {
                     Target::GoogleDrive { folder_id: text(&d.folder_id).unwrap_or_else(|| "root".into()) }
                 }
             };
-            let folder = Template::parse(d.folder.get_ref()).map_err(|e| setup(format!("folder: {e}")))?;
+            let folder = Template::parse_folder(d.folder.get_ref()).map_err(|e| setup(format!("folder: {e}")))?;
             let file_name = Template::parse(d.file_name.get_ref()).map_err(|e| setup(format!("file_name: {e}")))?;
             let key = (provider.clone(), kind);
-            if !f.backends.contains_key(&key) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = f.backends.entry(key) {
                 let ca = info.ca_file.as_deref();
                 let backend = match kind {
                     DestinationKind::Sharepoint | DestinationKind::Onedrive => {
@@ -400,7 +400,7 @@ impl Folders {
                         Backend::Google(google::DriveApi::new(&url, ca).map_err(&setup)?)
                     }
                 };
-                f.backends.insert(key, backend);
+                slot.insert(backend);
             }
             let dest = Arc::new(Destination {
                 name: name.clone(),
@@ -539,6 +539,3 @@ pub fn describe(dest: &Destination, saved: &[Saved]) -> String {
     let names: Vec<&str> = saved.iter().map(|s| s.name.as_str()).collect();
     format!("saved {} file(s) to {} \"{}\": {}", saved.len(), dest.kind, dest.name, names.join(", "))
 }
-
-#[allow(dead_code)]
-fn _unused(_: PathBuf) {}
