@@ -80,7 +80,7 @@ pub fn hint(code: u16, text: &str) -> Option<&'static str> {
         Some((5, 2, 0)) if has("submissionquotaexceeded") => Some(
             "the mailbox reached its daily sending limit (10,000 recipients a day): spread devices over more identities",
         ),
-        Some((5, 2, 2)) if has("library is full") || has("drive is full") || has("storage quota") => Some(
+        Some((5, 2, 2)) if has("library is full") || has("storagequotaexceeded") => Some(
             "the folder destination's storage is full: free space in the library or drive, or raise its quota",
         ),
         Some((5, 2, 2)) => Some(
