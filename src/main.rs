@@ -493,7 +493,11 @@ fn print_queue(page: &ops::QueuePage) {
             r.identity,
             r.attempts,
             human_secs(next),
-            r.rcpts.join(", ")
+            match &r.destination {
+                // A folder job: its one recipient stands for the destination.
+                Some(d) => format!("{} (folder \"{d}\")", r.rcpts.join(", ")),
+                None => r.rcpts.join(", "),
+            }
         );
         if let Some(e) = &r.last_error {
             println!("{:>16}  last error: {e}", "");

@@ -681,7 +681,10 @@ fn queue(h: &mut String, s: &Status) {
              <button type=button hidden data-js class=danger data-act=drop data-id=\"{id}\">Drop…</button></td></tr>",
             when(s.now, Some(r.received)),
             e(&r.device),
-            e(&r.identity),
+            match &r.destination {
+                Some(d) => format!("folder {}", e(d)),
+                None => e(&r.identity),
+            },
             r.rcpts.len(),
             e(&size(r.size)),
             r.attempts,

@@ -636,6 +636,43 @@ mod tests {
     }
 
     #[test]
+    fn an_identity_that_saves_files_asks_for_the_drive_scopes_of_its_provider() {
+        let files = |send_via| Uses { send_via, imap: false, files: true };
+        let m = info(MS);
+        // SMTP mail plus SharePoint: a mail token and a Graph token.
+        assert_eq!(m.resources(files(SendVia::Smtp)), vec![Resource::Mail, Resource::Graph]);
+        assert_eq!(
+            m.resource_scopes(Flow::DeviceCode, Resource::Graph, files(SendVia::Smtp)),
+            vec![
+                "https://graph.microsoft.com/Files.ReadWrite.All",
+                "https://graph.microsoft.com/Sites.ReadWrite.All",
+                "offline_access"
+            ]
+        );
+        // Graph mail and files share the one Graph token.
+        let both = m.resource_scopes(Flow::AuthCode, Resource::Graph, files(SendVia::Graph));
+        assert!(
+            both.iter().any(|s| s.ends_with("/Mail.Send")) && both.iter().any(|s| s.ends_with("/Files.ReadWrite.All"))
+        );
+        // App-only: Graph's .default carries what the app was granted (Sites.Selected).
+        assert_eq!(
+            m.resource_scopes(Flow::ClientCredentials, Resource::Graph, files(SendVia::Smtp)),
+            vec!["https://graph.microsoft.com/.default"]
+        );
+        // Without destinations nothing changes.
+        assert_eq!(m.resources(Uses::mail(SendVia::Smtp, false)), vec![Resource::Mail]);
+        let g = info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\n");
+        assert_eq!(
+            g.sign_in_scopes(Flow::ServiceAccount, files(SendVia::Smtp)),
+            vec!["https://mail.google.com/", GOOGLE_DRIVE_SCOPE]
+        );
+        assert_eq!(
+            g.sign_in_scopes(Flow::AuthCode, files(SendVia::GmailApi)),
+            vec!["https://www.googleapis.com/auth/gmail.send", GOOGLE_DRIVE_SCOPE]
+        );
+    }
+
+    #[test]
     fn google_sends_through_the_gmail_api_with_gmail_send_only() {
         let p = info("[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"x\"\n");
         assert_eq!(p.resources(Uses::mail(SendVia::GmailApi, true)), vec![Resource::Mail]);

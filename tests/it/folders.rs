@@ -274,3 +274,22 @@ async fn a_scan_lands_in_a_google_drive_folder_through_the_relay() {
     assert!(files[0].bytes == p2 && files[1].bytes == p1, "not byte-identical");
     assert_eq!(fake.sessions_opened(), 2, "each file by a resumable session");
 }
+
+/// `receipt = true`: once the files are saved, one mail goes to the device's sender through
+/// the identity, naming each file with its size and link; the folder address never appears
+/// upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_names_each_saved_file_with_its_link() {
+    let (w, fake) = relay_with_folder("receipt = true\n", |_| {}).await;
+    let page = pdf(300_000, 9);
+    let r = send(&w, &["finance@scan.lan"], &scan_message(&["finance@scan.lan"], &[("invoice.pdf", &page)])).await;
+    assert!(r.ok, "{r:?}\n{}", w.relay.log());
+    let files = wait_for_files(&fake, 1, &w).await;
+    let mails = w.upstream.wait_for_messages(1, Duration::from_secs(30)).await;
+    assert_eq!(mails[0].rcpts, ["scanner@printer.local"], "to the device's sender");
+    let text = mails[0].data_str();
+    assert!(text.contains("Subject: Scan saved: 1 file(s) in finance"), "{text}");
+    assert!(text.contains("1-invoice.pdf (293 KB)"), "{text}");
+    assert!(text.contains(&format!("Scans/floor3/{}", files[0].name)), "the file's web link: {text}");
+    assert!(text.contains("Auto-Submitted: auto-generated"));
+}
