@@ -265,15 +265,20 @@ impl Delivery {
 
     /// Queues the receipt of a saved scan: one mail to the device's sender, through the
     /// destination's identity, naming each file with its size and link. Only to a sender
-    /// that passed the device's recipient allow-list (the same rule as bounces: a device
-    /// cannot make the relay mail arbitrary addresses). A receipt that cannot be queued is
-    /// logged, never retried: the files are saved.
+    /// that passed the device's recipient allow-list and is in the identity's own domain: a
+    /// receipt carries the library's links and names the device chose, so a device (or
+    /// anything on the LAN that passes for one) must not make the relay mail them to an
+    /// outside address. A receipt that cannot be queued is logged, never retried: the files
+    /// are saved.
     async fn send_receipt(&self, rec: &QueueRecord, dest: &Destination, saved: &[Saved]) {
-        if !rec.bounce_to_sender || rec.original_from.is_empty() {
-            tracing::warn!(queue_id = %rec.id, destination = %dest.name, "no receipt: the device's sender is not one of its allowed recipients");
+        let Ok(slot) = self.tokens.slot(&dest.identity) else { return };
+        if !rec.bounce_to_sender || rec.original_from.is_empty() || !same_domain(&rec.original_from, &slot.email) {
+            tracing::warn!(
+                queue_id = %rec.id, destination = %dest.name,
+                "no receipt: the device's sender is not an allowed recipient in the identity's own domain"
+            );
             return;
         }
-        let Ok(slot) = self.tokens.slot(&dest.identity) else { return };
         let body = receipt(&slot.email, &rec.original_from, dest, saved, &rec.device, &self.policy.hostname, rec.id.0);
         let own = OwnMessage {
             body: &body,
@@ -302,6 +307,15 @@ fn links_text(dest: &Destination, saved: &[Saved]) -> String {
     }
     t
 }
+
+/// Whether two addresses are in the same domain (case-insensitive).
+fn same_domain(a: &str, b: &str) -> bool {
+    let domain = |x: &str| x.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+    matches!((domain(a), domain(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Files a receipt or a links text lists; the rest are counted.
+const LISTED: usize = 100;
 
 /// Bytes as a person reads them.
 fn human_size(n: u64) -> String {
@@ -336,8 +350,11 @@ fn receipt(
         now.timestamp(),
     );
     let _ = write!(m, "The scan from {device} was saved to {} \"{}\":\r\n\r\n", dest.kind, dest.name);
-    for s in saved {
+    for s in saved.iter().take(LISTED) {
         let _ = write!(m, "{} ({})\r\n  {}\r\n", one_line(&s.name), human_size(s.size), one_line(&s.web_url));
+    }
+    if saved.len() > LISTED {
+        let _ = write!(m, "... and {} more\r\n", saved.len() - LISTED);
     }
     m.into_bytes()
 }
@@ -349,6 +366,13 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receipts_stay_in_the_identity_s_domain() {
+        assert!(same_domain("Alice@Contoso.com", "scans@contoso.com"));
+        assert!(!same_domain("victim@example.net", "scans@contoso.com"));
+        assert!(!same_domain("no-at-sign", "scans@contoso.com"));
+    }
 
     #[test]
     fn a_receipt_names_each_file_with_its_size_and_link() {

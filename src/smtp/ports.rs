@@ -83,6 +83,8 @@ pub trait Destinations: Send + Sync {
     fn by_address(&self, address: &str) -> Option<(String, String)>;
     /// Whether any destination is configured.
     fn any(&self) -> bool;
+    /// Whether a device whose allow-list says `allows` may send to some destination.
+    fn reachable(&self, allows: &dyn Fn(&str) -> bool) -> bool;
 }
 
 impl Destinations for crate::upstream::folder::Folders {
@@ -91,6 +93,9 @@ impl Destinations for crate::upstream::folder::Folders {
     }
     fn any(&self) -> bool {
         !self.is_empty()
+    }
+    fn reachable(&self, allows: &dyn Fn(&str) -> bool) -> bool {
+        self.addresses().any(allows)
     }
 }
 

@@ -133,6 +133,8 @@ struct Transaction {
     /// The device's envelope sender ("" for the null sender).
     from: String,
     rcpts: Vec<String>,
+    /// The size MAIL declared (RFC 1870), if any.
+    size: Option<u64>,
 }
 
 /// One session's state.
@@ -444,8 +446,10 @@ impl Session {
     /// provider's limit once the recipients are known).
     fn size_limit(&self) -> u64 {
         let provider = match self.sender.device() {
-            Some(_) if self.ctx.folders.any() => None,
+            Some(d) if self.ctx.folders.reachable(&|a| d.allows_recipient(a)) => None,
             Some(d) => self.ctx.tokens.size_limit(&d.identity),
+            // Before the client is known: any device may be one that sends to a folder.
+            None if self.ctx.folders.any() => None,
             None => self.ctx.smallest_provider_limit(),
         };
         provider.map_or(self.listener.max_message_size, |p| p.min(self.listener.max_message_size))
@@ -613,12 +617,14 @@ impl Session {
         if !from.is_empty() && from.parse::<lettre::Address>().is_err() {
             return reply::sender_unusable();
         }
-        if self.ctx.tokens.needs_login(&device.identity) {
+        // With folder destinations, a device whose mail identity needs a sign-in may still
+        // scan to a folder: its mail recipients are refused one by one instead (`rcpt`).
+        if !self.ctx.folders.any() && self.ctx.tokens.needs_login(&device.identity) {
             metrics::rejected(&device.name, RejectReason::NeedsLogin);
             self.ctx.activity.device_error(&device.name, "refused: its identity needs a new sign-in");
             return reply::needs_login(&device.identity);
         }
-        self.txn = Some(Transaction { device, from, rcpts: Vec::new() });
+        self.txn = Some(Transaction { device, from, rcpts: Vec::new(), size });
         reply::sender_ok()
     }
 
@@ -637,11 +643,30 @@ impl Session {
             tracing::warn!(device = %txn.device.name, rcpt = %to, "recipient not allowed for this device");
             return reply::recipient_not_allowed();
         }
-        if let Some((dest, identity)) = self.ctx.folders.by_address(&to) {
-            if self.ctx.tokens.needs_login(&identity) {
-                metrics::rejected(&txn.device.name, RejectReason::NeedsLogin);
-                tracing::warn!(device = %txn.device.name, destination = %dest, "refused: the destination's identity needs a new sign-in");
-                return reply::needs_login(&identity);
+        match self.ctx.folders.by_address(&to) {
+            Some((dest, identity)) => {
+                if self.ctx.tokens.needs_login(&identity) {
+                    metrics::rejected(&txn.device.name, RejectReason::NeedsLogin);
+                    tracing::warn!(device = %txn.device.name, destination = %dest, "refused: the destination's identity needs a new sign-in");
+                    return reply::needs_login(&identity);
+                }
+            }
+            None => {
+                let identity = &txn.device.identity;
+                if self.ctx.tokens.needs_login(identity) {
+                    metrics::rejected(&txn.device.name, RejectReason::NeedsLogin);
+                    self.ctx.activity.device_error(&txn.device.name, "refused: its identity needs a new sign-in");
+                    return reply::needs_login(identity);
+                }
+                // A declared size over the mail provider's limit: refused for this recipient
+                // (RFC 1870 6.1), while a folder may still take the message.
+                let limit = self.ctx.tokens.size_limit(identity).map(|p| p.min(self.listener.max_message_size));
+                if let (Some(declared), Some(limit)) = (txn.size, limit) {
+                    if declared > limit {
+                        metrics::rejected(&txn.device.name, RejectReason::TooBig);
+                        return reply::message_too_big(limit);
+                    }
+                }
             }
         }
         if !txn.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&to)) {

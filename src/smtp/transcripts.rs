@@ -199,6 +199,9 @@ impl super::ports::Destinations for FakeDestinations {
     fn any(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+    fn reachable(&self, allows: &dyn Fn(&str) -> bool) -> bool {
+        self.any() && allows("finance@scan.lan")
+    }
 }
 
 /// The in-session attempt answers what it is told to.
@@ -888,6 +891,19 @@ async fn a_folder_recipient_is_split_off_and_takes_the_listener_s_size() {
         ),
         ("Finance@scan.lan", "finance", "files")
     );
+    // A declared size over the mail provider's limit: that recipient is refused, the
+    // folder still takes the message.
+    c.transcript(
+        "C: MAIL FROM:<p@printer.local> SIZE=400
+         S: 250 2.1.0 Sender OK
+         C: RCPT TO:<a@example.com>
+         S: 552 5.3.4 Message too big (limit 50 bytes)
+         C: RCPT TO:<finance@scan.lan>
+         S: 250 2.1.5 Recipient OK
+         C: RSET
+         S: 250 *",
+    )
+    .await;
     // With a mail recipient too, the message must fit the mail provider: 552 after DATA.
     c.transcript(&format!(
         "C: MAIL FROM:<p@printer.local>

@@ -276,20 +276,31 @@ async fn a_scan_lands_in_a_google_drive_folder_through_the_relay() {
 }
 
 /// `receipt = true`: once the files are saved, one mail goes to the device's sender through
-/// the identity, naming each file with its size and link; the folder address never appears
-/// upstream.
+/// the identity, naming each file with its size and link; only to a sender in the
+/// identity's own domain (the links and names are the organisation's), never outside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_receipt_names_each_saved_file_with_its_link() {
+async fn a_receipt_names_each_saved_file_with_its_link_and_stays_in_the_organisation() {
     let (w, fake) = relay_with_folder("receipt = true\n", |_| {}).await;
     let page = pdf(300_000, 9);
-    let r = send(&w, &["finance@scan.lan"], &scan_message(&["finance@scan.lan"], &[("invoice.pdf", &page)])).await;
+    let scan = scan_message(&["finance@scan.lan"], &[("invoice.pdf", &page)]);
+    let mut args = device_to(&["finance@scan.lan"]);
+    args.extend(["--from".to_string(), "alice@contoso.test".to_string()]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = w.send(&a, &scan).await;
     assert!(r.ok, "{r:?}\n{}", w.relay.log());
     let files = wait_for_files(&fake, 1, &w).await;
     let mails = w.upstream.wait_for_messages(1, Duration::from_secs(30)).await;
-    assert_eq!(mails[0].rcpts, ["scanner@printer.local"], "to the device's sender");
+    assert_eq!(mails[0].rcpts, ["alice@contoso.test"], "to the device's sender");
     let text = mails[0].data_str();
     assert!(text.contains("Subject: Scan saved: 1 file(s) in finance"), "{text}");
     assert!(text.contains("1-invoice.pdf (293 KB)"), "{text}");
     assert!(text.contains(&format!("Scans/floor3/{}", files[0].name)), "the file's web link: {text}");
     assert!(text.contains("Auto-Submitted: auto-generated"));
+
+    // A sender outside the organisation (the printer's own address) gets no receipt.
+    let r = send(&w, &["finance@scan.lan"], &scan_message(&["finance@scan.lan"], &[("second.pdf", &page)])).await;
+    assert!(r.ok, "{r:?}");
+    wait_for_files(&fake, 2, &w).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(w.upstream.messages().len(), 1, "no receipt to scanner@printer.local");
 }

@@ -140,6 +140,11 @@ pub enum FileStep {
 pub struct Resume {
     /// How many files the message makes (another count: another plan, start again).
     pub files: usize,
+    /// Where each file goes, as the first attempt named it (folder levels, name): a later
+    /// attempt keeps these even if a reload changed the templates, so a file whose upload may
+    /// have finished is looked for where it went and never saved again under a new name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<(Vec<String>, String)>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub saved: Vec<Saved>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -318,16 +323,39 @@ fn plan(src: &Spooled, dest: &Destination, received: i64, device: &str, id: &str
     }
     let when =
         chrono::DateTime::from_timestamp(received, 0).unwrap_or_default().with_timezone(&chrono::Local).fixed_offset();
+    let mut taken = std::collections::HashSet::new();
     Ok(found
         .into_iter()
         .enumerate()
         .map(|(i, (name, content_type, size, part))| {
             let v = Values { when, device, name: &name, destination: &dest.name, id, n: i + 1 };
-            let file =
-                NewFile { folder: dest.folder.folder_path(&v), name: dest.file_name.file_name(&v), content_type, size };
-            Planned { file, part }
+            let folder = dest.folder.folder_path(&v);
+            let name = unique_name(&mut taken, &folder, dest.file_name.file_name(&v));
+            Planned { file: NewFile { folder, name, content_type, size }, part }
         })
         .collect())
+}
+
+/// `name`, or `name (2).ext`, `(3)`, ... when an earlier file of the same message already
+/// took it in that folder (two attachments called `scan.pdf`, or a template without
+/// `{name}` or `{n}`): one message never saves two files under one name, whatever
+/// `conflict` says.
+fn unique_name(
+    taken: &mut std::collections::HashSet<(Vec<String>, String)>,
+    folder: &[String],
+    name: String,
+) -> String {
+    let lower = |n: &str| n.to_lowercase();
+    let mut candidate = name.clone();
+    let mut n = 1;
+    while !taken.insert((folder.to_vec(), lower(&candidate))) {
+        n += 1;
+        candidate = match name.rsplit_once('.') {
+            Some((stem, ext)) if !stem.is_empty() => format!("{stem} ({n}).{ext}"),
+            _ => format!("{name} ({n})"),
+        };
+    }
+    candidate
 }
 
 /// Wraps a backend's step into the job's [`Resume`] and commits that.
@@ -434,6 +462,11 @@ impl Folders {
         self.by_address.get(&address.to_ascii_lowercase())
     }
 
+    /// Every destination's address.
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        self.by_address.keys().map(String::as_str)
+    }
+
     /// A destination by its name.
     pub fn by_name(&self, name: &str) -> Option<&Arc<Destination>> {
         self.by_name.get(name)
@@ -472,11 +505,22 @@ impl Folders {
         if files.is_empty() {
             return Err(SendError::Rejected(nothing_to_save(&dest.name)));
         }
+        let mut files = files;
         let mut r = if job.resume.files == files.len() && job.resume.saved.len() <= files.len() {
             job.resume.clone()
         } else {
             Resume { files: files.len(), ..Resume::default() }
         };
+        if r.names.len() == files.len() {
+            // Where the first attempt put them.
+            for (f, (folder, name)) in files.iter_mut().zip(&r.names) {
+                f.file.folder = folder.clone();
+                f.file.name = name.clone();
+            }
+        } else {
+            r.names = files.iter().map(|f| (f.file.folder.clone(), f.file.name.clone())).collect();
+            job.sink.save(&r).await.map_err(progress_error)?;
+        }
         for planned in files.iter().skip(r.saved.len()) {
             let bytes = PartBytes { src: src.clone(), part: planned.part.clone() };
             let current = r.current.take();
@@ -538,4 +582,21 @@ impl Folders {
 pub fn describe(dest: &Destination, saved: &[Saved]) -> String {
     let names: Vec<&str> = saved.iter().map(|s| s.name.as_str()).collect();
     format!("saved {} file(s) to {} \"{}\": {}", saved.len(), dest.kind, dest.name, names.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_files_of_one_message_never_share_a_name() {
+        let mut taken = std::collections::HashSet::new();
+        let f = vec!["Scans".to_string()];
+        assert_eq!(unique_name(&mut taken, &f, "scan.pdf".into()), "scan.pdf");
+        assert_eq!(unique_name(&mut taken, &f, "Scan.PDF".into()), "Scan (2).PDF");
+        assert_eq!(unique_name(&mut taken, &f, "scan.pdf".into()), "scan (3).pdf");
+        assert_eq!(unique_name(&mut taken, &[], "scan.pdf".into()), "scan.pdf", "another folder");
+        assert_eq!(unique_name(&mut taken, &f, "README".into()), "README");
+        assert_eq!(unique_name(&mut taken, &f, "README".into()), "README (2)");
+    }
 }
