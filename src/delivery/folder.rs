@@ -100,6 +100,7 @@ impl Delivery {
         mut lease: Lease,
         rec: QueueRecord,
         name: &str,
+        limit: u64,
         waiter: Option<&Waiter>,
     ) -> Outcome {
         let id = rec.id;
@@ -108,6 +109,32 @@ impl Delivery {
             return self.defer(lease, rec, &why, None, DeferReason::Config);
         };
         let path = self.queue.spool().path(id);
+        if rec.progress.is_none() {
+            // Nothing is saved for a message that would still be too big without its
+            // attachments (a huge body, files inside nested parts).
+            let p = path.clone();
+            let rest = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+                let src = crate::upstream::folder::Spooled::open(&p)?;
+                let parts = crate::message::attachments::find(&src)?;
+                let all: Vec<_> = parts.attachments.iter().collect();
+                Ok(crate::message::attachments::without(&src, &parts, &all)?.len() as u64)
+            })
+            .await;
+            if let Ok(Ok(rest)) = rest {
+                // Room for the links part: a line per file.
+                if rest + LINKS_ROOM > limit {
+                    let r = UpstreamReply::new(
+                        552,
+                        format!(
+                            "5.3.4 the message is over the provider's size limit ({limit} bytes) even without its attachments"
+                        ),
+                    );
+                    return self
+                        .failed(lease, rec, SendError::Rejected(r), waiter, Duration::ZERO, "folder", false)
+                        .await;
+                }
+            }
+        }
         let started = Instant::now();
         let (result, rec) = self.save_files(&lease, rec, &dest, &path, true).await;
         let rec = match rec {
@@ -301,6 +328,7 @@ fn links_text(dest: &Destination, saved: &[Saved]) -> String {
         saved.len(),
         dest.name
     );
+    // Every link: the recipients have nothing else.
     for s in saved {
         let link = s.link.as_deref().unwrap_or(&s.web_url);
         let _ = write!(t, "{} ({})\n  {}\n", one_line(&s.name), human_size(s.size), one_line(link));
@@ -309,10 +337,13 @@ fn links_text(dest: &Destination, saved: &[Saved]) -> String {
 }
 
 /// Whether two addresses are in the same domain (case-insensitive).
-fn same_domain(a: &str, b: &str) -> bool {
+pub(super) fn same_domain(a: &str, b: &str) -> bool {
     let domain = |x: &str| x.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
     matches!((domain(a), domain(b)), (Some(x), Some(y)) if x == y)
 }
+
+/// What the links part of an oversize mail may take.
+const LINKS_ROOM: u64 = 64 * 1024;
 
 /// Files a receipt or a links text lists; the rest are counted.
 const LISTED: usize = 100;

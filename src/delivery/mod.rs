@@ -250,10 +250,15 @@ impl Delivery {
         if let Some(dest) = self.oversize.get(&rec.identity) {
             // `oversize = "link"`: a message over the provider's limit goes as links. A send
             // already begun through an API is not one (it fitted when it began).
-            let over = self.upstream.size_limit(&slot.provider, slot.send_via).is_some_and(|l| rec.size > l);
-            if over && matches!(rec.progress, Progress::None | Progress::Folder(_)) {
-                let dest = dest.clone();
-                return self.attempt_oversize(lease, rec, &dest, waiter).await;
+            // The links are for the organisation only: a message to anyone outside the
+            // identity's domain is not sent as links nobody there could open.
+            let limit = self.upstream.size_limit(&slot.provider, slot.send_via);
+            let inside = rec.rcpts.iter().all(|r| folder::same_domain(r, &slot.email));
+            if let Some(limit) = limit.filter(|l| rec.size > *l && inside) {
+                if matches!(rec.progress, Progress::None | Progress::Folder(_)) {
+                    let dest = dest.clone();
+                    return self.attempt_oversize(lease, rec, &dest, limit, waiter).await;
+                }
             }
         }
         let limit = slot.messages_per_minute;

@@ -325,7 +325,14 @@ impl ProviderInfo {
         let Uses { send_via, imap, files } = uses;
         let app_only = matches!(flow, Flow::ClientCredentials | Flow::ServiceAccount);
         match (self.kind, resource) {
-            (_, Resource::Mail) if self.scopes.is_some() => self.scopes.clone().unwrap_or_default(),
+            (_, Resource::Mail) if self.scopes.is_some() => {
+                let mut v = self.scopes.clone().unwrap_or_default();
+                // Google's one token also saves the files of its destinations.
+                if files && self.kind == ProviderKind::Google && !v.iter().any(|s| s == GOOGLE_DRIVE_SCOPE) {
+                    v.push(GOOGLE_DRIVE_SCOPE.into());
+                }
+                v
+            }
             (ProviderKind::Microsoft, Resource::Graph) => {
                 let graph = graph_host(self.cloud);
                 if app_only {

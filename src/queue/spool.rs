@@ -94,8 +94,19 @@ impl Spool {
     /// Gives the body of `from` a second name, `to` (one message queued as several records:
     /// each record removes its own name). Durable with the next store commit, which syncs
     /// `spool/msg`.
+    /// On a filesystem without hard links (some network and FUSE volumes) the body is
+    /// copied instead: written under `tmp`, synced, then renamed, like a received body.
     pub fn link(&self, from: MessageId, to: MessageId) -> std::io::Result<()> {
-        std::fs::hard_link(self.path(from), self.path(to))
+        match std::fs::hard_link(self.path(from), self.path(to)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+            Err(_) => {
+                let tmp = self.tmp_dir.join(to.to_string());
+                std::fs::copy(self.path(from), &tmp)?;
+                std::fs::OpenOptions::new().write(true).open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, self.path(to))
+            }
+        }
     }
 
     /// Removes a body (delivered, bounced or dropped).
@@ -200,6 +211,20 @@ impl SpoolWriter {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn a_linked_body_outlives_the_removal_of_its_other_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut w = spool.writer(MessageId(1));
+        w.write(b"scan").await.unwrap();
+        w.finish().await.unwrap();
+        spool.link(MessageId(1), MessageId(2)).unwrap();
+        assert!(spool.link(MessageId(1), MessageId(2)).is_err(), "never over an existing body");
+        spool.remove(MessageId(1));
+        assert_eq!(std::fs::read(spool.path(MessageId(2))).unwrap(), b"scan");
+        assert_eq!(spool.ids().unwrap(), vec![MessageId(2)]);
+    }
 
     #[tokio::test]
     async fn write_finish_and_clean_tmp() {

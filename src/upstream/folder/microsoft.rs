@@ -269,7 +269,13 @@ impl GraphDrive {
             self.commit(up, &step).await?;
             return self.put_small(token, up, drive, parent).await;
         }
-        for _ in 0..2 {
+        for round in 0..2 {
+            if round > 0 {
+                // The session ended under us: it may have finished the file before it did.
+                if let Some(saved) = self.find_ours(token, up, drive, parent, &step).await? {
+                    return Ok(saved);
+                }
+            }
             step = Step { creating: true, put: false, upload_url: None, offset: 0, ..step };
             self.commit(up, &step).await?;
             let url = self.create_session(token, up, drive, parent).await?;
