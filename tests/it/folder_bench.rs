@@ -37,6 +37,7 @@ assert code == 250, (code, msg)
 s.putcmd("data")
 code, msg = s.getreply()
 assert code == 354, (code, msg)
+t["354"] = time.time()
 q = smtplib._quote_periods(body)
 if q[-2:] != b"\r\n":
     q += b"\r\n"
@@ -150,9 +151,11 @@ async fn a_100_mb_scan_to_a_sharepoint_folder() {
     let ranges = fake.requests().iter().filter(|r| r.op == Some(Op::PutChunk)).count();
 
     let t = |k: &str| out["t"][k].as_f64().unwrap_or(0.0);
-    let (start, data, data_end, reply) = (t("start"), t("data"), t("data_end"), t("reply"));
+    let (start, ready, data, data_end, reply) = (t("start"), t("354"), t("data"), t("data_end"), t("reply"));
     println!("machine: {} CPUs, load {}", num_cpus(), loadavg());
     println!("message: {} bytes ({:.1} MB) for a {SIZE}-byte attachment", scan.len(), scan.len() as f64 / MB);
+    println!("connect, EHLO, AUTH PLAIN, MAIL, RCPT, DATA to 354: {:.2} s", ready - start);
+    println!("smtplib quoting the message (client side, not timed below): {:.2} s", data - ready);
     println!("DATA transfer (354 to the final dot written): {:.2} s", data_end - data);
     println!(
         "end of DATA to the last range in the fake: {:.2} s ({:.1} MB/s of file)",
@@ -165,9 +168,9 @@ async fn a_100_mb_scan_to_a_sharepoint_folder() {
         SIZE as f64 / MB / (reply - data_end)
     );
     println!(
-        "connect to 250 \"saved\": {:.2} s ({:.1} MB/s of file)",
-        reply - start,
-        SIZE as f64 / MB / (reply - start)
+        "connect to 250 \"saved\", less the client's quoting: {:.2} s ({:.1} MB/s of file)",
+        reply - start - (data - ready),
+        SIZE as f64 / MB / (reply - start - (data - ready))
     );
     println!("upload ranges: {ranges} (10 MiB each, the last shorter)");
     println!("relay VmHWM before / after: {} / {}", mib(hwm0), mib(hwm1));
