@@ -14,7 +14,10 @@ const SITE: &str = "contoso.sharepoint.com:/sites/Finance";
 /// A relay whose identity "scans" (Microsoft, app-only) mails through the fake SMTP upstream
 /// and saves to destination "finance" (`finance@scan.lan`, library "Documents", folder
 /// `Scans/{device}`, files `{n}-{name}`) on the fake drives. `extra` goes after the sections.
-async fn relay_with_folder(extra: &str, tweak: impl FnOnce(&mut crate::common::relay::Setup)) -> (World, FakeDrive) {
+pub(crate) async fn relay_with_folder(
+    extra: &str,
+    tweak: impl FnOnce(&mut crate::common::relay::Setup),
+) -> (World, FakeDrive) {
     use crate::common::fake_oauth::FakeOAuth;
     let idp: Arc<std::sync::OnceLock<FakeOAuth>> = Arc::default();
     let known = idp.clone();

@@ -11,6 +11,7 @@ mod clients;
 mod durability;
 mod fakes_selftest;
 mod faults;
+mod folder_bench;
 mod folder_google;
 mod folder_microsoft;
 mod folders;
