@@ -226,17 +226,20 @@ pub enum RejectReason {
     RecipientNotAllowed,
     /// The body or record could not be written.
     Storage,
+    /// A message only for folder destinations has nothing to save (no attachment).
+    NothingToSave,
 }
 
 impl RejectReason {
     /// Every reason, for label sets and tests.
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::NotADevice,
         RejectReason::TooBig,
         RejectReason::BadHeader,
         RejectReason::NeedsLogin,
         RejectReason::RecipientNotAllowed,
         RejectReason::Storage,
+        RejectReason::NothingToSave,
     ];
 
     /// The metric label.
@@ -248,6 +251,7 @@ impl RejectReason {
             RejectReason::NeedsLogin => "needs_login",
             RejectReason::RecipientNotAllowed => "recipient_not_allowed",
             RejectReason::Storage => "storage",
+            RejectReason::NothingToSave => "nothing_to_save",
         }
     }
 }

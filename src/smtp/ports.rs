@@ -13,6 +13,7 @@ use crate::delivery::{Delivery, Outcome};
 use crate::devices::{AuthError, Device, Devices};
 use crate::oauth::tokens::{IdentityState, TokenManager};
 use crate::queue::{Incoming, Lease, MessageId, Queue, QueueError, SpoolWriter};
+use crate::reply::Reply;
 use crate::upstream::Upstream;
 
 /// Who a connection is (ARCHITECTURE.md, "Never an open relay").
@@ -64,6 +65,11 @@ pub trait Accept: Send + Sync {
     fn new_id(&self) -> MessageId;
     /// Where the body of message `id` is written.
     fn body(&self, id: MessageId) -> Box<dyn BodySink>;
+    /// Where the finished body of message `id` is, when it is a file (the folder check reads
+    /// it); `None` for a body kept elsewhere.
+    fn spooled(&self, id: MessageId) -> Option<std::path::PathBuf>;
+    /// Throws away the finished body of a message that will not be queued.
+    fn discard(&self, id: MessageId);
     /// Commits the records of a message whose body is finished (one for its mail
     /// recipients, one per folder recipient), and holds them for the in-session attempt; on
     /// failure the body is gone.
@@ -85,6 +91,14 @@ pub trait Destinations: Send + Sync {
     fn any(&self) -> bool;
     /// Whether a device whose allow-list says `allows` may send to some destination.
     fn reachable(&self, allows: &dyn Fn(&str) -> bool) -> bool;
+    /// The refusal of a message spooled at `body` that has nothing to save for any of the
+    /// destinations `addresses` stand for (no attachment, no `save_body`); `None` when one of
+    /// them has something (or the body cannot be read: delivery decides then).
+    fn nothing_to_save<'a>(
+        &'a self,
+        addresses: &'a [String],
+        body: &'a std::path::Path,
+    ) -> BoxFuture<'a, Option<Reply>>;
 }
 
 impl Destinations for crate::upstream::folder::Folders {
@@ -96,6 +110,26 @@ impl Destinations for crate::upstream::folder::Folders {
     }
     fn reachable(&self, allows: &dyn Fn(&str) -> bool) -> bool {
         self.addresses().any(allows)
+    }
+    fn nothing_to_save<'a>(
+        &'a self,
+        addresses: &'a [String],
+        body: &'a std::path::Path,
+    ) -> BoxFuture<'a, Option<Reply>> {
+        Box::pin(async move {
+            let dests: Vec<_> = addresses
+                .iter()
+                .filter_map(|a| crate::upstream::folder::Folders::by_address(self, a).cloned())
+                .collect();
+            let first = dests.first()?.name.clone();
+            let path = body.to_path_buf();
+            let any = tokio::task::spawn_blocking(move || {
+                dests.iter().any(|d| crate::upstream::folder::Folders::has_files(d, &path).unwrap_or(true))
+            })
+            .await
+            .unwrap_or(true);
+            (!any).then(|| crate::upstream::folder::nothing_to_save(&first).to_device_reply())
+        })
     }
 }
 
@@ -169,6 +203,12 @@ impl Accept for Queue {
     }
     fn body(&self, id: MessageId) -> Box<dyn BodySink> {
         Box::new(self.spool().writer(id))
+    }
+    fn spooled(&self, id: MessageId) -> Option<std::path::PathBuf> {
+        Some(self.spool().path(id))
+    }
+    fn discard(&self, id: MessageId) {
+        self.spool().remove(id);
     }
     fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<Vec<Lease>, QueueError>> {
         Box::pin(self.accept_incoming(m))

@@ -748,6 +748,20 @@ impl Session {
                 None => rcpts.push(r),
             }
         }
+        // Only folders, and nothing to save for any of them (a device's test page): refused
+        // now, whatever the number of folders (one alone would be refused by its in-session
+        // attempt; several could only bounce).
+        if rcpts.is_empty() {
+            let addresses: Vec<String> = folders.iter().map(|f| f.address.clone()).collect();
+            if let Some(path) = self.ctx.queue.spooled(id) {
+                if let Some(refusal) = self.ctx.folders.nothing_to_save(&addresses, &path).await {
+                    self.ctx.queue.discard(id);
+                    metrics::rejected(&device.name, RejectReason::NothingToSave);
+                    tracing::warn!(device = %device.name, "refused: nothing to save for its folder destinations");
+                    return Ok(refusal);
+                }
+            }
+        }
         let incoming = Incoming {
             id,
             device: device.name.clone(),

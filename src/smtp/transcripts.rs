@@ -177,6 +177,12 @@ impl Accept for FakeQueue {
         let fail = self.fail_write.load(Ordering::SeqCst);
         Box::new(MemSink { id, buf: Vec::new(), fail, bodies: self.bodies.clone() })
     }
+    fn spooled(&self, _id: MessageId) -> Option<std::path::PathBuf> {
+        None
+    }
+    fn discard(&self, id: MessageId) {
+        self.bodies.lock().unwrap().remove(&id);
+    }
     fn accept<'a>(&'a self, m: &'a Incoming) -> BoxFuture<'a, Result<Vec<Lease>, QueueError>> {
         Box::pin(async move {
             if self.fail_accept.load(Ordering::SeqCst) {
@@ -201,6 +207,9 @@ impl super::ports::Destinations for FakeDestinations {
     }
     fn reachable(&self, allows: &dyn Fn(&str) -> bool) -> bool {
         self.any() && allows("finance@scan.lan")
+    }
+    fn nothing_to_save<'a>(&'a self, _: &'a [String], _: &'a std::path::Path) -> BoxFuture<'a, Option<Reply>> {
+        Box::pin(async { None })
     }
 }
 

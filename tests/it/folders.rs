@@ -116,6 +116,28 @@ async fn a_message_without_attachments_is_refused_in_session_with_5_6_0() {
     assert!(!q.contains("finance@scan.lan"), "nothing stays queued: {q}");
 }
 
+/// The same test page to two folders: still one 550 5.6.0 in session, never 250 and bounces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_page_to_two_folders_is_refused_in_session_too() {
+    let second = format!(
+        "\n[[destination]]\nname = \"archive\"\naddress = \"archive@scan.lan\"\nidentity = \"scans\"\n\
+         kind = \"sharepoint\"\nsite = \"{SITE}\"\nlibrary = \"Archive\"\n"
+    );
+    let (w, fake) = relay_with_folder(&second, |_| {}).await;
+    let test_mail = crate::common::relay::scan_message("Test page", "This is a test.");
+    let r = send(&w, &["finance@scan.lan", "archive@scan.lan"], &test_mail).await;
+    assert_eq!(r.code, Some(550), "{r:?}\n{}", w.relay.log());
+    assert!(r.message.contains("5.6.0") && r.message.contains("nothing to save"), "{r:?}");
+    // One of them with something to save: both are queued, each handled on its own.
+    let page = pdf(20_000, 11);
+    let r = send(&w, &["finance@scan.lan", "archive@scan.lan"], &scan_message(&[], &[("p.pdf", &page)])).await;
+    assert!(r.ok, "{r:?}\n{}", w.relay.log());
+    let files = wait_for_files(&fake, 2, &w).await;
+    let drives: Vec<&str> = files.iter().map(|f| f.drive.as_str()).collect();
+    assert_eq!(drives, ["Archive", "Documents"]);
+    w.relay.metrics_with("reason=\"nothing_to_save\"} 1", Duration::from_secs(5));
+}
+
 /// `save_body = true`: a message without attachments is saved whole as a `.eml`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_body_saves_a_message_without_attachments_as_eml() {
