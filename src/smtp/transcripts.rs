@@ -208,7 +208,11 @@ impl super::ports::Destinations for FakeDestinations {
     fn reachable(&self, allows: &dyn Fn(&str) -> bool) -> bool {
         self.any() && allows("finance@scan.lan")
     }
-    fn nothing_to_save<'a>(&'a self, _: &'a [String], _: &'a std::path::Path) -> BoxFuture<'a, Option<Reply>> {
+    fn nothing_to_save<'a>(
+        &'a self,
+        _: &'a [String],
+        _: &'a std::path::Path,
+    ) -> BoxFuture<'a, Option<crate::reply::Reply>> {
         Box::pin(async { None })
     }
 }
