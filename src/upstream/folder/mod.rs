@@ -134,6 +134,35 @@ pub enum FileStep {
     Google(google::Step),
 }
 
+impl FileStep {
+    /// The SharePoint/OneDrive upload under way, if that is what it is.
+    fn microsoft(&self) -> Option<&microsoft::Step> {
+        match self {
+            FileStep::Microsoft(s) => Some(s),
+            FileStep::Google(_) => None,
+        }
+    }
+
+    /// The Google Drive upload under way, if that is what it is.
+    fn google(&self) -> Option<&google::Step> {
+        match self {
+            FileStep::Google(s) => Some(s),
+            FileStep::Microsoft(_) => None,
+        }
+    }
+}
+
+/// One file's upload for a backend whose resumable state is `T`.
+fn upload<'a, T>(
+    dest: &'a Destination,
+    file: &'a NewFile,
+    bytes: &'a dyn FileBytes,
+    resume: Option<&'a T>,
+    sink: &'a dyn StepSink<T>,
+) -> Upload<'a, T> {
+    Upload { target: &dest.target, conflict: dest.conflict, file, bytes, resume, sink }
+}
+
 /// What a job leaves to resume: the files saved so far (in order) and the one under way.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -526,36 +555,14 @@ impl Folders {
             let current = r.current.take();
             let saved = match backend {
                 Backend::Microsoft(b) => {
-                    let resume = match &current {
-                        Some(FileStep::Microsoft(s)) => Some(s),
-                        _ => None,
-                    };
+                    let resume = current.as_ref().and_then(FileStep::microsoft);
                     let sink = FileSink { outer: job.sink, base: &r, wrap: FileStep::Microsoft };
-                    let up = Upload {
-                        target: &dest.target,
-                        conflict: dest.conflict,
-                        file: &planned.file,
-                        bytes: &bytes,
-                        resume,
-                        sink: &sink,
-                    };
-                    b.save(token, &up).await?
+                    b.save(token, &upload(dest, &planned.file, &bytes, resume, &sink)).await?
                 }
                 Backend::Google(b) => {
-                    let resume = match &current {
-                        Some(FileStep::Google(s)) => Some(s),
-                        _ => None,
-                    };
+                    let resume = current.as_ref().and_then(FileStep::google);
                     let sink = FileSink { outer: job.sink, base: &r, wrap: FileStep::Google };
-                    let up = Upload {
-                        target: &dest.target,
-                        conflict: dest.conflict,
-                        file: &planned.file,
-                        bytes: &bytes,
-                        resume,
-                        sink: &sink,
-                    };
-                    b.save(token, &up).await?
+                    b.save(token, &upload(dest, &planned.file, &bytes, resume, &sink)).await?
                 }
             };
             r.saved.push(saved);
