@@ -36,7 +36,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, CONTENT_RANGE, CONTENT_TYPE, DATE, RETRY_AFTER};
+use reqwest::header::{CONTENT_RANGE, CONTENT_TYPE, DATE};
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -46,8 +46,8 @@ use crate::locks::MutexExt;
 use crate::oauth::tokens::AccessToken;
 use crate::reply::sanitize_text;
 use crate::upstream::classify::UpstreamReply;
-use crate::upstream::graph::reply::{failure, graph_error};
-use crate::upstream::graph::{network, usable_upload_url, SessionUrl};
+use crate::upstream::graph::reply::{graph_error, Answer};
+use crate::upstream::graph::{usable_upload_url, SessionUrl};
 use crate::upstream::SendError;
 
 /// The largest file a simple `PUT .../content` takes (Graph: 4 MB).
@@ -95,27 +95,7 @@ impl From<SendError> for Fail {
     }
 }
 
-/// An HTTP answer, read whole (Graph's answers are small JSON).
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
 impl Answer {
-    fn ok(&self) -> bool {
-        self.status.is_success()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_default()
-    }
-
-    /// Graph's `error.code`.
-    fn code(&self) -> String {
-        graph_error(&self.body).0
-    }
-
     /// The server's clock (`Date`, RFC 9110 6.6.1), Unix seconds.
     fn date(&self) -> Option<i64> {
         let v = self.headers.get(DATE)?.to_str().ok()?;
@@ -316,11 +296,7 @@ impl GraphDrive {
     }
 
     async fn call(&self, req: reqwest::RequestBuilder) -> Result<Answer, SendError> {
-        let resp = req.send().await.map_err(network)?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.bytes().await.map_err(network)?.to_vec();
-        Ok(Answer { status, headers, body })
+        Answer::of(req).await
     }
 
     fn forget(&self, target: &Target) {
@@ -722,7 +698,7 @@ fn refusal(a: &Answer, target: &Target, what: &str) -> SendError {
         403 => rejected(550, format!("5.7.1 Microsoft Graph refused access to {what} ({d}); {}", access_hint(target))),
         507 => rejected(552, format!("5.2.2 the library is full: {what} not saved ({d})")),
         _ if code == "quotaLimitReached" => rejected(552, format!("5.2.2 the library is full: {what} not saved ({d})")),
-        _ => failure(status, a.headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()), &a.body),
+        _ => a.error(),
     }
 }
 
@@ -758,7 +734,7 @@ mod tests {
     fn answer(status: u16, body: &str) -> Answer {
         Answer {
             status: StatusCode::from_u16(status).expect("status"),
-            headers: HeaderMap::new(),
+            headers: reqwest::header::HeaderMap::new(),
             body: body.as_bytes().to_vec(),
         }
     }
@@ -826,7 +802,7 @@ mod tests {
         let locked = answer(423, r#"{"error":{"code":"resourceLocked","message":"locked"}}"#);
         assert!(!rejected(refusal(&locked, &sp, "x")).is_permanent());
         let mut throttled = answer(429, r#"{"error":{"code":"activityLimitReached","message":"slow down"}}"#);
-        throttled.headers.insert(RETRY_AFTER, "9".parse().expect("header"));
+        throttled.headers.insert(reqwest::header::RETRY_AFTER, "9".parse().expect("header"));
         assert!(
             matches!(refusal(&throttled, &sp, "x"), SendError::Throttled { retry_after, .. } if retry_after == Duration::from_secs(9))
         );

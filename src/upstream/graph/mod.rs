@@ -56,6 +56,8 @@
 
 pub(crate) mod reply;
 
+use reply::Answer;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -63,7 +65,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use reqwest::header::{HeaderMap, CONTENT_RANGE, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{CONTENT_RANGE, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -221,31 +223,12 @@ impl From<SendError> for Fail {
     }
 }
 
-/// An HTTP answer, read whole (Graph's answers are small JSON).
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
 impl Answer {
-    fn ok(&self) -> bool {
-        self.status.is_success()
-    }
-
-    fn error(&self) -> SendError {
-        reply::failure(self.status.as_u16(), self.headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()), &self.body)
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_default()
-    }
-
     /// A 404 that says the item (draft, attachment) is gone: Graph's `ErrorItemNotFound`.
     /// Other 404s (`ErrorInvalidUser`, `MailboxNotEnabledForRESTAPI`, one without a body)
     /// say nothing about the draft.
     fn item_not_found(&self) -> bool {
-        self.status == StatusCode::NOT_FOUND && reply::graph_error(&self.body).0 == "ErrorItemNotFound"
+        self.status == StatusCode::NOT_FOUND && self.code() == "ErrorItemNotFound"
     }
 
     /// The error for a 404 that is not [`Answer::item_not_found`] where the item's fate
@@ -376,11 +359,7 @@ impl Graph {
     async fn call(&self, mailbox: &str, req: reqwest::RequestBuilder) -> Result<Answer, SendError> {
         let sem = self.semaphore(mailbox);
         let _permit = sem.acquire().await.map_err(|_| SendError::Network("shutting down".into()))?;
-        let resp = req.send().await.map_err(network)?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.bytes().await.map_err(network)?.to_vec();
-        Ok(Answer { status, headers, body })
+        Answer::of(req).await
     }
 
     /// A request to Graph itself, with the token.
@@ -1055,7 +1034,7 @@ mod tests {
     fn only_error_item_not_found_says_an_item_is_gone() {
         let answer = |status: u16, body: &str| Answer {
             status: StatusCode::from_u16(status).expect("status"),
-            headers: HeaderMap::new(),
+            headers: reqwest::header::HeaderMap::new(),
             body: body.as_bytes().to_vec(),
         };
         let gone =

@@ -17,6 +17,48 @@ use super::super::client::SendError;
 use crate::reply::sanitize_text;
 use crate::upstream::classify::UpstreamReply;
 
+/// An HTTP answer from Graph, read whole (Graph's answers are small JSON). Shared by the mail
+/// path and the drive path (`upstream::folder::microsoft`).
+pub(crate) struct Answer {
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// Sends `req` and reads the answer; a connection error never names the URL.
+    pub async fn of(req: reqwest::RequestBuilder) -> Result<Answer, SendError> {
+        let resp = req.send().await.map_err(super::network)?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map_err(super::network)?.to_vec();
+        Ok(Answer { status, headers, body })
+    }
+
+    pub fn ok(&self) -> bool {
+        self.status.is_success()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_default()
+    }
+
+    /// Graph's `error.code`.
+    pub fn code(&self) -> String {
+        graph_error(&self.body).0
+    }
+
+    /// The `Retry-After` header's value.
+    pub fn retry_after(&self) -> Option<&str> {
+        self.headers.get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok())
+    }
+
+    /// What an answer that is not a success means for the message ([`failure`]).
+    pub fn error(&self) -> SendError {
+        failure(self.status.as_u16(), self.retry_after(), &self.body)
+    }
+}
+
 /// The wait when a throttling answer names none.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
 
