@@ -19,7 +19,7 @@
 //! Bcc before delivery).
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,19 +35,10 @@ use crate::oauth::tokens::AccessToken;
 pub const MEDIA_MAX: u64 = 5_000_000;
 /// The Gmail API's largest message (35 MiB, the raw message as uploaded).
 pub const MAX_SIZE: u64 = crate::oauth::provider::GMAIL_API_MAX;
-/// Chunks of a resumable upload must be multiples of this, except the last.
-pub const CHUNK_UNIT: u64 = 256 * 1024;
-/// The chunk size of a resumable upload: 8 MiB, a few requests for a large scan, and little
-/// to send again when one breaks.
-pub const CHUNK: u64 = 32 * CHUNK_UNIT;
-/// How long one request may take: 8 MiB at 1 Mbit/s takes about 70 s.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
-/// The wait when Google throttles without saying for how long.
-const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+use super::google_api::{content_range, GoogleError, DEFAULT_RETRY_AFTER, REQUEST_TIMEOUT, STALLS};
+pub use super::google_api::{CHUNK, CHUNK_UNIT};
 /// New sessions one send may open (a session that expires under it is replaced once).
 const SESSIONS_PER_SEND: usize = 2;
-/// `308`s in a row that confirm nothing new before the upload is given up for now.
-const STALLS: usize = 3;
 /// The media type of a raw message.
 const RFC822: &str = "message/rfc822";
 /// The path of `users.messages.send` for uploads.
@@ -386,39 +377,16 @@ async fn save(msg: &Outbound<'_>, resume: &Resume) -> Result<(), SendError> {
 /// Reads a session's answer: `308` (+ `Range`), `200`/`201` (sent), `404`/`410` (gone), or a refusal.
 async fn session_state(r: reqwest::Response) -> Result<Session, UploadError> {
     match r.status().as_u16() {
-        308 => {
-            let range = r.headers().get(reqwest::header::RANGE).and_then(|v| v.to_str().ok());
-            match range {
-                None => Ok(Session::At(0)),
-                Some(v) => confirmed(v)
-                    .map(Session::At)
-                    .ok_or_else(|| SendError::Network("the Gmail API answered an unreadable Range".into()).into()),
-            }
-        }
+        308 => Ok(Session::At(super::google_api::session_offset(&r, "the Gmail API")?)),
         200 | 201 => Ok(Session::Sent(message_id(&r.bytes().await.unwrap_or_default()))),
         404 | 410 => Err(UploadError::Gone),
         _ => Err(refusal_of(r).await.into()),
     }
 }
 
-/// The bytes a `308`'s `Range: bytes=0-N` confirms: N+1.
-fn confirmed(range: &str) -> Option<u64> {
-    let end = range.trim().strip_prefix("bytes=0-")?;
-    end.trim().parse::<u64>().ok()?.checked_add(1)
-}
-
 /// The next chunk from `offset`: `(start, len)`; whole [`CHUNK`]s except the last.
 fn next_chunk(offset: u64, total: u64) -> (u64, u64) {
     (offset, CHUNK.min(total.saturating_sub(offset)))
-}
-
-/// `Content-Range` of a chunk (RFC 9110 14.4): `bytes first-last/total`.
-fn content_range(start: u64, len: u64, total: u64) -> String {
-    if len == 0 {
-        format!("bytes */{total}")
-    } else {
-        format!("bytes {start}-{}/{total}", start + len - 1)
-    }
 }
 
 /// The `id` of the message resource Google answers a send with.
@@ -434,24 +402,9 @@ fn message_id(body: &[u8]) -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-/// A reqwest error, without the URL (a session URI is a capability) and never the token
-/// (reqwest does not put headers in its errors).
+/// A reqwest error, without the URL (a session URI is a capability).
 fn network(e: reqwest::Error) -> SendError {
-    let what = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "could not connect"
-    } else {
-        "request failed"
-    };
-    let e = e.without_url();
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        detail = format!("{detail}: {s}");
-        source = s.source();
-    }
-    SendError::Network(format!("the Gmail API: {what} ({detail})"))
+    super::google_api::network("the Gmail API", e)
 }
 
 async fn refusal_of(r: reqwest::Response) -> SendError {
@@ -459,38 +412,6 @@ async fn refusal_of(r: reqwest::Response) -> SendError {
     let after = r.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = r.bytes().await.unwrap_or_default();
     refusal(status, after.as_deref(), &body, chrono::Utc::now())
-}
-
-/// Google's error body: `{"error": {"code", "message", "status", "errors": [{"reason"}]}}`.
-#[derive(Debug, Default, Deserialize)]
-struct GoogleError {
-    #[serde(default)]
-    message: String,
-    #[serde(default)]
-    status: String,
-    #[serde(default)]
-    errors: Vec<GoogleErrorItem>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct GoogleErrorItem {
-    #[serde(default)]
-    reason: String,
-}
-
-impl GoogleError {
-    fn parse(body: &[u8]) -> GoogleError {
-        #[derive(Deserialize)]
-        struct Wrapper {
-            error: GoogleError,
-        }
-        serde_json::from_slice::<Wrapper>(body).map(|w| w.error).unwrap_or_default()
-    }
-
-    /// The first `errors[].reason` (`insufficientPermissions`), else the status (`PERMISSION_DENIED`).
-    fn reason(&self) -> &str {
-        self.errors.iter().map(|e| e.reason.as_str()).find(|r| !r.is_empty()).unwrap_or(&self.status)
-    }
 }
 
 /// What the admin should do about a Gmail API refusal, by Google's reason.
@@ -559,6 +480,8 @@ fn refusal(status: u16, retry: Option<&str>, body: &[u8], now: chrono::DateTime<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::google_api::confirmed;
+    use std::time::Duration;
 
     fn now() -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::parse_from_rfc2822("Wed, 02 Dec 2026 10:00:00 GMT").expect("date").to_utc()

@@ -16,6 +16,7 @@ pub mod classify;
 pub mod client;
 pub mod folder;
 pub mod gmail;
+pub mod google_api;
 pub mod graph;
 pub mod recipients;
 pub mod shaper;

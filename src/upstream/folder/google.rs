@@ -26,7 +26,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,18 +34,10 @@ use crate::oauth::tokens::AccessToken;
 use crate::upstream::api::retry_after;
 use crate::upstream::{SendError, UpstreamReply};
 
-/// Chunks of a resumable upload must be multiples of this, except the last.
-pub const CHUNK_UNIT: u64 = 256 * 1024;
-/// The chunk size: 8 MiB, a few requests for a large scan, little to send again when one breaks.
-pub const CHUNK: u64 = 32 * CHUNK_UNIT;
-/// How long one request may take: 8 MiB at 1 Mbit/s takes about 70 s.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
-/// The wait when Google throttles without saying for how long.
-const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+use crate::upstream::google_api::{content_range, GoogleError, DEFAULT_RETRY_AFTER, REQUEST_TIMEOUT, STALLS};
+pub use crate::upstream::google_api::{CHUNK, CHUNK_UNIT};
 /// New sessions one save may open (a session that expires under it is replaced once).
 const SESSIONS_PER_SAVE: usize = 2;
-/// `308`s in a row that confirm nothing new before the upload is given up for now.
-const STALLS: usize = 3;
 /// `name (1).ext` … `name (RENAMES).ext`: beyond that, `rename` gives up.
 const RENAMES: u32 = 999;
 /// Find-or-create locks and cached folder ids kept at most (then forgotten all at once).
@@ -669,12 +660,7 @@ async fn save_step(up: &Upload<'_, Step>, step: &Step) -> Result<(), SendError> 
 /// Reads a session's answer: `308` (+ `Range`), `200`/`201` (the file), `404`/`410` (gone), or a refusal.
 async fn session_state(r: reqwest::Response) -> Result<Session, UploadError> {
     match r.status().as_u16() {
-        308 => match r.headers().get(reqwest::header::RANGE).and_then(|v| v.to_str().ok()) {
-            None => Ok(Session::At(0)),
-            Some(v) => confirmed(v)
-                .map(Session::At)
-                .ok_or_else(|| SendError::Network("Google Drive answered an unreadable Range".into()).into()),
-        },
+        308 => Ok(Session::At(crate::upstream::google_api::session_offset(&r, "Google Drive")?)),
         200 | 201 => {
             let body = r.bytes().await.map_err(network)?;
             let f: DriveFile = serde_json::from_slice(&body)
@@ -684,17 +670,6 @@ async fn session_state(r: reqwest::Response) -> Result<Session, UploadError> {
         404 | 410 => Err(UploadError::Gone),
         _ => Err(refusal_of(r, Ctx::Session).await.into()),
     }
-}
-
-/// The bytes a `308`'s `Range: bytes=0-N` confirms: N+1.
-fn confirmed(range: &str) -> Option<u64> {
-    let end = range.trim().strip_prefix("bytes=0-")?;
-    end.trim().parse::<u64>().ok()?.checked_add(1)
-}
-
-/// `Content-Range` of a chunk (RFC 9110 14.4): `bytes first-last/total`.
-fn content_range(start: u64, len: u64, total: u64) -> String {
-    format!("bytes {start}-{}/{total}", start + len - 1)
 }
 
 fn saved(f: DriveFile, size: u64) -> Saved {
@@ -738,23 +713,9 @@ fn is_missing_folder(e: &SendError) -> bool {
     matches!(e, SendError::Rejected(r) if r.code == 550 && r.text.starts_with("5.1.1 "))
 }
 
-/// A reqwest error, without the URL (a session URI is a capability) and never the token.
+/// A reqwest error, without the URL (a session URI is a capability).
 fn network(e: reqwest::Error) -> SendError {
-    let what = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "could not connect"
-    } else {
-        "request failed"
-    };
-    let e = e.without_url();
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        detail = format!("{detail}: {s}");
-        source = s.source();
-    }
-    SendError::Network(format!("Google Drive: {what} ({detail})"))
+    crate::upstream::google_api::network("Google Drive", e)
 }
 
 async fn refusal_of(r: reqwest::Response, ctx: Ctx<'_>) -> SendError {
@@ -762,38 +723,6 @@ async fn refusal_of(r: reqwest::Response, ctx: Ctx<'_>) -> SendError {
     let after = r.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = r.bytes().await.unwrap_or_default();
     refusal(status, after.as_deref(), &body, ctx, chrono::Utc::now())
-}
-
-/// Google's error body: `{"error": {"code", "message", "status", "errors": [{"reason"}]}}`.
-#[derive(Debug, Default, Deserialize)]
-struct GoogleError {
-    #[serde(default)]
-    message: String,
-    #[serde(default)]
-    status: String,
-    #[serde(default)]
-    errors: Vec<GoogleErrorItem>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct GoogleErrorItem {
-    #[serde(default)]
-    reason: String,
-}
-
-impl GoogleError {
-    fn parse(body: &[u8]) -> GoogleError {
-        #[derive(Deserialize)]
-        struct Wrapper {
-            error: GoogleError,
-        }
-        serde_json::from_slice::<Wrapper>(body).map(|w| w.error).unwrap_or_default()
-    }
-
-    /// The first `errors[].reason` (`insufficientPermissions`), else the status (`PERMISSION_DENIED`).
-    fn reason(&self) -> &str {
-        self.errors.iter().map(|e| e.reason.as_str()).find(|r| !r.is_empty()).unwrap_or(&self.status)
-    }
 }
 
 /// What the admin should do about a refusal, by Google's reason.
@@ -889,6 +818,8 @@ fn refusal(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::google_api::confirmed;
+    use std::time::Duration;
 
     fn now() -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::parse_from_rfc2822("Wed, 02 Dec 2026 10:00:00 GMT").expect("date").to_utc()
