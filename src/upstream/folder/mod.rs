@@ -344,7 +344,7 @@ fn plan(src: &Spooled, dest: &Destination, received: i64, device: &str, id: &str
     let mut found: Vec<(String, String, u64, Part)> = parts
         .attachments
         .into_iter()
-        .map(|a| (a.name.clone(), a.content_type.clone(), a.size, Part::Attachment(a)))
+        .map(|a| (a.name.clone(), media_type(&a.content_type), a.size, Part::Attachment(a)))
         .collect();
     if found.is_empty() && dest.save_body {
         let name = format!("{}.eml", subject_of(src).unwrap_or_else(|| "message".into()));
@@ -363,6 +363,19 @@ fn plan(src: &Spooled, dest: &Destination, received: i64, device: &str, id: &str
             Planned { file: NewFile { folder, name, content_type, size }, part }
         })
         .collect())
+}
+
+/// The device's `type/subtype` when it is one (RFC 2045 5.1 tokens), else
+/// `application/octet-stream`: it goes into HTTP headers (`Content-Type`,
+/// `X-Upload-Content-Type`), where anything else would fail every attempt.
+fn media_type(declared: &str) -> String {
+    let token = |t: &str| {
+        !t.is_empty() && t.len() <= 127 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
+    };
+    match declared.split_once('/') {
+        Some((t, s)) if token(t) && token(s) => declared.to_ascii_lowercase(),
+        _ => "application/octet-stream".into(),
+    }
 }
 
 /// `name`, or `name (2).ext`, `(3)`, ... when an earlier file of the same message already
@@ -594,6 +607,15 @@ pub fn describe(dest: &Destination, saved: &[Saved]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_s_media_type_reaches_http_headers_only_when_it_is_one() {
+        assert_eq!(media_type("Application/PDF"), "application/pdf");
+        assert_eq!(media_type("image/svg+xml"), "image/svg+xml");
+        for bad in ["application/pdf\r\nX-Evil: 1", "text", "a/b/c", "application/pdf; x=y", "bild/jpé", "/", ""] {
+            assert_eq!(media_type(bad), "application/octet-stream", "{bad:?}");
+        }
+    }
 
     #[test]
     fn two_files_of_one_message_never_share_a_name() {
