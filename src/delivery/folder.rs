@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use super::*;
-use crate::upstream::folder::{nothing_to_save, Destination, Job, Resume, Saved, StepSink};
+use crate::upstream::folder::{nothing_to_save, Destination, FilePlan, Job, Resume, Saved, StepSink};
 
 /// Commits a folder job's [`Resume`] in its queue record (through the record's progress).
 struct FolderSink<'a>(&'a RecordProgress<'a>);
@@ -26,10 +26,6 @@ impl StepSink<Resume> for FolderSink<'_> {
 /// Why a folder job could not start: (record, why, cap on the wait, class).
 type NotStarted = (QueueRecord, String, Option<Duration>, DeferReason);
 
-fn lease_ref(lease: &Lease) -> &Lease {
-    lease
-}
-
 impl Delivery {
     /// Saves `rec`'s files to `dest` with the destination identity's token (refreshed once
     /// if refused), continuing and keeping the upload state in `rec.progress`. Returns the
@@ -39,7 +35,7 @@ impl Delivery {
         lease: &Lease,
         rec: QueueRecord,
         dest: &Destination,
-        path: &std::path::Path,
+        plan: &FilePlan,
         links: bool,
     ) -> (Result<Vec<Saved>, SendError>, Result<QueueRecord, NotStarted>) {
         // SharePoint and OneDrive take Graph's token; a Google identity's one token serves
@@ -55,26 +51,16 @@ impl Delivery {
             Err(e) => return (Ok(vec![]), Err((rec, e.to_string(), None, DeferReason::Token))),
         };
         let progress = RecordProgress::new(&self.queue, lease, &rec);
-        let qid = rec.id.to_string();
         let save = |token: AccessToken| {
-            let (progress, rec, qid) = (&progress, &rec, &qid);
+            let progress = &progress;
             async move {
                 let resume = match progress.latest() {
                     Progress::Folder(r) => r,
                     _ => Resume::default(),
                 };
                 let sink = FolderSink(progress);
-                let job = Job {
-                    dest,
-                    body: path,
-                    received: rec.received,
-                    device: &rec.device,
-                    id: qid,
-                    resume: &resume,
-                    sink: &sink,
-                    links,
-                };
-                self.folders.save(&token, &job).await
+                let job = Job { dest, resume: &resume, sink: &sink, links };
+                self.folders.save(&token, &job, plan).await
             }
         };
         let mut result = save(token.clone()).await;
@@ -136,7 +122,11 @@ impl Delivery {
             }
         }
         let started = Instant::now();
-        let (result, rec) = self.save_files(&lease, rec, &dest, &path, true).await;
+        let plan = match FilePlan::read(&dest, &path, rec.received, &rec.device, &id.to_string()).await {
+            Ok(plan) => plan,
+            Err(e) => return self.defer(lease, rec, &e.to_string(), None, DeferReason::Config),
+        };
+        let (result, rec) = self.save_files(&lease, rec, &dest, &plan, true).await;
         let rec = match rec {
             Ok(rec) => rec,
             Err((rec, why, cap, class)) => return self.defer(lease, rec, &why, cap, class),
@@ -228,42 +218,22 @@ impl Delivery {
             return self.defer(lease, rec, &why, None, DeferReason::Config);
         };
         let path = self.queue.spool().path(id);
-        if rec.progress.is_none() {
-            // Nothing to save is known before any token or request: a device that waits
-            // hears 550 5.6.0 at once.
-            let (d, p) = (dest.clone(), path.clone());
-            match tokio::task::spawn_blocking(move || Folders::has_files(&d, &p)).await {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) => {
-                    let refused = SendOutcome {
-                        accepted: vec![],
-                        refused: rec.rcpts.iter().map(|a| (a.clone(), nothing_to_save(&dest.name))).collect(),
-                        reply: None,
-                    };
-                    return self.settle(lease, rec, refused, waiter, Duration::ZERO, "folder").await;
-                }
-                Ok(Err(e)) => {
-                    return self.defer(
-                        lease,
-                        rec,
-                        &format!("cannot read the spooled message: {e}"),
-                        None,
-                        DeferReason::Config,
-                    )
-                }
-                Err(e) => {
-                    return self.defer(
-                        lease,
-                        rec,
-                        &format!("cannot read the spooled message: {e}"),
-                        None,
-                        DeferReason::Config,
-                    )
-                }
-            }
+        // The message is read once per attempt; nothing to save is known before any token
+        // or request, so a device that waits hears 550 5.6.0 at once.
+        let plan = match FilePlan::read(&dest, &path, rec.received, &rec.device, &id.to_string()).await {
+            Ok(plan) => plan,
+            Err(e) => return self.defer(lease, rec, &e.to_string(), None, DeferReason::Config),
+        };
+        if plan.is_empty() {
+            let refused = SendOutcome {
+                accepted: vec![],
+                refused: rec.rcpts.iter().map(|a| (a.clone(), nothing_to_save(&dest.name))).collect(),
+                reply: None,
+            };
+            return self.settle(lease, rec, refused, waiter, Duration::ZERO, "folder").await;
         }
         let started = Instant::now();
-        let (result, rec) = self.save_files(lease_ref(&lease), rec, &dest, &path, false).await;
+        let (result, rec) = self.save_files(&lease, rec, &dest, &plan, false).await;
         let rec = match rec {
             Ok(rec) => rec,
             Err((rec, why, cap, class)) => return self.defer(lease, rec, &why, cap, class),

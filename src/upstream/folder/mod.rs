@@ -212,16 +212,9 @@ pub struct Folders {
     backends: HashMap<(String, DestinationKind), Backend>,
 }
 
-/// What saving a message's files needs.
+/// What saving a message's files needs (besides its [`FilePlan`]).
 pub struct Job<'a> {
     pub dest: &'a Destination,
-    /// The spooled message.
-    pub body: &'a Path,
-    /// Unix seconds when the device's message arrived (the names' date and time).
-    pub received: i64,
-    pub device: &'a str,
-    /// The queue id (`{id}`).
-    pub id: &'a str,
     /// What an earlier attempt saved (`Resume::default()` on the first).
     pub resume: &'a Resume,
     pub sink: &'a dyn StepSink<Resume>,
@@ -400,6 +393,39 @@ fn unique_name(
     candidate
 }
 
+/// The files a message makes for a destination, as read from the spool (once per attempt).
+pub struct FilePlan {
+    src: Spooled,
+    files: Vec<Planned>,
+}
+
+impl FilePlan {
+    /// Reads the message spooled at `body` (off the runtime) and names its files for `dest`:
+    /// `received` (Unix seconds), `device` and the queue `id` fill the templates.
+    pub async fn read(
+        dest: &Destination,
+        body: &Path,
+        received: i64,
+        device: &str,
+        id: &str,
+    ) -> Result<FilePlan, SendError> {
+        let (path, device, id, d) = (body.to_path_buf(), device.to_string(), id.to_string(), dest.clone());
+        tokio::task::spawn_blocking(move || -> io::Result<FilePlan> {
+            let src = Spooled::open(&path)?;
+            let files = plan(&src, &d, received, &device, &id)?;
+            Ok(FilePlan { src, files })
+        })
+        .await
+        .map_err(spool_error)?
+        .map_err(spool_error)
+    }
+
+    /// Nothing to save: no attachment, and no `save_body`.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
 /// Wraps a backend's step into the job's [`Resume`] and commits that.
 struct FileSink<'a, F> {
     outer: &'a dyn StepSink<Resume>,
@@ -523,9 +549,9 @@ impl Folders {
         Ok(!attachments::find(&Spooled::open(body)?)?.attachments.is_empty())
     }
 
-    /// Saves a message's files to its destination, continuing what `job.resume` says was
-    /// done; returns them as saved, in order.
-    pub async fn save(&self, token: &AccessToken, job: &Job<'_>) -> Result<Vec<Saved>, SendError> {
+    /// Saves the files of `plan` to the job's destination, continuing what `job.resume` says
+    /// was done; returns them as saved, in order.
+    pub async fn save(&self, token: &AccessToken, job: &Job<'_>, plan: &FilePlan) -> Result<Vec<Saved>, SendError> {
         let dest = job.dest;
         let backend = self.backends.get(&(dest.provider.clone(), dest.kind)).ok_or_else(|| {
             SendError::Rejected(UpstreamReply::new(
@@ -533,20 +559,10 @@ impl Folders {
                 format!("4.3.5 destination \"{}\" has no client for its provider", dest.name),
             ))
         })?;
-        let (path, received, device, id) =
-            (job.body.to_path_buf(), job.received, job.device.to_string(), job.id.to_string());
-        let d = dest.clone();
-        let (src, files) = tokio::task::spawn_blocking(move || -> io::Result<(Spooled, Vec<Planned>)> {
-            let src = Spooled::open(&path)?;
-            let files = plan(&src, &d, received, &device, &id)?;
-            Ok((src, files))
-        })
-        .await
-        .map_err(spool_error)?
-        .map_err(spool_error)?;
-        if files.is_empty() {
+        if plan.is_empty() {
             return Err(SendError::Rejected(nothing_to_save(&dest.name)));
         }
+        let (src, files) = (&plan.src, plan.files.clone());
         let mut files = files;
         let mut r = if job.resume.files == files.len() && job.resume.saved.len() <= files.len() {
             job.resume.clone()
