@@ -329,3 +329,17 @@ async fn a_receipt_names_each_saved_file_with_its_link_and_stays_in_the_organisa
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(w.upstream.messages().len(), 1, "no receipt to scanner@printer.local");
 }
+
+/// A message of more parts than a folder takes (a hostile or broken device): refused in
+/// session, nothing uploaded, instead of thousands of uploads each rewriting the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_too_many_attachments_is_refused_before_any_upload() {
+    let (w, fake) = relay_with_folder("", |_| {}).await;
+    let page = pdf(40, 12);
+    let names: Vec<String> = (0..=mfd_relay::upstream::folder::MAX_FILES).map(|i| format!("p{i}.pdf")).collect();
+    let files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), page.as_slice())).collect();
+    let r = send(&w, &["finance@scan.lan"], &scan_message(&["finance@scan.lan"], &files)).await;
+    assert_eq!(r.code, Some(554), "{r:?}\n{}", w.relay.log());
+    assert!(r.message.contains("at most 1000"), "{r:?}");
+    assert!(fake.files().is_empty() && fake.requests().is_empty(), "nothing went up");
+}

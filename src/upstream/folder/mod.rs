@@ -393,6 +393,11 @@ fn unique_name(
     candidate
 }
 
+/// Files one message may make. Each saved file's entry is rewritten into the queue record
+/// with every later step, so a hostile device's thousands of tiny parts would cost the store
+/// quadratic writes; a real scan is a file or a page per file.
+pub const MAX_FILES: usize = 1000;
+
 /// The files a message makes for a destination, as read from the spool (once per attempt).
 pub struct FilePlan {
     src: Spooled,
@@ -561,6 +566,15 @@ impl Folders {
         })?;
         if plan.is_empty() {
             return Err(SendError::Rejected(nothing_to_save(&dest.name)));
+        }
+        if plan.files.len() > MAX_FILES {
+            return Err(SendError::Rejected(UpstreamReply::new(
+                554,
+                format!(
+                    "5.6.0 the message has {} attachments; a folder destination takes at most {MAX_FILES} per message",
+                    plan.files.len()
+                ),
+            )));
         }
         let (src, files) = (&plan.src, plan.files.clone());
         let mut files = files;
