@@ -221,16 +221,14 @@ async fn a_throttled_upload_waits_its_retry_after_then_saves() {
 /// instead of the attachment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_scan_is_mailed_with_a_link_to_its_saved_file() {
-    let (w, fake) = relay_with_folder("", |_| {}).await;
     // The provider takes 1 MB; the identity sends larger scans as links.
-    let cfg = std::fs::read_to_string(&w.relay.config).unwrap();
-    let cfg = cfg.replace("graph_url =", "max_message_size = \"1MB\"\ngraph_url =").replace(
-        "flow = \"client_credentials\"\n",
-        "flow = \"client_credentials\"\noversize = \"link\"\noversize_destination = \"finance\"\n",
-    );
-    std::fs::write(&w.relay.config, cfg).unwrap();
-    w.relay.signal("HUP");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (w, fake) = relay_with_folder("", |s| {
+        s.sections = s.sections.replace("graph_url =", "max_message_size = \"1MB\"\ngraph_url =").replace(
+            "flow = \"client_credentials\"\n",
+            "flow = \"client_credentials\"\noversize = \"link\"\noversize_destination = \"finance\"\n",
+        );
+    })
+    .await;
     let big = pdf(3_000_000, 6);
     let scan = scan_message(&["bob@contoso.test"], &[("colour scan.pdf", &big)]);
     let r = send(&w, &["bob@contoso.test"], &scan).await;
